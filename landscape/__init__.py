@@ -1,0 +1,60 @@
+"""landscape: the loss landscape of a trained PyTorch model, measured.
+
+Hessian-vector products, eigenvalues, trace and spectral density; sharpness measures; 1D/2D loss
+surfaces and their plots. Pure PyTorch (+ numpy, scipy, matplotlib): give it a model, a loss
+function and data, get numbers and figures back. The model is never modified.
+
+Public names are imported lazily, so ``import landscape`` is cheap and a name costs only its
+own module.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "ModelLoss": "._functional",
+    "NonDeterministicLossError": "._functional",
+    "weights_only": "._functional",
+    "HessianOperator": ".hvp",
+    "hessian_eigenvalues": ".eigen",
+    "EigenResult": ".eigen",
+    "lanczos": ".eigen",
+    "hessian_trace": ".trace",
+    "TraceResult": ".trace",
+    "hessian_spectrum": ".spectrum",
+    "SpectrumResult": ".spectrum",
+    "measure": ".measure",
+    "METRICS": ".measure",
+    "register_metric": ".measure",
+    "random_directions": ".directions",
+    "direction_to": ".directions",
+    "pca_directions": ".directions",
+    "surface_1d": ".surface",
+    "surface_2d": ".surface",
+    "interpolate": ".surface",
+    "Surface1D": ".surface",
+    "Surface2D": ".surface",
+    "Interpolation": ".surface",
+    "plots": ".plots",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'landscape' has no attribute {name!r}")
+    mod = importlib.import_module(module, __name__)
+    value = mod if name == module.lstrip(".") else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

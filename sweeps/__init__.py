@@ -1,0 +1,40 @@
+"""sweeps: distributed hyperparameter sweeps that measure the loss landscape of every model.
+
+Ray runs the trials, Optuna chooses the points, MLflow records every run, pandas holds the
+results. Public names are imported lazily so that ``import sweeps`` stays cheap (no Ray or
+MLflow import until they are used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "SweepConfig": ".config",
+    "load_config": ".config",
+    "ConfigError": ".config",
+    "run_trial": ".trial",
+    "TrialResult": ".trial",
+    "run_sweep": ".runner",
+    "results": ".results",
+    "correlations": ".analysis",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sweeps' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

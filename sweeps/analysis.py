@@ -388,7 +388,7 @@ def _groups_differing_only_in(models: pd.DataFrame, keys: Sequence[str], k: str)
     others = [c for c in keys if c != k]
     if not others:
         return [models.index.to_numpy()]
-    return [idx.to_numpy() for idx in models.groupby(others, dropna=False, sort=True).groups.values()]
+    return list(models.groupby(others, dropna=False, sort=True).indices.values())
 
 
 def granulated_kendall(

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import scipy.optimize
@@ -38,6 +38,9 @@ from torch import Tensor, nn
 
 from ._functional import Batch, LossFn, ModelLoss, ParamSelector, is_classification
 from .hvp import HessianOperator
+
+if TYPE_CHECKING:
+    from .trace import TraceResult
 
 Norm = Literal[2, "inf"]
 
@@ -798,19 +801,20 @@ def _hessian(
 
 
 def filter_normalized_directions(ml: ModelLoss, n: int, *, seed: int = 0) -> Tensor:
-    """``[P, n]`` Gaussian directions, filter-normalized (Li et al. 2018): each output
-    filter/neuron slice (index along dim 0) of a parameter with ``ndim > 1`` is rescaled to the
-    norm of the same slice of ``w``; parameters with ``ndim <= 1`` get zero."""
-    gen = _generator(seed)
-    d = ml.unflatten(_randn(ml, gen, n, ml.num_params))
-    for name, w in ml.theta.items():
-        if w.ndim <= 1:
-            d[name].zero_()
-            continue
-        slices = d[name].flatten(2)  # [n, out, rest]
-        w_norm = w.flatten(1).norm(dim=1)  # [out]
-        slices.mul_(w_norm / slices.norm(dim=2).clamp_min(torch.finfo(w.dtype).tiny))
-    return ml.flatten(d).T.contiguous()
+    """``[P, n]`` filter-normalized Gaussian directions around ``ml``'s weights.
+
+    The raw draws are those of :func:`landscape.random_directions` (seeded per parameter name,
+    shape, ``seed`` and index, so surfaces and this curvature see the same directions); each
+    output slice of a parameter with ``ndim > 1`` is rescaled to the norm of the same slice of
+    ``w`` and parameters with ``ndim <= 1`` get zero (Li et al. 2018).
+    """
+    from .directions import gaussian_like, normalize_direction
+
+    columns = []
+    for k in range(n):
+        raw = {name: gaussian_like(name, w.shape, seed, k).to(w.device, w.dtype) for name, w in ml.theta.items()}
+        columns.append(ml.flatten(normalize_direction(raw, ml.theta, "filter", "zero")))
+    return torch.stack(columns, dim=1)
 
 
 def _quadratic_forms(op: HessianOperator, V: Tensor) -> CurvatureResult:
@@ -850,20 +854,31 @@ def adaptive_trace(
     loss_fn: LossFn,
     data: Any,
     *,
-    n_probes: int = 32,
+    method: Literal["hutch++", "hutchinson"] = "hutch++",
+    rtol: float = 1e-2,
+    max_hvp: int = 1000,
+    sketch_size: int | None = None,
     seed: int = 0,
     params: ParamSelector = None,
     dtype: torch.dtype | None = None,
     operator: HessianOperator | None = None,
-) -> CurvatureResult:
-    """Adaptive trace ``tr(D H D)``, ``D = diag(|w|)``: the Hessian trace in the log-scale
-    coordinates of the weights, invariant to layer rescalings.
+) -> TraceResult:
+    """Adaptive trace ``tr(D H D) = sum_i w_i^2 H_ii``, ``D = diag(|w|)``: the Hessian trace in
+    log-scale coordinates of the weights, invariant to layer rescalings (Dinh et al. 2017).
 
-    Hutchinson estimate with ``n_probes`` Rademacher probes ``r``: mean of ``(D r)^T H (D r)``
-    (one block of Hessian-vector products), with its standard error.
+    Estimated by :func:`landscape.trace.estimate_trace` (Hutch++ by default, stop at relative
+    standard error ``rtol`` or ``max_hvp`` Hessian-vector products) on ``v -> D H D v``;
+    arguments as in :func:`landscape.hessian_trace`. ``sketch_size >= P`` gives the exact value.
+
+    Returns:
+        :class:`landscape.TraceResult` (``value``, ``std_err``, ``n_hvp``, ...).
     """
-    _check_count("n_probes", n_probes)
+    from .trace import estimate_trace
+
     op = _hessian(model, loss_fn, data, params, dtype, operator)
-    gen = _generator(seed)
-    probes = torch.randint(0, 2, (op.num_params, n_probes), generator=gen).to(op.device, op.dtype) * 2 - 1
-    return _quadratic_forms(op, op.theta_flat().abs().unsqueeze(1) * probes)
+    scale = op.theta_flat().abs().unsqueeze(1)
+    return estimate_trace(
+        lambda V: scale * (op @ (scale * V)), dim=op.num_params, dtype=op.dtype, device=op.device,
+        method=method, rtol=rtol, max_products=max_hvp, sketch_size=sketch_size,
+        block_size=max(2, op.block_size), seed=seed,
+    )

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny models on tiny data, and ground truth by dense differentiation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+BATCH_SIZES = (10, 7, 6)  # uneven on purpose: the data-set loss must weight batches by size
+
+
+def make_classifier(activation: str = "tanh", *, seed: int = 0, width: int = 8, dtype=torch.float64) -> nn.Module:
+    """MLP 4 -> width -> width -> 3 (P = 139 for width 8) in ``dtype``."""
+    torch.manual_seed(seed)
+    act = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
+    return nn.Sequential(
+        nn.Linear(4, width), act(), nn.Linear(width, width), act(), nn.Linear(width, 3)
+    ).to(dtype)
+
+
+def make_batches(seed: int = 1, sizes=BATCH_SIZES, dtype=torch.float64) -> list[tuple[Tensor, Tensor]]:
+    """Classification batches ``(x [n, 4], labels [n] in 0..2)`` of the given sizes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(sizes), 4, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (sum(sizes),), generator=g)
+    return list(zip(torch.split(x, list(sizes)), torch.split(y, list(sizes))))
+
+
+def dense_hessian_of(
+    model: nn.Module, loss_fn: Callable, batches: list[tuple[Tensor, Tensor]], names: list[str] | None = None
+) -> Tensor:
+    """Ground truth: ``torch.func.hessian`` of the mean loss over all samples (concatenated
+    batches), w.r.t. the named parameters flattened in order. ``[P, P]``, float64."""
+    named = {n: p.detach().double() for n, p in model.named_parameters()}
+    names = names or list(named)
+    x = torch.cat([b[0] for b in batches]).double()
+    y = torch.cat([b[1] for b in batches])
+    y = y.double() if y.is_floating_point() else y
+    shapes = [named[n].shape for n in names]
+    sizes = [named[n].numel() for n in names]
+    model64 = model.double() if next(model.parameters()).dtype != torch.float64 else model
+
+    def loss_of(flat: Tensor) -> Tensor:
+        parts = {n: p.reshape(s) for n, p, s in zip(names, torch.split(flat, sizes), shapes)}
+        return loss_fn(functional_call(model64, {**named, **parts}, (x,)), y)
+
+    flat = torch.cat([named[n].reshape(-1) for n in names])
+    return torch.func.hessian(loss_of)(flat)
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything about a model's state that a measurement must not change."""
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "dtypes": {n: p.dtype for n, p in model.named_parameters()},
+        "training": [m.training for m in model.modules()],
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["dtypes"] == before["dtypes"]
+    for n, p in before["params"].items():
+        assert torch.equal(after["params"][n], p), n  # bitwise
+    for n, g in before["grads"].items():
+        assert (after["grads"][n] is None) == (g is None), n
+        if g is not None:
+            assert torch.equal(after["grads"][n], g), n
+    for n, b in before["buffers"].items():
+        assert torch.equal(after["buffers"][n], b), n
+
+
+@pytest.fixture
+def classifier_data():
+    """``(model, loss_fn, batches, dense H)`` for the tanh MLP on uneven batches (float64)."""
+    model = make_classifier("tanh")
+    batches = make_batches()
+    loss_fn = nn.CrossEntropyLoss()
+    return model, loss_fn, batches, dense_hessian_of(model, loss_fn, batches)

@@ -1,0 +1,158 @@
+"""Where a sweep keeps its state: results directory, MLflow tracking URI, Optuna storage, Ray address.
+
+Each value is resolved once, in this order: the explicit argument (a CLI flag), then the
+environment, then the embedded default under the results directory:
+
+==============  ======================  ===========================================  ==========================
+value           flag                    environment                                  default
+==============  ======================  ===========================================  ==========================
+results dir     ``--results-dir``       ``SWEEPS_RESULTS_DIR``                       ``./sweeps-results``
+tracking URI    ``--tracking-uri``      ``SWEEPS_TRACKING_URI``, ``MLFLOW_TRACKING_URI`` ``sqlite:///<dir>/mlflow.db``
+Optuna storage  ``--storage``           ``SWEEPS_STORAGE``                           ``sqlite:///<dir>/optuna.db``
+Ray address     ``--address``           ``RAY_ADDRESS``                              a local Ray started here
+==============  ======================  ===========================================  ==========================
+
+MLflow artifacts of the embedded default go to ``<dir>/mlartifacts``. A storage value that
+ends in ``.log`` or ``.journal`` (or starts with ``journal://``) is an Optuna
+``JournalStorage`` file instead of an RDB URL.
+
+Anything printed or logged goes through :func:`redact` first: passwords in URLs and
+token-like query parameters become ``***``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+DEFAULT_RESULTS_DIR = "sweeps-results"
+
+_SECRET_QUERY = re.compile(r"(?i)([?&;](?:password|passwd|pwd|token|secret|key|access_key|api_key)=)[^&;#]*")
+_USERINFO_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+
+
+def redact(text: str) -> str:
+    """``text`` with URL passwords (``user:PASSWORD@host``) and secret query values replaced by ``***``."""
+    text = _USERINFO_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+    return _SECRET_QUERY.sub(r"\1***", text)
+
+
+@dataclass(frozen=True)
+class Connections:
+    """Resolved locations of one sweep service (see the module docstring for the rules).
+
+    Attributes:
+        results_dir: absolute directory holding the embedded stores and per-trial scratch files.
+        tracking_uri: MLflow tracking URI, passed explicitly to the driver's client (workers
+            never write to MLflow, see :mod:`sweeps.runner`).
+        storage: Optuna storage URL or journal file path.
+        address: Ray address (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``) or ``None`` to start
+            a local Ray sized to this machine.
+        artifact_root: artifact location for new MLflow experiments (a ``file://`` URI under the
+            results directory for local stores; ``None`` lets an HTTP server decide).
+    """
+
+    results_dir: Path
+    tracking_uri: str
+    storage: str
+    address: str | None
+    artifact_root: str | None
+
+    @property
+    def is_journal(self) -> bool:
+        """True when :attr:`storage` names an Optuna journal file rather than a database URL."""
+        return is_journal_storage(self.storage)
+
+    def describe(self) -> dict[str, str]:
+        """Redacted, printable view of the locations."""
+        return {
+            "results_dir": str(self.results_dir),
+            "tracking_uri": redact(self.tracking_uri),
+            "storage": redact(self.storage),
+            "ray": redact(self.address) if self.address else "local (started by this process)",
+        }
+
+
+def is_journal_storage(storage: str) -> bool:
+    return storage.startswith("journal://") or storage.endswith((".log", ".journal"))
+
+
+def journal_path(storage: str) -> Path:
+    return Path(storage.removeprefix("journal://")).expanduser()
+
+
+def resolve(
+    *,
+    results_dir: str | Path | None = None,
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+    address: str | None = None,
+    env: Mapping[str, str] | None = None,
+    create: bool = True,
+) -> Connections:
+    """Resolve the service locations from arguments, then ``env`` (default ``os.environ``), then defaults.
+
+    Creates the results directory unless ``create=False`` (readers such as
+    :func:`sweeps.results` must not leave empty stores behind). Raises
+    ``ValueError`` naming the flag when a value is malformed.
+    """
+    env = os.environ if env is None else env
+    directory = Path(results_dir or env.get("SWEEPS_RESULTS_DIR") or DEFAULT_RESULTS_DIR).expanduser().resolve()
+    if create:
+        directory.mkdir(parents=True, exist_ok=True)
+
+    tracking = tracking_uri or env.get("SWEEPS_TRACKING_URI") or env.get("MLFLOW_TRACKING_URI")
+    tracking = tracking or f"sqlite:///{directory / 'mlflow.db'}"
+    _check_uri("--tracking-uri", tracking, ("sqlite", "http", "https", "postgresql", "mysql", "file", "databricks"))
+
+    study_storage = storage or env.get("SWEEPS_STORAGE") or f"sqlite:///{directory / 'optuna.db'}"
+    if not is_journal_storage(study_storage):
+        _check_uri("--storage", study_storage, ("sqlite", "postgresql", "mysql", "oracle", "mssql"))
+
+    ray_address = address or env.get("RAY_ADDRESS") or None
+    local_store = urlsplit(tracking).scheme in ("sqlite", "file", "postgresql", "mysql")
+    artifact_root = (directory / "mlartifacts").as_uri() if local_store else None
+    return Connections(directory, tracking, study_storage, ray_address, artifact_root)
+
+
+def _check_uri(flag: str, uri: str, schemes: tuple[str, ...]) -> None:
+    scheme = urlsplit(uri).scheme.split("+")[0]
+    if scheme not in schemes:
+        raise ValueError(
+            f"{flag}: unsupported URI {redact(uri)!r}; use one of the schemes {', '.join(schemes)}"
+            " (e.g. sqlite:////abs/path.db or postgresql://user@host/db)"
+        )
+
+
+def check_reachable(conn: Connections, timeout: float = 5.0) -> None:
+    """Fail fast with ``ConnectionError`` (message redacted, naming the flag) if a network store is down.
+
+    Local files (sqlite, journal) need only a writable parent directory; network stores need an
+    open TCP port.
+    """
+    for flag, uri in (("--tracking-uri", conn.tracking_uri), ("--storage", conn.storage)):
+        if flag == "--storage" and conn.is_journal:
+            parent = journal_path(uri).parent
+            if not os.access(parent, os.W_OK):
+                raise ConnectionError(f"{flag}: directory {parent} is not writable")
+            continue
+        parts = urlsplit(uri)
+        if parts.scheme.startswith("sqlite"):
+            path = Path(parts.path[1:] if parts.path.startswith("//") else parts.path)
+            if not os.access(path.parent if str(path.parent) else ".", os.W_OK):
+                raise ConnectionError(f"{flag}: directory of {redact(uri)} is not writable")
+            continue
+        if not parts.hostname:
+            continue
+        port = parts.port or {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306}.get(
+            parts.scheme.split("+")[0], 0
+        )
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+        except OSError as err:
+            raise ConnectionError(f"{flag}: cannot reach {redact(uri)} ({err}); is the server running?") from None

@@ -1,0 +1,570 @@
+"""Run a sweep: the driver asks Optuna for points, Ray tasks train and measure, the driver records.
+
+Roles:
+
+* **driver** (this module, one process per sweep): opens the study (:mod:`sweeps.search`),
+  the MLflow parent run (:mod:`sweeps.tracking`), asks points, launches one Ray task per trial,
+  streams the trials' metrics into their MLflow child runs, tells the results, shows progress.
+* **Ray task** (:func:`_trial_task`): one trial with ``num_cpus``/``num_gpus`` from
+  ``resources``, ``torch.set_num_threads(num_cpus)``; returns status, final metrics and the
+  artifact files' bytes (so a trial on another node needs no shared file system).
+
+Only the driver writes to MLflow. Workers send their in-training metrics through a Ray queue
+(batched: one put per 2 s per trial), the driver drains it 4 times a second and writes them
+with ``log_batch``. Why: an SQLite store allows one writer at a time ("database is locked"
+under concurrent trials), workers of a remote cluster then need neither network access nor
+credentials for the tracking server, and no worker can fall back to a ``mlflow.db`` in its own
+working directory. Each task still gets the tracking URI in ``MLFLOW_TRACKING_URI`` (and
+``MLFLOW_RUN_ID`` removed), so user code inside a trial that does call MLflow writes to the
+sweep's store, not to a stray local one.
+
+Fault handling:
+
+* A worker or node that dies mid-trial: Ray re-runs the task (``max_retries``, on any node
+  with the resources); when retries are exhausted the trial is recorded ``failed``.
+* A trial that raises: recorded ``failed`` with ``traceback.txt`` in its MLflow run; the sweep
+  goes on. A diverged trial is not an exception: status ``diverged`` (told FAIL).
+* Ctrl-C / SIGTERM: the driver stops launching, cancels the running tasks, marks their trials
+  ``interrupted`` (Optuna FAIL + point re-enqueued; MLflow KILLED) and ends the parent run
+  KILLED. A second Ctrl-C aborts at once. Nothing is half-written: a child run gets its final
+  ``status`` tag only after its metrics and artifacts.
+* A killed driver (SIGKILL, lost machine): the next ``sweeps run``/``resume`` of the sweep
+  finds the RUNNING trials and either tells them from their MLflow run (if that run was fully
+  recorded) or marks them interrupted and re-enqueues their points, and ends orphaned MLflow
+  runs KILLED. Completed trials are never repeated.
+
+Pruning (``prune=True``, off by default) reports the objective metric streamed during
+training to Optuna's ``MedianPruner`` and stops trials it prunes (status ``pruned``, no
+landscape measures). It is refused for grids (the analysis needs every point of the factorial)
+and for objectives that are not reported during training (landscape measures are computed
+after convergence: pruning would drop the very numbers the study is about).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from . import search
+from .connections import Connections, check_reachable, redact, resolve
+from .progress import ProgressView, RunningTrial, Snapshot
+from .tracking import Tracker, is_finished_status
+
+TrialFn = Callable[..., Any]
+_FLUSH_SECONDS = 2.0
+_POLL_SECONDS = 0.25
+_MAX_ARTIFACT_BYTES = 64 * 2**20
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The driver was stopped (Ctrl-C / SIGTERM) after recording the running trials as interrupted."""
+
+
+@dataclass
+class SweepSummary:
+    """What :func:`run_sweep` returns.
+
+    Attributes:
+        name: sweep (study, experiment) name.
+        budget: trials the sweep runs in total.
+        counts: trials per status over the whole study (``converged``, ``diverged``, ...).
+        best: the best trials (several for multi-objective): ``number``, ``values``, ``params``.
+        parent_run_id: MLflow parent run.
+        interrupted: True when stopped by a signal before the budget was spent.
+        elapsed_s: wall seconds of this driver run.
+        connections: where everything was written.
+    """
+
+    name: str
+    budget: int
+    counts: dict[str, int]
+    best: list[dict[str, Any]]
+    parent_run_id: str
+    interrupted: bool
+    elapsed_s: float
+    connections: Connections
+    launched: int = 0
+
+    @property
+    def finished(self) -> int:
+        return sum(v for k, v in self.counts.items() if k not in ("interrupted", "running"))
+
+
+# --- worker side -------------------------------------------------------------------------------
+class _MetricStream:
+    """The ``log(metrics, step)`` callback given to a trial: buffers, flushes to the driver's queue."""
+
+    def __init__(self, queue: Any, trial_number: int) -> None:
+        self.queue, self.trial_number = queue, trial_number
+        self.buffer: list[tuple[dict[str, float], int, int]] = []
+        self.last_flush = time.monotonic()
+
+    def __call__(self, metrics: Mapping[str, float], step: int) -> None:
+        self.buffer.append((dict(metrics), int(step), int(time.time() * 1000)))
+        if time.monotonic() - self.last_flush >= _FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer and self.queue is not None:
+            self.queue.put((self.trial_number, self.buffer))
+        self.buffer = []
+        self.last_flush = time.monotonic()
+
+
+def _read_artifacts(artifacts: Mapping[str, Any] | None, out_dir: Path) -> dict[str, bytes]:
+    """Bytes of the trial's artifact files (and of any other file it left in ``out_dir``)."""
+    paths = {Path(p) for p in (artifacts or {}).values()}
+    paths |= {p for p in out_dir.rglob("*") if p.is_file()}
+    files = {}
+    for path in sorted(paths):
+        if path.is_file() and path.stat().st_size <= _MAX_ARTIFACT_BYTES:
+            try:
+                name = str(path.relative_to(out_dir))
+            except ValueError:
+                name = path.name
+            files[name] = path.read_bytes()
+    return files
+
+
+def _trial_task(
+    trial_fn: TrialFn | None,
+    config: Any,
+    trial_number: int,
+    queue: Any,
+    tracking_uri: str,
+    cpus: float,
+    device: str | None,
+) -> dict[str, Any]:
+    """Body of the Ray task running one trial. Never raises for a trial's own exception."""
+    import torch
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    torch.set_num_threads(max(1, int(cpus)))
+    if trial_fn is None:
+        from .trial import run_trial as trial_fn
+    stream = _MetricStream(queue, trial_number)
+    out_dir = Path(tempfile.mkdtemp(prefix=f"sweeps-trial-{trial_number}-"))
+    started = time.perf_counter()
+    try:
+        result = trial_fn(config, log=stream, out_dir=out_dir, device=device)
+        stream.flush()
+        return {
+            "status": result.status,
+            "metrics": {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))},
+            "artifacts": _read_artifacts(result.artifacts, out_dir),
+            "traceback": None,
+            "seconds": time.perf_counter() - started,
+        }
+    except Exception:
+        stream.flush()
+        return {
+            "status": "failed",
+            "metrics": {},
+            "artifacts": _read_artifacts(None, out_dir),
+            "traceback": traceback.format_exc(),
+            "seconds": time.perf_counter() - started,
+        }
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+# --- driver side -------------------------------------------------------------------------------
+class _StopFlag:
+    """SIGINT/SIGTERM handler: the first signal asks for a clean stop, the second aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+@dataclass
+class _InFlight:
+    ref: Any
+    trial: optuna.Trial
+    run_id: str
+    view: RunningTrial
+    last_step: int = -1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _connect_ray(address: str | None, quiet: bool) -> bool:
+    """Connect to Ray (``address``) or start a local one sized to this machine; True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=quiet)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=quiet, object_store_memory=256 * 2**20)
+    return True
+
+
+def _concurrency(config: Any, max_concurrent: int | None) -> int:
+    import ray
+
+    limit = max_concurrent or config.resources.max_concurrent
+    if limit:
+        return int(limit)
+    resources = ray.cluster_resources()
+    fits = resources.get("CPU", 1) // config.resources.cpus_per_trial
+    if config.resources.gpus_per_trial > 0:
+        fits = min(fits, resources.get("GPU", 0) // config.resources.gpus_per_trial)
+    return max(1, int(fits))
+
+
+def _check_pruning(config: Any) -> None:
+    if config.search.sampler == "grid":
+        raise ValueError("prune: not allowed with the grid sampler (the analysis needs every grid point measured)")
+    if len(config.objective.metrics) != 1:
+        raise ValueError("prune: needs a single objective metric (got several)")
+    if config.objective.metrics[0] not in ("train_loss", "train_acc", "test_loss", "test_acc", "gen_gap"):
+        raise ValueError(
+            f"prune: objective {config.objective.metrics[0]!r} is measured after convergence, so a pruned "
+            "trial would lack it; prune only on train_loss/train_acc/test_loss/test_acc/gen_gap"
+        )
+
+
+def _best(study: optuna.Study) -> list[dict[str, Any]]:
+    try:
+        trials = study.best_trials
+    except ValueError:
+        return []
+    return [{"number": t.number, "values": list(t.values), "params": dict(t.params)} for t in trials]
+
+
+def _describe_best(best: list[dict[str, Any]], metrics: list[str]) -> str:
+    if not best:
+        return "-"
+    first = best[0]
+    values = " ".join(f"{m}={v:.4g}" for m, v in zip(metrics, first["values"]))
+    more = f" (+{len(best) - 1} on the Pareto front)" if len(best) > 1 else ""
+    return f"#{first['number']} {values}{more}"
+
+
+def _counts(study: optuna.Study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        status = search.trial_status(t)
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def run_sweep(
+    config: Any,
+    *,
+    name: str | None = None,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+    results_dir: str | Path | None = None,
+    max_concurrent: int | None = None,
+    quiet: bool = False,
+    resume: bool = False,
+    max_retries: int = 2,
+    prune: bool = False,
+    config_yaml: str | None = None,
+    trial_fn: TrialFn | None = None,
+) -> SweepSummary:
+    """Run (or continue) the sweep ``config`` to its budget.
+
+    Args:
+        config: a :class:`~sweeps.config.SweepConfig`, a YAML path or a dict.
+        name: sweep name (default ``config.name``): the Optuna study and MLflow experiment.
+        address: Ray cluster (``auto``, ``HOST:PORT``, ``ray://HOST:10001``); default: an
+            already initialized Ray, else ``$RAY_ADDRESS``, else a local Ray sized to this machine.
+        tracking_uri, storage, results_dir: see :mod:`sweeps.connections`.
+        max_concurrent: trials in flight (default ``resources.max_concurrent``, else as many as
+            the cluster's CPUs/GPUs fit).
+        quiet: plain log lines instead of the live view.
+        resume: the study must exist already (``sweeps resume``).
+        max_retries: re-runs of a trial whose worker or node died (application errors are not
+            retried: they are recorded as ``failed``).
+        prune: stop unpromising trials early (see the module docstring for the rules).
+        config_yaml: the YAML text to keep with the sweep (default: the resolved config as YAML).
+        trial_fn: replaces :func:`sweeps.trial.run_trial` (same signature); for benchmarks and tests.
+
+    Returns:
+        a :class:`SweepSummary`. Raises :class:`SweepInterrupted` after a clean stop on a signal,
+        ``ValueError`` (``ConfigError``, ``StudyConflictError``) before any trial starts, and
+        ``ConnectionError`` when a store is unreachable.
+    """
+    import ray
+    import yaml
+
+    from .config import SweepConfig, load_config
+
+    if not isinstance(config, SweepConfig):
+        if isinstance(config, (str, Path)) and config_yaml is None:
+            config_yaml = Path(config).read_text()
+        config = load_config(config)
+    if name is not None and name != config.name:
+        config = config.with_point({"name": name})
+    search.validate_search(config)
+    if prune:
+        _check_pruning(config)
+    resolved = config.model_dump(mode="json")
+    config_yaml = config_yaml or yaml.safe_dump(resolved, sort_keys=False)
+
+    conn = resolve(results_dir=results_dir, tracking_uri=tracking_uri, storage=storage, address=address)
+    check_reachable(conn)
+    study = search.open_study(config, conn.storage, resume=resume)
+    if prune:
+        study.pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
+    tracker = Tracker(conn.tracking_uri, conn.artifact_root)
+    parent = tracker.start_parent(
+        config.name,
+        flat_config=config.flat(),
+        resolved_config=resolved,
+        config_yaml=config_yaml,
+        run_id=study.user_attrs.get("mlflow_parent_run_id"),
+    )
+    study.set_user_attr("mlflow_parent_run_id", parent)
+    study.set_user_attr("tracking_uri", redact(conn.tracking_uri))
+    if "config_yaml" not in study.user_attrs:
+        study.set_user_attr("config_yaml", config_yaml)
+
+    budget = search.n_trials(config)
+    if config.search.sampler == "grid":
+        budget = min(budget, search.grid_size(config))
+    metrics_names = list(config.objective.metrics)
+    started_here, driver = False, None
+    with ProgressView(quiet=quiet) as view, _StopFlag() as stop:
+        view.log(f"sweep {config.name}: {budget} trials; " + ", ".join(f"{k}={v}" for k, v in conn.describe().items()))
+        try:
+            _recover(study, tracker, parent, view)
+            started_here = _connect_ray(address or conn.address, quiet)
+            driver = _Driver(config, study, tracker, parent, conn, view, stop, budget, max_concurrent, max_retries, trial_fn)
+            driver.loop()
+        finally:
+            if driver is not None:
+                driver.shutdown()
+            counts = _counts(study)
+            finished = sum(v for k, v in counts.items() if is_finished_status(k))
+            interrupted = stop.requested or finished < budget
+            tracker.end_parent(
+                parent,
+                "KILLED" if interrupted else "FINISHED",
+                {f"trials_{k}": float(v) for k, v in counts.items()},
+            )
+            best = _best(study)
+            view.log(
+                f"sweep {config.name}: {'interrupted' if interrupted else 'done'}; "
+                + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+                + f"; best {_describe_best(best, metrics_names)}"
+            )
+            if started_here:
+                ray.shutdown()
+    summary = SweepSummary(
+        config.name, budget, counts, best, parent, interrupted, time.monotonic() - driver.started, conn, driver.launched
+    )  # driver is set: any failure before the loop propagated from the `finally` above
+    if stop.requested:
+        raise SweepInterrupted(summary)
+    return summary
+
+
+def _recover(study: optuna.Study, tracker: Tracker, parent: str, view: ProgressView) -> None:
+    """Settle what a killed driver left: RUNNING trials and RUNNING child runs."""
+    for trial in search.stale_trials(study):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            _, status, metrics = tracker.run_info(run_id)
+            if is_finished_status(status):  # recorded in MLflow, the driver died before telling Optuna
+                search.tell(study, trial.number, status, metrics)
+                view.log(f"trial {trial.number}: recovered as {status} from MLflow run {run_id}")
+                continue
+            tracker.end(run_id, search.INTERRUPTED)
+        search.interrupt(study, trial)
+        view.log(f"trial {trial.number}: left running by a stopped driver; marked interrupted, point re-enqueued")
+    for run_id in tracker.active_children(parent):
+        tracker.end(run_id, search.INTERRUPTED)
+
+
+class _Driver:
+    """The ask / launch / drain / record loop of one driver run (state of :func:`run_sweep`)."""
+
+    def __init__(self, config, study, tracker, parent, conn, view, stop, budget, max_concurrent, max_retries, trial_fn):
+        import ray
+        from ray.util.queue import Queue
+
+        self.config, self.study, self.tracker, self.parent = config, study, tracker, parent
+        self.conn, self.view, self.stop, self.budget = conn, view, stop, budget
+        self.concurrency = _concurrency(config, max_concurrent)
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        cpus, gpus = config.resources.cpus_per_trial, config.resources.gpus_per_trial
+        self.device = "cuda" if gpus > 0 else None
+        self.task = ray.remote(_trial_task).options(
+            num_cpus=cpus, num_gpus=gpus, max_retries=max_retries, retry_exceptions=False
+        )
+        self.trial_fn = trial_fn
+        self.in_flight: dict[Any, _InFlight] = {}
+        self.by_number: dict[int, _InFlight] = {}
+        self.finished = len(search.finished_trials(study))
+        self.counts = _counts(study)
+        self.durations: list[float] = []
+        self.best = _describe_best(_best(study), list(config.objective.metrics))
+        self.started = time.monotonic()
+        self.launched = 0
+
+    # main loop
+    def loop(self) -> None:
+        import ray
+
+        while True:
+            while not self.stop.requested and len(self.in_flight) < self.concurrency and self.finished + len(self.in_flight) < self.budget:
+                self._launch()
+            if not self.in_flight:
+                return
+            ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=_POLL_SECONDS)
+            self._drain()
+            for ref in ready:
+                self._record(ref)
+            self.view.update(self._snapshot())
+            if self.stop.requested:
+                return
+
+    def _launch(self) -> None:
+        trial = self.study.ask()
+        point = search.suggest_point(trial, self.config)
+        try:
+            trial_config = self.config.with_point(point)
+        except ValueError:
+            self._finish_without_task(trial, point, traceback.format_exc())
+            return
+        run_id = self.tracker.start_child(self.config.name, self.parent, trial.number, trial_config.flat())
+        trial.set_user_attr("mlflow_run_id", run_id)
+        ref = self.task.remote(
+            self.trial_fn, trial_config, trial.number, self.queue, self.conn.tracking_uri,
+            self.config.resources.cpus_per_trial, self.device,
+        )
+        flight = _InFlight(ref, trial, run_id, RunningTrial(trial.number, point, time.monotonic()))
+        self.in_flight[ref] = self.by_number[trial.number] = flight
+        self.launched += 1
+        self.view.log(f"trial {trial.number}: started {point}")
+
+    def _finish_without_task(self, trial: optuna.Trial, point: Mapping[str, Any], tb: str) -> None:
+        run_id = self.tracker.start_child(self.config.name, self.parent, trial.number, point)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        self.tracker.finish_child(run_id, "failed", {}, traceback=tb)
+        self._tell(trial.number, "failed", {})
+        self.view.log(f"trial {trial.number}: failed before start: {tb.strip().splitlines()[-1]}")
+
+    def _drain(self) -> None:
+        size = self.queue.qsize()
+        if not size:
+            return
+        for number, records in self.queue.get_nowait_batch(size):
+            flight = self.by_number.get(number)
+            if flight is None:
+                continue
+            self.tracker.log_metrics(flight.run_id, records)
+            for metrics, step, _ in records:
+                flight.view.latest, flight.view.step = dict(metrics), step
+                self._maybe_prune(flight, metrics, step)
+
+    def _maybe_prune(self, flight: _InFlight, metrics: Mapping[str, float], step: int) -> None:
+        if self.study.pruner is None or isinstance(self.study.pruner, optuna.pruners.NopPruner):
+            return
+        value = metrics.get(self.config.objective.metrics[0])
+        if value is None or not math.isfinite(value) or step <= flight.last_step or flight.extra.get("pruned"):
+            return
+        flight.last_step = step
+        flight.trial.report(float(value), step)
+        if flight.trial.should_prune():
+            import ray
+
+            flight.extra["pruned"] = dict(metrics)
+            ray.cancel(flight.ref, force=True)
+
+    def _record(self, ref: Any) -> None:
+        import ray
+
+        flight = self.in_flight.pop(ref)
+        number = flight.trial.number
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.TaskCancelledError:
+            result = {"status": "pruned", "metrics": flight.extra.get("pruned", {}), "artifacts": {}, "traceback": None}
+        except ray.exceptions.RayError as err:  # worker/node died more often than max_retries
+            result = {"status": "failed", "metrics": {}, "artifacts": {}, "traceback": f"{type(err).__name__}: {err}"}
+        status, metrics = result["status"], result["metrics"]
+        self.tracker.finish_child(
+            flight.run_id, status, metrics,
+            step=int(metrics.get("steps", flight.view.step) or 0),
+            artifacts=result["artifacts"], traceback=result["traceback"],
+        )
+        self._tell(number, status, metrics)
+        self.by_number.pop(number, None)
+        self.durations.append(time.monotonic() - flight.view.started)
+        tail = result["traceback"].strip().splitlines()[-1] if result["traceback"] else ""
+        shown = " ".join(f"{m}={metrics[m]:.4g}" for m in self.config.objective.metrics if m in metrics)
+        self.view.log(f"trial {number}: {status} {shown} {tail}".rstrip())
+
+    def _tell(self, number: int, status: str, metrics: Mapping[str, float]) -> None:
+        search.tell(self.study, number, status, metrics)
+        self.finished += 1
+        self.counts[status] = self.counts.get(status, 0) + 1
+        self.best = _describe_best(_best(self.study), list(self.config.objective.metrics))
+
+    def _snapshot(self) -> Snapshot:
+        mean = sum(self.durations) / len(self.durations) if self.durations else None
+        return Snapshot(
+            self.config.name, self.budget, dict(self.counts), [f.view for f in self.in_flight.values()],
+            self.best, time.monotonic() - self.started, self.concurrency, mean,
+        )
+
+    def shutdown(self) -> None:
+        """Cancel what still runs (interrupt) and record it; stop the metric queue."""
+        import ray
+
+        for ref, flight in list(self.in_flight.items()):
+            ray.cancel(ref, force=True)
+            self.tracker.end(flight.run_id, search.INTERRUPTED)
+            search.interrupt(self.study, flight.trial.number)
+            self.view.log(f"trial {flight.trial.number}: interrupted, point re-enqueued")
+        self.in_flight.clear()
+        try:
+            self.queue.shutdown()
+        except Exception:  # the queue actor may already be gone with its cluster
+            pass
+
+
+def resume_sweep(name: str, **kwargs: Any) -> SweepSummary:
+    """Continue the sweep ``name`` from its study, with the config kept there (no file needed).
+
+    Keyword arguments are those of :func:`run_sweep` (``storage``/``results_dir`` must point to
+    where the sweep lives).
+    """
+    from .config import load_config
+
+    conn = resolve(results_dir=kwargs.get("results_dir"), tracking_uri=kwargs.get("tracking_uri"), storage=kwargs.get("storage"))
+    config = load_config(search.stored_config(name, conn.storage))
+    return run_sweep(config, resume=True, **kwargs)

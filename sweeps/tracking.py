@@ -1,0 +1,221 @@
+"""MLflow records of a sweep: one experiment and one parent run per sweep, one nested child run per trial.
+
+Only the driver writes to MLflow (see :mod:`sweeps.runner` for why), always through an
+``MlflowClient`` bound to an explicit tracking URI, never through the fluent API's global
+state, so ``MLFLOW_RUN_ID`` or a stray ``mlflow.db`` in the current directory cannot redirect
+a write.
+
+Layout:
+
+* experiment = sweep name (artifacts under ``<results dir>/mlartifacts`` for local stores);
+* parent run (tags ``sweeps.sweep``, ``sweeps.role=parent``, ``sweeps.git_commit``,
+  ``sweeps.versions.<package>``; artifacts ``config.yaml`` and ``resolved_config.json``; the
+  flattened config as params);
+* child run per trial (tags ``mlflow.parentRunId``, ``sweeps.sweep``, ``sweeps.role=trial``,
+  ``optuna.trial_number``, ``status``; params = flattened config of the trial; metrics streamed
+  with steps while training, final metrics at the last step; artifacts from the trial's
+  output directory, ``traceback.txt`` for failures).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from .connections import redact
+
+ROLE_TAG, SWEEP_TAG, STATUS_TAG, TRIAL_TAG = "sweeps.role", "sweeps.sweep", "status", "optuna.trial_number"
+PARENT_TAG = "mlflow.parentRunId"
+FINAL_STATUSES = ("converged", "not_converged", "diverged", "failed", "pruned")
+_RUN_STATUS = {"failed": "FAILED", "interrupted": "KILLED"}  # every other status: FINISHED
+_BATCH = 100  # MLflow's per-request limit on params (metrics: 1000)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    """The current git commit (with ``-dirty``), or ``unknown`` outside a repository."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if sha.returncode != 0:
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide a sweep's numbers."""
+    versions = {}
+    for package in ("landscape-sweeps", "torch", "numpy", "ray", "optuna", "mlflow", "pandas"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "missing"
+    import platform
+
+    versions["python"] = platform.python_version()
+    return versions
+
+
+class Tracker:
+    """The driver's writer to one MLflow tracking store.
+
+    Args:
+        tracking_uri: explicit MLflow tracking URI.
+        artifact_root: artifact location for a new experiment (``None``: the server's default).
+    """
+
+    def __init__(self, tracking_uri: str, artifact_root: str | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.artifact_root = artifact_root
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def __repr__(self) -> str:
+        return f"Tracker({redact(self.tracking_uri)!r})"
+
+    # experiment and parent ------------------------------------------------------------------
+    def experiment_id(self, name: str, *, create: bool = True) -> str | None:
+        """Id of the experiment ``name`` (restored if deleted, created if missing and ``create``)."""
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            if not create:
+                return None
+            location = f"{self.artifact_root}/{name}" if self.artifact_root else None
+            return self.client.create_experiment(name, artifact_location=location)
+        if experiment.lifecycle_stage == "deleted":
+            self.client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+
+    def start_parent(
+        self,
+        name: str,
+        *,
+        flat_config: Mapping[str, Any],
+        resolved_config: Mapping[str, Any],
+        config_yaml: str,
+        run_id: str | None = None,
+    ) -> str:
+        """Create the sweep's parent run, or reopen ``run_id`` (a resumed sweep); returns its id."""
+        if run_id is not None:
+            try:
+                run = self.client.get_run(run_id)
+            except Exception:  # deleted or from another store: start a new parent
+                run = None
+            if run is not None and run.info.lifecycle_stage == "active":
+                self.client.update_run(run_id, status="RUNNING")
+                self.client.set_tag(run_id, "sweeps.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+                return run_id
+        tags = {ROLE_TAG: "parent", SWEEP_TAG: name, "sweeps.git_commit": git_commit()}
+        tags |= {f"sweeps.versions.{k}": v for k, v in package_versions().items()}
+        run = self.client.create_run(self.experiment_id(name), run_name=name, tags=tags)
+        parent = run.info.run_id
+        self.log_params(parent, flat_config)
+        self.client.log_text(parent, config_yaml, "config.yaml")
+        self.client.log_dict(parent, dict(resolved_config), "resolved_config.json")
+        self.client.log_dict(parent, dict(flat_config), "flat_config.json")
+        return parent
+
+    # children -------------------------------------------------------------------------------
+    def start_child(self, name: str, parent_run_id: str, trial_number: int, params: Mapping[str, Any]) -> str:
+        """Create the RUNNING child run of trial ``trial_number`` with its params; returns its id."""
+        experiment = self.client.get_run(parent_run_id).info.experiment_id
+        tags = {
+            PARENT_TAG: parent_run_id,
+            ROLE_TAG: "trial",
+            SWEEP_TAG: name,
+            TRIAL_TAG: str(trial_number),
+            STATUS_TAG: "running",
+        }
+        run = self.client.create_run(experiment, run_name=f"{name}-{trial_number:04d}", tags=tags)
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for start in range(0, len(items), _BATCH):
+            self.client.log_batch(run_id, params=items[start : start + _BATCH], synchronous=True)
+
+    def log_metrics(self, run_id: str, records: Iterable[tuple[Mapping[str, float], int, int]]) -> None:
+        """Log ``(metrics, step, timestamp_ms)`` records in batches; non-numeric values are skipped."""
+        metrics = [
+            Metric(key, float(value), timestamp, int(step))
+            for values, step, timestamp in records
+            for key, value in values.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        ]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[start : start + 1000], synchronous=True)
+
+    def finish_child(
+        self,
+        run_id: str,
+        status: str,
+        metrics: Mapping[str, float],
+        *,
+        step: int = 0,
+        artifacts: Mapping[str, bytes] | None = None,
+        traceback: str | None = None,
+    ) -> None:
+        """Log final metrics and artifacts, then the status tag, then end the run.
+
+        The order matters: a run whose status tag is final has all its data (an interrupted
+        driver leaves the tag at ``running`` and the run is cleaned up on resume).
+        """
+        self.log_metrics(run_id, [(metrics, step, _now_ms())])
+        files = dict(artifacts or {})
+        if traceback:
+            files["traceback.txt"] = traceback.encode()
+        if files:
+            with tempfile.TemporaryDirectory(prefix="sweeps-artifacts-") as tmp:
+                for file_name, content in files.items():
+                    path = Path(tmp, file_name)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(content)
+                self.client.log_artifacts(run_id, tmp)
+        self.end(run_id, status)
+
+    def end(self, run_id: str, status: str) -> None:
+        """Set the ``status`` tag and terminate the run (FINISHED, FAILED for failed, KILLED for interrupted)."""
+        self.client.set_tag(run_id, STATUS_TAG, status)
+        self.client.set_terminated(run_id, status=_RUN_STATUS.get(status, "FINISHED"))
+
+    def end_parent(self, run_id: str, status: str, summary: Mapping[str, float]) -> None:
+        """Log the sweep's summary counts on the parent run and terminate it with MLflow ``status``."""
+        finite = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        self.log_metrics(run_id, [(finite, 0, _now_ms())])
+        self.client.set_terminated(run_id, status=status)
+
+    def run_info(self, run_id: str) -> tuple[str, str | None, dict[str, float]]:
+        """(MLflow status, status tag, metrics) of a run."""
+        run = self.client.get_run(run_id)
+        return run.info.status, run.data.tags.get(STATUS_TAG), dict(run.data.metrics)
+
+    def active_children(self, parent_run_id: str) -> list[str]:
+        """Ids of child runs of ``parent_run_id`` still RUNNING (orphans of a killed driver)."""
+        experiment = self.client.get_run(parent_run_id).info.experiment_id
+        runs = self.client.search_runs(
+            [experiment],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+            max_results=10_000,
+        )
+        return [r.info.run_id for r in runs]
+
+
+def is_finished_status(status: str | None) -> bool:
+    return status in FINAL_STATUSES
+
+
+__all__ = ["FINAL_STATUSES", "Tracker", "git_commit", "is_finished_status", "package_versions"]

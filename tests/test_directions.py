@@ -19,29 +19,13 @@ from landscape.directions import (
 )
 from landscape import ModelLoss
 
+from conftest import assert_unchanged, snapshot
+
 
 def conv_net() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5)
     )
-
-
-def state_of(model: nn.Module) -> dict:
-    return {
-        "tensors": {k: v.clone() for k, v in model.state_dict().items()},
-        "training": [m.training for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grad": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-    }
-
-
-def assert_same_state(before: dict, after: dict) -> None:
-    assert before["training"] == after["training"]
-    assert before["requires_grad"] == after["requires_grad"]
-    for k, v in before["tensors"].items():
-        assert torch.equal(v, after["tensors"][k]), k
-    for g0, g1 in zip(before["grad"], after["grad"]):
-        assert (g0 is None and g1 is None) or torch.equal(g0, g1)
 
 
 def test_filter_normalization_matches_each_filter_norm():
@@ -134,7 +118,7 @@ def test_pca_recovers_a_trajectory_in_a_known_plane():
     for point in path_2d:
         w = ml.unflatten((final + basis @ point).float())
         trajectory.append({n: w[n].clone() for n in w})
-    before = state_of(model)
+    before = snapshot(model)
     for center in (False, True):
         pca = pca_directions(model, trajectory, center=center)
         found = torch.stack([ml.flatten(d).double() for d in pca.directions], 1)
@@ -148,7 +132,7 @@ def test_pca_recovers_a_trajectory_in_a_known_plane():
         torch.testing.assert_close(rebuilt, (basis @ path_2d.T).T, atol=1e-5, rtol=0)
         assert np.allclose(pca.coords[-1], 0, atol=1e-6)
         assert np.all(pca.coords[0] <= 0)
-    assert_same_state(before, state_of(model))
+    assert_unchanged(model, before)
 
 
 def test_pca_explained_variance_below_one_with_a_third_component():
@@ -167,10 +151,10 @@ def test_model_unchanged_and_bad_arguments():
     model = conv_net().train()
     model[0].weight.grad = torch.ones_like(model[0].weight)
     model[4].bias.requires_grad_(False)
-    before = state_of(model)
+    before = snapshot(model)
     random_directions(model, 2, seed=0)
     direction_to(model, conv_net())
-    assert_same_state(before, state_of(model))
+    assert_unchanged(model, before)
     with pytest.raises(ValueError, match="normalization"):
         random_directions(model, normalization="filters")
     with pytest.raises(ValueError, match="one_d"):

@@ -15,7 +15,7 @@ from torch.func import functional_call, hessian
 from landscape import ModelLoss, interpolate, surface_1d, surface_2d
 from landscape.surface import quadratic_fit, ray_crossing
 
-from test_directions import assert_same_state, state_of
+from conftest import assert_unchanged, snapshot
 
 
 class Quadratic(nn.Module):
@@ -220,12 +220,12 @@ def test_model_is_unchanged_by_every_call():
     model.train()
     model[0].weight.grad = torch.full_like(model[0].weight, 0.5)
     model[4].bias.requires_grad_(False)
-    before = state_of(model)
+    before = snapshot(model)
     loss_fn = nn.CrossEntropyLoss()
     surface_1d(model, loss_fn, data, steps=3)
     surface_2d(model, loss_fn, data, steps=3)
     interpolate(model, other, loss_fn, data, steps=3)
-    assert_same_state(before, state_of(model))
+    assert_unchanged(model, before)
 
 
 def test_flatness_radius_and_fit_helpers():

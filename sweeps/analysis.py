@@ -202,9 +202,28 @@ def default_seed_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c == "seed" or c.endswith(".seed") or ("." in c and c.endswith("_seed"))]
 
 
+def _top_level_config_keys() -> set[str]:
+    """Scalar fields at the top of the sweep config (``name``, ``measure_subset``, ...), not sections."""
+    try:
+        from pydantic import BaseModel
+
+        from .config import SweepConfig
+    except ImportError:  # pragma: no cover - config module missing
+        return set()
+    return {
+        name for name, info in SweepConfig.model_fields.items()
+        if not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel))
+    }
+
+
 def config_columns(df: pd.DataFrame) -> list[str]:
-    """Dotted config keys (``"train.lr"``, ``"model.width"``, ...) of a results DataFrame."""
-    return [c for c in df.columns if isinstance(c, str) and "." in c]
+    """Config keys of a results DataFrame: dotted keys (``"train.lr"``, ``"model.width"``), ``"seed"``
+    and the other scalar top-level config fields; never ``"metric.*"`` (metrics renamed on a clash)."""
+    top = _top_level_config_keys() | {"seed"}
+    return [
+        c for c in df.columns
+        if isinstance(c, str) and not c.startswith("metric.") and ("." in c or c in top)
+    ]
 
 
 def _hashable(value: Any) -> Any:
@@ -212,7 +231,7 @@ def _hashable(value: Any) -> Any:
         return tuple(_hashable(v) for v in value)
     if isinstance(value, dict):
         return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or (not isinstance(value, (str, tuple)) and pd.isna(value)):
         return "None"
     return value
 
@@ -328,7 +347,7 @@ def prepare(
 
     n_total = len(frame)
     status = frame["status"].astype(str) if "status" in frame.columns else pd.Series(CONVERGED, index=frame.index)
-    target_raw = pd.to_numeric(frame[target], errors="coerce")
+    target_raw = pd.to_numeric(frame[target], errors="coerce").astype(float)
     usable = (status == CONVERGED) & np.isfinite(target_raw)
     excluded = status[~usable].where(status[~usable] != CONVERGED, f"converged, {target} missing")
     excluded_counts = {str(k): int(v) for k, v in excluded.value_counts().items()}
@@ -340,8 +359,8 @@ def prepare(
         runs[m] = runs[m] * (-1.0 if orient[m] == "flatter" else 1.0)
     runs["_target_raw"] = target_raw[usable].astype(float)
     runs["_target"] = target_sign * runs["_target_raw"]
-    runs["test_acc"] = pd.to_numeric(frame.loc[usable, "test_acc"], errors="coerce") if "test_acc" in frame else np.nan
-    runs["n_test"] = pd.to_numeric(frame.loc[usable, "n_test"], errors="coerce") if "n_test" in frame else np.nan
+    for column in ("test_acc", "n_test"):
+        runs[column] = pd.to_numeric(frame.loc[usable, column], errors="coerce").astype(float) if column in frame else np.nan
 
     value_cols = measures + ["_target", "_target_raw", "test_acc", "n_test"]
     if keys:

@@ -328,20 +328,29 @@ def make_report(
     return report
 
 
-def find_parent_run(name: str, tracking_uri: str | None = None) -> str:
+def _tracking_uri(tracking_uri: str | None, results_dir: str | Path | None = None) -> str:
+    """The URI ``sweeps run`` would use: argument, $SWEEPS_TRACKING_URI, $MLFLOW_TRACKING_URI, results dir."""
+    from .connections import resolve
+
+    return resolve(tracking_uri=tracking_uri, results_dir=results_dir, create=False).tracking_uri
+
+
+def find_parent_run(name: str, tracking_uri: str | None = None, *, results_dir: str | Path | None = None) -> str:
     """Run id of sweep ``name``'s parent run (newest one if the sweep was restarted).
 
     The parent run lives in the experiment named ``name``, has tag ``sweeps.role=parent`` and no
-    ``mlflow.parentRunId`` tag (see :mod:`sweeps.tracking`).
+    ``mlflow.parentRunId`` tag (see :mod:`sweeps.tracking`). ``tracking_uri=None`` resolves as
+    for ``sweeps run``.
     """
     from mlflow import MlflowClient
 
+    from .connections import redact
     from .tracking import PARENT_TAG, ROLE_TAG
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=_tracking_uri(tracking_uri, results_dir))
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        raise LookupError(f"sweep {name!r}: no MLflow experiment of that name at {client.tracking_uri!r}; "
+        raise LookupError(f"name: no sweep named {name!r} (MLflow experiment) in {redact(client.tracking_uri)}; "
                           "check NAME and --tracking-uri")
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'",
                               order_by=["attributes.start_time DESC"], max_results=100)
@@ -351,7 +360,10 @@ def find_parent_run(name: str, tracking_uri: str | None = None) -> str:
     return parents[0].info.run_id
 
 
-def log_report(report: Report, run_id: str, tracking_uri: str | None = None, artifact_path: str = "analysis") -> None:
+def log_report(
+    report: Report, run_id: str, tracking_uri: str | None = None, artifact_path: str = "analysis",
+    *, results_dir: str | Path | None = None,
+) -> None:
     """Upload the report folder to MLflow run ``run_id`` under ``artifact_path`` and log summary metrics.
 
     Metrics: ``analysis.tau.<measure>``, ``analysis.Psi.<measure>``, ``analysis.cmi.<measure>``,
@@ -362,7 +374,7 @@ def log_report(report: Report, run_id: str, tracking_uri: str | None = None, art
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=_tracking_uri(tracking_uri, results_dir))
     client.log_artifacts(run_id, str(report.out_dir), artifact_path=artifact_path)
     now = int(time.time() * 1000)
     metrics = [
@@ -382,27 +394,35 @@ def report_sweep(
     *,
     log: bool = True,
     df: pd.DataFrame | None = None,
+    results_dir: str | Path | None = None,
     **report_options: Any,
 ) -> Report:
     """Fetch sweep ``name``'s results, write the report to ``out_dir`` and log it to the parent run.
 
     Args:
         name: sweep name (= MLflow experiment name).
-        tracking_uri: MLflow tracking URI (``None``: MLflow's default resolution).
-        out_dir: folder for the files (default ``./sweep-reports/<name>``).
+        tracking_uri: MLflow tracking URI (``None``: as for ``sweeps run``: $SWEEPS_TRACKING_URI,
+            $MLFLOW_TRACKING_URI, else the results directory's ``mlflow.db``).
+        out_dir: folder for the files (default ``<results dir>/reports/<name>``).
         log: upload to the sweep's parent run (artifact path ``analysis/``).
         df: use these results instead of fetching them with :func:`sweeps.results`.
+        results_dir: results directory for the default tracking URI (see :func:`sweeps.results`).
         report_options: passed to :func:`make_report` (``target``, ``measures``, ``n_boot``, ...).
     """
     if df is None:
         from .results import results
 
-        df = results(name, tracking_uri=tracking_uri)
-    out = Path(out_dir) if out_dir is not None else Path.cwd() / "sweep-reports" / _safe_name(name)
+        df = results(name, tracking_uri=tracking_uri, results_dir=results_dir)
+    if out_dir is None:
+        from .connections import resolve
+
+        out_dir = resolve(tracking_uri=tracking_uri, results_dir=results_dir, create=False).results_dir / "reports" / _safe_name(name)
+    out = Path(out_dir)
     report_options.setdefault("title", f"Sweep {name}: which measure predicts generalization?")
     report = make_report(df, out, **report_options)
     if log:
-        log_report(report, find_parent_run(name, tracking_uri), tracking_uri)
+        parent = find_parent_run(name, tracking_uri, results_dir=results_dir)
+        log_report(report, parent, tracking_uri, results_dir=results_dir)
     return report
 
 

@@ -22,6 +22,8 @@ _EXPORTS = {
     "run_sweep": ".runner",
     "results": ".results",
     "correlations": ".analysis",
+    "make_report": ".report",
+    "report_sweep": ".report",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,6 +18,7 @@ Interrupted attempts (their points were re-run) are left out unless ``include_in
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import types
@@ -58,12 +59,21 @@ def _parent(client: MlflowClient, experiment_id: str) -> Any | None:
 
 
 def _parent_json(client: MlflowClient, run_id: str, file_name: str) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as progress_bar
+
+    previous = os.environ.get(progress_bar.name)
+    os.environ[progress_bar.name] = "false"  # no progress bar for a small JSON file
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
             path = client.download_artifacts(run_id, file_name, tmp)
-        except Exception:  # an older or foreign parent run without the file: types are inferred
-            return {}
-        return json.loads(Path(path).read_text())
+            return json.loads(Path(path).read_text())
+    except Exception:  # an older or foreign parent run without the file: types are inferred
+        return {}
+    finally:
+        if previous is None:
+            os.environ.pop(progress_bar.name, None)
+        else:
+            os.environ[progress_bar.name] = previous
 
 
 def _cast(values: pd.Series, example: Any) -> pd.Series:
@@ -84,7 +94,7 @@ def _cast(values: pd.Series, example: Any) -> pd.Series:
     if not isinstance(example, (str, bool)):
         numbers = pd.to_numeric(text, errors="coerce")
         if numbers[present].notna().all():
-            whole = numbers[present].map(float.is_integer).all()
+            whole = bool((numbers[present] % 1 == 0).all())
             if example is None:
                 wants_int = not text[present].astype(str).str.contains(r"[.eEna]").any()
             else:
@@ -161,7 +171,7 @@ def results(
     for column in sorted(c for c in frame if c.startswith("metric:")):
         key = column.removeprefix("metric:")
         values = pd.to_numeric(frame[column], errors="coerce").astype("float64")
-        if key in _COUNT_METRICS and values.dropna().map(float.is_integer).all():
+        if key in _COUNT_METRICS and bool((values.dropna() % 1 == 0).all()):
             values = values.astype("Int64")
         columns[key if key not in columns else f"metric.{key}"] = values
     return pd.DataFrame(columns)

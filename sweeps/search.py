@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -116,6 +117,14 @@ def n_trials(config: Any) -> int:
     raise ValueError(f"search.n_trials: required for sampler {config.search.sampler!r} (got None)")
 
 
+class _AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler for ask/tell: its ``after_trial`` calls ``study.stop()``, which raises outside
+    ``study.optimize``; the driver counts the budget itself, so that hook is dropped."""
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        return None
+
+
 def build_sampler(config: Any) -> optuna.samplers.BaseSampler:
     """The Optuna sampler named by ``config.search.sampler``, seeded by ``config.search.seed``.
 
@@ -124,7 +133,7 @@ def build_sampler(config: Any) -> optuna.samplers.BaseSampler:
     """
     kind, seed = config.search.sampler, config.search.seed
     if kind == "grid":
-        return optuna.samplers.GridSampler(grid_space(config), seed=seed)
+        return _AskTellGridSampler(grid_space(config), seed=seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "tpe":
@@ -211,7 +220,9 @@ def open_study(config: Any, storage: str, *, resume: bool = False) -> optuna.Stu
     study.set_user_attr("config", resolved)
     study.set_user_attr("fingerprint", fingerprint)
     study.set_user_attr("objective", list(config.objective.metrics))
-    study.set_metric_names(list(config.objective.metrics))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(config.objective.metrics))
     return study
 
 

@@ -1,0 +1,149 @@
+"""sweeps.search: samplers, study creation/resume rules, telling results, re-enqueueing interrupted points.
+
+Real Optuna studies on real storages (sqlite file, journal file); no Ray needed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from sweeps import search
+from sweeps.config import load_config
+
+
+def make_config(name="s", sampler="grid", space=None, **extra):
+    space = space or {"train.lr": {"values": [0.01, 0.1, 1.0]}, "model.width": {"values": [8, 16]}}
+    data = {"name": name, "dataset": {"name": "digits"}, "measure": ["hessian_top_eig"],
+            "search": {"sampler": sampler, "space": space, **extra.pop("search", {})}}
+    data.update(extra)
+    return load_config(data)
+
+
+@pytest.fixture
+def storage(tmp_path):
+    return f"sqlite:///{tmp_path / 'optuna.db'}"
+
+
+def drive(study, config, budget, stop_after=None, interrupt_running=0):
+    """A driver without Ray: ask until ``budget`` trials are finished; returns asked points."""
+    asked = []
+    while len(search.finished_trials(study)) < budget:
+        trial = study.ask()
+        point = search.suggest_point(trial, config)
+        asked.append(point)
+        if stop_after is not None and len(asked) > stop_after:
+            if interrupt_running:
+                return asked  # leave it RUNNING, as a killed driver would
+        search.tell(study, trial.number, "converged", {"test_acc": point["train.lr"]})
+    return asked
+
+
+def test_grid_visits_every_point_exactly_once(storage):
+    config = make_config()
+    study = search.open_study(config, storage)
+    assert search.n_trials(config) == search.grid_size(config) == 6
+    drive(study, config, 6)
+    names = ["train.lr", "model.width"]
+    done = sorted(search.grid_points_done(study, names))
+    assert done == sorted(itertools.product([0.01, 0.1, 1.0], [8, 16]))
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+
+
+def test_interrupted_points_are_reenqueued_and_finished_once(storage):
+    config = make_config()
+    study = search.open_study(config, storage)
+    drive(study, config, 6, stop_after=2, interrupt_running=1)  # 2 told, the 3rd left RUNNING
+    t1 = study.ask()  # a 4th, also RUNNING at the "kill"
+    search.suggest_point(t1, config)
+    stale = search.stale_trials(study)
+    assert len(stale) == 2
+    # the next driver: marks them interrupted (FAIL), re-enqueues, and finishes the grid
+    study2 = search.open_study(config, storage)
+    for trial in search.stale_trials(study2):
+        search.interrupt(study2, trial)
+    assert not search.stale_trials(study2)
+    assert {search.trial_status(t) for t in study2.trials if t.state == TrialState.FAIL} == {"interrupted"}
+    drive(study2, config, 6)
+    done = search.grid_points_done(study2, ["train.lr", "model.width"])
+    assert sorted(done) == sorted(itertools.product([0.01, 0.1, 1.0], [8, 16]))  # each exactly once
+    assert len(study2.trials) == 8  # 6 finished + 2 interrupted attempts
+
+
+def test_same_config_resumes_other_config_conflicts(storage):
+    config = make_config()
+    search.open_study(config, storage)
+    again = search.open_study(make_config(resources={"cpus_per_trial": 2}, search={"n_trials": 6}), storage)
+    assert again.study_name == "s"  # resources and n_trials are not part of the fingerprint
+    with pytest.raises(search.StudyConflictError, match=r"sweeps resume s.*--name"):
+        search.open_study(make_config(train={"lr": 0.2}), storage)
+    with pytest.raises(search.StudyConflictError, match="no sweep named 'other'"):
+        search.open_study(make_config(name="other"), storage, resume=True)
+    stored = load_config(search.stored_config("s", storage))  # the latest compatible config
+    assert stored.resources.cpus_per_trial == 2 and stored.search.n_trials == 6
+    assert stored.train == config.train and stored.search.space == config.search.space
+
+
+def test_tell_states_and_nonfinite_objective(storage):
+    config = make_config(sampler="random", search={"n_trials": 5})
+    study = search.open_study(config, storage)
+    outcomes = [("converged", {"test_acc": 0.9}), ("not_converged", {"test_acc": 0.5}),
+                ("diverged", {"train_loss": math.inf}), ("failed", {}), ("converged", {"test_acc": math.nan})]
+    for status, metrics in outcomes:
+        trial = study.ask()
+        search.suggest_point(trial, config)
+        search.tell(study, trial.number, status, metrics)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL, TrialState.FAIL]
+    assert [search.trial_status(t) for t in study.trials] == [s for s, _ in outcomes]
+    assert "not finite" in study.trials[4].user_attrs["fail_reason"]
+    assert study.best_value == 0.9
+    assert len(search.finished_trials(study)) == 5
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe", "cmaes", "nsga2"])
+def test_samplers_respect_space_and_types(storage, sampler):
+    space = {"train.lr": {"low": 1e-3, "high": 1.0, "log": True}, "model.width": {"low": 4, "high": 64, "log": True},
+             "train.momentum": {"low": 0.0, "high": 0.9}}
+    multi = sampler == "nsga2"
+    objective = {"metrics": ["test_acc", "hessian_top_eig"], "directions": ["maximize", "minimize"]} if multi else {}
+    config = make_config(sampler=sampler, space=space, search={"n_trials": 12, "seed": 3}, objective=objective or {"metric": "test_acc"})
+    study = search.open_study(config, storage)
+    assert len(study.directions) == (2 if multi else 1)
+    for _ in range(12):
+        trial = study.ask()
+        point = search.suggest_point(trial, config)
+        assert 1e-3 <= point["train.lr"] <= 1.0 and isinstance(point["train.lr"], float)
+        assert 4 <= point["model.width"] <= 64 and isinstance(point["model.width"], int)
+        assert 0.0 <= point["train.momentum"] <= 0.9 and isinstance(point["train.momentum"], float)
+        config.with_point(point)  # every point is a valid config
+        values = {"test_acc": point["train.lr"], "hessian_top_eig": point["model.width"]}
+        search.tell(study, trial.number, "converged", values)
+    assert len(search.finished_trials(study)) == 12
+    if multi:
+        assert all(len(t.values) == 2 for t in study.best_trials)
+
+
+def test_validation_errors_name_fields(storage):
+    with pytest.raises(ValueError, match="cmaes is single-objective"):
+        search.validate_search(make_config(sampler="cmaes", space={"train.lr": {"low": 0.01, "high": 1.0}},
+                                           search={"n_trials": 3},
+                                           objective={"metrics": ["test_acc", "hessian_top_eig"],
+                                                      "directions": ["maximize", "minimize"]}))
+    with pytest.raises(ValueError, match=r"^search.sampler: unknown sampler"):
+        config = make_config()
+        object.__setattr__(config.search, "sampler", "annealing")
+        search.build_sampler(config)
+
+
+def test_journal_storage(tmp_path):
+    config = make_config()
+    path = str(tmp_path / "study.log")
+    study = search.open_study(config, path)
+    drive(study, config, 6)
+    reloaded = optuna.load_study(study_name="s", storage=search.make_storage(path))
+    assert len(search.finished_trials(reloaded)) == 6

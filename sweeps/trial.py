@@ -1,0 +1,236 @@
+"""One trial: a config (with its point set) -> data, model, training, landscape measures.
+
+:func:`run_trial` is what a sweep worker runs and what ``sweeps trial`` runs locally (no Ray, no
+MLflow). Divergence is a status, not an exception; errors in the trial's own code propagate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from .config import SweepConfig
+from .data import Dataset, load_dataset
+from .models import build_model, count_parameters
+from .train import LOSSES, TrainResult, train
+
+Status = Literal["converged", "not_converged", "diverged"]
+
+
+@dataclass
+class TrialResult:
+    """The outcome of :func:`run_trial`.
+
+    Attributes:
+        status: ``"converged"``, ``"not_converged"`` (``max_epochs`` without reaching the target;
+            measures are still computed) or ``"diverged"`` (no measures).
+        metrics: final scalars: train_loss, train_acc, test_loss, test_acc, gen_gap (test error
+            - train error), epochs, steps, train_seconds (tracking included), track_seconds,
+            n_train, n_test, num_params, and every measure key with its ``<name>_seconds``.
+        history: per-epoch and tracking records in step order, each with ``"step"`` and
+            ``"kind"`` (``"epoch"`` or ``"track"``).
+        artifacts: files written into ``out_dir``, by name (``history.json``, ``result.json``,
+            ``training.png``, ``<measure>.npz`` for non-scalar results, ``surface_2d.png``,
+            ``hessian_spectrum.png``).
+        config: the trial's config.
+        reason: one line on why training stopped.
+    """
+
+    status: Status
+    metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    artifacts: dict[str, Path]
+    config: SweepConfig
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (non-finite floats become ``None``; the config as plain data)."""
+        return {
+            "status": self.status,
+            "reason": self.reason,
+            "metrics": _finite(self.metrics),
+            "history": [_finite(r) for r in self.history],
+            "artifacts": {k: str(p) for k, p in self.artifacts.items()},
+            "config": self.config.model_dump(mode="json"),
+        }
+
+
+def _finite(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def measure_batches(data: Dataset, config: SweepConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The training set (or ``measure_subset`` samples of it, seeded by ``config.seed``) as
+    in-memory batches of ``train.eval_batch_size`` for :func:`landscape.measure`."""
+    x, y = data.x_train, data.y_train
+    if config.measure_subset is not None and config.measure_subset < len(y):
+        gen = torch.Generator().manual_seed(config.seed + 104729)
+        idx = torch.randperm(len(y), generator=gen)[: config.measure_subset].sort().values.to(y.device)
+        x, y = x[idx], y[idx]
+    size = config.train.eval_batch_size
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
+
+
+def run_trial(
+    config: SweepConfig,
+    *,
+    log: Callable[[dict[str, float], int], None] | None = None,
+    out_dir: str | Path | None = None,
+    device: str | None = None,
+) -> TrialResult:
+    """Train the model of ``config`` to convergence and measure its landscape.
+
+    Args:
+        config: a validated :class:`~sweeps.config.SweepConfig` (its search point already set,
+            see :meth:`~sweeps.config.SweepConfig.with_point`).
+        log: ``log(metrics, step)`` during training (per epoch and per tracking point), ``step``
+            being optimizer steps so far; for live streaming to MLflow.
+        out_dir: if given, history, result, plots and arrays are written there.
+        device: torch device; default ``"cuda"`` when available, else ``"cpu"``. On CPU the
+            trial uses ``resources.cpus_per_trial`` torch threads (restored afterwards).
+
+    Returns:
+        :class:`TrialResult`. Divergence is ``status="diverged"``, not an exception.
+    """
+    device = device or _default_device()
+    with _cpu_threads(config.resources.cpus_per_trial if device == "cpu" else None):
+        return _run(config, log, out_dir, device)
+
+
+@contextlib.contextmanager
+def _cpu_threads(cpus: float | None) -> Iterator[None]:
+    """Use ``cpus`` (rounded, at least 1) intra-op threads for the block; restore after.
+    Oversubscribed threads make small-model CPU training many times slower."""
+    saved = torch.get_num_threads()
+    if cpus is not None:
+        torch.set_num_threads(max(1, int(cpus)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _run(config: SweepConfig, log: Callable[[dict[str, float], int], None] | None, out_dir: str | Path | None, device: str) -> TrialResult:
+    data = load_dataset(config.dataset).to(device)
+    model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed).to(device)
+    loss_fn = LOSSES[config.train.loss]
+    with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []):
+        torch.manual_seed(config.seed)  # dropout masks
+        trained = train(model, data, config.train, seed=config.seed, log=log)
+    f = trained.final
+    metrics: dict[str, float] = {
+        **f,
+        "gen_gap": (1 - f["test_acc"]) - (1 - f["train_acc"]),
+        "epochs": trained.epochs, "steps": trained.steps,
+        "train_seconds": trained.seconds, "track_seconds": trained.track_seconds,
+        "n_train": data.n_train, "n_test": data.n_test, "num_params": count_parameters(model),
+    }
+    results: dict[str, Any] = {}
+    if trained.status != "diverged" and config.measure:
+        from landscape.measure import measure
+
+        metrics.update(measure(
+            model, loss_fn, measure_batches(data, config), config.measure, seed=config.seed,
+            options=config.measure_options, init_state=trained.init_state, artifacts=results,
+        ))
+    result = TrialResult(trained.status, metrics, trained.history, {}, config, trained.reason)
+    if out_dir is not None:
+        result.artifacts = write_artifacts(Path(out_dir), result, results, trained)
+    return result
+
+
+# --- files -----------------------------------------------------------------------------------
+def _arrays(obj: Any) -> dict[str, np.ndarray]:
+    """Numeric fields of a result dataclass as numpy arrays (tensors moved to CPU)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        if isinstance(value, (np.ndarray, int, float, np.floating)) and not isinstance(value, bool):
+            out[f.name] = np.asarray(value)
+    return out
+
+
+def _plot_training(path: Path, history: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    epochs = [r for r in history if r["kind"] == "epoch"]
+    tracks = [r for r in history if r["kind"] == "track" and "hessian_top_eig" in r]
+    fig, axes = plt.subplots(1, 3 if tracks else 2, figsize=(13 if tracks else 9, 3.5))
+    steps = [r["step"] for r in epochs]
+    for ax, key in zip(axes, ("loss", "acc")):
+        for split in ("train", "test"):
+            ax.plot(steps, [r[f"{split}_{key}"] for r in epochs], label=split)
+        ax.set(xlabel="step", ylabel=key, yscale="log" if key == "loss" else "linear")
+        ax.legend()
+    if tracks:
+        ax = axes[2]
+        ax.plot([r["step"] for r in tracks], [r["hessian_top_eig"] for r in tracks], label="lambda_max (subset)")
+        if "eos_ratio" in tracks[0]:
+            ax.plot([r["step"] for r in tracks], [r["hessian_top_eig"] / r["eos_ratio"] for r in tracks], "--", label="(2 + 2 momentum) / lr")
+        ax.set(xlabel="step", ylabel="top Hessian eigenvalue")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_measure(name: str, value: Any, path: Path) -> bool:
+    """Figure of a non-scalar result through :mod:`landscape.plots`, when it has one."""
+    try:
+        from landscape import plots
+    except ImportError:
+        return False
+    fn = {"surface_2d": "surface_2d", "hessian_spectrum": "spectrum"}.get(name)
+    plot = getattr(plots, fn, None) if fn else None
+    if plot is None:
+        return False
+    import matplotlib.pyplot as plt
+
+    out = plot(value)
+    fig = out if hasattr(out, "savefig") else getattr(out, "figure", None) or plt.gcf()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_artifacts(out_dir: Path, result: TrialResult, measured: dict[str, Any], trained: TrainResult) -> dict[str, Path]:
+    """Write history/result JSON, the training figure, and arrays + figures of non-scalar
+    measures into ``out_dir``; return ``{name: path}``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    files["history.json"] = out_dir / "history.json"
+    files["history.json"].write_text(json.dumps([_finite(r) for r in result.history], indent=1))
+    files["training.png"] = out_dir / "training.png"
+    _plot_training(files["training.png"], result.history)
+    torch.save(trained.init_state, out_dir / "init_state.pt")
+    files["init_state.pt"] = out_dir / "init_state.pt"
+    for name, value in measured.items():
+        if dataclasses.is_dataclass(value):
+            arrays = _arrays(value)
+            if arrays:
+                files[f"{name}.npz"] = out_dir / f"{name}.npz"
+                np.savez(files[f"{name}.npz"], **arrays)
+        if _plot_measure(name, value, out_dir / f"{name}.png"):
+            files[f"{name}.png"] = out_dir / f"{name}.png"
+    files["result.json"] = out_dir / "result.json"
+    result.artifacts = files
+    files["result.json"].write_text(json.dumps(result.to_dict(), indent=1))
+    return files

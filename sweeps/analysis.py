@@ -487,28 +487,26 @@ def sign_error_environments(
     the weighted mean; NaN when no pair is left. Returns columns ``hyperparameter``, ``model_a``,
     ``model_b``, ``error``, ``weight`` (sum of the pair weights), ``pairs``.
     """
-    runs, models = prepared.runs, prepared.models
-    by_model = {m: grp for m, grp in runs.groupby("_model")}
+    runs = prepared.runs.sort_values("_model", kind="stable")
+    mu_all, g_all = runs[measure].to_numpy(float), runs["_target"].to_numpy(float)
+    n_all = runs["n_test"].to_numpy(float)
+    if n_test is not None:
+        n_all = np.where(np.isfinite(n_all), n_all, n_test)
+    bounds = np.searchsorted(runs["_model"].to_numpy(), np.arange(len(prepared.models) + 1))
     rows = []
     for k in prepared.hyperparameters:
-        for group in _groups_differing_only_in(models, prepared.keys, k):
+        for group in _groups_differing_only_in(prepared.models, prepared.keys, k):
             for a, b in itertools.combinations(group, 2):
-                ra, rb = by_model[a], by_model[b]
-                d_mu = ra[measure].to_numpy()[:, None] - rb[measure].to_numpy()[None, :]
-                d_g = ra["_target"].to_numpy()[:, None] - rb["_target"].to_numpy()[None, :]
-                ok = np.isfinite(d_mu)
-                n = np.minimum(ra["n_test"].to_numpy()[:, None], rb["n_test"].to_numpy()[None, :])
-                if n_test is not None:
-                    n = np.where(np.isfinite(n), n, n_test)
+                ra, rb = slice(bounds[a], bounds[a + 1]), slice(bounds[b], bounds[b + 1])
+                d_mu = mu_all[ra][:, None] - mu_all[rb][None, :]
+                d_g = g_all[ra][:, None] - g_all[rb][None, :]
+                n = np.minimum(n_all[ra][:, None], n_all[rb][None, :])
                 w = np.where(np.isfinite(n), hoeffding_weight(d_g, np.nan_to_num(n)), 1.0)
-                w = np.where(ok & (w > min_weight), w, 0.0)
+                w = np.where(np.isfinite(d_mu) & (w > min_weight), w, 0.0)
                 err = (1.0 - np.sign(np.nan_to_num(d_mu)) * np.sign(d_g)) / 2.0
                 total = w.sum()
-                rows.append({
-                    "hyperparameter": k, "model_a": int(a), "model_b": int(b),
-                    "error": float((w * err).sum() / total) if total > 0 else math.nan,
-                    "weight": float(total), "pairs": int((w > 0).sum()),
-                })
+                rows.append((k, int(a), int(b), float((w * err).sum() / total) if total > 0 else math.nan,
+                             float(total), int((w > 0).sum())))
     return pd.DataFrame(rows, columns=["hyperparameter", "model_a", "model_b", "error", "weight", "pairs"])
 
 

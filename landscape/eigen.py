@@ -94,7 +94,7 @@ def _start(op: SymmetricOperator, v0: Tensor | None, generator: torch.Generator)
 def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     """Indices into ascending ``theta`` in the order :class:`EigenResult` reports them."""
     top, bottom = np.arange(len(theta))[::-1][:k], np.arange(k)
-    return {"largest": top, "smallest": bottom, "both": np.concatenate([top, bottom])}[which]
+    return {"largest": top, "smallest": bottom, "both": np.concatenate([top, bottom[::-1]])}[which]
 
 
 def _threshold(values: np.ndarray, tol: float, scale: float, dtype: torch.dtype) -> np.ndarray:

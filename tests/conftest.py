@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -41,7 +42,7 @@ def dense_hessian_of(
     y = y.double() if y.is_floating_point() else y
     shapes = [named[n].shape for n in names]
     sizes = [named[n].numel() for n in names]
-    model64 = model.double() if next(model.parameters()).dtype != torch.float64 else model
+    model64 = copy.deepcopy(model).double()
 
     def loss_of(flat: Tensor) -> Tensor:
         parts = {n: p.reshape(s) for n, p, s in zip(names, torch.split(flat, sizes), shapes)}
@@ -85,3 +86,13 @@ def classifier_data():
     batches = make_batches()
     loss_fn = nn.CrossEntropyLoss()
     return model, loss_fn, batches, dense_hessian_of(model, loss_fn, batches)
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test with one intra-op thread (restored after): tiny models are many times faster
+    that way on a loaded machine, where threads wait for each other."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import landscape
 from landscape import HessianOperator, NonDeterministicLossError
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def test_dense_equals_autograd_hessian_on_uneven_batches(classifier_data):
     model, loss_fn, batches, dense = classifier_data

@@ -1,0 +1,187 @@
+"""The metric registry and ``measure()``: names, orientation, options, errors, model state."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from landscape import norms, sharpness
+from landscape.measure import METRICS, MeasureContext, Metric, measure, register_metric
+
+F64 = torch.float64
+
+REQUIRED = {
+    "hessian_top_eig": "sharper",
+    "hessian_min_eig": "neither",
+    "hessian_trace": "sharper",
+    "hessian_spectrum": "sharper",
+    "keskar_sharpness": "sharper",
+    "sharpness_worst": "sharper",
+    "adaptive_sharpness_worst": "sharper",
+    "sharpness_avg": "sharper",
+    "adaptive_sharpness_avg": "sharper",
+    "pacbayes_flatness": "sharper",
+    "pacbayes_mag_flatness": "sharper",
+    "sharpness_flatness": "sharper",
+    "sharpness_mag_flatness": "sharper",
+    "filter_curvature": "sharper",
+    "adaptive_trace": "sharper",
+    "param_count": "neither",
+    "frobenius_norm_sum": "neither",
+    "frobenius_norm_prod": "neither",
+    "spectral_norm_sum": "neither",
+    "spectral_norm_prod": "neither",
+    "dist_from_init": "neither",
+}
+
+# cheap settings for every metric of this module's registry lines
+CHEAP = {
+    "keskar_sharpness": {"max_iter": 3},
+    "sharpness_worst": {"steps": 3, "m": None},
+    "adaptive_sharpness_worst": {"steps": 3, "m": 32},
+    "sharpness_avg": {"n_samples": 4},
+    "adaptive_sharpness_avg": {"n_samples": 4},
+    "pacbayes_flatness": {"n_steps": 4, "n_samples": 2},
+    "pacbayes_mag_flatness": {"n_steps": 4, "n_samples": 2},
+    "sharpness_flatness": {"n_steps": 3, "steps": 2, "restarts": 1},
+    "sharpness_mag_flatness": {"n_steps": 3, "steps": 2, "restarts": 1},
+    "filter_curvature": {"n_directions": 2},
+    "adaptive_trace": {"max_hvp": 16, "rtol": 1.0},
+    "param_count": {},
+    "frobenius_norm_sum": {},
+    "frobenius_norm_prod": {},
+    "spectral_norm_sum": {},
+    "spectral_norm_prod": {},
+    "dist_from_init": {},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture()
+def setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)).to(F64)
+    init = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    X = torch.randn(64, 5, dtype=F64)
+    y = X[:, :3].argmax(1)
+    return model, (X, y), init
+
+
+def test_registry_names_and_orientations():
+    for name, orientation in REQUIRED.items():
+        assert name in METRICS, name
+        assert METRICS[name].larger_is == orientation, name
+        assert METRICS[name].name == name and METRICS[name].description
+
+
+def test_measure_returns_values_and_seconds_and_leaves_model_unchanged(setup):
+    model, data, init = setup
+    model.train()
+    model[2].eval()  # a mixed-mode model must come back mixed
+    model[0].bias.requires_grad_(False)
+    model[3].weight.grad = torch.ones_like(model[3].weight)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    artifacts: dict = {}
+    out = measure(model, nn.CrossEntropyLoss(), data, list(CHEAP), options=CHEAP, init_state=init, artifacts=artifacts)
+    for name in CHEAP:
+        assert isinstance(out[name], float), name
+        assert out[f"{name}_seconds"] >= 0, name
+    assert set(out) == set(CHEAP) | {f"{n}_seconds" for n in CHEAP}
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert [m.training for m in model.modules()] == flags
+    assert not model[0].bias.requires_grad and model[0].weight.requires_grad
+    assert torch.equal(model[3].weight.grad, torch.ones_like(model[3].weight))
+    assert model[0].weight.grad is None
+    assert isinstance(artifacts["adaptive_sharpness_worst"], sharpness.SharpnessResult)
+    assert isinstance(artifacts["pacbayes_mag_flatness"], sharpness.FlatnessResult)
+
+
+def test_measure_values_equal_direct_calls(setup):
+    model, data, init = setup
+    loss = nn.CrossEntropyLoss()
+    out = measure(
+        model, loss, data,
+        ["adaptive_sharpness_avg", "sharpness_worst", "filter_curvature", "param_count", "spectral_norm_prod", "dist_from_init"],
+        seed=5, init_state=init,
+        options={"adaptive_sharpness_avg": {"n_samples": 6, "m": 16}, "sharpness_worst": {"steps": 4}},
+    )
+    assert out["adaptive_sharpness_avg"] == sharpness.average_sharpness(model, loss, data, n_samples=6, m=16, seed=5).value
+    assert out["sharpness_worst"] == sharpness.worst_case_sharpness(model, loss, data, adaptive=False, steps=4, seed=5).value
+    assert out["filter_curvature"] == pytest.approx(sharpness.filter_curvature(model, loss, data, seed=5).value, rel=1e-12)
+    assert out["param_count"] == sum(p.numel() for p in model.parameters())
+    assert out["spectral_norm_prod"] == pytest.approx(norms.weight_norms(model).spectral_prod)
+    assert out["dist_from_init"] == pytest.approx(norms.distance_from_init(model, init))
+
+
+def test_options_params_and_dtype_build_a_separate_loss(setup):
+    model, data, _ = setup
+    loss = nn.CrossEntropyLoss()
+    only_last = ["3.weight", "3.bias"]
+    out = measure(model, loss, data, ["sharpness_avg"], options={"sharpness_avg": {"params": only_last, "n_samples": 4}})
+    direct = sharpness.average_sharpness(model, loss, data, adaptive=False, params=only_last, n_samples=4)
+    assert out["sharpness_avg"] == direct.value
+    everything = measure(model, loss, data, ["sharpness_avg"], options={"sharpness_avg": {"n_samples": 4}})
+    assert everything["sharpness_avg"] != out["sharpness_avg"]
+
+
+def test_unknown_metric_lists_the_known_ones(setup):
+    model, data, _ = setup
+    with pytest.raises(KeyError, match="adaptive_sharpness_worst") as info:
+        measure(model, nn.CrossEntropyLoss(), data, ["adaptive_sharpnes_worst"])
+    assert "unknown ['adaptive_sharpnes_worst']" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "metrics, options, init, error, match",
+    [
+        (["sharpness_avg"], {"sharpness_avg": {"n_sample": 3}}, None, TypeError, "n_samples"),
+        (["sharpness_avg"], {"sharpness_avg": 3}, None, TypeError, "dict of keyword"),
+        (["sharpness_avg"], {"sharpness_worst": {}}, None, KeyError, "not in metrics"),
+        (["sharpness_avg"], {"sharpness_avg": {"adaptive": True}}, None, ValueError, "fixed"),
+        (["param_count", "param_count"], None, None, ValueError, "more than once"),
+        (["param_count", "dist_from_init"], None, None, ValueError, "init_state"),
+    ],
+)
+def test_bad_requests_raise_clear_errors(setup, metrics, options, init, error, match):
+    model, data, _ = setup
+    with pytest.raises(error, match=match):
+        measure(model, nn.CrossEntropyLoss(), data, metrics, options=options, init_state=init)
+
+
+def test_register_metric_adds_one_name(setup):
+    model, data, _ = setup
+
+    def train_loss(ctx: MeasureContext) -> float:
+        return ctx.model_loss.loss()
+
+    metric = Metric("test_train_loss", "neither", train_loss, "data-set loss")
+    register_metric(metric)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_metric(metric)
+        out = measure(model, nn.CrossEntropyLoss(), data, ["test_train_loss"])
+        with torch.no_grad():
+            model.eval()
+            assert out["test_train_loss"] == pytest.approx(float(nn.functional.cross_entropy(model(data[0]), data[1])))
+    finally:
+        METRICS.pop("test_train_loss")
+
+
+def test_context_shares_one_model_loss(setup):
+    model, data, _ = setup
+    ctx = MeasureContext(model, nn.CrossEntropyLoss(), data)
+    assert ctx.model_loss is ctx.hessian

@@ -475,6 +475,7 @@ def conditional_mutual_information(
 
 def sign_error_environments(
     prepared: PreparedSweep, measure: str, *, n_test: int | None = None, min_weight: float = 0.5,
+    weighted: bool = True,
 ) -> pd.DataFrame:
     """Robust sign-error of one measure per environment (Dziugaite et al. 2020).
 
@@ -482,7 +483,7 @@ def sign_error_environments(
     pair of runs (one from each configuration, so seeds are kept apart) contributes the error
     (1 - sign(d mu) sign(d g)) / 2, weighted by :func:`hoeffding_weight` of the raw target
     difference with n = the smaller test-set size of the two runs (column ``n_test``, else the
-    argument ``n_test``; with neither, every pair has weight 1). Pairs with weight <= min_weight
+    argument ``n_test``; with neither, or ``weighted=False``, every pair has weight 1). Pairs with weight <= min_weight
     are dropped (their gap ordering is more likely noise than not). The environment's error is
     the weighted mean; NaN when no pair is left. Returns columns ``hyperparameter``, ``model_a``,
     ``model_b``, ``error``, ``weight`` (sum of the pair weights), ``pairs``.
@@ -492,6 +493,8 @@ def sign_error_environments(
     n_all = runs["n_test"].to_numpy(float)
     if n_test is not None:
         n_all = np.where(np.isfinite(n_all), n_all, n_test)
+    if not weighted:
+        n_all = np.full_like(n_all, np.nan)
     bounds = np.searchsorted(runs["_model"].to_numpy(), np.arange(len(prepared.models) + 1))
     rows = []
     for k in prepared.hyperparameters:
@@ -586,12 +589,15 @@ def correlations(
         )
         warnings.warn(grid_note, stacklevel=2)
 
+    # The Hoeffding weight assumes the target is an error rate (a fraction): not for losses.
+    is_rate = bool(sweep.runs["_target_raw"].abs().max() <= 1.0)
+    has_n = bool(sweep.runs["n_test"].notna().any() or n_test)
     rng = np.random.default_rng(seed)
     rows = {}
     for m in sweep.measures:
         rows[m] = _measure_row(sweep, m, grid_ok=not grid_note, n_boot=n_boot, rng=rng, confidence=confidence,
                                max_conditioning=max_conditioning, n_test=n_test, min_weight=min_weight,
-                               grid_note=grid_note)
+                               grid_note=grid_note, weighted=is_rate)
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "measure"
     table.attrs.update({
@@ -611,7 +617,8 @@ def correlations(
         "n_boot": n_boot,
         "confidence": confidence,
         "sign_error_weighting": (
-            "Hoeffding weight from n_test" if sweep.runs["n_test"].notna().any() or n_test else
+            "Hoeffding weight from n_test" if has_n and is_rate else
+            f"none: {target} is not a fraction in [-1, 1], every pair has weight 1" if has_n else
             "none: no n_test column or argument, every pair has weight 1"
         ),
     })
@@ -620,7 +627,7 @@ def correlations(
 
 def _measure_row(
     sweep: PreparedSweep, m: str, *, grid_ok: bool, n_boot: int, rng: np.random.Generator, confidence: float,
-    max_conditioning: int, n_test: int | None, min_weight: float, grid_note: str,
+    max_conditioning: int, n_test: int | None, min_weight: float, grid_note: str, weighted: bool,
 ) -> dict[str, Any]:
     models = sweep.models
     have = models[m].notna().to_numpy()
@@ -659,7 +666,7 @@ def _measure_row(
     row["cmi"] = cmi
     row["cmi_given"] = "{" + ", ".join(given) + "}" if not math.isnan(cmi) else ""
 
-    env = sign_error_environments(sweep, m, n_test=n_test, min_weight=min_weight)
+    env = sign_error_environments(sweep, m, n_test=n_test, min_weight=min_weight, weighted=weighted)
     errors = env["error"].dropna()
     row["sign_error_mean"] = float(errors.mean()) if len(errors) else math.nan
     row["sign_error_max"] = float(errors.max()) if len(errors) else math.nan

@@ -150,6 +150,11 @@ def test_robust_sign_error_on_a_crafted_environment():
     assert row["sign_error_max[train.lr]"] == pytest.approx(expected)
     assert row["n_environments"] == 1
     assert hoeffding_weight(np.array([0.07]), np.array([1000]))[0] == pytest.approx(w(0.07))
+    # a target that is not an error rate (a loss): no Hoeffding weights, all 4 pairs count, 2 wrong
+    df["test_loss"] = 10 * df["gen_gap"]
+    table = correlations(df.drop(columns="gen_gap"), target="test_loss", n_boot=0)
+    assert table.loc["hessian_top_eig", "sign_error_max"] == pytest.approx(0.5)
+    assert table.attrs["sign_error_weighting"].startswith("none: test_loss is not a fraction")
 
 
 def test_sign_error_max_is_taken_over_environments_per_hyperparameter():

@@ -126,9 +126,10 @@ def spectral_density(
     generator = torch.Generator().manual_seed(seed)
     nodes = np.full((num_runs, steps), np.nan)
     weights = np.zeros((num_runs, steps))
+    starts = random_block(op.dim, num_runs, generator, rademacher=True, like=op)  # same for any chunking
     for first in range(0, num_runs, chunk):
         count = min(chunk, num_runs - first)
-        run = Lanczos(op, random_block(op.dim, count, generator, rademacher=True, like=op), steps)
+        run = Lanczos(op, starts[:, first : first + count], steps)
         for _ in run:
             pass
         for r in range(count):

@@ -104,19 +104,20 @@ def _panel_grid(n: int, width: float = 4.2, height: float = 3.4) -> tuple[Figure
 
 
 def psi_heatmap(table: pd.DataFrame) -> Figure:
-    """Heatmap of ``psi[k]`` (rows: measures, columns: hyperparameters), colours in [-1, 1]."""
-    hps = [c[4:-1] for c in table.columns if c.startswith("psi[")]
-    values = table[[f"psi[{k}]" for k in hps]].to_numpy(float) if hps else np.full((len(table), 1), np.nan)
-    hps = hps or ["(no hyperparameter varies)"]
-    fig = Figure(figsize=(1.6 + 1.3 * len(hps), 1.2 + 0.5 * len(table)), layout="constrained")
+    """Heatmap of ``psi[k]`` (rows: measures, columns: hyperparameters, then Psi), colours in [-1, 1]."""
+    columns = [c for c in table.columns if c.startswith("psi[")] + ["Psi"]
+    values = table[columns].to_numpy(float)
+    labels = [c[4:-1] if c.startswith("psi[") else "Psi (mean)" for c in columns]
+    fig = Figure(figsize=(3.5 + 1.4 * len(columns), 1.6 + 0.45 * len(table)), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(values), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(hps)), hps, rotation=30, ha="right")
+    ax.set_xticks(range(len(columns)), labels, rotation=30, ha="right")
     ax.set_yticks(range(len(table)), list(table.index))
     for (i, j), v in np.ndenumerate(values):
-        ax.text(j, i, "n/a" if np.isnan(v) else f"{v:+.2f}", ha="center", va="center", fontsize=9)
-    fig.colorbar(image, ax=ax, label="psi (granulated Kendall tau)")
-    ax.set_title("psi: +1 = sharper => larger gap, within each hyperparameter")
+        colour = "white" if abs(v) > 0.6 else "black"  # NaN compares False: black
+        ax.text(j, i, "n/a" if np.isnan(v) else f"{v:+.2f}", ha="center", va="center", fontsize=9, color=colour)
+    fig.colorbar(image, ax=ax, label="psi")
+    ax.set_title("granulated Kendall psi (+1: sharper => larger gap)", fontsize=10)
     return fig
 
 
@@ -208,11 +209,11 @@ def summary_lines(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _fmt(value: Any, ci: tuple[Any, Any] | None = None) -> str:
+def _fmt(value: Any, ci: tuple[Any, Any] | None = None, signed: bool = True) -> str:
     if isinstance(value, (float, np.floating)):
         if not math.isfinite(value):
             return "-"
-        text = f"{value:+.3f}"
+        text = f"{value:+.3f}" if signed else f"{value:.3f}"
         if ci is not None and all(isinstance(c, (float, np.floating)) and math.isfinite(c) for c in ci):
             text += f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
         return text
@@ -222,19 +223,21 @@ def _fmt(value: Any, ci: tuple[Any, Any] | None = None) -> str:
 def print_table(table: pd.DataFrame, console: Any = None, title: str | None = None) -> None:
     """Print the correlations table with rich: one row per measure, then the summary lines."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
     psi_cols = [c for c in table.columns if c.startswith("psi[")]
     rich_table = Table(title=title or f"How well each measure predicts {table.attrs.get('target', 'the target')}")
     for name in ["measure", "larger is", "n", "tau [CI]", "spearman", *psi_cols, "Psi [CI]", "CMI", "sign-err max"]:
-        rich_table.add_column(name, justify="left" if name in ("measure", "larger is") else "right", no_wrap=name == "measure")
+        rich_table.add_column(escape(name), justify="left" if name in ("measure", "larger is") else "right", no_wrap=name == "measure")
     for measure, row in table.iterrows():
         rich_table.add_row(
-            str(measure), str(row["orientation"]), str(row["n"]),
+            escape(str(measure)), str(row["orientation"]), str(row["n"]),
             _fmt(row["tau"], (row["tau_ci_low"], row["tau_ci_high"])), _fmt(row["spearman"]),
             *[_fmt(row[c]) for c in psi_cols],
-            _fmt(row["Psi"], (row["Psi_ci_low"], row["Psi_ci_high"])), _fmt(row["cmi"]), _fmt(row["sign_error_max"]),
+            _fmt(row["Psi"], (row["Psi_ci_low"], row["Psi_ci_high"])), _fmt(row["cmi"], signed=False),
+            _fmt(row["sign_error_max"], signed=False),
         )
     console.print(rich_table)
     for line in summary_lines(table):

@@ -80,6 +80,7 @@ def test_incomplete_grid_and_exclusions_are_impossible_to_miss(tmp_path):
     print_table(report.table, console=console)
     text = console.file.getvalue()
     assert "INCOMPLETE GRID" in text and "excluded: 2 diverged" in text and "hessian_top_eig" in text
+    assert "psi[train.lr]" in text and "psi[train.optimizer]" in text  # not eaten as rich markup
     assert "larger = worse generalization" in text
 
 

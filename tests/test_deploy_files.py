@@ -36,6 +36,8 @@ OPTUNA_VERSION = importlib.metadata.version("optuna")
 SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET", re.IGNORECASE)
 # scheme://user:password@host: a credential written into a URL.
 URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]+:[^@\s/]+@", re.IGNORECASE)
+# SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not a dependency.
+PG_URL = "postgresql+psycopg2://"
 ENV_REFERENCE = re.compile(r"^\$\{(\w+)(:?[?-][^}]*)?\}$")
 
 
@@ -100,7 +102,7 @@ def assert_mlflow_server(argv: list[str], expected_hosts: list[str]) -> None:
     assert argv[:2] == ["mlflow", "server"], argv
     opts = flags(argv[2:])
     backend = opts["backend-store-uri"]
-    assert backend.startswith("postgresql://"), backend
+    assert backend.startswith(PG_URL), backend
     assert not URL_WITH_PASSWORD.search(backend), "the store URI must not hold the password"
     assert opts.get("artifacts-destination"), "artifacts need a destination (bucket or volume)"
     assert "no-serve-artifacts" not in opts, "clients must reach artifacts through the server"
@@ -214,6 +216,7 @@ def test_cluster_yaml_environment_comes_from_a_secret_not_the_file(prepared_clus
     # The documented keys: the service reads these two from the environment.
     for key in ("MLFLOW_TRACKING_URI", "SWEEPS_STORAGE", "RAY_AUTH_TOKEN", "PGPASSWORD"):
         assert key in text
+    assert "postgresql://" not in text.replace(PG_URL, ""), f"database URLs must start with {PG_URL}"
 
 
 # --------------------------------------------------------------------------- container image
@@ -285,7 +288,7 @@ def test_ray_clusters_have_token_auth_and_the_sweep_environment():
             assert re.fullmatch(rf"\S+/landscape-sweeps:{PACKAGE_VERSION}-(cpu|cu\d+)", image), image
             env = env_of(container)
             assert env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow:5000"
-            assert env["SWEEPS_STORAGE"]["value"].startswith("postgresql://")
+            assert env["SWEEPS_STORAGE"]["value"].startswith(PG_URL)
             assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PGPASSWORD"} <= set(env)
             limits = container.get("resources", {}).get("limits", {})
             if "nvidia.com/gpu" in limits:
@@ -355,7 +358,9 @@ def test_kubernetes_secrets_only_by_reference_and_all_defined():
                         f"{path.name}: {name} refers to {ref}, not in secrets.example.yaml"
                     )
     for path in [*K8S.glob("*.yaml"), DEPLOY / "docker-compose.yaml", DEPLOY / "mlflow" / "basic_auth.ini"]:
-        assert not URL_WITH_PASSWORD.search(path.read_text()), f"{path}: password in a URL"
+        text = path.read_text()
+        assert not URL_WITH_PASSWORD.search(text), f"{path}: password in a URL"
+        assert "postgresql://" not in text.replace(PG_URL, ""), f"{path}: database URLs must start with {PG_URL}"
 
 
 def test_mlflow_auth_config_holds_no_secret():
@@ -363,7 +368,7 @@ def test_mlflow_auth_config_holds_no_secret():
     parser.read(DEPLOY / "mlflow" / "basic_auth.ini")
     section = parser["mlflow"]
     assert "admin_password" not in section
-    assert section["database_uri"].startswith("postgresql://")
+    assert section["database_uri"].startswith(PG_URL)
     assert section["default_permission"] in {"READ", "EDIT", "MANAGE", "NO_PERMISSIONS"}
 
 
@@ -415,7 +420,7 @@ def test_compose_services_and_commands(compose):
         env = services[name]["environment"]
         assert env["RAY_AUTH_MODE"] == "token"
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-        assert env["SWEEPS_STORAGE"].startswith("postgresql://optuna@postgres:5432/")
+        assert env["SWEEPS_STORAGE"].startswith(f"{PG_URL}optuna@postgres:5432/")
     init = services["postgres"]["volumes"][1].split(":")[0]
     assert (DEPLOY / init).is_file()
     for service in services.values():

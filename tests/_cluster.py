@@ -1,0 +1,292 @@
+"""Test harness for the multi-node tests: real processes on loopback, started and stopped by id.
+
+* :class:`Postgres`: fresh databases ``sweeps_test_<random>`` on the local PostgreSQL (trust
+  auth), dropped afterwards.
+* :class:`RayNodes`: a head and worker nodes as separate ``ray start --block`` processes, each
+  with its own temp dir and ports, token auth on. A node is its ``ray start`` process group (Ray
+  makes that process a group leader for its raylet, GCS, agents and workers), so killing a node
+  kills exactly that group: never ``ray stop``, which would hit every Ray process on the machine.
+* :class:`MlflowServer`: ``mlflow server`` with a PostgreSQL backend store and proxied artifacts
+  in a local directory.
+
+Every subprocess gets an explicit environment (:meth:`RayNodes.env`): no RAY_ADDRESS, MLflow or
+sweeps settings leak in from the developer's shell, and nothing reads ``~/.ray/auth_token``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+PG_HOST, PG_PORT, PG_USER, PG_ADMIN_DB = "127.0.0.1", 5432, "postgres", "test"
+# Environment variables of the developer's shell that would redirect the processes under test.
+_LEAKY_PREFIXES = ("RAY_", "MLFLOW_", "SWEEPS_", "OPTUNA_")
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, *, timeout: float, interval: float = 0.5, what: str) -> None:
+    """Poll ``predicate()`` until it is true; ``TimeoutError`` naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LEAKY_PREFIXES)}
+    env.update(PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+@dataclass
+class Process:
+    """A started process group and the file holding its output."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self, tail: int = 4000) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return text[-tail:]
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group this harness started (by its id)."""
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.alive:
+            self.kill(signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill(signal.SIGKILL)  # leftovers of the group (workers, agents)
+        if self.popen.poll() is None:
+            self.popen.wait(10)
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> Process:
+    log = log_dir / f"{name}.log"
+    with open(log, "wb") as out:
+        popen = subprocess.Popen(
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    return Process(name, popen, log)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+class Postgres:
+    """Fresh databases on the local PostgreSQL (trust auth). :meth:`create` returns a URL."""
+
+    def __init__(self) -> None:
+        self.created: list[str] = []
+
+    @staticmethod
+    def _connect(dbname: str = PG_ADMIN_DB):
+        import psycopg2
+
+        connection = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=dbname, connect_timeout=5)
+        connection.autocommit = True
+        return connection
+
+    @classmethod
+    def require(cls) -> None:
+        """Skip (outside CI) or fail (in CI) when PostgreSQL is not reachable."""
+        try:
+            cls._connect().close()
+        except Exception as err:  # psycopg2.OperationalError, or psycopg2 missing
+            message = f"PostgreSQL on {PG_HOST}:{PG_PORT} (user {PG_USER}, database {PG_ADMIN_DB}) is unreachable: {err}"
+            if os.environ.get("CI"):
+                pytest.fail(message + " -- CI must provide it (.ci/run starts it)", pytrace=False)
+            pytest.skip(message + " (start it, e.g. `pg_ctlcluster 15 main start`)")
+
+    def create(self, purpose: str) -> str:
+        name = f"sweeps_test_{purpose}_{secrets.token_hex(4)}"
+        with closing(self._connect()) as connection, connection.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+        self.created.append(name)
+        # The driver named: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3 (not installed).
+        return f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+
+    def drop_all(self) -> None:
+        with closing(self._connect()) as connection, connection.cursor() as cursor:
+            for name in self.created:
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        self.created.clear()
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+@dataclass
+class RayNodes:
+    """A Ray cluster of separate ``ray start`` processes on 127.0.0.1, token auth on.
+
+    Args:
+        root: short directory for the nodes' temp dirs and logs (Unix socket paths must stay
+            under ~100 characters, so not pytest's deep tmp_path).
+        object_store_mb: object store per node.
+    """
+
+    root: Path
+    object_store_mb: int = 100
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
+    head: Process | None = None
+    workers: list[Process] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for any process that talks to this cluster (nodes, drivers, probes)."""
+        settings = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0"}
+        return clean_env(**(settings | extra))
+
+    def _start(self, name: str, role_args: list[str], num_cpus: int) -> Process:
+        temp_dir = self.root / name
+        temp_dir.mkdir(parents=True)
+        ports = {
+            "--node-manager-port": free_port(),
+            "--object-manager-port": free_port(),
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+            "--metrics-export-port": free_port(),
+        }
+        argv = [
+            sys.executable, "-m", "ray.scripts.scripts", "start", *role_args,
+            "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
+            f"--object-store-memory={self.object_store_mb * 2**20}",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block",
+            *(f"{flag}={port}" for flag, port in ports.items()),
+        ]
+        process = spawn(name, argv, self.env(), self.root)
+        try:
+            wait_for(
+                lambda: "Ray runtime started" in process.output(20000) or not process.alive,
+                timeout=120, what=f"ray node {name}",
+            )
+        except TimeoutError:
+            process.stop()
+            raise
+        if not process.alive:
+            raise RuntimeError(f"ray start ({name}) exited:\n{process.output()}")
+        return process
+
+    def start_head(self, num_cpus: int = 0) -> Process:
+        role = [
+            "--head", f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
+        ]
+        self.head = self._start("head", role, num_cpus)
+        return self.head
+
+    def add_worker(self, num_cpus: int = 1) -> Process:
+        worker = self._start(f"worker{len(self.workers) + 1}", [f"--address={self.address}"], num_cpus)
+        self.workers.append(worker)
+        return worker
+
+    def kill_node(self, node: Process) -> None:
+        """SIGKILL the node's whole process group (raylet, agents, its Ray workers)."""
+        node.kill(signal.SIGKILL)
+        node.popen.wait(30)
+
+    def shutdown(self) -> None:
+        for node in [*self.workers, *([self.head] if self.head else [])]:
+            node.stop()
+
+    def python(self, code: str, timeout: float = 120) -> str:
+        """Run ``code`` in a fresh Python connected to nothing yet (it calls ray.init itself)."""
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=self.env(RAY_ADDRESS=self.address),
+            capture_output=True, text=True, timeout=timeout,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"probe failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+        return done.stdout
+
+
+def make_ray_root() -> Path:
+    return Path(tempfile.mkdtemp(prefix="lsr", dir="/tmp"))
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+@dataclass
+class MlflowServer:
+    """``mlflow server`` on a free loopback port, PostgreSQL backend, artifacts proxied to a directory."""
+
+    backend_uri: str
+    artifacts_dir: Path
+    log_dir: Path
+    port: int = field(default_factory=free_port)
+    process: Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 120) -> MlflowServer:
+        argv = [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", self.backend_uri,
+            "--artifacts-destination", str(self.artifacts_dir),
+            "--serve-artifacts", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+        ]
+        self.process = spawn(f"mlflow-{self.port}", argv, clean_env(), self.log_dir)
+        try:
+            wait_for(lambda: self.healthy() or not self.process.alive, timeout=timeout, what="mlflow server")
+        except TimeoutError:
+            self.stop()
+            raise
+        if not self.process.alive:
+            raise RuntimeError(f"mlflow server exited:\n{self.process.output()}")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()

@@ -16,7 +16,9 @@ Add your own with :func:`register_metric`::
 from __future__ import annotations
 
 import inspect
+import sys
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -98,7 +100,8 @@ class Metric:
 def _top_eig(ctx: MeasureContext, **options: Any) -> float:
     from .eigen import hessian_eigenvalues
 
-    result = hessian_eigenvalues(ctx.model, ctx.loss_fn, ctx.data, k=1, operator=ctx.hessian, seed=ctx.seed, **options)
+    options = {"seed": ctx.seed, **options}
+    result = hessian_eigenvalues(ctx.model, ctx.loss_fn, ctx.data, k=1, operator=ctx.hessian, **options)
     ctx.artifacts["hessian_top_eig"] = result
     return float(result.values[0])
 
@@ -106,9 +109,8 @@ def _top_eig(ctx: MeasureContext, **options: Any) -> float:
 def _min_eig(ctx: MeasureContext, **options: Any) -> float:
     from .eigen import hessian_eigenvalues
 
-    result = hessian_eigenvalues(
-        ctx.model, ctx.loss_fn, ctx.data, k=1, which="smallest", operator=ctx.hessian, seed=ctx.seed, **options
-    )
+    options = {"seed": ctx.seed, **options}
+    result = hessian_eigenvalues(ctx.model, ctx.loss_fn, ctx.data, k=1, which="smallest", operator=ctx.hessian, **options)
     ctx.artifacts["hessian_min_eig"] = result
     return float(result.values[0])
 
@@ -116,7 +118,8 @@ def _min_eig(ctx: MeasureContext, **options: Any) -> float:
 def _trace(ctx: MeasureContext, **options: Any) -> float:
     from .trace import hessian_trace
 
-    result = hessian_trace(ctx.model, ctx.loss_fn, ctx.data, operator=ctx.hessian, seed=ctx.seed, **options)
+    options = {"seed": ctx.seed, **options}
+    result = hessian_trace(ctx.model, ctx.loss_fn, ctx.data, operator=ctx.hessian, **options)
     ctx.artifacts["hessian_trace"] = result
     return float(result.value)
 
@@ -124,7 +127,8 @@ def _trace(ctx: MeasureContext, **options: Any) -> float:
 def _spectrum(ctx: MeasureContext, **options: Any) -> dict[str, float]:
     from .spectrum import hessian_spectrum
 
-    result = hessian_spectrum(ctx.model, ctx.loss_fn, ctx.data, operator=ctx.hessian, seed=ctx.seed, **options)
+    options = {"seed": ctx.seed, **options}
+    result = hessian_spectrum(ctx.model, ctx.loss_fn, ctx.data, operator=ctx.hessian, **options)
     ctx.artifacts["hessian_spectrum"] = result
     return {"hessian_spectrum_trace": float(result.trace_estimate)}
 
@@ -272,6 +276,10 @@ def _check_metrics(metrics: Iterable[str]) -> list[str]:
     return metrics
 
 
+# arguments a metric function gets from the MeasureContext, never from options
+_CONTEXT_ARGUMENTS = {"model", "loss_fn", "data", "init_state", "operator", "model_loss"}
+
+
 def _check_options(options: Mapping[str, Mapping[str, Any]] | None, metrics: list[str]) -> dict[str, dict[str, Any]]:
     """``options`` as ``{metric: {keyword: value}}``, checked against the metrics' signatures."""
     options = dict(options or {})
@@ -285,9 +293,25 @@ def _check_options(options: Mapping[str, Mapping[str, Any]] | None, metrics: lis
         if target is None:
             continue
         accepted = {
-            p.name for p in inspect.signature(target).parameters.values() if p.kind is p.KEYWORD_ONLY
-        } - {"operator", "model_loss"}
+            p.name for p in inspect.signature(target).parameters.values()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        } - _CONTEXT_ARGUMENTS
         bad = sorted(set(opts) - accepted)
         if bad:
             raise TypeError(f"options[{name!r}]: unknown option(s) {bad}; accepted: {sorted(accepted)}")
     return {name: dict(opts) for name, opts in options.items()}
+
+
+class _CallableModule(types.ModuleType):
+    """Calling the module calls :func:`measure`.
+
+    Importing ``landscape.measure`` binds this module to the package attribute ``measure``,
+    shadowing the function of the same name; this keeps ``landscape.measure(model, ...)`` working
+    either way.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        return measure(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -27,7 +27,7 @@ generator, so the same seed gives the same draws on every device).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -213,9 +213,11 @@ def _cat_inputs(parts: Sequence[Any]) -> Any:
     return torch.cat(list(parts))
 
 
-def _example_groups(ml: ModelLoss, m: int | None, n_examples: int | None) -> list[list[Batch]]:
+def _example_groups(ml: ModelLoss, m: int | None, n_examples: int | None) -> list[Iterable[Batch]]:
     """The first ``n_examples`` examples of the data (all if ``None``), as groups that share one
     perturbation: batches of ``m`` examples, or (``m=None``) one group of the original batches."""
+    if m is None and n_examples is None:
+        return [ml.batches]  # streamed: a DataLoader is not pulled into memory
     batches, count = [], 0
     for inputs, targets in ml.batches:
         if n_examples is not None and count >= n_examples:
@@ -230,7 +232,7 @@ def _example_groups(ml: ModelLoss, m: int | None, n_examples: int | None) -> lis
     return [[(_slice_inputs(inputs, slice(i, i + m)), targets[i : i + m])] for i in range(0, count, m)]
 
 
-def _group_size(group: Sequence[Batch]) -> int:
+def _group_size(group: Iterable[Batch]) -> int:
     return sum(len(t) for _, t in group)
 
 
@@ -246,7 +248,7 @@ def normalize_logits(loss_fn: LossFn) -> LossFn:
 
 
 @torch.no_grad()
-def _loss(ml: ModelLoss, loss_fn: LossFn, group: Sequence[Batch], flat: Tensor) -> float:
+def _loss(ml: ModelLoss, loss_fn: LossFn, group: Iterable[Batch], flat: Tensor) -> float:
     """Mean loss of a group of batches at flat parameters ``flat`` (sample-weighted)."""
     p = ml.unflatten(flat)
     total = sum(len(y) * loss_fn(ml.forward(p, x), y) for x, y in group)
@@ -254,7 +256,7 @@ def _loss(ml: ModelLoss, loss_fn: LossFn, group: Sequence[Batch], flat: Tensor) 
 
 
 def _loss_and_grad(
-    ml: ModelLoss, loss_fn: LossFn, group: Sequence[Batch], to_flat: Callable[[Tensor], Tensor], z: Tensor
+    ml: ModelLoss, loss_fn: LossFn, group: Iterable[Batch], to_flat: Callable[[Tensor], Tensor], z: Tensor
 ) -> tuple[float, Tensor]:
     """Mean loss over ``group`` at ``to_flat(z)`` and its gradient w.r.t. ``z``, batch by batch
     (one graph alive at a time)."""
@@ -469,7 +471,7 @@ def _sharpness_setup(
     model: nn.Module, loss_fn: LossFn, data: Any, *, rho: float, adaptive: bool, m: int | None,
     n_examples: int | None, logit_normalization: bool, params: ParamSelector,
     dtype: torch.dtype | None, model_loss: ModelLoss | None,
-) -> tuple[ModelLoss, LossFn, Tensor, Tensor, list[list[Batch]]]:
+) -> tuple[ModelLoss, LossFn, Tensor, Tensor, list[Iterable[Batch]]]:
     _check_positive("rho", rho)
     _check_count("m", m, allow_none=True)
     _check_count("n_examples", n_examples, allow_none=True)
@@ -542,7 +544,7 @@ def worst_case_sharpness(
         for group in groups:
             base = _loss(ml, fn, group, theta)
 
-            def objective(z: Tensor, group: list[Batch] = group) -> tuple[float, Tensor]:
+            def objective(z: Tensor, group: Iterable[Batch] = group) -> tuple[float, Tensor]:
                 return _loss_and_grad(ml, fn, group, lambda zz: theta + scale * zz, z)
 
             runs = _restarted_ascent(

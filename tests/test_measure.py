@@ -185,3 +185,20 @@ def test_context_shares_one_model_loss(setup):
     model, data, _ = setup
     ctx = MeasureContext(model, nn.CrossEntropyLoss(), data)
     assert ctx.model_loss is ctx.hessian
+
+
+def test_package_attribute_is_callable_and_curvature_metrics_share_the_operator(setup):
+    import landscape
+
+    model, data, _ = setup
+    artifacts: dict = {}
+    out = landscape.measure(
+        model, nn.CrossEntropyLoss(), data, ["hessian_top_eig", "hessian_trace", "adaptive_trace"],
+        options={"hessian_trace": {"seed": 3}}, artifacts=artifacts,
+    )
+    from landscape.hvp import HessianOperator
+
+    dense = HessianOperator(model, nn.CrossEntropyLoss(), data).dense()
+    assert out["hessian_top_eig"] == pytest.approx(float(torch.linalg.eigvalsh(dense)[-1]), rel=1e-6)
+    assert abs(out["hessian_trace"] - float(dense.trace())) <= 4 * artifacts["hessian_trace"].std_err + 1e-9
+    assert out["adaptive_trace"] == artifacts["adaptive_trace"].value

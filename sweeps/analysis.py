@@ -43,6 +43,8 @@ OUTCOME_COLUMNS = ("test_acc", "train_acc", "gen_gap", "test_loss", "train_loss"
 #: Bookkeeping columns of the results DataFrame.
 BOOKKEEPING_COLUMNS = ("status", "run_id", "trial_number", "sweep")
 CONVERGED = "converged"
+#: Largest number of models for which tau-b uses dense n x n pair matrices (memory ~ 24 n^2 bytes).
+DENSE_PAIRS_MAX = 2000
 
 CONVENTION = (
     "measures multiplied by sign (+1: larger is sharper, -1: larger is flatter, +1 'neither': as is) "
@@ -99,8 +101,16 @@ def kendall_tau_b(x: np.ndarray, y: np.ndarray, counts: np.ndarray | None = None
     at once: row b holds how often each point occurs in resample b (a bootstrap), and the result
     has shape ``(B,)``; this equals tau-b of the resampled data, since a point paired with its own
     copy is tied in both variables and drops out of numerator and denominator. NaN where the
-    denominator is 0 (a constant variable).
+    denominator is 0 (a constant variable). Above ``DENSE_PAIRS_MAX`` points the O(n^2) pair
+    matrices give way to scipy's O(n log n) algorithm (one call per resample).
     """
+    if len(x) > DENSE_PAIRS_MAX:
+        def scipy_tau(idx: np.ndarray) -> float:
+            return float(stats.kendalltau(np.asarray(x)[idx], np.asarray(y)[idx], variant="b").statistic)
+
+        if counts is None:
+            return scipy_tau(np.arange(len(x)))
+        return np.array([scipy_tau(np.repeat(np.arange(len(x)), c)) for c in np.atleast_2d(counts).astype(int)])
     sx, sy = pair_signs(x), pair_signs(y)
     agree = (sx * sy).astype(float)
     untied_x = (sx != 0).astype(float)

@@ -35,7 +35,7 @@ def grid_frame(values: dict[str, list], gap, measures: dict, seeds=(0,), n_test=
 # --- tau-b and Spearman ------------------------------------------------------------------------
 
 
-def test_tau_b_equals_scipy_with_ties_and_bootstrap_counts_equal_resampled_data():
+def test_tau_b_equals_scipy_with_ties_and_bootstrap_counts_equal_resampled_data(monkeypatch):
     rng = np.random.default_rng(1)
     x = rng.integers(0, 4, size=30).astype(float)  # many ties
     y = x + rng.integers(0, 3, size=30)
@@ -43,6 +43,8 @@ def test_tau_b_equals_scipy_with_ties_and_bootstrap_counts_equal_resampled_data(
     idx = rng.integers(0, 30, size=(5, 30))
     counts = np.stack([np.bincount(i, minlength=30) for i in idx])
     expected = [stats.kendalltau(x[i], y[i], variant="b").statistic for i in idx]
+    np.testing.assert_allclose(kendall_tau_b(x, y, counts), expected, atol=1e-12)
+    monkeypatch.setattr("sweeps.analysis.DENSE_PAIRS_MAX", 10)  # the large-sweep path gives the same
     np.testing.assert_allclose(kendall_tau_b(x, y, counts), expected, atol=1e-12)
 
 

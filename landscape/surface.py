@@ -149,8 +149,7 @@ def loss_at_points(
     if int(chunk_size) != chunk_size or chunk_size < 1:
         raise ValueError(f"chunk_size: must be a positive integer (got {chunk_size!r})")
     chunk = int(chunk_size)
-    D_by_name = model_loss.unflatten(D)  # {name: [k, *shape]}
-    theta = model_loss.theta
+    theta = model_loss.theta_flat()
 
     def point(params: dict[str, Tensor], inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
         out = model_loss.forward(params, inputs)
@@ -162,27 +161,31 @@ def loss_at_points(
     batched = vmap(point, in_dims=(0, None, None))
 
     def parameter_sets(c: Tensor) -> dict[str, Tensor]:
-        """``{name: [G, *shape]}`` = theta + sum_k c[:, k] d_k, one contiguous tensor each."""
-        return {
-            n: theta[n] + (c @ d.reshape(d.shape[0], -1)).reshape(c.shape[0], *theta[n].shape)
-            for n, d in D_by_name.items()
-        }
+        """``{name: [G, *shape]}``: views of one ``[G, P]`` block ``theta + c @ D``."""
+        return model_loss.unflatten(torch.addmm(theta, c, D))
 
-    def per_batch(inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
-        losses, accs = [], []
-        for start in range(0, num, chunk):
-            c = C[start : start + chunk]
-            if chunk == 1:
-                l, a = point({n: p[0] for n, p in parameter_sets(c).items()}, inputs, targets)
-                l, a = l.reshape(1), a.reshape(1)
-            else:
-                l, a = batched(parameter_sets(c), inputs, targets)
-            losses.append(l)
-            accs.append(a)
-        return torch.cat(losses), torch.cat(accs)
+    def evaluate(params: dict[str, Tensor], inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
+        if chunk == 1:
+            l, a = point({n: p[0] for n, p in params.items()}, inputs, targets)
+            return l.reshape(1), a.reshape(1)
+        return batched(params, inputs, targets)
 
+    chunks = [C[start : start + chunk] for start in range(0, num, chunk)]
     with torch.no_grad():
-        loss, acc = model_loss.weighted_sum(per_batch)
+        if model_loss.batches.in_memory:
+            # each chunk's parameter sets are built once and reused for every batch
+            parts = []
+            for c in chunks:
+                params = parameter_sets(c)
+                parts.append(model_loss.weighted_sum(lambda x, y: evaluate(params, x, y)))
+            loss, acc = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        else:
+            # a loader is read once: every chunk is evaluated on each batch as it comes
+            def per_batch(inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
+                parts = [evaluate(parameter_sets(c), inputs, targets) for c in chunks]
+                return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+            loss, acc = model_loss.weighted_sum(per_batch)
     loss = loss.to("cpu", torch.float64).numpy()
     acc = acc.to("cpu", torch.float64).numpy()
     return loss, (None if np.isnan(acc).all() else acc)

@@ -1,0 +1,126 @@
+"""Benchmark: landscape.surface_2d against a naive per-point loop, and against matmul peak.
+
+Usage:
+    python benchmarks/bench_surface.py [--steps 41] [--threads N] [--naive-points-large 48]
+
+Workload: a ``steps x steps`` filter-normalized surface (default 41 x 41 = 1681 points) of the
+cross-entropy over the 4000 MNIST-1D training samples (generated offline), for an MLP
+40-64-64-10 and an MLP 40-512-512-10 (untrained: timing does not depend on the weights).
+
+* ``surface_2d``: this library (functional, vmapped chunks of points, chunk size from the
+  memory budget).
+* ``naive loop``: what a straightforward tool does for every point: deep-copy the model, add
+  ``alpha d1 + beta d2`` to its weights in place, evaluate. For the large model it runs on an
+  evenly spread subset of the points and its time is extrapolated to the full grid (marked
+  ``*``); the loss values of those points are compared with the surface's.
+
+GFLOP/s counts the matmul FLOPs of the forward passes (``torch.utils.flop_counter``), and
+"% peak" divides by the best rate of a 2048 x 2048 float32 matmul timed in the same process
+(before and after, the larger kept). The machine may be shared: rerun for stable figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import landscape
+
+
+def mnist1d_train() -> tuple[torch.Tensor, torch.Tensor]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    d = make_dataset(get_dataset_args())  # generated offline (never get_dataset: it downloads)
+    return torch.as_tensor(d["x"], dtype=torch.float32), torch.as_tensor(d["y"], dtype=torch.long)
+
+
+def mlp(width: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(40, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """Best GFLOP/s of an ``n x n`` float32 matmul."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def flops_per_point(model: nn.Module, x: torch.Tensor) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
+def naive_losses(model, loss_fn, x, y, directions, coords) -> tuple[np.ndarray, float]:
+    """Per point: deep copy, move the weights in place, evaluate. Returns (losses, seconds)."""
+    d1, d2 = directions
+    losses = []
+    start = time.perf_counter()
+    for a, b in coords:
+        moved = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            for name, p in moved.named_parameters():
+                p.add_(a * d1[name] + b * d2[name])
+            losses.append(float(loss_fn(moved(x), y)))
+    return np.array(losses), time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=41, help="grid points per axis (default 41)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--naive-points-large", type=int, default=48, help="naive-loop subset for the large model")
+    parser.add_argument("--naive-points-small", type=int, default=None, help="naive-loop subset for the small model (default: all)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    x, y = mnist1d_train()
+    loss_fn = nn.CrossEntropyLoss()
+    peak = matmul_peak()
+    points = args.steps**2
+    rows = []
+    for width, subset in ((64, args.naive_points_small), (512, args.naive_points_large)):
+        model = mlp(width)
+        flops = flops_per_point(model, x)
+        seconds = _timed(lambda: landscape.surface_2d(model, loss_fn, (x, y), steps=args.steps))
+        surface = landscape.surface_2d(model, loss_fn, (x, y), steps=args.steps)  # for the check
+        coords, values = surface.coords(), surface.loss.reshape(-1)
+        pick = np.arange(points) if not subset or subset >= points else np.linspace(0, points - 1, subset).astype(int)
+        naive, naive_s = naive_losses(model, loss_fn, x, y, surface.directions, coords[pick])
+        naive_full = naive_s * points / len(pick)
+        max_rel = float(np.max(np.abs(naive - values[pick]) / np.abs(naive)))
+        label = f"MLP 40-{width}-{width}-10"
+        for method, secs, note in (
+            ("surface_2d", seconds, ""),
+            ("naive loop", naive_full, "" if len(pick) == points else f"* {len(pick)} pts"),
+        ):
+            rate = flops * points / secs / 1e9
+            rows.append((label, method, secs, 1e3 * secs / points, rate, 100 * rate / peak, naive_full / secs, note))
+        print(f"{label}: {flops / 1e6:.1f} MFLOP/point, max relative difference naive vs surface_2d {max_rel:.1e}")
+    peak = max(peak, matmul_peak())
+    print(f"\nmatmul peak (2048^3 float32, best of 5, before/after): {peak:.1f} GFLOP/s; "
+          f"threads {torch.get_num_threads()}; grid {args.steps}x{args.steps} = {points} points, 4000 samples")
+    print(f"{'model':<22}{'method':<12}{'seconds':>9}{'ms/pt':>9}{'GFLOP/s':>9}{'% peak':>8}{'speedup':>9}  note")
+    for label, method, secs, ms, rate, pct, ratio, note in rows:
+        pct = 100 * rate / peak
+        print(f"{label:<22}{method:<12}{secs:>9.2f}{ms:>9.2f}{rate:>9.1f}{pct:>8.1f}{ratio:>8.1f}x  {note}")
+    print("* naive time extrapolated from the subset of points to the full grid")
+
+
+if __name__ == "__main__":
+    main()

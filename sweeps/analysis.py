@@ -450,6 +450,23 @@ def granulated_kendall(
     return psi, Psi, Psi_boot
 
 
+def _ordered_pair_table(mu: np.ndarray, g: np.ndarray, block: int = 512) -> np.ndarray:
+    """2 x 2 counts of (1[mu_i > mu_j], 1[g_i > g_j]) over ordered pairs i != j, in row blocks
+    so memory stays O(block * n)."""
+    table = np.zeros((2, 2), dtype=np.int64)
+    for start in range(0, len(mu), block):
+        rows = slice(start, start + block)
+        vm = mu[rows, None] > mu[None, :]
+        vg = g[rows, None] > g[None, :]
+        both = vm & vg
+        table[1, 1] += both.sum()
+        table[1, 0] += (vm & ~vg).sum()
+        table[0, 1] += (vg & ~vm).sum()
+        table[0, 0] += (~vm & ~vg).sum()
+    table[0, 0] -= len(mu)  # the diagonal i == j: neither greater
+    return table
+
+
 def conditional_mutual_information(
     mu: np.ndarray, g: np.ndarray, models: pd.DataFrame, hyperparameters: Sequence[str], max_conditioning: int = 2,
 ) -> tuple[float, tuple[str, ...]]:
@@ -469,11 +486,8 @@ def conditional_mutual_information(
             for idx in cells:
                 if len(idx) < 2:
                     continue
-                off = ~np.eye(len(idx), dtype=bool)
-                vm = (mu[idx][:, None] > mu[idx][None, :])[off]
-                vg = (g[idx][:, None] > g[idx][None, :])[off]
-                table = np.array([[np.sum(~vm & ~vg), np.sum(~vm & vg)], [np.sum(vm & ~vg), np.sum(vm & vg)]])
-                pairs = off.sum()
+                table = _ordered_pair_table(mu[idx], g[idx])
+                pairs = table.sum()
                 mi += pairs * mutual_information_bits(table)
                 h += pairs * entropy_bits(table.sum(0) / pairs)
                 total += pairs

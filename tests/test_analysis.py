@@ -12,6 +12,7 @@ from scipy import stats
 
 from sweeps.analysis import (
     IncompleteGridError,
+    _ordered_pair_table,
     conditional_mutual_information,
     correlations,
     hoeffding_weight,
@@ -121,6 +122,8 @@ def test_cmi_hand_value_and_random_measure_is_small():
     g, mu = np.array([1.0, 2.0, 3.0]), np.array([1.0, 3.0, 2.0])
     p = np.array([[2, 1], [1, 2]]) / 6
     mi = sum(p[i, j] * math.log2(p[i, j] / 0.25) for i in range(2) for j in range(2))
+    for block in (1, 2, 512):  # row blocks of the pair table
+        np.testing.assert_array_equal(_ordered_pair_table(mu, g, block=block), [[2, 1], [1, 2]])
     score, given = conditional_mutual_information(mu, g, models, ["h.a"], max_conditioning=0)
     assert score == pytest.approx(mi / 1.0) and given == ()
 

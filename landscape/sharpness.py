@@ -27,6 +27,7 @@ generator, so the same seed gives the same draws on every device).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -190,7 +191,7 @@ def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> Non
 def _check_count(name: str, value: int | None, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if not (isinstance(value, int) and value >= 1):
+    if isinstance(value, bool) or not (isinstance(value, numbers.Integral) and value >= 1):
         extra = " or None" if allow_none else ""
         raise ValueError(f"{name}: must be a positive integer{extra} (got {value!r})")
 
@@ -251,8 +252,11 @@ def normalize_logits(loss_fn: LossFn) -> LossFn:
 def _loss(ml: ModelLoss, loss_fn: LossFn, group: Iterable[Batch], flat: Tensor) -> float:
     """Mean loss of a group of batches at flat parameters ``flat`` (sample-weighted)."""
     p = ml.unflatten(flat)
-    total = sum(len(y) * loss_fn(ml.forward(p, x), y) for x, y in group)
-    return float(total / _group_size(group))
+    total, n = 0.0, 0
+    for x, y in group:
+        total += len(y) * float(loss_fn(ml.forward(p, x), y))
+        n += len(y)
+    return total / n
 
 
 def _loss_and_grad(
@@ -260,15 +264,16 @@ def _loss_and_grad(
 ) -> tuple[float, Tensor]:
     """Mean loss over ``group`` at ``to_flat(z)`` and its gradient w.r.t. ``z``, batch by batch
     (one graph alive at a time)."""
-    value, grad, n = 0.0, torch.zeros_like(z), _group_size(group)
+    value, grad, n = 0.0, torch.zeros_like(z), 0
     for x, y in group:
         leaf = z.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = loss_fn(ml.forward(ml.unflatten(to_flat(leaf)), x), y)
             (g,) = torch.autograd.grad(loss, leaf)
-        value += float(loss.detach()) * len(y) / n
-        grad += g * (len(y) / n)
-    return value, grad
+        value += float(loss.detach()) * len(y)
+        grad += g * len(y)
+        n += len(y)
+    return value / n, grad / n
 
 
 @torch.no_grad()

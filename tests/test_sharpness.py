@@ -390,3 +390,15 @@ def test_model_untouched(trained):
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def test_dataloader_streaming_equals_one_batch(trained):
+    model, (X, y) = trained
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=40, shuffle=False)
+    loss = nn.CrossEntropyLoss()
+    for fn, kwargs in [(average_sharpness, {"n_samples": 4}), (worst_case_sharpness, {"steps": 4})]:
+        streamed = fn(model, loss, loader, m=None, n_examples=None, **kwargs)
+        whole = fn(model, loss, (X, y), m=None, n_examples=None, **kwargs)
+        assert streamed.value == pytest.approx(whole.value, rel=1e-9)
+        assert streamed.n_examples == 96
+    assert keskar_sharpness(model, loss, loader).value == pytest.approx(keskar_sharpness(model, loss, (X, y)).value, rel=1e-7)

@@ -199,7 +199,7 @@ def sweep_status(
         status = search.trial_status(trial)
         counts[status] = counts.get(status, 0) + 1
     config = study.user_attrs.get("config", {})
-    budget = (config.get("search") or {}).get("n_trials")
+    budget = study.user_attrs.get("budget", (config.get("search") or {}).get("n_trials"))
     try:
         best = [{"number": t.number, "values": t.values, "params": t.params} for t in study.best_trials]
     except ValueError:

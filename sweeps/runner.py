@@ -355,6 +355,7 @@ def run_sweep(
     budget = search.n_trials(config)
     if config.search.sampler == "grid":
         budget = min(budget, search.grid_size(config))
+    study.set_user_attr("budget", budget)
     metrics_names = list(config.objective.metrics)
     started_here, driver = False, None
     with ProgressView(quiet=quiet) as view, _StopFlag() as stop:
@@ -425,6 +426,7 @@ class _Driver:
             num_cpus=cpus, num_gpus=gpus, max_retries=max_retries, retry_exceptions=False
         )
         self.trial_fn = trial_fn
+        self.landscape_names = set(config.measure) | set(config.train.track.metrics)
         self.in_flight: dict[Any, _InFlight] = {}
         self.by_number: dict[int, _InFlight] = {}
         self.finished = len(search.finished_trials(study))
@@ -485,10 +487,18 @@ class _Driver:
             flight = self.by_number.get(number)
             if flight is None:
                 continue
-            self.tracker.log_metrics(flight.run_id, records)
+            self.tracker.log_metrics(flight.run_id, [(self._track_names(m), step, ts) for m, step, ts in records])
             for metrics, step, _ in records:
                 flight.view.latest, flight.view.step = dict(metrics), step
                 self._maybe_prune(flight, metrics, step)
+
+    def _track_names(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """In-training landscape values go to MLflow as ``track.<name>``: under the bare name the last
+        tracked value would stand in for the final measure of a trial that has none (diverged)."""
+        return {
+            f"track.{key}" if any(key == m or key.startswith(m + "_") for m in self.landscape_names) else key: value
+            for key, value in metrics.items()
+        }
 
     def _maybe_prune(self, flight: _InFlight, metrics: Mapping[str, float], step: int) -> None:
         if self.study.pruner is None or isinstance(self.study.pruner, optuna.pruners.NopPruner):

@@ -1,0 +1,166 @@
+"""Integration: real local Ray (2 CPUs), real MLflow sqlite store, real Optuna sqlite storage,
+real trials (tiny MLPs on 256 digits, a few epochs, cheap measures).
+
+Ray is started once for the module; ``run_sweep`` reuses it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+import torch
+from mlflow import MlflowClient
+from torch import nn
+
+import sweeps
+from sweeps import search
+from sweeps.config import load_config
+from sweeps.runner import run_sweep
+
+pytestmark = pytest.mark.slow
+
+TESTS_DIR = str(Path(__file__).parent)
+FINAL_KEYS = {"train_loss", "train_acc", "test_loss", "test_acc", "gen_gap", "epochs", "steps", "train_seconds",
+              "n_train", "n_test", "num_params", "hessian_top_eig", "hessian_top_eig_seconds"}
+
+
+def exploding_mlp(input_shape, num_classes, explode=False):
+    """A custom model factory (``model.name: test_runner:exploding_mlp``) that raises on request."""
+    if explode:
+        raise RuntimeError("exploding model factory, as requested by model.kwargs.explode")
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 8), nn.ReLU(), nn.Linear(8, num_classes))
+
+
+def tiny_config(name, space, **extra):
+    data = {
+        "name": name,
+        "dataset": {"name": "digits", "train_size": 256},
+        "model": {"name": "mlp", "width": 8, "depth": 1},
+        "train": {"lr": 0.1, "batch_size": 64, "max_epochs": 3, "stop": {"train_loss": 0.01},
+                  "track": {"every_steps": 4, "subset": 64, "metrics": ["hessian_top_eig"]}},
+        "measure": ["hessian_top_eig"],
+        "measure_subset": 128,
+        "search": {"sampler": "grid", "space": space},
+        "resources": {"cpus_per_trial": 1},
+    }
+    for key, value in extra.items():
+        data[key] = value
+    return load_config(data)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    # workers import this module for the custom model factory
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
+             runtime_env={"env_vars": {"PYTHONPATH": TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")}})
+    yield
+    ray.shutdown()
+
+
+def children(client, summary):
+    experiment = client.get_run(summary.parent_run_id).info.experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'",
+                              max_results=1000)
+
+
+def test_grid_of_8_records_parent_children_and_typed_results(tmp_path):
+    space = {"train.lr": {"values": [0.05, 0.2]}, "model.width": {"values": [8, 16]}, "seed": {"values": [0, 1]}}
+    config = tiny_config("grid8", space)
+    summary = run_sweep(config, results_dir=tmp_path, quiet=True, max_concurrent=2)
+    assert summary.finished == summary.budget == 8 and not summary.interrupted
+
+    client = MlflowClient(summary.connections.tracking_uri)
+    experiment = client.get_experiment_by_name("grid8")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("sweeps.role") == "parent"]
+    kids = children(client, summary)
+    assert len(runs) == 9 and len(parents) == 1 and len(kids) == 8
+    assert parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["sweeps.sweep"] == "grid8" and "sweeps.versions.torch" in parents[0].data.tags
+    parent_files = {a.path for a in client.list_artifacts(summary.parent_run_id)}
+    assert {"config.yaml", "resolved_config.json", "flat_config.json"} <= parent_files
+    for run in kids:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["status"] in ("converged", "not_converged")
+        assert FINAL_KEYS <= set(run.data.metrics), FINAL_KEYS - set(run.data.metrics)
+        assert run.data.params["train.lr"] in ("0.05", "0.2")
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert len({m.step for m in history}) >= 3  # per-epoch curve with steps
+        tracked = client.get_metric_history(run.info.run_id, "track.hessian_top_eig")
+        assert len(tracked) >= 2  # in-training landscape metrics, streamed under track.<name>
+        assert len(client.get_metric_history(run.info.run_id, "hessian_top_eig")) == 1  # the final measure
+        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"history.json", "hessian_top_eig.npz"} <= files
+
+    # two concurrent trials really overlapped (and nothing locked the sqlite store)
+    spans = sorted((r.info.start_time, r.info.end_time) for r in kids)
+    assert any(b[0] < a[1] for a, b in itertools.pairwise(spans))
+
+    frame = sweeps.results("grid8", results_dir=tmp_path)
+    assert len(frame) == 8 and frame["trial_number"].tolist() == list(range(8))
+    assert frame["train.lr"].dtype == "float64" and frame["model.width"].dtype == "int64"
+    assert frame["seed"].dtype == "int64" and frame["train.batch_size"].dtype == "int64"
+    assert frame["model.batch_norm"].dtype == bool
+    assert frame["test_acc"].dtype == "float64" and frame["n_test"].dtype == "Int64"
+    assert list(frame.columns[:7]) == ["sweep", "trial_number", "status", "run_id", "train.lr", "model.width", "seed"]
+    points = set(zip(frame["train.lr"], frame["model.width"], frame["seed"]))
+    assert points == set(itertools.product([0.05, 0.2], [8, 16], [0, 1]))
+    # the study agrees with MLflow, value for value
+    study = optuna.load_study(study_name="grid8", storage=summary.connections.storage)
+    by_number = {t.number: t.values[0] for t in study.trials}
+    for number, acc in zip(frame["trial_number"], frame["test_acc"]):
+        assert by_number[number] == pytest.approx(acc, rel=1e-12)
+
+
+def test_diverged_and_raising_trials_are_recorded_and_the_sweep_completes(tmp_path):
+    space = {"train.lr": {"values": [0.1, 1000.0]}, "model.kwargs.explode": {"values": [False, True]}}
+    config = tiny_config("faults", space, model={"name": "test_runner:exploding_mlp"})
+    summary = run_sweep(config, results_dir=tmp_path, quiet=True, max_concurrent=2)
+    assert summary.finished == 4
+    assert summary.counts["failed"] == 2 and summary.counts["diverged"] == 1
+
+    client = MlflowClient(summary.connections.tracking_uri)
+    by_status = {}
+    for run in children(client, summary):
+        by_status.setdefault(run.data.tags["status"], []).append(run)
+    assert {r.info.status for r in by_status["failed"]} == {"FAILED"}
+    for run in by_status["failed"]:
+        assert run.data.params["model.kwargs.explode"] == "True"
+        path = client.download_artifacts(run.info.run_id, "traceback.txt", str(tmp_path))
+        text = Path(path).read_text()
+        assert "Traceback (most recent call last)" in text and "exploding model factory" in text
+    (diverged,) = by_status["diverged"]
+    assert diverged.info.status == "FINISHED" and diverged.data.params["train.lr"] == "1000.0"
+
+    study = optuna.load_study(study_name="faults", storage=summary.connections.storage)
+    states = {search.trial_status(t): t.state for t in study.trials}
+    assert states["diverged"] == optuna.trial.TrialState.FAIL and states["failed"] == optuna.trial.TrialState.FAIL
+
+    frame = sweeps.results("faults", results_dir=tmp_path)
+    assert sorted(frame["status"]) == ["diverged", "failed", "failed", "not_converged"] or \
+        sorted(frame["status"]) == ["converged", "diverged", "failed", "failed"]
+    diverged_row = frame.loc[frame["status"] == "diverged"].iloc[0]
+    assert math.isnan(diverged_row["hessian_top_eig"])  # no measure, and no tracked value standing in
+    assert diverged_row["track.hessian_top_eig"] > 0
+
+
+def test_trials_get_their_cpus_as_torch_threads(tmp_path):
+    """A trial function sees torch.get_num_threads() == cpus_per_trial (1 here) and the tracking URI."""
+    def probe(config, *, log=None, out_dir=None, device=None):
+        from sweeps.trial import run_trial
+
+        result = run_trial(config, log=log, out_dir=out_dir, device=device)
+        result.metrics["torch_threads"] = float(torch.get_num_threads())
+        result.metrics["uri_is_sweep_store"] = float(os.environ["MLFLOW_TRACKING_URI"].endswith("mlflow.db"))
+        return result
+
+    config = tiny_config("threads", {"seed": {"values": [0]}})
+    run_sweep(config, results_dir=tmp_path, quiet=True, trial_fn=probe)
+    frame = sweeps.results("threads", results_dir=tmp_path)
+    assert frame.loc[0, "torch_threads"] == 1.0 and frame.loc[0, "uri_is_sweep_store"] == 1.0

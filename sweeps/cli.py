@@ -100,6 +100,229 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- sweep service: run, resume, submit, results, status, list (sweeps.runner / results) -----
+_INTERRUPTED, _UNREACHABLE = 130, 3
+
+
+def _store_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a sweep lives (see sweeps.connections for the flag > environment > default rule)."""
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (env SWEEPS_TRACKING_URI / MLFLOW_TRACKING_URI; "
+                        "default sqlite:///<results dir>/mlflow.db)")
+    parser.add_argument("--storage", help="Optuna storage URL or journal file (env SWEEPS_STORAGE; "
+                        "default sqlite:///<results dir>/optuna.db)")
+    parser.add_argument("--results-dir", help="results directory (env SWEEPS_RESULTS_DIR; default ./sweeps-results)")
+
+
+def _launch_arguments(parser: argparse.ArgumentParser) -> None:
+    _store_arguments(parser)
+    parser.add_argument("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:10001 (env RAY_ADDRESS; "
+                        "default: start a local Ray sized to this machine)")
+    parser.add_argument("--max-concurrent", type=int, metavar="K", help="trials in flight (default: resources.max_concurrent, "
+                        "else as many as the cluster fits)")
+    parser.add_argument("--max-retries", type=int, default=2, help="re-runs of a trial whose worker/node died (default 2)")
+    parser.add_argument("--prune", action="store_true", help="stop unpromising trials early (not for grids; see README)")
+    parser.add_argument("--quiet", action="store_true", help="plain log lines instead of the live view")
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--name", help="sweep name (default: the config's name)")
+    _launch_arguments(parser)
+
+
+def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
+    """Call run_sweep/resume_sweep with the launch flags; map outcomes to exit codes."""
+    from .connections import redact
+    from .runner import SweepInterrupted
+
+    prog = f"sweeps {args.command}"
+    options = dict(
+        address=args.address, tracking_uri=args.tracking_uri, storage=args.storage, results_dir=args.results_dir,
+        max_concurrent=args.max_concurrent, quiet=args.quiet, max_retries=args.max_retries, prune=args.prune,
+    )
+    try:
+        summary = run(**options)
+    except SweepInterrupted:
+        print(f"{prog}: interrupted; running trials were marked interrupted. Continue with "
+              f"`sweeps resume NAME` (same --results-dir/--storage/--tracking-uri).", file=sys.stderr)
+        return _INTERRUPTED
+    except ConnectionError as err:
+        print(f"{prog}: {redact(str(err))}", file=sys.stderr)
+        return _UNREACHABLE
+    except (ValueError, LookupError) as err:  # ConfigError, StudyConflictError, bad flags
+        print(f"{prog}: {redact(str(err))}", file=sys.stderr)
+        return 2
+    print(f"sweep {summary.name}: {summary.finished}/{summary.budget} trials finished "
+          f"({', '.join(f'{k}={v}' for k, v in sorted(summary.counts.items()))}); "
+          f"results: sweeps results {summary.name}" + (f" --results-dir {args.results_dir}" if args.results_dir else ""))
+    return 0
+
+
+@command("run", help="run a sweep (Ray workers, Optuna search, MLflow tracking); continues a sweep of the same config",
+         arguments=_run_arguments)
+def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import load_config
+    from .runner import run_sweep
+
+    config = load_config(args.config, args.overrides)
+    text = Path(args.config).read_text()
+    if args.overrides:
+        text += "".join(f"\n# --set {o}" for o in args.overrides)
+    return _sweep(args, lambda **kw: run_sweep(config, name=args.name, config_yaml=text, **kw))
+
+
+def _resume_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="sweep name (its config is read from the study)")
+    _launch_arguments(parser)
+
+
+@command("resume", help="continue an interrupted sweep: finished trials are kept, interrupted ones re-run",
+         arguments=_resume_arguments)
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .runner import resume_sweep
+
+    return _sweep(args, lambda **kw: resume_sweep(args.name, **kw))
+
+
+def _submit_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--address", required=True, help="Ray Jobs address of the head node, http://HEAD:8265")
+    parser.add_argument("--name", help="sweep name (default: the config's name)")
+    parser.add_argument("--working-dir", default=".", help="folder packaged for the job; must contain CONFIG (default .)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI as seen from the cluster (an HTTP server)")
+    parser.add_argument("--storage", help="Optuna storage URL as seen from the cluster (e.g. postgresql://...)")
+    parser.add_argument("--results-dir", help="results directory on the head node")
+    parser.add_argument("--max-concurrent", type=int, metavar="K", help="trials in flight")
+
+
+@command("submit", help="submit `sweeps run` to a Ray cluster as a Ray Job and print how to follow it",
+         arguments=_submit_arguments)
+def cmd_submit(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from .config import load_config
+    from .connections import redact
+
+    config = load_config(args.config, args.overrides)  # fail here, not on the cluster
+    root, path = Path(args.working_dir).resolve(), Path(args.config).resolve()
+    if not path.is_relative_to(root):
+        print(f"sweeps submit: CONFIG {args.config} is outside --working-dir {root}; move it there or pass "
+              "--working-dir", file=sys.stderr)
+        return 2
+    entrypoint = ["python", "-m", "sweeps.cli", "run", str(path.relative_to(root)), "--quiet", "--address", "auto"]
+    entrypoint += [f"--set={o}" for o in args.overrides]
+    for flag in ("name", "tracking_uri", "storage", "results_dir", "max_concurrent"):
+        value = getattr(args, flag)
+        if value is not None:
+            entrypoint += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.tracking_uri is None:
+        print("sweeps submit: warning: no --tracking-uri; the job records MLflow runs under the head node's "
+              "results directory", file=sys.stderr)
+    from ray.job_submission import JobSubmissionClient
+
+    runtime_env = {
+        "working_dir": str(root),
+        "excludes": [".git", "**/__pycache__", "sweeps-results", "*.db", "mlartifacts", "mlruns", ".venv"],
+    }
+    try:
+        client = JobSubmissionClient(args.address)
+        job_id = client.submit_job(
+            entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
+            submission_id=None, metadata={"sweep": args.name or config.name},
+        )
+    except (ConnectionError, RuntimeError) as err:
+        print(f"sweeps submit: cannot submit to {redact(args.address)}: {redact(str(err))}", file=sys.stderr)
+        return _UNREACHABLE
+    print(job_id)
+    print(f"follow it:  ray job logs --address {redact(args.address)} --follow {job_id}", file=sys.stderr)
+    print(f"status:     ray job status --address {redact(args.address)} {job_id}", file=sys.stderr)
+    print(f"stop it:    ray job stop --address {redact(args.address)} {job_id}   (then `sweeps resume` continues it)",
+          file=sys.stderr)
+    return 0
+
+
+def _results_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="sweep name")
+    _store_arguments(parser)
+    parser.add_argument("--format", choices=("table", "csv", "parquet"), default="table", help="output format (default table)")
+    parser.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout (required for parquet)")
+    parser.add_argument("--include-interrupted", action="store_true", help="also list interrupted attempts")
+
+
+@command("results", help="one row per trial: hyperparameters, metrics, status (table, CSV or Parquet)",
+         arguments=_results_arguments)
+def cmd_results(args: argparse.Namespace) -> int:
+    from .results import results
+
+    if args.format == "parquet" and not args.out:
+        print("sweeps results: --format parquet needs --out FILE", file=sys.stderr)
+        return 2
+    try:
+        frame = results(args.name, args.tracking_uri, results_dir=args.results_dir,
+                        include_interrupted=args.include_interrupted)
+    except LookupError as err:
+        print(f"sweeps results: {err}", file=sys.stderr)
+        return 2
+    if args.format == "parquet":
+        frame.to_parquet(args.out, index=False)
+    elif args.format == "csv":
+        frame.to_csv(args.out or sys.stdout, index=False)
+    else:
+        text = frame.to_string(index=False, max_colwidth=24)
+        if args.out:
+            with open(args.out, "w") as handle:
+                handle.write(text + "\n")
+        else:
+            print(text)
+    return 0
+
+
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="sweep name")
+    _store_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+@command("status", help="trials per status, budget and best trial of a sweep (from its Optuna study)",
+         arguments=_status_arguments)
+def cmd_status(args: argparse.Namespace) -> int:
+    from .results import sweep_status
+
+    try:
+        info = sweep_status(args.name, storage=args.storage, tracking_uri=args.tracking_uri, results_dir=args.results_dir)
+    except LookupError as err:
+        print(f"sweeps status: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        json.dump(info, sys.stdout, indent=1, default=str)
+        print()
+        return 0
+    print(f"sweep {info['name']}: {info['finished']}/{info['budget'] or '?'} finished")
+    print("  " + ", ".join(f"{k}={v}" for k, v in sorted(info["counts"].items())))
+    print("  objective: " + ", ".join(f"{m} ({d})" for m, d in info["objective"].items()))
+    for best in info["best"][:5]:
+        print(f"  best #{best['number']}: values={best['values']} params={best['params']}")
+    print(f"  optuna: {info['storage']}\n  mlflow: {info['tracking_uri']} (parent run {info['mlflow_parent_run_id']})")
+    return 0
+
+
+def _list_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", help="Optuna storage URL or journal file (default as for `sweeps run`)")
+    parser.add_argument("--results-dir", help="results directory (default ./sweeps-results)")
+
+
+@command("list", help="the sweeps in an Optuna storage with their progress", arguments=_list_arguments)
+def cmd_list(args: argparse.Namespace) -> int:
+    from .results import list_sweeps
+
+    frame = list_sweeps(storage=args.storage, results_dir=args.results_dir)
+    print(frame.to_string(index=False) if len(frame) else "no sweeps")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sweeps", description="Hyperparameter sweeps that measure the loss landscape of every model."

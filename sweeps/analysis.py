@@ -43,6 +43,8 @@ OUTCOME_COLUMNS = ("test_acc", "train_acc", "gen_gap", "test_loss", "train_loss"
 #: Bookkeeping columns of the results DataFrame.
 BOOKKEEPING_COLUMNS = ("status", "run_id", "trial_number", "sweep")
 CONVERGED = "converged"
+#: Missing grid cells listed (all are counted).
+MISSING_LISTED = 1000
 #: Largest number of models for which tau-b uses dense n x n pair matrices (memory ~ 24 n^2 bytes).
 DENSE_PAIRS_MAX = 2000
 
@@ -57,15 +59,17 @@ class IncompleteGridError(ValueError):
     """The sweep is not a complete factorial grid, so psi/Psi and CMI would mean nothing.
 
     Attributes:
-        missing: the missing cells, one ``{hyperparameter: value, ..., "reason": str}`` each.
+        missing: the missing cells (the first 1000), one ``{hyperparameter: value, ..., "reason": str}`` each.
+        n_missing: how many cells are missing.
         n_cells: size of the full grid.
     """
 
-    def __init__(self, missing: list[dict[str, Any]], n_cells: int):
+    def __init__(self, missing: list[dict[str, Any]], n_missing: int, n_cells: int):
         self.missing = missing
+        self.n_missing = n_missing
         self.n_cells = n_cells
         super().__init__(
-            f"incomplete grid: {len(missing)} of {n_cells} hyperparameter cells have no usable model, "
+            f"incomplete grid: {n_missing} of {n_cells} hyperparameter cells have no usable model, "
             f"so psi/Psi and CMI are undefined. Missing: {format_cells(missing)}. Fix: run the sweep "
             "with a grid sampler (and rerun failed cells), or pass allow_incomplete_grid=True to get "
             "tau, Spearman and sign-error only (psi/Psi/CMI are then NaN)."
@@ -187,7 +191,8 @@ class PreparedSweep:
         measures: measure column names, in output order.
         orientation: measure -> ``larger_is`` (``"sharper"``, ``"flatter"``, ``"neither"``).
         target_sign: +1 if a larger target is worse generalization, -1 if better.
-        missing_cells: full-grid cells without a model, with the reason.
+        missing_cells: full-grid cells without a model, with the reason (the first
+            ``MISSING_LISTED``); ``n_missing`` counts them all.
         n_cells: size of the full grid (product of the numbers of values of ``keys``).
         excluded: status -> number of runs dropped.
     """
@@ -202,6 +207,7 @@ class PreparedSweep:
     target_sign: int
     seed_columns: list[str]
     missing_cells: list[dict[str, Any]]
+    n_missing: int
     n_cells: int
     excluded: dict[str, int]
     n_runs_total: int
@@ -393,16 +399,18 @@ def prepare(
         attempted = {
             (cell if isinstance(cell, tuple) else (cell,)): ", ".join(sorted(set(s))) for cell, s in status_of
         }
-    missing = [
-        {**dict(zip(keys, cell)), "reason": attempted.get(cell, "not run")}
-        for cell in itertools.product(*values.values())
-        if cell not in present
-    ]
+    # A random/TPE sweep has a huge nominal grid: list the first MISSING_LISTED cells, count all.
+    missing = list(itertools.islice(
+        ({**dict(zip(keys, cell)), "reason": attempted.get(cell, "not run")}
+         for cell in itertools.product(*values.values()) if cell not in present),
+        MISSING_LISTED,
+    ))
 
     return PreparedSweep(
         runs=runs.reset_index(drop=True), models=models, keys=keys, hyperparameters=hyperparameters,
         measures=measures, orientation=orient, target=target, target_sign=target_sign,
-        seed_columns=seeds, missing_cells=missing, n_cells=n_cells, excluded=excluded_counts,
+        seed_columns=seeds, missing_cells=missing, n_missing=n_cells - len(present), n_cells=n_cells,
+        excluded=excluded_counts,
         n_runs_total=n_total,
     )
 
@@ -606,9 +614,9 @@ def correlations(
     grid_note = ""
     if sweep.missing_cells:
         if not allow_incomplete_grid:
-            raise IncompleteGridError(sweep.missing_cells, sweep.n_cells)
+            raise IncompleteGridError(sweep.missing_cells, sweep.n_missing, sweep.n_cells)
         grid_note = (
-            f"incomplete grid ({len(sweep.missing_cells)} of {sweep.n_cells} cells missing: "
+            f"incomplete grid ({sweep.n_missing} of {sweep.n_cells} cells missing: "
             f"{format_cells(sweep.missing_cells, 3)}): psi/Psi/CMI undefined"
         )
         warnings.warn(grid_note, stacklevel=2)
@@ -638,6 +646,7 @@ def correlations(
         "grid_complete": not sweep.missing_cells,
         "n_cells": sweep.n_cells,
         "missing_cells": sweep.missing_cells,
+        "n_missing_cells": sweep.n_missing,
         "n_boot": n_boot,
         "confidence": confidence,
         "sign_error_weighting": (

@@ -201,7 +201,7 @@ def summary_lines(table: pd.DataFrame) -> list[str]:
     if not a.get("grid_complete", True):
         missing = a.get("missing_cells", [])
         lines.append(
-            f"INCOMPLETE GRID: {len(missing)} of {a.get('n_cells')} cells missing, psi/Psi/CMI are undefined (NaN): "
+            f"INCOMPLETE GRID: {a.get('n_missing_cells', len(missing))} of {a.get('n_cells')} cells missing, psi/Psi/CMI are undefined (NaN): "
             + format_cells(missing, 5)
         )
     lines.append(f"orientation: {a.get('convention')}")

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import norms, sharpness
+from . import norms, sharpness, surface
 from ._functional import LossFn, ModelLoss, ParamSelector
 from .hvp import HessianOperator
 
@@ -197,6 +197,9 @@ METRICS: dict[str, Metric] = {
         Metric("sharpness_mag_flatness", "sharper", _bind(_S.sharpness_flatness, magnitude_aware=True), "Jiang 1/alpha'^2, magnitude-aware box"),
         Metric("filter_curvature", "sharper", _bind(_S.filter_curvature, "operator"), "mean d^T H d, filter-normalized Gaussian d"),
         Metric("adaptive_trace", "sharper", _bind(_S.adaptive_trace, "operator"), "tr(|w| H |w|) (Hutch++)"),
+        Metric("surface_1d_curvature", "sharper", _bind(surface.curvature_1d), "quadratic-fit curvature of filter-normalized 1D surfaces"),
+        Metric("surface_2d_curvature", "sharper", _bind(surface.curvature_2d), "largest eigenvalue of the quadratic fit to a filter-normalized 2D surface"),
+        Metric("flatness_radius", "flatter", _bind(surface.flatness_radius), "step (filter-normalized) at which the loss rises by delta"),
         Metric("param_count", "neither", _param_count, "number of parameters"),
         Metric("frobenius_norm_sum", "neither", _norm("frobenius_sum"), "sum over layers of ||W||_F"),
         Metric("frobenius_norm_prod", "neither", _norm("frobenius_prod"), "product over layers of ||W||_F"),

@@ -147,14 +147,21 @@ def test_chunking_and_batches_do_not_change_values():
     np.testing.assert_allclose(s.accuracy, ref.accuracy, rtol=1e-6)
 
 
-def scaled_mlp(scale: float) -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 4))
+def rescaled(model: nn.Module, scale: float) -> nn.Module:
+    """A copy computing the same function: layer 0 (weight and bias) times ``scale``, layer 2's
+    weight divided by it (ReLU is positively homogeneous)."""
+    model = copy.deepcopy(model)
     with torch.no_grad():
         model[0].weight.mul_(scale)
         model[0].bias.mul_(scale)
         model[2].weight.div_(scale)
     return model
+
+
+def scaled_mlp(scale: float) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 4))
+    return rescaled(model, scale)
 
 
 def test_filter_normalized_surfaces_are_scale_invariant():
@@ -255,3 +262,31 @@ def test_bad_arguments_name_the_field():
         surface_1d(model, loss_fn, data, steps=3, direction={"nope": torch.zeros(1)})
     with pytest.raises(ValueError, match="span"):
         interpolate(model, model, loss_fn, data, span=(1.0, 0.0))
+
+
+def test_surface_measures_in_the_registry():
+    import landscape
+
+    torch.manual_seed(0)
+    data = (torch.randn(80, 6), torch.randint(0, 4, (80,)))
+    loss_fn = nn.CrossEntropyLoss()
+    base_model = scaled_mlp(1.0)
+    opt = torch.optim.Adam(base_model.parameters(), lr=0.02)
+    for _ in range(150):  # near a minimum, so that the loss rises in every direction
+        opt.zero_grad()
+        loss_fn(base_model(data[0]), data[1]).backward()
+        opt.step()
+    base_model.zero_grad(set_to_none=True)
+    names = ["surface_1d_curvature", "surface_2d_curvature", "flatness_radius"]
+    options = {"flatness_radius": {"delta": 0.05}}
+    base = landscape.measure(base_model, loss_fn, data, metrics=names, options=options)
+    scaled = landscape.measure(rescaled(base_model, 4.0), loss_fn, data, metrics=names, options=options)
+    for name in names:
+        assert scaled[name] == pytest.approx(base[name], rel=1e-4), name  # filter normalization
+    # the 1D curvature is the mean of the 1D surfaces along the seeded directions 0 and 1
+    s0 = surface_1d(base_model, loss_fn, data, steps=21, span=0.4, seed=0)
+    d1 = surface_2d(base_model, loss_fn, data, steps=3, seed=0).directions[1]
+    s1 = surface_1d(base_model, loss_fn, data, steps=21, span=0.4, direction=d1)
+    assert base["surface_1d_curvature"] == pytest.approx((s0.curvature() + s1.curvature()) / 2, rel=1e-6)
+    assert 0 < base["flatness_radius"] < math.inf
+    assert landscape.METRICS["flatness_radius"].larger_is == "flatter"

@@ -120,7 +120,9 @@ class FlatnessResult:
         bracket: ``(lo, hi)`` after the bisection; ``drops``: accuracy drops at ``lo`` and ``hi``.
         bracketed: ``False`` when even the largest level tried did not drop the accuracy by
             ``target_drop``; ``level`` is then that largest level (a lower bound).
-        n_steps, n_samples, eps, target_drop, upper: the settings used.
+        n_steps, n_samples, eps, target_drop, upper: the settings used (``n_samples`` is the
+            number of restarts for ``kind="sharpness"``).
+        n_examples: training examples used (the first ones of ``data``).
     """
 
     value: float
@@ -136,6 +138,7 @@ class FlatnessResult:
     eps: float
     target_drop: float
     upper: float
+    n_examples: int
 
 
 @dataclass
@@ -277,14 +280,14 @@ def _loss_and_grad(
 
 
 @torch.no_grad()
-def _accuracy(ml: ModelLoss, flat: Tensor) -> float:
-    """Training accuracy over all of ``ml``'s data at flat parameters ``flat``."""
+def _accuracy(ml: ModelLoss, group: Iterable[Batch], flat: Tensor) -> float:
+    """Accuracy over the examples of ``group`` at flat parameters ``flat`` (call in ``ml.mode()``)."""
     p = ml.unflatten(flat)
-
-    def per_batch(x: Any, y: Tensor) -> Tensor:
-        return (ml.forward(p, x).argmax(-1) == y).to(ml.dtype).mean()
-
-    return float(ml.weighted_sum(per_batch))
+    correct, n = 0.0, 0
+    for x, y in group:
+        correct += float((ml.forward(p, x).argmax(-1) == y).sum())
+        n += len(y)
+    return correct / n
 
 
 def _require_classification(ml: ModelLoss, what: str) -> None:
@@ -677,28 +680,31 @@ def _bisect(
 def _flatness(
     kind: str, model: nn.Module, loss_fn: LossFn, data: Any, *, magnitude_aware: bool, eps: float,
     upper: float, target_drop: float, n_steps: int, n_samples: int, seed: int,
-    params: ParamSelector, dtype: torch.dtype | None, model_loss: ModelLoss | None,
-    accuracy_at_level: Callable[[ModelLoss, Tensor, float, int], float],
+    n_examples: int | None, params: ParamSelector, dtype: torch.dtype | None,
+    model_loss: ModelLoss | None,
+    accuracy_at_level: Callable[[ModelLoss, Iterable[Batch], Tensor, float], float],
 ) -> FlatnessResult:
     _check_positive("eps", eps, allow_zero=True)
     _check_positive("upper", upper)
     _check_positive("target_drop", target_drop)
     _check_count("n_steps", n_steps)
     _check_count("n_samples", n_samples)
+    _check_count("n_examples", n_examples, allow_none=True)
     ml = _model_loss(model, loss_fn, data, params, dtype, model_loss)
     _require_classification(ml, f"{kind}_flatness")
     theta = ml.theta_flat()
+    (group,) = _example_groups(ml, None, n_examples)
     with ml.mode():
-        accuracy = _accuracy(ml, theta)
+        accuracy = _accuracy(ml, group, theta)
         level, bracket, drops, bracketed = _bisect(
-            lambda level: accuracy - accuracy_at_level(ml, theta, level, seed),
+            lambda level: accuracy - accuracy_at_level(ml, group, theta, level),
             upper=upper, target=target_drop, n_steps=n_steps,
         )
     return FlatnessResult(
         value=1 / level**2 if level > 0 else math.inf, level=level, kind=kind,
         magnitude_aware=magnitude_aware, accuracy=accuracy, bracket=bracket, drops=drops,
         bracketed=bracketed, n_steps=n_steps, n_samples=n_samples, eps=eps,
-        target_drop=target_drop, upper=upper,
+        target_drop=target_drop, upper=upper, n_examples=_group_size(group),
     )
 
 
@@ -713,6 +719,7 @@ def pacbayes_flatness(
     target_drop: float = 0.1,
     n_steps: int = 15,
     n_samples: int = 10,
+    n_examples: int | None = None,
     seed: int = 0,
     params: ParamSelector = None,
     dtype: torch.dtype | None = None,
@@ -721,7 +728,8 @@ def pacbayes_flatness(
     """Jiang et al. 2020 PAC-Bayes flatness ``1/sigma'^2`` (magnitude-aware by default).
 
     ``sigma'`` is the largest sigma with ``E_u[acc(w + u)] >= acc(w) - target_drop`` on the
-    training data (all of ``data``), ``u_i ~ N(0, sigma^2 w_i^2 + eps^2)`` (magnitude-aware) or
+    training data (all of ``data``, or its first ``n_examples`` examples: a subset makes big data
+    sets affordable), ``u_i ~ N(0, sigma^2 w_i^2 + eps^2)`` (magnitude-aware) or
     ``N(0, sigma^2)`` (plain): sigma is a standard deviation (the public implementation of Jiang
     et al. uses sigma^2 as the std). The expectation is a mean over ``n_samples`` draws; the same
     standard-normal draws (from ``seed``) are reused at every sigma, so the accuracy curve is
@@ -737,15 +745,17 @@ def pacbayes_flatness(
         :class:`FlatnessResult` (``level`` = sigma'; ``value`` = 1/sigma'^2, larger = sharper).
     """
 
-    def accuracy_at(ml: ModelLoss, theta: Tensor, sigma: float, seed: int) -> float:
+    def accuracy_at(ml: ModelLoss, group: Iterable[Batch], theta: Tensor, sigma: float) -> float:
         gen = _generator(seed)
         std = perturbation_scale(theta, sigma, magnitude_aware=magnitude_aware, eps=eps)
-        return float(np.mean([_accuracy(ml, theta + std * _randn(ml, gen, ml.num_params)) for _ in range(n_samples)]))
+        draws = [theta + std * _randn(ml, gen, ml.num_params) for _ in range(n_samples)]
+        return float(np.mean([_accuracy(ml, group, w) for w in draws]))
 
     return _flatness(
         "pacbayes", model, loss_fn, data, magnitude_aware=magnitude_aware, eps=eps, upper=upper,
-        target_drop=target_drop, n_steps=n_steps, n_samples=n_samples, seed=seed, params=params,
-        dtype=dtype, model_loss=model_loss, accuracy_at_level=accuracy_at,
+        target_drop=target_drop, n_steps=n_steps, n_samples=n_samples, seed=seed,
+        n_examples=n_examples, params=params, dtype=dtype, model_loss=model_loss,
+        accuracy_at_level=accuracy_at,
     )
 
 
@@ -761,6 +771,7 @@ def sharpness_flatness(
     n_steps: int = 15,
     steps: int = 20,
     restarts: int = 3,
+    n_examples: int | None = None,
     seed: int = 0,
     params: ParamSelector = None,
     dtype: torch.dtype | None = None,
@@ -774,7 +785,8 @@ def sharpness_flatness(
     by gradient ASCENT on the training loss (the public baseline descends, which is wrong):
     sign-gradient Auto-PGD, ``steps`` steps, ``restarts`` random starts (the same starts, from
     ``seed``, at every alpha); the accuracy drop is the largest over the restarts' end points.
-    Bisection as in :func:`pacbayes_flatness`.
+    Bisection as in :func:`pacbayes_flatness`. Cost: about ``(n_steps + 2) * restarts *
+    (steps + 1)`` loss+gradient passes over the data, so on large data sets pass ``n_examples``.
 
     Returns:
         :class:`FlatnessResult` (``level`` = alpha'; ``value`` = 1/alpha'^2, larger = sharper).
@@ -782,22 +794,23 @@ def sharpness_flatness(
     _check_count("steps", steps)
     _check_count("restarts", restarts)
 
-    def accuracy_at(ml: ModelLoss, theta: Tensor, alpha: float, seed: int) -> float:
+    def accuracy_at(ml: ModelLoss, group: Iterable[Batch], theta: Tensor, alpha: float) -> float:
         half_width = perturbation_scale(theta, alpha, magnitude_aware=magnitude_aware, eps=eps, box=True)
 
         def objective(z: Tensor) -> tuple[float, Tensor]:
-            return _loss_and_grad(ml, ml.loss_fn, ml.batches, lambda zz: theta + half_width * zz, z)
+            return _loss_and_grad(ml, ml.loss_fn, group, lambda zz: theta + half_width * zz, z)
 
         runs = _restarted_ascent(
             ml, objective, _generator(seed), rho=1.0, p="inf", steps=steps, restarts=restarts,
             step_size=2.0, momentum=0.75,
         )
-        return min(_accuracy(ml, theta + half_width * z) for _, z in runs)
+        return min(_accuracy(ml, group, theta + half_width * z) for _, z in runs)
 
     return _flatness(
         "sharpness", model, loss_fn, data, magnitude_aware=magnitude_aware, eps=eps, upper=upper,
-        target_drop=target_drop, n_steps=n_steps, n_samples=restarts, seed=seed, params=params,
-        dtype=dtype, model_loss=model_loss, accuracy_at_level=accuracy_at,
+        target_drop=target_drop, n_steps=n_steps, n_samples=restarts, seed=seed,
+        n_examples=n_examples, params=params, dtype=dtype, model_loss=model_loss,
+        accuracy_at_level=accuracy_at,
     )
 
 

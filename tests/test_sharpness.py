@@ -402,3 +402,11 @@ def test_dataloader_streaming_equals_one_batch(trained):
         assert streamed.value == pytest.approx(whole.value, rel=1e-9)
         assert streamed.n_examples == 96
     assert keskar_sharpness(model, loss, loader).value == pytest.approx(keskar_sharpness(model, loss, (X, y)).value, rel=1e-7)
+
+
+def test_jiang_subset_equals_call_on_the_subset(trained):
+    model, (X, y) = trained
+    loss = nn.CrossEntropyLoss()
+    subset = pacbayes_flatness(model, loss, (X, y), n_examples=50, n_steps=8)
+    direct = pacbayes_flatness(model, loss, (X[:50], y[:50]), n_steps=8)
+    assert subset.n_examples == 50 and subset.level == direct.level

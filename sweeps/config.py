@@ -59,9 +59,12 @@ def _suggest(word: str, choices: Sequence[str]) -> str:
 
 
 def _metric_name(name: str) -> str:
-    """A name registered in :data:`landscape.METRICS` (imported lazily)."""
+    """A name registered in :data:`landscape.METRICS` (imported lazily) or added by sweeps."""
     from landscape.measure import METRICS
 
+    from .trial import register_sweeps_metrics
+
+    register_sweeps_metrics()
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}{_suggest(name, sorted(METRICS))}; known metrics: {', '.join(sorted(METRICS))}")
     return name

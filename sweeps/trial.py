@@ -68,6 +68,27 @@ def _finite(record: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
+def _surface_2d(ctx: Any, *, steps: int = 51, span: float = 1.0, **options: Any) -> Any:
+    from landscape.surface import curvature_2d
+
+    if not any(k in options for k in ("params", "dtype")):
+        options["model_loss"] = ctx.model_loss
+    return curvature_2d(ctx.model, ctx.loss_fn, ctx.data, steps=steps, span=span, seed=ctx.seed, **options)
+
+
+def register_sweeps_metrics() -> None:
+    """Add the names sweep configs use that :mod:`landscape` does not define itself (only if
+    missing): ``surface_2d``, the 51 x 51 filter-normalized surface on ``[-1, 1]^2`` (Li et al.
+    2018) whose scalar is the top eigenvalue of its quadratic fit near the minimum (as
+    ``surface_2d_curvature``, which uses a 21 x 21 grid on ``[-0.4, 0.4]^2``); with ``out_dir``
+    the trial writes the surface as ``surface_2d.npz`` and ``surface_2d.png``."""
+    from landscape.measure import METRICS, Metric, register_metric
+
+    if "surface_2d" not in METRICS:
+        register_metric(Metric("surface_2d", "sharper", _surface_2d,
+                               "2D filter-normalized surface, 51 x 51 on [-1, 1]^2; scalar: top eigenvalue of its quadratic fit"))
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -142,6 +163,7 @@ def _run(config: SweepConfig, log: Callable[[dict[str, float], int], None] | Non
     if trained.status != "diverged" and config.measure:
         from landscape.measure import measure
 
+        register_sweeps_metrics()
         metrics.update(measure(
             model, loss_fn, measure_batches(data, config), config.measure, seed=config.seed,
             options=config.measure_options, init_state=trained.init_state, artifacts=results,
@@ -165,15 +187,14 @@ def _arrays(obj: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def _plot_training(path: Path, history: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+def _plot_training(history: list[dict[str, Any]]) -> Any:
+    """Loss and accuracy curves (and tracked lambda_max against its stability threshold)."""
+    from matplotlib.figure import Figure
 
     epochs = [r for r in history if r["kind"] == "epoch"]
     tracks = [r for r in history if r["kind"] == "track" and "hessian_top_eig" in r]
-    fig, axes = plt.subplots(1, 3 if tracks else 2, figsize=(13 if tracks else 9, 3.5))
+    fig = Figure(figsize=(13 if tracks else 9, 3.5))
+    axes = fig.subplots(1, 3 if tracks else 2)
     steps = [r["step"] for r in epochs]
     for ax, key in zip(axes, ("loss", "acc")):
         for split in ("train", "test"):
@@ -188,27 +209,42 @@ def _plot_training(path: Path, history: list[dict[str, Any]]) -> None:
         ax.set(xlabel="step", ylabel="top Hessian eigenvalue")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def _plot_measure(name: str, value: Any, path: Path) -> bool:
-    """Figure of a non-scalar result through :mod:`landscape.plots`, when it has one."""
-    try:
-        from landscape import plots
-    except ImportError:
-        return False
-    fn = {"surface_2d": "surface_2d", "hessian_spectrum": "spectrum"}.get(name)
-    plot = getattr(plots, fn, None) if fn else None
-    if plot is None:
-        return False
+def _save_figure(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    out = plot(value)
-    fig = out if hasattr(out, "savefig") else getattr(out, "figure", None) or plt.gcf()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+
+
+def _measure_files(name: str, value: Any, out_dir: Path) -> dict[str, Path]:
+    """Arrays (``.npz``) and figures (``.png``, via :mod:`landscape.plots`) of one non-scalar
+    result: a surface measure's 2D surface, a spectrum, or any result dataclass's arrays."""
+    from landscape import plots
+    from landscape.surface import Surface2D
+
+    files: dict[str, Path] = {}
+    surfaces = [s for s in getattr(value, "surfaces", []) if isinstance(s, Surface2D)]
+    if surfaces:
+        surface = surfaces[0]
+        files[f"{name}.npz"] = out_dir / f"{name}.npz"
+        acc = {} if surface.accuracy is None else {"accuracy": surface.accuracy}
+        np.savez(files[f"{name}.npz"], alphas=surface.alphas, betas=surface.betas, loss=surface.loss,
+                 center_loss=surface.center_loss, **acc)
+        files[f"{name}.png"] = out_dir / f"{name}.png"
+        _save_figure(plots.plot_surface_2d(surface, title=name), files[f"{name}.png"])
+        return files
+    if dataclasses.is_dataclass(value):
+        arrays = _arrays(value)
+        if arrays:
+            files[f"{name}.npz"] = out_dir / f"{name}.npz"
+            np.savez(files[f"{name}.npz"], **arrays)
+    if hasattr(value, "grid") and hasattr(value, "density"):
+        files[f"{name}.png"] = out_dir / f"{name}.png"
+        _save_figure(plots.plot_spectrum(value, title=name), files[f"{name}.png"])
+    return files
 
 
 def write_artifacts(out_dir: Path, result: TrialResult, measured: dict[str, Any], trained: TrainResult) -> dict[str, Path]:
@@ -219,17 +255,11 @@ def write_artifacts(out_dir: Path, result: TrialResult, measured: dict[str, Any]
     files["history.json"] = out_dir / "history.json"
     files["history.json"].write_text(json.dumps([_finite(r) for r in result.history], indent=1))
     files["training.png"] = out_dir / "training.png"
-    _plot_training(files["training.png"], result.history)
+    _save_figure(_plot_training(result.history), files["training.png"])
     torch.save(trained.init_state, out_dir / "init_state.pt")
     files["init_state.pt"] = out_dir / "init_state.pt"
     for name, value in measured.items():
-        if dataclasses.is_dataclass(value):
-            arrays = _arrays(value)
-            if arrays:
-                files[f"{name}.npz"] = out_dir / f"{name}.npz"
-                np.savez(files[f"{name}.npz"], **arrays)
-        if _plot_measure(name, value, out_dir / f"{name}.png"):
-            files[f"{name}.png"] = out_dir / f"{name}.png"
+        files.update(_measure_files(name, value, out_dir))
     files["result.json"] = out_dir / "result.json"
     result.artifacts = files
     files["result.json"].write_text(json.dumps(result.to_dict(), indent=1))

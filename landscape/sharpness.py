@@ -378,7 +378,7 @@ def _apgd(
             ckpt_eta, ckpt_best = eta, best_f
             if too_few or stalled:
                 eta /= 2
-                z, g, f_prev = best_z, best_g, best_f
+                z, z_prev, g, f_prev = best_z, best_z, best_g, best_f  # no momentum across a reset
             successes, last_ckpt = 0, k
     return best_f, best_z
 

@@ -15,6 +15,7 @@ sweeps settings leak in from the developer's shell, and nothing reads ``~/.ray/a
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -81,7 +83,7 @@ class Process:
             pass
 
     def stop(self, grace: float = 10.0) -> None:
-        if self.alive:
+        if self.alive and grace > 0:
             self.kill(signal.SIGTERM)
             try:
                 self.popen.wait(grace)
@@ -90,6 +92,21 @@ class Process:
         self.kill(signal.SIGKILL)  # leftovers of the group (workers, agents)
         if self.popen.poll() is None:
             self.popen.wait(10)
+
+
+def stop_all(processes: list[Process], grace: float = 5.0) -> None:
+    """SIGTERM every group, give them ``grace`` seconds together, then SIGKILL what is left."""
+    for process in processes:
+        if process.alive:
+            process.kill(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for process in processes:
+        try:
+            process.popen.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for process in processes:
+        process.stop(grace=0)
 
 
 def spawn(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> Process:
@@ -178,7 +195,8 @@ class RayNodes:
         settings = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0"}
         return clean_env(**(settings | extra))
 
-    def _start(self, name: str, role_args: list[str], num_cpus: int) -> Process:
+    def _spawn(self, name: str, role_args: list[str], num_cpus: int) -> Process:
+        # A marker resource {name: 1} lets node_ids() tell the nodes apart (all share 127.0.0.1).
         temp_dir = self.root / name
         temp_dir.mkdir(parents=True)
         ports = {
@@ -193,43 +211,87 @@ class RayNodes:
             sys.executable, "-m", "ray.scripts.scripts", "start", *role_args,
             "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
             f"--object-store-memory={self.object_store_mb * 2**20}",
-            f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block", f"--resources={json.dumps({name: 1})}",
             *(f"{flag}={port}" for flag, port in ports.items()),
         ]
-        process = spawn(name, argv, self.env(), self.root)
+        return spawn(name, argv, self.env(), self.root)
+
+    @staticmethod
+    def _wait_started(nodes: list[Process], timeout: float = 180) -> None:
+        def started(node: Process) -> bool:
+            return "Ray runtime started" in node.output(20000) or not node.alive
+
         try:
-            wait_for(
-                lambda: "Ray runtime started" in process.output(20000) or not process.alive,
-                timeout=120, what=f"ray node {name}",
-            )
+            wait_for(lambda: all(started(n) for n in nodes), timeout=timeout, what="ray nodes")
         except TimeoutError:
-            process.stop()
+            for node in nodes:
+                node.stop()
             raise
-        if not process.alive:
-            raise RuntimeError(f"ray start ({name}) exited:\n{process.output()}")
-        return process
+        dead = [n for n in nodes if not n.alive]
+        if dead:
+            for node in nodes:
+                node.stop()
+            raise RuntimeError("\n".join(f"ray start ({n.name}) exited:\n{n.output()}" for n in dead))
 
     def start_head(self, num_cpus: int = 0) -> Process:
         role = [
             "--head", f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
         ]
-        self.head = self._start("head", role, num_cpus)
-        return self.head
+        head = self._spawn("head", role, num_cpus)
+        self._wait_started([head])
+        self.head = head
+        return head
 
-    def add_worker(self, num_cpus: int = 1) -> Process:
-        worker = self._start(f"worker{len(self.workers) + 1}", [f"--address={self.address}"], num_cpus)
-        self.workers.append(worker)
-        return worker
+    def add_workers(self, count: int, num_cpus: int = 1) -> list[Process]:
+        """Start ``count`` worker nodes at once; returns when all joined."""
+        first = len(self.workers) + 1
+        new = [
+            self._spawn(f"worker{i}", [f"--address={self.address}"], num_cpus) for i in range(first, first + count)
+        ]
+        self._wait_started(new)
+        self.workers.extend(new)
+        return new
 
     def kill_node(self, node: Process) -> None:
         """SIGKILL the node's whole process group (raylet, agents, its Ray workers)."""
         node.kill(signal.SIGKILL)
         node.popen.wait(30)
 
+    @property
+    def processes(self) -> list[Process]:
+        return [*self.workers, *([self.head] if self.head else [])]
+
     def shutdown(self) -> None:
-        for node in [*self.workers, *([self.head] if self.head else [])]:
-            node.stop()
+        stop_all(self.processes)
+
+    def _state(self, resource: str, **params: str | int) -> list[dict]:
+        query = urllib.parse.urlencode({"detail": "true", "limit": 10000, **params})
+        request = urllib.request.Request(
+            f"{self.dashboard_url}/api/v0/{resource}?{query}", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            reply = json.load(response)
+        if not reply.get("result"):
+            raise RuntimeError(f"state API: {reply.get('msg')}")
+        return reply["data"]["result"]["result"]
+
+    def node_ids(self) -> dict[str, str]:
+        """Node name (``head``, ``worker1``, ...) -> Ray node id, for the nodes alive now."""
+        names = {p.name for p in self.processes}
+        return {
+            name: node["node_id"]
+            for node in self._state("nodes")
+            if node["state"] == "ALIVE"
+            for name in names & set(node.get("resources_total", {}))
+        }
+
+    def tasks(self, name: str) -> list[dict]:
+        """Every attempt of every task called ``name`` the cluster knows (Ray state API over HTTP).
+
+        Each record has ``task_id``, ``attempt_number``, ``node_id``, ``state``, ``job_id``.
+        """
+        return self._state("tasks", filter_keys="name", filter_predicates="=", filter_values=name)
 
     def python(self, code: str, timeout: float = 120) -> str:
         """Run ``code`` in a fresh Python connected to nothing yet (it calls ray.init itself)."""
@@ -270,7 +332,7 @@ class MlflowServer:
         except OSError:
             return False
 
-    def start(self, timeout: float = 120) -> MlflowServer:
+    def spawn(self) -> None:
         argv = [
             sys.executable, "-m", "mlflow", "server",
             "--backend-store-uri", self.backend_uri,
@@ -278,6 +340,8 @@ class MlflowServer:
             "--serve-artifacts", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]
         self.process = spawn(f"mlflow-{self.port}", argv, clean_env(), self.log_dir)
+
+    def wait_healthy(self, timeout: float = 180) -> None:
         try:
             wait_for(lambda: self.healthy() or not self.process.alive, timeout=timeout, what="mlflow server")
         except TimeoutError:
@@ -285,6 +349,10 @@ class MlflowServer:
             raise
         if not self.process.alive:
             raise RuntimeError(f"mlflow server exited:\n{self.process.output()}")
+
+    def start(self, timeout: float = 180) -> MlflowServer:
+        self.spawn()
+        self.wait_healthy(timeout)
         return self
 
     def stop(self) -> None:

@@ -12,11 +12,25 @@ Outside CI the module is skipped when PostgreSQL is down; in CI (``CI`` set) it 
 from __future__ import annotations
 
 import json
+import math
+import signal
+import subprocess
+import sys
 import textwrap
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import optuna
 import pytest
+import yaml
+from mlflow import MlflowClient
 
-from _cluster import MlflowServer, Postgres, RayNodes, make_ray_root
+import sweeps
+from _cluster import MlflowServer, Postgres, Process, RayNodes, make_ray_root, spawn, stop_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -33,26 +47,29 @@ def postgres():
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    root = make_ray_root()
-    nodes = RayNodes(root)
+def stack(postgres, tmp_path_factory):
+    """The MLflow server and the Ray cluster, started side by side (each takes ~10-30 s here)."""
+    tmp = tmp_path_factory.mktemp("mlflow")
+    server = MlflowServer(postgres.create("mlflow"), tmp / "artifacts", tmp)
+    nodes = RayNodes(make_ray_root())
     try:
+        server.spawn()
         nodes.start_head(num_cpus=0)
-        nodes.add_worker(num_cpus=1)
-        nodes.add_worker(num_cpus=1)
-        yield nodes
+        nodes.add_workers(2, num_cpus=1)
+        server.wait_healthy()
+        yield nodes, server
     finally:
-        nodes.shutdown()
+        stop_all([*nodes.processes, *([server.process] if server.process else [])])
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(postgres, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mlflow")
-    server = MlflowServer(postgres.create("mlflow"), tmp / "artifacts", tmp)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+def ray_cluster(stack) -> RayNodes:
+    return stack[0]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(stack) -> MlflowServer:
+    return stack[1]
 
 
 # --------------------------------------------------------------------------- the harness itself
@@ -80,19 +97,20 @@ def test_harness_runs_tasks_on_two_worker_nodes(ray_cluster):
     assert len(result["alive"]) == 3
     assert result["cpus"] == 2
     assert len(set(result["task_nodes"])) == 2, result
+    # The state API (used below to see where trials ran) agrees with the tasks themselves.
+    seen = {t["node_id"] for t in ray_cluster.tasks("where") if t["state"] == "FINISHED"}
+    assert seen == set(result["task_nodes"])
 
 
-def test_harness_cluster_refuses_a_wrong_token(ray_cluster):
-    import subprocess
-    import sys
-
-    env = ray_cluster.env(RAY_ADDRESS=ray_cluster.address, RAY_AUTH_TOKEN="wrong-token")
-    done = subprocess.run(
-        [sys.executable, "-c", "import ray; ray.init(address='auto'); print(ray.cluster_resources())"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode != 0
-    assert "auth" in (done.stdout + done.stderr).lower()
+def test_harness_cluster_has_token_auth_on(ray_cluster):
+    url = f"{ray_cluster.dashboard_url}/api/v0/tasks?limit=1"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=30)
+    assert refused.value.code in (401, 403)
+    wrong = urllib.request.Request(url, headers={"Authorization": "Bearer not-the-token"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(wrong, timeout=30)
+    assert refused.value.code in (401, 403)
 
 
 def test_harness_mlflow_server_stores_runs_and_artifacts(mlflow_server, tmp_path):
@@ -108,3 +126,250 @@ def test_harness_mlflow_server_stores_runs_and_artifacts(mlflow_server, tmp_path
     assert client.get_experiment(experiment).artifact_location.startswith("mlflow-artifacts:")
     stored = list(mlflow_server.artifacts_dir.rglob("hello.txt"))
     assert len(stored) == 1 and stored[0].read_text() == "hello"
+
+
+# --------------------------------------------------------------------------- sweeps on the cluster
+
+TRIAL_TASK = "_trial_task"  # the Ray task of sweeps.runner that runs one trial
+
+
+def write_config(directory: Path, name: str, lrs: list[float], max_epochs: int) -> Path:
+    """A grid sweep of tiny trials (digits subset, 1-hidden-layer MLP, top Hessian eigenvalue)."""
+    config = {
+        "name": name,
+        "dataset": {"name": "digits", "train_size": 192, "test_size": 192},
+        "model": {"name": "mlp", "depth": 1, "width": 16},
+        "train": {"lr": 0.1, "batch_size": 64, "max_epochs": max_epochs},
+        "measure": ["hessian_top_eig"],
+        "search": {"sampler": "grid", "space": {"train.lr": {"values": lrs}}},
+        "resources": {"cpus_per_trial": 1},
+    }
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@dataclass
+class SweepSetup:
+    """One sweep on the module's stack: its own Optuna database, name and results directory."""
+
+    name: str
+    config: Path
+    storage: str
+    results_dir: Path
+    ray_cluster: RayNodes
+    mlflow_server: MlflowServer
+
+    def flags(self, tracking_uri: str | None = None) -> list[str]:
+        return [
+            "--address", self.ray_cluster.address,
+            "--tracking-uri", tracking_uri or self.mlflow_server.url,
+            "--storage", self.storage,
+            "--results-dir", str(self.results_dir),
+            "--quiet",
+        ]
+
+    def run_args(self, tracking_uri: str | None = None) -> list[str]:
+        return ["run", str(self.config), "--name", self.name, *self.flags(tracking_uri)]
+
+    def cli(self, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "sweeps.cli", *args], env=self.ray_cluster.env(), cwd=self.results_dir,
+            capture_output=True, text=True, timeout=timeout,
+        )
+
+    def start_cli(self, args: list[str]) -> Process:
+        return spawn(f"driver-{self.name}", [sys.executable, "-m", "sweeps.cli", *args], self.ray_cluster.env(),
+                     self.results_dir)
+
+    def study(self) -> optuna.Study:
+        return optuna.load_study(study_name=self.name, storage=self.storage)
+
+    def finished_trials(self) -> list[optuna.trial.FrozenTrial]:
+        try:
+            trials = self.study().get_trials(deepcopy=False)
+        except KeyError:  # the driver has not created the study yet
+            return []
+        return [t for t in trials if t.state.is_finished() and t.user_attrs.get("status") != "interrupted"]
+
+
+@pytest.fixture
+def sweep_setup(request, postgres, ray_cluster, mlflow_server, tmp_path) -> SweepSetup:
+    name = f"mn-{request.node.name.removeprefix('test_')[:30]}".replace("_", "-")
+    return SweepSetup(
+        name=name,
+        config=write_config(tmp_path, name, LRS, MAX_EPOCHS),
+        storage=postgres.create("optuna"),
+        results_dir=tmp_path,
+        ray_cluster=ray_cluster,
+        mlflow_server=mlflow_server,
+    )
+
+
+LRS = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5]  # 6 grid points = 6 trials, 2 at a time
+MAX_EPOCHS = 6
+
+
+def completed(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}"
+
+
+def attempts_since(ray_cluster: RayNodes, before: set[tuple[str, int]]) -> list[dict]:
+    """Attempts of trial tasks that were not there at ``before`` (a set of (task_id, attempt))."""
+    return [t for t in ray_cluster.tasks(TRIAL_TASK) if (t["task_id"], t["attempt_number"]) not in before]
+
+
+def task_keys(ray_cluster: RayNodes) -> set[tuple[str, int]]:
+    return {(t["task_id"], t["attempt_number"]) for t in ray_cluster.tasks(TRIAL_TASK)}
+
+
+def assert_sweep_complete(setup: SweepSetup) -> dict[int, Any]:
+    """The study is complete, every grid point ran exactly once, and MLflow holds every trial with
+    its params, metrics and artifacts (stored by the server under --artifacts-destination).
+
+    Returns the child runs of the finished trials by trial number.
+    """
+    study = setup.study()
+    finished = setup.finished_trials()
+    assert len(finished) == len(LRS), [(t.number, t.state, t.user_attrs) for t in study.trials]
+    assert sorted(t.params["train.lr"] for t in finished) == sorted(LRS), "each grid point exactly once"
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in finished)
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+
+    client = MlflowClient(tracking_uri=setup.mlflow_server.url)
+    experiment = client.get_experiment_by_name(setup.name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("sweeps.role") == "parent"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("sweeps.role") == "trial"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    assert not [r for r in children if r.info.status == "RUNNING"]
+    artifacts_dir = setup.mlflow_server.artifacts_dir
+    assert list(artifacts_dir.rglob(f"{parents[0].info.run_id}/artifacts/config.yaml"))
+
+    by_number: dict[int, list] = {}
+    for run in children:
+        by_number.setdefault(int(run.data.tags["optuna.trial_number"]), []).append(run)
+    for trial in finished:
+        (run,) = by_number[trial.number]  # exactly one MLflow run per trial
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["status"] == trial.user_attrs["status"]
+        assert float(run.data.params["train.lr"]) == trial.params["train.lr"]
+        assert math.isfinite(run.data.metrics["hessian_top_eig"]) and run.data.metrics["hessian_top_eig"] > 0
+        assert run.data.metrics["test_acc"] == pytest.approx(trial.values[0])  # objective: test_acc
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"history.json", "result.json"} <= names, names
+        for name in ("history.json", "result.json"):
+            (stored,) = artifacts_dir.rglob(f"{run.info.run_id}/artifacts/{name}")
+            assert stored.stat().st_size > 0
+
+    frame = sweeps.results(setup.name, tracking_uri=setup.mlflow_server.url)
+    assert len(frame) == len(LRS)
+    assert set(frame["run_id"]) == {by_number[t.number][0].info.run_id for t in finished}
+    assert sorted(frame["train.lr"]) == sorted(LRS)
+    return {t.number: by_number[t.number][0] for t in finished}
+
+
+def test_sweep_runs_on_several_nodes_and_records_everything(sweep_setup):
+    setup = sweep_setup
+    before = task_keys(setup.ray_cluster)
+    result = setup.cli(setup.run_args())
+    assert result.returncode == 0, completed(result)
+    runs = assert_sweep_complete(setup)
+
+    workers = {setup.ray_cluster.node_ids()[w.name] for w in setup.ray_cluster.workers}
+    attempts = [t for t in attempts_since(setup.ray_cluster, before) if t["state"] == "FINISHED"]
+    assert len(attempts) == len(LRS)
+    nodes = {t["node_id"] for t in attempts}
+    assert nodes <= workers, "the head has 0 CPUs: no trial may run there"
+    assert len(nodes) == 2, f"trials ran on {len(nodes)} node(s)"
+    # Where the service records the node of each trial, it must agree with Ray.
+    tagged = {r.data.tags.get("sweeps.node_id") for r in runs.values()} - {None}
+    assert not tagged or tagged == nodes
+
+
+def test_unreachable_mlflow_server_fails_before_any_trial(sweep_setup, postgres, tmp_path):
+    setup = sweep_setup
+    stopped = MlflowServer(setup.mlflow_server.backend_uri, tmp_path / "artifacts2", tmp_path).start()
+    stopped.stop()
+    assert not stopped.healthy()
+    before = task_keys(setup.ray_cluster)
+    result = setup.cli(setup.run_args(tracking_uri=stopped.url))
+    assert result.returncode == 2, completed(result)
+    assert "--tracking-uri" in result.stderr and f"127.0.0.1:{stopped.port}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert setup.name not in optuna.get_all_study_names(setup.storage), "no study may be created"
+    assert attempts_since(setup.ray_cluster, before) == []
+
+
+def wait_until(predicate, timeout: float, what: str, driver: Process) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        assert driver.alive, f"the driver exited before {what}:\n{driver.output()}"
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} did not happen within {timeout} s:\n{driver.output()}")
+
+
+def test_killed_driver_is_resumed_to_completion(sweep_setup):
+    setup = sweep_setup
+    driver = setup.start_cli(setup.run_args())
+    try:
+        wait_until(lambda: len(setup.finished_trials()) >= 1 and bool(
+            setup.study().get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        ), timeout=240, what="one trial finished and one running", driver=driver)
+        driver.kill(signal.SIGKILL)
+        driver.popen.wait(30)
+    finally:
+        driver.stop(grace=0)
+    done_before = len(setup.finished_trials())
+    assert done_before < len(LRS), "the driver must be killed mid-sweep"
+
+    result = setup.cli(["resume", setup.name, *setup.flags()])
+    assert result.returncode == 0, completed(result)
+    runs = assert_sweep_complete(setup)
+
+    study = setup.study()
+    interrupted = [t for t in study.trials if t.user_attrs.get("status") == "interrupted"]
+    client = MlflowClient(tracking_uri=setup.mlflow_server.url)
+    for trial in interrupted:  # attempts cut by the kill: settled, never counted as results
+        assert trial.state == optuna.trial.TrialState.FAIL
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["status"] == "interrupted"
+    assert len(runs) == len(LRS)
+
+
+def test_killed_worker_node_still_completes_every_trial_once(sweep_setup):
+    setup = sweep_setup
+    cluster = setup.ray_cluster
+    node_of = cluster.node_ids()
+    before = task_keys(cluster)
+    driver = setup.start_cli(setup.run_args())
+    victim: list[Process] = []
+
+    def trial_running_after_one_finished() -> bool:
+        if not setup.finished_trials():
+            return False
+        running = {t["node_id"] for t in attempts_since(cluster, before) if t["state"] == "RUNNING"}
+        victim[:] = [w for w in cluster.workers if node_of[w.name] in running][:1]
+        return bool(victim)
+
+    try:
+        wait_until(trial_running_after_one_finished, timeout=240, what="a trial running after one finished",
+                   driver=driver)
+        cluster.kill_node(victim[0])
+        driver.popen.wait(300)
+    finally:
+        driver.stop(grace=0)
+    assert driver.popen.returncode == 0, driver.output()
+    runs = assert_sweep_complete(setup)
+    assert len(runs) == len(LRS)
+
+    killed = node_of[victim[0].name]
+    attempts = attempts_since(cluster, before)
+    lost = [t for t in attempts if t["node_id"] == killed and t["state"] != "FINISHED"]
+    assert lost, "a trial must have been running on the killed node"
+    retried = {t["task_id"] for t in attempts if t["attempt_number"] > 0 and t["state"] == "FINISHED"}
+    assert {t["task_id"] for t in lost} <= retried, "each lost trial is re-run by Ray, on a live node"
+    assert all(t["node_id"] != killed for t in attempts if t["attempt_number"] > 0)

@@ -38,9 +38,10 @@ class TrialResult:
             n_train, n_test, num_params, and every measure key with its ``<name>_seconds``.
         history: per-epoch and tracking records in step order, each with ``"step"`` and
             ``"kind"`` (``"epoch"`` or ``"track"``).
-        artifacts: files written into ``out_dir``, by name (``history.json``, ``result.json``,
-            ``training.png``, ``<measure>.npz`` for non-scalar results, ``surface_2d.png``,
-            ``hessian_spectrum.png``).
+        artifacts: files written into ``out_dir``, by name: ``history.json``, ``result.json``,
+            ``training.png``, ``init_state.pt`` and ``model.pt`` (state dicts), ``<measure>.npz``
+            for non-scalar results (surfaces: alphas, betas, loss, accuracy) and
+            ``<measure>.png`` for surfaces and spectra.
         config: the trial's config.
         reason: one line on why training stopped.
     """
@@ -170,7 +171,7 @@ def _run(config: SweepConfig, log: Callable[[dict[str, float], int], None] | Non
         ))
     result = TrialResult(trained.status, metrics, trained.history, {}, config, trained.reason)
     if out_dir is not None:
-        result.artifacts = write_artifacts(Path(out_dir), result, results, trained)
+        result.artifacts = write_artifacts(Path(out_dir), result, results, trained, model)
     return result
 
 
@@ -247,17 +248,21 @@ def _measure_files(name: str, value: Any, out_dir: Path) -> dict[str, Path]:
     return files
 
 
-def write_artifacts(out_dir: Path, result: TrialResult, measured: dict[str, Any], trained: TrainResult) -> dict[str, Path]:
-    """Write history/result JSON, the training figure, and arrays + figures of non-scalar
-    measures into ``out_dir``; return ``{name: path}``."""
+def write_artifacts(
+    out_dir: Path, result: TrialResult, measured: dict[str, Any], trained: TrainResult, model: torch.nn.Module
+) -> dict[str, Path]:
+    """Write history/result JSON, the training figure, the initial and final weights
+    (``init_state.pt``, ``model.pt``: state dicts), and arrays + figures of non-scalar measures
+    into ``out_dir``; return ``{name: path}``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     files["history.json"] = out_dir / "history.json"
     files["history.json"].write_text(json.dumps([_finite(r) for r in result.history], indent=1))
     files["training.png"] = out_dir / "training.png"
     _save_figure(_plot_training(result.history), files["training.png"])
-    torch.save(trained.init_state, out_dir / "init_state.pt")
-    files["init_state.pt"] = out_dir / "init_state.pt"
+    for name, state in (("init_state.pt", trained.init_state), ("model.pt", model.state_dict())):
+        files[name] = out_dir / name
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, files[name])
     for name, value in measured.items():
         files.update(_measure_files(name, value, out_dir))
     files["result.json"] = out_dir / "result.json"

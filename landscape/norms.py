@@ -74,7 +74,9 @@ def weight_norms(model: nn.Module, *, params: ParamSelector = None) -> NormResul
         ValueError: if the selection holds no layer.
     """
     selected = _selected(model, params)
-    layers = {n: t.to(torch.float64).reshape(t.shape[0], -1) for n, t in selected.items() if t.ndim >= 2}
+    layers = {
+        n: t.to(torch.float64).reshape(t.shape[0], -1) for n, t in selected.items() if t.ndim >= 2
+    }
     if not layers:
         raise ValueError(
             "params: the selected parameters contain no layer (tensor with >= 2 dimensions); "
@@ -114,13 +116,17 @@ def distance_from_init(
     selected = _selected(model, params)
     missing = [n for n in selected if n not in init_state]
     if missing:
-        raise KeyError(f"init_state: has no entry for parameters {missing}; pass the model's full state_dict at init")
+        raise KeyError(
+            f"init_state: has no entry for parameters {missing}; pass the model's full "
+            "state_dict saved at initialization"
+        )
     total = torch.zeros((), dtype=torch.float64)
     for name, w in selected.items():
         w0 = init_state[name]
         if tuple(w0.shape) != tuple(w.shape):
             raise ValueError(
-                f"init_state: {name!r} has shape {tuple(w0.shape)} but the parameter has {tuple(w.shape)}"
+                f"init_state: {name!r} has shape {tuple(w0.shape)} but the parameter has "
+                f"{tuple(w.shape)}"
             )
         diff = w.to(torch.float64) - w0.detach().to(w.device, torch.float64)
         total = total + diff.pow(2).sum().cpu()

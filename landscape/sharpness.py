@@ -213,7 +213,7 @@ def _slice_inputs(inputs: Any, sl: slice) -> Any:
 
 def _cat_inputs(parts: Sequence[Any]) -> Any:
     if isinstance(parts[0], tuple):
-        return tuple(torch.cat(ts) for ts in zip(*parts))
+        return tuple(torch.cat(ts) for ts in zip(*parts, strict=True))
     return torch.cat(list(parts))
 
 
@@ -233,7 +233,9 @@ def _example_groups(ml: ModelLoss, m: int | None, n_examples: int | None) -> lis
         return [batches]
     inputs = _cat_inputs([b[0] for b in batches])
     targets = torch.cat([b[1] for b in batches])
-    return [[(_slice_inputs(inputs, slice(i, i + m)), targets[i : i + m])] for i in range(0, count, m)]
+    return [
+        [(_slice_inputs(inputs, slice(i, i + m)), targets[i : i + m])] for i in range(0, count, m)
+    ]
 
 
 def _group_size(group: Iterable[Batch]) -> int:
@@ -263,7 +265,11 @@ def _loss(ml: ModelLoss, loss_fn: LossFn, group: Iterable[Batch], flat: Tensor) 
 
 
 def _loss_and_grad(
-    ml: ModelLoss, loss_fn: LossFn, group: Iterable[Batch], to_flat: Callable[[Tensor], Tensor], z: Tensor
+    ml: ModelLoss,
+    loss_fn: LossFn,
+    group: Iterable[Batch],
+    to_flat: Callable[[Tensor], Tensor],
+    z: Tensor,
 ) -> tuple[float, Tensor]:
     """Mean loss over ``group`` at ``to_flat(z)`` and its gradient w.r.t. ``z``, batch by batch
     (one graph alive at a time)."""
@@ -281,7 +287,7 @@ def _loss_and_grad(
 
 @torch.no_grad()
 def _accuracy(ml: ModelLoss, group: Iterable[Batch], flat: Tensor) -> float:
-    """Accuracy over the examples of ``group`` at flat parameters ``flat`` (call in ``ml.mode()``)."""
+    """Accuracy over the examples of ``group`` at flat parameters ``flat`` (in ``ml.mode()``)."""
     p = ml.unflatten(flat)
     correct, n = 0.0, 0
     for x, y in group:
@@ -330,7 +336,8 @@ def _random_start(ml: ModelLoss, gen: torch.Generator, size: int, rho: float, p:
 
 
 def _checkpoints(steps: int) -> set[int]:
-    """Croce & Hein 2020 checkpoints: p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
+    """Croce & Hein 2020 checkpoints (as step indices): p_0 = 0, p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
     fractions, prev, cur = [], 0.0, 0.22
     while cur <= 1:
         fractions.append(cur)
@@ -365,7 +372,9 @@ def _apgd(
     ckpt_eta, ckpt_best = eta, best_f
     for k in range(1, steps + 1):
         u = _project(z + eta * _ascent_direction(g, p), rho, p)
-        z_next = u if k == 1 else _project(z + momentum * (u - z) + (1 - momentum) * (z - z_prev), rho, p)
+        if k > 1:
+            u = _project(z + momentum * (u - z) + (1 - momentum) * (z - z_prev), rho, p)
+        z_next = u
         z_prev, z = z, z_next
         f, g = objective(z)
         successes += f > f_prev
@@ -451,7 +460,9 @@ def keskar_sharpness(
         base = _loss(ml, ml.loss_fn, ml.batches, theta)
         z0 = 0.5 * _rand_box(ml, gen, ml.num_params)
         if method == "pga":
-            best, _ = _apgd(objective, z0, rho=1.0, p="inf", steps=max_iter, step_size=1.0, momentum=0.75)
+            best, _ = _apgd(
+                objective, z0, rho=1.0, p="inf", steps=max_iter, step_size=1.0, momentum=0.75
+            )
         else:
 
             def negated(z_np: np.ndarray) -> tuple[float, np.ndarray]:
@@ -495,7 +506,9 @@ def _sharpness_result(
 ) -> SharpnessResult:
     values, weights = np.asarray(per_batch), np.asarray(sizes, dtype=float)
     weights /= weights.sum()
-    return SharpnessResult(value=float(values @ weights), std_err=std_err, per_batch=values, **settings)
+    return SharpnessResult(
+        value=float(values @ weights), std_err=std_err, per_batch=values, **settings
+    )
 
 
 def worst_case_sharpness(
@@ -566,7 +579,9 @@ def worst_case_sharpness(
             per_batch.append(max(max(v for v, _ in runs), base) - base)
             n_grad += restarts * (steps + 1)
     sizes = [_group_size(g) for g in groups]
-    std_err = float(np.std(per_batch, ddof=1) / math.sqrt(len(per_batch))) if len(per_batch) > 1 else None
+    std_err = None
+    if len(per_batch) > 1:
+        std_err = float(np.std(per_batch, ddof=1) / math.sqrt(len(per_batch)))
     return _sharpness_result(
         per_batch, sizes, std_err, kind="worst", rho=rho, p=p, adaptive=adaptive, m=m,
         n_examples=sum(sizes), normalize_logits=logit_normalization, n_grad=n_grad,
@@ -619,10 +634,12 @@ def average_sharpness(
                 for _ in range(n_samples)
             ])
             per_batch.append(float(diffs.mean()))
-            variances.append(float(diffs.var(ddof=1)) / n_samples if n_samples > 1 else float("nan"))
+            variances.append(float(diffs.var(ddof=1)) / n_samples if n_samples > 1 else math.nan)
     sizes = [_group_size(g) for g in groups]
     weights = np.asarray(sizes, dtype=float) / sum(sizes)
-    std_err = float(math.sqrt(np.sum(weights**2 * np.asarray(variances)))) if n_samples > 1 else None
+    std_err = None
+    if n_samples > 1:
+        std_err = float(math.sqrt(np.sum(weights**2 * np.asarray(variances))))
     return _sharpness_result(
         per_batch, sizes, std_err, kind="average", rho=rho, p=2, adaptive=adaptive, m=m,
         n_examples=sum(sizes), normalize_logits=logit_normalization, n_grad=n_samples * len(groups),
@@ -795,7 +812,9 @@ def sharpness_flatness(
     _check_count("restarts", restarts)
 
     def accuracy_at(ml: ModelLoss, group: Iterable[Batch], theta: Tensor, alpha: float) -> float:
-        half_width = perturbation_scale(theta, alpha, magnitude_aware=magnitude_aware, eps=eps, box=True)
+        half_width = perturbation_scale(
+            theta, alpha, magnitude_aware=magnitude_aware, eps=eps, box=True
+        )
 
         def objective(z: Tensor) -> tuple[float, Tensor]:
             return _loss_and_grad(ml, ml.loss_fn, group, lambda zz: theta + half_width * zz, z)
@@ -821,7 +840,9 @@ def _hessian(
     model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSelector, dtype: torch.dtype | None,
     operator: HessianOperator | None,
 ) -> HessianOperator:
-    return operator if operator is not None else HessianOperator(model, loss_fn, data, params=params, dtype=dtype)
+    if operator is not None:
+        return operator
+    return HessianOperator(model, loss_fn, data, params=params, dtype=dtype)
 
 
 def filter_normalized_directions(ml: ModelLoss, n: int, *, seed: int = 0) -> Tensor:
@@ -836,7 +857,10 @@ def filter_normalized_directions(ml: ModelLoss, n: int, *, seed: int = 0) -> Ten
 
     columns = []
     for k in range(n):
-        raw = {name: gaussian_like(name, w.shape, seed, k).to(w.device, w.dtype) for name, w in ml.theta.items()}
+        raw = {
+            name: gaussian_like(name, w.shape, seed, k).to(w.device, w.dtype)
+            for name, w in ml.theta.items()
+        }
         columns.append(ml.flatten(normalize_direction(raw, ml.theta, "filter", "zero")))
     return torch.stack(columns, dim=1)
 
@@ -846,7 +870,9 @@ def _quadratic_forms(op: HessianOperator, V: Tensor) -> CurvatureResult:
     samples = (V * (op @ V)).sum(0).to("cpu", torch.float64).numpy()
     n = len(samples)
     std_err = float(samples.std(ddof=1) / math.sqrt(n)) if n > 1 else None
-    return CurvatureResult(value=float(samples.mean()), std_err=std_err, n_vectors=n, samples=samples)
+    return CurvatureResult(
+        value=float(samples.mean()), std_err=std_err, n_vectors=n, samples=samples
+    )
 
 
 def filter_curvature(

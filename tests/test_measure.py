@@ -96,7 +96,15 @@ def test_measure_returns_values_and_seconds_and_leaves_model_unchanged(setup):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [m.training for m in model.modules()]
     artifacts: dict = {}
-    out = measure(model, nn.CrossEntropyLoss(), data, list(CHEAP), options=CHEAP, init_state=init, artifacts=artifacts)
+    out = measure(
+        model,
+        nn.CrossEntropyLoss(),
+        data,
+        list(CHEAP),
+        options=CHEAP,
+        init_state=init,
+        artifacts=artifacts,
+    )
     for name in CHEAP:
         assert isinstance(out[name], float), name
         assert out[f"{name}_seconds"] >= 0, name
@@ -114,14 +122,35 @@ def test_measure_values_equal_direct_calls(setup):
     model, data, init = setup
     loss = nn.CrossEntropyLoss()
     out = measure(
-        model, loss, data,
-        ["adaptive_sharpness_avg", "sharpness_worst", "filter_curvature", "param_count", "spectral_norm_prod", "dist_from_init"],
-        seed=5, init_state=init,
-        options={"adaptive_sharpness_avg": {"n_samples": 6, "m": 16}, "sharpness_worst": {"steps": 4}},
+        model,
+        loss,
+        data,
+        [
+            "adaptive_sharpness_avg",
+            "sharpness_worst",
+            "filter_curvature",
+            "param_count",
+            "spectral_norm_prod",
+            "dist_from_init",
+        ],
+        seed=5,
+        init_state=init,
+        options={
+            "adaptive_sharpness_avg": {"n_samples": 6, "m": 16},
+            "sharpness_worst": {"steps": 4},
+        },
     )
-    assert out["adaptive_sharpness_avg"] == sharpness.average_sharpness(model, loss, data, n_samples=6, m=16, seed=5).value
-    assert out["sharpness_worst"] == sharpness.worst_case_sharpness(model, loss, data, adaptive=False, steps=4, seed=5).value
-    assert out["filter_curvature"] == pytest.approx(sharpness.filter_curvature(model, loss, data, seed=5).value, rel=1e-12)
+    assert (
+        out["adaptive_sharpness_avg"]
+        == sharpness.average_sharpness(model, loss, data, n_samples=6, m=16, seed=5).value
+    )
+    assert (
+        out["sharpness_worst"]
+        == sharpness.worst_case_sharpness(model, loss, data, adaptive=False, steps=4, seed=5).value
+    )
+    assert out["filter_curvature"] == pytest.approx(
+        sharpness.filter_curvature(model, loss, data, seed=5).value, rel=1e-12
+    )
     assert out["param_count"] == sum(p.numel() for p in model.parameters())
     assert out["spectral_norm_prod"] == pytest.approx(norms.weight_norms(model).spectral_prod)
     assert out["dist_from_init"] == pytest.approx(norms.distance_from_init(model, init))
@@ -131,10 +160,20 @@ def test_options_params_and_dtype_build_a_separate_loss(setup):
     model, data, _ = setup
     loss = nn.CrossEntropyLoss()
     only_last = ["3.weight", "3.bias"]
-    out = measure(model, loss, data, ["sharpness_avg"], options={"sharpness_avg": {"params": only_last, "n_samples": 4}})
-    direct = sharpness.average_sharpness(model, loss, data, adaptive=False, params=only_last, n_samples=4)
+    out = measure(
+        model,
+        loss,
+        data,
+        ["sharpness_avg"],
+        options={"sharpness_avg": {"params": only_last, "n_samples": 4}},
+    )
+    direct = sharpness.average_sharpness(
+        model, loss, data, adaptive=False, params=only_last, n_samples=4
+    )
     assert out["sharpness_avg"] == direct.value
-    everything = measure(model, loss, data, ["sharpness_avg"], options={"sharpness_avg": {"n_samples": 4}})
+    everything = measure(
+        model, loss, data, ["sharpness_avg"], options={"sharpness_avg": {"n_samples": 4}}
+    )
     assert everything["sharpness_avg"] != out["sharpness_avg"]
 
 
@@ -176,7 +215,9 @@ def test_register_metric_adds_one_name(setup):
         out = measure(model, nn.CrossEntropyLoss(), data, ["test_train_loss"])
         with torch.no_grad():
             model.eval()
-            assert out["test_train_loss"] == pytest.approx(float(nn.functional.cross_entropy(model(data[0]), data[1])))
+            assert out["test_train_loss"] == pytest.approx(
+                float(nn.functional.cross_entropy(model(data[0]), data[1]))
+            )
     finally:
         METRICS.pop("test_train_loss")
 
@@ -193,12 +234,21 @@ def test_package_attribute_is_callable_and_curvature_metrics_share_the_operator(
     model, data, _ = setup
     artifacts: dict = {}
     out = landscape.measure(
-        model, nn.CrossEntropyLoss(), data, ["hessian_top_eig", "hessian_trace", "adaptive_trace"],
-        options={"hessian_trace": {"seed": 3}}, artifacts=artifacts,
+        model,
+        nn.CrossEntropyLoss(),
+        data,
+        ["hessian_top_eig", "hessian_trace", "adaptive_trace"],
+        options={"hessian_trace": {"seed": 3}},
+        artifacts=artifacts,
     )
     from landscape.hvp import HessianOperator
 
     dense = HessianOperator(model, nn.CrossEntropyLoss(), data).dense()
-    assert out["hessian_top_eig"] == pytest.approx(float(torch.linalg.eigvalsh(dense)[-1]), rel=1e-6)
-    assert abs(out["hessian_trace"] - float(dense.trace())) <= 4 * artifacts["hessian_trace"].std_err + 1e-9
+    assert out["hessian_top_eig"] == pytest.approx(
+        float(torch.linalg.eigvalsh(dense)[-1]), rel=1e-6
+    )
+    assert (
+        abs(out["hessian_trace"] - float(dense.trace()))
+        <= 4 * artifacts["hessian_trace"].std_err + 1e-9
+    )
     assert out["adaptive_trace"] == artifacts["adaptive_trace"].value

@@ -186,10 +186,12 @@ def lanczos(
         theta, _, estimates = run.ritz()
         idx = _wanted(theta, k, which)
         limit = _threshold(theta[idx], tol, np.abs(theta).max(), op.dtype)
-        if not run.restarts[0]:
-            if (estimates[idx] <= limit).all():
-                break
-        elif run.just_broke[0]:
+        # A given v0 that spans an invariant subspace (an eigenvector, for a warm start) is
+        # taken at its word, like any start vector whose Krylov space has not ended.
+        warm_block_ended = v0 is not None and run.just_broke[0] and run.restarts[0] == 1
+        if (not run.restarts[0] or warm_block_ended) and (estimates[idx] <= limit).all():
+            break
+        if run.restarts[0] and run.just_broke[0]:
             # After an invariant subspace the complement may hold more copies of the wanted
             # eigenvalues: stop only once a whole further subspace left them unchanged.
             if at_last_breakdown is not None and (np.abs(theta[idx] - at_last_breakdown) <= limit).all():

@@ -143,6 +143,13 @@ def test_warm_start_converges_in_few_products(classifier_data):
     warm = hessian_eigenvalues(None, None, None, tol=1e-6, operator=op, v0=cold.vectors[:, 0])
     assert warm.n_hvp <= 3 < cold.n_hvp
     torch.testing.assert_close(warm.values, cold.values, rtol=1e-9, atol=0)
+    # float32: the warm vector is an eigenvector to rounding, so its Krylov space ends at once
+    model32 = make_classifier("tanh", dtype=torch.float32)
+    op32 = HessianOperator(model32, loss_fn, batches)
+    cold32 = hessian_eigenvalues(None, None, None, operator=op32)
+    warm32 = hessian_eigenvalues(None, None, None, operator=op32, v0=cold32.vectors[:, 0])
+    assert warm32.n_hvp <= 2 and warm32.converged
+    assert float(warm32.values[0]) == pytest.approx(float(cold32.values[0]), rel=1e-4)
 
 
 def test_float32_and_parameter_subset():

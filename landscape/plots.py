@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, NullLocator
 
 from .surface import Interpolation, Surface1D, Surface2D
 
@@ -55,6 +56,20 @@ def _levels(values: np.ndarray, n: int, log: bool) -> tuple[np.ndarray, Normaliz
     if log and lo > 0:
         return np.geomspace(lo, hi, n + 1), LogNorm(lo, hi)
     return np.linspace(lo, hi, n + 1), Normalize(lo, hi)
+
+
+def _colorbar(fig: Figure, ax: Axes, mappable: Any, label: str) -> None:
+    """Colorbar with a handful of readable ticks (log norms get log-spaced ticks)."""
+    bar = fig.colorbar(mappable, ax=ax, label=label)
+    norm = mappable.norm
+    if isinstance(norm, LogNorm):
+        bar.set_ticks(np.geomspace(norm.vmin, norm.vmax, 7))
+        bar.ax.yaxis.set_minor_locator(NullLocator())
+    bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+
+
+def _legend_below(ax: Axes, handles: list, names: list[str]) -> None:
+    ax.legend(handles, names, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
 
 
 def _direction_labels(ax: Axes, surface: Surface2D) -> None:
@@ -110,7 +125,7 @@ def plot_surface_2d(
         plot_surface_3d(surface, quantity=quantity, log_scale=log_scale, ax=fig.add_subplot(1, 2, 2, projection="3d"))
     fig, ax = _axes(ax, (5.5, 4.5))
     mappable = _contour(ax, surface, quantity, levels, filled, log_scale)
-    fig.colorbar(mappable, ax=ax, label=quantity)
+    _colorbar(fig, ax, mappable, quantity)
     _direction_labels(ax, surface)
     ax.set_title(title or f"{quantity} surface (model loss {surface.center_loss:.4g})")
     return fig
@@ -185,7 +200,7 @@ def plot_surface_1d(
         twin.set_ylim(-0.02, 1.02)
         more_h, more_n = twin.get_legend_handles_labels()
         handles, names = handles + more_h, names + more_n
-    ax.legend(handles, names, fontsize="small", loc="upper center")
+    _legend_below(ax, handles, names)
     ax.set_title(title or "loss along a direction")
     return fig
 
@@ -206,6 +221,11 @@ def plot_interpolation(
     ax = fig.axes[0] if ax is None else ax
     ax.axvspan(0.0, 1.0, color="0.9", zorder=0)
     ax.plot([0.0, 1.0], [interpolation.loss_a, interpolation.loss_b], "o", color="tab:red", label="end points")
+    handles, names = [], []
+    for a in sorted(ax.get_shared_x_axes().get_siblings(ax), key=lambda a: a is not ax):
+        more_h, more_n = a.get_legend_handles_labels()
+        handles, names = handles + more_h, names + more_n
+    _legend_below(ax, handles, names)
     ax.set_title(title or f"linear interpolation: barrier {interpolation.barrier:.4g}")
     return fig
 
@@ -271,7 +291,7 @@ def plot_trajectory(
     fig, ax = _axes(ax, (5.5, 4.5))
     if surface is not None:
         mappable = _contour(ax, surface, "loss", levels, True, log_scale)
-        fig.colorbar(mappable, ax=ax, label="loss")
+        _colorbar(fig, ax, mappable, "loss")
     ax.plot(coords[:, 0], coords[:, 1], "-o", color="white" if surface is not None else "C0",
             markeredgecolor="k", markersize=4, linewidth=1.5, label="trajectory")
     ax.plot(coords[:1, 0], coords[:1, 1], "s", color="tab:orange", markeredgecolor="k", label="start")

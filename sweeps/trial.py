@@ -90,6 +90,14 @@ def register_sweeps_metrics() -> None:
                                "2D filter-normalized surface, 51 x 51 on [-1, 1]^2; scalar: top eigenvalue of its quadratic fit"))
 
 
+def _cuda_indices(device: str) -> list[int]:
+    """CUDA device indices whose RNG state :func:`torch.random.fork_rng` must save/restore."""
+    d = torch.device(device)
+    if d.type != "cuda":
+        return []
+    return [d.index if d.index is not None else torch.cuda.current_device()]
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -149,7 +157,7 @@ def _run(config: SweepConfig, log: Callable[[dict[str, float], int], None] | Non
     data = load_dataset(config.dataset).to(device)
     model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed).to(device)
     loss_fn = LOSSES[config.train.loss]
-    with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []):
+    with torch.random.fork_rng(devices=_cuda_indices(device)):
         torch.manual_seed(config.seed)  # dropout masks
         trained = train(model, data, config.train, seed=config.seed, log=log)
     f = trained.final

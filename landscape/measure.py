@@ -152,7 +152,7 @@ def _bind(fn: Callable[..., Any], shared: str | None = "model_loss", **fixed: An
             kwargs = {"params": ctx.params, "dtype": ctx.dtype, **kwargs}
         return fn(ctx.model, ctx.loss_fn, ctx.data, **kwargs)
 
-    metric.target = fn  # type: ignore[attr-defined]  # for option checks
+    metric.target, metric.fixed = fn, fixed  # type: ignore[attr-defined]  # for option checks
     return metric
 
 
@@ -266,6 +266,16 @@ def measure(
     return out
 
 
+def check_request(
+    metrics: Iterable[str], options: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[str]:
+    """Check metric names and options as :func:`measure` does, without computing anything
+    (e.g. when a sweep config is loaded); return the metric list. Raises the same errors."""
+    metrics = _check_metrics(metrics)
+    _check_options(options, metrics)
+    return metrics
+
+
 def _check_metrics(metrics: Iterable[str]) -> list[str]:
     if isinstance(metrics, str):
         metrics = [metrics]
@@ -292,6 +302,10 @@ def _check_options(options: Mapping[str, Mapping[str, Any]] | None, metrics: lis
     for name, opts in options.items():
         if not isinstance(opts, Mapping):
             raise TypeError(f"options[{name!r}]: must be a dict of keyword arguments, got {type(opts).__name__}")
+        fixed = getattr(METRICS[name].fn, "fixed", {})
+        clash = sorted(set(fixed) & set(opts))
+        if clash:
+            raise ValueError(f"options[{name!r}]: {clash} fixed by this metric ({fixed}); use the other variant")
         target = getattr(METRICS[name].fn, "target", None)
         if target is None:
             continue

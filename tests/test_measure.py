@@ -252,3 +252,15 @@ def test_package_attribute_is_callable_and_curvature_metrics_share_the_operator(
         <= 4 * artifacts["hessian_trace"].std_err + 1e-9
     )
     assert out["adaptive_trace"] == artifacts["adaptive_trace"].value
+
+
+def test_check_request_validates_without_computing():
+    from landscape.measure import check_request
+
+    assert check_request(["param_count"], {"param_count": {}}) == ["param_count"]
+    with pytest.raises(ValueError, match="fixed"):
+        check_request(["sharpness_worst"], {"sharpness_worst": {"adaptive": True}})
+    with pytest.raises(TypeError, match="accepted"):
+        check_request(["pacbayes_mag_flatness"], {"pacbayes_mag_flatness": {"sigma": 1}})
+    with pytest.raises(KeyError, match="known metrics"):
+        check_request(["no_such_metric"])

@@ -68,7 +68,12 @@ def make_storage(storage: str) -> optuna.storages.BaseStorage:
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
+    try:
+        return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
+    except Exception as err:  # another process created the schema at the same moment: it exists now
+        if "already exists" not in str(err):
+            raise
+        return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
 
 
 def config_fingerprint(config_dict: Mapping[str, Any]) -> str:

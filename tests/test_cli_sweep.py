@@ -1,0 +1,205 @@
+"""The sweep commands as a user runs them: `sweeps run` in a subprocess, interrupted by SIGINT or
+SIGKILL mid-sweep, then resumed; bad configs and reused names; results/status/list output.
+
+Real Ray (one 2-CPU cluster for the module; each `sweeps run` subprocess joins it with
+--address), real MLflow and Optuna sqlite stores, real trials.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import itertools
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import ray
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+import sweeps
+from sweeps import search
+from sweeps.config import load_config
+
+SPACE = {"train.lr": {"values": [0.05, 0.2]}, "model.width": {"values": [8, 16]}, "seed": {"values": [0, 1]}}
+GRID = set(itertools.product([0.05, 0.2], [8, 16], [0, 1]))
+
+
+def write_config(path: Path, name: str, max_epochs: int = 12, **train) -> Path:
+    data = {
+        "name": name,
+        "dataset": {"name": "digits", "train_size": 256},
+        "model": {"name": "mlp", "width": 8, "depth": 1},
+        "train": {"lr": 0.1, "batch_size": 32, "max_epochs": max_epochs, "stop": {"train_loss": 0.001}, **train},
+        "measure": ["hessian_top_eig"],
+        "measure_subset": 128,
+        "search": {"sampler": "grid", "space": SPACE},
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def sweeps_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sweeps.cli", *args], capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def study_of(results_dir: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=search.make_storage(f"sqlite:///{results_dir / 'optuna.db'}"))
+
+
+def wait_for_fresh_running_trial(results_dir: Path, name: str, proc: subprocess.Popen, min_finished: int) -> None:
+    """Block until >= min_finished trials finished and a trial started < 1 s ago is RUNNING.
+
+    Reads the study database read-only with sqlite3 (opening an Optuna storage here would race
+    the driver's schema creation)."""
+    db = results_dir / "optuna.db"
+    while proc.poll() is None:
+        time.sleep(0.1)
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+                rows = con.execute("select state, datetime_start from trials").fetchall()
+        except sqlite3.Error:
+            continue
+        done = sum(state in ("COMPLETE", "FAIL", "PRUNED") for state, _ in rows)
+        fresh = [start for state, start in rows if state == "RUNNING" and start
+                 and (datetime.datetime.now() - datetime.datetime.fromisoformat(start)).total_seconds() < 1.0]
+        if done >= min_finished and fresh:
+            return
+    raise AssertionError(f"sweeps run ended before it could be interrupted:\n{proc.stderr.read()}")
+
+
+def assert_complete_and_clean(results_dir: Path, name: str) -> pd.DataFrame:
+    """Every grid point exactly once in the results, nothing RUNNING in Optuna or MLflow."""
+    frame = sweeps.results(name, results_dir=results_dir)
+    points = list(zip(frame["train.lr"], frame["model.width"], frame["seed"]))
+    assert len(points) == 8 and set(points) == GRID
+    assert set(frame["status"]) <= {"converged", "not_converged"}
+    assert not search.stale_trials(study_of(results_dir, name))
+    client = MlflowClient(f"sqlite:///{results_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    parents = [r for r in runs if r.data.tags.get("sweeps.role") == "parent"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # reopened on resume, not duplicated
+    return frame
+
+
+@pytest.mark.slow
+def test_sigint_then_resume(tmp_path, ray_address):
+    config = write_config(tmp_path / "sweep.yaml", "cli-int")
+    results_dir = tmp_path / "results"
+    common = ["--results-dir", str(results_dir), "--address", ray_address, "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(config), "--max-concurrent", "2", *common],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_fresh_running_trial(results_dir, "cli-int", proc, min_finished=2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate()
+    assert proc.returncode == 130, err
+    assert "sweeps resume" in err
+
+    study = study_of(results_dir, "cli-int")
+    assert not search.stale_trials(study)  # the running trials were marked, not left RUNNING
+    statuses = [search.trial_status(t) for t in study.trials]
+    assert "interrupted" in statuses
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == statuses.count("interrupted")  # re-enqueued
+    client = MlflowClient(f"sqlite:///{results_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cli-int").experiment_id], max_results=1000)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    killed = [r for r in runs if r.data.tags.get("status") == "interrupted"]
+    assert killed and {r.info.status for r in killed} == {"KILLED"}
+    finished_before = {t.number for t in search.finished_trials(study)}
+
+    resumed = sweeps_cli("resume", "cli-int", *common)
+    assert resumed.returncode == 0, resumed.stderr
+    frame = assert_complete_and_clean(results_dir, "cli-int")
+    assert finished_before <= set(frame["trial_number"])  # finished trials were kept, not re-run
+
+    # results / status / list on the finished sweep
+    csv = sweeps_cli("results", "cli-int", "--results-dir", str(results_dir), "--format", "csv")
+    assert csv.returncode == 0, csv.stderr
+    from_csv = pd.read_csv(io.StringIO(csv.stdout))
+    assert from_csv["run_id"].tolist() == frame["run_id"].tolist()
+    assert from_csv["test_acc"].tolist() == pytest.approx(frame["test_acc"].tolist())
+    parquet = tmp_path / "r.parquet"
+    out = sweeps_cli("results", "cli-int", "--results-dir", str(results_dir), "--format", "parquet", "--out", str(parquet))
+    assert out.returncode == 0, out.stderr
+    pd.testing.assert_frame_equal(pd.read_parquet(parquet), frame, check_dtype=False)
+    status = sweeps_cli("status", "cli-int", "--results-dir", str(results_dir), "--json")
+    info = json.loads(status.stdout)
+    assert info["finished"] == 8 and info["budget"] == 8 and info["counts"]["interrupted"] == statuses.count("interrupted")
+    listing = sweeps_cli("list", "--results-dir", str(results_dir))
+    assert "cli-int" in listing.stdout and " 8 " in listing.stdout
+
+
+@pytest.mark.slow
+def test_sigkill_then_run_again_continues(tmp_path, ray_address):
+    config = write_config(tmp_path / "sweep.yaml", "cli-kill")
+    results_dir = tmp_path / "results"
+    common = ["--results-dir", str(results_dir), "--address", ray_address, "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(config), "--max-concurrent", "2", *common],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_fresh_running_trial(results_dir, "cli-kill", proc, min_finished=1)
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    left_running = {t.number for t in search.stale_trials(study_of(results_dir, "cli-kill"))}
+    assert left_running  # a killed driver cannot clean up: the next one must
+
+    again = sweeps_cli("run", str(config), *common)  # same config: continues the sweep
+    assert again.returncode == 0, again.stderr
+    assert "left running by a stopped driver" in again.stderr or "recovered as" in again.stderr
+    assert_complete_and_clean(results_dir, "cli-kill")
+    study = study_of(results_dir, "cli-kill")
+    for number in left_running:
+        assert search.trial_status(study.trials[number]) in ("interrupted", "converged", "not_converged")
+
+
+def test_bad_config_exits_2_naming_the_field(tmp_path):
+    config = write_config(tmp_path / "bad.yaml", "bad")
+    results_dir = tmp_path / "results"
+    for field, value, expected in (("train.lr", -1, "train.lr: must be > 0"),
+                                   ("search.space.train.lrr", {"values": [1]}, "search.space.train.lrr")):
+        data = yaml.safe_load(config.read_text())
+        if field == "train.lr":
+            data["train"]["lr"] = value
+        else:
+            data["search"]["space"]["train.lrr"] = value
+        bad = tmp_path / "bad-now.yaml"
+        bad.write_text(yaml.safe_dump(data))
+        done = sweeps_cli("run", str(bad), "--results-dir", str(results_dir))
+        assert done.returncode == 2 and expected in done.stderr, done.stderr
+    assert not results_dir.exists()  # nothing started, nothing written
+
+    missing = sweeps_cli("resume", "nope", "--results-dir", str(results_dir))
+    assert missing.returncode == 2 and "no sweep named 'nope'" in missing.stderr
+    parquet = sweeps_cli("results", "nope", "--format", "parquet")
+    assert parquet.returncode == 2 and "--out" in parquet.stderr
+
+
+def test_reused_name_with_other_config_exits_2_before_any_trial(tmp_path):
+    results_dir = tmp_path / "results"
+    first = write_config(tmp_path / "a.yaml", "taken")
+    results_dir.mkdir()
+    search.open_study(load_config(first), f"sqlite:///{results_dir / 'optuna.db'}")
+    other = write_config(tmp_path / "b.yaml", "taken", max_epochs=13)
+    done = sweeps_cli("run", str(other), "--results-dir", str(results_dir), "--quiet")
+    assert done.returncode == 2
+    assert "sweeps resume taken" in done.stderr and "--name" in done.stderr
+    assert not (results_dir / "mlflow.db").exists()  # refused before MLflow or Ray were touched
+    assert len(study_of(results_dir, "taken").trials) == 0

@@ -230,15 +230,15 @@ def quadratic_fit(coords: np.ndarray, values: np.ndarray, window: float = CURVAT
     pairs = [(i, j) for i in range(k) for j in range(i, k)]
     needed = 1 + k + len(pairs)
     x = coords[inside]
-    if len(x) < needed or np.linalg.matrix_rank(np.column_stack([np.ones(len(x)), x])) < k + 1:
-        raise ValueError(
-            f"window: {window} holds {len(x)} grid points; a quadratic in {k} variables needs at "
-            f"least {needed} spread along every axis. Increase window or steps."
-        )
     # columns: 1, x_i, and x_i x_j (x_i^2 / 2 on the diagonal) so coefficients are Hessian entries
     design = np.column_stack(
         [np.ones(len(x)), x] + [x[:, i] * x[:, j] * (0.5 if i == j else 1.0) for i, j in pairs]
     )
+    if len(x) < needed or np.linalg.matrix_rank(design) < needed:
+        raise ValueError(
+            f"window: {window} holds {len(x)} grid points, too few to determine a quadratic in {k} "
+            f"variables (at least 3 per axis are needed). Increase window or steps."
+        )
     coef, *_ = np.linalg.lstsq(design, values[inside], rcond=None)
     hessian = np.zeros((k, k))
     for (i, j), c in zip(pairs, coef[1 + k :]):

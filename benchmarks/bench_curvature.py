@@ -146,10 +146,13 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--power-max-iter", type=int, default=60,
                         help="cap for the run of power iteration to 1e-3 accuracy (row 3)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads")
     x, y = mnist1d(device)
     model = trained_mlp(x, y, args.train_steps, args.seed)

@@ -100,6 +100,22 @@ def test_model_state_untouched_by_products_and_every_curvature_call():
     assert_unchanged(model, before)
 
 
+def test_eval_mode_by_default_and_train_mode_on_request():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    loss_fn, batches = nn.CrossEntropyLoss(), make_batches()
+    with torch.no_grad():
+        model(torch.cat([b[0] for b in batches]) * 3 + 1)  # running statistics != batch statistics
+    model.train()
+    before = snapshot(model)
+    default = HessianOperator(model, loss_fn, batches).dense()
+    in_train = HessianOperator(model, loss_fn, batches, train_mode=True).dense()
+    assert_unchanged(model, before)  # flags and BN running statistics included
+    model.eval()
+    torch.testing.assert_close(default, HessianOperator(model, loss_fn, batches).dense(), rtol=0, atol=0)
+    assert not torch.allclose(default, in_train, rtol=1e-3)
+
+
 def test_dropout_in_train_mode_raises():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Linear(6, 3)).double()

@@ -49,6 +49,7 @@ _EXPORTS = {
     "random_directions": ".directions",
     "direction_to": ".directions",
     "pca_directions": ".directions",
+    "TrajectoryPCA": ".directions",
     "surface_1d": ".surface",
     "surface_2d": ".surface",
     "interpolate": ".surface",

@@ -20,6 +20,7 @@ Index order: ``loss[i]`` is at ``alphas[i] d``; ``loss[i, j]`` is at ``alphas[i]
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -60,7 +61,7 @@ def centered_grid(span: float, steps: int, argument: str = "span") -> np.ndarray
     one is exactly 0 (so the middle grid point is the model itself)."""
     if int(steps) != steps or steps < 2:
         raise ValueError(f"steps: must be an integer >= 2 (got {steps!r})")
-    if not (isinstance(span, (int, float)) and math.isfinite(span) and span > 0):
+    if not (isinstance(span, numbers.Real) and math.isfinite(span) and span > 0):
         raise ValueError(f"{argument}: must be a positive finite number (got {span!r})")
     half = (int(steps) - 1) / 2
     return float(span) * (np.arange(int(steps)) - half) / half
@@ -223,7 +224,7 @@ def quadratic_fit(coords: np.ndarray, values: np.ndarray, window: float = CURVAT
     """
     coords = np.asarray(coords, dtype=np.float64)
     values = np.asarray(values, dtype=np.float64).reshape(-1)
-    if not (isinstance(window, (int, float)) and window > 0):
+    if not (isinstance(window, numbers.Real) and window > 0):
         raise ValueError(f"window: must be a positive number (got {window!r})")
     k = coords.shape[1]
     inside = np.all(np.abs(coords) <= window + _BOUNDARY_TOL, axis=1) & np.isfinite(values)
@@ -270,7 +271,7 @@ def ray_crossing(distances: np.ndarray, values: np.ndarray, center: float, delta
 
 
 def _check_delta(delta: float) -> None:
-    if not (isinstance(delta, (int, float)) and delta > 0):
+    if not (isinstance(delta, numbers.Real) and delta > 0):
         raise ValueError(f"delta: must be a positive loss increase (got {delta!r})")
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, hessian
+from torch.func import hessian
 
 from landscape import ModelLoss, interpolate, surface_1d, surface_2d
 from landscape.surface import quadratic_fit, ray_crossing

@@ -329,6 +329,8 @@ class SweepConfig(_Section):
         problems = []
         stray = [k for k in self.measure_options if k not in self.measure]
         problems += [f"measure_options.{k}: {k!r} is not in measure (got {self.measure})" for k in stray]
+        if not stray:
+            problems += _measure_option_problems(self.measure_options, self.measure)
         for i, metric in enumerate(self.objective.metrics):
             if not _is_result_key(metric, self.measure):
                 problems.append(
@@ -385,6 +387,19 @@ class SweepConfig(_Section):
         data["search"]["space"] = {k: dim.describe() for k, dim in self.search.space.items()}
         walk("", data)
         return out
+
+
+def _measure_option_problems(options: dict[str, dict[str, Any]], measures: list[str]) -> list[str]:
+    """Keywords the measure functions do not accept, checked as :func:`landscape.measure` will."""
+    from landscape.measure import _check_options
+
+    for name, opts in options.items():
+        try:
+            _check_options({name: opts}, measures)
+        except (KeyError, TypeError, ValueError) as err:
+            text = str(err.args[0] if err.args else err)
+            return [f"measure_options.{name}: {text.split(': ', 1)[-1]} (got {opts})"]
+    return []
 
 
 def _is_result_key(metric: str, measures: Sequence[str]) -> bool:

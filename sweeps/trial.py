@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,9 +21,7 @@ import torch
 from .config import SweepConfig
 from .data import Dataset, load_dataset
 from .models import build_model, count_parameters
-from .train import LOSSES, TrainResult, train
-
-Status = Literal["converged", "not_converged", "diverged"]
+from .train import LOSSES, Status, TrainResult, train
 
 
 @dataclass
@@ -177,6 +175,7 @@ def _run(config: SweepConfig, log: Callable[[dict[str, float], int], None] | Non
             model, loss_fn, measure_batches(data, config), config.measure, seed=config.seed,
             options=config.measure_options, init_state=trained.init_state, artifacts=results,
         ))
+    metrics = {k: float(v) for k, v in metrics.items()}
     result = TrialResult(trained.status, metrics, trained.history, {}, config, trained.reason)
     if out_dir is not None:
         result.artifacts = write_artifacts(Path(out_dir), result, results, trained, model)

@@ -162,6 +162,10 @@ def test_measure_options_are_checked_against_measure():
     data = copy.deepcopy(BASE)
     data["measure_options"] = {"hessian_spectrum": {}}
     assert "measure_options.hessian_spectrum: 'hessian_spectrum' is not in measure" in errors_of(data)
+    data["measure_options"] = {"adaptive_sharpness_worst": {"rhoo": 0.1}}
+    assert "measure_options.adaptive_sharpness_worst: unknown option(s) ['rhoo']; accepted: [" in errors_of(data)
+    data["measure_options"] = {"adaptive_sharpness_worst": {"rho": 0.1}}
+    assert load_config(data).measure_options == {"adaptive_sharpness_worst": {"rho": 0.1}}
 
 
 def test_with_point_sets_dotted_keys_and_validates():

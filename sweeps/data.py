@@ -116,9 +116,16 @@ def _mnist1d(root: Path, download: bool, train_size: int | None) -> Raw:
     """The standard MNIST-1D (generator seed 42), generated offline and cached as .npz."""
     path = root / "mnist1d.npz"
     if not path.exists():
+        import random
+
         from mnist1d.data import get_dataset_args, make_dataset
 
-        d = make_dataset(get_dataset_args())
+        saved = random.getstate(), np.random.get_state()  # the generator reseeds both globally
+        try:
+            d = make_dataset(get_dataset_args())
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
         root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.npz")
         np.savez(tmp, x=d["x"], y=d["y"], x_test=d["x_test"], y_test=d["y_test"])

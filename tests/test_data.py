@@ -63,6 +63,13 @@ def test_mnist1d_shapes_and_disk_cache(tmp_path_factory):
     assert torch.equal(again.x_train, d.x_train)
 
 
+def test_mnist1d_generation_leaves_global_numpy_rng_alone(tmp_path):
+    state = np.random.get_state()[1].copy()
+    fresh = load_dataset(DatasetConfig(name="mnist1d", root=str(tmp_path)))  # generated again here
+    assert (tmp_path / "mnist1d.npz").exists() and fresh.n_train == 4000
+    assert np.array_equal(np.random.get_state()[1], state)
+
+
 def test_train_size_subsample_is_seeded_and_checked():
     a = load_dataset(DatasetConfig(name="mnist1d", train_size=500, seed=0))
     b = load_dataset(DatasetConfig(name="mnist1d", train_size=500, seed=0))

@@ -254,8 +254,8 @@ def _check_pruning(config: Any) -> None:
 
 
 def _best(study: optuna.Study) -> list[dict[str, Any]]:
-    try:
-        trials = study.best_trials
+    try:  # single objective: one indexed query; several: the Pareto front (reads all trials)
+        trials = study.best_trials if len(study.directions) > 1 else [study.best_trial]
     except ValueError:
         return []
     return [{"number": t.number, "values": list(t.values), "params": dict(t.params)} for t in trials]
@@ -539,10 +539,11 @@ class _Driver:
         self.view.log(f"trial {number}: {status} {shown} {tail}".rstrip())
 
     def _tell(self, number: int, status: str, metrics: Mapping[str, float]) -> None:
-        search.tell(self.study, number, status, metrics)
+        state = search.tell(self.study, number, status, metrics)
         self.finished += 1
         self.counts[status] = self.counts.get(status, 0) + 1
-        self.best = _describe_best(_best(self.study), list(self.config.objective.metrics))
+        if state == optuna.trial.TrialState.COMPLETE:
+            self.best = _describe_best(_best(self.study), list(self.config.objective.metrics))
 
     def _snapshot(self) -> Snapshot:
         mean = sum(self.durations) / len(self.durations) if self.durations else None

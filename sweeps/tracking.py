@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 
 from .connections import redact
 
@@ -82,6 +82,7 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.artifact_root = artifact_root
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._experiment_of: dict[str, str] = {}  # parent run id -> experiment id
 
     def __repr__(self) -> str:
         return f"Tracker({redact(self.tracking_uri)!r})"
@@ -131,7 +132,7 @@ class Tracker:
     # children -------------------------------------------------------------------------------
     def start_child(self, name: str, parent_run_id: str, trial_number: int, params: Mapping[str, Any]) -> str:
         """Create the RUNNING child run of trial ``trial_number`` with its params; returns its id."""
-        experiment = self.client.get_run(parent_run_id).info.experiment_id
+        experiment = self._experiment(parent_run_id)
         tags = {
             PARENT_TAG: parent_run_id,
             ROLE_TAG: "trial",
@@ -143,21 +144,34 @@ class Tracker:
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
+    def _experiment(self, parent_run_id: str) -> str:
+        if parent_run_id not in self._experiment_of:
+            self._experiment_of[parent_run_id] = self.client.get_run(parent_run_id).info.experiment_id
+        return self._experiment_of[parent_run_id]
+
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)) for k, v in params.items()]
         for start in range(0, len(items), _BATCH):
             self.client.log_batch(run_id, params=items[start : start + _BATCH], synchronous=True)
 
-    def log_metrics(self, run_id: str, records: Iterable[tuple[Mapping[str, float], int, int]]) -> None:
-        """Log ``(metrics, step, timestamp_ms)`` records in batches; non-numeric values are skipped."""
+    def log_metrics(
+        self, run_id: str, records: Iterable[tuple[Mapping[str, float], int, int]], tags: Mapping[str, str] | None = None
+    ) -> None:
+        """Log ``(metrics, step, timestamp_ms)`` records in batches (non-numeric values skipped); ``tags``
+        go with the last batch."""
         metrics = [
             Metric(key, float(value), timestamp, int(step))
             for values, step, timestamp in records
             for key, value in values.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)
         ]
-        for start in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[start : start + 1000], synchronous=True)
+        tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        starts = range(0, len(metrics), 1000) if metrics else [0]
+        for start in starts:
+            last = start + 1000 >= len(metrics)
+            self.client.log_batch(
+                run_id, metrics=metrics[start : start + 1000], tags=tag_list if last else [], synchronous=True
+            )
 
     def finish_child(
         self,
@@ -174,7 +188,6 @@ class Tracker:
         The order matters: a run whose status tag is final has all its data (an interrupted
         driver leaves the tag at ``running`` and the run is cleaned up on resume).
         """
-        self.log_metrics(run_id, [(metrics, step, _now_ms())])
         files = dict(artifacts or {})
         if traceback:
             files["traceback.txt"] = traceback.encode()
@@ -185,7 +198,8 @@ class Tracker:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(content)
                 self.client.log_artifacts(run_id, tmp)
-        self.end(run_id, status)
+        self.log_metrics(run_id, [(metrics, step, _now_ms())], tags={STATUS_TAG: status})
+        self.client.set_terminated(run_id, status=_RUN_STATUS.get(status, "FINISHED"))
 
     def end(self, run_id: str, status: str) -> None:
         """Set the ``status`` tag and terminate the run (FINISHED, FAILED for failed, KILLED for interrupted)."""
@@ -205,7 +219,7 @@ class Tracker:
 
     def active_children(self, parent_run_id: str) -> list[str]:
         """Ids of child runs of ``parent_run_id`` still RUNNING (orphans of a killed driver)."""
-        experiment = self.client.get_run(parent_run_id).info.experiment_id
+        experiment = self._experiment(parent_run_id)
         runs = self.client.search_runs(
             [experiment],
             filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",

@@ -157,6 +157,14 @@ class TrackConfig(_Section):
     every_steps: PositiveInt | None = None  # None: no tracking
     metrics: list[MetricName] = Field(default_factory=lambda: ["hessian_top_eig"])
     subset: PositiveInt = 512  # samples (fixed, drawn once with the trial seed)
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per tracked metric keywords
+
+    @model_validator(mode="after")
+    def _options_for_tracked(self) -> TrackConfig:
+        stray = [k for k in self.options if k not in self.metrics]
+        if stray:
+            raise ValueError(f"options.{stray[0]}: {stray[0]!r} is not in metrics (got {self.metrics})")
+        return self
 
 
 class TrainConfig(_Section):

@@ -155,7 +155,9 @@ class _Tracker:
 
         start = time.perf_counter()
         metrics = self.cfg.track.metrics
-        options = {"hessian_top_eig": {"v0": self.v0}} if "hessian_top_eig" in metrics and self.v0 is not None else {}
+        options = {name: dict(opts) for name, opts in self.cfg.track.options.items()}
+        if "hessian_top_eig" in metrics and self.v0 is not None:
+            options.setdefault("hessian_top_eig", {})["v0"] = self.v0
         artifacts: dict[str, Any] = {}
         values = measure(model, self.loss_fn, self.batch, metrics, seed=self.seed, options=options, artifacts=artifacts)
         values = {k: v for k, v in values.items() if not k.endswith("_seconds")}

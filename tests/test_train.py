@@ -125,7 +125,7 @@ def test_tracked_top_eigenvalue_matches_dense_hessian_and_eos_ratio():
     dataset = {"name": "teacher", "train_size": 60, "options": {"input_dim": 3, "num_classes": 3, "test_size": 50}}
     train_cfg = {"lr": 0.3, "momentum": 0.5, "batch_size": "full", "max_epochs": 10, "stop": {},
                  "track": {"every_steps": 5, "subset": 60, "metrics": ["hessian_top_eig", "hessian_trace"],
-                           "options": {"hessian_trace": {"rtol": 1e-3}}}}
+                           "options": {"hessian_trace": {"rtol": 0.02}}}}
     cfg, data, net = setup(train_cfg, model={"name": "mlp", "width": 5, "activation": "tanh"}, dataset=dataset)
     res = train(net, data, cfg.train, seed=0)
     tracks = [r for r in res.history if r["kind"] == "track"]
@@ -136,7 +136,7 @@ def test_tracked_top_eigenvalue_matches_dense_hessian_and_eos_ratio():
         H = dense_hessian_of(model, nn.functional.cross_entropy, batches)
         evals = torch.linalg.eigvalsh(H)
         assert record["hessian_top_eig"] == pytest.approx(float(evals[-1]), rel=1e-3)
-        assert record["hessian_trace"] == pytest.approx(float(evals.sum()), rel=0.01)
+        assert record["hessian_trace"] == pytest.approx(float(evals.sum()), rel=0.06)
         assert record["eos_ratio"] == pytest.approx(record["hessian_top_eig"] * 0.3 / (2 + 2 * 0.5))
 
 

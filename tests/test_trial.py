@@ -102,7 +102,7 @@ def test_log_streams_epochs_and_tracking_points_with_steps():
     epoch_calls = [m for _, m in calls if "test_acc" in m]
     track_calls = [(s, m) for s, m in calls if "hessian_top_eig" in m]
     assert len(epoch_calls) == result.metrics["epochs"] + 1  # epoch 0 too
-    assert [s for s, _ in track_calls] == list(range(0, result.metrics["steps"] + 1, 20))
+    assert [s for s, _ in track_calls] == list(range(0, int(result.metrics["steps"]) + 1, 20))
     assert all("eos_ratio" in m for _, m in track_calls)
     assert epoch_calls[-1]["train_loss"] == result.metrics["train_loss"]
 

@@ -190,15 +190,18 @@ class Lanczos:
         if j == self._basis.shape[1]:  # grow the basis storage geometrically
             grown = torch.zeros_like(self._basis[:, :1]).expand(-1, j, -1).clone()
             self._basis = torch.cat([self._basis, grown], dim=1)
-        act = torch.as_tensor(self.active, device=self.op.device)
         q = self._next
         self._basis[:, j] = q
-        w = torch.zeros_like(q)
-        w[act] = self.op.matmat(q[act].T).T
+        if self.active.all():
+            w = self.op.matmat(q.T).T
+        else:
+            act = torch.as_tensor(self.active, device=self.op.device)
+            w = torch.zeros_like(q)
+            w[act] = self.op.matmat(q[act].T).T
         a = (q * w).sum(dim=1)
         basis = self._basis[:, : j + 1]
-        for _ in range(2):
-            w = w - torch.einsum("rjp,rj->rp", basis, torch.einsum("rjp,rp->rj", basis, w))
+        for _ in range(2):  # w -= Q (Q^T w), per run, as batched matrix-vector products
+            w = w - torch.bmm(torch.bmm(basis, w.unsqueeze(2)).transpose(1, 2), basis).squeeze(1)
         b = w.norm(dim=1)
         a_np, b_np = a.double().cpu().numpy(), b.double().cpu().numpy()
         self.alpha[self.active, j] = a_np[self.active]

@@ -512,7 +512,7 @@ class _Driver:
             import ray
 
             flight.extra["pruned"] = dict(metrics)
-            ray.cancel(flight.ref, force=True)
+            ray.cancel(flight.ref, force=False)  # KeyboardInterrupt in the task: the worker (and its imports) survives
 
     def _record(self, ref: Any) -> None:
         import ray

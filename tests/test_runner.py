@@ -164,3 +164,40 @@ def test_trials_get_their_cpus_as_torch_threads(tmp_path):
     run_sweep(config, results_dir=tmp_path, quiet=True, trial_fn=probe)
     frame = sweeps.results("threads", results_dir=tmp_path)
     assert frame.loc[0, "torch_threads"] == 1.0 and frame.loc[0, "uri_is_sweep_store"] == 1.0
+
+
+def slow_constant_trial(config, *, log=None, out_dir=None, device=None):
+    """A trial whose test accuracy is its learning rate at every step; 10 steps of 0.25 s (the
+    worker flushes its metrics every 2 s, so the driver sees them before the trial ends)."""
+    import time as _time
+
+    from sweeps.trial import TrialResult
+
+    for step in range(10):
+        log({"test_acc": config.train.lr}, step)
+        _time.sleep(0.25)
+    return TrialResult("converged", {"test_acc": config.train.lr, "steps": 10.0}, [], {}, config)
+
+
+def test_pruning_stops_bad_trials_and_is_refused_where_measures_are_needed(tmp_path):
+    space = {"train.lr": {"low": 0.01, "high": 1.0, "log": True}}
+    config = tiny_config("prune", space, search={"sampler": "random", "n_trials": 8, "seed": 1, "space": space})
+    summary = run_sweep(config, results_dir=tmp_path, quiet=True, max_concurrent=1, prune=True,
+                        trial_fn=slow_constant_trial)
+    frame = sweeps.results("prune", results_dir=tmp_path)
+    assert len(frame) == 8 and summary.finished == 8
+    pruned = frame[frame["status"] == "pruned"]
+    assert len(pruned) >= 1
+    # MedianPruner: a pruned trial was below the median of the earlier ones at its step
+    for _, row in pruned.iterrows():
+        earlier = frame[(frame["trial_number"] < row["trial_number"]) & (frame["status"] == "converged")]
+        assert row["train.lr"] < earlier["train.lr"].median()
+    study = optuna.load_study(study_name="prune", storage=summary.connections.storage)
+    assert {t.state for t in study.trials if t.user_attrs["status"] == "pruned"} == {optuna.trial.TrialState.PRUNED}
+
+    with pytest.raises(ValueError, match="prune: not allowed with the grid sampler"):
+        run_sweep(tiny_config("prune-grid", {"seed": {"values": [0, 1]}}), results_dir=tmp_path, prune=True)
+    measured = tiny_config("prune-eig", space, search={"sampler": "random", "n_trials": 3, "space": space},
+                           objective={"metric": "hessian_top_eig", "direction": "minimize"})
+    with pytest.raises(ValueError, match="measured after convergence"):
+        run_sweep(measured, results_dir=tmp_path, prune=True)

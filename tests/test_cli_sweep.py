@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 
 import sweeps
 from sweeps import search
+from sweeps.cli import main
 from sweeps.config import load_config
 
 SPACE = {"train.lr": {"values": [0.05, 0.2]}, "model.width": {"values": [8, 16]}, "seed": {"values": [0, 1]}}
@@ -48,8 +49,12 @@ def write_config(path: Path, name: str, max_epochs: int = 12, **train) -> Path:
     return path
 
 
-def sweeps_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sweeps.cli", *args], capture_output=True, text=True, **kwargs)
+def sweeps_main(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The CLI in this process (no interpreter start-up): same parser, same exit codes."""
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +106,7 @@ def assert_complete_and_clean(results_dir: Path, name: str) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-def test_sigint_then_resume(tmp_path, ray_address):
+def test_sigint_then_resume(tmp_path, ray_address, capsys):
     config = write_config(tmp_path / "sweep.yaml", "cli-int")
     results_dir = tmp_path / "results"
     common = ["--results-dir", str(results_dir), "--address", ray_address, "--quiet"]
@@ -125,30 +130,30 @@ def test_sigint_then_resume(tmp_path, ray_address):
     assert killed and {r.info.status for r in killed} == {"KILLED"}
     finished_before = {t.number for t in search.finished_trials(study)}
 
-    resumed = sweeps_cli("resume", "cli-int", *common)
+    resumed = sweeps_main(capsys, "resume", "cli-int", *common)  # in this process: joins the same Ray
     assert resumed.returncode == 0, resumed.stderr
     frame = assert_complete_and_clean(results_dir, "cli-int")
     assert finished_before <= set(frame["trial_number"])  # finished trials were kept, not re-run
 
     # results / status / list on the finished sweep
-    csv = sweeps_cli("results", "cli-int", "--results-dir", str(results_dir), "--format", "csv")
+    csv = sweeps_main(capsys, "results", "cli-int", "--results-dir", str(results_dir), "--format", "csv")
     assert csv.returncode == 0, csv.stderr
     from_csv = pd.read_csv(io.StringIO(csv.stdout))
     assert from_csv["run_id"].tolist() == frame["run_id"].tolist()
     assert from_csv["test_acc"].tolist() == pytest.approx(frame["test_acc"].tolist())
     parquet = tmp_path / "r.parquet"
-    out = sweeps_cli("results", "cli-int", "--results-dir", str(results_dir), "--format", "parquet", "--out", str(parquet))
+    out = sweeps_main(capsys, "results", "cli-int", "--results-dir", str(results_dir), "--format", "parquet", "--out", str(parquet))
     assert out.returncode == 0, out.stderr
     pd.testing.assert_frame_equal(pd.read_parquet(parquet), frame, check_dtype=False)
-    status = sweeps_cli("status", "cli-int", "--results-dir", str(results_dir), "--json")
+    status = sweeps_main(capsys, "status", "cli-int", "--results-dir", str(results_dir), "--json")
     info = json.loads(status.stdout)
     assert info["finished"] == 8 and info["budget"] == 8 and info["counts"]["interrupted"] == statuses.count("interrupted")
-    listing = sweeps_cli("list", "--results-dir", str(results_dir))
+    listing = sweeps_main(capsys, "list", "--results-dir", str(results_dir))
     assert "cli-int" in listing.stdout and " 8 " in listing.stdout
 
 
 @pytest.mark.slow
-def test_sigkill_then_run_again_continues(tmp_path, ray_address):
+def test_sigkill_then_run_again_continues(tmp_path, ray_address, capsys):
     config = write_config(tmp_path / "sweep.yaml", "cli-kill")
     results_dir = tmp_path / "results"
     common = ["--results-dir", str(results_dir), "--address", ray_address, "--quiet"]
@@ -161,7 +166,7 @@ def test_sigkill_then_run_again_continues(tmp_path, ray_address):
     left_running = {t.number for t in search.stale_trials(study_of(results_dir, "cli-kill"))}
     assert left_running  # a killed driver cannot clean up: the next one must
 
-    again = sweeps_cli("run", str(config), *common)  # same config: continues the sweep
+    again = sweeps_main(capsys, "run", str(config), *common)  # same config: continues the sweep
     assert again.returncode == 0, again.stderr
     assert "left running by a stopped driver" in again.stderr or "recovered as" in again.stderr
     assert_complete_and_clean(results_dir, "cli-kill")
@@ -170,7 +175,7 @@ def test_sigkill_then_run_again_continues(tmp_path, ray_address):
         assert search.trial_status(study.trials[number]) in ("interrupted", "converged", "not_converged")
 
 
-def test_bad_config_exits_2_naming_the_field(tmp_path):
+def test_bad_config_exits_2_naming_the_field(tmp_path, capsys):
     config = write_config(tmp_path / "bad.yaml", "bad")
     results_dir = tmp_path / "results"
     for field, value, expected in (("train.lr", -1, "train.lr: must be > 0"),
@@ -182,23 +187,23 @@ def test_bad_config_exits_2_naming_the_field(tmp_path):
             data["search"]["space"]["train.lrr"] = value
         bad = tmp_path / "bad-now.yaml"
         bad.write_text(yaml.safe_dump(data))
-        done = sweeps_cli("run", str(bad), "--results-dir", str(results_dir))
+        done = sweeps_main(capsys, "run", str(bad), "--results-dir", str(results_dir))
         assert done.returncode == 2 and expected in done.stderr, done.stderr
     assert not results_dir.exists()  # nothing started, nothing written
 
-    missing = sweeps_cli("resume", "nope", "--results-dir", str(results_dir))
+    missing = sweeps_main(capsys, "resume", "nope", "--results-dir", str(results_dir))
     assert missing.returncode == 2 and "no sweep named 'nope'" in missing.stderr
-    parquet = sweeps_cli("results", "nope", "--format", "parquet")
+    parquet = sweeps_main(capsys, "results", "nope", "--format", "parquet")
     assert parquet.returncode == 2 and "--out" in parquet.stderr
 
 
-def test_reused_name_with_other_config_exits_2_before_any_trial(tmp_path):
+def test_reused_name_with_other_config_exits_2_before_any_trial(tmp_path, capsys):
     results_dir = tmp_path / "results"
     first = write_config(tmp_path / "a.yaml", "taken")
     results_dir.mkdir()
     search.open_study(load_config(first), f"sqlite:///{results_dir / 'optuna.db'}")
     other = write_config(tmp_path / "b.yaml", "taken", max_epochs=13)
-    done = sweeps_cli("run", str(other), "--results-dir", str(results_dir), "--quiet")
+    done = sweeps_main(capsys, "run", str(other), "--results-dir", str(results_dir), "--quiet")
     assert done.returncode == 2
     assert "sweeps resume taken" in done.stderr and "--name" in done.stderr
     assert not (results_dir / "mlflow.db").exists()  # refused before MLflow or Ray were touched

@@ -227,19 +227,40 @@ def cmd_submit(args: argparse.Namespace) -> int:
         "working_dir": str(root),
         "excludes": [".git", "**/__pycache__", "sweeps-results", "*.db", "mlartifacts", "mlruns", ".venv"],
     }
-    try:
-        client = JobSubmissionClient(args.address)
-        job_id = client.submit_job(
-            entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
-            submission_id=None, metadata={"sweep": args.name or config.name},
+    import os
+
+    from ray.exceptions import AuthenticationError
+
+    def submit(headers: dict[str, str] | None = None) -> str:
+        client = JobSubmissionClient(args.address, headers=headers)
+        return client.submit_job(
+            entrypoint=shlex.join(entrypoint), runtime_env=runtime_env, metadata={"sweep": args.name or config.name},
         )
+
+    mode = ""  # what the follow-up `ray job` commands need in front of them
+    try:
+        try:
+            job_id = submit()
+        except AuthenticationError:
+            # Clusters have token auth on by default (Ray >= 2.59), but the Jobs client sends a token
+            # only when this process runs in token mode: retry once with the token at hand, if any.
+            token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+            token = os.environ.get("RAY_AUTH_TOKEN") or (token_file.read_text().strip() if token_file.is_file() else "")
+            if not token:
+                raise
+            job_id = submit({"Authorization": f"Bearer {token}"})
+            mode = "RAY_AUTH_MODE=token "
+    except AuthenticationError:
+        print(f"sweeps submit: {redact(args.address)} requires a Ray auth token: set RAY_AUTH_MODE=token and "
+              "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH; `ray get-auth-token` on the head prints it)", file=sys.stderr)
+        return 2
     except (ConnectionError, RuntimeError) as err:
         print(f"sweeps submit: cannot submit to {redact(args.address)}: {redact(str(err))}", file=sys.stderr)
         return _UNREACHABLE
     print(job_id)
-    print(f"follow it:  ray job logs --address {redact(args.address)} --follow {job_id}", file=sys.stderr)
-    print(f"status:     ray job status --address {redact(args.address)} {job_id}", file=sys.stderr)
-    print(f"stop it:    ray job stop --address {redact(args.address)} {job_id}   (then `sweeps resume` continues it)",
+    print(f"follow it:  {mode}ray job logs --address {redact(args.address)} --follow {job_id}", file=sys.stderr)
+    print(f"status:     {mode}ray job status --address {redact(args.address)} {job_id}", file=sys.stderr)
+    print(f"stop it:    {mode}ray job stop --address {redact(args.address)} {job_id}   (then `sweeps resume` continues it)",
           file=sys.stderr)
     return 0
 

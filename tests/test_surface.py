@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import hessian
 
 from landscape import ModelLoss, interpolate, surface_1d, surface_2d
-from landscape.surface import quadratic_fit, ray_crossing
+from landscape.surface import bytes_per_point, choose_chunk_size, quadratic_fit, ray_crossing
 
 from conftest import assert_unchanged, snapshot
 
@@ -137,9 +137,15 @@ def test_chunking_and_batches_do_not_change_values():
     model, (x, y) = classifier(1)
     loss_fn = nn.CrossEntropyLoss()
     ref = surface_2d(model, loss_fn, (x, y), steps=5, chunk_size=1)
-    for kwargs in ({"chunk_size": 4}, {"memory_budget": 1}, {}):
+    for kwargs in ({"chunk_size": 4}, {"memory_budget": 1}, {}, {"micro_batch": 10}, {"chunk_size": 3, "micro_batch": 7}):
         s = surface_2d(model, loss_fn, (x, y), steps=5, **kwargs)
         np.testing.assert_allclose(s.loss, ref.loss, rtol=1e-5)
+    # the chunk size follows the memory budget: the bytes one point needs, measured on a batch
+    ml = ModelLoss(model, loss_fn, (x, y))
+    per_point = bytes_per_point(ml)
+    assert per_point > 4 * (ml.num_params + 64 * 8)  # at least the parameters and one activation
+    assert choose_chunk_size(ml, 100, memory_budget=10 * per_point) == 10
+    assert choose_chunk_size(ml, 5, memory_budget=10 * per_point) == 5
     # a partial last batch is weighted by its size
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=24)
     s = surface_2d(model, loss_fn, loader, steps=5)
@@ -262,6 +268,8 @@ def test_bad_arguments_name_the_field():
         surface_1d(model, loss_fn, data, steps=3, direction={"nope": torch.zeros(1)})
     with pytest.raises(ValueError, match="span"):
         interpolate(model, model, loss_fn, data, span=(1.0, 0.0))
+    with pytest.raises(ValueError, match="micro_batch"):
+        surface_1d(model, loss_fn, data, steps=3, micro_batch=0)
 
 
 def test_surface_measures_in_the_registry():

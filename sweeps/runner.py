@@ -438,20 +438,36 @@ class _Driver:
 
     # main loop
     def loop(self) -> None:
+        """Until the budget is spent or a stop is requested: fill the free slots, wait, record.
+
+        Finished trials are collected, their slots refilled, and only then recorded (MLflow
+        artifacts and status, Optuna tell), so the cluster does not idle while the driver writes.
+        """
         import ray
 
         while True:
-            while not self.stop.requested and len(self.in_flight) < self.concurrency and self.finished + len(self.in_flight) < self.budget:
-                self._launch()
+            self._fill(unrecorded=0)
             if not self.in_flight:
                 return
-            ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=_POLL_SECONDS)
+            ready, rest = ray.wait(list(self.in_flight), num_returns=1, timeout=_POLL_SECONDS)
+            if ready and rest:
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             self._drain()
-            for ref in ready:
-                self._record(ref)
+            done = [self._collect(ref) for ref in ready]
+            self._fill(unrecorded=len(done))
+            for flight, result in done:
+                self._record(flight, result)
             self.view.update(self._snapshot())
             if self.stop.requested:
                 return
+
+    def _fill(self, unrecorded: int) -> None:
+        while (
+            not self.stop.requested
+            and len(self.in_flight) < self.concurrency
+            and self.finished + unrecorded + len(self.in_flight) < self.budget
+        ):
+            self._launch()
 
     def _launch(self) -> None:
         trial = self.study.ask()
@@ -514,17 +530,21 @@ class _Driver:
             flight.extra["pruned"] = dict(metrics)
             ray.cancel(flight.ref, force=False)  # KeyboardInterrupt in the task: the worker (and its imports) survives
 
-    def _record(self, ref: Any) -> None:
+    def _collect(self, ref: Any) -> tuple[_InFlight, dict[str, Any]]:
+        """The finished task's result (a ``failed``/``pruned`` record when Ray raised instead)."""
         import ray
 
         flight = self.in_flight.pop(ref)
-        number = flight.trial.number
         try:
             result = ray.get(ref)
         except ray.exceptions.TaskCancelledError:
             result = {"status": "pruned", "metrics": flight.extra.get("pruned", {}), "artifacts": {}, "traceback": None}
         except ray.exceptions.RayError as err:  # worker/node died more often than max_retries
             result = {"status": "failed", "metrics": {}, "artifacts": {}, "traceback": f"{type(err).__name__}: {err}"}
+        return flight, result
+
+    def _record(self, flight: _InFlight, result: Mapping[str, Any]) -> None:
+        number = flight.trial.number
         status, metrics = result["status"], result["metrics"]
         self.tracker.finish_child(
             flight.run_id, status, metrics,

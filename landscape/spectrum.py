@@ -34,6 +34,7 @@ from ._lanczos import Lanczos, OperatorLike, as_operator, hessian_or_given, rand
 from .hvp import Backend, HessianOperator
 
 DEFAULT_RELATIVE_SIGMA = 0.01
+MAX_BASIS_NUMBERS = 2**28  # default cap on the Lanczos bases held at once (1 GiB in float32)
 GRID_MARGIN_SIGMAS = 5.0
 
 
@@ -109,7 +110,8 @@ def spectral_density(
         relative_sigma: see ``sigma``. Default 0.01.
         grid_size: points of :attr:`SpectrumResult.grid`. Default 1000.
         parallel_runs: runs pushed through one block product; memory is ``parallel_runs *
-            num_steps * P`` numbers. Default: all runs.
+            num_steps * P`` numbers. Default: all runs, or as many as keep that under 2^28
+            numbers (1 GiB in float32). The result does not depend on it.
         seed: seeds the start vectors.
     """
     op = as_operator(operator, dim=dim, dtype=dtype, device=device)
@@ -122,7 +124,7 @@ def spectral_density(
     if not relative_sigma > 0:
         raise ValueError(f"relative_sigma: must be > 0 (got {relative_sigma!r})")
     steps = min(num_steps, op.dim)
-    chunk = parallel_runs or num_runs
+    chunk = parallel_runs or max(1, min(num_runs, MAX_BASIS_NUMBERS // (steps * op.dim)))
     generator = torch.Generator().manual_seed(seed)
     nodes = np.full((num_runs, steps), np.nan)
     weights = np.zeros((num_runs, steps))

@@ -11,10 +11,14 @@ import datetime
 import io
 import itertools
 import json
+import os
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -208,3 +212,83 @@ def test_reused_name_with_other_config_exits_2_before_any_trial(tmp_path, capsys
     assert "sweeps resume taken" in done.stderr and "--name" in done.stderr
     assert not (results_dir / "mlflow.db").exists()  # refused before MLflow or Ray were touched
     assert len(study_of(results_dir, "taken").trials) == 0
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A separate Ray head with the Jobs API (dashboard on 127.0.0.1), on free ports; its
+    processes (found by their unique temp dir) are killed by pid afterwards."""
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths are length-limited
+    gcs, dashboard, client, agent_http, agent_grpc, metrics, env_agent, node, objects = _free_ports(9)
+    command = [
+        "ray", "start", "--head", "--num-cpus=2", f"--temp-dir={temp_dir}", f"--port={gcs}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
+        f"--node-manager-port={node}", f"--object-manager-port={objects}", "--disable-usage-stats",
+    ]
+    started = subprocess.run(command, capture_output=True, text=True)
+    try:
+        assert started.returncode == 0, started.stderr[-2000:]
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        for pid in _pids_mentioning(temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_submit_runs_the_sweep_as_a_ray_job(tmp_path, ray_head, capsys):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    project = tmp_path / "project"
+    project.mkdir()
+    path = write_config(project / "sweep.yaml", "submitted", max_epochs=1)
+    data = yaml.safe_load(path.read_text())
+    data["search"]["space"] = {"train.lr": {"values": [0.05, 0.2]}}
+    path.write_text(yaml.safe_dump(data))
+    results_dir = tmp_path / "results"
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        done = sweeps_main(capsys, "submit", "sweep.yaml", "--address", ray_head, "--results-dir", str(results_dir),
+                           "--set", "train.batch_size=64")
+    finally:
+        os.chdir(cwd)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip()
+    assert f"ray job logs --address {ray_head} --follow {job_id}" in done.stderr
+
+    token = Path("~/.ray/auth_token").expanduser()
+    headers = {"Authorization": f"Bearer {token.read_text().strip()}"} if token.is_file() else None
+    client = JobSubmissionClient(ray_head, headers=headers)
+    while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        time.sleep(1)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
+    frame = sweeps.results("submitted", results_dir=results_dir)
+    assert sorted(frame["train.lr"]) == [0.05, 0.2] and set(frame["status"]) <= {"converged", "not_converged"}

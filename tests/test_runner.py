@@ -201,3 +201,29 @@ def test_pruning_stops_bad_trials_and_is_refused_where_measures_are_needed(tmp_p
                            objective={"metric": "hessian_top_eig", "direction": "minimize"})
     with pytest.raises(ValueError, match="measured after convergence"):
         run_sweep(measured, results_dir=tmp_path, prune=True)
+
+
+def dies_once_trial(config, *, log=None, out_dir=None, device=None):
+    """Kills its own worker process the first time it runs for a given marker file, then trains."""
+    from sweeps.trial import run_trial
+
+    marker = Path(config.description)
+    if not marker.exists():
+        marker.write_text("died once")
+        os._exit(1)  # a worker crash, as when a node dies: no exception reaches Ray
+    return run_trial(config, log=log, out_dir=out_dir, device=device)
+
+
+def test_a_dying_worker_is_retried_then_failed_when_retries_run_out(tmp_path):
+    config = tiny_config("retry", {"seed": {"values": [0]}}, description=str(tmp_path / "marker-a"))
+    summary = run_sweep(config, results_dir=tmp_path, quiet=True, trial_fn=dies_once_trial, max_retries=2)
+    assert summary.counts == {"not_converged": 1} or summary.counts == {"converged": 1}
+    assert (tmp_path / "marker-a").read_text() == "died once"  # it did die, and the retry finished it
+
+    config = tiny_config("no-retry", {"seed": {"values": [0]}}, description=str(tmp_path / "marker-b"))
+    summary = run_sweep(config, results_dir=tmp_path, quiet=True, trial_fn=dies_once_trial, max_retries=0)
+    assert summary.counts == {"failed": 1}
+    client = MlflowClient(summary.connections.tracking_uri)
+    (run,) = children(client, summary)
+    text = Path(client.download_artifacts(run.info.run_id, "traceback.txt", str(tmp_path))).read_text()
+    assert "WorkerCrashedError" in text or "died" in text.lower()

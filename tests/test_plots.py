@@ -82,6 +82,11 @@ def test_surface_1d_one_line_per_curve(results, tmp_path):
     saves(fig, tmp_path / "curves.png")
     no_acc = plots.plot_surface_1d(results.s1[0], accuracy=False)
     assert len(no_acc.axes) == 1 and len(no_acc.axes[0].get_lines()) == 1
+    regression = landscape.Surface1D(
+        alphas=np.linspace(-1, 1, 5), loss=np.arange(5.0), accuracy=None, directions=[{}],
+        center_loss=2.0, center_accuracy=None,
+    )
+    assert len(plots.plot_surface_1d([regression, results.s1[0]]).axes[1].get_lines()) == 1
     with pytest.raises(ValueError, match="labels"):
         plots.plot_surface_1d(results.s1, labels=["one"])
     with pytest.raises(TypeError, match="surfaces"):

@@ -13,7 +13,15 @@ from torch import nn
 from torch.func import hessian
 
 from landscape import ModelLoss, interpolate, surface_1d, surface_2d
-from landscape.surface import bytes_per_point, choose_chunk_size, quadratic_fit, ray_crossing
+from landscape.surface import (
+    MIN_MICRO_BATCH,
+    WORKING_SET,
+    _cache_plan,
+    bytes_per_point,
+    choose_chunk_size,
+    quadratic_fit,
+    ray_crossing,
+)
 
 from conftest import assert_unchanged, snapshot
 
@@ -146,6 +154,11 @@ def test_chunking_and_batches_do_not_change_values():
     assert per_point > 4 * (ml.num_params + 64 * 8)  # at least the parameters and one activation
     assert choose_chunk_size(ml, 100, memory_budget=10 * per_point) == 10
     assert choose_chunk_size(ml, 5, memory_budget=10 * per_point) == 5
+    # the cache plan: about WORKING_SET bytes of intermediates per pass, pieces >= MIN_MICRO_BATCH
+    chunk, micro = _cache_plan(8700.0, 4000, 7)
+    assert (chunk, micro) == (7, WORKING_SET // (7 * 8700))
+    assert MIN_MICRO_BATCH <= micro < 4000
+    assert _cache_plan(100.0, 4000, 59) == (59, None)  # small activations: no cutting
     # a partial last batch is weighted by its size
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=24)
     s = surface_2d(model, loss_fn, loader, steps=5)

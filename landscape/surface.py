@@ -688,7 +688,7 @@ def interpolate(
     )
 
 
-# --- surface scalars as measures (listed in landscape.measure) ---------------------------------
+# --- surface scalars as measures (listed in landscape.metrics) ---------------------------------
 @dataclass
 class SurfaceMeasure:
     """A scalar read off surfaces, with what it came from.

@@ -271,7 +271,7 @@ def measure_orientation(name: str, overrides: Mapping[str, str] | None = None) -
         if value not in ("sharper", "flatter", "neither"):
             raise ValueError(f"orientation[{name!r}]={value!r}: use 'sharper', 'flatter' or 'neither'")
         return value
-    from landscape.measure import METRICS
+    from landscape.metrics import METRICS
 
     if name in METRICS:
         return METRICS[name].larger_is
@@ -288,7 +288,7 @@ def _parent_metric(column: str, registry: Mapping[str, Any]) -> str | None:
 
 def default_measures(df: pd.DataFrame) -> list[str]:
     """Registered metric columns of ``df`` that hold numbers (plus multi-key metric columns)."""
-    from landscape.measure import METRICS
+    from landscape.metrics import METRICS
 
     numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()]
     found = [c for c in numeric if c in METRICS]

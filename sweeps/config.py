@@ -59,12 +59,9 @@ def _suggest(word: str, choices: Sequence[str]) -> str:
 
 
 def _metric_name(name: str) -> str:
-    """A name registered in :data:`landscape.METRICS` (imported lazily) or added by sweeps."""
-    from landscape.measure import METRICS
+    """A name registered in :data:`landscape.METRICS` (imported lazily)."""
+    from landscape.metrics import METRICS
 
-    from .trial import register_sweeps_metrics
-
-    register_sweeps_metrics()
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}{_suggest(name, sorted(METRICS))}; known metrics: {', '.join(sorted(METRICS))}")
     return name
@@ -399,11 +396,11 @@ class SweepConfig(_Section):
 
 def _measure_option_problems(options: dict[str, dict[str, Any]], measures: list[str]) -> list[str]:
     """Keywords the measure functions do not accept, checked as :func:`landscape.measure` will."""
-    from landscape.measure import _check_options
+    from landscape.metrics import check_request
 
     for name, opts in options.items():
         try:
-            _check_options({name: opts}, measures)
+            check_request(measures, {name: opts})
         except (KeyError, TypeError, ValueError) as err:
             text = str(err.args[0] if err.args else err)
             return [f"measure_options.{name}: {text.split(': ', 1)[-1]} (got {opts})"]

@@ -151,7 +151,7 @@ class _Tracker:
         return every is not None and step % every == 0 and bool(self.cfg.track.metrics)
 
     def __call__(self, model: nn.Module, step: int, lr: float) -> dict[str, float]:
-        from landscape.measure import measure
+        from landscape.metrics import measure
 
         start = time.perf_counter()
         metrics = self.cfg.track.metrics

@@ -67,27 +67,6 @@ def _finite(record: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
-def _surface_2d(ctx: Any, *, steps: int = 51, span: float = 1.0, **options: Any) -> Any:
-    from landscape.surface import curvature_2d
-
-    if not any(k in options for k in ("params", "dtype")):
-        options["model_loss"] = ctx.model_loss
-    return curvature_2d(ctx.model, ctx.loss_fn, ctx.data, steps=steps, span=span, seed=ctx.seed, **options)
-
-
-def register_sweeps_metrics() -> None:
-    """Add the names sweep configs use that :mod:`landscape` does not define itself (only if
-    missing): ``surface_2d``, the 51 x 51 filter-normalized surface on ``[-1, 1]^2`` (Li et al.
-    2018) whose scalar is the top eigenvalue of its quadratic fit near the minimum (as
-    ``surface_2d_curvature``, which uses a 21 x 21 grid on ``[-0.4, 0.4]^2``); with ``out_dir``
-    the trial writes the surface as ``surface_2d.npz`` and ``surface_2d.png``."""
-    from landscape.measure import METRICS, Metric, register_metric
-
-    if "surface_2d" not in METRICS:
-        register_metric(Metric("surface_2d", "sharper", _surface_2d,
-                               "2D filter-normalized surface, 51 x 51 on [-1, 1]^2; scalar: top eigenvalue of its quadratic fit"))
-
-
 def _cuda_indices(device: str) -> list[int]:
     """CUDA device indices whose RNG state :func:`torch.random.fork_rng` must save/restore."""
     d = torch.device(device)
@@ -168,9 +147,8 @@ def _run(config: SweepConfig, log: Callable[[dict[str, float], int], None] | Non
     }
     results: dict[str, Any] = {}
     if trained.status != "diverged" and config.measure:
-        from landscape.measure import measure
+        from landscape.metrics import measure
 
-        register_sweeps_metrics()
         metrics.update(measure(
             model, loss_fn, measure_batches(data, config), config.measure, seed=config.seed,
             options=config.measure_options, init_state=trained.init_state, artifacts=results,

@@ -217,7 +217,7 @@ def test_seeds_are_averaged_per_configuration_and_exclusions_counted():
 
 
 def test_flatter_metric_gets_its_sign_flipped(monkeypatch):
-    from landscape.measure import METRICS, Metric
+    from landscape.metrics import METRICS, Metric
 
     monkeypatch.setitem(METRICS, "toy_flatness", Metric("toy_flatness", "flatter", lambda ctx: 0.0))
     values = {"train.lr": [0.01, 0.1, 1.0], "train.batch_size": [16, 64]}

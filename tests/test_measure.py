@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from landscape import norms, sharpness
-from landscape.measure import METRICS, MeasureContext, Metric, measure, register_metric
+from landscape.metrics import METRICS, MeasureContext, Metric, measure, register_metric
 
 F64 = torch.float64
 
@@ -255,7 +255,7 @@ def test_package_attribute_is_callable_and_curvature_metrics_share_the_operator(
 
 
 def test_check_request_validates_without_computing():
-    from landscape.measure import check_request
+    from landscape.metrics import check_request
 
     assert check_request(["param_count"], {"param_count": {}}) == ["param_count"]
     with pytest.raises(ValueError, match="fixed"):

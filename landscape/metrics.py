@@ -16,12 +16,10 @@ Add your own with :func:`register_metric`::
 from __future__ import annotations
 
 import inspect
-import sys
 import time
-import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any, Literal
 
 import torch
@@ -199,6 +197,7 @@ METRICS: dict[str, Metric] = {
         Metric("adaptive_trace", "sharper", _bind(_S.adaptive_trace, "operator"), "tr(|w| H |w|) (Hutch++)"),
         Metric("surface_1d_curvature", "sharper", _bind(surface.curvature_1d), "quadratic-fit curvature of filter-normalized 1D surfaces"),
         Metric("surface_2d_curvature", "sharper", _bind(surface.curvature_2d), "largest eigenvalue of the quadratic fit to a filter-normalized 2D surface"),
+        Metric("surface_2d", "sharper", _bind(partial(surface.curvature_2d, steps=51, span=1.0)), "Li et al. 51 x 51 filter-normalized surface on [-1, 1]^2; scalar: top eigenvalue of its quadratic fit"),
         Metric("flatness_radius", "flatter", _bind(surface.flatness_radius), "step (filter-normalized) at which the loss rises by delta"),
         Metric("param_count", "neither", _param_count, "number of parameters"),
         Metric("frobenius_norm_sum", "neither", _norm("frobenius_sum"), "sum over layers of ||W||_F"),
@@ -317,18 +316,3 @@ def _check_options(options: Mapping[str, Mapping[str, Any]] | None, metrics: lis
         if bad:
             raise TypeError(f"options[{name!r}]: unknown option(s) {bad}; accepted: {sorted(accepted)}")
     return {name: dict(opts) for name, opts in options.items()}
-
-
-class _CallableModule(types.ModuleType):
-    """Calling the module calls :func:`measure`.
-
-    Importing ``landscape.measure`` binds this module to the package attribute ``measure``,
-    shadowing the function of the same name; this keeps ``landscape.measure(model, ...)`` working
-    either way.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        return measure(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -3,9 +3,9 @@
 * :class:`Postgres`: fresh databases ``sweeps_test_<random>`` on the local PostgreSQL (trust
   auth), dropped afterwards.
 * :class:`RayNodes`: a head and worker nodes as separate ``ray start --block`` processes, each
-  with its own temp dir and ports, token auth on. A node is its ``ray start`` process group (Ray
-  makes that process a group leader for its raylet, GCS, agents and workers), so killing a node
-  kills exactly that group: never ``ray stop``, which would hit every Ray process on the machine.
+  with its own temp dir and ports, token auth on. Each is started in a new session, so a node is
+  exactly the processes of that session (raylet, GCS, agents, Ray worker processes) and killing a
+  node kills those ids: never ``ray stop``, which would hit every Ray process on the machine.
 * :class:`MlflowServer`: ``mlflow server`` with a PostgreSQL backend store and proxied artifacts
   in a local directory.
 
@@ -37,6 +37,22 @@ PG_HOST, PG_PORT, PG_USER, PG_ADMIN_DB = "127.0.0.1", 5432, "postgres", "test"
 _LEAKY_PREFIXES = ("RAY_", "MLFLOW_", "SWEEPS_", "OPTUNA_")
 
 
+def session_members(session_id: int) -> list[int]:
+    """Process ids whose session id is ``session_id`` (read from /proc; Linux)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session
+        if int(fields[3]) == session_id:
+            members.append(int(entry.name))
+    return members
+
+
 def free_port() -> int:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -61,7 +77,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 @dataclass
 class Process:
-    """A started process group and the file holding its output."""
+    """A process started in a new session, and the file holding its output."""
 
     name: str
     popen: subprocess.Popen
@@ -76,11 +92,17 @@ class Process:
         return text[-tail:]
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal the whole process group this harness started (by its id)."""
-        try:
-            os.killpg(self.popen.pid, sig)
-        except ProcessLookupError:
-            pass
+        """Signal every process of the session this harness started (by id).
+
+        A session, not a process group: Ray's raylet puts each worker process in a process group
+        of its own (same session), and a worker left alive would finish its task and report to
+        the driver as if its node had not died.
+        """
+        for pid in session_members(self.popen.pid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
     def stop(self, grace: float = 10.0) -> None:
         if self.alive and grace > 0:
@@ -89,7 +111,7 @@ class Process:
                 self.popen.wait(grace)
             except subprocess.TimeoutExpired:
                 pass
-        self.kill(signal.SIGKILL)  # leftovers of the group (workers, agents)
+        self.kill(signal.SIGKILL)  # leftovers of the session (workers, agents)
         if self.popen.poll() is None:
             self.popen.wait(10)
 
@@ -192,7 +214,14 @@ class RayNodes:
 
     def env(self, **extra: str) -> dict[str, str]:
         """Environment for any process that talks to this cluster (nodes, drivers, probes)."""
-        settings = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0"}
+        settings = {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # Ray runs task workers at nice 15; on a shared 2-core test machine they then get a
+            # sliver of CPU next to anything else running (trials 15x slower). Normal priority.
+            "RAY_worker_niceness": "0",
+        }
         return clean_env(**(settings | extra))
 
     def _spawn(self, name: str, role_args: list[str], num_cpus: int) -> Process:
@@ -254,7 +283,7 @@ class RayNodes:
         return new
 
     def kill_node(self, node: Process) -> None:
-        """SIGKILL the node's whole process group (raylet, agents, its Ray workers)."""
+        """SIGKILL the node's whole session (raylet, agents, its Ray worker processes)."""
         node.kill(signal.SIGKILL)
         node.popen.wait(30)
 

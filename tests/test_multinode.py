@@ -214,8 +214,8 @@ def sweep_setup(request, postgres, ray_cluster, mlflow_server, tmp_path) -> Swee
 
 
 LRS = [0.01, 0.02, 0.03, 0.05, 0.07, 0.1]  # 6 grid points = 6 trials, 2 at a time; none diverges
-MAX_EPOCHS = 10  # a warm trial takes well under 1 s (plus a few s of imports in a fresh worker)
-KILL_EPOCHS = 800  # ~2 s warm: long enough for a kill to land mid-trial
+MAX_EPOCHS = 10  # under 1 s warm (a fresh worker adds seconds of imports)
+KILL_EPOCHS = 250  # ~3 s warm: long enough for a kill to land mid-trial
 
 
 def completed(result: subprocess.CompletedProcess) -> str:
@@ -386,3 +386,18 @@ def test_killed_worker_node_still_completes_every_trial_once(sweep_setup):
     assert lost | {t["task_id"] for t in retries}, f"the kill (node {killed[-6:]}) hit no trial: {table}"
     assert lost <= {t["task_id"] for t in retries if t["state"] == "FINISHED"}, table
     assert all(first[t["task_id"]]["node_id"] == killed and t["node_id"] != killed for t in retries), table
+
+
+# Last in the module: it stops the shared MLflow server (a later test would restart it, slowly).
+def test_unreachable_mlflow_server_fails_before_any_trial(sweep_setup):
+    setup = sweep_setup
+    stopped = setup.mlflow_server
+    stopped.stop()
+    assert not stopped.healthy()
+    before = task_keys(setup.ray_cluster)
+    result = setup.cli(setup.run_args())
+    assert result.returncode == 2, completed(result)
+    assert "--tracking-uri" in result.stderr and f"127.0.0.1:{stopped.port}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert setup.name not in optuna.get_all_study_names(setup.storage), "no study may be created"
+    assert attempts_since(setup.ray_cluster, before) == []

@@ -101,7 +101,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 # --- sweep service: run, resume, submit, results, status, list (sweeps.runner / results) -----
-_INTERRUPTED, _UNREACHABLE = 130, 3
+_INTERRUPTED = 130
 
 
 def _store_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +122,8 @@ def _launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-retries", type=int, default=2, help="re-runs of a trial whose worker/node died (default 2)")
     parser.add_argument("--prune", action="store_true", help="stop unpromising trials early (not for grids; see README)")
     parser.add_argument("--quiet", action="store_true", help="plain log lines instead of the live view")
+    parser.add_argument("--no-report", dest="report", action="store_false",
+                        help="skip the analysis report at the end of the sweep (run `sweeps report NAME` later)")
 
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -139,6 +141,7 @@ def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
     options = dict(
         address=args.address, tracking_uri=args.tracking_uri, storage=args.storage, results_dir=args.results_dir,
         max_concurrent=args.max_concurrent, quiet=args.quiet, max_retries=args.max_retries, prune=args.prune,
+        report=args.report,
     )
     try:
         summary = run(**options)
@@ -146,10 +149,7 @@ def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
         print(f"{prog}: interrupted; running trials were marked interrupted. Continue with "
               f"`sweeps resume NAME` (same --results-dir/--storage/--tracking-uri).", file=sys.stderr)
         return _INTERRUPTED
-    except ConnectionError as err:
-        print(f"{prog}: {redact(str(err))}", file=sys.stderr)
-        return _UNREACHABLE
-    except (ValueError, LookupError) as err:  # ConfigError, StudyConflictError, bad flags
+    except (ConnectionError, ValueError, LookupError) as err:  # unreachable store, ConfigError, StudyConflictError, bad flags
         print(f"{prog}: {redact(str(err))}", file=sys.stderr)
         return 2
     print(f"sweep {summary.name}: {summary.finished}/{summary.budget} trials finished "
@@ -256,7 +256,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 2
     except (ConnectionError, RuntimeError) as err:
         print(f"sweeps submit: cannot submit to {redact(args.address)}: {redact(str(err))}", file=sys.stderr)
-        return _UNREACHABLE
+        return 2
     print(job_id)
     print(f"follow it:  {mode}ray job logs --address {redact(args.address)} --follow {job_id}", file=sys.stderr)
     print(f"status:     {mode}ray job status --address {redact(args.address)} {job_id}", file=sys.stderr)

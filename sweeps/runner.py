@@ -293,6 +293,7 @@ def run_sweep(
     prune: bool = False,
     config_yaml: str | None = None,
     trial_fn: TrialFn | None = None,
+    report: bool = True,
 ) -> SweepSummary:
     """Run (or continue) the sweep ``config`` to its budget.
 
@@ -311,6 +312,8 @@ def run_sweep(
         prune: stop unpromising trials early (see the module docstring for the rules).
         config_yaml: the YAML text to keep with the sweep (default: the resolved config as YAML).
         trial_fn: replaces :func:`sweeps.trial.run_trial` (same signature); for benchmarks and tests.
+        report: when the sweep completes, run the analysis (:func:`sweeps.report.report_sweep`):
+            files under ``<results dir>/reports/<name>`` and artifacts on the parent run.
 
     Returns:
         a :class:`SweepSummary`. Raises :class:`SweepInterrupted` after a clean stop on a signal,
@@ -389,7 +392,22 @@ def run_sweep(
     )  # driver is set: any failure before the loop propagated from the `finally` above
     if stop.requested:
         raise SweepInterrupted(summary)
+    if report and not interrupted:
+        _report(config.name, conn, view)
     return summary
+
+
+def _report(name: str, conn: Connections, view: ProgressView) -> None:
+    """The end-of-sweep analysis; a sweep whose results cannot be analysed (too few converged
+    trials, no measures) still succeeds, with the reason logged."""
+    from .report import report_sweep
+
+    try:
+        done = report_sweep(name, tracking_uri=conn.tracking_uri, results_dir=conn.results_dir)
+    except (ValueError, LookupError) as err:
+        view.log(f"sweep {name}: no analysis report ({err})")
+        return
+    view.log(f"sweep {name}: analysis report {done.html} (also on the MLflow parent run)")
 
 
 def _recover(study: optuna.Study, tracker: Tracker, parent: str, view: ProgressView) -> None:

@@ -47,6 +47,30 @@ def test_block_products_equal_vector_products_for_both_backends(classifier_data,
     assert op.n_hvp == 14
 
 
+@pytest.mark.parametrize("cache_graph", [None, True, False])
+def test_cached_gradient_graphs_give_the_dense_hessian(classifier_data, cache_graph):
+    model, loss_fn, batches, dense = classifier_data
+    op = HessianOperator(model, loss_fn, batches, cache_graph=cache_graph)
+    V = torch.randn(139, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):  # the second round reuses the kept graphs
+        torch.testing.assert_close(op @ V, dense @ V, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(op @ V[:, 0], dense @ V[:, 0], rtol=1e-10, atol=1e-12)
+    assert (op._graphs is not None) == (cache_graph is not False)  # in-memory data: cached by default
+
+
+def test_graph_cache_respects_the_memory_budget_and_skips_loaders(classifier_data):
+    model, loss_fn, batches, dense = classifier_data
+    v = torch.randn(139, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    tight = HessianOperator(model, loss_fn, batches, graph_memory=1)
+    torch.testing.assert_close(tight @ v, dense @ v, rtol=1e-10, atol=1e-12)
+    assert tight._graphs is None
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    streamed = HessianOperator(model, loss_fn, loader)
+    torch.testing.assert_close(streamed @ v, dense @ v, rtol=1e-10, atol=1e-12)
+    assert streamed._graphs is None
+
+
 def test_scipy_linear_operator(classifier_data):
     model, loss_fn, batches, dense = classifier_data
     lin = HessianOperator(model, loss_fn, batches).to_scipy()

@@ -315,6 +315,11 @@ class RayNodes:
             for name in names & set(node.get("resources_total", {}))
         }
 
+    def actor_nodes(self) -> set[str]:
+        """Node ids hosting a live actor (e.g. a driver's helper actors)."""
+        return {a["address"]["node_id"] for a in self._state("actors", filter_keys="state",
+                                                              filter_predicates="=", filter_values="ALIVE")}
+
     def tasks(self, name: str) -> list[dict]:
         """Every attempt of every task called ``name`` the cluster knows (Ray state API over HTTP).
 

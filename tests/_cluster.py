@@ -317,8 +317,8 @@ class RayNodes:
 
     def actor_nodes(self) -> set[str]:
         """Node ids hosting a live actor (e.g. a driver's helper actors)."""
-        return {a["address"]["node_id"] for a in self._state("actors", filter_keys="state",
-                                                              filter_predicates="=", filter_values="ALIVE")}
+        actors = self._state("actors", filter_keys="state", filter_predicates="=", filter_values="ALIVE")
+        return {a["node_id"] for a in actors if a.get("node_id")}
 
     def tasks(self, name: str) -> list[dict]:
         """Every attempt of every task called ``name`` the cluster knows (Ray state API over HTTP).

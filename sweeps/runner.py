@@ -340,8 +340,10 @@ def run_sweep(
     conn = resolve(results_dir=results_dir, tracking_uri=tracking_uri, storage=storage, address=address)
     check_reachable(conn)
     study = search.open_study(config, conn.storage, resume=resume)
-    if prune:
-        study.pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
+    # Optuna gives every study a MedianPruner unless told otherwise: pruning must be asked for.
+    study.pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0) if prune else optuna.pruners.NopPruner()
+    )
     tracker = Tracker(conn.tracking_uri, conn.artifact_root)
     parent = tracker.start_parent(
         config.name,

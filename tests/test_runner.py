@@ -195,6 +195,11 @@ def test_pruning_stops_bad_trials_and_is_refused_where_measures_are_needed(tmp_p
     study = optuna.load_study(study_name="prune", storage=summary.connections.storage)
     assert {t.state for t in study.trials if t.user_attrs["status"] == "pruned"} == {optuna.trial.TrialState.PRUNED}
 
+    # Without prune=True nothing is pruned, though Optuna gives a new study a MedianPruner
+    same = tiny_config("no-prune", space, search={"sampler": "random", "n_trials": 6, "seed": 1, "space": space})
+    unpruned = run_sweep(same, results_dir=tmp_path, quiet=True, max_concurrent=1, trial_fn=slow_constant_trial)
+    assert unpruned.counts == {"converged": 6}
+
     with pytest.raises(ValueError, match="prune: not allowed with the grid sampler"):
         run_sweep(tiny_config("prune-grid", {"seed": {"values": [0, 1]}}), results_dir=tmp_path, prune=True)
     measured = tiny_config("prune-eig", space, search={"sampler": "random", "n_trials": 3, "space": space},

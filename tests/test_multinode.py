@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,6 +61,7 @@ def stack(postgres, tmp_path_factory):
         yield nodes, server
     finally:
         stop_all([*nodes.processes, *([server.process] if server.process else [])])
+        shutil.rmtree(nodes.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

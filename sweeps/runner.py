@@ -117,8 +117,13 @@ class _MetricStream:
             self.flush()
 
     def flush(self) -> None:
+        import ray
+
         if self.buffer and self.queue is not None:
-            self.queue.put((self.trial_number, self.buffer))
+            try:
+                self.queue.put((self.trial_number, self.buffer))
+            except ray.exceptions.RayError:  # the queue is restarting: live curve points are best effort
+                pass
         self.buffer = []
         self.last_flush = time.monotonic()
 
@@ -148,6 +153,7 @@ def _trial_task(
     device: str | None,
 ) -> dict[str, Any]:
     """Body of the Ray task running one trial. Never raises for a trial's own exception."""
+    import ray
     import torch
 
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -158,6 +164,8 @@ def _trial_task(
     stream = _MetricStream(queue, trial_number)
     out_dir = Path(tempfile.mkdtemp(prefix=f"sweeps-trial-{trial_number}-"))
     started = time.perf_counter()
+    context = ray.get_runtime_context()
+    node = {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
     try:
         result = trial_fn(config, log=stream, out_dir=out_dir, device=device)
         stream.flush()
@@ -167,6 +175,7 @@ def _trial_task(
             "artifacts": _read_artifacts(result.artifacts, out_dir),
             "traceback": None,
             "seconds": time.perf_counter() - started,
+            **node,
         }
     except Exception:
         stream.flush()
@@ -176,6 +185,7 @@ def _trial_task(
             "artifacts": _read_artifacts(None, out_dir),
             "traceback": traceback.format_exc(),
             "seconds": time.perf_counter() - started,
+            **node,
         }
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -439,7 +449,12 @@ class _Driver:
         self.config, self.study, self.tracker, self.parent = config, study, tracker, parent
         self.conn, self.view, self.stop, self.budget = conn, view, stop, budget
         self.concurrency = _concurrency(config, max_concurrent)
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # The metric queue lives on the driver's node (a worker node may die mid-sweep) and is
+        # restarted by Ray if it dies anyway; curve points in flight are then lost, not the sweep.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.queue = Queue(actor_options={"num_cpus": 0, "max_restarts": -1, "scheduling_strategy": here})
         cpus, gpus = config.resources.cpus_per_trial, config.resources.gpus_per_trial
         self.device = "cuda" if gpus > 0 else None
         self.task = ray.remote(_trial_task).options(
@@ -516,10 +531,15 @@ class _Driver:
         self.view.log(f"trial {trial.number}: failed before start: {tb.strip().splitlines()[-1]}")
 
     def _drain(self) -> None:
-        size = self.queue.qsize()
-        if not size:
+        import ray
+
+        try:
+            size = self.queue.qsize()
+            batch = self.queue.get_nowait_batch(size) if size else []
+        except ray.exceptions.RayError as err:  # queue restarting after its node died
+            self.view.log(f"metric queue unavailable ({type(err).__name__}); live curves resume when it is back")
             return
-        for number, records in self.queue.get_nowait_batch(size):
+        for number, records in batch:
             flight = self.by_number.get(number)
             if flight is None:
                 continue
@@ -570,6 +590,7 @@ class _Driver:
             flight.run_id, status, metrics,
             step=int(metrics.get("steps", flight.view.step) or 0),
             artifacts=result["artifacts"], traceback=result["traceback"],
+            tags={f"sweeps.{k}": str(result[k]) for k in ("node_id", "node_ip") if result.get(k)},
         )
         self._tell(number, status, metrics)
         self.by_number.pop(number, None)

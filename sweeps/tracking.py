@@ -182,8 +182,9 @@ class Tracker:
         step: int = 0,
         artifacts: Mapping[str, bytes] | None = None,
         traceback: str | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> None:
-        """Log final metrics and artifacts, then the status tag, then end the run.
+        """Log final metrics and artifacts, then the status tag (with ``tags``), then end the run.
 
         The order matters: a run whose status tag is final has all its data (an interrupted
         driver leaves the tag at ``running`` and the run is cleaned up on resume).
@@ -198,7 +199,7 @@ class Tracker:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(content)
                 self.client.log_artifacts(run_id, tmp)
-        self.log_metrics(run_id, [(metrics, step, _now_ms())], tags={STATUS_TAG: status})
+        self.log_metrics(run_id, [(metrics, step, _now_ms())], tags={**(tags or {}), STATUS_TAG: status})
         self.client.set_terminated(run_id, status=_RUN_STATUS.get(status, "FINISHED"))
 
     def end(self, run_id: str, status: str) -> None:

@@ -217,7 +217,7 @@ def sweep_setup(request, postgres, ray_cluster, mlflow_server, tmp_path) -> Swee
 
 LRS = [0.01, 0.02, 0.03, 0.05, 0.07, 0.1]  # 6 grid points = 6 trials, 2 at a time; none diverges
 MAX_EPOCHS = 10  # under 1 s warm (a fresh worker adds seconds of imports)
-KILL_EPOCHS = 250  # ~3 s warm: long enough for a kill to land mid-trial
+KILL_EPOCHS = 2500  # ~7 s warm on an idle machine: a kill lands mid-trial despite the state API lag
 
 
 def completed(result: subprocess.CompletedProcess) -> str:

@@ -88,6 +88,7 @@ def test_grid_of_8_records_parent_children_and_typed_results(tmp_path):
     for run in kids:
         assert run.info.status == "FINISHED"
         assert run.data.tags["status"] in ("converged", "not_converged")
+        assert run.data.tags["sweeps.node_id"] == ray.get_runtime_context().get_node_id()  # one-node cluster
         assert FINAL_KEYS <= set(run.data.metrics), FINAL_KEYS - set(run.data.metrics)
         assert run.data.params["train.lr"] in ("0.05", "0.2")
         history = client.get_metric_history(run.info.run_id, "train_loss")

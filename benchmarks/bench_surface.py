@@ -109,9 +109,10 @@ def main() -> None:
         # the load of a shared machine drifts: time a naive subset before and after, keep the faster
         naive, naive_s = naive_losses(model, loss_fn, x, y, directions, coords[pick])
         timings = {}
-        for method, micro in (("surface_2d", None), ("  auto micro", "auto")):
+        variants = (("surface_2d", {}), ("  vmap chunks", {"micro_batch": None}), ("  chunk 1", {"chunk_size": 1}))
+        for method, options in variants:
             start = time.perf_counter()
-            surface = landscape.surface_2d(model, loss_fn, (x, y), steps=args.steps, micro_batch=micro)
+            surface = landscape.surface_2d(model, loss_fn, (x, y), steps=args.steps, **options)
             timings[method] = time.perf_counter() - start
         if len(pick) < points:  # a subset is cheap to time twice
             naive_s = min(naive_s, naive_losses(model, loss_fn, x, y, directions, coords[pick])[1])
@@ -131,7 +132,9 @@ def main() -> None:
         pct = 100 * rate / peak
         print(f"{label:<22}{method:<12}{secs:>9.2f}{ms:>9.2f}{rate:>9.1f}{pct:>8.1f}{ratio:>8.1f}x  {note}")
     print("* naive time extrapolated from the subset of points to the full grid")
-    print("'auto micro': surface_2d(..., micro_batch='auto'), batches cut for cache locality")
+    print("surface_2d: the default (micro_batch='auto': chunks of points and pieces of batches sized for the CPU caches)")
+    print("'vmap chunks': surface_2d(..., micro_batch=None), chunks of points sized by the memory budget only")
+    print("'chunk 1': surface_2d(..., chunk_size=1), one point per pass (no vmap over points)")
 
 
 if __name__ == "__main__":

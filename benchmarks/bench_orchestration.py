@@ -10,7 +10,7 @@
    CPU share of 2 trials run at once in 2 plain processes (no Ray, 1 thread each); on a shared
    machine it is below 100 % for reasons that are not the orchestration's.
 
-Run: ``python benchmarks/bench_orchestration.py [--trials 40] [--real-trials 4]``. Timings on a
+Run: ``python benchmarks/bench_orchestration.py [--trials 40] [--real-trials 6] [--real-epochs 1200]``. Timings on a
 shared machine are noisy: rerun and compare ratios, not absolute seconds.
 """
 

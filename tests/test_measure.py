@@ -59,12 +59,7 @@ CHEAP = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread is fastest
 
 
 @pytest.fixture()

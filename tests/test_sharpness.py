@@ -29,13 +29,7 @@ from landscape.sharpness import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is far faster than two on a shared 2-core machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread is fastest
 
 
 # ----------------------------------------------------------------------------------------------

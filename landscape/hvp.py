@@ -142,29 +142,30 @@ class HessianOperator(ModelLoss):
         return self.flatten(hv).detach()
 
     def _cached_graphs(self) -> list[tuple[int, list[Tensor], tuple[Tensor, ...]]] | None:
-        """The per-batch gradient graphs, built on first use when caching applies (else None)."""
-        if self._graphs is None and self._cache_graph is not False and self.batches.in_memory:
-            if self._cache_graph or self._graph_bytes() <= self._graph_memory:
-                with self.mode():
-                    self._graphs = [(len(y), *self._graph(x, y)) for x, y in self.batches]
-            else:
-                self._cache_graph = False  # estimated once
-        return self._graphs
+        """The per-batch gradient graphs, built on first use when caching applies (else None).
 
-    def _graph_bytes(self) -> float:
-        """Estimated bytes of all batches' gradient graphs: the tensors saved for backward while
-        building the first batch's graph, scaled by the number of samples."""
-        seen: dict[int, int] = {}
+        The size estimate is the bytes of the tensors the first batch's graph saves for backward,
+        scaled by the number of samples; that first graph is kept if caching goes ahead.
+        """
+        if self._graphs is not None or self._cache_graph is False or not self.batches.in_memory:
+            return self._graphs
+        saved: dict[int, int] = {}
 
         def pack(t: Tensor) -> Tensor:
-            seen[id(t)] = t.numel() * t.element_size()
+            saved[id(t)] = t.numel() * t.element_size()
             return t
 
         batches = list(self.batches)
-        with self.mode(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            self._graph(*batches[0])
-        n_total = sum(len(y) for _, y in batches)
-        return sum(seen.values()) * n_total / len(batches[0][1])
+        with self.mode():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                first = self._graph(*batches[0])
+            n_first, n_total = len(batches[0][1]), sum(len(y) for _, y in batches)
+            if self._cache_graph or sum(saved.values()) * n_total / n_first <= self._graph_memory:
+                rest = [(len(y), *self._graph(x, y)) for x, y in batches[1:]]
+                self._graphs = [(n_first, *first), *rest]
+            else:
+                self._cache_graph = False  # estimated once
+        return self._graphs
 
     def _for_batch(self, vs: dict[str, Tensor], inputs: Any, targets: Tensor) -> Tensor:
         def grad_fn(p: dict[str, Tensor]) -> dict[str, Tensor]:

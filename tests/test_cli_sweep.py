@@ -243,7 +243,7 @@ def ray_head(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths are length-limited
     gcs, dashboard, client, agent_http, agent_grpc, metrics, env_agent, node, objects = _free_ports(9)
     command = [
-        "ray", "start", "--head", "--num-cpus=2", f"--temp-dir={temp_dir}", f"--port={gcs}",
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--num-cpus=2", f"--temp-dir={temp_dir}", f"--port={gcs}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",

@@ -232,13 +232,18 @@ def _top_level_config_keys() -> set[str]:
     }
 
 
+#: Dotted names that are metrics, not config keys: in-training landscape values logged by the
+#: sweep runner (``track.hessian_top_eig``) and metrics renamed on a clash with a param.
+METRIC_PREFIXES = ("track.", "metric.")
+
+
 def config_columns(df: pd.DataFrame) -> list[str]:
     """Config keys of a results DataFrame: dotted keys (``"train.lr"``, ``"model.width"``), ``"seed"``
-    and the other scalar top-level config fields; never ``"metric.*"`` (metrics renamed on a clash)."""
+    and the other scalar top-level config fields; never dotted metrics (:data:`METRIC_PREFIXES`)."""
     top = _top_level_config_keys() | {"seed"}
     return [
         c for c in df.columns
-        if isinstance(c, str) and not c.startswith("metric.") and ("." in c or c in top)
+        if isinstance(c, str) and not c.startswith(METRIC_PREFIXES) and ("." in c or c in top)
     ]
 
 

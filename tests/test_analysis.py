@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+import sweeps
+
 from sweeps.analysis import (
     IncompleteGridError,
     _ordered_pair_table,
@@ -282,3 +284,15 @@ def test_bad_input_names_the_argument():
         correlations(df, n_boot=-1)
     with pytest.raises(ValueError, match="no registered landscape metric"):
         correlations(df.drop(columns="hessian_top_eig"))
+
+
+def test_in_training_metrics_are_not_taken_for_hyperparameters():
+    """``track.<metric>`` columns (last value tracked during training) vary like a hyperparameter
+    but are metrics: the default hyperparameters and the grid check must ignore them."""
+    rng = np.random.default_rng(0)
+    rows = [{"train.lr": lr, "model.width": w, "gen_gap": g, "hessian_top_eig": g + 0.01 * rng.random(),
+             "track.hessian_top_eig": rng.random(), "status": "converged", "n_test": 1000}
+            for (lr, w), g in zip(itertools.product([0.1, 0.2], [8, 16]), [0.1, 0.2, 0.3, 0.4])]
+    table = sweeps.correlations(pd.DataFrame(rows), measures=["hessian_top_eig"], n_boot=10)
+    assert table.attrs["hyperparameters"] == ["train.lr", "model.width"]
+    assert table.attrs["grid_complete"]

@@ -109,13 +109,20 @@ def assert_complete_and_clean(results_dir: Path, name: str) -> pd.DataFrame:
     return frame
 
 
-@pytest.mark.slow
-def test_sigint_then_resume(tmp_path, ray_address, capsys):
-    config = write_config(tmp_path / "sweep.yaml", "cli-int")
+def start_driver(tmp_path, name, ray_address):
+    """``sweeps run`` of a fresh 8-point grid as a separate driver process; returns
+    ``(process, config path, results_dir, common flags)``."""
+    config = write_config(tmp_path / "sweep.yaml", name)
     results_dir = tmp_path / "results"
     common = ["--results-dir", str(results_dir), "--address", ray_address, "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(config), "--max-concurrent", "2", *common],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, config, results_dir, common
+
+
+@pytest.mark.slow
+def test_sigint_then_resume(tmp_path, ray_address, capsys):
+    proc, _, results_dir, common = start_driver(tmp_path, "cli-int", ray_address)
     wait_for_fresh_running_trial(results_dir, "cli-int", proc, min_finished=2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate()
@@ -158,11 +165,7 @@ def test_sigint_then_resume(tmp_path, ray_address, capsys):
 
 @pytest.mark.slow
 def test_sigkill_then_run_again_continues(tmp_path, ray_address, capsys):
-    config = write_config(tmp_path / "sweep.yaml", "cli-kill")
-    results_dir = tmp_path / "results"
-    common = ["--results-dir", str(results_dir), "--address", ray_address, "--quiet"]
-    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(config), "--max-concurrent", "2", *common],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, config, results_dir, common = start_driver(tmp_path, "cli-kill", ray_address)
     wait_for_fresh_running_trial(results_dir, "cli-kill", proc, min_finished=1)
     proc.kill()
     proc.communicate()

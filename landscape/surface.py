@@ -6,12 +6,13 @@ A surface evaluates the data-set loss (and accuracy, for classifiers) at the poi
     theta(alpha, beta) = theta + alpha d1 + beta d2
 
 of a grid centered on the model's weights ``theta``. Points are never materialized as model
-copies: a chunk of ``G`` points becomes a stack of ``G`` parameter sets that
-:func:`torch.func.vmap` pushes through :func:`torch.func.functional_call` at once, so a linear
-layer becomes one batched matmul over the chunk. ``G`` is chosen from a memory budget (the
-bytes one point needs are measured on the first batch). Defaults follow Li et al. (2018):
-filter-normalized Gaussian directions, a 51 x 51 grid on ``[-1, 1]^2``, eval mode, training
-data.
+copies: every point is a parameter set ``theta + alpha d1 + beta d2`` that
+:func:`torch.func.functional_call` evaluates. On a GPU a chunk of ``G`` points is a stack of
+``G`` parameter sets that :func:`torch.func.vmap` pushes through at once (a linear layer becomes
+one batched matmul), ``G`` chosen from a memory budget; on a CPU one point goes per pass,
+in cache-sized pieces of the batch (see :func:`loss_at_points`). Defaults follow Li et al.
+(2018): filter-normalized Gaussian directions, a 51 x 51 grid on ``[-1, 1]^2``, eval mode,
+training data.
 
 Index order: ``loss[i]`` is at ``alphas[i] d``; ``loss[i, j]`` is at ``alphas[i] d1 + betas[j] d2``
 (rows follow ``d1``, as ``numpy.meshgrid(..., indexing="ij")``).
@@ -28,6 +29,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.func import vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -52,8 +54,10 @@ CURVATURE_WINDOW = 0.2
 #: Default loss rise (in loss units, e.g. nats) that defines the flatness radius.
 FLATNESS_DELTA = 0.1
 _CPU_BUDGET = 256 * 2**20
-#: Bytes of intermediates one vmapped pass aims at on a CPU (see ``micro_batch``).
-WORKING_SET = 32 * 2**20
+#: Bytes of intermediates one forward pass may produce on a CPU before ``micro_batch="auto"``
+#: cuts the batch into pieces (a few MiB per tensor: they stay near the caches, and glibc
+#: reuses their memory instead of returning it to the OS and faulting it in again).
+WORKING_SET = 16 * 2**20
 #: Smallest micro-batch the automatic plan uses (keeps matmuls large).
 MIN_MICRO_BATCH = 512
 _BOUNDARY_TOL = 1e-9
@@ -136,24 +140,60 @@ def choose_chunk_size(model_loss: ModelLoss, num_points: int, memory_budget: int
     return int(max(1, min(num_points, budget // max(1, bytes_per_point(model_loss)))))
 
 
-def _cache_plan(per_sample: float, batch: int, chunk: int) -> tuple[int, int | None]:
-    """``(chunk, micro_batch)`` so that one pass touches about :data:`WORKING_SET` bytes of
-    intermediates: on a CPU, a pass over ``G`` points x ``m`` samples runs at matmul speed when
-    its activations stay near the caches, and several times slower when they spill to memory."""
+def _cpu_plan(per_sample: float, batch: int) -> tuple[int, int | None]:
+    """``(chunk, micro_batch)`` on a CPU: one point per pass (no vmap) and, when one forward
+    pass would produce more than :data:`WORKING_SET` bytes, pieces of at least
+    :data:`MIN_MICRO_BATCH` samples that stay under it.
+
+    On CPUs a point's forward pass is already a set of matmuls that run near peak; stacking
+    points with vmap made them batched matmuls over larger intermediates, 2x slower for both
+    benchmark MLPs. For the large one (40-512-512-10, 4,000 samples, 33 MiB per pass), pieces
+    of 2,000 samples took 10.5 ms per point against 15 ms uncut, most of the difference page
+    faults (see ``benchmarks/bench_surface.py``).
+    """
     per_sample = max(per_sample, 1.0)
-    chunk = int(max(1, min(chunk, WORKING_SET // (MIN_MICRO_BATCH * per_sample))))
-    micro = int(max(MIN_MICRO_BATCH, WORKING_SET // (chunk * per_sample)))
-    return chunk, (None if micro >= batch else micro)
+    micro = int(max(MIN_MICRO_BATCH, WORKING_SET // per_sample))
+    return 1, (None if micro >= batch else micro)
 
 
 def _pieces(inputs: Any, targets: Tensor, size: int | None) -> list[tuple[Any, Tensor]]:
-    """``(inputs, targets)`` cut along dim 0 into pieces of at most ``size`` samples."""
+    """``(inputs, targets)`` cut along dim 0 into the fewest pieces of at most ``size`` samples,
+    of equal size up to one sample (no small remainder piece)."""
     n = len(targets)
     if size is None or n <= size:
         return [(inputs, targets)]
-    cut = lambda t: torch.split(t, size)  # noqa: E731
+    count = -(-n // size)  # ceil
+    cut = lambda t: torch.tensor_split(t, count)  # noqa: E731
     xs = cut(inputs) if isinstance(inputs, Tensor) else list(zip(*(cut(t) for t in inputs)))
     return list(zip(xs, cut(targets)))
+
+
+def _fast_cross_entropy(loss_fn: LossFn) -> LossFn:
+    """``loss_fn``, or for a plain cross-entropy (``nn.CrossEntropyLoss()`` with its defaults, or
+    ``F.cross_entropy``) the same loss as ``logsumexp(z) - z[y]``, averaged.
+
+    Same value to rounding, and on a CPU several times faster for few classes: torch's
+    ``log_softmax`` over a short last dimension (10 classes x 4,000 samples) took 4x the time
+    of ``logsumexp`` and a quarter of a small MLP's forward pass. Other targets (class
+    probabilities, ``ignore_index`` labels, more than 2 dimensions) go to ``loss_fn``.
+    """
+    plain = loss_fn is F.cross_entropy or (
+        type(loss_fn) is nn.CrossEntropyLoss
+        and loss_fn.weight is None
+        and loss_fn.reduction == "mean"
+        and loss_fn.label_smoothing == 0.0
+    )
+    if not plain:
+        return loss_fn
+    ignore = -100 if loss_fn is F.cross_entropy else loss_fn.ignore_index
+
+    def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+        if not is_classification(outputs, targets) or bool((targets == ignore).any()):
+            return loss_fn(outputs, targets)
+        picked = outputs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return (torch.logsumexp(outputs, dim=-1) - picked).mean()
+
+    return cross_entropy
 
 
 def loss_at_points(
@@ -177,9 +217,8 @@ def loss_at_points(
         micro_batch: cut every batch into pieces of at most this many samples (exact: the loss
             is a sample-weighted mean, and in eval mode samples do not interact). ``None``:
             never cut. ``"auto"`` (default): on a CPU in eval mode with an automatic chunk size,
-            pick chunk and piece sizes so one pass touches about :data:`WORKING_SET` bytes
-            (cache locality); elsewhere the same as ``None``. On the idle benchmark machine it
-            was 1.8-2.7x faster than big vmapped chunks for both benchmark MLPs.
+            one point per pass (no vmap) in pieces of at most :data:`WORKING_SET` bytes of
+            intermediates (see :func:`_cpu_plan`); elsewhere the same as ``None``.
 
     Returns:
         ``(loss [N], accuracy [N] or None)`` as float64 numpy arrays; accuracy is ``None``
@@ -198,7 +237,7 @@ def loss_at_points(
         act, batch = _forward_bytes(model_loss)
         chunk_size = int(max(1, min(num, budget // (act + _parameter_set_bytes(model_loss)))))
         if micro_batch == "auto" and not model_loss.train_mode and model_loss.device.type == "cpu":
-            chunk_size, micro = _cache_plan(act / batch, batch, chunk_size)
+            chunk_size, micro = _cpu_plan(act / batch, batch)
     if int(chunk_size) != chunk_size or chunk_size < 1:
         raise ValueError(f"chunk_size: must be a positive integer (got {chunk_size!r})")
     if micro_batch not in ("auto", None):
@@ -206,9 +245,11 @@ def loss_at_points(
     chunk = int(chunk_size)
     theta = model_loss.theta_flat()
 
+    loss_fn = _fast_cross_entropy(model_loss.loss_fn)
+
     def point(params: dict[str, Tensor], inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
         out = model_loss.forward(params, inputs)
-        loss = model_loss.loss_fn(out, targets)
+        loss = loss_fn(out, targets)
         if is_classification(out, targets):
             return loss, (out.argmax(-1) == targets).to(loss.dtype).mean()
         return loss, torch.full_like(loss, float("nan"))
@@ -233,20 +274,27 @@ def loss_at_points(
         n = len(targets)
         return (sum(m * r[0] for m, r in results) / n, sum(m * r[1] for m, r in results) / n)
 
-    chunks = [C[start : start + chunk] for start in range(0, num, chunk)]
+    starts = range(0, num, chunk)
+    # Results go straight into preallocated buffers: small result tensors left alive between
+    # the large freed activations pinned the top of glibc's heap, so every point's activations
+    # were faulted in afresh (twice the wall time for the large benchmark MLP).
+    loss = torch.empty(num, dtype=model_loss.dtype, device=model_loss.device)
+    acc = torch.empty_like(loss)
     with torch.no_grad():
         if model_loss.batches.in_memory:
             # each chunk's parameter sets are built once and reused for every batch
-            parts = []
-            for c in chunks:
-                params = parameter_sets(c)
-                parts.append(model_loss.weighted_sum(lambda x, y: evaluate(params, x, y)))
-            loss, acc = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            for start in starts:
+                params = parameter_sets(C[start : start + chunk])
+                l, a = model_loss.weighted_sum(lambda x, y: evaluate(params, x, y))
+                loss[start : start + chunk], acc[start : start + chunk] = l, a
         else:
             # a loader is read once: every chunk is evaluated on each batch as it comes
             def per_batch(inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
-                parts = [evaluate(parameter_sets(c), inputs, targets) for c in chunks]
-                return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+                batch_loss, batch_acc = torch.empty_like(loss), torch.empty_like(acc)
+                for start in starts:
+                    l, a = evaluate(parameter_sets(C[start : start + chunk]), inputs, targets)
+                    batch_loss[start : start + chunk], batch_acc[start : start + chunk] = l, a
+                return batch_loss, batch_acc
 
             loss, acc = model_loss.weighted_sum(per_batch)
     loss = loss.to("cpu", torch.float64).numpy()
@@ -573,8 +621,8 @@ def surface_1d(
         train_mode: evaluate in train mode (default eval mode).
         chunk_size, memory_budget: grid points per vmapped pass, or the bytes a pass may use
             (default: half the free memory on CUDA, 256 MiB elsewhere).
-        micro_batch: ``None`` (default), ``"auto"`` or a number of samples: how batches are cut
-            for cache locality (see :func:`loss_at_points`; never changes the values).
+        micro_batch: ``"auto"`` (default), ``None`` or a number of samples: how points and
+            batches are cut on a CPU (see :func:`loss_at_points`; never changes the values).
         model_loss: a prebuilt :class:`~landscape.ModelLoss` of ``model`` to reuse (its
             parameter selection, dtype and mode replace ``params``, ``dtype``, ``train_mode``).
     """

@@ -16,7 +16,9 @@ from landscape import ModelLoss, interpolate, surface_1d, surface_2d
 from landscape.surface import (
     MIN_MICRO_BATCH,
     WORKING_SET,
-    _cache_plan,
+    _cpu_plan,
+    _pieces,
+    _fast_cross_entropy,
     bytes_per_point,
     choose_chunk_size,
     quadratic_fit,
@@ -154,11 +156,15 @@ def test_chunking_and_batches_do_not_change_values():
     assert per_point > 4 * (ml.num_params + 64 * 8)  # at least the parameters and one activation
     assert choose_chunk_size(ml, 100, memory_budget=10 * per_point) == 10
     assert choose_chunk_size(ml, 5, memory_budget=10 * per_point) == 5
-    # the cache plan: about WORKING_SET bytes of intermediates per pass, pieces >= MIN_MICRO_BATCH
-    chunk, micro = _cache_plan(8700.0, 4000, 7)
-    assert (chunk, micro) == (7, WORKING_SET // (7 * 8700))
-    assert MIN_MICRO_BATCH <= micro < 4000
-    assert _cache_plan(100.0, 4000, 59) == (59, None)  # small activations: no cutting
+    # the CPU plan: one point per pass, pieces of at most WORKING_SET bytes, >= MIN_MICRO_BATCH
+    assert _cpu_plan(100.0, 4000) == (1, None)  # small activations: no cutting
+    assert _cpu_plan(WORKING_SET / 1024, 4000) == (1, 1024)
+    assert _cpu_plan(WORKING_SET / 10, 4000) == (1, MIN_MICRO_BATCH)
+    # pieces: the fewest of at most the given size, balanced (no small remainder)
+    assert [len(t) for _, t in _pieces(x, y, 10)] == [10] + [9] * 6  # 64 samples in 7 pieces
+    samples = torch.arange(4000)
+    assert [len(t) for _, t in _pieces(samples[:, None], samples, 1960)] == [1334, 1334, 1332]
+    assert [len(t) for _, t in _pieces(samples[:, None], samples, 4000)] == [4000]
     # a partial last batch is weighted by its size
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=24)
     s = surface_2d(model, loss_fn, loader, steps=5)
@@ -311,3 +317,23 @@ def test_surface_measures_in_the_registry():
     assert base["surface_1d_curvature"] == pytest.approx((s0.curvature() + s1.curvature()) / 2, rel=1e-6)
     assert 0 < base["flatness_radius"] < math.inf
     assert landscape.METRICS["flatness_radius"].larger_is == "flatter"
+
+
+def test_fast_cross_entropy_equals_torch():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 10, generator=g, dtype=torch.float64) * 30  # far from uniform
+    labels = torch.randint(0, 10, (300,), generator=g)
+    for loss_fn in (nn.CrossEntropyLoss(), nn.functional.cross_entropy):
+        fast = _fast_cross_entropy(loss_fn)
+        assert fast is not loss_fn
+        assert float(fast(logits, labels)) == pytest.approx(float(loss_fn(logits, labels)), rel=1e-12)
+        # labels equal to ignore_index and probability targets are left to torch
+        ignored = labels.clone()
+        ignored[:7] = -100
+        assert float(fast(logits, ignored)) == pytest.approx(float(loss_fn(logits, ignored)), rel=1e-12)
+        probs = torch.softmax(torch.randn(300, 10, generator=g, dtype=torch.float64), -1)
+        assert float(fast(logits, probs)) == pytest.approx(float(loss_fn(logits, probs)), rel=1e-12)
+    # any non-default option keeps the given loss
+    for loss_fn in (nn.CrossEntropyLoss(label_smoothing=0.1), nn.CrossEntropyLoss(weight=torch.ones(10)),
+                    nn.CrossEntropyLoss(reduction="sum"), nn.MSELoss()):
+        assert _fast_cross_entropy(loss_fn) is loss_fn

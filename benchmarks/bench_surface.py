@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import landscape
-from landscape.surface import centered_grid
+from landscape.surface import WORKING_SET, centered_grid
 
 
 def mnist1d_train() -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,8 +139,8 @@ def main() -> None:
         pct = 100 * rate / peak
         print(f"{label:<22}{method:<12}{secs:>9.2f}{ms:>9.2f}{rate:>9.1f}{pct:>8.1f}{ratio:>8.1f}x  {note}")
     print("* naive time extrapolated from the subset of points to the full grid")
-    print("surface_2d: the default (micro_batch='auto': on a CPU one point per pass, batches cut above {WORKING_SET // 2**20} MiB of"
-          " intermediates; plain cross-entropy as logsumexp - z[y])")
+    print(f"surface_2d: the default (micro_batch='auto': on a CPU one point per pass, batches cut into pieces of at"
+          f" most {WORKING_SET // 2**20} MiB of intermediates; plain cross-entropy as logsumexp - z[y])")
     print("'vmap chunks': surface_2d(..., micro_batch=None), vmapped chunks of points sized by the memory budget")
     print("'torch CE': the default plan with the loss wrapped in a lambda, so torch's log_softmax computes it")
 

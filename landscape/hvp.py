@@ -8,9 +8,10 @@ Two HVP backends:
 
 * ``"double_backward"`` (default): reverse-over-reverse, ``grad(<grad L, v>)``. One graph of
   the gradient is built per batch and then differentiated once per vector; a block of ``K``
-  vectors is pushed through that graph in one vmapped backward (``is_grads_batched``). For
+  vectors is pushed through that graph in one vmapped backward (``is_grads_batched``) on a
+  GPU, one vector at a time on a CPU (faster there, see ``vmap_blocks``). For
   in-memory data whose graphs fit ``graph_memory`` the graphs are built once and kept, so
-  every later product costs only the second backward pass (about 1.5x faster per product on
+  every later product costs only the second backward pass (about 1.4x faster per product on
   the benchmark MLP; PyHessian does the same for a single batch).
 * ``"forward_over_reverse"``: ``jvp`` of ``torch.func.grad``, vmapped over the vectors.
 
@@ -43,6 +44,10 @@ class HessianOperator(ModelLoss):
         backend: ``"double_backward"`` (default) or ``"forward_over_reverse"``.
         block_size: the most vectors pushed through one vmapped product (memory grows
             linearly with it); larger blocks are split. Default 16.
+        vmap_blocks: push a block of vectors through one vmapped product (``True``) or one
+            vector at a time (``False``). ``None`` (default): vmapped except for double backward
+            on a CPU, where one-at-a-time products through the kept graph were 1.2-2x faster
+            for every benchmark MLP but the tiniest (see ``benchmarks/bench_curvature.py``).
         cache_graph: keep the per-batch gradient graphs between products (double backward
             only). ``None`` (default): when the data is in memory and the graphs' estimated
             size (saved tensors of the first batch's forward and backward, scaled to all
@@ -71,6 +76,7 @@ class HessianOperator(ModelLoss):
         check_deterministic: bool = True,
         backend: Backend = "double_backward",
         block_size: int = 16,
+        vmap_blocks: bool | None = None,
         cache_graph: bool | None = None,
         graph_memory: int = 2**30,
     ):
@@ -85,6 +91,9 @@ class HessianOperator(ModelLoss):
             check_deterministic=check_deterministic,
         )
         self.backend, self.block_size = backend, block_size
+        if vmap_blocks is None:
+            vmap_blocks = backend == "forward_over_reverse" or self.device.type != "cpu"
+        self.vmap_blocks = bool(vmap_blocks)
         self.n_hvp = 0
         self._cache_graph, self._graph_memory = cache_graph, graph_memory
         self._graphs: list[tuple[int, list[Tensor], tuple[Tensor, ...]]] | None = None
@@ -103,7 +112,8 @@ class HessianOperator(ModelLoss):
         if V.ndim != 2 or V.shape[0] != self.num_params:
             raise ValueError(f"expected a [{self.num_params}, K] block, got shape {tuple(V.shape)}")
         V = V.to(self.device, self.dtype)
-        cols = [self._block(V[:, i : i + self.block_size].T) for i in range(0, V.shape[1], self.block_size)]
+        step = self.block_size if self.vmap_blocks else 1
+        cols = [self._block(V[:, i : i + step].T) for i in range(0, V.shape[1], step)]
         self.n_hvp += V.shape[1]
         return torch.cat(cols, dim=0).T
 

@@ -35,12 +35,15 @@ def test_one_batch_and_split_batches_give_the_same_hvp():
     assert not torch.allclose(per_batch, whole_hv, rtol=1e-3)
 
 
+@pytest.mark.parametrize("vmap_blocks", [True, False, None])
 @pytest.mark.parametrize("backend", ["double_backward", "forward_over_reverse"])
-def test_block_products_equal_vector_products_for_both_backends(classifier_data, backend):
+def test_block_products_equal_vector_products_for_both_backends(classifier_data, backend, vmap_blocks):
     model, loss_fn, batches, dense = classifier_data
-    op = HessianOperator(model, loss_fn, batches, backend=backend, block_size=3)
+    op = HessianOperator(model, loss_fn, batches, backend=backend, block_size=3, vmap_blocks=vmap_blocks)
+    # default: vmapped blocks except double backward on a CPU (one vector at a time is faster)
+    assert op.vmap_blocks == (vmap_blocks if vmap_blocks is not None else backend == "forward_over_reverse")
     V = torch.randn(139, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    block = op @ V  # split into blocks of 3, 3, 1
+    block = op @ V  # vmapped: blocks of 3, 3, 1
     columns = torch.stack([op @ V[:, i] for i in range(7)], dim=1)
     torch.testing.assert_close(block, columns, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(block, dense @ V, rtol=1e-10, atol=1e-12)

@@ -427,8 +427,10 @@ def _recover(study: optuna.Study, tracker: Tracker, parent: str, view: ProgressV
     for trial in search.stale_trials(study):
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
-            _, status, metrics = tracker.run_info(run_id)
+            run_status, status, metrics = tracker.run_info(run_id)
             if is_finished_status(status):  # recorded in MLflow, the driver died before telling Optuna
+                if run_status == "RUNNING":  # ... and before terminating the run (after its status tag)
+                    tracker.end(run_id, status)
                 search.tell(study, trial.number, status, metrics)
                 view.log(f"trial {trial.number}: recovered as {status} from MLflow run {run_id}")
                 continue

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -54,26 +55,40 @@ class StudyConflictError(ValueError):
     """A study of this name exists with another config (or does not exist when resuming)."""
 
 
+# One storage per (process, database-server URL); see make_storage.
+_SERVER_STORAGES: dict[tuple[int, str], optuna.storages.RDBStorage] = {}
+
+
 def make_storage(storage: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for a URL (sqlite/PostgreSQL/...) or a journal file path."""
+    """An Optuna storage for a URL (sqlite/PostgreSQL/...) or a journal file path.
+
+    A database-server URL (PostgreSQL, MySQL) gives the same storage object on every call in one
+    process: Optuna's ``RDBStorage`` releases its connection pool only when garbage-collected, so
+    a new storage per call (a status poll, a re-run notebook cell) piles up idle server
+    connections until the server refuses new clients ("too many clients already").
+    """
     if is_journal_storage(storage):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         path = journal_path(storage)
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
-    engine_kwargs: dict[str, Any] = {}
     if storage.startswith("sqlite"):
         # Only the driver writes, but optuna-dashboard or `sweeps status` may read concurrently.
-        engine_kwargs = {"connect_args": {"timeout": 60}}
-    else:
-        engine_kwargs = {"pool_pre_ping": True}
+        return _rdb_storage(storage, {"connect_args": {"timeout": 60}})
+    key = (os.getpid(), storage)
+    if key not in _SERVER_STORAGES:
+        _SERVER_STORAGES[key] = _rdb_storage(storage, {"pool_pre_ping": True})
+    return _SERVER_STORAGES[key]
+
+
+def _rdb_storage(url: str, engine_kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
     try:
-        return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except Exception as err:  # another process created the schema at the same moment: it exists now
         if "already exists" not in str(err):
             raise
-        return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
 
 
 def config_fingerprint(config_dict: Mapping[str, Any]) -> str:

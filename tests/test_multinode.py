@@ -31,6 +31,7 @@ import yaml
 from mlflow import MlflowClient
 
 import sweeps
+from sweeps import search
 from _cluster import MlflowServer, Postgres, Process, RayNodes, make_ray_root, spawn, stop_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -192,7 +193,8 @@ class SweepSetup:
                      self.results_dir)
 
     def study(self) -> optuna.Study:
-        return optuna.load_study(study_name=self.name, storage=self.storage)
+        # make_storage: one connection pool for the test's polling, as the driver has one.
+        return optuna.load_study(study_name=self.name, storage=search.make_storage(self.storage))
 
     def finished_trials(self) -> list[optuna.trial.FrozenTrial]:
         try:

@@ -1,6 +1,6 @@
 """sweeps.search: samplers, study creation/resume rules, telling results, re-enqueueing interrupted points.
 
-Real Optuna studies on real storages (sqlite file, journal file); no Ray needed.
+Real Optuna studies on real storages (sqlite file, journal file, PostgreSQL); no Ray needed.
 """
 
 from __future__ import annotations
@@ -147,3 +147,27 @@ def test_journal_storage(tmp_path):
     drive(study, config, 6)
     reloaded = optuna.load_study(study_name="s", storage=search.make_storage(path))
     assert len(search.finished_trials(reloaded)) == 6
+
+
+@pytest.mark.postgres
+def test_server_storage_is_one_pool_per_process():
+    """Polling a PostgreSQL study (as `sweeps status` in a loop or a test does) must not open a
+    connection per call: a storage per call keeps its pool until garbage collection, and 100
+    polls exhausted the server's default 100 connections in CI."""
+    from _cluster import Postgres
+
+    Postgres.require()
+    pg = Postgres()
+    url = pg.create("optuna")
+    try:
+        optuna.create_study(study_name="poll", storage=search.make_storage(url))
+        assert search.make_storage(url) is search.make_storage(url)
+        database = url.rsplit("/", 1)[1]
+        with Postgres._connect() as admin, admin.cursor() as cursor:
+            for _ in range(30):
+                optuna.load_study(study_name="poll", storage=search.make_storage(url)).get_trials()
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,))
+            (open_connections,) = cursor.fetchone()
+        assert 1 <= open_connections <= 2, open_connections
+    finally:
+        pg.drop_all()

@@ -122,3 +122,36 @@ def test_unreachable_store_fails_fast_and_redacted(tmp_path):
         connections.check_reachable(conn, timeout=2)
     assert "--storage" in str(err.value) and "secretpw" not in str(err.value) and "***" in str(err.value)
     connections.check_reachable(connections.resolve(results_dir=tmp_path, env={}))  # local files: fine
+
+
+@pytest.mark.parametrize("terminated", [True, False], ids=["run-terminated", "killed-before-set-terminated"])
+def test_recover_settles_a_trial_whose_result_reached_mlflow_only(tracker, tmp_path, terminated):
+    """A driver killed after recording a trial's result in MLflow but before telling Optuna (and,
+    in the narrower window, before terminating the run) leaves a RUNNING Optuna trial: the next
+    driver takes the result from MLflow, and the run ends FINISHED, not KILLED."""
+    import optuna
+
+    from sweeps.progress import ProgressView
+    from sweeps.runner import _recover
+
+    study = optuna.create_study(study_name="exp", storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                                directions=["maximize"])
+    study.set_user_attr("objective", ["test_acc"])
+    parent = make_parent(tracker)
+    trial = study.ask()
+    child = tracker.start_child("exp", parent, trial.number, {"train.lr": 0.1})
+    trial.set_user_attr("mlflow_run_id", child)
+    if terminated:
+        tracker.finish_child(child, "converged", {"test_acc": 0.75}, step=3)
+    else:
+        tracker.log_metrics(child, [({"test_acc": 0.75}, 3, 1000)], tags={"status": "converged"})
+
+    with open(tmp_path / "driver.log", "w") as log:
+        _recover(study, tracker, parent, ProgressView(quiet=True, stream=log))
+    assert "recovered as converged" in (tmp_path / "driver.log").read_text()
+
+    (frozen,) = study.get_trials()
+    assert frozen.state == optuna.trial.TrialState.COMPLETE and frozen.values == [0.75]
+    run = tracker.client.get_run(child)
+    assert run.info.status == "FINISHED" and run.data.tags["status"] == "converged"
+    assert tracker.active_children(parent) == []

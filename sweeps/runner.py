@@ -435,8 +435,9 @@ def _recover(study: optuna.Study, tracker: Tracker, parent: str, view: ProgressV
                 view.log(f"trial {trial.number}: recovered as {status} from MLflow run {run_id}")
                 continue
             tracker.end(run_id, search.INTERRUPTED)
-        search.interrupt(study, trial)
-        view.log(f"trial {trial.number}: left running by a stopped driver; marked interrupted, point re-enqueued")
+        requeued = search.interrupt(study, trial)
+        view.log(f"trial {trial.number}: left running by a stopped driver; marked interrupted"
+                 + (", point re-enqueued" if requeued else " (it had no point yet)"))
     for run_id in tracker.active_children(parent):
         tracker.end(run_id, search.INTERRUPTED)
 

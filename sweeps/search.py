@@ -300,13 +300,42 @@ def _trial_id(study: optuna.Study, trial_number: int) -> int:
     return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
 
 
-def interrupt(study: optuna.Study, trial: FrozenTrial | int) -> None:
-    """Mark a RUNNING trial ``interrupted`` (told FAIL) and re-enqueue its point for a later run."""
+def interrupt(study: optuna.Study, trial: FrozenTrial | int) -> bool:
+    """Mark a RUNNING trial ``interrupted`` (told FAIL) and re-enqueue its point for a later run.
+
+    Returns ``False`` when there was no point to re-enqueue (see :func:`_assigned_point`)."""
     frozen = study._storage.get_trial(_trial_id(study, trial)) if isinstance(trial, int) else trial
     study._storage.set_trial_user_attr(frozen._trial_id, "status", INTERRUPTED)
     if frozen.state == TrialState.RUNNING:
         study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
-    study.enqueue_trial(dict(frozen.params), user_attrs={"retry_of": frozen.number}, skip_if_exists=False)
+    point = _assigned_point(study, frozen)
+    if point is not None:
+        study.enqueue_trial(point, user_attrs={"retry_of": frozen.number}, skip_if_exists=False)
+    return point is not None
+
+
+def _assigned_point(study: optuna.Study, frozen: FrozenTrial) -> dict[str, Any] | None:
+    """The point a trial was given, also when its driver died between ``ask`` and the last
+    ``suggest_*`` (the params stored so far are then a part of it).
+
+    An enqueued point is whole in the ``fixed_params`` system attribute; the grid sampler fixes
+    the point at ``ask`` (``grid_id``) and gives the rest of it again. ``None`` for a grid trial
+    that had no point yet: nothing to re-run, and a partial point would make the grid sampler
+    raise at the next ``ask``. Other samplers draw the missing params afresh.
+    """
+    attrs = frozen.system_attrs
+    point = {**attrs.get("fixed_params", {}), **frozen.params}
+    if not isinstance(study.sampler, optuna.samplers.GridSampler):
+        return point
+    space = attrs.get("search_space")
+    if "grid_id" in attrs and space is not None:
+        for name, values in space.items():
+            if name not in point:
+                point[name] = study.sampler.sample_independent(
+                    study, frozen, name, optuna.distributions.CategoricalDistribution(values)
+                )
+    names = set(space) if space is not None else set(point)
+    return point if point and names <= set(point) else None
 
 
 def stale_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -74,6 +74,43 @@ def test_interrupted_points_are_reenqueued_and_finished_once(storage):
     assert len(study2.trials) == 8  # 6 finished + 2 interrupted attempts
 
 
+@pytest.mark.parametrize("suggested", [0, 1])
+@pytest.mark.parametrize("sampler", ["grid", "random"])
+def test_point_of_a_driver_killed_between_ask_and_suggest_is_kept(storage, sampler, suggested):
+    """A driver killed after ``ask`` but before every ``suggest_*`` was stored leaves a RUNNING
+    trial with some or none of its params. The grid sampler assigned the whole point at ``ask``:
+    the next driver re-enqueues all of it (a partial point made ``GridSampler`` raise "All
+    parameters must be specified" at the next ask), and every grid point still runs once."""
+    config = make_config(sampler=sampler, search={"n_trials": 6} if sampler == "random" else {})
+    study = search.open_study(config, storage)
+    drive(study, config, 6, stop_after=1, interrupt_running=1)  # 1 told, 1 left RUNNING (complete)
+    cut = study.ask()  # killed here: `suggested` of the 2 params stored
+    if suggested:
+        cut.suggest_categorical("model.width", [8, 16])
+    for retry in range(2):  # a re-enqueued point killed again before its suggests
+        study2 = search.open_study(config, storage)
+        for trial in search.stale_trials(study2):
+            assert search.interrupt(study2, trial)  # re-enqueued
+        if retry == 0:
+            study2.ask()
+    drive(study2, config, 6)
+    done = search.grid_points_done(study2, ["train.lr", "model.width"])
+    assert len(done) == 6
+    if sampler == "grid":
+        assert sorted(done) == sorted(itertools.product([0.01, 0.1, 1.0], [8, 16]))  # each exactly once
+
+
+def test_a_grid_trial_killed_before_it_had_a_point_is_not_reenqueued(storage):
+    config = make_config()
+    study = search.open_study(config, storage)
+    # the state between creating the trial and the grid sampler's before_trial: no point yet
+    number = study._storage.get_trial(study._storage.create_new_trial(study._study_id)).number
+    assert not search.interrupt(study, number)
+    drive(study, config, 6)
+    assert sorted(search.grid_points_done(study, ["train.lr", "model.width"])) == sorted(
+        itertools.product([0.01, 0.1, 1.0], [8, 16]))
+
+
 def test_same_config_resumes_other_config_conflicts(storage):
     config = make_config()
     search.open_study(config, storage)

@@ -3,7 +3,7 @@
 Model: MLP 40-512-512-10 (ReLU, P = 288,778), briefly trained with Adam on the 4,000-sample
 MNIST-1D training set (generated offline), so the Hessian is that of a trained network.
 
-Prints two tables:
+Prints two groups of tables:
 
 1. ``hessian_eigenvalues(k=1, tol=1e-3)`` (Lanczos, the default) beside power iteration run
    the way PyHessian runs it (stop when the relative change < 1e-3, at most 100 iterations):

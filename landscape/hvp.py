@@ -46,8 +46,9 @@ class HessianOperator(ModelLoss):
             linearly with it); larger blocks are split. Default 16.
         vmap_blocks: push a block of vectors through one vmapped product (``True``) or one
             vector at a time (``False``). ``None`` (default): vmapped except for double backward
-            on a CPU, where one-at-a-time products through the kept graph were 1.2-2x faster
-            for every benchmark MLP but the tiniest (see ``benchmarks/bench_curvature.py``).
+            on a CPU, where one-at-a-time products through the kept graph were 1.6-2.4x faster
+            for MLPs of width 128-512 on 4,000 samples (about equal for width 128 on 1,000
+            samples, slower only for width 32; see ``benchmarks/bench_curvature.py``).
         cache_graph: keep the per-batch gradient graphs between products (double backward
             only). ``None`` (default): when the data is in memory and the graphs' estimated
             size (saved tensors of the first batch's forward and backward, scaled to all

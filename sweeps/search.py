@@ -319,23 +319,21 @@ def _assigned_point(study: optuna.Study, frozen: FrozenTrial) -> dict[str, Any] 
     ``suggest_*`` (the params stored so far are then a part of it).
 
     An enqueued point is whole in the ``fixed_params`` system attribute; the grid sampler fixes
-    the point at ``ask`` (``grid_id``) and gives the rest of it again. ``None`` for a grid trial
-    that had no point yet: nothing to re-run, and a partial point would make the grid sampler
-    raise at the next ``ask``. Other samplers draw the missing params afresh.
+    the point at ``ask`` (``grid_id``, stored after ``search_space``) and gives the rest of it
+    again. ``None`` for a grid trial that had no point yet: nothing to re-run, and a partial point
+    would make the grid sampler raise at the next ``ask``. Other samplers draw missing params afresh.
     """
     attrs = frozen.system_attrs
     point = {**attrs.get("fixed_params", {}), **frozen.params}
     if not isinstance(study.sampler, optuna.samplers.GridSampler):
         return point
-    space = attrs.get("search_space")
-    if "grid_id" in attrs and space is not None:
-        for name, values in space.items():
-            if name not in point:
-                point[name] = study.sampler.sample_independent(
-                    study, frozen, name, optuna.distributions.CategoricalDistribution(values)
-                )
-    names = set(space) if space is not None else set(point)
-    return point if point and names <= set(point) else None
+    if "grid_id" not in attrs:  # enqueued (whole in fixed_params) or no point yet
+        return point or None
+    for name, values in attrs["search_space"].items():
+        if name not in point:
+            distribution = optuna.distributions.CategoricalDistribution(values)
+            point[name] = study.sampler.sample_independent(study, frozen, name, distribution)
+    return point
 
 
 def stale_trials(study: optuna.Study) -> list[FrozenTrial]:

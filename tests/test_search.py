@@ -189,8 +189,10 @@ def test_journal_storage(tmp_path):
 @pytest.mark.postgres
 def test_server_storage_is_one_pool_per_process():
     """Polling a PostgreSQL study (as `sweeps status` in a loop or a test does) must not open a
-    connection per call: a storage per call keeps its pool until garbage collection, and 100
-    polls exhausted the server's default 100 connections in CI."""
+    connection per call: a storage per call keeps its pool until garbage collection, and the
+    multi-node test's 0.5 s polls exhausted the server's default 100 connections in CI."""
+    from contextlib import closing
+
     from _cluster import Postgres
 
     Postgres.require()
@@ -200,7 +202,7 @@ def test_server_storage_is_one_pool_per_process():
         optuna.create_study(study_name="poll", storage=search.make_storage(url))
         assert search.make_storage(url) is search.make_storage(url)
         database = url.rsplit("/", 1)[1]
-        with Postgres._connect() as admin, admin.cursor() as cursor:
+        with closing(Postgres._connect()) as admin, admin.cursor() as cursor:
             for _ in range(30):
                 optuna.load_study(study_name="poll", storage=search.make_storage(url)).get_trials()
             cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,))

@@ -233,35 +233,3 @@ class Lanczos:
         theta, s = ritz(self.alpha[run, :m], self.beta[run, :m])
         return theta, s, np.abs(self.beta[run, m - 1] * s[m - 1, :])
 
-
-def hessian_or_given(
-    model: Any,
-    loss_fn: Any,
-    data: Any,
-    operator: HessianOperator | None,
-    *,
-    params: Any = None,
-    dtype: torch.dtype | None = None,
-    train_mode: bool = False,
-    backend: str | None = None,
-) -> HessianOperator:
-    """The prebuilt ``operator`` if given (then the construction arguments must be left at
-    their defaults), else a new :class:`HessianOperator` of ``model`` on ``data``."""
-    if operator is not None:
-        if not isinstance(operator, HessianOperator):
-            raise TypeError(f"operator: expected a landscape.HessianOperator, got {type(operator).__name__}")
-        chosen = {"params": params, "dtype": dtype, "train_mode": train_mode or None, "backend": backend}
-        clash = [name for name, value in chosen.items() if value is not None]
-        if clash:
-            raise ValueError(
-                f"{', '.join(clash)}: already fixed by operator=; set them when building the "
-                "HessianOperator, or drop operator= to build one here"
-            )
-        return operator
-    missing = [n for n, v in (("model", model), ("loss_fn", loss_fn), ("data", data)) if v is None]
-    if missing:
-        raise ValueError(f"{', '.join(missing)}: required unless a prebuilt HessianOperator is passed as operator=")
-    return HessianOperator(
-        model, loss_fn, data, params=params, dtype=dtype, train_mode=train_mode,
-        backend=backend or "double_backward",
-    )

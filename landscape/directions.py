@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._functional import ModelLoss, ParamSelector, _select, model_device, model_dtype
+from ._functional import ModelLoss, ParamSelector, _select, model_dtype
 
 Direction = dict[str, Tensor]
 Normalization = Literal["filter", "layer", "none"]
@@ -170,15 +170,33 @@ def random_directions(
         raise ValueError(f"count: must be a positive integer (got {count!r})")
     _check_choice("normalization", normalization, NORMALIZATIONS)
     _check_choice("one_d", one_d, ONE_D_MODES)
-    weights = _weights(model, params, dtype)
-    device = model_device(model)
+    return draw_directions(_weights(model, params, dtype), count, seed, normalization, one_d)
+
+
+def draw_directions(
+    weights: Mapping[str, Tensor], count: int, seed: int = 0,
+    normalization: Normalization = "filter", one_d: OneDMode = "zero",
+) -> list[Direction]:
+    """``count`` seeded Gaussian directions around ``weights`` ``{name: tensor}``, normalized as
+    asked, on the weights' device and in their dtype (the core of :func:`random_directions`)."""
     out = []
     for k in range(int(count)):
-        raw = {
-            n: gaussian_like(n, w.shape, seed, k).to(device, w.dtype) for n, w in weights.items()
-        }
+        raw = {n: gaussian_like(n, w.shape, seed, k).to(w.device, w.dtype) for n, w in weights.items()}
         out.append(normalize_direction(raw, weights, normalization, one_d))
     return out
+
+
+def filter_normalized_directions(model_loss: ModelLoss, n: int, *, seed: int = 0) -> Tensor:
+    """``[P, n]`` filter-normalized Gaussian directions around ``model_loss``'s weights, as
+    columns in its flat order.
+
+    The same directions :func:`random_directions` draws (seeded per parameter name, shape,
+    ``seed`` and index, so surfaces and curvature scalars see the same directions): each output
+    slice of a parameter with ``ndim > 1`` is rescaled to the norm of the same slice of ``w``,
+    parameters with ``ndim <= 1`` get zero (Li et al. 2018).
+    """
+    dicts = draw_directions(model_loss.theta, n, seed, "filter", "zero")
+    return torch.stack([model_loss.flatten(d) for d in dicts], dim=1)
 
 
 def _state_of(model: ModelOrState, argument: str) -> Mapping[str, Tensor]:

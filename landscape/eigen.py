@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ._functional import LossFn, ParamSelector
-from ._lanczos import Lanczos, OperatorLike, SymmetricOperator, as_operator, hessian_or_given, random_block
-from .hvp import Backend, HessianOperator
+from ._lanczos import Lanczos, OperatorLike, SymmetricOperator, as_operator, random_block
+from .hvp import Backend, HessianOperator, as_hessian
 
 Which = Literal["largest", "smallest", "both"]
 DEFAULT_MAX_STEPS = 300
@@ -115,7 +115,7 @@ def _finish(
     if not converged:
         warnings.warn(
             f"lanczos: not converged to tol={tol:g} within the product budget (residuals "
-            f"{residuals.tolist()}); raise max_hvp or loosen tol",
+            f"{residuals.tolist()}); raise max_products (max_hvp of hessian_eigenvalues) or loosen tol",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -176,7 +176,7 @@ def lanczos(
     check = wanted if exact_residuals else 0
     budget = max_products if max_products is not None else min(op.dim, DEFAULT_MAX_STEPS) + check
     if budget < wanted + check:
-        raise ValueError(f"max_hvp: a budget of {budget} products cannot give {wanted} eigenpairs; use >= {wanted + check}")
+        raise ValueError(f"max_products (max_hvp of hessian_eigenvalues): a budget of {budget} products cannot give {wanted} eigenpairs; use >= {wanted + check}")
     generator = torch.Generator().manual_seed(seed)
     run = Lanczos(op, _start(op, v0, generator), budget - check, restart_on_breakdown=True, generator=generator)
     at_last_breakdown = None
@@ -270,9 +270,9 @@ def power_iteration(
 
 
 def hessian_eigenvalues(
-    model: nn.Module | None,
-    loss_fn: LossFn | None,
-    data: Any,
+    model: nn.Module | HessianOperator | None,
+    loss_fn: LossFn | None = None,
+    data: Any = None,
     k: int = 1,
     which: Which = "largest",
     tol: float = 1e-3,
@@ -296,7 +296,9 @@ def hessian_eigenvalues(
 
     Args:
         model, loss_fn, data: the model, ``loss_fn(outputs, targets)`` returning the batch mean,
-            and one ``(inputs, targets)`` batch or an iterable of batches (not shuffling).
+            and one ``(inputs, targets)`` batch or an iterable of batches (not shuffling); or a
+            prebuilt :class:`~landscape.HessianOperator` ``H`` alone: ``hessian_eigenvalues(H,
+            k=3)`` (the other arguments then by keyword).
         k: eigenpairs wanted. Default 1.
         which: ``"largest"`` (descending), ``"smallest"`` (ascending, negative curvature first)
             or ``"both"`` (Lanczos only). Default ``"largest"``.
@@ -310,8 +312,8 @@ def hessian_eigenvalues(
         seed: seeds the start vector.
         params, dtype, train_mode, backend: how to build the :class:`~landscape.HessianOperator`
             (parameter subset, computing dtype, BN/dropout mode, HVP backend).
-        operator: a prebuilt :class:`~landscape.HessianOperator` to reuse instead (then
-            ``model``, ``loss_fn``, ``data`` may be ``None``).
+        operator: the older spelling of a prebuilt operator (``hessian_eigenvalues(None, None,
+            None, operator=H)``); kept working.
         exact_residuals: Lanczos: recompute residuals with ``n`` extra HVPs (default: from the
             recurrence, equal to rounding).
 
@@ -322,8 +324,8 @@ def hessian_eigenvalues(
         raise ValueError(f"method: must be 'lanczos' or 'power' (got {method!r})")
     if method == "power" and which != "largest":
         raise ValueError(f"which={which!r}: power iteration finds only the largest pairs; use method='lanczos'")
-    hessian = hessian_or_given(
-        model, loss_fn, data, operator, params=params, dtype=dtype, train_mode=train_mode, backend=backend
+    hessian = as_hessian(
+        model, loss_fn, data, operator=operator, params=params, dtype=dtype, train_mode=train_mode, backend=backend
     )
     if method == "power":
         return power_iteration(hessian, k, tol, v0=v0, max_products=max_hvp, seed=seed)

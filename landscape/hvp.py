@@ -210,3 +210,50 @@ class HessianOperator(ModelLoss):
         eye = torch.eye(self.num_params, device=self.device, dtype=self.dtype)
         H = self.matmat(eye)
         return (H + H.T) / 2
+
+
+def as_hessian(
+    model: nn.Module | HessianOperator | None,
+    loss_fn: LossFn | None = None,
+    data: Any = None,
+    *,
+    operator: HessianOperator | None = None,
+    params: ParamSelector = None,
+    dtype: torch.dtype | None = None,
+    train_mode: bool = False,
+    backend: Backend | None = None,
+) -> HessianOperator:
+    """The Hessian a curvature function works on: the operator given as first argument or as
+    ``operator=``, else a new :class:`HessianOperator` of ``model`` on ``data``.
+
+    Every curvature function (``hessian_eigenvalues(H, k=3)``, ``hessian_trace(H)``, ...)
+    takes either form; with an operator the construction arguments (``params``, ``dtype``,
+    ``train_mode``, ``backend``) must stay at their defaults, since the operator fixed them.
+    """
+    if isinstance(model, HessianOperator):
+        if operator is not None and operator is not model:
+            raise ValueError("operator: two different HessianOperators given (first argument and operator=)")
+        if loss_fn is not None or data is not None:
+            raise TypeError(
+                "with a HessianOperator as first argument pass the other arguments by keyword "
+                "(e.g. hessian_eigenvalues(H, k=3)); loss_fn and data are fixed by the operator"
+            )
+        operator = model
+    if operator is not None:
+        if not isinstance(operator, HessianOperator):
+            raise TypeError(f"operator: expected a landscape.HessianOperator, got {type(operator).__name__}")
+        chosen = {"params": params, "dtype": dtype, "train_mode": train_mode or None, "backend": backend}
+        clash = [name for name, value in chosen.items() if value is not None]
+        if clash:
+            raise ValueError(
+                f"{', '.join(clash)}: already fixed by the HessianOperator; set them when building it, "
+                "or pass model, loss_fn, data to build one here"
+            )
+        return operator
+    missing = [n for n, v in (("model", model), ("loss_fn", loss_fn), ("data", data)) if v is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)}: required unless a HessianOperator is given (first argument or operator=)")
+    return HessianOperator(
+        model, loss_fn, data, params=params, dtype=dtype, train_mode=train_mode,
+        backend=backend or "double_backward",
+    )

@@ -1,14 +1,19 @@
 """One entry point for every landscape measure: ``measure(model, loss_fn, data, metrics=[...])``.
 
 Each measure is implemented once, in the module it belongs to (``eigen``, ``trace``,
-``sharpness``, ``surface``, ...), and listed here by one line in :data:`METRICS`: its name, which
-way is sharper, and how to call it on a :class:`MeasureContext`. The context builds shared
-objects (the Hessian operator, the functional loss) once per :func:`measure` call.
+``curvature``, ``sharpness``, ``surface``, ...), and listed here by one line in :data:`METRICS`:
+its name, which way is sharper, and an :class:`Adapter` that calls it on a
+:class:`MeasureContext`. Every :class:`Metric` declares the options it accepts
+(:attr:`Metric.options`, read off the signature of the function that receives them) and the
+keys it reports (:attr:`Metric.keys`), so :func:`check_request` rejects a misspelled option
+before anything runs and callers know the result keys without computing. The context builds
+shared objects (the Hessian operator, the functional loss) once per :func:`measure` call.
 
-Add your own with :func:`register_metric`::
+Add your own with :func:`register_metric`; its options are the keywords of ``fn`` after the
+context::
 
-    def loss_at_weights(ctx, **options):
-        return ctx.model_loss.loss()
+    def loss_at_weights(ctx, *, scale=1.0):
+        return scale * ctx.model_loss.loss()
 
     register_metric(Metric("train_loss", "neither", loss_at_weights, "data-set loss"))
 """
@@ -20,12 +25,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property, partial
+from operator import attrgetter
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from . import norms, sharpness, surface
+from . import curvature, eigen, norms, sharpness, spectrum, surface, trace
 from ._functional import LossFn, ModelLoss, ParamSelector
 from .hvp import HessianOperator
 
@@ -71,110 +77,137 @@ class MeasureContext:
         return self.hessian
 
 
+# arguments a metric function gets from the MeasureContext, never from options
+CONTEXT_ARGUMENTS = frozenset({"model", "loss_fn", "data", "init_state", "operator", "model_loss"})
+# options that choose how the functional loss is built: given one, a function builds its own
+# instead of receiving the context's shared ModelLoss / HessianOperator
+BUILD_OPTIONS = frozenset({"params", "dtype", "train_mode", "backend"})
+
+
+def keyword_parameters(fn: Callable[..., Any], *, skip: int = 0) -> tuple[str, ...] | None:
+    """Names ``fn`` accepts as keywords after its first ``skip`` parameters, in signature order;
+    ``None`` when it also takes ``**kwargs`` (then any name is accepted)."""
+    parameters = list(inspect.signature(fn).parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return tuple(p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What an :class:`Adapter` returns: the scalar(s) for :func:`measure` and the full result
+    to keep as the metric's artifact (``None``: nothing to keep)."""
+
+    value: MetricValue
+    result: Any
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A metric function that calls a library function on a :class:`MeasureContext`.
+
+    ``target``'s parameters named in :data:`CONTEXT_ARGUMENTS` are filled from the context
+    (``operator`` / ``model_loss`` get the context's shared objects unless an option is one of
+    :data:`BUILD_OPTIONS`; ``params`` / ``dtype`` default to the context's); ``fixed`` settings
+    are passed as given and cannot be overridden, ``defaults`` can; every other keyword of
+    ``target`` is an option. ``read`` turns the result into the reported scalar(s) (default:
+    ``result.value``); the result is kept as the metric's artifact if ``artifact``.
+    """
+
+    target: Callable[..., Any]
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    read: Callable[[Any], MetricValue] = attrgetter("value")
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    artifact: bool = True
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The option names ``target`` accepts (its keywords less context and fixed ones)."""
+        names = keyword_parameters(self.target) or ()
+        return tuple(n for n in names if n not in CONTEXT_ARGUMENTS and n not in self.fixed)
+
+    def __call__(self, ctx: MeasureContext, **options: Any) -> Reading:
+        accepted = set(keyword_parameters(self.target) or ())
+        context = {
+            "model": ctx.model, "loss_fn": ctx.loss_fn, "data": ctx.data, "init_state": ctx.init_state,
+            "params": ctx.params, "dtype": ctx.dtype, "seed": ctx.seed,
+        }
+        if accepted & {"operator", "model_loss"} and not BUILD_OPTIONS & set(options):
+            # the shared operator / loss already holds the parameter selection and dtype
+            context.update(operator=ctx.hessian, model_loss=ctx.model_loss, params=None, dtype=None)
+        kwargs = {n: v for n, v in context.items() if n in accepted}
+        result = self.target(**{**kwargs, **self.defaults, **options, **self.fixed})
+        return Reading(self.read(result), result if self.artifact else None)
+
+
 @dataclass(frozen=True)
 class Metric:
-    """A registered measure.
+    """A registered measure, with what it accepts and what it reports.
 
     Attributes:
         name: key in the result of :func:`measure` (and in MLflow, results DataFrames).
         larger_is: ``"sharper"`` if a larger value means a sharper minimum, ``"flatter"`` for
             the opposite, ``"neither"`` for baselines without that meaning (parameter count).
-        fn: ``fn(ctx, **options) -> float | {key: float} | result``; a dict adds several keys,
-            each prefixed by nothing (give full names, e.g. ``"surface_2d_curvature"``); a result
-            object with a ``.value`` attribute gives that value and is stored as the metric's
-            artifact.
+        fn: ``fn(ctx, **options)`` returning a float, a ``{key: float}`` dict (full key names,
+            e.g. ``"hessian_spectrum_trace"``), a result object with a ``.value`` attribute
+            (that value is reported and the object kept as the metric's artifact), or a
+            :class:`Reading`; an :class:`Adapter` for library functions.
         description: one line for tables and the README.
         needs: context fields that must be set (not ``None``), e.g. ``("init_state",)``;
             checked before any metric runs.
+        keys: the keys the metric adds to the result of :func:`measure` besides
+            ``"{name}_seconds"``. Default ``(name,)``.
+        options: the option names ``fn`` accepts. Default: an Adapter's options, else the
+            keywords of ``fn`` after the context argument; ``None`` when ``fn`` takes
+            ``**options`` and none are declared (then any name passes).
+        fixed: settings the metric fixes (an Adapter's ``fixed``); naming one as an option is
+            an error that points to the other variant.
     """
 
     name: str
     larger_is: Orientation
-    fn: Callable[..., MetricValue | Any]
+    fn: Callable[..., Any]
     description: str = ""
     needs: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()
+    options: tuple[str, ...] | None = None
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.larger_is not in ("sharper", "flatter", "neither"):
+            raise ValueError(f"larger_is: must be 'sharper', 'flatter' or 'neither' (got {self.larger_is!r})")
+        set_ = partial(object.__setattr__, self)
+        set_("keys", tuple(self.keys) or (self.name,))
+        if isinstance(self.fn, Adapter):
+            set_("fixed", dict(self.fn.fixed))
+            if self.options is None:
+                set_("options", self.fn.options)
+        elif self.options is None:
+            set_("options", keyword_parameters(self.fn, skip=1))
+        if self.options is not None:
+            set_("options", tuple(self.options))
 
 
-def _top_eig(ctx: MeasureContext, **options: Any) -> float:
-    from .eigen import hessian_eigenvalues
-
-    options = {"seed": ctx.seed, **options}
-    result = hessian_eigenvalues(ctx.model, ctx.loss_fn, ctx.data, k=1, operator=ctx.hessian, **options)
-    ctx.artifacts["hessian_top_eig"] = result
+def _eigenvalue(result: Any) -> float:
     return float(result.values[0])
 
 
-def _min_eig(ctx: MeasureContext, **options: Any) -> float:
-    from .eigen import hessian_eigenvalues
-
-    options = {"seed": ctx.seed, **options}
-    result = hessian_eigenvalues(ctx.model, ctx.loss_fn, ctx.data, k=1, which="smallest", operator=ctx.hessian, **options)
-    ctx.artifacts["hessian_min_eig"] = result
-    return float(result.values[0])
+def _norm(field_name: str) -> Adapter:
+    """One field of :func:`landscape.norms.weight_norms` as a metric."""
+    return Adapter(norms.weight_norms, read=attrgetter(field_name), artifact=False)
 
 
-def _trace(ctx: MeasureContext, **options: Any) -> float:
-    from .trace import hessian_trace
-
-    options = {"seed": ctx.seed, **options}
-    result = hessian_trace(ctx.model, ctx.loss_fn, ctx.data, operator=ctx.hessian, **options)
-    ctx.artifacts["hessian_trace"] = result
-    return float(result.value)
-
-
-def _spectrum(ctx: MeasureContext, **options: Any) -> dict[str, float]:
-    from .spectrum import hessian_spectrum
-
-    options = {"seed": ctx.seed, **options}
-    result = hessian_spectrum(ctx.model, ctx.loss_fn, ctx.data, operator=ctx.hessian, **options)
-    ctx.artifacts["hessian_spectrum"] = result
+def _spectrum_trace(result: Any) -> dict[str, float]:
     return {"hessian_spectrum_trace": float(result.trace_estimate)}
 
 
-def _bind(fn: Callable[..., Any], shared: str | None = "model_loss", **fixed: Any) -> Callable[..., Any]:
-    """A metric function calling ``fn(model, loss_fn, data, seed=..., **fixed, **options)``.
-
-    ``shared="model_loss"`` / ``"operator"`` passes the context's shared ModelLoss / Hessian as
-    that keyword, unless the options choose their own ``params`` or ``dtype`` (then they are
-    passed on and ``fn`` builds its own). ``fixed`` settings cannot be overridden by options.
-    """
-
-    def metric(ctx: MeasureContext, **options: Any) -> Any:
-        clash = sorted(set(fixed) & set(options))
-        if clash:
-            raise ValueError(f"options: {clash} fixed by this metric ({fixed}); use the other variant")
-        kwargs = {"seed": ctx.seed, **fixed, **options}
-        if shared is not None and not {"params", "dtype"} & set(options):
-            kwargs[shared] = ctx.model_loss if shared == "model_loss" else ctx.hessian
-        else:
-            kwargs = {"params": ctx.params, "dtype": ctx.dtype, **kwargs}
-        return fn(ctx.model, ctx.loss_fn, ctx.data, **kwargs)
-
-    metric.target, metric.fixed = fn, fixed  # type: ignore[attr-defined]  # for option checks
-    return metric
+def _identity(value: Any) -> Any:
+    return value
 
 
-def _norm(field_name: str) -> Callable[..., float]:
-    """A metric function returning one field of :func:`landscape.norms.weight_norms`."""
-
-    def metric(ctx: MeasureContext, **options: Any) -> float:
-        return getattr(norms.weight_norms(ctx.model, **{"params": ctx.params, **options}), field_name)
-
-    metric.target = norms.weight_norms  # type: ignore[attr-defined]
-    return metric
-
-
-def _param_count(ctx: MeasureContext, **options: Any) -> float:
-    return norms.param_count(ctx.model, **{"params": ctx.params, **options})
-
-
-def _dist_from_init(ctx: MeasureContext, **options: Any) -> float:
-    return norms.distance_from_init(ctx.model, ctx.init_state, **{"params": ctx.params, **options})
-
-
-_param_count.target = norms.param_count  # type: ignore[attr-defined]
-_dist_from_init.target = norms.distance_from_init  # type: ignore[attr-defined]
 _S = sharpness
+_top_eig = Adapter(eigen.hessian_eigenvalues, {"k": 1, "which": "largest"}, _eigenvalue)
+_min_eig = Adapter(eigen.hessian_eigenvalues, {"k": 1, "which": "smallest"}, _eigenvalue)
 
 # The list of measures: one line each. Keep names stable: they are MLflow metric keys.
 METRICS: dict[str, Metric] = {
@@ -182,35 +215,37 @@ METRICS: dict[str, Metric] = {
     for m in [
         Metric("hessian_top_eig", "sharper", _top_eig, "largest Hessian eigenvalue lambda_max"),
         Metric("hessian_min_eig", "neither", _min_eig, "smallest Hessian eigenvalue (negative near saddles)"),
-        Metric("hessian_trace", "sharper", _trace, "Hessian trace (Hutch++)"),
-        Metric("hessian_spectrum", "sharper", _spectrum, "SLQ spectral density; scalar: its trace"),
-        Metric("keskar_sharpness", "sharper", _bind(_S.keskar_sharpness), "Keskar eps-sharpness (%), box eps(|w|+1), L-BFGS-B"),
-        Metric("sharpness_worst", "sharper", _bind(_S.worst_case_sharpness, adaptive=False), "worst-case l2 m-sharpness, c=1"),
-        Metric("adaptive_sharpness_worst", "sharper", _bind(_S.worst_case_sharpness, adaptive=True), "worst-case adaptive m-sharpness, c=|w|"),
-        Metric("sharpness_avg", "sharper", _bind(_S.average_sharpness, adaptive=False), "average-case Gaussian m-sharpness, c=1"),
-        Metric("adaptive_sharpness_avg", "sharper", _bind(_S.average_sharpness, adaptive=True), "average-case adaptive m-sharpness, c=|w|"),
-        Metric("pacbayes_flatness", "sharper", _bind(_S.pacbayes_flatness, magnitude_aware=False), "Jiang 1/sigma'^2, plain Gaussian noise"),
-        Metric("pacbayes_mag_flatness", "sharper", _bind(_S.pacbayes_flatness, magnitude_aware=True), "Jiang 1/sigma'^2, magnitude-aware noise"),
-        Metric("sharpness_flatness", "sharper", _bind(_S.sharpness_flatness, magnitude_aware=False), "Jiang 1/alpha'^2, plain box"),
-        Metric("sharpness_mag_flatness", "sharper", _bind(_S.sharpness_flatness, magnitude_aware=True), "Jiang 1/alpha'^2, magnitude-aware box"),
-        Metric("filter_curvature", "sharper", _bind(_S.filter_curvature, "operator"), "mean d^T H d, filter-normalized Gaussian d"),
-        Metric("adaptive_trace", "sharper", _bind(_S.adaptive_trace, "operator"), "tr(|w| H |w|) (Hutch++)"),
-        Metric("surface_1d_curvature", "sharper", _bind(surface.curvature_1d), "quadratic-fit curvature of filter-normalized 1D surfaces"),
-        Metric("surface_2d_curvature", "sharper", _bind(surface.curvature_2d), "largest eigenvalue of the quadratic fit to a filter-normalized 2D surface"),
-        Metric("surface_2d", "sharper", _bind(partial(surface.curvature_2d, steps=51, span=1.0)), "Li et al. 51 x 51 filter-normalized surface on [-1, 1]^2; scalar: top eigenvalue of its quadratic fit"),
-        Metric("flatness_radius", "flatter", _bind(surface.flatness_radius), "step (filter-normalized) at which the loss rises by delta"),
-        Metric("param_count", "neither", _param_count, "number of parameters"),
+        Metric("hessian_trace", "sharper", Adapter(trace.hessian_trace), "Hessian trace (Hutch++)"),
+        Metric("hessian_spectrum", "sharper", Adapter(spectrum.hessian_spectrum, read=_spectrum_trace),
+               "SLQ spectral density; scalar: its trace", keys=("hessian_spectrum_trace",)),
+        Metric("keskar_sharpness", "sharper", Adapter(_S.keskar_sharpness), "Keskar eps-sharpness (%), box eps(|w|+1), L-BFGS-B"),
+        Metric("sharpness_worst", "sharper", Adapter(_S.worst_case_sharpness, {"adaptive": False}), "worst-case l2 m-sharpness, c=1"),
+        Metric("adaptive_sharpness_worst", "sharper", Adapter(_S.worst_case_sharpness, {"adaptive": True}), "worst-case adaptive m-sharpness, c=|w|"),
+        Metric("sharpness_avg", "sharper", Adapter(_S.average_sharpness, {"adaptive": False}), "average-case Gaussian m-sharpness, c=1"),
+        Metric("adaptive_sharpness_avg", "sharper", Adapter(_S.average_sharpness, {"adaptive": True}), "average-case adaptive m-sharpness, c=|w|"),
+        Metric("pacbayes_flatness", "sharper", Adapter(_S.pacbayes_flatness, {"magnitude_aware": False}), "Jiang 1/sigma'^2, plain Gaussian noise"),
+        Metric("pacbayes_mag_flatness", "sharper", Adapter(_S.pacbayes_flatness, {"magnitude_aware": True}), "Jiang 1/sigma'^2, magnitude-aware noise"),
+        Metric("sharpness_flatness", "sharper", Adapter(_S.sharpness_flatness, {"magnitude_aware": False}), "Jiang 1/alpha'^2, plain box"),
+        Metric("sharpness_mag_flatness", "sharper", Adapter(_S.sharpness_flatness, {"magnitude_aware": True}), "Jiang 1/alpha'^2, magnitude-aware box"),
+        Metric("filter_curvature", "sharper", Adapter(curvature.filter_curvature), "mean d^T H d, filter-normalized Gaussian d"),
+        Metric("adaptive_trace", "sharper", Adapter(curvature.adaptive_trace), "tr(|w| H |w|) (Hutch++)"),
+        Metric("surface_1d_curvature", "sharper", Adapter(surface.curvature_1d), "quadratic-fit curvature of filter-normalized 1D surfaces"),
+        Metric("surface_2d_curvature", "sharper", Adapter(surface.curvature_2d), "largest eigenvalue of the quadratic fit to a filter-normalized 2D surface"),
+        Metric("surface_2d", "sharper", Adapter(surface.curvature_2d, defaults={"steps": 51, "span": 1.0}), "Li et al. 51 x 51 filter-normalized surface on [-1, 1]^2; scalar: top eigenvalue of its quadratic fit"),
+        Metric("flatness_radius", "flatter", Adapter(surface.flatness_radius), "step (filter-normalized) at which the loss rises by delta"),
+        Metric("param_count", "neither", Adapter(norms.param_count, read=_identity, artifact=False), "number of parameters"),
         Metric("frobenius_norm_sum", "neither", _norm("frobenius_sum"), "sum over layers of ||W||_F"),
         Metric("frobenius_norm_prod", "neither", _norm("frobenius_prod"), "product over layers of ||W||_F"),
         Metric("spectral_norm_sum", "neither", _norm("spectral_sum"), "sum over layers of ||W||_2"),
         Metric("spectral_norm_prod", "neither", _norm("spectral_prod"), "product over layers of ||W||_2"),
-        Metric("dist_from_init", "neither", _dist_from_init, "||w - w0||_2", needs=("init_state",)),
+        Metric("dist_from_init", "neither", Adapter(norms.distance_from_init, read=_identity, artifact=False), "||w - w0||_2", needs=("init_state",)),
     ]
 }
 
 
 def register_metric(metric: Metric, *, overwrite: bool = False) -> Metric:
-    """Add ``metric`` to :data:`METRICS` so :func:`measure` can compute it by name."""
+    """Add ``metric`` to :data:`METRICS` so :func:`measure` can compute it by name (its options
+    and keys as declared; see :class:`Metric`)."""
     if metric.name in METRICS and not overwrite:
         raise ValueError(f"metric {metric.name!r} is already registered; pass overwrite=True to replace it")
     METRICS[metric.name] = metric
@@ -253,12 +288,22 @@ def measure(
             raise ValueError(f"metric {name!r} needs {missing}: pass {missing[0]}=... to measure()")
     out: dict[str, float] = {}
     for name in metrics:
+        metric = METRICS[name]
         start = time.perf_counter()
-        value = METRICS[name].fn(ctx, **options.get(name, {}))
-        if hasattr(value, "value") and not isinstance(value, Mapping):
-            ctx.artifacts[name] = value
+        value = metric.fn(ctx, **options.get(name, {}))
+        if isinstance(value, Reading):
+            if value.result is not None:
+                ctx.artifacts[name] = value.result
             value = value.value
-        out.update({name: float(value)} if not isinstance(value, Mapping) else {k: float(v) for k, v in value.items()})
+        elif hasattr(value, "value") and not isinstance(value, Mapping):
+            ctx.artifacts[name], value = value, value.value
+        values = {k: float(v) for k, v in value.items()} if isinstance(value, Mapping) else {name: float(value)}
+        if tuple(values) != metric.keys:
+            raise ValueError(
+                f"metric {name!r} returned keys {list(values)} but declares keys={list(metric.keys)}; "
+                "declare them with Metric(..., keys=...)"
+            )
+        out.update(values)
         out[f"{name}_seconds"] = time.perf_counter() - start
     if artifacts is not None:
         artifacts.update(ctx.artifacts)
@@ -288,12 +333,8 @@ def _check_metrics(metrics: Iterable[str]) -> list[str]:
     return metrics
 
 
-# arguments a metric function gets from the MeasureContext, never from options
-_CONTEXT_ARGUMENTS = {"model", "loss_fn", "data", "init_state", "operator", "model_loss"}
-
-
 def _check_options(options: Mapping[str, Mapping[str, Any]] | None, metrics: list[str]) -> dict[str, dict[str, Any]]:
-    """``options`` as ``{metric: {keyword: value}}``, checked against the metrics' signatures."""
+    """``options`` as ``{metric: {keyword: value}}``, checked against the metrics' declarations."""
     options = dict(options or {})
     stray = [m for m in options if m not in metrics]
     if stray:
@@ -301,18 +342,13 @@ def _check_options(options: Mapping[str, Mapping[str, Any]] | None, metrics: lis
     for name, opts in options.items():
         if not isinstance(opts, Mapping):
             raise TypeError(f"options[{name!r}]: must be a dict of keyword arguments, got {type(opts).__name__}")
-        fixed = getattr(METRICS[name].fn, "fixed", {})
-        clash = sorted(set(fixed) & set(opts))
+        metric = METRICS[name]
+        clash = sorted(set(metric.fixed) & set(opts))
         if clash:
-            raise ValueError(f"options[{name!r}]: {clash} fixed by this metric ({fixed}); use the other variant")
-        target = getattr(METRICS[name].fn, "target", None)
-        if target is None:
+            raise ValueError(f"options[{name!r}]: {clash} fixed by this metric ({dict(metric.fixed)}); use the other variant")
+        if metric.options is None:
             continue
-        accepted = {
-            p.name for p in inspect.signature(target).parameters.values()
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-        } - _CONTEXT_ARGUMENTS
-        bad = sorted(set(opts) - accepted)
+        bad = sorted(set(opts) - set(metric.options))
         if bad:
-            raise TypeError(f"options[{name!r}]: unknown option(s) {bad}; accepted: {sorted(accepted)}")
+            raise TypeError(f"options[{name!r}]: unknown option(s) {bad}; accepted: {sorted(metric.options)}")
     return {name: dict(opts) for name, opts in options.items()}

@@ -15,8 +15,6 @@ one optimizer and one sampler:
 * :func:`pacbayes_flatness`: Jiang et al. 2020 ``1/sigma'^2`` from the largest noise level
   that costs 0.1 of training accuracy (Dziugaite & Roy 2017); magnitude-aware by default.
 * :func:`sharpness_flatness`: Jiang et al. 2020 ``1/alpha'^2``, the worst-case counterpart.
-* :func:`filter_curvature`: mean of ``d^T H d`` over filter-normalized Gaussian directions.
-* :func:`adaptive_trace`: ``tr(D H D)`` with ``D = diag(|w|)``.
 
 The adaptive, filter-normalized and magnitude-aware measures are invariant under the
 rescalings of Dinh et al. 2017 (a ReLU layer times ``a``, the next times ``1/a``); the raw ones
@@ -29,8 +27,8 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import scipy.optimize
@@ -38,10 +36,6 @@ import torch
 from torch import Tensor, nn
 
 from ._functional import Batch, LossFn, ModelLoss, ParamSelector, is_classification
-from .hvp import HessianOperator
-
-if TYPE_CHECKING:
-    from .trace import TraceResult
 
 Norm = Literal[2, "inf"]
 
@@ -139,23 +133,6 @@ class FlatnessResult:
     target_drop: float
     upper: float
     n_examples: int
-
-
-@dataclass
-class CurvatureResult:
-    """A scale-invariant curvature scalar estimated from random vectors.
-
-    Attributes:
-        value: the estimate (loss units; ``d`` and ``D`` carry the parameters' units).
-        std_err: standard error over the random vectors (``None`` for an exact value).
-        n_vectors: number of random vectors (Hessian-vector products).
-        samples: ``[n_vectors]`` individual quadratic forms.
-    """
-
-    value: float
-    std_err: float | None
-    n_vectors: int
-    samples: np.ndarray = field(repr=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -833,102 +810,5 @@ def sharpness_flatness(
     )
 
 
-# --------------------------------------------------------------------------------------------
-# scale-invariant curvature scalars
-# --------------------------------------------------------------------------------------------
-def _hessian(
-    model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSelector, dtype: torch.dtype | None,
-    operator: HessianOperator | None,
-) -> HessianOperator:
-    if operator is not None:
-        return operator
-    return HessianOperator(model, loss_fn, data, params=params, dtype=dtype)
-
-
-def filter_normalized_directions(ml: ModelLoss, n: int, *, seed: int = 0) -> Tensor:
-    """``[P, n]`` filter-normalized Gaussian directions around ``ml``'s weights.
-
-    The raw draws are those of :func:`landscape.random_directions` (seeded per parameter name,
-    shape, ``seed`` and index, so surfaces and this curvature see the same directions); each
-    output slice of a parameter with ``ndim > 1`` is rescaled to the norm of the same slice of
-    ``w`` and parameters with ``ndim <= 1`` get zero (Li et al. 2018).
-    """
-    from .directions import gaussian_like, normalize_direction
-
-    columns = []
-    for k in range(n):
-        raw = {
-            name: gaussian_like(name, w.shape, seed, k).to(w.device, w.dtype)
-            for name, w in ml.theta.items()
-        }
-        columns.append(ml.flatten(normalize_direction(raw, ml.theta, "filter", "zero")))
-    return torch.stack(columns, dim=1)
-
-
-def _quadratic_forms(op: HessianOperator, V: Tensor) -> CurvatureResult:
-    """``v_j^T H v_j`` for the columns of ``V``, their mean and standard error."""
-    samples = (V * (op @ V)).sum(0).to("cpu", torch.float64).numpy()
-    n = len(samples)
-    std_err = float(samples.std(ddof=1) / math.sqrt(n)) if n > 1 else None
-    return CurvatureResult(
-        value=float(samples.mean()), std_err=std_err, n_vectors=n, samples=samples
-    )
-
-
-def filter_curvature(
-    model: nn.Module,
-    loss_fn: LossFn,
-    data: Any,
-    *,
-    n_directions: int = 10,
-    seed: int = 0,
-    params: ParamSelector = None,
-    dtype: torch.dtype | None = None,
-    operator: HessianOperator | None = None,
-) -> CurvatureResult:
-    """Mean directional curvature ``d^T H d`` over ``n_directions`` filter-normalized Gaussian
-    directions (:func:`filter_normalized_directions`): the curvature of a 1-D filter-normalized
-    loss curve at 0, invariant to layer rescalings. One block of Hessian-vector products.
-
-    Args:
-        operator: a prebuilt :class:`~landscape.HessianOperator` (then ``params``/``dtype``
-            are ignored).
-    """
-    _check_count("n_directions", n_directions)
-    op = _hessian(model, loss_fn, data, params, dtype, operator)
-    return _quadratic_forms(op, filter_normalized_directions(op, n_directions, seed=seed))
-
-
-def adaptive_trace(
-    model: nn.Module,
-    loss_fn: LossFn,
-    data: Any,
-    *,
-    method: Literal["hutch++", "hutchinson"] = "hutch++",
-    rtol: float = 1e-2,
-    max_hvp: int = 1000,
-    sketch_size: int | None = None,
-    seed: int = 0,
-    params: ParamSelector = None,
-    dtype: torch.dtype | None = None,
-    operator: HessianOperator | None = None,
-) -> TraceResult:
-    """Adaptive trace ``tr(D H D) = sum_i w_i^2 H_ii``, ``D = diag(|w|)``: the Hessian trace in
-    log-scale coordinates of the weights, invariant to layer rescalings (Dinh et al. 2017).
-
-    Estimated by :func:`landscape.trace.estimate_trace` (Hutch++ by default, stop at relative
-    standard error ``rtol`` or ``max_hvp`` Hessian-vector products) on ``v -> D H D v``;
-    arguments as in :func:`landscape.hessian_trace`. ``sketch_size >= P`` gives the exact value.
-
-    Returns:
-        :class:`landscape.TraceResult` (``value``, ``std_err``, ``n_hvp``, ...).
-    """
-    from .trace import estimate_trace
-
-    op = _hessian(model, loss_fn, data, params, dtype, operator)
-    scale = op.theta_flat().abs().unsqueeze(1)
-    return estimate_trace(
-        lambda V: scale * (op @ (scale * V)), dim=op.num_params, dtype=op.dtype, device=op.device,
-        method=method, rtol=rtol, max_products=max_hvp, sketch_size=sketch_size,
-        block_size=max(2, op.block_size), seed=seed,
-    )
+# moved to landscape.curvature; the old import path keeps working
+from .curvature import CurvatureResult, adaptive_trace, filter_curvature  # noqa: E402, F401

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from ._functional import LossFn, ParamSelector
-from ._lanczos import Lanczos, OperatorLike, as_operator, hessian_or_given, random_block, ritz
-from .hvp import Backend, HessianOperator
+from ._lanczos import Lanczos, OperatorLike, as_operator, random_block, ritz
+from .hvp import Backend, HessianOperator, as_hessian
 
 DEFAULT_RELATIVE_SIGMA = 0.01
 MAX_BASIS_NUMBERS = 2**28  # default cap on the Lanczos bases held at once (1 GiB in float32)
@@ -159,9 +159,9 @@ def spectral_density(
 
 
 def hessian_spectrum(
-    model: nn.Module | None,
-    loss_fn: LossFn | None,
-    data: Any,
+    model: nn.Module | HessianOperator | None,
+    loss_fn: LossFn | None = None,
+    data: Any = None,
     *,
     num_runs: int = 10,
     num_steps: int = 90,
@@ -183,13 +183,13 @@ def hessian_spectrum(
     10 runs x 90 Lanczos steps (900 HVPs; fewer when P < 90), Gaussian broadening of 1% of the
     spectrum's range, 1000 grid points. See :func:`spectral_density` for every argument;
     ``params, dtype, train_mode, backend`` build the HessianOperator, or pass a prebuilt one as
-    ``operator``.
+    first argument: ``hessian_spectrum(H, num_runs=5)`` (``operator=H`` also works).
 
     Returns:
         :class:`SpectrumResult` (grid, density, ritz_values, weights, trace_estimate, n_hvp).
     """
-    hessian = hessian_or_given(
-        model, loss_fn, data, operator, params=params, dtype=dtype, train_mode=train_mode, backend=backend
+    hessian = as_hessian(
+        model, loss_fn, data, operator=operator, params=params, dtype=dtype, train_mode=train_mode, backend=backend
     )
     return spectral_density(
         hessian, num_runs=num_runs, num_steps=num_steps, sigma=sigma, relative_sigma=relative_sigma,

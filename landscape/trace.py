@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from ._functional import LossFn, ParamSelector
-from ._lanczos import OperatorLike, SymmetricOperator, as_operator, hessian_or_given, random_block
-from .hvp import Backend, HessianOperator
+from ._lanczos import OperatorLike, SymmetricOperator, as_operator, random_block
+from .hvp import Backend, HessianOperator, as_hessian
 
 TraceMethod = Literal["hutch++", "hutchinson"]
 
@@ -121,12 +121,12 @@ def estimate_trace(
     if method == "hutch++":
         sketch = min(op.dim, 32, max_products // 4) if sketch_size is None else int(sketch_size)
         if sketch < 1:
-            raise ValueError(f"sketch_size: must be >= 1 (got {sketch}); or raise max_hvp")
+            raise ValueError(f"sketch_size: must be >= 1 (got {sketch}); or raise max_products (max_hvp of hessian_trace and adaptive_trace)")
         basis, exact_part = _hutch_plus_plus_sketch(op, sketch, generator)
         if sketch >= op.dim:
             return TraceResult(exact_part, 0.0, op.n_products, True, method, 0, sketch, np.zeros(0))
     if max_products - op.n_products < 2:
-        raise ValueError(f"max_hvp: {max_products} leaves fewer than 2 probes after the sketch; raise it")
+        raise ValueError(f"max_products (max_hvp of hessian_trace and adaptive_trace): {max_products} leaves fewer than 2 probes after the sketch; raise it")
     samples: list[float] = []
     value = std_err = math.nan
     converged = False
@@ -145,7 +145,7 @@ def estimate_trace(
     if not converged:
         warnings.warn(
             f"{method}: relative standard error {std_err / abs(value):.2g} > rtol={rtol:g} after "
-            f"{op.n_products} products (max_hvp); raise max_hvp or loosen rtol",
+            f"{op.n_products} products; raise max_products (max_hvp of hessian_trace and adaptive_trace) or loosen rtol",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -153,9 +153,9 @@ def estimate_trace(
 
 
 def hessian_trace(
-    model: nn.Module | None,
-    loss_fn: LossFn | None,
-    data: Any,
+    model: nn.Module | HessianOperator | None,
+    loss_fn: LossFn | None = None,
+    data: Any = None,
     method: TraceMethod = "hutch++",
     *,
     rtol: float = 1e-2,
@@ -183,13 +183,14 @@ def hessian_trace(
         block_size: probes per vmapped block (default: the operator's, 16).
         seed: seeds every probe (same seed, same result).
         params, dtype, train_mode, backend: how to build the HessianOperator.
-        operator: a prebuilt :class:`~landscape.HessianOperator` to reuse instead.
+        operator: the older spelling of a prebuilt operator; pass it as ``model`` instead:
+            ``hessian_trace(H, rtol=0.05)``.
 
     Returns:
         :class:`TraceResult` (value, std_err, n_hvp, converged, ...).
     """
-    hessian = hessian_or_given(
-        model, loss_fn, data, operator, params=params, dtype=dtype, train_mode=train_mode, backend=backend
+    hessian = as_hessian(
+        model, loss_fn, data, operator=operator, params=params, dtype=dtype, train_mode=train_mode, backend=backend
     )
     return estimate_trace(
         hessian, method=method, rtol=rtol, max_products=max_hvp, sketch_size=sketch_size,

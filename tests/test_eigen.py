@@ -50,7 +50,7 @@ def test_softmax_regression_matches_the_closed_form_hessian():
     closed = sum(torch.kron(torch.diag(p[i]) - torch.outer(p[i], p[i]), torch.outer(x[i], x[i])) for i in range(n)) / n
     op = HessianOperator(model, nn.CrossEntropyLoss(), (x, labels))
     torch.testing.assert_close(op.dense(), closed, rtol=1e-10, atol=1e-12)
-    top = hessian_eigenvalues(None, None, None, k=3, tol=1e-10, operator=op)
+    top = hessian_eigenvalues(op, k=3, tol=1e-10)
     torch.testing.assert_close(top.values, torch.linalg.eigvalsh(closed).flip(0)[:3], rtol=1e-6, atol=0)
 
 
@@ -59,12 +59,12 @@ def test_tiny_mlp_top3_and_bottom2_match_dense_eigvalsh(activation):
     model, loss_fn, batches = make_classifier(activation, seed=2), nn.CrossEntropyLoss(), make_batches()
     exact = torch.linalg.eigvalsh(dense_hessian_of(model, loss_fn, batches))
     op = HessianOperator(model, loss_fn, batches)
-    top = hessian_eigenvalues(None, None, None, k=3, tol=1e-8, operator=op)
-    bottom = hessian_eigenvalues(None, None, None, k=2, which="smallest", tol=1e-8, operator=op)
+    top = hessian_eigenvalues(op, k=3, tol=1e-8)
+    bottom = hessian_eigenvalues(op, k=2, which="smallest", tol=1e-8)
     torch.testing.assert_close(top.values, exact.flip(0)[:3], rtol=1e-4, atol=0)
     torch.testing.assert_close(bottom.values, exact[:2], rtol=1e-4, atol=0)
     assert exact[0] < 0, "the test is meant to see negative curvature"
-    both = hessian_eigenvalues(None, None, None, k=2, which="both", tol=1e-8, operator=op)
+    both = hessian_eigenvalues(op, k=2, which="both", tol=1e-8)
     torch.testing.assert_close(both.values, torch.cat([exact.flip(0)[:2], exact[:2].flip(0)]), rtol=1e-4, atol=0)
 
 
@@ -138,15 +138,15 @@ def test_power_iteration_baseline_and_its_stopping_rule():
 def test_warm_start_converges_in_few_products(classifier_data):
     model, loss_fn, batches, dense = classifier_data
     op = HessianOperator(model, loss_fn, batches)
-    cold = hessian_eigenvalues(None, None, None, tol=1e-6, operator=op)
-    warm = hessian_eigenvalues(None, None, None, tol=1e-6, operator=op, v0=cold.vectors[:, 0])
+    cold = hessian_eigenvalues(op, tol=1e-6)
+    warm = hessian_eigenvalues(op, tol=1e-6, v0=cold.vectors[:, 0])
     assert warm.n_hvp <= 3 < cold.n_hvp
     torch.testing.assert_close(warm.values, cold.values, rtol=1e-9, atol=0)
     # float32: the warm vector is an eigenvector to rounding, so its Krylov space ends at once
     model32 = make_classifier("tanh", dtype=torch.float32)
     op32 = HessianOperator(model32, loss_fn, batches)
-    cold32 = hessian_eigenvalues(None, None, None, operator=op32)
-    warm32 = hessian_eigenvalues(None, None, None, operator=op32, v0=cold32.vectors[:, 0])
+    cold32 = hessian_eigenvalues(op32)
+    warm32 = hessian_eigenvalues(op32, v0=cold32.vectors[:, 0])
     assert warm32.n_hvp <= 2 and warm32.converged
     assert float(warm32.values[0]) == pytest.approx(float(cold32.values[0]), rel=1e-4)
 
@@ -169,7 +169,7 @@ def test_seeded_reproducible_and_budget(classifier_data):
     _, _, _, dense = classifier_data
     a, b = lanczos(dense, k=2, seed=5), lanczos(dense, k=2, seed=5)
     assert torch.equal(a.values, b.values) and a.n_hvp == b.n_hvp
-    with pytest.warns(RuntimeWarning, match="max_hvp"):
+    with pytest.warns(RuntimeWarning, match="max_products"):
         capped = lanczos(dense, k=1, which="smallest", tol=1e-12, max_products=6)
     assert capped.n_hvp == 6 and not capped.converged
 
@@ -185,8 +185,14 @@ def test_bad_arguments_name_the_field(classifier_data):
     with pytest.raises(ValueError, match="method"):
         hessian_eigenvalues(model, loss_fn, batches, method="arnoldi")
     op = HessianOperator(model, loss_fn, batches)
-    with pytest.raises(ValueError, match="dtype: already fixed by operator="):
+    with pytest.raises(ValueError, match="dtype: already fixed by the HessianOperator"):
         hessian_eigenvalues(None, None, None, operator=op, dtype=torch.float32)
+    with pytest.raises(ValueError, match="dtype: already fixed by the HessianOperator"):
+        hessian_eigenvalues(op, dtype=torch.float32)
+    with pytest.raises(TypeError, match="by keyword"):
+        hessian_eigenvalues(op, 3)  # k must be a keyword: the second place is loss_fn
     with pytest.raises(ValueError, match="model, loss_fn, data: required"):
         hessian_eigenvalues(None, None, None)
+    with pytest.raises(ValueError, match="max_products"):
+        lanczos(dense, k=3, max_products=2)
     assert landscape.lanczos is lanczos

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from landscape import norms, sharpness
+from landscape import curvature, norms, sharpness
 from landscape.metrics import METRICS, MeasureContext, Metric, measure, register_metric
 
 F64 = torch.float64
@@ -56,6 +56,17 @@ CHEAP = {
     "spectral_norm_sum": {},
     "spectral_norm_prod": {},
     "dist_from_init": {},
+}
+# the rest of the registry, cheap too: with CHEAP it covers every registered metric
+CHEAP_CURVATURE = {
+    "hessian_top_eig": {"tol": 1e-2},
+    "hessian_min_eig": {"tol": 1e-2},
+    "hessian_trace": {"rtol": 0.5, "max_hvp": 16},
+    "hessian_spectrum": {"num_runs": 2, "num_steps": 5, "grid_size": 20},
+    "surface_1d_curvature": {"steps": 5},
+    "surface_2d_curvature": {"steps": 5, "span": 0.2},
+    "surface_2d": {"steps": 5, "span": 0.2},
+    "flatness_radius": {"steps": 5},
 }
 
 
@@ -144,7 +155,7 @@ def test_measure_values_equal_direct_calls(setup):
         == sharpness.worst_case_sharpness(model, loss, data, adaptive=False, steps=4, seed=5).value
     )
     assert out["filter_curvature"] == pytest.approx(
-        sharpness.filter_curvature(model, loss, data, seed=5).value, rel=1e-12
+        curvature.filter_curvature(model, loss, data, seed=5).value, rel=1e-12
     )
     assert out["param_count"] == sum(p.numel() for p in model.parameters())
     assert out["spectral_norm_prod"] == pytest.approx(norms.weight_norms(model).spectral_prod)
@@ -259,3 +270,66 @@ def test_check_request_validates_without_computing():
         check_request(["pacbayes_mag_flatness"], {"pacbayes_mag_flatness": {"sigma": 1}})
     with pytest.raises(KeyError, match="known metrics"):
         check_request(["no_such_metric"])
+
+
+def test_every_registered_metric_declares_its_options_and_keys(setup):
+    """Walks the whole registry: an unknown option is rejected naming it and the accepted ones,
+    every declared option passes, and measure() reports exactly the declared keys."""
+    from landscape.metrics import check_request
+
+    model, data, init = setup
+    cheap = {**CHEAP, **CHEAP_CURVATURE}
+    assert set(cheap) == set(METRICS), "give every registered metric cheap settings here"
+    for name, metric in METRICS.items():
+        with pytest.raises(TypeError, match=r"unknown option\(s\) \['no_such_option'\]; accepted: \[") as info:
+            check_request([name], {name: {"no_such_option": 1}})
+        assert all(repr(o) in str(info.value) for o in metric.options), name
+        assert metric.options and "seed" in metric.options or name in _UNSEEDED, name
+        for option in metric.options:
+            check_request([name], {name: {option: None}})  # names only: values are not checked
+        assert not set(metric.options) & {"model", "loss_fn", "data", "operator", "model_loss", "init_state"}
+    out = measure(model, nn.CrossEntropyLoss(), data, list(cheap), options=cheap, init_state=init)
+    expected = {key for m in METRICS.values() for key in m.keys} | {f"{n}_seconds" for n in METRICS}
+    assert set(out) == expected
+    assert METRICS["hessian_spectrum"].keys == ("hessian_spectrum_trace",)
+    assert METRICS["hessian_trace"].keys == ("hessian_trace",)
+
+
+_UNSEEDED = {"param_count", "frobenius_norm_sum", "frobenius_norm_prod", "spectral_norm_sum",
+             "spectral_norm_prod", "dist_from_init"}
+
+
+def test_the_misspelled_trace_option_of_the_issue_is_rejected_before_anything_runs():
+    from landscape.metrics import check_request
+
+    with pytest.raises(TypeError, match=r"options\['hessian_trace'\]: unknown option\(s\) \['rtoll'\]; accepted: .*'rtol'"):
+        check_request(["hessian_trace"], {"hessian_trace": {"rtoll": 0.05}})
+    for name in ("hessian_top_eig", "hessian_min_eig", "hessian_spectrum"):
+        with pytest.raises(TypeError, match=r"\['tool'\]"):
+            check_request([name], {name: {"tool": 1}})
+    with pytest.raises(ValueError, match="fixed"):
+        check_request(["hessian_top_eig"], {"hessian_top_eig": {"k": 2}})
+    assert check_request(["surface_2d"], {"surface_2d": {"steps": 21}}) == ["surface_2d"]  # a default, not fixed
+
+
+def test_user_metric_options_from_its_signature_and_keys_enforced(setup):
+    model, data, _ = setup
+
+    def scaled_loss(ctx: MeasureContext, *, scale: float = 1.0) -> dict[str, float]:
+        return {"test_scaled_loss": scale * ctx.model_loss.loss(), "test_scaled_loss_half": 0.5 * scale}
+
+    declared = Metric("test_scaled_loss", "neither", scaled_loss, keys=("test_scaled_loss", "test_scaled_loss_half"))
+    assert declared.options == ("scale",)
+    assert Metric("test_free", "neither", lambda ctx, **kw: 1.0).options is None  # **kwargs: anything
+    register_metric(declared)
+    try:
+        out = measure(model, nn.CrossEntropyLoss(), data, ["test_scaled_loss"], options={"test_scaled_loss": {"scale": 2.0}})
+        assert set(out) == {"test_scaled_loss", "test_scaled_loss_half", "test_scaled_loss_seconds"}
+        assert out["test_scaled_loss_half"] == 1.0
+        with pytest.raises(TypeError, match="accepted: \\['scale'\\]"):
+            measure(model, nn.CrossEntropyLoss(), data, ["test_scaled_loss"], options={"test_scaled_loss": {"scal": 2.0}})
+        register_metric(Metric("test_scaled_loss", "neither", scaled_loss), overwrite=True)  # keys not declared
+        with pytest.raises(ValueError, match="declares keys"):
+            measure(model, nn.CrossEntropyLoss(), data, ["test_scaled_loss"])
+    finally:
+        METRICS.pop("test_scaled_loss")

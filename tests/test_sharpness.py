@@ -14,11 +14,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
-from landscape import ModelLoss
+from landscape import HessianOperator, ModelLoss
+from landscape.curvature import adaptive_trace, filter_curvature
 from landscape.sharpness import (
-    adaptive_trace,
     average_sharpness,
-    filter_curvature,
     keskar_sharpness,
     pacbayes_flatness,
     perturbation_scale,
@@ -377,14 +376,22 @@ def test_filter_curvature_equals_dense_quadratic_forms(trained):
     model, (X, y) = trained
     H, _ = dense_hessian(model, X, y)
     result = filter_curvature(model, nn.CrossEntropyLoss(), (X, y), n_directions=3, seed=2)
-    from landscape.sharpness import filter_normalized_directions
+    from landscape.directions import filter_normalized_directions, random_directions
 
-    V = filter_normalized_directions(ModelLoss(model, nn.CrossEntropyLoss(), (X, y)), 3, seed=2)
+    ml = ModelLoss(model, nn.CrossEntropyLoss(), (X, y))
+    V = filter_normalized_directions(ml, 3, seed=2)
     assert result.value == pytest.approx(
         float(torch.einsum("pk,pq,qk->k", V, H, V).mean()), rel=1e-8
     )
-    biases = ModelLoss(model, nn.CrossEntropyLoss(), (X, y)).unflatten(V.T)["0.bias"]
+    biases = ml.unflatten(V.T)["0.bias"]
     assert torch.count_nonzero(biases) == 0
+    surface_directions = random_directions(model, 3, seed=2)  # the same directions as surfaces
+    torch.testing.assert_close(V, torch.stack([ml.flatten(d) for d in surface_directions], dim=1))
+    H_op = HessianOperator(model, nn.CrossEntropyLoss(), (X, y))  # operator-first form
+    assert filter_curvature(H_op, n_directions=3, seed=2).value == pytest.approx(result.value, rel=1e-12)
+    assert adaptive_trace(H_op, sketch_size=8, rtol=0.5).value == pytest.approx(
+        adaptive_trace(model, nn.CrossEntropyLoss(), (X, y), sketch_size=8, rtol=0.5).value, rel=1e-12
+    )
 
 
 # ----------------------------------------------------------------------------------------------

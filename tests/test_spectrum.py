@@ -91,7 +91,7 @@ def test_small_operator_and_early_breakdown_are_padded():
 def test_operator_reuse_parallel_runs_and_float32(classifier_data):
     model, loss_fn, batches, _ = classifier_data
     op = HessianOperator(model, loss_fn, batches)
-    shared = hessian_spectrum(None, None, None, num_runs=4, num_steps=12, operator=op)
+    shared = hessian_spectrum(op, num_runs=4, num_steps=12)
     chunked = hessian_spectrum(model, loss_fn, batches, num_runs=4, num_steps=12, parallel_runs=3)
     np.testing.assert_allclose(shared.ritz_values, chunked.ritz_values, rtol=1e-9)
     np.testing.assert_allclose(shared.density, chunked.density, rtol=1e-9, atol=1e-12)

@@ -30,7 +30,7 @@ def test_tiny_mlp_trace_within_three_standard_errors(method, activation):
     op = HessianOperator(model, loss_fn, batches)
     # one fixed seed (a 3-SE miss has probability ~1% per seed; calibration over many seeds is
     # checked in test_standard_error_is_honest_over_many_seeds)
-    result = hessian_trace(None, None, None, method, rtol=0.05, max_hvp=600, operator=op)
+    result = hessian_trace(op, method=method, rtol=0.05, max_hvp=600)
     assert isinstance(result, TraceResult) and result.method == method
     assert result.n_hvp <= 600 and result.std_err > 0
     assert abs(result.value - exact) <= 3 * result.std_err, (result, exact)
@@ -73,7 +73,7 @@ def test_sketch_covering_the_space_is_exact_and_budgets_hold(classifier_data):
     exact = estimate_trace(dense, sketch_size=dense.shape[0])
     assert exact.std_err == 0 and exact.converged and exact.n_hvp == dense.shape[0]
     assert exact.value == pytest.approx(float(torch.trace(dense)), rel=1e-12)
-    with pytest.warns(RuntimeWarning, match="max_hvp"):
+    with pytest.warns(RuntimeWarning, match="max_products"):
         capped = estimate_trace(dense, method="hutchinson", rtol=1e-6, max_products=40)
     assert capped.n_hvp == 40 and not capped.converged and capped.n_probes == 40
     met = estimate_trace(dense, method="hutchinson", rtol=0.5)
@@ -98,5 +98,5 @@ def test_bad_arguments_name_the_field(classifier_data):
         estimate_trace(dense, rtol=0)
     with pytest.raises(ValueError, match="block_size"):
         estimate_trace(dense, block_size=1)
-    with pytest.raises(ValueError, match="max_hvp"):
+    with pytest.raises(ValueError, match="max_products"):
         estimate_trace(dense, sketch_size=10, max_products=21)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,16 +45,22 @@ from landscape._functional import training_mode
 
 from .config import TrainConfig
 from .data import Dataset
+from .population import SHARED_TRAIN_FIELDS, StackedOptimizer, StackedParameters, evaluation, make_forward, module_stack_reason
 
 Status = Literal["converged", "not_converged", "diverged"]
 LogFn = Callable[[dict[str, float], int], None]
 
 
-def half_squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
-    """``mean_n 1/2 ||f(x_n) - t_n||^2``; integer class labels become one-hot targets."""
+def half_squared_errors(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Per sample ``1/2 ||f(x_n) - t_n||^2`` ``[N]``; integer class labels become one-hot targets."""
     if not targets.is_floating_point():
         targets = F.one_hot(targets, outputs.shape[-1]).to(outputs.dtype)
-    return 0.5 * (outputs - targets).pow(2).reshape(len(outputs), -1).sum(-1).mean()
+    return 0.5 * (outputs - targets).pow(2).reshape(len(outputs), -1).sum(-1)
+
+
+def half_squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
+    """``mean_n 1/2 ||f(x_n) - t_n||^2``; integer class labels become one-hot targets."""
+    return half_squared_errors(outputs, targets).mean()
 
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
@@ -101,14 +107,6 @@ def evaluate(model: nn.Module, loss_fn: Callable, x: Tensor, y: Tensor, batch_si
             total_loss += float(loss_fn(out, y[i : i + batch_size])) * len(out)
             correct += float((out.argmax(-1) == y[i : i + batch_size]).sum())
     return total_loss / len(y), correct / len(y)
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -170,17 +168,317 @@ class _Tracker:
         return values
 
 
-def _full_batch_gradient(model: nn.Module, loss_fn: Callable, x: Tensor, y: Tensor, chunk: int) -> tuple[float, float]:
-    """Accumulate the full-data gradient (chunks weighted by size) into ``.grad``; return the
-    ``(loss, accuracy)`` at the current weights in the model's current mode."""
-    n, total, correct = len(y), 0.0, 0.0
-    for i in range(0, n, chunk):
-        out = model(x[i : i + chunk])
-        loss = loss_fn(out, y[i : i + chunk])
-        (loss * (len(out) / n)).backward()
-        total += float(loss.detach()) * len(out)
-        correct += float((out.detach().argmax(-1) == y[i : i + chunk]).sum())
-    return total / n, correct / n
+def member_losses(loss: str, outputs: Tensor, targets: Tensor) -> Tensor:
+    """Each member's batch-mean loss: ``outputs [K, B, C]``, ``targets [K, B]`` -> ``[K]``
+    (the per-member value of ``LOSSES[loss]``; nothing is reduced across members)."""
+    k, b = outputs.shape[:2]
+    flat_out, flat_targets = outputs.flatten(0, 1), targets.flatten(0, 1)
+    if loss == "cross_entropy":
+        per_sample = F.cross_entropy(flat_out, flat_targets, reduction="none")
+    else:
+        per_sample = half_squared_errors(flat_out, flat_targets)
+    return per_sample.view(k, b).mean(1)
+
+
+LogMemberFn = Callable[[int, dict[str, float], int], None]
+ResultFn = Callable[[int, TrainResult], None]
+
+
+@dataclass(eq=False)
+class _Member:
+    """One model of a population: its config, data order, tracker and records."""
+
+    index: int
+    model: nn.Module
+    cfg: TrainConfig
+    gen: torch.Generator
+    tracker: _Tracker
+    factor: Callable[[int], float]
+    init_state: dict[str, Tensor]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    init_loss: float = math.nan
+    running: float = math.nan  # moving average of mini-batch losses
+    latest: tuple[float, float] = (math.nan, 0.0)  # the most recent full eval
+    checked: tuple[float, float] | None = None  # full eval at the current weights
+
+    def lr(self, step: int) -> float:
+        return self.cfg.lr * self.factor(step)
+
+    def reached(self, loss: float, acc: float) -> bool:
+        stop = self.cfg.stop
+        return (stop.train_loss is not None and loss <= stop.train_loss) or (stop.train_acc is not None and acc >= stop.train_acc)
+
+    def near(self, loss: float, acc: float) -> bool:
+        stop = self.cfg.stop
+        return (stop.train_loss is not None and loss <= 3 * stop.train_loss) or (
+            stop.train_acc is not None and acc >= stop.train_acc - 0.02
+        )
+
+    def diverged(self, loss: float) -> bool:
+        return not math.isfinite(loss) or loss > self.cfg.divergence_factor * self.init_loss
+
+
+class _Population:
+    """The training loop of :func:`train_population` over the live members (stack rows)."""
+
+    def __init__(self, models: Sequence[nn.Module], data: Dataset, cfgs: Sequence[TrainConfig],
+                 seeds: Sequence[int], log: LogMemberFn | None, on_result: ResultFn | None):
+        self.start = time.perf_counter()
+        self.data, self.log, self.on_result = data, log, on_result
+        cfg = cfgs[0]
+        self.loss_name, self.eval_batch = cfg.loss, cfg.eval_batch_size
+        self.full = cfg.batch_size == "full"
+        n = data.n_train
+        self.batch = n if self.full else min(int(cfg.batch_size), n)
+        self.steps_per_epoch = math.ceil(n / self.batch)
+        self.mode_free = not _has_random_or_batch_modules(models[0])
+        self.live = [
+            _Member(i, model, c, torch.Generator().manual_seed(seed), _Tracker(c, LOSSES[c.loss], data.x_train, data.y_train, seed),
+                    lr_factor(c, self.steps_per_epoch), {k: v.detach().clone() for k, v in model.state_dict().items()})
+            for i, (model, c, seed) in enumerate(zip(models, cfgs, seeds))
+        ]
+        self.params = StackedParameters.from_models(models)
+        self.optimizer = StackedOptimizer(cfgs, self.params.flat)
+        self.results: list[TrainResult | None] = [None] * len(models)
+        self.pending: dict[int, tuple[Status, str, int]] = {}  # row -> how it leaves
+        self.step = 0
+        self._restacked()
+
+    def _restacked(self) -> None:
+        self.forward = make_forward(self.live[0].model, len(self.live)) if self.live else None
+        self.leaves = self.params.leaves()
+
+    # --- evaluations ----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, rows: Sequence[int], x: Tensor, y: Tensor) -> list[tuple[float, float]]:
+        """``(mean loss, accuracy)`` over ``(x, y)`` of the members ``rows``, in eval mode, in
+        chunks of ``eval_batch_size / len(rows)`` samples (the memory of one model's chunk)."""
+        if not rows:
+            return []
+        k, template = len(rows), self.live[rows[0]].model
+        views = self.params.views(self.params.flat if k == len(self.live) else self.params.flat[list(rows)])
+        forward = self.forward if k == len(self.live) else make_forward(template, k)
+        chunk = max(1, self.eval_batch // k)
+        totals, correct = [0.0] * k, [0.0] * k
+        with evaluation(template, forward):
+            for i in range(0, len(y), chunk):
+                out = forward(views, x[i : i + chunk], True)
+                part = y[i : i + chunk].expand(k, -1)
+                losses = member_losses(self.loss_name, out, part).tolist()
+                hits = (out.argmax(-1) == part).sum(1).tolist()
+                totals = [t + l * part.shape[1] for t, l in zip(totals, losses)]
+                correct = [c + h for c, h in zip(correct, hits)]
+        return [(t / len(y), c / len(y)) for t, c in zip(totals, correct)]
+
+    def record(self, rows: Sequence[int], epoch: int) -> None:
+        """An epoch record for each member of ``rows`` (their train eval reused when current)."""
+        need = [r for r in rows if self.live[r].checked is None]
+        fresh = dict(zip(need, self.evaluate(need, self.data.x_train, self.data.y_train)))
+        tests = self.evaluate(rows, self.data.x_test, self.data.y_test)
+        for row, (te_loss, te_acc) in zip(rows, tests):
+            m = self.live[row]
+            tr_loss, tr_acc = m.checked if m.checked is not None else fresh[row]
+            self.emit(m, {"kind": "epoch", "step": self.step, "epoch": epoch, "train_loss": tr_loss, "train_acc": tr_acc,
+                          "test_loss": te_loss, "test_acc": te_acc, "lr": m.lr(self.step),
+                          "seconds": time.perf_counter() - self.start})
+
+    def emit(self, m: _Member, record: dict[str, Any]) -> None:
+        m.history.append(record)
+        if self.log is not None:
+            self.log(m.index, {k: float(v) for k, v in record.items() if k not in ("kind", "step")}, record["step"])
+
+    def track(self, epoch: int) -> None:
+        for row, m in enumerate(self.live):
+            if row not in self.pending and m.tracker.due(self.step):
+                self.params.write_to(m.model, row)
+                lr = m.lr(self.step)
+                self.emit(m, {"kind": "track", "step": self.step, "epoch": epoch, "lr": lr, **m.tracker(m.model, self.step, lr)})
+
+    # --- leaving the stack ----------------------------------------------------------------
+    def leave(self, row: int, status: Status, reason: str, epoch: int) -> None:
+        self.pending.setdefault(row, (status, reason, epoch))
+
+    def settle(self) -> list[int] | None:
+        """Finish the pending members (final record, weights into their model, callback) and
+        re-stack the others; return the kept rows, or ``None`` if nobody left."""
+        if not self.pending:
+            return None
+        for row in sorted(self.pending):
+            self._finish(row, *self.pending[row])
+        keep = [r for r in range(len(self.live)) if r not in self.pending]
+        self.pending.clear()
+        self.params.take(keep)
+        self.optimizer.take(keep)
+        self.live = [self.live[r] for r in keep]
+        self._restacked()
+        return keep
+
+    def _finish(self, row: int, status: Status, reason: str, epoch: int) -> None:
+        m = self.live[row]
+        self.params.write_to(m.model, row)
+        last = m.history[-1]
+        if not (last["kind"] == "epoch" and last["step"] == self.step and last["epoch"] == epoch):
+            self.record([row], epoch)
+        last = m.history[-1]
+        result = TrainResult(
+            status=status, epochs=epoch, steps=self.step, seconds=time.perf_counter() - self.start,
+            track_seconds=m.tracker.seconds, final={k: last[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
+            history=m.history, init_state=m.init_state, reason=reason,
+        )
+        self.results[m.index] = result
+        if self.on_result is not None:
+            self.on_result(m.index, result)
+
+    # --- the loop -------------------------------------------------------------------------
+    def run(self) -> list[TrainResult]:
+        self.record(range(len(self.live)), 0)
+        for row, m in enumerate(self.live):
+            m.init_loss = m.running = m.history[-1]["train_loss"]
+            m.checked = m.latest = (m.init_loss, m.history[-1]["train_acc"])
+        self.track(0)
+        for row, m in enumerate(self.live):
+            if not math.isfinite(m.init_loss):
+                self.leave(row, "diverged", "the initial loss is not finite", 0)
+            elif m.reached(*m.checked):
+                self.leave(row, "converged", "the target was met at initialization", 0)
+        self.settle()
+        epoch = 0
+        while self.live:
+            epoch += 1
+            (self._full_batch_epoch if self.full else self._mini_batch_epoch)(epoch)
+            rows = [r for r, m in enumerate(self.live) if epoch % m.cfg.eval_every_epochs == 0]
+            self.record(rows, epoch)
+            for row, m in enumerate(self.live):
+                if epoch >= m.cfg.max_epochs:
+                    no_target = m.cfg.stop.train_loss is None and m.cfg.stop.train_acc is None
+                    self.leave(row, "converged" if no_target else "not_converged", f"max_epochs={m.cfg.max_epochs} reached", epoch)
+            self.settle()
+        return self.results  # type: ignore[return-value]
+
+    def _train_step(self, x: Tensor, y: Tensor) -> list[float]:
+        """One optimizer step of every live member on its batch ``x [K, B, ...]``, ``y [K, B]``;
+        returns the members' mini-batch losses (before the step)."""
+        losses = member_losses(self.loss_name, self.forward(self.leaves, x, False), y)
+        grads = torch.autograd.grad(losses.sum(), list(self.leaves.values()))
+        self.optimizer.step(self.params.flat, self.params.flat_grad(grads), [m.lr(self.step) for m in self.live])
+        self.step += 1
+        return losses.detach().tolist()
+
+    def _mini_batch_epoch(self, epoch: int) -> None:
+        x, y, b = self.data.x_train, self.data.y_train, self.batch
+        orders = torch.stack([torch.randperm(len(y), generator=m.gen) for m in self.live]).to(y.device)
+        check_every = max(1, self.steps_per_epoch // 4)
+        for i in range(self.steps_per_epoch):
+            idx = orders[:, i * b : (i + 1) * b]
+            losses = self._train_step(x[idx], y[idx])
+            for row, (m, loss) in enumerate(zip(self.live, losses)):
+                m.checked = None
+                if m.diverged(loss):
+                    self.leave(row, "diverged", f"mini-batch loss {loss:.4g} at step {self.step}", epoch)
+                else:
+                    m.running = 0.9 * m.running + 0.1 * loss
+            self.track(epoch)
+            if i < self.steps_per_epoch - 1 and (i + 1) % check_every == 0:
+                near = [r for r, m in enumerate(self.live) if r not in self.pending and (m.near(*m.latest) or m.near(m.running, 0.0))]
+                for row, ev in zip(near, self.evaluate(near, x, y)):
+                    m = self.live[row]
+                    m.checked = m.latest = ev
+                    if m.reached(*ev):
+                        self.leave(row, "converged", f"target met at step {self.step}", epoch)
+            keep = self.settle()
+            if keep is not None:
+                if not self.live:
+                    return
+                orders = orders[keep]
+        for row, ev in enumerate(self.evaluate(range(len(self.live)), x, y)):
+            m = self.live[row]
+            m.checked = m.latest = ev
+            if m.diverged(ev[0]):
+                self.leave(row, "diverged", f"train loss {ev[0]:.4g} after epoch {epoch}", epoch)
+            elif m.reached(*ev):
+                self.leave(row, "converged", f"target met after epoch {epoch}", epoch)
+        self.settle()
+
+    def _full_batch_epoch(self, epoch: int) -> None:
+        x, y, n = self.data.x_train, self.data.y_train, self.data.n_train
+        grad, evals = self._full_batch_gradient(x, y)
+        if not self.mode_free:
+            evals = self.evaluate(range(len(self.live)), x, y)
+        for row, ev in enumerate(evals):
+            m = self.live[row]
+            m.checked = ev
+            if m.diverged(ev[0]):
+                self.leave(row, "diverged", f"train loss {ev[0]:.4g} at step {self.step}", epoch - 1)  # this pass only evaluated
+            elif m.reached(*ev):
+                self.leave(row, "converged", f"target met at step {self.step}", epoch - 1)
+        keep = self.settle()
+        if keep is not None:
+            if not self.live:
+                return
+            grad = grad[keep]
+        self.optimizer.step(self.params.flat, grad, [m.lr(self.step) for m in self.live])
+        self.step += 1
+        for m in self.live:
+            m.checked = None
+        self.track(epoch)
+
+    def _full_batch_gradient(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[tuple[float, float]]]:
+        """The full-data gradient ``[K, P]`` (chunks weighted by size) and each member's
+        ``(loss, accuracy)`` at the current weights, in the models' training mode."""
+        n, k, chunk = len(y), len(self.live), self.eval_batch
+        grad, totals, correct = None, [0.0] * k, [0.0] * k
+        for i in range(0, n, chunk):
+            part = y[i : i + chunk].expand(k, -1)
+            out = self.forward(self.leaves, x[i : i + chunk], True)
+            losses = member_losses(self.loss_name, out, part)
+            g = self.params.flat_grad(torch.autograd.grad((losses * (part.shape[1] / n)).sum(), list(self.leaves.values())))
+            grad = g if grad is None else grad + g
+            totals = [t + l * part.shape[1] for t, l in zip(totals, losses.detach().tolist())]
+            correct = [c + h for c, h in zip(correct, (out.detach().argmax(-1) == part).sum(1).tolist())]
+        return grad, [(t / n, c / n) for t, c in zip(totals, correct)]
+
+
+def train_population(
+    models: Sequence[nn.Module],
+    data: Dataset,
+    cfgs: Sequence[TrainConfig],
+    *,
+    seeds: Sequence[int],
+    log: LogMemberFn | None = None,
+    on_result: ResultFn | None = None,
+) -> list[TrainResult]:
+    """Train K models of one shape as one stack, each by its own config; :func:`train` is K = 1.
+
+    Each member follows exactly the rules of :func:`train` (its optimizer hyperparameters,
+    schedule, stop target, max_epochs, divergence factor, data order seeded by its seed). A
+    member that converges, diverges or reaches its max_epochs leaves the stack at once: its
+    weights are copied into its model (trained in place), and ``on_result(index, result)`` is
+    called before the others go on. ``log(index, metrics, step)`` streams each member's epoch
+    and tracking records.
+
+    Args:
+        models: K modules with the same parameter names and shapes, on ``data``'s device;
+            K > 1 needs models without batch norm or dropout (see
+            :func:`sweeps.population.module_stack_reason`).
+        cfgs: one per model, equal in :data:`sweeps.population.SHARED_TRAIN_FIELDS`.
+        seeds: mini-batch order (and tracking subset) seed per model.
+
+    Returns:
+        The members' :class:`TrainResult`, in the order of ``models``. A member's ``seconds``
+        is the wall time from the population's start to its exit.
+    """
+    if not (len(models) == len(cfgs) == len(seeds) >= 1):
+        raise ValueError(f"need as many models, cfgs and seeds, at least one (got {len(models)}, {len(cfgs)}, {len(seeds)})")
+    shared = [c.model_dump(include=set(SHARED_TRAIN_FIELDS)) for c in cfgs]
+    for i, s in enumerate(shared[1:], 1):
+        diff = sorted(k for k in s if s[k] != shared[0][k])
+        if diff:
+            raise ValueError(f"cfgs[{i}].{diff[0]}: differs from cfgs[0] (a population shares {', '.join(SHARED_TRAIN_FIELDS)})")
+    if len(models) > 1:
+        reason = module_stack_reason(models[0])
+        if reason is not None:
+            raise ValueError(f"these models do not stack: {reason}")
+    return _Population(models, data, cfgs, seeds, log, on_result).run()
 
 
 def train(
@@ -191,128 +489,12 @@ def train(
     seed: int = 0,
     log: LogFn | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on ``data`` (both already on the same device) per ``cfg``.
+    """Train ``model`` in place on ``data`` (both already on the same device) per ``cfg``: a
+    population of one (:func:`train_population`).
 
     ``log(metrics, step)`` is called after every epoch record (train_loss, train_acc,
     test_loss, test_acc, epoch, lr) and every tracking point (tracked metrics, eos_ratio, lr),
     with ``step`` = optimizer steps so far. Mini-batch order is seeded by ``seed``.
     """
-    start = time.perf_counter()
-    loss_fn = LOSSES[cfg.loss]
-    x, y, n = data.x_train, data.y_train, data.n_train
-    full = cfg.batch_size == "full"
-    batch = n if full else min(int(cfg.batch_size), n)
-    steps_per_epoch = math.ceil(n / batch)
-    optimizer = make_optimizer(model, cfg)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
-    gen = torch.Generator().manual_seed(seed)
-    tracker = _Tracker(cfg, loss_fn, x, y, seed)
-    mode_free = not _has_random_or_batch_modules(model)
-    init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    history: list[dict[str, Any]] = []
-    target_loss, target_acc = cfg.stop.train_loss, cfg.stop.train_acc
-
-    def lr_now() -> float:
-        return optimizer.param_groups[0]["lr"]
-
-    def reached(loss: float, acc: float) -> bool:
-        return (target_loss is not None and loss <= target_loss) or (target_acc is not None and acc >= target_acc)
-
-    def near(train_loss: float, train_acc: float) -> bool:
-        return (target_loss is not None and train_loss <= 3 * target_loss) or (
-            target_acc is not None and train_acc >= target_acc - 0.02
-        )
-
-    def emit(record: dict[str, Any]) -> None:
-        history.append(record)
-        if log is not None:
-            log({k: float(v) for k, v in record.items() if k not in ("kind", "step")}, record["step"])
-
-    def record_epoch(epoch: int, step: int, train_eval: tuple[float, float] | None = None) -> dict[str, float]:
-        tr_loss, tr_acc = train_eval or evaluate(model, loss_fn, x, y, cfg.eval_batch_size)
-        te_loss, te_acc = evaluate(model, loss_fn, data.x_test, data.y_test, cfg.eval_batch_size)
-        rec = {"kind": "epoch", "step": step, "epoch": epoch, "train_loss": tr_loss, "train_acc": tr_acc,
-               "test_loss": te_loss, "test_acc": te_acc, "lr": lr_now(), "seconds": time.perf_counter() - start}
-        emit(rec)
-        return rec
-
-    def track(step: int, epoch: int) -> None:
-        if tracker.due(step):
-            emit({"kind": "track", "step": step, "epoch": epoch, "lr": lr_now(), **tracker(model, step, lr_now())})
-
-    def diverged(loss: float) -> bool:
-        return not math.isfinite(loss) or loss > cfg.divergence_factor * init_loss
-
-    last = record_epoch(0, 0)
-    init_loss = last["train_loss"]
-    track(0, 0)
-    step, epoch = 0, 0
-    status: Status | None = None
-    reason = ""
-    if not math.isfinite(init_loss):
-        status, reason = "diverged", "the initial loss is not finite"
-    elif reached(last["train_loss"], last["train_acc"]):
-        status, reason = "converged", "the target was met at initialization"
-    checked: tuple[float, float] | None = (last["train_loss"], last["train_acc"])  # full eval at the current weights
-    latest = checked  # the most recent full eval
-    running = init_loss  # moving average of mini-batch losses
-    model.train()
-    while status is None and epoch < cfg.max_epochs:
-        epoch += 1
-        if full:
-            optimizer.zero_grad(set_to_none=True)
-            checked = _full_batch_gradient(model, loss_fn, x, y, cfg.eval_batch_size)
-            if not mode_free:
-                checked = evaluate(model, loss_fn, x, y, cfg.eval_batch_size)
-            if diverged(checked[0]):
-                status, reason = "diverged", f"train loss {checked[0]:.4g} at step {step}"
-            elif reached(*checked):
-                status, reason = "converged", f"target met at step {step}"
-            if status is not None:
-                epoch -= 1  # this pass only evaluated
-            else:
-                optimizer.step()
-                schedule.step()
-                step, checked = step + 1, None
-                track(step, epoch)
-        else:
-            order = torch.randperm(n, generator=gen).to(y.device)
-            check_every = max(1, steps_per_epoch // 4)
-            for i in range(steps_per_epoch):
-                idx = order[i * batch : (i + 1) * batch]
-                optimizer.zero_grad(set_to_none=True)
-                loss_t = loss_fn(model(x[idx]), y[idx])
-                loss_t.backward()
-                optimizer.step()
-                schedule.step()
-                step, checked = step + 1, None
-                loss = float(loss_t.detach())
-                if diverged(loss):
-                    status, reason = "diverged", f"mini-batch loss {loss:.4g} at step {step}"
-                    break
-                running = 0.9 * running + 0.1 * loss
-                track(step, epoch)
-                if i < steps_per_epoch - 1 and (i + 1) % check_every == 0 and (near(*latest) or near(running, 0.0)):
-                    checked = latest = evaluate(model, loss_fn, x, y, cfg.eval_batch_size)
-                    if reached(*checked):
-                        status, reason = "converged", f"target met at step {step}"
-                        break
-            if status is None:
-                checked = latest = evaluate(model, loss_fn, x, y, cfg.eval_batch_size)
-                if diverged(checked[0]):
-                    status, reason = "diverged", f"train loss {checked[0]:.4g} after epoch {epoch}"
-                elif reached(*checked):
-                    status, reason = "converged", f"target met after epoch {epoch}"
-        if status is None and epoch % cfg.eval_every_epochs == 0:
-            record_epoch(epoch, step, checked)
-    if status is None:
-        status = "converged" if target_loss is None and target_acc is None else "not_converged"
-        reason = f"max_epochs={cfg.max_epochs} reached"
-    last = history[-1]
-    if not (last["kind"] == "epoch" and last["step"] == step and last["epoch"] == epoch):
-        last = record_epoch(epoch, step, checked)
-    final = {k: last[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
-    return TrainResult(
-        status=status, epochs=epoch, steps=step, seconds=time.perf_counter() - start,
-        track_seconds=tracker.seconds, final=final, history=history, init_state=init_state, reason=reason,
-    )
+    member_log = None if log is None else (lambda _, metrics, step: log(metrics, step))
+    return train_population([model], data, [cfg], seeds=[seed], log=member_log)[0]

@@ -1,0 +1,305 @@
+"""Populations: K models of one shape trained as one stack of tensors.
+
+A *population* is a group of trials that share everything fixing tensor shapes and the code
+path, so their parameters can be stacked along a leading member axis ``[K, ...]`` and trained by
+one loop (:func:`sweeps.train.train_population`). They may differ in per-model scalars: lr,
+momentum, nesterov, weight_decay, betas, the schedule and its parameters, stop targets,
+max_epochs, divergence_factor, eval_every_epochs, the trial ``seed`` (initialization and
+mini-batch order), the measures and their options.
+
+The data is shared: ``dataset`` (its seed included, since it draws the subsample and the label
+noise) is part of :func:`population_key`, so trials on different data seeds form different
+populations.
+
+Pieces, each used by the training loop:
+
+* :func:`population_key` / :func:`stack_check`: which trials can be grouped, and why not.
+* :class:`StackedParameters`: the trainable parameters of K models in one ``[K, P]`` buffer
+  (member-major), with per-parameter views ``[K, *shape]``.
+* :func:`make_forward`: the stacked forward ``(params, x) -> outputs [K, B, C]``: batched
+  matmuls (``baddbmm``) for plain MLPs, ``vmap`` of ``functional_call`` for other stackable
+  modules, and the module itself (``functional_call``) for one model that does not stack.
+* :class:`StackedOptimizer`: SGD (momentum, Nesterov, weight decay), Adam and AdamW with
+  per-member hyperparameters as ``[K, 1]`` columns; numerically the update of
+  :class:`torch.optim.SGD` / :class:`~torch.optim.Adam` / :class:`~torch.optim.AdamW`.
+
+Every operation is row-wise: nothing reduces across members, so a NaN stays in its member.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from landscape._functional import training_mode
+
+from .config import SweepConfig, TrainConfig
+
+# TrainConfig fields that fix the code path or tensor shapes (the rest are per-member scalars).
+SHARED_TRAIN_FIELDS = ("optimizer", "batch_size", "loss", "eval_batch_size", "track")
+
+Forward = Callable[[dict[str, Tensor], Tensor, bool], Tensor]
+
+_ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.GELU, nn.ELU, nn.SiLU, nn.Sigmoid, nn.LeakyReLU, nn.Softplus, nn.Identity)
+
+
+# --- grouping ---------------------------------------------------------------------------
+def population_key(config: SweepConfig) -> Hashable:
+    """The shape key: trials with equal keys can be trained as one population.
+
+    It is made of the whole ``dataset`` and ``model`` sections, the shared training fields
+    (:data:`SHARED_TRAIN_FIELDS`: optimizer kind, batch size, loss, eval_batch_size, track
+    settings) and the per-task resources (``cpus_per_trial``, ``gpus_per_trial``). Device and
+    dtype are the task's (one per task), not a trial's.
+    """
+    train = config.train.model_dump(mode="json", include=set(SHARED_TRAIN_FIELDS))
+    parts = {
+        "dataset": config.dataset.model_dump(mode="json"),
+        "model": config.model.model_dump(mode="json"),
+        "train": train,
+        "resources": config.resources.model_dump(mode="json", include={"cpus_per_trial", "gpus_per_trial"}),
+    }
+    return json.dumps(parts, sort_keys=True)
+
+
+def stack_check(config: SweepConfig) -> str | None:
+    """``None`` when the model of ``config`` can be trained in a stack of K > 1 members, else a
+    one-line reason. Built-in models stack unless they have batch norm or dropout; a factory
+    model (``package.module:factory``) is built on the dataset's input shape and must pass
+    :func:`module_stack_reason`."""
+    cfg = config.model
+    if cfg.batch_norm:
+        return "model.batch_norm: batch norm in train mode keeps running statistics per module"
+    if cfg.dropout:
+        return "model.dropout: the members' dropout masks would come from one random stream"
+    if ":" not in cfg.name:
+        return None
+    from .data import load_dataset
+    from .models import build_model
+
+    data = load_dataset(config.dataset)
+    model = build_model(cfg, data.input_shape, data.num_classes, seed=config.seed)
+    return module_stack_reason(model, data.x_train[:4])
+
+
+def module_stack_reason(model: nn.Module, example: Tensor | None = None) -> str | None:
+    """``None`` if K copies of ``model`` train correctly as one stack, else why not.
+
+    Structural checks (batch norm, dropout, frozen parameters), then, given an ``example``
+    input batch, a functional check: the stacked forward of two differently perturbed copies
+    must equal each copy's own forward.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return f"{name or 'model'}: batch norm in train mode keeps running statistics per module"
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            return f"{name or 'model'}: dropout masks would come from one random stream"
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        return f"{frozen[0]}: frozen parameters are not stacked"
+    if example is None:
+        return None
+    try:
+        params = StackedParameters.from_models([model, model])
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(0)
+            params.flat[1] += 0.01 * torch.randn(params.flat.shape[1], generator=gen).to(params.flat)
+            stacked = make_forward(model, 2)(params.views(), example.unsqueeze(0).expand(2, *example.shape), False)
+            alone = [functional_call(model, params.member(k), (example,)) for k in range(2)]
+        if not all(torch.allclose(stacked[k], alone[k], rtol=1e-4, atol=1e-5) for k in range(2)):
+            return "the stacked forward differs from the model's own forward"
+    except Exception as err:  # any failure of the check is a reason not to stack
+        return f"the stacked forward fails: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return None
+
+
+# --- parameters -------------------------------------------------------------------------
+class StackedParameters:
+    """Trainable parameters of K models with the same named shapes in one buffer ``flat``
+    ``[K, P]`` (row k = member k, parameters concatenated in ``named_parameters`` order)."""
+
+    def __init__(self, flat: Tensor, names: Sequence[str], shapes: Sequence[torch.Size]):
+        self.flat, self.names, self.shapes = flat, list(names), list(shapes)
+        self.sizes = [math.prod(s) for s in shapes]
+
+    @classmethod
+    def from_models(cls, models: Sequence[nn.Module]) -> StackedParameters:
+        named = [[(n, p) for n, p in m.named_parameters() if p.requires_grad] for m in models]
+        names, shapes = [n for n, _ in named[0]], [p.shape for _, p in named[0]]
+        for k, members in enumerate(named[1:], 1):
+            if [n for n, _ in members] != names or [p.shape for _, p in members] != shapes:
+                raise ValueError(f"models[{k}]: its parameters differ in names or shapes from models[0]'s")
+        with torch.no_grad():
+            flat = torch.stack([torch.cat([p.reshape(-1) for _, p in members]) for members in named])
+        return cls(flat, names, shapes)
+
+    def __len__(self) -> int:
+        return len(self.flat)
+
+    def views(self, flat: Tensor | None = None) -> dict[str, Tensor]:
+        """``{name: [K, *shape]}`` views into ``flat`` (default: the parameters)."""
+        flat = self.flat if flat is None else flat
+        parts = torch.split(flat, self.sizes, dim=1)
+        return {n: part.view(len(flat), *s) for n, part, s in zip(self.names, parts, self.shapes)}
+
+    def leaves(self) -> dict[str, Tensor]:
+        """Views ``[K, *shape]`` that autograd differentiates (leaves sharing ``flat``'s memory,
+        so in-place updates of ``flat`` are seen by the next forward)."""
+        return {n: v.detach().requires_grad_() for n, v in self.views().items()}
+
+    def member(self, k: int) -> dict[str, Tensor]:
+        """``{name: [*shape]}`` views of member ``k``."""
+        return {n: v[k] for n, v in self.views().items()}
+
+    def take(self, rows: Sequence[int]) -> None:
+        """Keep only the members ``rows`` (in that order)."""
+        self.flat = self.flat[torch.as_tensor(rows, dtype=torch.long, device=self.flat.device)]
+
+    def flat_grad(self, grads: Sequence[Tensor]) -> Tensor:
+        """Per-parameter gradients ``[K, *shape]`` -> ``[K, P]``."""
+        return torch.cat([g.reshape(len(self.flat), -1) for g in grads], dim=1)
+
+    @torch.no_grad()
+    def write_to(self, model: nn.Module, k: int) -> None:
+        """Copy member ``k``'s parameters into ``model``."""
+        for name, value in self.member(k).items():
+            model.get_parameter(name).copy_(value)
+
+
+# --- forward ----------------------------------------------------------------------------
+def _mlp_layers(model: nn.Module) -> list[tuple[str, Any]] | None:
+    """``nn.Sequential`` of [Flatten], Linear and elementwise activations, as a plan of
+    ``("linear", (weight, bias-or-None))`` / ``("act", module)`` steps; else ``None``."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    plan: list[tuple[str, Any]] = []
+    for i, (name, layer) in enumerate(model.named_children()):
+        if isinstance(layer, nn.Flatten) and i == 0 and layer.start_dim == 1 and layer.end_dim == -1:
+            plan.append(("flatten", None))
+        elif isinstance(layer, nn.Linear) and layer.weight.requires_grad:
+            plan.append(("linear", (f"{name}.weight", None if layer.bias is None else f"{name}.bias")))
+        elif isinstance(layer, _ELEMENTWISE):
+            plan.append(("act", layer))
+        else:
+            return None
+    return plan if any(kind == "linear" for kind, _ in plan) else None
+
+
+def make_forward(model: nn.Module, k: int) -> Forward:
+    """The stacked forward of K copies of ``model``: ``forward(params, x, shared)`` with
+    ``params`` ``{name: [K, *shape]}`` and ``x`` ``[K, B, ...]`` (one batch per member) or,
+    with ``shared=True``, ``[B, ...]`` (the same batch for all); returns ``[K, B, C]``.
+
+    Plain MLPs (``nn.Sequential`` of Flatten, Linear, elementwise activations) use batched
+    matmuls (``baddbmm``; faster than ``vmap`` on a CPU, see ``benchmarks/population.md``);
+    K = 1 of any other model calls the module itself (batch norm and dropout as usual); K > 1
+    of a stackable model uses ``vmap`` over ``functional_call``.
+    """
+    plan = _mlp_layers(model)
+    if plan is not None:
+        return _mlp_forward(plan)
+    if k == 1:
+        def single(params: dict[str, Tensor], x: Tensor, shared: bool) -> Tensor:
+            return functional_call(model, {n: p[0] for n, p in params.items()}, (x if shared else x[0],)).unsqueeze(0)
+
+        return single
+
+    def one(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(model, params, (x,))
+
+    stacked = torch.func.vmap(one, in_dims=(0, 0))
+    broadcast = torch.func.vmap(one, in_dims=(0, None))
+    return lambda params, x, shared: (broadcast if shared else stacked)(params, x)
+
+
+def _mlp_forward(plan: list[tuple[str, Any]]) -> Forward:
+    def forward(params: dict[str, Tensor], x: Tensor, shared: bool) -> Tensor:
+        k = len(next(iter(params.values())))
+        h = x.unsqueeze(0).expand(k, *x.shape) if shared else x
+        for kind, what in plan:
+            if kind == "flatten":
+                h = h.flatten(2)
+            elif kind == "act":
+                h = what(h)
+            else:
+                weight, bias = params[what[0]], what[1] and params[what[1]]
+                h = torch.bmm(h, weight.mT) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight.mT)
+        return h
+
+    return forward
+
+
+def evaluation(model: nn.Module, forward: Forward) -> contextlib.AbstractContextManager:
+    """Eval mode for the module-calling forward of :func:`make_forward`; stacked forwards have
+    no mode (their models have neither batch norm nor dropout)."""
+    return training_mode(model, False) if _mlp_layers(model) is None else contextlib.nullcontext()
+
+
+# --- optimizer --------------------------------------------------------------------------
+class StackedOptimizer:
+    """Per-member SGD / Adam / AdamW on ``[K, P]`` parameters, as :mod:`torch.optim` computes
+    them (SGD: weight decay added to the gradient, momentum buffer started at the first
+    gradient, Nesterov ``g + m * buf``; Adam: bias-corrected moments, ``eps = 1e-8``, weight
+    decay added to the gradient; AdamW: decoupled decay ``p *= 1 - lr * wd`` first).
+
+    Args:
+        cfgs: one :class:`TrainConfig` per member (same ``optimizer``).
+        like: a tensor with the parameters' dtype and device.
+    """
+
+    eps = 1e-8
+
+    def __init__(self, cfgs: Sequence[TrainConfig], like: Tensor):
+        self.kind = cfgs[0].optimizer
+        self.steps = 0
+        col = lambda values: torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1)  # noqa: E731
+        self.col = col
+        self.weight_decay = col([c.weight_decay for c in cfgs])
+        self.momentum = col([c.momentum for c in cfgs])
+        self.nesterov = torch.tensor([c.nesterov and c.momentum > 0 for c in cfgs], device=like.device).view(-1, 1)
+        self.betas = [tuple(c.betas) for c in cfgs]
+        self.beta1, self.beta2 = col([b[0] for b in self.betas]), col([b[1] for b in self.betas])
+        self.state: dict[str, Tensor] = {}
+
+    def take(self, rows: Sequence[int]) -> None:
+        """Keep only the members ``rows`` (hyperparameters and state)."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.momentum.device)
+        for name in ("weight_decay", "momentum", "nesterov", "beta1", "beta2"):
+            setattr(self, name, getattr(self, name)[index])
+        self.betas = [self.betas[r] for r in rows]
+        self.state = {k: v[index] for k, v in self.state.items()}
+
+    @torch.no_grad()
+    def step(self, flat: Tensor, grad: Tensor, lrs: Sequence[float]) -> None:
+        """One update of ``flat`` [K, P] in place with gradient ``grad`` [K, P] and the
+        members' current learning rates ``lrs``."""
+        self.steps += 1
+        lr = self.col(lrs)
+        if self.kind == "sgd":
+            g = torch.addcmul(grad, self.weight_decay, flat)
+            buf = self.state.get("momentum_buffer")
+            buf = self.state["momentum_buffer"] = g.clone() if buf is None else buf.mul_(self.momentum).add_(g)
+            flat.sub_(lr * torch.where(self.nesterov, g + self.momentum * buf, buf))
+            return
+        if self.kind == "adamw":
+            flat.mul_(1 - lr * self.weight_decay)
+            g = grad
+        else:
+            g = torch.addcmul(grad, self.weight_decay, flat)
+        if "exp_avg" not in self.state:
+            self.state["exp_avg"], self.state["exp_avg_sq"] = torch.zeros_like(flat), torch.zeros_like(flat)
+        m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
+        m.lerp_(g, 1 - self.beta1)
+        v.mul_(self.beta2).add_(g * g * (1 - self.beta2))
+        t = self.steps
+        step_size = self.col([a / (1 - b1**t) for a, (b1, _) in zip(lrs, self.betas)])
+        bc2_sqrt = self.col([(1 - b2**t) ** 0.5 for _, b2 in self.betas])
+        flat.sub_(step_size * (m / (v.sqrt() / bc2_sqrt).add_(self.eps)))
+

@@ -311,6 +311,14 @@ class ResourcesConfig(_Section):
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
     max_concurrent: PositiveInt | None = None  # None: as many as the cluster fits
+    population_size: int | Literal["auto"] = "auto"  # models trained as one stack per task (1: one per task)
+
+    @field_validator("population_size", mode="before")
+    @classmethod
+    def _population_size(cls, v: Any) -> int | str:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"must be a positive integer or 'auto' (got {v!r})")
 
 
 class SweepConfig(_Section):

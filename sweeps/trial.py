@@ -1,7 +1,7 @@
 """One trial: a config (with its point set) -> data, model, training, landscape measures.
 
 :func:`run_trial` is what a sweep worker runs and what ``sweeps trial`` runs locally (no Ray, no
-MLflow). Divergence is a status, not an exception; errors in the trial's own code propagate.
+MLflow); :func:`run_population` runs K trials of one shape as one stack (``run_trial`` is K = 1). Divergence is a status, not an exception; errors in the trial's own code propagate.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ import torch
 from .config import SweepConfig
 from .data import Dataset, load_dataset
 from .models import build_model, count_parameters
-from .train import LOSSES, Status, TrainResult, train
+from .population import population_key, stack_check
+from .train import LOSSES, Status, TrainResult, train_population
 
 
 @dataclass
@@ -98,7 +99,8 @@ def run_trial(
     out_dir: str | Path | None = None,
     device: str | None = None,
 ) -> TrialResult:
-    """Train the model of ``config`` to convergence and measure its landscape.
+    """Train the model of ``config`` to convergence and measure its landscape: a population of
+    one (:func:`run_population`).
 
     Args:
         config: a validated :class:`~sweeps.config.SweepConfig` (its search point already set,
@@ -112,9 +114,54 @@ def run_trial(
     Returns:
         :class:`TrialResult`. Divergence is ``status="diverged"``, not an exception.
     """
+    member_log = None if log is None else (lambda _, metrics, step: log(metrics, step))
+    out_dirs = None if out_dir is None else [out_dir]
+    return run_population([config], on_result=lambda _, __: None, log=member_log, out_dirs=out_dirs, device=device)[0]
+
+
+def run_population(
+    configs: Sequence[SweepConfig],
+    *,
+    on_result: Callable[[int, TrialResult], None],
+    log: Callable[[int, dict[str, float], int], None] | None = None,
+    out_dirs: Sequence[str | Path] | None = None,
+    device: str | None = None,
+) -> list[TrialResult]:
+    """Train the models of ``configs`` as one population and measure each as it finishes.
+
+    The data is loaded once; member i's model is built and seeded from ``configs[i]`` as
+    :func:`run_trial` does. When a member converges, diverges or reaches its max_epochs it
+    leaves the stack, then its landscape measures run, its files are written into
+    ``out_dirs[i]`` and ``on_result(i, result)`` is called, before the others go on.
+
+    Args:
+        configs: trials with one :func:`~sweeps.population.population_key`; more than one
+            needs a stackable model (:func:`~sweeps.population.stack_check`).
+        on_result: called once per member, in the order they finish.
+        log: ``log(i, metrics, step)``: member i's epoch and tracking records, as
+            :func:`run_trial`'s ``log``.
+        out_dirs: one folder per member for its files, or ``None``.
+        device: as for :func:`run_trial`; threads from ``configs[0].resources.cpus_per_trial``.
+
+    Returns:
+        The members' :class:`TrialResult`, in the order of ``configs``.
+
+    Raises:
+        ValueError: configs with different shape keys, a non-stackable model for K > 1, or
+            ``out_dirs`` of another length.
+    """
+    configs = list(configs)
+    keys = [population_key(c) for c in configs]
+    for i, key in enumerate(keys[1:], 1):
+        if key != keys[0]:
+            raise ValueError(f"configs[{i}]: its shape key differs from configs[0]'s (dataset, model, shared train fields, resources)")
+    if len(configs) > 1 and (reason := stack_check(configs[0])) is not None:
+        raise ValueError(f"configs do not stack: {reason}")
+    if out_dirs is not None and len(out_dirs) != len(configs):
+        raise ValueError(f"out_dirs: need one per config (got {len(out_dirs)} for {len(configs)})")
     device = device or _default_device()
-    with _cpu_threads(config.resources.cpus_per_trial if device == "cpu" else None):
-        return _run(config, log, out_dir, device)
+    with _cpu_threads(configs[0].resources.cpus_per_trial if device == "cpu" else None):
+        return _run(configs, on_result, log, out_dirs, device)
 
 
 @contextlib.contextmanager
@@ -130,13 +177,25 @@ def _cpu_threads(cpus: float | None) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def _run(config: SweepConfig, log: Callable[[dict[str, float], int], None] | None, out_dir: str | Path | None, device: str) -> TrialResult:
-    data = load_dataset(config.dataset).to(device)
-    model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed).to(device)
-    loss_fn = LOSSES[config.train.loss]
+def _run(configs: list[SweepConfig], on_result: Callable[[int, TrialResult], None],
+         log: Callable[[int, dict[str, float], int], None] | None, out_dirs: Sequence[str | Path] | None, device: str) -> list[TrialResult]:
+    data = load_dataset(configs[0].dataset).to(device)
+    models = [build_model(c.model, data.input_shape, data.num_classes, seed=c.seed).to(device) for c in configs]
+    results: list[TrialResult | None] = [None] * len(configs)
+
+    def finished(i: int, trained: TrainResult) -> None:
+        out_dir = None if out_dirs is None else out_dirs[i]
+        results[i] = _measured(configs[i], data, models[i], trained, out_dir)
+        on_result(i, results[i])
+
     with torch.random.fork_rng(devices=_cuda_indices(device)):
-        torch.manual_seed(config.seed)  # dropout masks
-        trained = train(model, data, config.train, seed=config.seed, log=log)
+        torch.manual_seed(configs[0].seed)  # dropout masks (only a population of one has dropout)
+        train_population(models, data, [c.train for c in configs], seeds=[c.seed for c in configs], log=log, on_result=finished)
+    return results  # type: ignore[return-value]
+
+
+def _measured(config: SweepConfig, data: Dataset, model: torch.nn.Module, trained: TrainResult, out_dir: str | Path | None) -> TrialResult:
+    """A trained member's final metrics, landscape measures (not for diverged models) and files."""
     f = trained.final
     metrics: dict[str, float] = {
         **f,
@@ -150,7 +209,7 @@ def _run(config: SweepConfig, log: Callable[[dict[str, float], int], None] | Non
         from landscape.metrics import measure
 
         metrics.update(measure(
-            model, loss_fn, measure_batches(data, config), config.measure, seed=config.seed,
+            model, LOSSES[config.train.loss], measure_batches(data, config), config.measure, seed=config.seed,
             options=config.measure_options, init_state=trained.init_state, artifacts=results,
         ))
     metrics = {k: float(v) for k, v in metrics.items()}

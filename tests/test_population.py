@@ -1,0 +1,216 @@
+"""sweeps.population and train_population / run_population against ground truth: each member of
+a stack equals the same model trained alone by a plain torch.optim loop (float64), leaves the
+stack with the status it gets alone, and tracks the same lambda_max."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sweeps.config import load_config
+from sweeps.data import load_dataset
+from sweeps.models import build_model
+from sweeps.population import module_stack_reason, population_key, stack_check
+from sweeps.train import LOSSES, lr_factor, train, train_population
+from sweeps.trial import run_population, run_trial
+
+TEACHER = {"name": "teacher", "train_size": 250, "options": {"input_dim": 6, "num_classes": 3, "test_size": 100}}
+SCHEDULES = ["constant", "cosine", "step", "warmup_cosine"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread, tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SWEEPS_CACHE", str(tmp_path_factory.getbasetemp() / "sweeps-cache"))
+
+
+def config(train=None, model=None, seed=0, **extra):
+    return load_config({"name": "p", "seed": seed, "dataset": TEACHER, "model": model or {"name": "mlp", "width": 12},
+                        "train": train or {}, "measure": [], **extra})
+
+
+def double(data):
+    return dataclasses.replace(data, x_train=data.x_train.double(), x_test=data.x_test.double())
+
+
+def reference_sgd_loop(model, data, cfg, seed, steps):
+    """Ground truth: the plain torch.optim loop (one model) for ``steps`` steps."""
+    params = list(model.parameters())
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    else:
+        cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        opt = cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    per_epoch = math.ceil(data.n_train / cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, per_epoch))
+    gen, step = torch.Generator().manual_seed(seed), 0
+    while step < steps:
+        order = torch.randperm(data.n_train, generator=gen)
+        for idx in order.split(cfg.batch_size)[: steps - step]:
+            opt.zero_grad()
+            LOSSES[cfg.loss](model(data.x_train[idx]), data.y_train[idx]).backward()
+            opt.step()
+            schedule.step()
+            step += 1
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def eight_members(optimizer, model):
+    """8 configs of one shape: different lr, momentum / betas, Nesterov, weight decay, schedule, seed."""
+    configs = []
+    for i in range(8):
+        train_cfg = {"optimizer": optimizer, "lr": (0.05 if optimizer == "sgd" else 0.005) * (1 + 0.3 * i),
+                     "momentum": [0.0, 0.9, 0.5, 0.0][i % 4], "nesterov": i % 4 == 2, "betas": [0.9 - 0.05 * i, 0.999 - 0.01 * i],
+                     "weight_decay": [0.0, 1e-3, 0.0, 5e-2][(i + 1) % 4], "schedule": SCHEDULES[i % 4],
+                     "warmup_epochs": 1, "batch_size": 25, "max_epochs": 5, "stop": {}}  # 5 epochs of 10 steps
+        configs.append(config(train_cfg, model, seed=i))
+    return configs
+
+
+@pytest.mark.parametrize("model", [{"name": "mlp", "width": 12}, {"name": "cnn1d", "width": 3, "depth": 2}], ids=["mlp", "cnn1d"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_each_member_equals_the_plain_torch_optim_loop_in_float64(optimizer, model):
+    configs = eight_members(optimizer, model)
+    data = double(load_dataset(configs[0].dataset))
+    build = lambda c: build_model(c.model, data.input_shape, data.num_classes, seed=c.seed).double()  # noqa: E731
+    models = [build(c) for c in configs]
+    results = train_population(models, data, [c.train for c in configs], seeds=[c.seed for c in configs])
+    assert all(r.steps == 50 and r.status == "converged" for r in results)  # no target: max_epochs done
+    for c, trained in zip(configs, models):
+        expected = reference_sgd_loop(build(c), data, c.train, c.seed, 50)
+        got = torch.cat([p.detach().reshape(-1) for p in trained.parameters()])
+        assert float((got - expected).norm() / expected.norm()) < 1e-8, c.train
+        assert not torch.equal(got, torch.cat([p.reshape(-1) for p in build(c).parameters()]))  # it trained
+
+
+EXITS = {  # member -> (train overrides, status it must get)
+    "diverges": ({"lr": 1e20, "divergence_factor": 1e300}, "diverged"),  # runs into inf/nan
+    "converges": ({"lr": 0.3, "stop": {"train_acc": 0.7}}, "converged"),
+    "max_epochs": ({"lr": 0.01, "max_epochs": 3, "stop": {"train_loss": 1e-6}}, "not_converged"),
+    "slow": ({"lr": 0.1, "max_epochs": 6, "stop": {"train_loss": 0.3}, "eval_every_epochs": 2}, None),
+}
+
+
+@pytest.mark.parametrize("batch_size", [32, "full"])
+def test_each_member_leaves_with_what_it_gets_alone(batch_size):
+    configs = [config({"momentum": 0.9, "max_epochs": 20, "batch_size": batch_size, **over}, seed=i)
+               for i, (over, _) in enumerate(EXITS.values())]
+    data = load_dataset(configs[0].dataset)
+    build = lambda c: build_model(c.model, data.input_shape, data.num_classes, seed=c.seed)  # noqa: E731
+    alone = [train(build(c), data, c.train, seed=c.seed) for c in configs]
+    order, logged = [], []
+    models = [build(c) for c in configs]
+    together = train_population(models, data, [c.train for c in configs], seeds=[c.seed for c in configs],
+                                log=lambda i, m, s: logged.append((i, s)), on_result=lambda i, r: order.append((i, r.steps)))
+    for name, a, b, (_, status) in zip(EXITS, alone, together, EXITS.values()):
+        assert (b.status, b.reason, b.epochs, b.steps) == (a.status, a.reason, a.epochs, a.steps), name
+        assert status is None or a.status == status, (name, a.reason)
+        assert [(r["kind"], r["step"]) for r in b.history] == [(r["kind"], r["step"]) for r in a.history], name
+        if a.status != "diverged":
+            assert b.final == pytest.approx(a.final, rel=1e-4, abs=1e-6), name
+    assert not math.isfinite(together[0].final["train_loss"])  # a NaN/inf member ...
+    assert all(math.isfinite(p) for m in models[1:] for p in torch.cat([q.reshape(-1) for q in m.parameters()]).tolist())
+    assert [s for _, s in order] == sorted(s for _, s in order) and len(order) == 4  # ... leaves at once, in step order
+    for i, r in enumerate(together):
+        assert [s for j, s in logged if j == i] == [rec["step"] for rec in r.history]
+
+
+def test_tracked_lambda_max_equals_the_one_tracked_alone():
+    track = {"every_steps": 5, "subset": 100, "metrics": ["hessian_top_eig"]}
+    configs = [config({"lr": lr, "momentum": 0.5, "batch_size": 50, "max_epochs": 4, "stop": {}, "track": track}, seed=i)
+               for i, lr in enumerate([0.05, 0.2, 0.5])]
+    data = load_dataset(configs[0].dataset)
+    build = lambda c: build_model(c.model, data.input_shape, data.num_classes, seed=c.seed)  # noqa: E731
+    together = train_population([build(c) for c in configs], data, [c.train for c in configs], seeds=[0, 1, 2])
+    for c, b in zip(configs, together):
+        a = train(build(c), data, c.train, seed=c.seed)
+        ta, tb = ([r for r in res.history if r["kind"] == "track"] for res in (a, b))
+        assert [r["step"] for r in tb] == [r["step"] for r in ta] == list(range(0, 21, 5))
+        for ra, rb in zip(ta, tb):
+            assert rb["hessian_top_eig"] == pytest.approx(ra["hessian_top_eig"], rel=1e-4)
+            assert rb["eos_ratio"] == pytest.approx(rb["hessian_top_eig"] * rb["lr"] / (2 + 2 * 0.5))
+
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow: cannot run under vmap."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.lin = nn.Linear(input_shape[0], num_classes)
+
+    def forward(self, x):
+        out = self.lin(x)
+        return out if float(out.sum()) > 0 else -out
+
+
+class _Residual(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.a, self.b = nn.Linear(input_shape[0], 8), nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h + h.pow(2))
+
+
+def make_branchy(input_shape, num_classes):
+    return _Branchy(input_shape, num_classes)
+
+
+def make_residual(input_shape, num_classes):
+    return _Residual(input_shape, num_classes)
+
+
+def test_what_stacks_and_why_not():
+    assert stack_check(config()) is None
+    assert stack_check(config(model={"name": "cnn1d", "width": 4})) is None
+    assert "batch norm" in stack_check(config(model={"name": "mlp", "batch_norm": True}))
+    assert "dropout" in stack_check(config(model={"name": "mlp", "dropout": 0.2}))
+    assert "stacked forward fails" in stack_check(config(model={"name": "test_population:make_branchy"}))
+    assert stack_check(config(model={"name": "test_population:make_residual"})) is None
+    frozen = nn.Sequential(nn.Linear(3, 2))
+    frozen[0].bias.requires_grad_(False)
+    assert "frozen" in module_stack_reason(frozen)
+    bn = [load_config({"name": "p", "dataset": TEACHER, "model": {"name": "mlp", "batch_norm": True}, "seed": s}) for s in (0, 1)]
+    data = load_dataset(bn[0].dataset)
+    with pytest.raises(ValueError, match="do not stack: .*batch norm"):
+        train_population([build_model(c.model, data.input_shape, 3, seed=c.seed) for c in bn], data, [c.train for c in bn], seeds=[0, 1])
+    with pytest.raises(ValueError, match="do not stack: model.batch_norm"):
+        run_population(bn, on_result=lambda i, r: None)
+
+
+def test_population_key_is_the_shape_not_the_scalars():
+    base = config({"lr": 0.1})
+    same = [config({"lr": 0.3, "momentum": 0.9, "schedule": "cosine", "stop": {"train_acc": 0.9}, "max_epochs": 7}, seed=5),
+            config({"lr": 0.1}, measure=["hessian_top_eig"])]
+    other = [config({"batch_size": 64}), config(model={"name": "mlp", "width": 13}), config({"optimizer": "adam"}),
+             load_config({"name": "p", "dataset": {**TEACHER, "seed": 1}, "model": {"name": "mlp", "width": 12}, "measure": []}),
+             config({"loss": "mse"}), config({"track": {"every_steps": 10}})]
+    assert all(population_key(c) == population_key(base) for c in same)
+    assert all(population_key(c) != population_key(base) for c in other)
+    with pytest.raises(ValueError, match=r"configs\[1\]: its shape key differs"):
+        run_population([base, other[0]], on_result=lambda i, r: None)
+    with pytest.raises(ValueError, match=r"cfgs\[1\].batch_size: differs"):
+        data = load_dataset(base.dataset)
+        train_population([build_model(base.model, (6,), 3)] * 2, data, [base.train, other[0].train], seeds=[0, 0])
+
+
+def test_run_population_measures_writes_and_reports_each_member_as_run_trial_alone(tmp_path):
+    configs = [config({"lr": lr, "momentum": 0.9, "batch_size": 50, "max_epochs": mx, "stop": {"train_loss": 0.3}},
+                      seed=i, measure=["hessian_top_eig"]) for i, (lr, mx) in enumerate([(0.1, 30), (1e4, 30), (0.01, 2)])]
+    seen = []
+    results = run_population(configs, on_result=lambda i, r: seen.append((i, r.status, r.artifacts["result.json"].exists())),
+                             out_dirs=[tmp_path / str(i) for i in range(3)], device="cpu")
+    assert sorted(i for i, _, _ in seen) == [0, 1, 2] and all(written for _, _, written in seen)
+    assert seen[0][:2] == (1, "diverged")  # the diverged member is reported first
+    assert [r.status for r in results] == ["converged", "diverged", "not_converged"]
+    for c, r in zip(configs, results):
+        a = run_trial(c, device="cpu")
+        assert (a.status, a.reason) == (r.status, r.reason)
+        for key, value in a.metrics.items():
+            if not key.endswith("seconds"):
+                assert r.metrics[key] == pytest.approx(value, rel=1e-3, abs=1e-6), key
+    assert "hessian_top_eig" not in results[1].metrics and "hessian_top_eig" in results[2].metrics

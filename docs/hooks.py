@@ -11,6 +11,8 @@ Generated pages (added in ``on_files``):
   names. Griffe reads the source statically and does not see the packages' lazy ``__getattr__``
   exports, so each name is referenced at its defining module, read from ``_EXPORTS``.
 
+``RstRoles``, a griffe extension, shows the docstrings' Sphinx roles as code spans.
+
 Markers in hand-written pages (replaced in ``on_page_markdown``):
 
 * ``<!-- generated: metrics -->``: the table of :data:`landscape.METRICS`.
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import annotated_types
+import griffe
 import yaml
 from mkdocs.structure.files import File, Files
 from pydantic import BaseModel
@@ -126,6 +129,15 @@ _ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
 def _markdown(text: str) -> str:
     """reStructuredText roles and double backticks of docstrings as Markdown code spans."""
     return _ROLE.sub(r"`\1`", text).replace("``", "`")
+
+
+class RstRoles(griffe.Extension):
+    """Griffe extension (``extensions:`` in mkdocs.yml): the Sphinx roles of the docstrings,
+    ``:func:`lanczos```, shown as code spans in the API reference instead of as written."""
+
+    def on_instance(self, *, node: Any, obj: griffe.Object, agent: Any, **kwargs: Any) -> None:
+        if obj.docstring is not None:
+            obj.docstring.value = _ROLE.sub(r"`\1`", obj.docstring.value)
 
 
 def _default(field: Any, section: type[BaseModel] | None) -> str:

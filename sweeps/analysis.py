@@ -38,11 +38,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .status import TrialStatus
+
 #: Columns that describe a trial's outcome, never a measure.
 OUTCOME_COLUMNS = ("test_acc", "train_acc", "gen_gap", "test_loss", "train_loss", "n_test", "n_train")
 #: Bookkeeping columns of the results DataFrame.
 BOOKKEEPING_COLUMNS = ("status", "run_id", "trial_number", "sweep")
-CONVERGED = "converged"
+CONVERGED = TrialStatus.CONVERGED
 #: Missing grid cells listed (all are counted).
 MISSING_LISTED = 1000
 #: Largest number of models for which tau-b uses dense n x n pair matrices (memory ~ 24 n^2 bytes).
@@ -321,6 +323,10 @@ def prepare(
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"df: expected a pandas DataFrame (e.g. sweeps.results(name)), got {type(df).__name__}")
     if target not in df.columns:
+        if "status" in df.columns and not (df["status"].astype(str) == CONVERGED).any():  # no trial got that far
+            statuses = ", ".join(f"{k}={v}" for k, v in df["status"].astype(str).value_counts().sort_index().items())
+            raise ValueError(f"target={target!r}: no trial of these results has it, nothing to analyse "
+                             f"({statuses or 'no finished trial'})")
         raise KeyError(f"target={target!r} is not a column of df; columns are {sorted(map(str, df.columns))}")
     if target_larger_is is None:
         target_larger_is = "better" if "acc" in target else "worse"

@@ -1,7 +1,6 @@
 """The ``sweeps`` command line. Thin: it parses, calls library functions, prints.
 
-Exit codes: 0 success, 2 bad usage or bad config (message on stderr, nothing run), anything an
-uncaught exception gives otherwise.
+Exit codes are :data:`EXIT_CODES` (shown by ``sweeps --help``).
 
 Adding a subcommand: write ``def cmd_xxx(args) -> int`` and decorate it with
 ``@command("xxx", help="...", arguments=_xxx_arguments)`` where ``_xxx_arguments(parser)`` adds
@@ -17,6 +16,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .config import ConfigError
+
+#: Exit codes of every subcommand (``run``/``resume`` use all of them).
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_OBJECTIVE, EXIT_LEASE_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_CODES = {
+    EXIT_OK: "success (run/resume: the sweep finished and at least one trial produced the objective)",
+    EXIT_ERROR: "an unexpected error (a traceback is printed)",
+    EXIT_USAGE: "bad input or an unreachable service: invalid config, flag or name, a store that cannot be "
+                "reached, or a sweep held by another live driver; nothing was run or written",
+    EXIT_NO_OBJECTIVE: "run/resume: the sweep finished but no trial produced the objective (all failed or diverged)",
+    EXIT_LEASE_LOST: "run/resume: another driver took over this sweep while this one was paused; it stopped "
+                     "without writing",
+    EXIT_INTERRUPTED: "run/resume: interrupted (Ctrl-C / SIGTERM); running trials were recorded interrupted and "
+                      "`sweeps resume NAME` continues",
+}
 
 
 @dataclass(frozen=True)
@@ -101,9 +114,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 # --- sweep service: run, resume, submit, results, status, list (sweeps.runner / results) -----
-_INTERRUPTED = 130
-
-
 def _store_arguments(parser: argparse.ArgumentParser) -> None:
     """Where a sweep lives (see sweeps.connections for the flag > environment > default rule)."""
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (env SWEEPS_TRACKING_URI / MLFLOW_TRACKING_URI; "
@@ -121,7 +131,8 @@ def _launch_arguments(parser: argparse.ArgumentParser) -> None:
                         "else as many as the cluster fits)")
     parser.add_argument("--max-retries", type=int, default=2, help="re-runs of a trial whose worker/node died (default 2)")
     parser.add_argument("--prune", action="store_true", help="stop unpromising trials early (not for grids; see README)")
-    parser.add_argument("--quiet", action="store_true", help="plain log lines instead of the live view")
+    parser.add_argument("--quiet", action="store_true", help="plain log lines instead of the live view (always so "
+                        "when stderr is not a terminal)")
     parser.add_argument("--no-report", dest="report", action="store_false",
                         help="skip the analysis report at the end of the sweep (run `sweeps report NAME` later)")
 
@@ -132,9 +143,20 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     _launch_arguments(parser)
 
 
-def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
-    """Call run_sweep/resume_sweep with the launch flags; map outcomes to exit codes."""
+def _store_flags(args: argparse.Namespace) -> str:
+    """The store flags the user gave, to repeat in a suggested follow-up command."""
+    import shlex
+
     from .connections import redact
+
+    given = [(f"--{flag.replace('_', '-')}", getattr(args, flag, None)) for flag in ("results_dir", "storage", "tracking_uri")]
+    return "".join(f" {flag} {shlex.quote(redact(str(value)))}" for flag, value in given if value is not None)
+
+
+def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
+    """Call run_sweep/resume_sweep with the launch flags; map outcomes to exit codes (:data:`EXIT_CODES`)."""
+    from .connections import redact
+    from .lease import LeaseHeldError, LeaseLostError
     from .runner import SweepInterrupted
 
     prog = f"sweeps {args.command}"
@@ -145,17 +167,29 @@ def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
     )
     try:
         summary = run(**options)
-    except SweepInterrupted:
+    except SweepInterrupted as stop:
         print(f"{prog}: interrupted; running trials were marked interrupted. Continue with "
-              f"`sweeps resume NAME` (same --results-dir/--storage/--tracking-uri).", file=sys.stderr)
-        return _INTERRUPTED
-    except (ConnectionError, ValueError, LookupError) as err:  # unreachable store, ConfigError, StudyConflictError, bad flags
+              f"`sweeps resume {stop.summary.name}{_store_flags(args)}`", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except LeaseLostError as err:
         print(f"{prog}: {redact(str(err))}", file=sys.stderr)
-        return 2
+        return EXIT_LEASE_LOST
+    except ConfigError as err:  # a flag checked as the config field it overrides
+        print(f"{prog}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    # unreachable store, StudyConflictError, bad flags, another driver holds the sweep
+    except (ConnectionError, ValueError, LookupError, LeaseHeldError) as err:
+        print(f"{prog}: {redact(str(err))}", file=sys.stderr)
+        return EXIT_USAGE
+    flags = _store_flags(args)
     print(f"sweep {summary.name}: {summary.finished}/{summary.budget} trials finished "
           f"({', '.join(f'{k}={v}' for k, v in sorted(summary.counts.items()))}); "
-          f"results: sweeps results {summary.name}" + (f" --results-dir {args.results_dir}" if args.results_dir else ""))
-    return 0
+          f"results: sweeps results {summary.name}{flags}")
+    if summary.complete == 0:
+        print(f"{prog}: no trial of sweep {summary.name} produced the objective; see the failures with "
+              f"`sweeps results {summary.name}{flags} --all` and each run's traceback.txt in MLflow", file=sys.stderr)
+        return EXIT_NO_OBJECTIVE
+    return EXIT_OK
 
 
 @command("run", help="run a sweep (Ray workers, Optuna search, MLflow tracking); continues a sweep of the same config",
@@ -271,6 +305,9 @@ def _results_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("table", "csv", "parquet"), default="table", help="output format (default table)")
     parser.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout (required for parquet)")
     parser.add_argument("--include-interrupted", action="store_true", help="also list interrupted attempts")
+    parser.add_argument("--all", dest="all_columns", action="store_true",
+                        help="every column (default for the table: trial, status, objective, varied "
+                             "hyperparameters and measures; csv and parquet always have every column)")
 
 
 @command("results", help="one row per trial: hyperparameters, metrics, status (table, CSV or Parquet)",
@@ -292,7 +329,10 @@ def cmd_results(args: argparse.Namespace) -> int:
     elif args.format == "csv":
         frame.to_csv(args.out or sys.stdout, index=False)
     else:
-        text = frame.to_string(index=False, max_colwidth=24)
+        from .results import summary_columns
+
+        shown = frame if args.all_columns else frame[summary_columns(frame)]
+        text = shown.to_string(index=False, max_colwidth=24)
         if args.out:
             with open(args.out, "w") as handle:
                 handle.write(text + "\n")
@@ -323,11 +363,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"sweep {info['name']}: {info['finished']}/{info['budget'] or '?'} finished")
     print("  " + ", ".join(f"{k}={v}" for k, v in sorted(info["counts"].items())))
+    print(f"  driver: {_describe_driver(info['driver'])}")
     print("  objective: " + ", ".join(f"{m} ({d})" for m, d in info["objective"].items()))
     for best in info["best"][:5]:
         print(f"  best #{best['number']}: values={best['values']} params={best['params']}")
     print(f"  optuna: {info['storage']}\n  mlflow: {info['tracking_uri']} (parent run {info['mlflow_parent_run_id']})")
     return 0
+
+
+def _describe_driver(driver: dict | None) -> str:
+    if driver is None:
+        return "none (no driver is running this sweep)"
+    from .lease import Holder
+
+    holder = Holder(driver["host"], driver["pid"], driver["since"], driver["heartbeat"])
+    state = "running" if driver["alive"] else "stopped heart-beating: the next `sweeps run`/`resume` takes over"
+    return f"{holder.describe()}, {state}"
 
 
 def _list_arguments(parser: argparse.ArgumentParser) -> None:
@@ -344,30 +395,47 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_codes_text() -> str:
+    import textwrap
+
+    return "exit codes:\n" + "\n".join(
+        textwrap.fill(text, 96, initial_indent=f"  {code:<5d}", subsequent_indent=" " * 7)
+        for code, text in EXIT_CODES.items()
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    epilog = _exit_codes_text()
     parser = argparse.ArgumentParser(
-        prog="sweeps", description="Hyperparameter sweeps that measure the loss landscape of every model."
+        prog="sweeps", description="Hyperparameter sweeps that measure the loss landscape of every model.",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in _COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         cmd.arguments(p)
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="also show the INFO logs of Optuna, MLflow and Ray (hidden by default)")
         p.set_defaults(_run=cmd.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``sweeps``; returns the exit code."""
+    """Entry point of ``sweeps``; returns the exit code (:data:`EXIT_CODES`)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2, message printed)
         return int(exit_.code or 0)
+    from .logs import configure
+
+    configure(verbose=args.verbose)
     try:
         return args._run(args)
     except ConfigError as err:
         print(f"sweeps {args.command}: invalid config:\n{err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

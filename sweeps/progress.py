@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .status import TrialStatus, is_finished
+
 
 @dataclass
 class RunningTrial:
@@ -41,7 +43,7 @@ class Snapshot:
 
     @property
     def finished(self) -> int:
-        return sum(v for k, v in self.counts.items() if k != "interrupted")
+        return sum(v for k, v in self.counts.items() if is_finished(k))
 
     @property
     def eta(self) -> float | None:
@@ -67,11 +69,13 @@ def _short(values: Mapping[str, Any], limit: int = 4) -> str:
 
 
 class ProgressView:
-    """Live terminal view of a sweep (``quiet=True``: one plain line per event instead)."""
+    """Live terminal view of a sweep; one plain line per event instead with ``quiet=True`` or
+    when ``stream`` (default stderr) is not a terminal."""
 
     def __init__(self, quiet: bool = False, stream: Any = None) -> None:
-        self.quiet = quiet
         self.stream = stream or sys.stderr
+        # A live view only on a terminal: piped into a file or a log it would wrap at 80 columns.
+        self.quiet = quiet or not getattr(self.stream, "isatty", lambda: False)()
         self._live = None
 
     def __enter__(self) -> ProgressView:
@@ -108,12 +112,12 @@ class ProgressView:
         table = Table(title=f"sweep {snap.name}", title_justify="left", expand=False)
         for column in ("done", "running", "failed", "diverged", "budget", "elapsed", "ETA"):
             table.add_column(column, justify="right")
-        done = sum(counts.get(k, 0) for k in ("converged", "not_converged", "pruned"))
+        done = sum(counts.get(k, 0) for k in (TrialStatus.CONVERGED, TrialStatus.NOT_CONVERGED, TrialStatus.PRUNED))
         table.add_row(
             str(done),
             str(len(snap.running)),
-            str(counts.get("failed", 0)),
-            str(counts.get("diverged", 0)),
+            str(counts.get(TrialStatus.FAILED, 0)),
+            str(counts.get(TrialStatus.DIVERGED, 0)),
             f"{snap.finished}/{snap.budget}",
             _clock(snap.elapsed),
             _clock(snap.eta),

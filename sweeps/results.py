@@ -13,6 +13,9 @@ Column contract of :func:`results` (one row per finished trial, ordered by trial
   as ``Int64``. A metric a trial does not have (a diverged trial's measures) is NaN.
 
 Interrupted attempts (their points were re-run) are left out unless ``include_interrupted``.
+
+``frame.attrs`` says which columns play which role: ``objective``, ``search_space`` (the varied
+hyperparameters) and ``measures`` (see :func:`summary_columns`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from .connections import Connections, redact, resolve
-from .tracking import FINAL_STATUSES, PARENT_TAG, ROLE_TAG, STATUS_TAG, TRIAL_TAG
+from .status import FINISHED, TrialStatus
+from .tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, TRIAL_TAG
 
 _COUNT_METRICS = ("epochs", "steps", "n_train", "n_test", "num_params")
 _ID_COLUMNS = ("sweep", "trial_number", "status", "run_id")
@@ -138,7 +142,7 @@ def results(
     filter_string = f"tags.`{ROLE_TAG}` = 'trial'"
     if parent is not None:
         filter_string += f" and tags.`{PARENT_TAG}` = '{parent.info.run_id}'"
-    keep = set(FINAL_STATUSES) | ({"interrupted"} if include_interrupted else set())
+    keep = set(FINISHED) | ({TrialStatus.INTERRUPTED} if include_interrupted else set())
     rows = []
     for run in _all_runs(client, experiment.experiment_id, filter_string):
         status = run.data.tags.get(STATUS_TAG)
@@ -174,7 +178,38 @@ def results(
         if key in _COUNT_METRICS and bool((values.dropna() % 1 == 0).all()):
             values = values.astype("Int64")
         columns[key if key not in columns else f"metric.{key}"] = values
-    return pd.DataFrame(columns)
+    out = pd.DataFrame(columns)
+    out.attrs.update(_column_roles(resolved, list(out.columns)))
+    return out
+
+
+def _column_roles(resolved: dict[str, Any], columns: list[str]) -> dict[str, list[str]]:
+    """``DataFrame.attrs`` of :func:`results`: which columns are the ``objective``, the varied
+    hyperparameters (``search_space``) and the landscape ``measures`` (each measure's output keys)."""
+    from landscape.metrics import METRICS
+
+    present = set(columns)
+    measures = []
+    for name in resolved.get("measure") or []:
+        metric = METRICS.get(name)
+        keys = getattr(metric, "keys", None) or (name,)
+        measures += [k for k in keys if k in present]
+    objective = (resolved.get("objective") or {}).get("metrics") or []
+    space = list((resolved.get("search") or {}).get("space") or {})
+    return {
+        "objective": [c for c in objective if c in present],
+        "search_space": [c for c in space if c in present],
+        "measures": [c for c in measures if c not in objective],
+    }
+
+
+def summary_columns(frame: pd.DataFrame) -> list[str]:
+    """The columns a person looks at first: trial number, status, objective, varied
+    hyperparameters, measures (from ``frame.attrs``, see :func:`results`)."""
+    roles = frame.attrs
+    wanted = ["trial_number", "status", *roles.get("objective", []), *roles.get("search_space", []),
+              *roles.get("measures", [])]
+    return [c for c in dict.fromkeys(wanted) if c in frame.columns]
 
 
 def sweep_status(
@@ -184,7 +219,8 @@ def sweep_status(
     tracking_uri: str | None = None,
     results_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Counts per status, budget, best trial(s) and where the sweep lives (from the Optuna study)."""
+    """Counts per status, budget, best trial(s), the driver holding the sweep's lease (``driver``:
+    host, pid, since, heartbeat, alive; ``None`` when no driver runs it) and where the sweep lives."""
     import optuna
 
     from . import search
@@ -204,8 +240,12 @@ def sweep_status(
         best = [{"number": t.number, "values": t.values, "params": t.params} for t in study.best_trials]
     except ValueError:
         best = []
+    from .lease import current_holder
+
+    holder = current_holder(conn.storage, name)
     return {
         "name": name,
+        "driver": None if holder is None else holder.as_dict(),
         "counts": counts,
         "finished": len(search.finished_trials(study)),
         "budget": budget,

@@ -53,14 +53,18 @@ import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from . import search
 from .connections import Connections, check_reachable, redact, resolve
+from .lease import DriverLease, LeaseLostError
 from .progress import ProgressView, RunningTrial, Snapshot
-from .tracking import Tracker, is_finished_status
+from .status import TrialStatus, is_finished
+
+if TYPE_CHECKING:
+    from .tracking import Tracker
 
 TrialFn = Callable[..., Any]
 _FLUSH_SECONDS = 2.0
@@ -69,7 +73,13 @@ _MAX_ARTIFACT_BYTES = 64 * 2**20
 
 
 class SweepInterrupted(KeyboardInterrupt):
-    """The driver was stopped (Ctrl-C / SIGTERM) after recording the running trials as interrupted."""
+    """The driver was stopped (Ctrl-C / SIGTERM) after recording the running trials as interrupted.
+
+    ``args[0]`` (and :attr:`summary`) is the :class:`SweepSummary` of the stopped run."""
+
+    @property
+    def summary(self) -> SweepSummary:
+        return self.args[0]
 
 
 @dataclass
@@ -85,6 +95,9 @@ class SweepSummary:
         interrupted: True when stopped by a signal before the budget was spent.
         elapsed_s: wall seconds of this driver run.
         connections: where everything was written.
+        launched: trials launched by this driver run.
+        complete: trials that produced the objective (Optuna COMPLETE), over the whole study.
+        already_finished: the sweep was finished before this call (nothing was run).
     """
 
     name: str
@@ -96,10 +109,18 @@ class SweepSummary:
     elapsed_s: float
     connections: Connections
     launched: int = 0
+    complete: int = 0
+    already_finished: bool = False
 
     @property
     def finished(self) -> int:
-        return sum(v for k, v in self.counts.items() if k not in ("interrupted", "running"))
+        """Trials that count towards the budget."""
+        return sum(v for k, v in self.counts.items() if is_finished(k))
+
+    @property
+    def produced_objective(self) -> int:
+        """Finished trials that produced the objective (told COMPLETE to Optuna)."""
+        return self.complete
 
 
 # --- worker side -------------------------------------------------------------------------------
@@ -180,7 +201,7 @@ def _trial_task(
     except Exception:
         stream.flush()
         return {
-            "status": "failed",
+            "status": TrialStatus.FAILED,
             "metrics": {},
             "artifacts": _read_artifacts(None, out_dir),
             "traceback": traceback.format_exc(),
@@ -229,12 +250,15 @@ def _connect_ray(address: str | None, quiet: bool) -> bool:
     """Connect to Ray (``address``) or start a local one sized to this machine; True if started here."""
     import ray
 
+    from .logs import ray_logging_level
+
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=quiet)
+        ray.init(address=address, log_to_driver=quiet, logging_level=ray_logging_level())
     else:
-        ray.init(include_dashboard=False, log_to_driver=quiet, object_store_memory=256 * 2**20)
+        ray.init(include_dashboard=False, log_to_driver=quiet, object_store_memory=256 * 2**20,
+                 logging_level=ray_logging_level())
     return True
 
 
@@ -326,14 +350,20 @@ def run_sweep(
             files under ``<results dir>/reports/<name>`` and artifacts on the parent run.
 
     Returns:
-        a :class:`SweepSummary`. Raises :class:`SweepInterrupted` after a clean stop on a signal,
-        ``ValueError`` (``ConfigError``, ``StudyConflictError``) before any trial starts, and
-        ``ConnectionError`` when a store is unreachable.
+        a :class:`SweepSummary` (at once, without starting Ray, when the sweep was finished
+        already: ``already_finished``).
+
+    Raises:
+        SweepInterrupted: after a clean stop on a signal (running trials recorded interrupted).
+        ValueError: ``ConfigError``, ``StudyConflictError`` or a bad argument, before anything runs.
+        ConnectionError: a store is unreachable.
+        LeaseHeldError: another live driver runs this sweep (nothing was touched).
+        LeaseLostError: another driver took this one's lease while it ran (it was paused past
+            the lease period); this driver stopped without writing more.
     """
-    import ray
     import yaml
 
-    from .config import SweepConfig, load_config
+    from .config import ConfigError, SweepConfig, load_config
 
     if not isinstance(config, SweepConfig):
         if isinstance(config, (str, Path)) and config_yaml is None:
@@ -345,11 +375,44 @@ def run_sweep(
     if prune:
         _check_pruning(config)
     resolved = config.model_dump(mode="json")
-    config_yaml = config_yaml or yaml.safe_dump(resolved, sort_keys=False)
 
+    if max_concurrent is not None:  # checked as the config field it overrides
+        try:
+            config = config.with_point({"resources.max_concurrent": max_concurrent})
+        except ConfigError as err:
+            raise ConfigError([f"max_concurrent (--max-concurrent, overrides resources.max_concurrent): "
+                               f"{p.split(': ', 1)[-1]}" for p in err.problems]) from None
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ConfigError(f"max_retries (--max-retries): must be an integer >= 0 (got {max_retries!r})")
     conn = resolve(results_dir=results_dir, tracking_uri=tracking_uri, storage=storage, address=address)
     check_reachable(conn)
+    with DriverLease(conn.storage, config.name) as lease:
+        return _drive(config, conn, lease, resume=resume, quiet=quiet, max_retries=max_retries, prune=prune,
+                      config_yaml=config_yaml or yaml.safe_dump(resolved, sort_keys=False), trial_fn=trial_fn,
+                      report=report)
+
+
+def _drive(config: Any, conn: Connections, lease: DriverLease, *, resume: bool, quiet: bool, max_retries: int,
+           prune: bool, config_yaml: str, trial_fn: TrialFn | None, report: bool) -> SweepSummary:
+    """The body of :func:`run_sweep` while this driver holds the sweep's lease."""
+    import ray
+
     study = search.open_study(config, conn.storage, resume=resume)
+    budget = search.n_trials(config)
+    if config.search.sampler == "grid":
+        budget = min(budget, search.grid_size(config))
+    study.set_user_attr("budget", budget)
+    metrics_names = list(config.objective.metrics)
+    counts = _counts(study)
+    if _is_done(counts, budget):
+        summary = SweepSummary(config.name, budget, counts, _best(study), study.user_attrs.get("mlflow_parent_run_id", ""),
+                               False, 0.0, conn, complete=_complete(study), already_finished=True)
+        with ProgressView(quiet=True) as view:
+            view.log(f"sweep {config.name}: already finished ({summary.finished}/{budget} trials); nothing to run. "
+                     f"`sweeps report {config.name}` rebuilds its report; raise search.n_trials to extend it")
+        return summary
+    from .tracking import Tracker  # imports MLflow: not needed for a finished sweep
+
     # Optuna gives every study a MedianPruner unless told otherwise: pruning must be asked for.
     study.pruner = (
         optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0) if prune else optuna.pruners.NopPruner()
@@ -358,7 +421,7 @@ def run_sweep(
     parent = tracker.start_parent(
         config.name,
         flat_config=config.flat(),
-        resolved_config=resolved,
+        resolved_config=config.model_dump(mode="json"),
         config_yaml=config_yaml,
         run_id=study.user_attrs.get("mlflow_parent_run_id"),
     )
@@ -367,46 +430,59 @@ def run_sweep(
     if "config_yaml" not in study.user_attrs:
         study.set_user_attr("config_yaml", config_yaml)
 
-    budget = search.n_trials(config)
-    if config.search.sampler == "grid":
-        budget = min(budget, search.grid_size(config))
-    study.set_user_attr("budget", budget)
-    metrics_names = list(config.objective.metrics)
     started_here, driver = False, None
     with ProgressView(quiet=quiet) as view, _StopFlag() as stop:
         view.log(f"sweep {config.name}: {budget} trials; " + ", ".join(f"{k}={v}" for k, v in conn.describe().items()))
+        if lease.taken_over is not None:
+            view.log(f"sweep {config.name}: took over the lease of a driver that stopped heart-beating "
+                     f"({lease.taken_over.describe()})")
         try:
             _recover(study, tracker, parent, view)
-            started_here = _connect_ray(address or conn.address, quiet)
-            driver = _Driver(config, study, tracker, parent, conn, view, stop, budget, max_concurrent, max_retries, trial_fn)
+            started_here = _connect_ray(conn.address, quiet)
+            driver = _Driver(config, study, tracker, parent, conn, view, stop, budget, config.resources.max_concurrent,
+                             max_retries, trial_fn, lease)
             driver.loop()
         finally:
+            lost = lease.lost
             if driver is not None:
-                driver.shutdown()
-            counts = _counts(study)
-            finished = sum(v for k, v in counts.items() if is_finished_status(k))
-            interrupted = stop.requested or finished < budget
-            tracker.end_parent(
-                parent,
-                "KILLED" if interrupted else "FINISHED",
-                {f"trials_{k}": float(v) for k, v in counts.items()},
-            )
-            best = _best(study)
-            view.log(
-                f"sweep {config.name}: {'interrupted' if interrupted else 'done'}; "
-                + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-                + f"; best {_describe_best(best, metrics_names)}"
-            )
+                driver.shutdown(record=not lost)
+            if not lost:
+                counts = _counts(study)
+                interrupted = stop.requested or not _is_done(counts, budget)
+                tracker.end_parent(
+                    parent,
+                    "KILLED" if interrupted else "FINISHED",
+                    {f"trials_{k}": float(v) for k, v in counts.items()},
+                )
+                best = _best(study)
+                view.log(
+                    f"sweep {config.name}: {'interrupted' if interrupted else 'done'}; "
+                    + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+                    + f"; best {_describe_best(best, metrics_names)}"
+                )
             if started_here:
                 ray.shutdown()
+    if lost:
+        raise LeaseLostError(lease.lost_message())
     summary = SweepSummary(
-        config.name, budget, counts, best, parent, interrupted, time.monotonic() - driver.started, conn, driver.launched
+        config.name, budget, counts, best, parent, interrupted, time.monotonic() - driver.started, conn,
+        driver.launched, complete=_complete(study),
     )  # driver is set: any failure before the loop propagated from the `finally` above
     if stop.requested:
         raise SweepInterrupted(summary)
     if report and not interrupted:
         _report(config.name, conn, view)
     return summary
+
+
+def _is_done(counts: Mapping[str, int], budget: int) -> bool:
+    """Budget spent and no trial left RUNNING (by a driver that died)."""
+    finished = sum(v for k, v in counts.items() if is_finished(k))
+    return finished >= budget and not counts.get(TrialStatus.RUNNING)
+
+
+def _complete(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
 def _report(name: str, conn: Connections, view: ProgressView) -> None:
@@ -428,29 +504,30 @@ def _recover(study: optuna.Study, tracker: Tracker, parent: str, view: ProgressV
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
             run_status, status, metrics = tracker.run_info(run_id)
-            if is_finished_status(status):  # recorded in MLflow, the driver died before telling Optuna
+            if is_finished(status):  # recorded in MLflow, the driver died before telling Optuna
                 if run_status == "RUNNING":  # ... and before terminating the run (after its status tag)
                     tracker.end(run_id, status)
                 search.tell(study, trial.number, status, metrics)
                 view.log(f"trial {trial.number}: recovered as {status} from MLflow run {run_id}")
                 continue
-            tracker.end(run_id, search.INTERRUPTED)
+            tracker.end(run_id, TrialStatus.INTERRUPTED)
         requeued = search.interrupt(study, trial)
         view.log(f"trial {trial.number}: left running by a stopped driver; marked interrupted"
                  + (", point re-enqueued" if requeued else " (it had no point yet)"))
     for run_id in tracker.active_children(parent):
-        tracker.end(run_id, search.INTERRUPTED)
+        tracker.end(run_id, TrialStatus.INTERRUPTED)
 
 
 class _Driver:
     """The ask / launch / drain / record loop of one driver run (state of :func:`run_sweep`)."""
 
-    def __init__(self, config, study, tracker, parent, conn, view, stop, budget, max_concurrent, max_retries, trial_fn):
+    def __init__(self, config, study, tracker, parent, conn, view, stop, budget, max_concurrent, max_retries, trial_fn,
+                 lease):
         import ray
         from ray.util.queue import Queue
 
         self.config, self.study, self.tracker, self.parent = config, study, tracker, parent
-        self.conn, self.view, self.stop, self.budget = conn, view, stop, budget
+        self.conn, self.view, self.stop, self.budget, self.lease = conn, view, stop, budget, lease
         self.concurrency = _concurrency(config, max_concurrent)
         # The metric queue lives on the driver's node (a worker node may die mid-sweep) and is
         # restarted by Ray if it dies anyway; curve points in flight are then lost, not the sweep.
@@ -480,16 +557,20 @@ class _Driver:
 
         Finished trials are collected, their slots refilled, and only then recorded (MLflow
         artifacts and status, Optuna tell), so the cluster does not idle while the driver writes.
+        Each round first checks that this driver still holds the sweep's lease
+        (:class:`~sweeps.lease.LeaseLostError` otherwise, before anything is written).
         """
         import ray
 
         while True:
+            self.lease.ensure()
             self._fill(unrecorded=0)
             if not self.in_flight:
                 return
             ready, rest = ray.wait(list(self.in_flight), num_returns=1, timeout=_POLL_SECONDS)
             if ready and rest:
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            self.lease.ensure()
             self._drain()
             done = [self._collect(ref) for ref in ready]
             self._fill(unrecorded=len(done))
@@ -508,6 +589,7 @@ class _Driver:
             self._launch()
 
     def _launch(self) -> None:
+        self.lease.ensure()
         trial = self.study.ask()
         point = search.suggest_point(trial, self.config)
         try:
@@ -529,8 +611,8 @@ class _Driver:
     def _finish_without_task(self, trial: optuna.Trial, point: Mapping[str, Any], tb: str) -> None:
         run_id = self.tracker.start_child(self.config.name, self.parent, trial.number, point)
         trial.set_user_attr("mlflow_run_id", run_id)
-        self.tracker.finish_child(run_id, "failed", {}, traceback=tb)
-        self._tell(trial.number, "failed", {})
+        self.tracker.finish_child(run_id, TrialStatus.FAILED, {}, traceback=tb)
+        self._tell(trial.number, TrialStatus.FAILED, {})
         self.view.log(f"trial {trial.number}: failed before start: {tb.strip().splitlines()[-1]}")
 
     def _drain(self) -> None:
@@ -581,12 +663,15 @@ class _Driver:
         try:
             result = ray.get(ref)
         except ray.exceptions.TaskCancelledError:
-            result = {"status": "pruned", "metrics": flight.extra.get("pruned", {}), "artifacts": {}, "traceback": None}
+            result = {"status": TrialStatus.PRUNED, "metrics": flight.extra.get("pruned", {}), "artifacts": {},
+                      "traceback": None}
         except ray.exceptions.RayError as err:  # worker/node died more often than max_retries
-            result = {"status": "failed", "metrics": {}, "artifacts": {}, "traceback": f"{type(err).__name__}: {err}"}
+            result = {"status": TrialStatus.FAILED, "metrics": {}, "artifacts": {},
+                      "traceback": f"{type(err).__name__}: {err}"}
         return flight, result
 
     def _record(self, flight: _InFlight, result: Mapping[str, Any]) -> None:
+        self.lease.ensure()
         number = flight.trial.number
         status, metrics = result["status"], result["metrics"]
         self.tracker.finish_child(
@@ -616,15 +701,19 @@ class _Driver:
             self.best, time.monotonic() - self.started, self.concurrency, mean,
         )
 
-    def shutdown(self) -> None:
-        """Cancel what still runs (interrupt) and record it; stop the metric queue."""
+    def shutdown(self, record: bool = True) -> None:
+        """Cancel what still runs and, if ``record``, record it interrupted; stop the metric queue.
+
+        ``record=False`` when the lease was lost: the driver that took it over has already
+        recovered these trials, and this one must not write."""
         import ray
 
         for ref, flight in list(self.in_flight.items()):
             ray.cancel(ref, force=True)
-            self.tracker.end(flight.run_id, search.INTERRUPTED)
-            search.interrupt(self.study, flight.trial.number)
-            self.view.log(f"trial {flight.trial.number}: interrupted, point re-enqueued")
+            if record:
+                self.tracker.end(flight.run_id, TrialStatus.INTERRUPTED)
+                search.interrupt(self.study, flight.trial.number)
+                self.view.log(f"trial {flight.trial.number}: interrupted, point re-enqueued")
         self.in_flight.clear()
         try:
             self.queue.shutdown()

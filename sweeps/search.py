@@ -10,14 +10,12 @@ Rules:
   ``sweeps resume NAME`` needs no file. Reusing a name with another config is a
   :class:`StudyConflictError` (CLI exit code 2). The fingerprint ignores ``resources`` and
   ``search.n_trials``: a sweep may be resumed on other hardware or extended.
-* Every trial carries a user attr ``status``: ``converged`` / ``not_converged`` (told COMPLETE),
-  ``diverged`` / ``failed`` (told FAIL: a diverged model has no meaningful landscape, and
-  TPE/CMA-ES/NSGA-II must not learn from a number that does not exist; the search goes on),
-  ``pruned`` (told PRUNED), ``interrupted`` (told FAIL, its point re-enqueued).
-* The budget counts *finished* trials (every status but ``interrupted``): for a grid, each
-  point is finished exactly once.
-* A driver that was killed leaves trials RUNNING; :func:`recover_stale_trials` marks them FAIL
-  (``interrupted``) and re-enqueues their points. One driver per sweep at a time.
+* Every trial carries a user attr ``status``, one of :class:`sweeps.status.TrialStatus` (that
+  module says which Optuna state each is told as and why).
+* The budget counts *finished* trials: for a grid, each point is finished exactly once.
+* A driver that was killed leaves trials RUNNING; the next driver (it takes over the sweep's
+  lease, :mod:`sweeps.lease`) marks them ``interrupted`` (:func:`interrupt`) and re-enqueues their
+  points. One driver per sweep at a time.
 """
 
 from __future__ import annotations
@@ -34,16 +32,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .connections import is_journal_storage, journal_path, redact
-
-#: Trial statuses that count towards the budget, and the Optuna state each is told as.
-FINISHED_STATES = {
-    "converged": TrialState.COMPLETE,
-    "not_converged": TrialState.COMPLETE,
-    "diverged": TrialState.FAIL,
-    "failed": TrialState.FAIL,
-    "pruned": TrialState.PRUNED,
-}
-INTERRUPTED = "interrupted"
+from .status import TrialStatus, is_finished
 
 SAMPLERS = ("grid", "random", "tpe", "cmaes", "nsga2")
 
@@ -258,15 +247,22 @@ def stored_config(name: str, storage: str) -> dict[str, Any]:
 
 
 def trial_status(trial: FrozenTrial) -> str:
-    """The sweep status of a trial (``running`` while RUNNING/WAITING without a recorded status)."""
-    return trial.user_attrs.get("status", "running" if not trial.state.is_finished() else trial.state.name.lower())
+    """The sweep status of a trial: its recorded ``status``; else ``running`` (RUNNING), ``queued``
+    (WAITING: asked for or re-enqueued, not started) or ``failed`` (finished without a status,
+    e.g. told by hand)."""
+    status = trial.user_attrs.get("status")
+    if status is not None:
+        return status
+    if trial.state == TrialState.RUNNING:
+        return TrialStatus.RUNNING
+    return TrialStatus.QUEUED if trial.state == TrialState.WAITING else TrialStatus.FAILED
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Trials that count towards the budget: finished with a status other than ``interrupted``."""
     return [
         t for t in study.get_trials(deepcopy=False)
-        if t.state.is_finished() and t.user_attrs.get("status") != INTERRUPTED
+        if t.state.is_finished() and t.user_attrs.get("status") != TrialStatus.INTERRUPTED
     ]
 
 
@@ -277,7 +273,7 @@ def tell(study: optuna.Study, trial_number: int, status: str, metrics: Mapping[s
     FAIL (Optuna would otherwise leave it RUNNING or learn from NaN) with status unchanged and a
     ``fail_reason`` user attr.
     """
-    state = FINISHED_STATES.get(status, TrialState.FAIL)
+    state = TrialStatus(status).optuna_state if is_finished(status) else TrialState.FAIL
     values = None
     if state == TrialState.COMPLETE:
         names = study.user_attrs.get("objective") or study.metric_names or []
@@ -305,7 +301,7 @@ def interrupt(study: optuna.Study, trial: FrozenTrial | int) -> bool:
 
     Returns ``False`` when there was no point to re-enqueue (see :func:`_assigned_point`)."""
     frozen = study._storage.get_trial(_trial_id(study, trial)) if isinstance(trial, int) else trial
-    study._storage.set_trial_user_attr(frozen._trial_id, "status", INTERRUPTED)
+    study._storage.set_trial_user_attr(frozen._trial_id, "status", TrialStatus.INTERRUPTED.value)
     if frozen.state == TrialState.RUNNING:
         study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
     point = _assigned_point(study, frozen)
@@ -347,8 +343,6 @@ def grid_points_done(study: optuna.Study, names: Sequence[str]) -> list[tuple]:
 
 
 __all__ = [
-    "FINISHED_STATES",
-    "INTERRUPTED",
     "SAMPLERS",
     "StudyConflictError",
     "build_sampler",

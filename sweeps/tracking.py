@@ -32,11 +32,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from .connections import redact
+from .status import TrialStatus
 
 ROLE_TAG, SWEEP_TAG, STATUS_TAG, TRIAL_TAG = "sweeps.role", "sweeps.sweep", "status", "optuna.trial_number"
 PARENT_TAG = "mlflow.parentRunId"
-FINAL_STATUSES = ("converged", "not_converged", "diverged", "failed", "pruned")
-_RUN_STATUS = {"failed": "FAILED", "interrupted": "KILLED"}  # every other status: FINISHED
 _BATCH = 100  # MLflow's per-request limit on params (metrics: 1000)
 
 
@@ -138,7 +137,7 @@ class Tracker:
             ROLE_TAG: "trial",
             SWEEP_TAG: name,
             TRIAL_TAG: str(trial_number),
-            STATUS_TAG: "running",
+            STATUS_TAG: TrialStatus.RUNNING.value,
         }
         run = self.client.create_run(experiment, run_name=f"{name}-{trial_number:04d}", tags=tags)
         self.log_params(run.info.run_id, params)
@@ -200,12 +199,12 @@ class Tracker:
                     path.write_bytes(content)
                 self.client.log_artifacts(run_id, tmp)
         self.log_metrics(run_id, [(metrics, step, _now_ms())], tags={**(tags or {}), STATUS_TAG: status})
-        self.client.set_terminated(run_id, status=_RUN_STATUS.get(status, "FINISHED"))
+        self.client.set_terminated(run_id, status=TrialStatus(status).mlflow_status)
 
     def end(self, run_id: str, status: str) -> None:
         """Set the ``status`` tag and terminate the run (FINISHED, FAILED for failed, KILLED for interrupted)."""
-        self.client.set_tag(run_id, STATUS_TAG, status)
-        self.client.set_terminated(run_id, status=_RUN_STATUS.get(status, "FINISHED"))
+        self.client.set_tag(run_id, STATUS_TAG, str(status))
+        self.client.set_terminated(run_id, status=TrialStatus(status).mlflow_status)
 
     def end_parent(self, run_id: str, status: str, summary: Mapping[str, float]) -> None:
         """Log the sweep's summary counts on the parent run and terminate it with MLflow ``status``."""
@@ -229,8 +228,4 @@ class Tracker:
         return [r.info.run_id for r in runs]
 
 
-def is_finished_status(status: str | None) -> bool:
-    return status in FINAL_STATUSES
-
-
-__all__ = ["FINAL_STATUSES", "Tracker", "git_commit", "is_finished_status", "package_versions"]
+__all__ = ["Tracker", "git_commit", "package_versions"]

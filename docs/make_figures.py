@@ -1,4 +1,4 @@
-"""Regenerate the README figures from a small MLP trained briefly on MNIST-1D.
+"""Regenerate the documentation figures (docs/*.png) from a small MLP trained briefly on MNIST-1D.
 
 Usage:
     python docs/make_figures.py [--out docs] [--steps 41] [--epochs 40]

@@ -128,6 +128,7 @@ class StackedParameters:
     def __init__(self, flat: Tensor, names: Sequence[str], shapes: Sequence[torch.Size]):
         self.flat, self.names, self.shapes = flat, list(names), list(shapes)
         self.sizes = [math.prod(s) for s in shapes]
+        self._grad: tuple[Tensor, list[Tensor]] | None = None  # gradient buffer and its views
 
     @classmethod
     def from_models(cls, models: Sequence[nn.Module]) -> StackedParameters:
@@ -161,10 +162,16 @@ class StackedParameters:
     def take(self, rows: Sequence[int]) -> None:
         """Keep only the members ``rows`` (in that order)."""
         self.flat = self.flat[torch.as_tensor(rows, dtype=torch.long, device=self.flat.device)]
+        self._grad = None
 
     def flat_grad(self, grads: Sequence[Tensor]) -> Tensor:
-        """Per-parameter gradients ``[K, *shape]`` -> ``[K, P]``."""
-        return torch.cat([g.reshape(len(self.flat), -1) for g in grads], dim=1)
+        """Per-parameter gradients ``[K, *shape]`` -> ``[K, P]``, in a buffer that the next
+        call overwrites (one ``_foreach_copy_``, as :mod:`torch.optim` batches its updates)."""
+        if self._grad is None:
+            buffer = torch.empty_like(self.flat)
+            self._grad = (buffer, list(self.views(buffer).values()))
+        torch._foreach_copy_(self._grad[1], list(grads))
+        return self._grad[0]
 
     @torch.no_grad()
     def write_to(self, model: nn.Module, k: int) -> None:
@@ -267,6 +274,20 @@ class StackedOptimizer:
         self.betas = [tuple(c.betas) for c in cfgs]
         self.beta1, self.beta2 = col([b[0] for b in self.betas]), col([b[1] for b in self.betas])
         self.state: dict[str, Tensor] = {}
+        self._lr: tuple[list[float], Tensor] = ([], like.new_empty(0))
+        self._flags()
+
+    def _flags(self) -> None:
+        """Skip the terms no member uses (a zero weight decay, Nesterov nowhere or everywhere)."""
+        self.decay = bool(self.weight_decay.any())
+        self.nesterov_all = bool(self.nesterov.all())
+        self.nesterov_any = bool(self.nesterov.any())
+        self.heavy_ball = bool(self.momentum.any())
+
+    def _lr_column(self, lrs: Sequence[float]) -> Tensor:
+        if self._lr[0] != list(lrs):  # constant schedules: built once
+            self._lr = (list(lrs), self.col(lrs))
+        return self._lr[1]
 
     def take(self, rows: Sequence[int]) -> None:
         """Keep only the members ``rows`` (hyperparameters and state)."""
@@ -275,24 +296,29 @@ class StackedOptimizer:
             setattr(self, name, getattr(self, name)[index])
         self.betas = [self.betas[r] for r in rows]
         self.state = {k: v[index] for k, v in self.state.items()}
+        self._lr = ([], self._lr[1])
+        self._flags()
 
     @torch.no_grad()
     def step(self, flat: Tensor, grad: Tensor, lrs: Sequence[float]) -> None:
         """One update of ``flat`` [K, P] in place with gradient ``grad`` [K, P] and the
         members' current learning rates ``lrs``."""
         self.steps += 1
-        lr = self.col(lrs)
+        lr = self._lr_column(lrs)
+        g = torch.addcmul(grad, self.weight_decay, flat) if self.decay and self.kind != "adamw" else grad
+        if self.kind == "sgd" and not self.heavy_ball:
+            flat.addcmul_(lr, g, value=-1)
+            return
         if self.kind == "sgd":
-            g = torch.addcmul(grad, self.weight_decay, flat)
             buf = self.state.get("momentum_buffer")
             buf = self.state["momentum_buffer"] = g.clone() if buf is None else buf.mul_(self.momentum).add_(g)
-            flat.sub_(lr * torch.where(self.nesterov, g + self.momentum * buf, buf))
+            if self.nesterov_any:
+                nesterov = g + self.momentum * buf
+                buf = nesterov if self.nesterov_all else torch.where(self.nesterov, nesterov, buf)
+            flat.addcmul_(lr, buf, value=-1)
             return
-        if self.kind == "adamw":
+        if self.kind == "adamw" and self.decay:
             flat.mul_(1 - lr * self.weight_decay)
-            g = grad
-        else:
-            g = torch.addcmul(grad, self.weight_decay, flat)
         if "exp_avg" not in self.state:
             self.state["exp_avg"], self.state["exp_avg_sq"] = torch.zeros_like(flat), torch.zeros_like(flat)
         m, v = self.state["exp_avg"], self.state["exp_avg_sq"]

@@ -171,13 +171,21 @@ class _Tracker:
 def member_losses(loss: str, outputs: Tensor, targets: Tensor) -> Tensor:
     """Each member's batch-mean loss: ``outputs [K, B, C]``, ``targets [K, B]`` -> ``[K]``
     (the per-member value of ``LOSSES[loss]``; nothing is reduced across members)."""
-    k, b = outputs.shape[:2]
-    flat_out, flat_targets = outputs.flatten(0, 1), targets.flatten(0, 1)
+    if loss == "cross_entropy" and outputs[..., 0].numel() < 128:  # few rows: the fused kernel is faster
+        k, b = outputs.shape[:2]
+        return F.cross_entropy(outputs.flatten(0, 1), targets.flatten(0, 1), reduction="none").view(k, b).mean(1)
     if loss == "cross_entropy":
-        per_sample = F.cross_entropy(flat_out, flat_targets, reduction="none")
-    else:
-        per_sample = half_squared_errors(flat_out, flat_targets)
-    return per_sample.view(k, b).mean(1)
+        return _cross_entropies(outputs, targets).mean(1)
+    k, b = outputs.shape[:2]
+    return half_squared_errors(outputs.flatten(0, 1), targets.flatten(0, 1)).view(k, b).mean(1)
+
+
+def _cross_entropies(outputs: Tensor, labels: Tensor) -> Tensor:
+    """Softmax cross-entropy per sample: ``outputs [..., C]``, ``labels [...]`` -> ``[...]``.
+    The log-softmax runs over a leading class axis: on a CPU that is ~5x faster than
+    ``F.cross_entropy`` over a last axis of 10 classes (forward and backward)."""
+    log_p = outputs.movedim(-1, 0).contiguous().log_softmax(0)
+    return -log_p.gather(0, labels.unsqueeze(0)).squeeze(0)
 
 
 LogMemberFn = Callable[[int, dict[str, float], int], None]
@@ -288,6 +296,9 @@ class _Population:
             self.log(m.index, {k: float(v) for k, v in record.items() if k not in ("kind", "step")}, record["step"])
 
     def track(self, epoch: int) -> None:
+        every = self.live[0].cfg.track.every_steps  # shared by the members
+        if every is None or self.step % every:
+            return
         for row, m in enumerate(self.live):
             if row not in self.pending and m.tracker.due(self.step):
                 self.params.write_to(m.model, row)
@@ -370,7 +381,8 @@ class _Population:
         check_every = max(1, self.steps_per_epoch // 4)
         for i in range(self.steps_per_epoch):
             idx = orders[:, i * b : (i + 1) * b]
-            losses = self._train_step(x[idx], y[idx])
+            flat_idx = idx.reshape(-1)
+            losses = self._train_step(x.index_select(0, flat_idx).view(*idx.shape, *x.shape[1:]), y.index_select(0, flat_idx).view(idx.shape))
             for row, (m, loss) in enumerate(zip(self.live, losses)):
                 m.checked = None
                 if m.diverged(loss):
@@ -432,7 +444,7 @@ class _Population:
             out = self.forward(self.leaves, x[i : i + chunk], True)
             losses = member_losses(self.loss_name, out, part)
             g = self.params.flat_grad(torch.autograd.grad((losses * (part.shape[1] / n)).sum(), list(self.leaves.values())))
-            grad = g if grad is None else grad + g
+            grad = g.clone() if grad is None else grad.add_(g)
             totals = [t + l * part.shape[1] for t, l in zip(totals, losses.detach().tolist())]
             correct = [c + h for c, h in zip(correct, (out.detach().argmax(-1) == part).sum(1).tolist())]
         return grad, [(t / n, c / n) for t, c in zip(totals, correct)]

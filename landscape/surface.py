@@ -10,7 +10,8 @@ copies: every point is a parameter set ``theta + alpha d1 + beta d2`` that
 :func:`torch.func.functional_call` evaluates. On a GPU a chunk of ``G`` points is a stack of
 ``G`` parameter sets that :func:`torch.func.vmap` pushes through at once (a linear layer becomes
 one batched matmul), ``G`` chosen from a memory budget; on a CPU one point goes per pass,
-in cache-sized pieces of the batch (see :func:`loss_at_points`). Defaults follow Li et al.
+in cache-sized pieces of the batch; the first layer's pre-activations are computed once per
+surface when the model allows it (see :mod:`landscape.evaluate`, which holds the evaluator). Defaults follow Li et al.
 (2018): filter-normalized Gaussian directions, a 51 x 51 grid on ``[-1, 1]^2``, eval mode,
 training data.
 
@@ -29,12 +30,16 @@ from typing import Any, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
-from torch.func import vmap
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-from ._functional import LossFn, ModelLoss, ParamSelector, is_classification
+from ._functional import LossFn, ModelLoss, ParamSelector
+from .evaluate import (  # noqa: F401 (the evaluator's names, importable from here as before)
+    MIN_MICRO_BATCH,
+    WORKING_SET,
+    bytes_per_point,
+    choose_chunk_size,
+    default_memory_budget,
+    loss_at_points,
+)
 from .directions import (
     Direction,
     ModelOrState,
@@ -53,13 +58,6 @@ DirectionLike = Union[Mapping[str, Tensor], Tensor]
 CURVATURE_WINDOW = 0.2
 #: Default loss rise (in loss units, e.g. nats) that defines the flatness radius.
 FLATNESS_DELTA = 0.1
-_CPU_BUDGET = 256 * 2**20
-#: Bytes of intermediates one forward pass may produce on a CPU before ``micro_batch="auto"``
-#: cuts the batch into pieces (a few MiB per tensor: they stay near the caches, and glibc
-#: reuses their memory instead of returning it to the OS and faulting it in again).
-WORKING_SET = 16 * 2**20
-#: Smallest micro-batch the automatic plan uses (keeps matmuls large).
-MIN_MICRO_BATCH = 512
 _BOUNDARY_TOL = 1e-9
 
 
@@ -81,225 +79,6 @@ def _pair(value: Any, argument: str) -> tuple[Any, Any]:
             raise ValueError(f"{argument}: give one value or a pair (alpha, beta), got {value!r}")
         return value[0], value[1]
     return value, value
-
-
-# --- evaluating many points at once ------------------------------------------------------------
-class _OutputBytes(TorchDispatchMode):
-    """Adds up the bytes of every tensor the operations inside the block produce."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.bytes += sum(t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, Tensor))
-        return out
-
-
-def _forward_bytes(model_loss: ModelLoss) -> tuple[int, int]:
-    """``(bytes, n)``: bytes of every tensor that one forward pass and loss produce on the first
-    batch, and that batch's size. An upper bound on its memory: it sums intermediates that a
-    no-grad pass frees early."""
-    inputs, targets = next(iter(model_loss.batches))
-    counter = _OutputBytes()
-    with torch.no_grad(), model_loss.mode(), counter:
-        model_loss.batch_loss(model_loss.theta, inputs, targets)
-    return counter.bytes, len(targets)
-
-
-def _parameter_set_bytes(model_loss: ModelLoss) -> int:
-    return 2 * model_loss.num_params * (torch.finfo(model_loss.dtype).bits // 8)
-
-
-def bytes_per_point(model_loss: ModelLoss) -> int:
-    """Memory (bytes) one grid point costs: its parameter set plus every intermediate tensor of
-    one forward pass and loss on the first batch (an upper bound)."""
-    return _forward_bytes(model_loss)[0] + _parameter_set_bytes(model_loss)
-
-
-def default_memory_budget(device: torch.device) -> int:
-    """Bytes a chunk of grid points may use: half the free memory of a CUDA device, 256 MiB on
-    other devices."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
-    return _CPU_BUDGET
-
-
-def _check_budget(memory_budget: int | None, device: torch.device) -> int:
-    budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
-    if budget <= 0:
-        raise ValueError(f"memory_budget: must be a positive number of bytes (got {memory_budget!r})")
-    return budget
-
-
-def choose_chunk_size(model_loss: ModelLoss, num_points: int, memory_budget: int | None = None) -> int:
-    """How many grid points to evaluate in one vmapped pass under ``memory_budget`` bytes."""
-    budget = _check_budget(memory_budget, model_loss.device)
-    return int(max(1, min(num_points, budget // max(1, bytes_per_point(model_loss)))))
-
-
-def _cpu_plan(per_sample: float, batch: int) -> tuple[int, int | None]:
-    """``(chunk, micro_batch)`` on a CPU: one point per pass (no vmap) and, when one forward
-    pass would produce more than :data:`WORKING_SET` bytes, pieces of at least
-    :data:`MIN_MICRO_BATCH` samples that stay under it.
-
-    On CPUs a point's forward pass is already a set of matmuls that run near peak; stacking
-    points with vmap made them batched matmuls over larger intermediates, 2x slower for both
-    benchmark MLPs. For the large one (40-512-512-10, 4,000 samples, 33 MiB per pass), pieces
-    of 2,000 samples took 10.5 ms per point against 15 ms uncut, most of the difference page
-    faults (see ``benchmarks/bench_surface.py``).
-    """
-    per_sample = max(per_sample, 1.0)
-    micro = int(max(MIN_MICRO_BATCH, WORKING_SET // per_sample))
-    return 1, (None if micro >= batch else micro)
-
-
-def _pieces(inputs: Any, targets: Tensor, size: int | None) -> list[tuple[Any, Tensor]]:
-    """``(inputs, targets)`` cut along dim 0 into the fewest pieces of at most ``size`` samples,
-    of equal size up to one sample (no small remainder piece)."""
-    n = len(targets)
-    if size is None or n <= size:
-        return [(inputs, targets)]
-    count = -(-n // size)  # ceil
-    cut = lambda t: torch.tensor_split(t, count)  # noqa: E731
-    xs = cut(inputs) if isinstance(inputs, Tensor) else list(zip(*(cut(t) for t in inputs)))
-    return list(zip(xs, cut(targets)))
-
-
-def _fast_cross_entropy(loss_fn: LossFn) -> LossFn:
-    """``loss_fn``, or for a plain cross-entropy (``nn.CrossEntropyLoss()`` with its defaults, or
-    ``F.cross_entropy``) the same loss as ``logsumexp(z) - z[y]``, averaged.
-
-    Same value to rounding, and on a CPU several times faster for few classes: torch's
-    ``log_softmax`` over a short last dimension (10 classes x 4,000 samples) took 4x the time
-    of ``logsumexp`` and a quarter of a small MLP's forward pass. Other targets (class
-    probabilities, ``ignore_index`` labels, more than 2 dimensions) go to ``loss_fn``.
-    """
-    plain = loss_fn is F.cross_entropy or (
-        type(loss_fn) is nn.CrossEntropyLoss
-        and loss_fn.weight is None
-        and loss_fn.reduction == "mean"
-        and loss_fn.label_smoothing == 0.0
-    )
-    if not plain:
-        return loss_fn
-    ignore = -100 if loss_fn is F.cross_entropy else loss_fn.ignore_index
-
-    def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
-        if not is_classification(outputs, targets) or bool((targets == ignore).any()):
-            return loss_fn(outputs, targets)
-        picked = outputs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return (torch.logsumexp(outputs, dim=-1) - picked).mean()
-
-    return cross_entropy
-
-
-def loss_at_points(
-    model_loss: ModelLoss,
-    directions: Tensor,
-    coords: Tensor | np.ndarray,
-    *,
-    chunk_size: int | None = None,
-    memory_budget: int | None = None,
-    micro_batch: int | str | None = "auto",
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Data-set loss and accuracy at ``theta + coords @ directions`` for many points.
-
-    Args:
-        model_loss: the functional loss (its snapshot ``theta`` is the origin).
-        directions: ``[k, P]`` flat directions (see :func:`landscape.directions.as_flat`).
-        coords: ``[N, k]`` coordinates of the points.
-        chunk_size: points per vmapped pass; default from ``memory_budget``. ``1`` evaluates
-            points one by one without vmap (for models whose ops vmap does not support).
-        memory_budget: bytes a chunk may use (default :func:`default_memory_budget`).
-        micro_batch: cut every batch into pieces of at most this many samples (exact: the loss
-            is a sample-weighted mean, and in eval mode samples do not interact). ``None``:
-            never cut. ``"auto"`` (default): on a CPU in eval mode with an automatic chunk size,
-            one point per pass (no vmap) in pieces of at most :data:`WORKING_SET` bytes of
-            intermediates (see :func:`_cpu_plan`); elsewhere the same as ``None``.
-
-    Returns:
-        ``(loss [N], accuracy [N] or None)`` as float64 numpy arrays; accuracy is ``None``
-        unless outputs are ``[n, C]`` scores and targets integer labels.
-    """
-    D = directions.to(model_loss.device, model_loss.dtype)
-    C = torch.as_tensor(np.asarray(coords), dtype=model_loss.dtype).to(model_loss.device)
-    if C.ndim != 2 or C.shape[1] != D.shape[0]:
-        raise ValueError(f"coords: expected shape [N, {D.shape[0]}], got {tuple(C.shape)}")
-    num = C.shape[0]
-    micro = None
-    if micro_batch not in ("auto", None) and not (isinstance(micro_batch, numbers.Integral) and micro_batch >= 1):
-        raise ValueError(f"micro_batch: must be 'auto', None or a positive integer (got {micro_batch!r})")
-    if chunk_size is None:
-        budget = _check_budget(memory_budget, model_loss.device)
-        act, batch = _forward_bytes(model_loss)
-        chunk_size = int(max(1, min(num, budget // (act + _parameter_set_bytes(model_loss)))))
-        if micro_batch == "auto" and not model_loss.train_mode and model_loss.device.type == "cpu":
-            chunk_size, micro = _cpu_plan(act / batch, batch)
-    if int(chunk_size) != chunk_size or chunk_size < 1:
-        raise ValueError(f"chunk_size: must be a positive integer (got {chunk_size!r})")
-    if micro_batch not in ("auto", None):
-        micro = int(micro_batch)
-    chunk = int(chunk_size)
-    theta = model_loss.theta_flat()
-
-    loss_fn = _fast_cross_entropy(model_loss.loss_fn)
-
-    def point(params: dict[str, Tensor], inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
-        out = model_loss.forward(params, inputs)
-        loss = loss_fn(out, targets)
-        if is_classification(out, targets):
-            return loss, (out.argmax(-1) == targets).to(loss.dtype).mean()
-        return loss, torch.full_like(loss, float("nan"))
-
-    batched = vmap(point, in_dims=(0, None, None))
-
-    def parameter_sets(c: Tensor) -> dict[str, Tensor]:
-        """``{name: [G, *shape]}``: views of one ``[G, P]`` block ``theta + c @ D``."""
-        return model_loss.unflatten(torch.addmm(theta, c, D))
-
-    def evaluate_piece(params: dict[str, Tensor], inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
-        if chunk == 1:
-            l, a = point({n: p[0] for n, p in params.items()}, inputs, targets)
-            return l.reshape(1), a.reshape(1)
-        return batched(params, inputs, targets)
-
-    def evaluate(params: dict[str, Tensor], inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
-        pieces = _pieces(inputs, targets, micro)
-        if len(pieces) == 1:
-            return evaluate_piece(params, inputs, targets)
-        results = [(len(y), evaluate_piece(params, x, y)) for x, y in pieces]
-        n = len(targets)
-        return (sum(m * r[0] for m, r in results) / n, sum(m * r[1] for m, r in results) / n)
-
-    starts = range(0, num, chunk)
-    # Results go straight into preallocated buffers: small result tensors left alive between
-    # the large freed activations pinned the top of glibc's heap, so every point's activations
-    # were faulted in afresh (twice the wall time for the large benchmark MLP).
-    loss = torch.empty(num, dtype=model_loss.dtype, device=model_loss.device)
-    acc = torch.empty_like(loss)
-    with torch.no_grad():
-        if model_loss.batches.in_memory:
-            # each chunk's parameter sets are built once and reused for every batch
-            for start in starts:
-                params = parameter_sets(C[start : start + chunk])
-                l, a = model_loss.weighted_sum(lambda x, y: evaluate(params, x, y))
-                loss[start : start + chunk], acc[start : start + chunk] = l, a
-        else:
-            # a loader is read once: every chunk is evaluated on each batch as it comes
-            def per_batch(inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
-                batch_loss, batch_acc = torch.empty_like(loss), torch.empty_like(acc)
-                for start in starts:
-                    l, a = evaluate(parameter_sets(C[start : start + chunk]), inputs, targets)
-                    batch_loss[start : start + chunk], batch_acc[start : start + chunk] = l, a
-                return batch_loss, batch_acc
-
-            loss, acc = model_loss.weighted_sum(per_batch)
-    loss = loss.to("cpu", torch.float64).numpy()
-    acc = acc.to("cpu", torch.float64).numpy()
-    return loss, (None if np.isnan(acc).all() else acc)
 
 
 # --- scalars read off a surface ----------------------------------------------------------------

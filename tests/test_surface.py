@@ -13,17 +13,16 @@ from torch import nn
 from torch.func import hessian
 
 from landscape import ModelLoss, interpolate, surface_1d, surface_2d
-from landscape.surface import (
+from landscape.evaluate import (
     MIN_MICRO_BATCH,
     WORKING_SET,
     _cpu_plan,
-    _pieces,
     _fast_cross_entropy,
+    _pieces,
     bytes_per_point,
     choose_chunk_size,
-    quadratic_fit,
-    ray_crossing,
 )
+from landscape.surface import quadratic_fit, ray_crossing
 
 from conftest import assert_unchanged, snapshot
 

@@ -1,0 +1,412 @@
+"""One batched evaluator: the data-set loss and accuracy of a model at many parameter points.
+
+Surfaces (:mod:`landscape.surface`), interpolation, average sharpness and PAC-Bayes flatness
+(:mod:`landscape.sharpness`) all evaluate the network at many points ``w_i`` and read off the
+sample-weighted mean loss (and accuracy, for classifiers) over the data. They do it here:
+
+* :func:`loss_at_points`: points ``theta + coords @ directions`` (a line, a plane, k axes);
+* :func:`loss_at_parameters`: points given as rows ``[N, P]`` (random perturbations).
+
+Points are never materialized as model copies: every point is a parameter set that
+:func:`torch.func.functional_call` evaluates. On a GPU a chunk of ``G`` points is a stack of
+parameter sets that :func:`torch.func.vmap` pushes through at once, ``G`` chosen from a memory
+budget; on a CPU one point goes per pass, in cache-sized pieces of the batch (see
+:func:`_cpu_plan`).
+
+First-layer affine trick. When the model is an ``nn.Sequential`` whose first layer (after
+optional ``nn.Flatten``) is an ``nn.Linear``, its pre-activations are affine in the
+coordinates: ``X (W + sum_k c_k D_k)^T + b + sum_k c_k e_k = Z_0 + sum_k c_k Z_k`` with
+``Z_0 = X W^T + b`` and ``Z_k = X D_k^T + e_k`` (``D_k``, ``e_k``: direction ``k``'s part of
+the weight and bias). :func:`loss_at_points` computes the ``Z``'s once per batch and each
+point's pre-activations as one ``[1, k+1] @ [k+1, n * width]`` product, then runs only the
+rest of the network (exact up to float rounding: a sum in another order).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ._functional import Batch, LossFn, ModelLoss, is_classification
+
+_CPU_BUDGET = 256 * 2**20
+#: Bytes of intermediates one forward pass may produce on a CPU before ``micro_batch="auto"``
+#: cuts the batch into pieces (a few MiB per tensor: they stay near the caches, and glibc
+#: reuses their memory instead of returning it to the OS and faulting it in again).
+WORKING_SET = 16 * 2**20
+#: Smallest micro-batch the automatic plan uses (keeps matmuls large).
+MIN_MICRO_BATCH = 512
+
+class _OutputBytes(TorchDispatchMode):
+    """Adds up the bytes of every tensor the operations inside the block produce."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.bytes += sum(t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, Tensor))
+        return out
+
+
+def _forward_bytes(model_loss: ModelLoss) -> tuple[int, int]:
+    """``(bytes, n)``: bytes of every tensor that one forward pass and loss produce on the first
+    batch, and that batch's size. An upper bound on its memory: it sums intermediates that a
+    no-grad pass frees early."""
+    inputs, targets = next(iter(model_loss.batches))
+    counter = _OutputBytes()
+    with torch.no_grad(), model_loss.mode(), counter:
+        model_loss.batch_loss(model_loss.theta, inputs, targets)
+    return counter.bytes, len(targets)
+
+
+def _parameter_set_bytes(model_loss: ModelLoss) -> int:
+    return 2 * model_loss.num_params * (torch.finfo(model_loss.dtype).bits // 8)
+
+
+def bytes_per_point(model_loss: ModelLoss) -> int:
+    """Memory (bytes) one grid point costs: its parameter set plus every intermediate tensor of
+    one forward pass and loss on the first batch (an upper bound)."""
+    return _forward_bytes(model_loss)[0] + _parameter_set_bytes(model_loss)
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes a chunk of grid points may use: half the free memory of a CUDA device, 256 MiB on
+    other devices."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return _CPU_BUDGET
+
+
+def _check_budget(memory_budget: int | None, device: torch.device) -> int:
+    budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
+    if budget <= 0:
+        raise ValueError(f"memory_budget: must be a positive number of bytes (got {memory_budget!r})")
+    return budget
+
+
+def choose_chunk_size(model_loss: ModelLoss, num_points: int, memory_budget: int | None = None) -> int:
+    """How many grid points to evaluate in one vmapped pass under ``memory_budget`` bytes."""
+    budget = _check_budget(memory_budget, model_loss.device)
+    return int(max(1, min(num_points, budget // max(1, bytes_per_point(model_loss)))))
+
+
+def _cpu_plan(per_sample: float, batch: int) -> tuple[int, int | None]:
+    """``(chunk, micro_batch)`` on a CPU: one point per pass (no vmap) and, when one forward
+    pass would produce more than :data:`WORKING_SET` bytes, pieces of at least
+    :data:`MIN_MICRO_BATCH` samples that stay under it.
+
+    On CPUs a point's forward pass is already a set of matmuls that run near peak; stacking
+    points with vmap made them batched matmuls over larger intermediates, 2x slower for both
+    benchmark MLPs. For the large one (40-512-512-10, 4,000 samples, 33 MiB per pass), pieces
+    of 2,000 samples took 10.5 ms per point against 15 ms uncut, most of the difference page
+    faults (see ``benchmarks/bench_surface.py``).
+    """
+    per_sample = max(per_sample, 1.0)
+    micro = int(max(MIN_MICRO_BATCH, WORKING_SET // per_sample))
+    return 1, (None if micro >= batch else micro)
+
+
+def _pieces(inputs: Any, targets: Tensor, size: int | None) -> list[tuple[Any, Tensor]]:
+    """``(inputs, targets)`` cut along dim 0 into the fewest pieces of at most ``size`` samples,
+    of equal size up to one sample (no small remainder piece)."""
+    n = len(targets)
+    if size is None or n <= size:
+        return [(inputs, targets)]
+    count = -(-n // size)  # ceil
+    cut = lambda t: torch.tensor_split(t, count)  # noqa: E731
+    xs = cut(inputs) if isinstance(inputs, Tensor) else list(zip(*(cut(t) for t in inputs)))
+    return list(zip(xs, cut(targets)))
+
+
+def _fast_cross_entropy(loss_fn: LossFn) -> LossFn:
+    """``loss_fn``, or for a plain cross-entropy (``nn.CrossEntropyLoss()`` with its defaults, or
+    ``F.cross_entropy``) the same loss as ``logsumexp(z) - z[y]``, averaged.
+
+    Same value to rounding, and on a CPU several times faster for few classes: torch's
+    ``log_softmax`` over a short last dimension (10 classes x 4,000 samples) took 4x the time
+    of ``logsumexp`` and a quarter of a small MLP's forward pass. Other targets (class
+    probabilities, ``ignore_index`` labels, more than 2 dimensions) go to ``loss_fn``.
+    """
+    plain = loss_fn is F.cross_entropy or (
+        type(loss_fn) is nn.CrossEntropyLoss
+        and loss_fn.weight is None
+        and loss_fn.reduction == "mean"
+        and loss_fn.label_smoothing == 0.0
+    )
+    if not plain:
+        return loss_fn
+    ignore = -100 if loss_fn is F.cross_entropy else loss_fn.ignore_index
+
+    def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+        if not is_classification(outputs, targets) or bool((targets == ignore).any()):
+            return loss_fn(outputs, targets)
+        picked = outputs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return (torch.logsumexp(outputs, dim=-1) - picked).mean()
+
+    return cross_entropy
+
+
+
+def first_linear(model_loss: ModelLoss) -> tuple[int, nn.Linear] | None:
+    """``(index, layer)`` of the first ``nn.Linear`` of an ``nn.Sequential`` model when only
+    ``nn.Flatten`` layers come before it (the affine trick applies), else ``None``."""
+    model = model_loss.model
+    if not isinstance(model, nn.Sequential):
+        return None
+    for index, layer in enumerate(model):
+        if isinstance(layer, nn.Linear):
+            return index, layer
+        if not isinstance(layer, nn.Flatten):
+            return None
+    return None
+
+
+class _Network:
+    """How one point's network is run on one piece of a batch: ``outputs(params, piece)``.
+
+    With the affine trick a piece carries the first layer's pre-activation basis ``Z``
+    (``[k+1, n * width]``) and a point its coordinates; otherwise the whole model runs.
+    """
+
+    def __init__(self, model_loss: ModelLoss, directions: Tensor | None):
+        self.ml, self.split = model_loss, None
+        found = first_linear(model_loss) if directions is not None else None
+        if found is None:
+            return
+        index, layer = found
+        self.split, self.first_names = index, [f"{index}.weight", f"{index}.bias"]
+        self.head, self.rest = model_loss.model[:index], model_loss.model[index + 1 :]
+        self.rest_constants = {n: t for n, t in model_loss.constants.items() if n not in self.first_names}
+        self.first: list[tuple[Tensor, Tensor | None]] = []  # (weight, bias) of theta, d_1 .. d_k
+        for k, row in enumerate([model_loss.theta_flat(), *directions]):
+            parts = model_loss.unflatten(row)
+            # a fixed (not varied) weight or bias: its value at theta, zero along directions
+            fixed = {n: model_loss.constants.get(n) for n in self.first_names}
+            weight = parts.get(self.first_names[0])
+            if weight is None:
+                weight = fixed[self.first_names[0]] if k == 0 else torch.zeros_like(fixed[self.first_names[0]])
+            bias = parts.get(self.first_names[1], fixed[self.first_names[1]] if k == 0 else None)
+            self.first.append((weight, bias))
+
+    @property
+    def affine(self) -> bool:
+        return self.split is not None
+
+    def prepare(self, inputs: Any, targets: Tensor) -> tuple[Any, Tensor, Tensor | None]:
+        """A piece: inputs, targets and (affine trick) the pre-activation basis ``[k+1, n*h]``."""
+        if not self.affine:
+            return inputs, targets, None
+        if isinstance(inputs, tuple) and len(inputs) != 1:
+            return inputs, targets, None
+        x = inputs[0] if isinstance(inputs, tuple) else inputs
+        with torch.no_grad():
+            x = self.head(x)
+            basis = torch.stack([F.linear(x, w, b) for w, b in self.first])
+        return inputs, targets, basis.reshape(len(self.first), -1)
+
+    def outputs(self, params: dict[str, Tensor], coords: Tensor | None, piece: tuple[Any, Tensor, Tensor | None]) -> Tensor:
+        inputs, targets, basis = piece
+        if basis is None:
+            return self.ml.forward(params, inputs)
+        weights = torch.cat([coords.new_ones(1), coords]).unsqueeze(0)  # [1, k+1]
+        pre = (weights @ basis).reshape(len(targets), -1)
+        rest = {n: p for n, p in params.items() if n not in self.first_names}
+        return functional_call(self.rest, {**self.rest_constants, **rest}, (pre,), strict=False)
+
+
+def _scores(loss_fn: LossFn, out: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``(loss, accuracy)`` of one piece's outputs (accuracy NaN unless classification)."""
+    loss = loss_fn(out, targets)
+    if is_classification(out, targets):
+        return loss, (out.argmax(-1) == targets).to(loss.dtype).mean()
+    return loss, torch.full_like(loss, float("nan"))
+
+
+def _plan(
+    model_loss: ModelLoss, num: int, chunk_size: int | None, memory_budget: int | None,
+    micro_batch: int | str | None,
+) -> tuple[int, int | None]:
+    """``(points per pass, samples per piece or None)`` from the arguments (see
+    :func:`loss_at_points`)."""
+    if micro_batch not in ("auto", None) and not (isinstance(micro_batch, numbers.Integral) and micro_batch >= 1):
+        raise ValueError(f"micro_batch: must be 'auto', None or a positive integer (got {micro_batch!r})")
+    micro = None
+    if chunk_size is None:
+        budget = _check_budget(memory_budget, model_loss.device)
+        act, batch = _forward_bytes(model_loss)
+        chunk_size = int(max(1, min(num, budget // (act + _parameter_set_bytes(model_loss)))))
+        if micro_batch == "auto" and not model_loss.train_mode and model_loss.device.type == "cpu":
+            chunk_size, micro = _cpu_plan(act / batch, batch)
+    if int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"chunk_size: must be a positive integer (got {chunk_size!r})")
+    if micro_batch not in ("auto", None):
+        micro = int(micro_batch)
+    return int(chunk_size), micro
+
+
+def _evaluate(
+    model_loss: ModelLoss,
+    num: int,
+    rows: Callable[[int, int], Tensor],
+    coords: Tensor | None,
+    directions: Tensor | None,
+    *,
+    batches: Iterable[Batch] | None,
+    loss_fn: LossFn | None,
+    chunk_size: int | None,
+    memory_budget: int | None,
+    micro_batch: int | str | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The engine of :func:`loss_at_points` / :func:`loss_at_parameters`: ``rows(start, stop)``
+    gives the ``[G, P]`` parameter sets of points ``start..stop-1``; ``coords`` and
+    ``directions`` (both or neither) allow the first-layer affine trick on one-point passes."""
+    chunk, micro = _plan(model_loss, num, chunk_size, memory_budget, micro_batch)
+    loss_fn = _fast_cross_entropy(model_loss.loss_fn if loss_fn is None else loss_fn)
+    data = model_loss.batches if batches is None else batches
+    in_memory = model_loss.batches.in_memory if batches is None else isinstance(batches, (list, tuple))
+    network = _Network(model_loss, directions if chunk == 1 else None)
+
+    def point(params: dict[str, Tensor], inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
+        return _scores(loss_fn, model_loss.forward(params, inputs), targets)
+
+    batched = vmap(point, in_dims=(0, None, None))
+
+    def evaluate(start: int, params: dict[str, Tensor], pieces: list[tuple[Any, Tensor, Tensor | None]]) -> tuple[Tensor, Tensor]:
+        """Sample-weighted ``(loss [G], accuracy [G])`` of a chunk over the pieces of one batch."""
+        total_loss = total_acc = 0
+        for piece in pieces:
+            inputs, targets, _ = piece
+            if chunk == 1:
+                c = None if coords is None else coords[start]
+                l, a = _scores(loss_fn, network.outputs({n: p[0] for n, p in params.items()}, c, piece), targets)
+                l, a = l.reshape(1), a.reshape(1)
+            else:
+                l, a = batched(params, inputs, targets)
+            total_loss, total_acc = total_loss + len(targets) * l, total_acc + len(targets) * a
+        n = sum(len(p[1]) for p in pieces)
+        return total_loss / n, total_acc / n
+
+    def prepared(inputs: Any, targets: Tensor) -> list[tuple[Any, Tensor, Tensor | None]]:
+        return [network.prepare(x, y) for x, y in _pieces(inputs, targets, micro)]
+
+    starts = range(0, num, chunk)
+    # Results go straight into preallocated buffers: small result tensors left alive between
+    # the large freed activations pinned the top of glibc's heap, so every point's activations
+    # were faulted in afresh (twice the wall time for the large benchmark MLP).
+    loss = torch.zeros(num, dtype=model_loss.dtype, device=model_loss.device)
+    acc = torch.zeros_like(loss)
+    count = 0
+    with torch.no_grad(), model_loss.mode():
+        if in_memory:
+            # the pieces (and their pre-activation bases) are built once; each chunk's
+            # parameter sets once, reused for every batch
+            all_pieces = [(len(y), prepared(x, y)) for x, y in data]
+            count = sum(n for n, _ in all_pieces)
+            for start in starts:
+                params = model_loss.unflatten(rows(start, min(start + chunk, num)))
+                for n, pieces in all_pieces:
+                    l, a = evaluate(start, params, pieces)
+                    loss[start : start + chunk] += n * l
+                    acc[start : start + chunk] += n * a
+        else:
+            # a loader is read once: every chunk is evaluated on each batch as it comes
+            for x, y in data:
+                pieces = prepared(x, y)
+                count += len(y)
+                for start in starts:
+                    l, a = evaluate(start, model_loss.unflatten(rows(start, min(start + chunk, num))), pieces)
+                    loss[start : start + chunk] += len(y) * l
+                    acc[start : start + chunk] += len(y) * a
+    if count == 0:
+        raise ValueError("data yielded no samples")
+    loss = (loss / count).to("cpu", torch.float64).numpy()
+    acc = (acc / count).to("cpu", torch.float64).numpy()
+    return loss, (None if np.isnan(acc).all() else acc)
+
+
+_EVALUATOR_ARGS = """
+        batches: the ``(inputs, targets)`` batches to average over (default: the data of
+            ``model_loss``); a list/tuple is kept in memory, other iterables are read once.
+        loss_fn: the loss to use instead of ``model_loss.loss_fn`` (e.g. on normalized logits).
+        chunk_size: points per vmapped pass; default from ``memory_budget``. ``1`` evaluates
+            points one by one without vmap (for models whose ops vmap does not support).
+        memory_budget: bytes a chunk may use (default :func:`default_memory_budget`).
+        micro_batch: cut every batch into pieces of at most this many samples (exact: the loss
+            is a sample-weighted mean, and in eval mode samples do not interact). ``None``:
+            never cut. ``"auto"`` (default): on a CPU in eval mode with an automatic chunk size,
+            one point per pass (no vmap) in pieces of at most :data:`WORKING_SET` bytes of
+            intermediates (see :func:`_cpu_plan`); elsewhere the same as ``None``.
+
+    Returns:
+        ``(loss [N], accuracy [N] or None)`` as float64 numpy arrays; accuracy is ``None``
+        unless outputs are ``[n, C]`` scores and targets integer labels."""
+
+
+def loss_at_points(
+    model_loss: ModelLoss,
+    directions: Tensor,
+    coords: Tensor | np.ndarray,
+    *,
+    batches: Iterable[Batch] | None = None,
+    loss_fn: LossFn | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    micro_batch: int | str | None = "auto",
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Data-set loss and accuracy at ``theta + coords @ directions`` for many points.
+
+    One-point passes use the first-layer affine trick when the model allows it (see the
+    module docstring).
+
+    Args:
+        model_loss: the functional loss (its snapshot ``theta`` is the origin).
+        directions: ``[k, P]`` flat directions (see :func:`landscape.directions.as_flat`).
+        coords: ``[N, k]`` coordinates of the points.""" + _EVALUATOR_ARGS
+    D = directions.to(model_loss.device, model_loss.dtype)
+    C = torch.as_tensor(np.asarray(coords), dtype=model_loss.dtype).to(model_loss.device)
+    if C.ndim != 2 or C.shape[1] != D.shape[0]:
+        raise ValueError(f"coords: expected shape [N, {D.shape[0]}], got {tuple(C.shape)}")
+    theta = model_loss.theta_flat()
+    return _evaluate(
+        model_loss, C.shape[0], lambda start, stop: torch.addmm(theta, C[start:stop], D), C, D,
+        batches=batches, loss_fn=loss_fn, chunk_size=chunk_size, memory_budget=memory_budget,
+        micro_batch=micro_batch,
+    )
+
+
+def loss_at_parameters(
+    model_loss: ModelLoss,
+    points: Tensor,
+    *,
+    batches: Iterable[Batch] | None = None,
+    loss_fn: LossFn | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    micro_batch: int | str | None = "auto",
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Data-set loss and accuracy at the flat parameter sets ``points`` (``[N, P]`` rows in
+    ``model_loss.names`` order, e.g. random perturbations of ``theta``).
+
+    Args:
+        model_loss: the functional loss (its constants and mode are used).
+        points: ``[N, P]`` parameter sets.""" + _EVALUATOR_ARGS
+    if points.ndim != 2 or points.shape[1] != model_loss.num_params:
+        raise ValueError(f"points: expected shape [N, {model_loss.num_params}], got {tuple(points.shape)}")
+    W = points.to(model_loss.device, model_loss.dtype)
+    return _evaluate(
+        model_loss, W.shape[0], lambda start, stop: W[start:stop], None, None,
+        batches=batches, loss_fn=loss_fn, chunk_size=chunk_size, memory_budget=memory_budget,
+        micro_batch=micro_batch,
+    )

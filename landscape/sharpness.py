@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ._functional import Batch, LossFn, ModelLoss, ParamSelector, is_classification
+from .evaluate import loss_at_parameters
 
 Norm = Literal[2, "inf"]
 
@@ -213,6 +214,11 @@ def _example_groups(ml: ModelLoss, m: int | None, n_examples: int | None) -> lis
     return [
         [(_slice_inputs(inputs, slice(i, i + m)), targets[i : i + m])] for i in range(0, count, m)
     ]
+
+
+def _batches(ml: ModelLoss, group: Iterable[Batch]) -> list[Batch] | None:
+    """A group of examples as the evaluator's ``batches`` (``None``: all of ``ml``'s data)."""
+    return None if group is ml.batches else list(group)
 
 
 def _group_size(group: Iterable[Batch]) -> int:
@@ -585,12 +591,11 @@ def average_sharpness(
 
     ``delta ~ N(0, rho^2 diag(c^2))``, ``c = |w|`` (adaptive) or 1, so ``rho`` is the noise
     standard deviation (relative to ``|w|`` when adaptive). ``n_samples`` draws per batch of
-    ``m`` examples; batches as in :func:`worst_case_sharpness`.
+    ``m`` examples; batches and the arguments not listed here as in :func:`worst_case_sharpness`.
 
     Args:
         rho: noise level; default :data:`AVERAGE_RHO` for ``adaptive``.
         n_samples: Monte-Carlo draws per batch (default 100).
-        Other arguments as in :func:`worst_case_sharpness`.
 
     Returns:
         :class:`SharpnessResult`; ``std_err`` is the Monte-Carlo standard error of ``value``.
@@ -603,15 +608,12 @@ def average_sharpness(
     )
     gen = _generator(seed)
     per_batch, variances = [], []
-    with ml.mode():
-        for group in groups:
-            base = _loss(ml, fn, group, theta)
-            diffs = np.array([
-                _loss(ml, fn, group, theta + rho * scale * _randn(ml, gen, ml.num_params)) - base
-                for _ in range(n_samples)
-            ])
-            per_batch.append(float(diffs.mean()))
-            variances.append(float(diffs.var(ddof=1)) / n_samples if n_samples > 1 else math.nan)
+    for group in groups:
+        draws = [theta + rho * scale * _randn(ml, gen, ml.num_params) for _ in range(n_samples)]
+        losses, _ = loss_at_parameters(ml, torch.stack([theta, *draws]), batches=_batches(ml, group), loss_fn=fn)
+        diffs = losses[1:] - losses[0]
+        per_batch.append(float(diffs.mean()))
+        variances.append(float(diffs.var(ddof=1)) / n_samples if n_samples > 1 else math.nan)
     sizes = [_group_size(g) for g in groups]
     weights = np.asarray(sizes, dtype=float) / sum(sizes)
     std_err = None
@@ -742,8 +744,8 @@ def pacbayes_flatness(
     def accuracy_at(ml: ModelLoss, group: Iterable[Batch], theta: Tensor, sigma: float) -> float:
         gen = _generator(seed)
         std = perturbation_scale(theta, sigma, magnitude_aware=magnitude_aware, eps=eps)
-        draws = [theta + std * _randn(ml, gen, ml.num_params) for _ in range(n_samples)]
-        return float(np.mean([_accuracy(ml, group, w) for w in draws]))
+        draws = torch.stack([theta + std * _randn(ml, gen, ml.num_params) for _ in range(n_samples)])
+        return float(loss_at_parameters(ml, draws, batches=_batches(ml, group))[1].mean())
 
     return _flatness(
         "pacbayes", model, loss_fn, data, magnitude_aware=magnitude_aware, eps=eps, upper=upper,

@@ -114,3 +114,41 @@ def test_loss_at_parameters_with_other_batches_and_loss():
     np.testing.assert_allclose(acc, expected_acc, atol=1e-12)
     with pytest.raises(ValueError, match="points: expected shape"):
         loss_at_parameters(ml, points[:, :3])
+
+
+def _one_at_a_time_loss(ml, group, flat):
+    p = ml.unflatten(flat)
+    with torch.no_grad():
+        return sum(len(y) * float(ml.loss_fn(ml.forward(p, x), y)) for x, y in group) / sum(len(y) for _, y in group)
+
+
+def test_average_sharpness_and_pacbayes_batched_equal_one_draw_at_a_time():
+    """The draws go through the evaluator in one call; the numbers are those of evaluating each
+    draw on its own (the same seeded draws, in the same order)."""
+    from landscape.sharpness import average_sharpness, pacbayes_flatness, perturbation_scale
+
+    model, batches = network(), data((20, 12))
+    loss_fn = nn.CrossEntropyLoss()
+    ml = ModelLoss(model, loss_fn, batches)
+    theta = ml.theta_flat()
+    result = average_sharpness(model, loss_fn, batches, rho=0.2, m=16, n_examples=None, n_samples=5, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    expected = []
+    for i in range(0, 32, 16):
+        group = [(x[i : i + 16], y[i : i + 16])]
+        base = _one_at_a_time_loss(ml, group, theta)
+        draws = [theta + 0.2 * theta.abs() * torch.randn(ml.num_params, generator=gen, dtype=F64) for _ in range(5)]
+        expected.append(np.mean([_one_at_a_time_loss(ml, group, w) - base for w in draws]))
+    np.testing.assert_allclose(result.per_batch, expected, rtol=1e-10, atol=1e-13)
+
+    flat = pacbayes_flatness(model, loss_fn, batches, n_steps=3, n_samples=3, seed=2)
+    sigma = flat.bracket[1]
+    gen = torch.Generator().manual_seed(2)
+    std = perturbation_scale(theta, sigma, magnitude_aware=True, eps=1e-3)
+    accs = []
+    for _ in range(3):
+        w = ml.unflatten(theta + std * torch.randn(ml.num_params, generator=gen, dtype=F64))
+        with torch.no_grad():
+            accs.append(float((ml.forward(w, x).argmax(-1) == y).double().mean()))
+    assert flat.accuracy - np.mean(accs) == pytest.approx(flat.drops[1], abs=1e-12)

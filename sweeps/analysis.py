@@ -322,11 +322,10 @@ def prepare(
     """
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"df: expected a pandas DataFrame (e.g. sweeps.results(name)), got {type(df).__name__}")
+    if "status" in df.columns and not (df["status"].astype(str) == CONVERGED).any():  # e.g. every trial failed
+        statuses = ", ".join(f"{k}={v}" for k, v in df["status"].astype(str).value_counts().sort_index().items())
+        raise ValueError(f"df: no converged trial, nothing to analyse ({statuses or 'no finished trial yet'})")
     if target not in df.columns:
-        if "status" in df.columns and not (df["status"].astype(str) == CONVERGED).any():  # no trial got that far
-            statuses = ", ".join(f"{k}={v}" for k, v in df["status"].astype(str).value_counts().sort_index().items())
-            raise ValueError(f"target={target!r}: no trial of these results has it, nothing to analyse "
-                             f"({statuses or 'no finished trial'})")
         raise KeyError(f"target={target!r} is not a column of df; columns are {sorted(map(str, df.columns))}")
     if target_larger_is is None:
         target_larger_is = "better" if "acc" in target else "worse"

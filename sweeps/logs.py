@@ -8,6 +8,7 @@ token authentication is on are not shown; their warnings and errors still are.
 from __future__ import annotations
 
 import logging
+import os
 
 _state = {"verbose": False}
 # Loggers held at WARNING when quiet; the token-auth notice is a warning, so its logger at ERROR.
@@ -23,6 +24,8 @@ _QUIET_LEVELS = {
 def configure(verbose: bool = False) -> None:
     """Set the third-party loggers for quiet (default) or verbose (INFO) output."""
     _state["verbose"] = verbose
+    if not verbose:  # MLflow sets its loggers' level from this variable when it is imported (lazily, later)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name, level in _QUIET_LEVELS.items():
         logging.getLogger(name).setLevel(logging.INFO if verbose else level)
     import optuna

@@ -173,7 +173,7 @@ class Postgres:
         with closing(self._connect()) as connection, connection.cursor() as cursor:
             cursor.execute(f'CREATE DATABASE "{name}"')
         self.created.append(name)
-        # The driver named: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3 (not installed).
+        # The driver named, as in deploy/: a bare postgresql:// would use psycopg 3 (also installed).
         return f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
 
     def drop_all(self) -> None:

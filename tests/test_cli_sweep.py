@@ -34,6 +34,7 @@ import sweeps
 from sweeps import search
 from sweeps.cli import main
 from sweeps.config import load_config
+from sweeps.lease import current_holder
 
 SPACE = {"train.lr": {"values": [0.05, 0.2]}, "model.width": {"values": [8, 16]}, "seed": {"values": [0, 1]}}
 GRID = set(itertools.product([0.05, 0.2], [8, 16], [0, 1]))
@@ -68,8 +69,9 @@ def ray_address():
     ray.shutdown()
 
 
-def study_of(results_dir: Path, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=search.make_storage(f"sqlite:///{results_dir / 'optuna.db'}"))
+def study_of(results_dir: Path, name: str, storage: str | None = None) -> optuna.Study:
+    storage = storage or f"sqlite:///{results_dir / 'optuna.db'}"
+    return optuna.load_study(study_name=name, storage=search.make_storage(storage))
 
 
 def wait_for_fresh_running_trial(results_dir: Path, name: str, proc: subprocess.Popen, min_finished: int) -> None:
@@ -93,13 +95,15 @@ def wait_for_fresh_running_trial(results_dir: Path, name: str, proc: subprocess.
     raise AssertionError(f"sweeps run ended before it could be interrupted:\n{proc.stderr.read()}")
 
 
-def assert_complete_and_clean(results_dir: Path, name: str) -> pd.DataFrame:
-    """Every grid point exactly once in the results, nothing RUNNING in Optuna or MLflow."""
+def assert_complete_and_clean(results_dir: Path, name: str, storage: str | None = None) -> pd.DataFrame:
+    """Every grid point exactly once in the results and in Optuna, nothing RUNNING in either."""
     frame = sweeps.results(name, results_dir=results_dir)
     points = list(zip(frame["train.lr"], frame["model.width"], frame["seed"]))
     assert len(points) == 8 and set(points) == GRID
     assert set(frame["status"]) <= {"converged", "not_converged"}
-    assert not search.stale_trials(study_of(results_dir, name))
+    study = study_of(results_dir, name, storage)
+    assert not search.stale_trials(study)
+    assert sorted(search.grid_points_done(study, list(SPACE))) == sorted(GRID)
     client = MlflowClient(f"sqlite:///{results_dir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(name)
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
@@ -109,14 +113,16 @@ def assert_complete_and_clean(results_dir: Path, name: str) -> pd.DataFrame:
     return frame
 
 
-def start_driver(tmp_path, name, ray_address):
+def start_driver(tmp_path, name, ray_address, storage=None, lease_seconds=None, quiet=True):
     """``sweeps run`` of a fresh 8-point grid as a separate driver process; returns
     ``(process, config path, results_dir, common flags)``."""
     config = write_config(tmp_path / "sweep.yaml", name)
     results_dir = tmp_path / "results"
-    common = ["--results-dir", str(results_dir), "--address", ray_address, "--quiet"]
+    common = ["--results-dir", str(results_dir), "--address", ray_address] + (["--quiet"] if quiet else [])
+    common += ["--storage", storage] if storage else []
+    env = {**os.environ, **({"SWEEPS_LEASE_SECONDS": str(lease_seconds)} if lease_seconds else {})}
     proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(config), "--max-concurrent", "2", *common],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return proc, config, results_dir, common
 
 
@@ -127,7 +133,11 @@ def test_sigint_then_resume(tmp_path, ray_address, capsys):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate()
     assert proc.returncode == 130, err
-    assert "sweeps resume" in err
+    assert f"`sweeps resume cli-int --results-dir {results_dir}`" in err  # the real name and flags
+
+    during = json.loads(sweeps_main(capsys, "status", "cli-int", "--results-dir", str(results_dir), "--json").stdout)
+    assert "running" not in during["counts"] and during["driver"] is None
+    assert during["counts"]["queued"] == during["counts"]["interrupted"]  # the re-enqueued points
 
     study = study_of(results_dir, "cli-int")
     assert not search.stale_trials(study)  # the running trials were marked, not left RUNNING
@@ -161,11 +171,35 @@ def test_sigint_then_resume(tmp_path, ray_address, capsys):
     assert info["finished"] == 8 and info["budget"] == 8 and info["counts"]["interrupted"] == statuses.count("interrupted")
     listing = sweeps_main(capsys, "list", "--results-dir", str(results_dir))
     assert "cli-int" in listing.stdout and " 8 " in listing.stdout
+    table = sweeps_main(capsys, "results", "cli-int", "--results-dir", str(results_dir))
+    header = table.stdout.splitlines()[0].split()
+    assert header[:3] == ["trial_number", "status", "test_acc"] and header[6:] == ["hessian_top_eig"]
+    assert set(header[3:6]) == set(SPACE)  # the varied hyperparameters, in the config's order
+    wide = sweeps_main(capsys, "results", "cli-int", "--results-dir", str(results_dir), "--all")
+    assert "train.momentum" in wide.stdout.splitlines()[0]
+
+
+def test_a_finished_sweep_run_again_returns_without_starting_ray(tmp_path, ray_address, capsys, monkeypatch):
+    config = write_config(tmp_path / "sweep.yaml", "cli-done", max_epochs=2)
+    common = ["--results-dir", str(tmp_path / "results"), "--address", ray_address, "--no-report"]
+    first = sweeps_main(capsys, "run", str(config), *common)
+    assert first.returncode == 0, first.stderr
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a finished sweep must not connect to Ray")
+
+    monkeypatch.setattr("sweeps.runner._connect_ray", no_ray)
+    again = sweeps_main(capsys, "run", str(config), *common)
+    assert again.returncode == 0, again.stderr
+    assert "already finished (8/8 trials); nothing to run" in again.stderr
+    assert "sweeps report cli-done" in again.stderr
 
 
 @pytest.mark.slow
-def test_sigkill_then_run_again_continues(tmp_path, ray_address, capsys):
-    proc, config, results_dir, common = start_driver(tmp_path, "cli-kill", ray_address)
+def test_sigkill_then_run_again_continues(tmp_path, ray_address, capsys, monkeypatch):
+    lease = 4.0
+    monkeypatch.setenv("SWEEPS_LEASE_SECONDS", str(lease))
+    proc, config, results_dir, common = start_driver(tmp_path, "cli-kill", ray_address, lease_seconds=lease)
     wait_for_fresh_running_trial(results_dir, "cli-kill", proc, min_finished=1)
     proc.kill()
     proc.communicate()
@@ -173,8 +207,16 @@ def test_sigkill_then_run_again_continues(tmp_path, ray_address, capsys):
     left_running = {t.number for t in search.stale_trials(study_of(results_dir, "cli-kill"))}
     assert left_running  # a killed driver cannot clean up: the next one must
 
+    holder = current_holder(f"sqlite:///{results_dir / 'optuna.db'}", "cli-kill")
+    assert holder.pid == proc.pid
+    if holder.alive(lease):  # its last heartbeat is still fresh: refused, naming the dead driver
+        refused = sweeps_main(capsys, "run", str(config), *common)
+        assert refused.returncode == 2 and f"pid {proc.pid}" in refused.stderr, refused.stderr
+        assert {t.number for t in search.stale_trials(study_of(results_dir, "cli-kill"))} == left_running
+    time.sleep(max(0.0, holder.heartbeat + lease + 0.5 - time.time()))
     again = sweeps_main(capsys, "run", str(config), *common)  # same config: continues the sweep
     assert again.returncode == 0, again.stderr
+    assert f"took over the lease of a driver that stopped heart-beating" in again.stderr
     assert "left running by a stopped driver" in again.stderr or "recovered as" in again.stderr
     assert_complete_and_clean(results_dir, "cli-kill")
     study = study_of(results_dir, "cli-kill")
@@ -295,3 +337,124 @@ def test_submit_runs_the_sweep_as_a_ray_job(tmp_path, ray_head, capsys):
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
     frame = sweeps.results("submitted", results_dir=results_dir)
     assert sorted(frame["train.lr"]) == [0.05, 0.2] and set(frame["status"]) <= {"converged", "not_converged"}
+
+
+# --- one driver per sweep --------------------------------------------------------------------
+@pytest.fixture(params=["sqlite", "postgres"])
+def study_storage(request, tmp_path):
+    """``None`` (the embedded SQLite default) or a fresh PostgreSQL database URL."""
+    if request.param == "sqlite":
+        yield None
+        return
+    from _cluster import Postgres
+
+    Postgres.require()
+    pg = Postgres()
+    try:
+        yield pg.create("drivers")
+    finally:
+        pg.drop_all()
+
+
+QUIET_BANNED = ("A new study created", "Creating initial MLflow database tables", "Token authentication",
+                "Started a local Ray instance")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["together", "second-while-first-runs"])
+def test_two_drivers_of_one_sweep_one_runs(tmp_path, ray_address, study_storage, order):
+    first, config, results_dir, common = start_driver(tmp_path, "two", ray_address, storage=study_storage, quiet=False)
+    if order == "second-while-first-runs":
+        wait_for_fresh_running_trial(results_dir, "two", first, min_finished=1) if study_storage is None else time.sleep(8)
+    second = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(config), "--max-concurrent", "2", *common],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outcomes = {}
+    for proc in (first, second):
+        out, err = proc.communicate(timeout=300)
+        outcomes[proc.returncode] = (out, err)
+    assert sorted(outcomes) == [0, 2], outcomes  # exactly one ran
+    out, err = outcomes[2]
+    assert "is being run by another driver" in err and "since" in err and out == ""
+    winner_err = outcomes[0][1]
+    assert not [banned for banned in QUIET_BANNED if banned in winner_err], winner_err  # quiet by default
+    assert "│" not in winner_err and "best: " not in winner_err  # not a terminal: plain lines, no live table
+    assert_complete_and_clean(results_dir, "two", study_storage)
+
+
+@pytest.mark.slow
+def test_a_driver_paused_past_its_lease_stops_without_writing(tmp_path, ray_address, capsys, monkeypatch):
+    lease = 3.0
+    monkeypatch.setenv("SWEEPS_LEASE_SECONDS", str(lease))
+    paused, config, results_dir, common = start_driver(tmp_path, "paused", ray_address, lease_seconds=lease)
+    wait_for_fresh_running_trial(results_dir, "paused", paused, min_finished=1)
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(lease + 1)
+        taker = sweeps_main(capsys, "run", str(config), *common)
+        assert taker.returncode == 0, taker.stderr
+        assert "took over the lease" in taker.stderr and "left running by a stopped driver" in taker.stderr
+        before = _stores_snapshot(results_dir, "paused")
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    _, err = paused.communicate(timeout=120)
+    assert paused.returncode == 4, err
+    assert "lost its lease" in err and "Stopped without writing" in err
+    assert _stores_snapshot(results_dir, "paused") == before  # not one write after it woke up
+    assert_complete_and_clean(results_dir, "paused")
+
+
+def _stores_snapshot(results_dir: Path, name: str) -> tuple:
+    """Every trial's state and attributes in Optuna, every run's status, tags and metrics in MLflow."""
+    study = study_of(results_dir, name)
+    trials = [(t.number, t.state, sorted(t.user_attrs.items()), sorted(t.params.items())) for t in study.trials]
+    client = MlflowClient(f"sqlite:///{results_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(name)
+    runs = sorted((r.info.run_id, r.info.status, sorted(r.data.tags.items()), sorted(r.data.metrics.items()))
+                  for r in client.search_runs([experiment.experiment_id], max_results=1000))
+    return trials, runs
+
+
+# --- exit codes and checked flags --------------------------------------------------------------
+def test_a_sweep_whose_trials_all_diverge_exits_3_and_its_report_says_why(tmp_path, ray_address, capsys):
+    config = write_config(tmp_path / "sweep.yaml", "all-diverge", max_epochs=2, lr=1e6)
+    data = yaml.safe_load(config.read_text())
+    data["search"]["space"] = {"seed": {"values": [0, 1]}}
+    config.write_text(yaml.safe_dump(data))
+    common = ["--results-dir", str(tmp_path / "results"), "--address", ray_address]
+    done = sweeps_main(capsys, "run", str(config), *common)
+    assert done.returncode == 3, done.stderr
+    assert "2/2 trials finished (diverged=2)" in done.stdout
+    assert "no trial of sweep all-diverge produced the objective" in done.stderr
+    report = sweeps_main(capsys, "report", "all-diverge", "--results-dir", str(tmp_path / "results"))
+    assert report.returncode == 2
+    assert "nothing to analyse (diverged=2)" in report.stderr and "Traceback" not in report.stderr
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--max-concurrent", "-1"], "--max-concurrent, overrides resources.max_concurrent): must be > 0 (got -1)"),
+    (["--max-concurrent", "0"], "must be > 0 (got 0)"),
+    (["--max-retries", "-1"], "max_retries (--max-retries): must be an integer >= 0 (got -1)"),
+])
+def test_bad_flags_exit_2_naming_the_flag_before_anything_runs(tmp_path, capsys, flags, expected):
+    config = write_config(tmp_path / "sweep.yaml", "flags")
+    results_dir = tmp_path / "results"
+    done = sweeps_main(capsys, "run", str(config), "--results-dir", str(results_dir), *flags)
+    assert done.returncode == 2 and expected in done.stderr, done.stderr
+    assert not results_dir.exists()
+
+
+def test_an_unknown_metric_option_exits_2_naming_it(tmp_path, capsys):
+    config = write_config(tmp_path / "sweep.yaml", "options")
+    done = sweeps_main(capsys, "run", str(config), "--results-dir", str(tmp_path / "results"),
+                       "--set", "measure=[hessian_trace]", "--set", "measure_options={hessian_trace: {rtoll: 0.05}}")
+    assert done.returncode == 2, done.stderr
+    assert "measure_options.hessian_trace" in done.stderr and "rtoll" in done.stderr and "rtol" in done.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_exit_codes_are_in_the_help(capsys):
+    from sweeps.cli import EXIT_CODES
+
+    shown = sweeps_main(capsys, "run", "--help").stdout
+    for code in EXIT_CODES:
+        assert f"\n  {code} " in shown

@@ -36,7 +36,7 @@ OPTUNA_VERSION = importlib.metadata.version("optuna")
 SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET", re.IGNORECASE)
 # scheme://user:password@host: a credential written into a URL.
 URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]+:[^@\s/]+@", re.IGNORECASE)
-# SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not a dependency.
+# Deployment URLs name their driver (psycopg2) so they do not depend on SQLAlchemy's default for postgresql://.
 PG_URL = "postgresql+psycopg2://"
 ENV_REFERENCE = re.compile(r"^\$\{(\w+)(:?[?-][^}]*)?\}$")
 

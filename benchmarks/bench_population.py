@@ -1,26 +1,30 @@
-"""Training throughput of the population core (:func:`sweeps.train.train_population`) against a
-plain per-model ``torch.optim`` loop, in models per hour.
+"""Training throughput of the population core against a plain per-model ``torch.optim`` loop,
+in models per hour.
 
 Task: MNIST-1D (4000 training, 1000 test samples), MLP 40-W-W-10 with ReLU, one epoch per
 model, SGD with momentum 0.9, a different lr and seed per model, one torch thread.
 
-* plain loop (the baseline, written here): per model, ``torch.optim.SGD``, ``randperm`` data
-  order, plus the evaluations the core also does for an epoch (train and test loss/accuracy at
-  the start and at the end of the epoch: what ``train()`` has always done).
-* population core: the K models as one stack through ``train_population`` (K = 1 is what
-  ``train()`` runs).
+Two comparisons, each against a baseline written here and run in this process:
 
-Both run in this process, alternately, best of ``--repeats``. Times are CPU seconds of this
-(single-threaded) process, ``time.process_time``: on a shared machine they do not count the
-time other processes hold the core, and on an idle one they equal wall time. The table prints
-seconds per K models, models/hour and the ratio plain/core (how many times more models per
-hour the core trains). Run ``python benchmarks/bench_population.py``
-(``--quick`` for K in {1, 16}, width 64, batch 32). Figures: ``benchmarks/population.md``.
+* steps: one epoch of optimizer steps. Baseline: per model, ``torch.optim.SGD`` on
+  ``randperm`` mini-batches, reading each step's loss (the divergence check does). Stack: the
+  K models as one :class:`sweeps.population.Stack`, the step the core runs.
+* whole: ``train_population`` (everything a trial's training does: the evaluations of the
+  train and test sets at the start and end of the epoch, the per-member checks, members
+  leaving the stack) against the baseline plus the same four evaluations per model (what
+  ``train()`` has always done). K = 1 is what ``train()`` runs now.
+
+Times are CPU seconds of this single-threaded process (``time.process_time``, best of
+``--repeats``, the two sides alternating): on a shared machine they leave out the time other
+processes hold the core; on an idle one they equal wall time. Speed-up = baseline / ours.
+Run ``python benchmarks/bench_population.py`` (``--quick``: K in {1, 16}, width 64, batch 32).
+Figures: ``benchmarks/population.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import platform
 import time
@@ -31,7 +35,8 @@ import torch.nn.functional as F
 from sweeps.config import load_config
 from sweeps.data import load_dataset
 from sweeps.models import build_model
-from sweeps.train import evaluate, train_population
+from sweeps.population import Stack
+from sweeps.train import evaluate, member_losses, train_population
 
 
 def configs(k: int, width: int, batch: int) -> list:
@@ -40,29 +45,46 @@ def configs(k: int, width: int, batch: int) -> list:
                          "measure": []}) for i in range(k)]
 
 
-def plain_loop(cfgs, data) -> float:
-    """CPU seconds for the plain torch.optim loop over the models of ``cfgs``, one after another."""
+def plain_loop(cfgs, data, *, evaluations: bool) -> float:
+    """CPU seconds for the plain torch.optim loop over the models of ``cfgs``, one after
+    another, with or without the train/test evaluations at the start and end."""
     start = time.process_time()
     x, y, n = data.x_train, data.y_train, data.n_train
+    splits = ((x, y), (data.x_test, data.y_test)) if evaluations else ()
     for c in cfgs:
         model = build_model(c.model, data.input_shape, data.num_classes, seed=c.seed)
         opt = torch.optim.SGD(model.parameters(), lr=c.train.lr, momentum=c.train.momentum)
         gen = torch.Generator().manual_seed(c.seed)
-        for split in ((x, y), (data.x_test, data.y_test)):
+        for split in splits:
             evaluate(model, F.cross_entropy, *split)
         for idx in torch.randperm(n, generator=gen).split(c.train.batch_size):
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x[idx]), y[idx])
             loss.backward()
             opt.step()
-            math.isfinite(float(loss.detach()))  # the per-step divergence check reads the loss
-        for split in ((x, y), (data.x_test, data.y_test)):
+            math.isfinite(float(loss.detach()))
+        for split in splits:
             evaluate(model, F.cross_entropy, *split)
     return time.process_time() - start
 
 
+def stacked_steps(cfgs, data) -> float:
+    """CPU seconds for one epoch of steps of the models of ``cfgs`` as one Stack."""
+    start = time.process_time()
+    x, y, n = data.x_train, data.y_train, data.n_train
+    stack = Stack([build_model(c.model, data.input_shape, data.num_classes, seed=c.seed) for c in cfgs], [c.train for c in cfgs])
+    loss_fn = functools.partial(member_losses, "cross_entropy")
+    lrs = [c.train.lr for c in cfgs]
+    orders = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(c.seed)) for c in cfgs])
+    for idx in orders.split(cfgs[0].train.batch_size, dim=1):
+        grad, losses, _ = stack.gradient(loss_fn, x[idx], y[idx])
+        stack.step(grad, lrs)
+        [math.isfinite(v) for v in losses.tolist()]
+    return time.process_time() - start
+
+
 def core(cfgs, data) -> float:
-    """CPU seconds for the same models trained as one population (model building included)."""
+    """CPU seconds for the same models trained by ``train_population`` (model building included)."""
     start = time.process_time()
     models = [build_model(c.model, data.input_shape, data.num_classes, seed=c.seed) for c in cfgs]
     train_population(models, data, [c.train for c in cfgs], seeds=[c.seed for c in cfgs])
@@ -78,21 +100,21 @@ def main() -> None:
     data = load_dataset(configs(1, 64, 32)[0].dataset)
     ks, widths, batches = ([1, 16], [64], [32]) if args.quick else ([1, 4, 16, 64], [64, 256], [32, 256])
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread; "
-          f"MNIST-1D n={data.n_train}, one epoch per model, best of {args.repeats}")
-    print("| width | batch | K | plain loop (CPU s) | core (CPU s) | plain models/h | core models/h | speed-up |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"MNIST-1D n={data.n_train}, one epoch per model, CPU seconds, best of {args.repeats}")
+    print("| width | batch | K | steps: plain (s) | steps: stack (s) | speed-up | whole: plain (s) | whole: core (s) "
+          "| speed-up | core models/h |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     core(configs(2, 64, 32), data)  # warm up
+    runs = {"steps: plain": lambda c: plain_loop(c, data, evaluations=False), "steps: stack": lambda c: stacked_steps(c, data),
+            "whole: plain": lambda c: plain_loop(c, data, evaluations=True), "whole: core": lambda c: core(c, data)}
     for width in widths:
         for batch in batches:
             for k in ks:
                 cfgs = configs(k, width, batch)
-                times = {"plain": math.inf, "core": math.inf}
-                for _ in range(args.repeats):
-                    times["plain"] = min(times["plain"], plain_loop(cfgs, data))
-                    times["core"] = min(times["core"], core(cfgs, data))
-                per_hour = {name: 3600 * k / t for name, t in times.items()}
-                print(f"| {width} | {batch} | {k} | {times['plain']:.3f} | {times['core']:.3f} | {per_hour['plain']:,.0f} | "
-                      f"{per_hour['core']:,.0f} | {times['plain'] / times['core']:.2f}x |", flush=True)
+                t = {name: min(run(cfgs) for _ in range(args.repeats)) for name, run in runs.items()}
+                print(f"| {width} | {batch} | {k} | {t['steps: plain']:.3f} | {t['steps: stack']:.3f} | "
+                      f"{t['steps: plain'] / t['steps: stack']:.2f}x | {t['whole: plain']:.3f} | {t['whole: core']:.3f} | "
+                      f"{t['whole: plain'] / t['whole: core']:.2f}x | {3600 * k / t['whole: core']:,.0f} |", flush=True)
 
 
 if __name__ == "__main__":

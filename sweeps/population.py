@@ -22,6 +22,8 @@ Pieces, each used by the training loop:
 * :class:`StackedOptimizer`: SGD (momentum, Nesterov, weight decay), Adam and AdamW with
   per-member hyperparameters as ``[K, 1]`` columns; numerically the update of
   :class:`torch.optim.SGD` / :class:`~torch.optim.Adam` / :class:`~torch.optim.AdamW`.
+* :class:`Stack`: the three together, with gradient, step, evaluation outputs and ``take``
+  (members leave the stack).
 
 Every operation is row-wise: nothing reduces across members, so a NaN stays in its member.
 """
@@ -46,6 +48,7 @@ from .config import SweepConfig, TrainConfig
 SHARED_TRAIN_FIELDS = ("optimizer", "batch_size", "loss", "eval_batch_size", "track")
 
 Forward = Callable[[dict[str, Tensor], Tensor, bool], Tensor]
+MemberLoss = Callable[[Tensor, Tensor], Tensor]  # outputs [K, B, C], targets [K, B] -> losses [K]
 
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.GELU, nn.ELU, nn.SiLU, nn.Sigmoid, nn.LeakyReLU, nn.Softplus, nn.Identity)
 
@@ -227,18 +230,25 @@ def make_forward(model: nn.Module, k: int) -> Forward:
 
 
 def _mlp_forward(plan: list[tuple[str, Any]]) -> Forward:
+    """Activations are kept feature-major, ``[K, features, B]``: ``W @ h`` gives weight
+    gradients in the parameters' own layout (no transposed copies), and a shared batch meets
+    all members' first-layer weights in one matmul."""
+
     def forward(params: dict[str, Tensor], x: Tensor, shared: bool) -> Tensor:
-        k = len(next(iter(params.values())))
-        h = x.unsqueeze(0).expand(k, *x.shape) if shared else x
+        h = x.mT
         for kind, what in plan:
             if kind == "flatten":
-                h = h.flatten(2)
+                h = (x.flatten(1) if shared else x.flatten(2)).mT
             elif kind == "act":
                 h = what(h)
             else:
                 weight, bias = params[what[0]], what[1] and params[what[1]]
-                h = torch.bmm(h, weight.mT) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight.mT)
-        return h
+                if shared:  # [K, out, in] @ [in, B]: one matmul over all members
+                    h = torch.matmul(weight, h) if bias is None else torch.matmul(weight, h) + bias.unsqueeze(-1)
+                    shared = False
+                else:
+                    h = torch.bmm(weight, h) if bias is None else torch.baddbmm(bias.unsqueeze(-1), weight, h)
+        return h.mT
 
     return forward
 
@@ -329,3 +339,58 @@ class StackedOptimizer:
         bc2_sqrt = self.col([(1 - b2**t) ** 0.5 for _, b2 in self.betas])
         flat.sub_(step_size * (m / (v.sqrt() / bc2_sqrt).add_(self.eps)))
 
+
+
+# --- the three together -------------------------------------------------------------------
+class Stack:
+    """K models of one shape as one (row k = member k): their :class:`StackedParameters`,
+    :class:`StackedOptimizer` state and stacked forward. The models are not written to until
+    :meth:`write_to`."""
+
+    def __init__(self, models: Sequence[nn.Module], cfgs: Sequence[TrainConfig]):
+        self.models = list(models)
+        self.params = StackedParameters.from_models(self.models)
+        self.optimizer = StackedOptimizer(cfgs, self.params.flat)
+        self._restacked()
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def _restacked(self) -> None:
+        self.forward = make_forward(self.models[0], len(self.models)) if self.models else None
+        self.leaves = self.params.leaves()
+
+    def take(self, rows: Sequence[int]) -> None:
+        """Keep only the members ``rows`` (in that order): the others stop costing anything."""
+        self.params.take(rows)
+        self.optimizer.take(rows)
+        self.models = [self.models[r] for r in rows]
+        self._restacked()
+
+    def gradient(self, loss_fn: MemberLoss, x: Tensor, y: Tensor, *, shared: bool = False, weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+        """``(gradient [K, P] of weight * loss, losses [K], outputs [K, B, C])`` on ``x``
+        (``[K, B, ...]``, or ``[B, ...]`` for all with ``shared``) and ``y [K, B]``, in the
+        models' current mode. The gradient is a buffer that the next call overwrites."""
+        out = self.forward(self.leaves, x, shared)
+        losses = loss_fn(out, y)
+        grads = torch.autograd.grad((losses * weight).sum(), list(self.leaves.values()))
+        return self.params.flat_grad(grads), losses.detach(), out.detach()
+
+    def step(self, grad: Tensor, lrs: Sequence[float]) -> None:
+        """One optimizer step of every member with the learning rates ``lrs``."""
+        self.optimizer.step(self.params.flat, grad, lrs)
+
+    @torch.no_grad()
+    def outputs(self, rows: Sequence[int], x: Tensor) -> Tensor:
+        """Outputs ``[len(rows), B, C]`` of the members ``rows`` (increasing) on the shared
+        batch ``x [B, ...]``, in eval mode."""
+        rows = list(rows)
+        whole = len(rows) == len(self)
+        forward = self.forward if whole else make_forward(self.models[rows[0]], len(rows))
+        views = self.params.views(self.params.flat if whole else self.params.flat[rows])
+        with evaluation(self.models[rows[0]], forward):
+            return forward(views, x, True)
+
+    def write_to(self, row: int) -> None:
+        """Copy member ``row``'s parameters into its model."""
+        self.params.write_to(self.models[row], row)

@@ -5,6 +5,11 @@
 ``stop.train_loss``, or accuracy at least ``stop.train_acc``), ``max_epochs`` pass (status
 ``"not_converged"``), or the loss diverges (status ``"diverged"``; not an exception).
 
+:func:`train_population` trains K models of one shape (see :mod:`sweeps.population`) as one
+stack, each member by its own config and seed and by exactly the rules below; a member leaves
+the stack (and is reported through a callback) the moment it stops. :func:`train` is the
+population of one: there is one training loop.
+
 Convergence is checked on the full training set in eval mode at the end of every epoch and, once
 close (the last full loss, or the running mini-batch loss, within 3x the target; or accuracy
 within 0.02), also four times per epoch, so a model is not trained far past the target. In
@@ -31,6 +36,7 @@ stability of (heavy-ball) gradient descent at the current learning rate.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -45,7 +51,7 @@ from landscape._functional import training_mode
 
 from .config import TrainConfig
 from .data import Dataset
-from .population import SHARED_TRAIN_FIELDS, StackedOptimizer, StackedParameters, evaluation, make_forward, module_stack_reason
+from .population import SHARED_TRAIN_FIELDS, Stack, module_stack_reason
 
 Status = Literal["converged", "not_converged", "diverged"]
 LogFn = Callable[[dict[str, float], int], None]
@@ -77,7 +83,8 @@ class TrainResult:
         status: ``"converged"`` (target reached, or ``max_epochs`` done when no target is set),
             ``"not_converged"`` (``max_epochs`` without the target) or ``"diverged"``.
         epochs: epochs started (full-batch: steps); steps: optimizer steps.
-        seconds: wall time of training, tracking included; track_seconds: of tracking alone.
+        seconds: wall time of training, tracking included (in a population: from its start to
+            this member's exit); track_seconds: of this member's tracking alone.
         final: the last full evaluation: train_loss, train_acc, test_loss, test_acc.
         history: records in step order: ``kind="epoch"`` (epoch, step, train/test loss and
             accuracy, lr, seconds) and ``kind="track"`` (step, epoch, lr, tracked metrics,
@@ -180,6 +187,13 @@ def member_losses(loss: str, outputs: Tensor, targets: Tensor) -> Tensor:
     return half_squared_errors(outputs.flatten(0, 1), targets.flatten(0, 1)).view(k, b).mean(1)
 
 
+def member_hits(outputs: Tensor, labels: Tensor) -> Tensor:
+    """Correct predictions per member: ``outputs [K, B, C]``, ``labels [K, B]`` -> ``[K]``.
+    ``max(-1).indices`` is the first maximum, as ``argmax``, and several times faster over a
+    strided class axis (the stacked MLP's outputs)."""
+    return (outputs.max(-1).indices == labels).sum(1)
+
+
 def _cross_entropies(outputs: Tensor, labels: Tensor) -> Tensor:
     """Softmax cross-entropy per sample: ``outputs [..., C]``, ``labels [...]`` -> ``[...]``.
     The log-softmax runs over a leading class axis: on a CPU that is ~5x faster than
@@ -234,7 +248,7 @@ class _Population:
         self.start = time.perf_counter()
         self.data, self.log, self.on_result = data, log, on_result
         cfg = cfgs[0]
-        self.loss_name, self.eval_batch = cfg.loss, cfg.eval_batch_size
+        self.eval_batch = cfg.eval_batch_size
         self.full = cfg.batch_size == "full"
         n = data.n_train
         self.batch = n if self.full else min(int(cfg.batch_size), n)
@@ -245,16 +259,11 @@ class _Population:
                     lr_factor(c, self.steps_per_epoch), {k: v.detach().clone() for k, v in model.state_dict().items()})
             for i, (model, c, seed) in enumerate(zip(models, cfgs, seeds))
         ]
-        self.params = StackedParameters.from_models(models)
-        self.optimizer = StackedOptimizer(cfgs, self.params.flat)
+        self.stack = Stack(models, cfgs)
+        self.loss_fn = functools.partial(member_losses, cfg.loss)
         self.results: list[TrainResult | None] = [None] * len(models)
         self.pending: dict[int, tuple[Status, str, int]] = {}  # row -> how it leaves
         self.step = 0
-        self._restacked()
-
-    def _restacked(self) -> None:
-        self.forward = make_forward(self.live[0].model, len(self.live)) if self.live else None
-        self.leaves = self.params.leaves()
 
     # --- evaluations ----------------------------------------------------------------------
     @torch.no_grad()
@@ -263,19 +272,15 @@ class _Population:
         chunks of ``eval_batch_size / len(rows)`` samples (the memory of one model's chunk)."""
         if not rows:
             return []
-        k, template = len(rows), self.live[rows[0]].model
-        views = self.params.views(self.params.flat if k == len(self.live) else self.params.flat[list(rows)])
-        forward = self.forward if k == len(self.live) else make_forward(template, k)
+        k = len(rows)
         chunk = max(1, self.eval_batch // k)
         totals, correct = [0.0] * k, [0.0] * k
-        with evaluation(template, forward):
-            for i in range(0, len(y), chunk):
-                out = forward(views, x[i : i + chunk], True)
-                part = y[i : i + chunk].expand(k, -1)
-                losses = member_losses(self.loss_name, out, part).tolist()
-                hits = (out.argmax(-1) == part).sum(1).tolist()
-                totals = [t + l * part.shape[1] for t, l in zip(totals, losses)]
-                correct = [c + h for c, h in zip(correct, hits)]
+        for i in range(0, len(y), chunk):
+            out = self.stack.outputs(rows, x[i : i + chunk])
+            part = y[i : i + chunk].expand(k, -1)
+            losses, hits = self.loss_fn(out, part).tolist(), member_hits(out, part).tolist()
+            totals = [t + l * part.shape[1] for t, l in zip(totals, losses)]
+            correct = [c + h for c, h in zip(correct, hits)]
         return [(t / len(y), c / len(y)) for t, c in zip(totals, correct)]
 
     def record(self, rows: Sequence[int], epoch: int) -> None:
@@ -301,7 +306,7 @@ class _Population:
             return
         for row, m in enumerate(self.live):
             if row not in self.pending and m.tracker.due(self.step):
-                self.params.write_to(m.model, row)
+                self.stack.write_to(row)
                 lr = m.lr(self.step)
                 self.emit(m, {"kind": "track", "step": self.step, "epoch": epoch, "lr": lr, **m.tracker(m.model, self.step, lr)})
 
@@ -318,15 +323,13 @@ class _Population:
             self._finish(row, *self.pending[row])
         keep = [r for r in range(len(self.live)) if r not in self.pending]
         self.pending.clear()
-        self.params.take(keep)
-        self.optimizer.take(keep)
+        self.stack.take(keep)
         self.live = [self.live[r] for r in keep]
-        self._restacked()
         return keep
 
     def _finish(self, row: int, status: Status, reason: str, epoch: int) -> None:
         m = self.live[row]
-        self.params.write_to(m.model, row)
+        self.stack.write_to(row)
         last = m.history[-1]
         if not (last["kind"] == "epoch" and last["step"] == self.step and last["epoch"] == epoch):
             self.record([row], epoch)
@@ -369,11 +372,10 @@ class _Population:
     def _train_step(self, x: Tensor, y: Tensor) -> list[float]:
         """One optimizer step of every live member on its batch ``x [K, B, ...]``, ``y [K, B]``;
         returns the members' mini-batch losses (before the step)."""
-        losses = member_losses(self.loss_name, self.forward(self.leaves, x, False), y)
-        grads = torch.autograd.grad(losses.sum(), list(self.leaves.values()))
-        self.optimizer.step(self.params.flat, self.params.flat_grad(grads), [m.lr(self.step) for m in self.live])
+        grad, losses, _ = self.stack.gradient(self.loss_fn, x, y)
+        self.stack.step(grad, [m.lr(self.step) for m in self.live])
         self.step += 1
-        return losses.detach().tolist()
+        return losses.tolist()
 
     def _mini_batch_epoch(self, epoch: int) -> None:
         x, y, b = self.data.x_train, self.data.y_train, self.batch
@@ -428,7 +430,7 @@ class _Population:
             if not self.live:
                 return
             grad = grad[keep]
-        self.optimizer.step(self.params.flat, grad, [m.lr(self.step) for m in self.live])
+        self.stack.step(grad, [m.lr(self.step) for m in self.live])
         self.step += 1
         for m in self.live:
             m.checked = None
@@ -441,12 +443,10 @@ class _Population:
         grad, totals, correct = None, [0.0] * k, [0.0] * k
         for i in range(0, n, chunk):
             part = y[i : i + chunk].expand(k, -1)
-            out = self.forward(self.leaves, x[i : i + chunk], True)
-            losses = member_losses(self.loss_name, out, part)
-            g = self.params.flat_grad(torch.autograd.grad((losses * (part.shape[1] / n)).sum(), list(self.leaves.values())))
+            g, losses, out = self.stack.gradient(self.loss_fn, x[i : i + chunk], part, shared=True, weight=part.shape[1] / n)
             grad = g.clone() if grad is None else grad.add_(g)
-            totals = [t + l * part.shape[1] for t, l in zip(totals, losses.detach().tolist())]
-            correct = [c + h for c, h in zip(correct, (out.detach().argmax(-1) == part).sum(1).tolist())]
+            totals = [t + l * part.shape[1] for t, l in zip(totals, losses.tolist())]
+            correct = [c + h for c, h in zip(correct, member_hits(out, part).tolist())]
         return grad, [(t / n, c / n) for t, c in zip(totals, correct)]
 
 

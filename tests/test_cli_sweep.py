@@ -458,3 +458,12 @@ def test_exit_codes_are_in_the_help(capsys):
     shown = sweeps_main(capsys, "run", "--help").stdout
     for code in EXIT_CODES:
         assert f"\n  {code} " in shown
+
+
+def test_readme_states_every_exit_code():
+    from sweeps.cli import EXIT_CODES
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    stated = readme[readme.index("**Exit codes**"):]
+    for code in EXIT_CODES:
+        assert f" {code} " in stated.replace("\n", " "), code

@@ -201,3 +201,18 @@ def test_dim_grid_enumerates_steps():
     assert Dim(low=32, high=128, step=32).grid() == [32, 64, 96, 128]
     assert Dim(values=[1, "a"]).grid() == [1, "a"]
     assert SweepConfig.model_fields["search"]  # schema is introspectable
+
+
+@pytest.mark.parametrize("name", sorted(__import__("landscape").METRICS))
+def test_every_metric_option_is_checked_at_load(name):
+    """Walks the whole registry: an unknown option of any metric fails at config load, naming it
+    and the accepted ones; each accepted option name passes the name check."""
+    from landscape.metrics import METRICS
+
+    data = copy.deepcopy(BASE)
+    data["measure"] = [name]
+    data["measure_options"] = {name: {"no_such_option": 1}}
+    problems = errors_of(data)
+    assert f"measure_options.{name}: unknown option(s) ['no_such_option']; accepted: " in problems
+    for option in sorted(METRICS[name].options):
+        assert repr(option) in problems  # listed as accepted

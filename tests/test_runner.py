@@ -233,3 +233,18 @@ def test_a_dying_worker_is_retried_then_failed_when_retries_run_out(tmp_path):
     (run,) = children(client, summary)
     text = Path(client.download_artifacts(run.info.run_id, "traceback.txt", str(tmp_path))).read_text()
     assert "WorkerCrashedError" in text or "died" in text.lower()
+
+
+def test_progress_budget_counts_finished_trials_only():
+    """After a resume the study also holds interrupted attempts and their re-enqueued (queued)
+    points: the budget column must still read finished/total (it showed 10/8)."""
+    from rich.console import Console
+
+    from sweeps.progress import ProgressView, Snapshot
+
+    counts = {"converged": 5, "diverged": 1, "interrupted": 2, "queued": 2, "running": 1}
+    snap = Snapshot("s", 8, counts, [], "-", 1.0, 2, 3.0)
+    assert snap.finished == 6
+    console = Console(record=True, width=120)
+    console.print(ProgressView._render(snap))
+    assert " 6/8 " in console.export_text()

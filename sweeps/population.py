@@ -193,7 +193,7 @@ def _mlp_layers(model: nn.Module) -> list[tuple[str, Any]] | None:
     for i, (name, layer) in enumerate(model.named_children()):
         if isinstance(layer, nn.Flatten) and i == 0 and layer.start_dim == 1 and layer.end_dim == -1:
             plan.append(("flatten", None))
-        elif isinstance(layer, nn.Linear) and layer.weight.requires_grad:
+        elif isinstance(layer, nn.Linear) and all(p.requires_grad for p in layer.parameters()):
             plan.append(("linear", (f"{name}.weight", None if layer.bias is None else f"{name}.bias")))
         elif isinstance(layer, _ELEMENTWISE):
             plan.append(("act", layer))

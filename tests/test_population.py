@@ -171,9 +171,13 @@ def test_what_stacks_and_why_not():
     assert "dropout" in stack_check(config(model={"name": "mlp", "dropout": 0.2}))
     assert "stacked forward fails" in stack_check(config(model={"name": "test_population:make_branchy"}))
     assert stack_check(config(model={"name": "test_population:make_residual"})) is None
-    frozen = nn.Sequential(nn.Linear(3, 2))
-    frozen[0].bias.requires_grad_(False)
+    frozen = build_model(config().model, (6,), 3)
+    frozen[1].bias.requires_grad_(False)
     assert "frozen" in module_stack_reason(frozen)
+    bias, weight = frozen[1].bias.clone(), frozen[1].weight.clone()
+    alone = config({"max_epochs": 1, "stop": {}})
+    assert train(frozen, load_dataset(alone.dataset), alone.train).steps == 2  # one model: frozen parameters stay put
+    assert torch.equal(frozen[1].bias, bias) and not torch.equal(frozen[1].weight, weight)
     bn = [load_config({"name": "p", "dataset": TEACHER, "model": {"name": "mlp", "batch_norm": True}, "seed": s}) for s in (0, 1)]
     data = load_dataset(bn[0].dataset)
     with pytest.raises(ValueError, match="do not stack: .*batch norm"):
@@ -214,3 +218,21 @@ def test_run_population_measures_writes_and_reports_each_member_as_run_trial_alo
             if not key.endswith("seconds"):
                 assert r.metrics[key] == pytest.approx(value, rel=1e-3, abs=1e-6), key
     assert "hessian_top_eig" not in results[1].metrics and "hessian_top_eig" in results[2].metrics
+
+
+@pytest.mark.parametrize("name", ["cnn", "nin", "resnet"])
+def test_image_models_stack_through_vmap(name):
+    configs = [load_config({"name": "p", "seed": i, "dataset": {"name": "digits", "train_size": 64, "test_size": 32},
+                            "model": {"name": name, "width": 2, "depth": 1},
+                            "train": {"lr": 0.05 * (i + 1), "momentum": 0.9, "batch_size": 16, "max_epochs": 1, "stop": {}},
+                            "measure": []}) for i in range(2)]
+    assert all(stack_check(c) is None for c in configs)
+    data = load_dataset(configs[0].dataset)
+    build = lambda c: build_model(c.model, data.input_shape, data.num_classes, seed=c.seed)  # noqa: E731
+    together = [build(c) for c in configs]
+    train_population(together, data, [c.train for c in configs], seeds=[0, 1])
+    for c, model in zip(configs, together):
+        alone = build(c)
+        train(alone, data, c.train, seed=c.seed)
+        for (n, p), q in zip(model.named_parameters(), alone.parameters()):
+            assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), n

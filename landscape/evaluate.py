@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -130,6 +130,40 @@ def _pieces(inputs: Any, targets: Tensor, size: int | None) -> list[tuple[Any, T
     return list(zip(xs, cut(targets)))
 
 
+class _PlainCrossEntropy:
+    """A plain cross-entropy computed as ``logsumexp(z) - z[y]`` (see :func:`_fast_cross_entropy`),
+    which can also give the accuracy from the same pass (:meth:`scores`)."""
+
+    def __init__(self, loss_fn: LossFn, ignore_index: int):
+        self.loss_fn, self.ignore_index = loss_fn, ignore_index
+
+    def _own(self, outputs: Tensor, targets: Tensor) -> bool:
+        return is_classification(outputs, targets) and not bool((targets == self.ignore_index).any())
+
+    def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        if not self._own(outputs, targets):
+            return self.loss_fn(outputs, targets)
+        picked = outputs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return (torch.logsumexp(outputs, dim=-1) - picked).mean()
+
+    def scores(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(loss, accuracy)`` from one shift by the row maxima: ``z = outputs - max`` is exactly
+        0 at the maxima, so a sample is right when its target's ``z`` is 0 and no other class
+        ties (rows with ties or non-finite scores take ``argmax``, whose first-index rule
+        decides). ``None`` when the outputs are not this loss's (then use ``__call__``)."""
+        if not self._own(outputs, targets):
+            return None
+        top = outputs.amax(-1, keepdim=True)
+        z = outputs - top
+        picked = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        loss = (z.exp().sum(-1).log() - picked).mean()
+        correct = picked == 0
+        unclear = ((z == 0).sum(-1) != 1) | ~torch.isfinite(top.squeeze(-1))
+        if bool(unclear.any()):
+            correct[unclear] = outputs[unclear].argmax(-1) == targets[unclear]
+        return loss, correct.to(loss.dtype).mean()
+
+
 def _fast_cross_entropy(loss_fn: LossFn) -> LossFn:
     """``loss_fn``, or for a plain cross-entropy (``nn.CrossEntropyLoss()`` with its defaults, or
     ``F.cross_entropy``) the same loss as ``logsumexp(z) - z[y]``, averaged.
@@ -147,25 +181,31 @@ def _fast_cross_entropy(loss_fn: LossFn) -> LossFn:
     )
     if not plain:
         return loss_fn
-    ignore = -100 if loss_fn is F.cross_entropy else loss_fn.ignore_index
+    return _PlainCrossEntropy(loss_fn, -100 if loss_fn is F.cross_entropy else loss_fn.ignore_index)
 
-    def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
-        if not is_classification(outputs, targets) or bool((targets == ignore).any()):
-            return loss_fn(outputs, targets)
-        picked = outputs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return (torch.logsumexp(outputs, dim=-1) - picked).mean()
 
-    return cross_entropy
-
+def sequential_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """``[(name, layer)]`` of an ``nn.Sequential`` whose layers are plain ``nn.Linear`` or hold
+    no parameters or buffers (activations, ``Flatten``, ``Dropout``), none with hooks; such a
+    model runs layer by layer with :func:`torch.nn.functional.linear` (exactly what its
+    forward computes, without :func:`~torch.func.functional_call`'s per-call overhead).
+    ``None`` for any other model."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    layers = list(model.named_children())
+    for _, layer in layers:
+        hooked = layer._forward_hooks or layer._forward_pre_hooks
+        plain = type(layer) is nn.Linear or not (any(True for _ in layer.parameters()) or any(True for _ in layer.buffers()))
+        if hooked or not plain or model._forward_hooks or model._forward_pre_hooks:
+            return None
+    return layers
 
 
 def first_linear(model_loss: ModelLoss) -> tuple[int, nn.Linear] | None:
-    """``(index, layer)`` of the first ``nn.Linear`` of an ``nn.Sequential`` model when only
-    ``nn.Flatten`` layers come before it (the affine trick applies), else ``None``."""
-    model = model_loss.model
-    if not isinstance(model, nn.Sequential):
-        return None
-    for index, layer in enumerate(model):
+    """``(index, layer)`` of the first ``nn.Linear`` of a model :func:`sequential_layers`
+    accepts, when only ``nn.Flatten`` layers come before it (the affine trick applies)."""
+    layers = sequential_layers(model_loss.model)
+    for index, (_, layer) in enumerate(layers or []):
         if isinstance(layer, nn.Linear):
             return index, layer
         if not isinstance(layer, nn.Flatten):
@@ -173,42 +213,45 @@ def first_linear(model_loss: ModelLoss) -> tuple[int, nn.Linear] | None:
     return None
 
 
-class _Network:
-    """How one point's network is run on one piece of a batch: ``outputs(params, piece)``.
+#: The first-layer affine trick is used when the layer's inputs number at least this many times
+#: the ``k + 1`` basis terms: it replaces an ``[n, in] x [in, width]`` product by a sum of
+#: ``k + 1`` terms over ``[n, width]``, which costs about as much memory traffic as the product
+#: for few inputs (MNIST-1D: 40), so it pays only for wide inputs (images). See
+#: ``benchmarks/surface.md``.
+AFFINE_MIN_RATIO = 16
 
-    With the affine trick a piece carries the first layer's pre-activation basis ``Z``
-    (``[k+1, n * width]``) and a point its coordinates; otherwise the whole model runs.
+
+class _Network:
+    """How one point's network is run on one piece of a batch: ``outputs(params, coords, piece)``.
+
+    A model of plain layers (:func:`sequential_layers`) runs layer by layer; others through
+    :meth:`ModelLoss.forward`. With the affine trick a piece carries the first layer's
+    pre-activation basis ``Z`` (``[k+1, n * width]``) and a point its coordinates.
     """
 
     def __init__(self, model_loss: ModelLoss, directions: Tensor | None):
         self.ml, self.split = model_loss, None
+        self.layers = sequential_layers(model_loss.model)
         found = first_linear(model_loss) if directions is not None else None
-        if found is None:
+        if found is None or found[1].in_features < AFFINE_MIN_RATIO * (len(directions) + 1):
             return
-        index, layer = found
+        index, _ = found
         self.split, self.first_names = index, [f"{index}.weight", f"{index}.bias"]
-        self.head, self.rest = model_loss.model[:index], model_loss.model[index + 1 :]
-        self.rest_constants = {n: t for n, t in model_loss.constants.items() if n not in self.first_names}
+        self.head = model_loss.model[:index]
         self.first: list[tuple[Tensor, Tensor | None]] = []  # (weight, bias) of theta, d_1 .. d_k
+        fixed = {n: model_loss.constants.get(n) for n in self.first_names}
         for k, row in enumerate([model_loss.theta_flat(), *directions]):
             parts = model_loss.unflatten(row)
             # a fixed (not varied) weight or bias: its value at theta, zero along directions
-            fixed = {n: model_loss.constants.get(n) for n in self.first_names}
             weight = parts.get(self.first_names[0])
             if weight is None:
                 weight = fixed[self.first_names[0]] if k == 0 else torch.zeros_like(fixed[self.first_names[0]])
             bias = parts.get(self.first_names[1], fixed[self.first_names[1]] if k == 0 else None)
             self.first.append((weight, bias))
 
-    @property
-    def affine(self) -> bool:
-        return self.split is not None
-
     def prepare(self, inputs: Any, targets: Tensor) -> tuple[Any, Tensor, Tensor | None]:
         """A piece: inputs, targets and (affine trick) the pre-activation basis ``[k+1, n*h]``."""
-        if not self.affine:
-            return inputs, targets, None
-        if isinstance(inputs, tuple) and len(inputs) != 1:
+        if self.split is None or (isinstance(inputs, tuple) and len(inputs) != 1):
             return inputs, targets, None
         x = inputs[0] if isinstance(inputs, tuple) else inputs
         with torch.no_grad():
@@ -218,16 +261,51 @@ class _Network:
 
     def outputs(self, params: dict[str, Tensor], coords: Tensor | None, piece: tuple[Any, Tensor, Tensor | None]) -> Tensor:
         inputs, targets, basis = piece
-        if basis is None:
+        if self.layers is None or isinstance(inputs, tuple) and len(inputs) != 1:
             return self.ml.forward(params, inputs)
-        weights = torch.cat([coords.new_ones(1), coords]).unsqueeze(0)  # [1, k+1]
-        pre = (weights @ basis).reshape(len(targets), -1)
-        rest = {n: p for n, p in params.items() if n not in self.first_names}
-        return functional_call(self.rest, {**self.rest_constants, **rest}, (pre,), strict=False)
+        values = {**self.ml.constants, **params}
+        x, start, owned = inputs[0] if isinstance(inputs, tuple) else inputs, 0, False
+        if basis is not None:
+            weights = torch.cat([coords.new_ones(1), coords]).unsqueeze(0)  # [1, k+1]
+            pre = self._buffer("pre", (1, basis.shape[1]), basis)
+            x, start, owned = torch.mm(weights, basis, out=pre).view(len(targets), -1), self.split + 1, True
+        for name, layer in self.layers[start:]:
+            if isinstance(layer, nn.Linear):
+                weight, bias = values[f"{name}.weight"], values.get(f"{name}.bias")
+                if x.ndim != 2:
+                    x, owned = F.linear(x, weight, bias), False
+                    continue
+                out = self._buffer(name, (x.shape[0], weight.shape[0]), x)
+                x = torch.mm(x, weight.T, out=out) if bias is None else torch.addmm(bias, x, weight.T, out=out)
+                owned = True
+            elif owned and type(layer) in _IN_PLACE:
+                x = _IN_PLACE[type(layer)](x)
+            else:
+                x, owned = layer(x), owned and type(layer) in _VIEWS
+        return x
+
+    def _buffer(self, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A tensor of ``shape`` reused from point to point (a fresh one per point was faulted in
+        page by page: at 1 MiB per activation glibc maps and unmaps it every time)."""
+        buffers = self.__dict__.setdefault("_buffers", {})
+        found = buffers.get((key, shape))
+        if found is None or found.dtype != like.dtype or found.device != like.device:
+            found = buffers[(key, shape)] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return found
 
 
-def _scores(loss_fn: LossFn, out: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """``(loss, accuracy)`` of one piece's outputs (accuracy NaN unless classification)."""
+# activations applied in place to the network's own intermediate buffers (never to the data)
+_IN_PLACE = {nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_, nn.Sigmoid: torch.sigmoid_}
+# layers that return their input or a view of it (eval-mode dropout, flatten)
+_VIEWS = (nn.Flatten, nn.Dropout, nn.Identity)
+
+
+def _scores(loss_fn: LossFn, out: Tensor, targets: Tensor, fuse: bool = True) -> tuple[Tensor, Tensor]:
+    """``(loss, accuracy)`` of one piece's outputs (accuracy NaN unless classification);
+    ``fuse``: from one pass for a plain cross-entropy (not under vmap: it branches on data)."""
+    fused = loss_fn.scores(out, targets) if fuse and isinstance(loss_fn, _PlainCrossEntropy) else None
+    if fused is not None:
+        return fused
     loss = loss_fn(out, targets)
     if is_classification(out, targets):
         return loss, (out.argmax(-1) == targets).to(loss.dtype).mean()
@@ -279,7 +357,7 @@ def _evaluate(
     network = _Network(model_loss, directions if chunk == 1 else None)
 
     def point(params: dict[str, Tensor], inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
-        return _scores(loss_fn, model_loss.forward(params, inputs), targets)
+        return _scores(loss_fn, model_loss.forward(params, inputs), targets, fuse=False)
 
     batched = vmap(point, in_dims=(0, None, None))
 

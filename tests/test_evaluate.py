@@ -12,7 +12,8 @@ from torch import nn
 
 from landscape import ModelLoss
 from landscape.directions import as_flat, random_directions
-from landscape.evaluate import first_linear, loss_at_parameters, loss_at_points
+from landscape import evaluate
+from landscape.evaluate import _Network, first_linear, loss_at_parameters, loss_at_points
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -59,11 +60,13 @@ def data(sizes=(9, 8)):
         (True, lambda n, p: not n.startswith("1.")),  # first layer held fixed entirely
     ],
 )
-def test_affine_first_layer_matches_brute_force(first_bias, params):
+def test_affine_first_layer_matches_brute_force(first_bias, params, monkeypatch):
+    monkeypatch.setattr(evaluate, "AFFINE_MIN_RATIO", 1)  # 6 inputs >= 1 x 3 basis terms: trick on
     model, batches, loss_fn = network(first_bias), data(), nn.CrossEntropyLoss()
     ml = ModelLoss(model, loss_fn, batches, params=params)
     assert first_linear(ml)[0] == 1  # the trick applies (after the Flatten)
     D = as_flat(random_directions(model, 2, seed=3, params=ml.names, one_d="keep"), ml)
+    assert _Network(ml, D).split == 1
     coords = np.array([[0.0, 0.0], [0.7, -0.3], [-1.0, 0.5], [0.2, 1.3]])
     loss, acc = loss_at_points(ml, D, coords, chunk_size=1, micro_batch=4)  # one-point passes: the trick
     expected_loss, expected_acc = brute_force(
@@ -75,7 +78,8 @@ def test_affine_first_layer_matches_brute_force(first_bias, params):
     np.testing.assert_allclose(vmapped, expected_loss, rtol=1e-12)
 
 
-def test_float32_trick_and_loader_and_three_directions():
+def test_float32_trick_and_loader_and_three_directions(monkeypatch):
+    monkeypatch.setattr(evaluate, "AFFINE_MIN_RATIO", 1)
     model, loss_fn = network().float(), nn.CrossEntropyLoss()
     batches = [(x.float(), y) for x, y in data((12, 5, 7))]
     loader = torch.utils.data.DataLoader(
@@ -152,3 +156,26 @@ def test_average_sharpness_and_pacbayes_batched_equal_one_draw_at_a_time():
         with torch.no_grad():
             accs.append(float((ml.forward(w, x).argmax(-1) == y).double().mean()))
     assert flat.accuracy - np.mean(accs) == pytest.approx(flat.drops[1], abs=1e-12)
+
+
+def test_affine_trick_only_for_wide_inputs():
+    model = network()
+    ml = ModelLoss(model, nn.CrossEntropyLoss(), data())
+    D = as_flat(random_directions(model, 2, seed=3), ml)
+    assert _Network(ml, D).split is None  # 6 inputs < 16 x 3: the plain product is cheaper
+
+
+def test_fused_cross_entropy_and_accuracy_equal_torch_with_ties():
+    from landscape.evaluate import _fast_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 5, generator=g, dtype=F64) * 10
+    labels = torch.randint(0, 5, (200,), generator=g)
+    logits[:20] = 0.0  # all classes tie: argmax picks class 0
+    logits[20:30, :2] = 50.0  # two-way ties at the top
+    logits[30, 1] = float("inf")
+    fused = _fast_cross_entropy(nn.CrossEntropyLoss()).scores(logits[31:], labels[31:])
+    assert float(fused[0]) == pytest.approx(float(nn.functional.cross_entropy(logits[31:], labels[31:])), rel=1e-12)
+    _, accuracy = _fast_cross_entropy(nn.CrossEntropyLoss()).scores(logits, labels)
+    assert float(accuracy) == float((logits.argmax(-1) == labels).double().mean())
+    assert _fast_cross_entropy(nn.CrossEntropyLoss()).scores(logits, labels.double()) is None

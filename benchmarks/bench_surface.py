@@ -1,7 +1,8 @@
-"""Benchmark: landscape.surface_2d against a naive per-point loop, and against matmul peak.
+"""Benchmark: landscape.surface_2d against loss-landscapes' random_plane, a naive per-point loop,
+and matmul peak.
 
 Usage:
-    python benchmarks/bench_surface.py [--steps 41] [--threads N] [--naive-points-large 48]
+    python benchmarks/bench_surface.py [--steps 41] [--threads N] [--naive-points-large 48] [--widths 64,512]
 
 Workload: a ``steps x steps`` filter-normalized surface (default 41 x 41 = 1681 points) of the
 cross-entropy over the 4000 MNIST-1D training samples (generated offline), for an MLP
@@ -10,6 +11,12 @@ cross-entropy over the 4000 MNIST-1D training samples (generated offline), for a
 * ``surface_2d``: this library with its defaults (functional, no model copies; on a CPU one
   point per pass, on a GPU vmapped chunks of points sized from free memory), and two variants:
   vmapped chunks on the CPU, and the loss wrapped so that torch's ``log_softmax`` computes it.
+* ``loss-landscapes``: the reference row, ``loss_landscapes.random_plane`` (``pip install
+  loss-landscapes``; the row is skipped with a message if it is not installed) on the same
+  model, data and number of points, with its loss metric (``Loss(loss_fn, x, y)``: loss only,
+  no accuracy; surface_2d computes both). Its plane has its own random directions; the work per
+  point is the same. Timed before and after surface_2d, the faster run kept; the last column
+  is its time divided by each row's (above 1: faster than loss-landscapes).
 * ``naive loop``: what a straightforward tool does for every point: deep-copy the model, add
   ``alpha d1 + beta d2`` to its weights in place, evaluate. For the large model it runs on an
   evenly spread subset of the points and its time is extrapolated to the full grid (marked
@@ -33,7 +40,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import landscape
-from landscape.surface import WORKING_SET, centered_grid
+from landscape import evaluate
+from landscape.evaluate import WORKING_SET
+from landscape.surface import centered_grid
 
 
 def mnist1d_train() -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,12 +92,39 @@ def naive_losses(model, loss_fn, x, y, directions, coords) -> tuple[np.ndarray, 
     return np.array(losses), time.perf_counter() - start
 
 
+def loss_landscapes_plane(model, loss_fn, x, y, steps: int) -> float | None:
+    """Seconds of ``loss_landscapes.random_plane`` on ``steps x steps`` points (filter-normalized
+    directions, as surface_2d), or ``None`` when the package is not installed."""
+    try:
+        import loss_landscapes
+        from loss_landscapes.metrics import Loss
+    except ImportError:
+        return None
+    start = time.perf_counter()
+    loss_landscapes.random_plane(model, Loss(loss_fn, x, y), distance=1, steps=steps, normalization="filter", deepcopy_model=True)
+    return time.perf_counter() - start
+
+
+def with_affine_trick(fn):
+    """``fn`` run with the first-layer affine trick forced on (whatever the input width)."""
+
+    def forced(*args, **kwargs):
+        saved, evaluate.AFFINE_MIN_RATIO = evaluate.AFFINE_MIN_RATIO, 0
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            evaluate.AFFINE_MIN_RATIO = saved
+
+    return forced
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=41, help="grid points per axis (default 41)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--naive-points-large", type=int, default=48, help="naive-loop subset for the large model")
     parser.add_argument("--naive-points-small", type=int, default=None, help="naive-loop subset for the small model (default: all)")
+    parser.add_argument("--widths", default="64,512", help="MLP widths to run (default 64,512)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,7 +133,10 @@ def main() -> None:
     peak = matmul_peak()
     points = args.steps**2
     rows = []
-    for width, subset in ((64, args.naive_points_small), (512, args.naive_points_large)):
+    widths = [int(w) for w in args.widths.split(",")]
+    missing_reference = False
+    for width in widths:
+        subset = args.naive_points_small if width <= 64 else args.naive_points_large
         model = mlp(width)
         flops = flops_per_point(model, x)
         label = f"MLP 40-{width}-{width}-10"
@@ -112,15 +151,21 @@ def main() -> None:
         timings = {}
         wrapped = lambda out, target: loss_fn(out, target)  # noqa: E731 (not recognized: torch's log_softmax)
         variants = (
-            ("surface_2d", loss_fn, {}),
-            ("  vmap chunks", loss_fn, {"micro_batch": None}),
-            ("  torch CE", wrapped, {}),
+            ("surface_2d", loss_fn, {}, landscape.surface_2d),
+            ("  affine trick", loss_fn, {}, with_affine_trick(landscape.surface_2d)),
+            ("  vmap chunks", loss_fn, {"micro_batch": None}, landscape.surface_2d),
+            ("  torch CE", wrapped, {}, landscape.surface_2d),
         )
-        for method, loss, options in variants:
+        reference = loss_landscapes_plane(model, loss_fn, x, y, args.steps)
+        for method, loss, options, fn in variants:
             start = time.perf_counter()
-            s = landscape.surface_2d(model, loss, (x, y), steps=args.steps, **options)
+            s = fn(model, loss, (x, y), steps=args.steps, **options)
             timings[method] = time.perf_counter() - start
             surface = s if method == "surface_2d" else surface
+        if reference is not None:  # load drifts: time the reference before and after, keep the faster
+            reference = min(reference, loss_landscapes_plane(model, loss_fn, x, y, args.steps))
+            timings["loss-landscapes"] = reference
+        missing_reference |= reference is None
         if len(pick) < points:  # a subset is cheap to time twice
             naive_s = min(naive_s, naive_losses(model, loss_fn, x, y, directions, coords[pick])[1])
         naive_full = naive_s * points / len(pick)
@@ -129,19 +174,25 @@ def main() -> None:
         note = "" if len(pick) == points else f"* {len(pick)} pts"
         for method, secs, extra in [(m, t, "") for m, t in timings.items()] + [("naive loop", naive_full, note)]:
             rate = flops * points / secs / 1e9
-            rows.append((label, method, secs, 1e3 * secs / points, rate, 100 * rate / peak, naive_full / secs, extra))
+            vs_reference = float("nan") if reference is None else reference / secs
+            rows.append((label, method, secs, 1e3 * secs / points, rate, 100 * rate / peak, naive_full / secs, vs_reference, extra))
         print(f"{label}: {flops / 1e6:.1f} MFLOP/point, max relative difference naive vs surface_2d {max_rel:.1e}", flush=True)
     peak = max(peak, matmul_peak())
     print(f"\nmatmul peak (2048^3 float32, best of 5, before/after): {peak:.1f} GFLOP/s; "
           f"threads {torch.get_num_threads()}; grid {args.steps}x{args.steps} = {points} points, 4000 samples")
-    print(f"{'model':<22}{'method':<12}{'seconds':>9}{'ms/pt':>9}{'GFLOP/s':>9}{'% peak':>8}{'speedup':>9}  note")
-    for label, method, secs, ms, rate, pct, ratio, note in rows:
+    print(f"{'model':<22}{'method':<17}{'seconds':>9}{'ms/pt':>9}{'GFLOP/s':>9}{'% peak':>8}{'vs naive':>9}{'vs l-l':>8}  note")
+    for label, method, secs, ms, rate, pct, ratio, vs_reference, note in rows:
         pct = 100 * rate / peak
-        print(f"{label:<22}{method:<12}{secs:>9.2f}{ms:>9.2f}{rate:>9.1f}{pct:>8.1f}{ratio:>8.1f}x  {note}")
+        print(f"{label:<22}{method:<17}{secs:>9.2f}{ms:>9.2f}{rate:>9.1f}{pct:>8.1f}{ratio:>8.2f}x{vs_reference:>7.2f}x  {note}")
+    if missing_reference:
+        print("loss-landscapes is not installed (pip install loss-landscapes): its reference row is skipped")
     print("* naive time extrapolated from the subset of points to the full grid")
     print(f"surface_2d: the default (micro_batch='auto': on a CPU one point per pass, batches cut into pieces of at"
           f" most {WORKING_SET // 2**20} MiB of intermediates; plain cross-entropy as logsumexp - z[y])")
+    print("'affine trick': the default plan with the first-layer affine trick forced on (default: only for inputs"
+          f" >= {evaluate.AFFINE_MIN_RATIO}x the basis terms)")
     print("'vmap chunks': surface_2d(..., micro_batch=None), vmapped chunks of points sized by the memory budget")
+    print("'loss-landscapes': loss_landscapes.random_plane, loss only (no accuracy); 'vs l-l': its time / the row's")
     print("'torch CE': the default plan with the loss wrapped in a lambda, so torch's log_softmax computes it")
 
 

@@ -61,6 +61,8 @@ _EXPORTS = {
     "Surface1D": ".surface",
     "Surface2D": ".surface",
     "Interpolation": ".surface",
+    "loss_at_points": ".evaluate",
+    "loss_at_parameters": ".evaluate",
     "plots": ".plots",
 }
 

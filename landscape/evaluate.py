@@ -43,6 +43,12 @@ _CPU_BUDGET = 256 * 2**20
 #: cuts the batch into pieces (a few MiB per tensor: they stay near the caches, and glibc
 #: reuses their memory instead of returning it to the OS and faulting it in again).
 WORKING_SET = 16 * 2**20
+#: Bytes of intermediates (the upper bound of :func:`bytes_per_point`, whole batch) that the
+#: points of one stacked pass of a plain MLP may produce on a CPU; at most :data:`MAX_STACK`
+#: points. For MLP 40-64-64-10 on 4,000 samples (4.2 MiB a point) 8 and 16 points a pass were
+#: equally fast, 3 (the :data:`WORKING_SET` share) 1.25x slower, one point 1.4x slower.
+STACK_BYTES = 48 * 2**20
+MAX_STACK = 16
 #: Smallest micro-batch the automatic plan uses (keeps matmuls large).
 MIN_MICRO_BATCH = 512
 
@@ -102,10 +108,14 @@ def choose_chunk_size(model_loss: ModelLoss, num_points: int, memory_budget: int
     return int(max(1, min(num_points, budget // max(1, bytes_per_point(model_loss)))))
 
 
-def _cpu_plan(per_sample: float, batch: int) -> tuple[int, int | None]:
+def _cpu_plan(per_sample: float, batch: int, stackable: bool = False) -> tuple[int, int | None]:
     """``(chunk, micro_batch)`` on a CPU: one point per pass (no vmap) and, when one forward
     pass would produce more than :data:`WORKING_SET` bytes, pieces of at least
-    :data:`MIN_MICRO_BATCH` samples that stay under it.
+    :data:`MIN_MICRO_BATCH` samples that stay under it. A ``stackable`` model (plain MLP, see
+    :meth:`_Network.outputs_stacked`) whose pass over the batch takes at most half of
+    :data:`STACK_BYTES` goes as many points per pass as fit in it instead, at most
+    :data:`MAX_STACK` (fewer, larger operations: the small benchmark MLP spent most of a
+    one-point pass in per-operation overhead).
 
     On CPUs a point's forward pass is already a set of matmuls that run near peak; stacking
     points with vmap made them batched matmuls over larger intermediates, 2x slower for both
@@ -114,6 +124,8 @@ def _cpu_plan(per_sample: float, batch: int) -> tuple[int, int | None]:
     faults (see ``benchmarks/bench_surface.py``).
     """
     per_sample = max(per_sample, 1.0)
+    if stackable and 2 * per_sample * batch <= STACK_BYTES:
+        return int(min(MAX_STACK, STACK_BYTES // (per_sample * batch))), None
     micro = int(max(MIN_MICRO_BATCH, WORKING_SET // per_sample))
     return 1, (None if micro >= batch else micro)
 
@@ -150,18 +162,20 @@ class _PlainCrossEntropy:
         """``(loss, accuracy)`` from one shift by the row maxima: ``z = outputs - max`` is exactly
         0 at the maxima, so a sample is right when its target's ``z`` is 0 and no other class
         ties (rows with ties or non-finite scores take ``argmax``, whose first-index rule
-        decides). ``None`` when the outputs are not this loss's (then use ``__call__``)."""
-        if not self._own(outputs, targets):
+        decides). ``outputs`` may carry leading point dimensions (``[G, n, C]`` gives ``[G]``
+        results). ``None`` when the outputs are not this loss's (then use ``__call__``)."""
+        if not self._own(outputs[(0,) * (outputs.ndim - 2)], targets):
             return None
+        labels = targets.expand(outputs.shape[:-1])
         top = outputs.amax(-1, keepdim=True)
         z = outputs - top
-        picked = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        loss = (z.exp().sum(-1).log() - picked).mean()
+        picked = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        loss = (z.exp().sum(-1).log() - picked).mean(-1)
         correct = picked == 0
         unclear = ((z == 0).sum(-1) != 1) | ~torch.isfinite(top.squeeze(-1))
         if bool(unclear.any()):
-            correct[unclear] = outputs[unclear].argmax(-1) == targets[unclear]
-        return loss, correct.to(loss.dtype).mean()
+            correct[unclear] = outputs[unclear].argmax(-1) == labels[unclear]
+        return loss, correct.to(loss.dtype).mean(-1)
 
 
 def _fast_cross_entropy(loss_fn: LossFn) -> LossFn:
@@ -284,6 +298,54 @@ class _Network:
                 x, owned = layer(x), owned and type(layer) in _VIEWS
         return x
 
+    @property
+    def stackable(self) -> bool:
+        """Whether :meth:`outputs_stacked` runs this model: plain layers whose first ``nn.Linear``
+        sees the data (parameter-free layers only before it) and only linear and elementwise
+        layers after it."""
+        if self.layers is None:
+            return False
+        kinds = [isinstance(layer, nn.Linear) for _, layer in self.layers]
+        if True not in kinds:
+            return False
+        after = self.layers[kinds.index(True) :]
+        return all(isinstance(layer, nn.Linear) or type(layer) in _ELEMENTWISE for _, layer in after)
+
+    def outputs_stacked(self, params: dict[str, Tensor], inputs: Any) -> Tensor:
+        """``[G, n, C]`` outputs of ``G`` points (``params``: ``{name: [G, *shape]}``) on one
+        piece, for a :attr:`stackable` model: the first linear layer as one product of the
+        shared inputs with the ``G`` stacked weights, the next ones as batched products."""
+        count = next(iter(params.values())).shape[0]
+        x, shared = inputs[0] if isinstance(inputs, tuple) else inputs, True
+        for name, layer in self.layers:
+            if not isinstance(layer, nn.Linear):
+                x = _IN_PLACE[type(layer)](x) if not shared and type(layer) in _IN_PLACE else layer(x)
+                continue
+            weight, bias = (self._stacked(params, f"{name}.{p}", count) for p in ("weight", "bias"))
+            width = weight.shape[1]
+            if shared:  # [n, in] x [in, G * width], viewed as [G, n, width]
+                out = self._buffer(name, (x.shape[0], count * width), x)
+                flat_weight = weight.reshape(count * width, -1).T
+                if bias is None:
+                    torch.mm(x, flat_weight, out=out)
+                else:
+                    torch.addmm(bias.reshape(-1), x, flat_weight, out=out)
+                x, shared = out.view(x.shape[0], count, width).transpose(0, 1), False
+            else:
+                out = self._buffer(name, (count, x.shape[1], width), x)
+                if bias is None:
+                    x = torch.bmm(x, weight.transpose(1, 2), out=out)
+                else:
+                    x = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2), out=out)
+        return x
+
+    def _stacked(self, params: dict[str, Tensor], name: str, count: int) -> Tensor | None:
+        """``[G, *shape]``: a varied parameter as given, a fixed one repeated (``None``: no bias)."""
+        if name in params:
+            return params[name]
+        fixed = self.ml.constants.get(name)
+        return None if fixed is None else fixed.expand(count, *fixed.shape)
+
     def _buffer(self, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """A tensor of ``shape`` reused from point to point (a fresh one per point was faulted in
         page by page: at 1 MiB per activation glibc maps and unmaps it every time)."""
@@ -298,6 +360,8 @@ class _Network:
 _IN_PLACE = {nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_, nn.Sigmoid: torch.sigmoid_}
 # layers that return their input or a view of it (eval-mode dropout, flatten)
 _VIEWS = (nn.Flatten, nn.Dropout, nn.Identity)
+# layers that act on each number on its own (so on stacked points as on one)
+_ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Softplus, nn.Identity, nn.Dropout)
 
 
 def _scores(loss_fn: LossFn, out: Tensor, targets: Tensor, fuse: bool = True) -> tuple[Tensor, Tensor]:
@@ -312,9 +376,17 @@ def _scores(loss_fn: LossFn, out: Tensor, targets: Tensor, fuse: bool = True) ->
     return loss, torch.full_like(loss, float("nan"))
 
 
+def _scores_stacked(loss_fn: LossFn, out: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``(loss [G], accuracy [G])`` of the ``[G, n, C]`` outputs of ``G`` points."""
+    fused = loss_fn.scores(out, targets) if isinstance(loss_fn, _PlainCrossEntropy) else None
+    if fused is not None:
+        return fused
+    return tuple(torch.stack(parts) for parts in zip(*(_scores(loss_fn, o, targets) for o in out)))  # type: ignore[return-value]
+
+
 def _plan(
     model_loss: ModelLoss, num: int, chunk_size: int | None, memory_budget: int | None,
-    micro_batch: int | str | None,
+    micro_batch: int | str | None, stackable: bool = False,
 ) -> tuple[int, int | None]:
     """``(points per pass, samples per piece or None)`` from the arguments (see
     :func:`loss_at_points`)."""
@@ -326,7 +398,8 @@ def _plan(
         act, batch = _forward_bytes(model_loss)
         chunk_size = int(max(1, min(num, budget // (act + _parameter_set_bytes(model_loss)))))
         if micro_batch == "auto" and not model_loss.train_mode and model_loss.device.type == "cpu":
-            chunk_size, micro = _cpu_plan(act / batch, batch)
+            chunk_size, micro = _cpu_plan(act / batch, batch, stackable)
+            chunk_size = min(chunk_size, num)
     if int(chunk_size) != chunk_size or chunk_size < 1:
         raise ValueError(f"chunk_size: must be a positive integer (got {chunk_size!r})")
     if micro_batch not in ("auto", None):
@@ -350,11 +423,14 @@ def _evaluate(
     """The engine of :func:`loss_at_points` / :func:`loss_at_parameters`: ``rows(start, stop)``
     gives the ``[G, P]`` parameter sets of points ``start..stop-1``; ``coords`` and
     ``directions`` (both or neither) allow the first-layer affine trick on one-point passes."""
-    chunk, micro = _plan(model_loss, num, chunk_size, memory_budget, micro_batch)
+    network = _Network(model_loss, directions)
+    stacked = network.stackable and network.split is None  # the affine trick goes one point at a time
+    chunk, micro = _plan(model_loss, num, chunk_size, memory_budget, micro_batch, stacked)
+    if chunk > 1:
+        network.split = None
     loss_fn = _fast_cross_entropy(model_loss.loss_fn if loss_fn is None else loss_fn)
     data = model_loss.batches if batches is None else batches
     in_memory = model_loss.batches.in_memory if batches is None else isinstance(batches, (list, tuple))
-    network = _Network(model_loss, directions if chunk == 1 else None)
 
     def point(params: dict[str, Tensor], inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
         return _scores(loss_fn, model_loss.forward(params, inputs), targets, fuse=False)
@@ -370,6 +446,8 @@ def _evaluate(
                 c = None if coords is None else coords[start]
                 l, a = _scores(loss_fn, network.outputs({n: p[0] for n, p in params.items()}, c, piece), targets)
                 l, a = l.reshape(1), a.reshape(1)
+            elif network.stackable and not (isinstance(inputs, tuple) and len(inputs) != 1):
+                l, a = _scores_stacked(loss_fn, network.outputs_stacked(params, inputs), targets)
             else:
                 l, a = batched(params, inputs, targets)
             total_loss, total_acc = total_loss + len(targets) * l, total_acc + len(targets) * a

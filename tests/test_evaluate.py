@@ -179,3 +179,17 @@ def test_fused_cross_entropy_and_accuracy_equal_torch_with_ties():
     _, accuracy = _fast_cross_entropy(nn.CrossEntropyLoss()).scores(logits, labels)
     assert float(accuracy) == float((logits.argmax(-1) == labels).double().mean())
     assert _fast_cross_entropy(nn.CrossEntropyLoss()).scores(logits, labels.double()) is None
+
+
+def test_cpu_plan_stacks_points_of_small_plain_mlps_only():
+    from landscape.evaluate import MAX_STACK, STACK_BYTES, WORKING_SET, _cpu_plan
+
+    assert _cpu_plan(STACK_BYTES / 4000 / 8, 4000, stackable=True) == (8, None)
+    assert _cpu_plan(STACK_BYTES / 4000 / 100, 4000, stackable=True) == (MAX_STACK, None)
+    assert _cpu_plan(WORKING_SET / 4000 / 8, 4000, stackable=False) == (1, None)
+    assert _cpu_plan(WORKING_SET / 1024, 4000, stackable=True) == (1, 1024)  # too large: pieces
+    model = network()
+    ml = ModelLoss(model, nn.CrossEntropyLoss(), data())
+    assert _Network(ml, None).stackable
+    mixing = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.Softmax(-1), nn.Linear(4, 3)).to(F64)
+    assert not _Network(ModelLoss(mixing, nn.CrossEntropyLoss(), data()), None).stackable  # softmax mixes a row: not elementwise

@@ -8,9 +8,11 @@ Workload: a ``steps x steps`` filter-normalized surface (default 41 x 41 = 1681 
 cross-entropy over the 4000 MNIST-1D training samples (generated offline), for an MLP
 40-64-64-10 and an MLP 40-512-512-10 (untrained: timing does not depend on the weights).
 
-* ``surface_2d``: this library with its defaults (functional, no model copies; on a CPU one
-  point per pass, on a GPU vmapped chunks of points sized from free memory), and two variants:
-  vmapped chunks on the CPU, and the loss wrapped so that torch's ``log_softmax`` computes it.
+* ``surface_2d``: this library with its defaults (no model copies; on a CPU a plain MLP goes
+  several points per pass into reused buffers, see :mod:`landscape.evaluate`), and variants:
+  the first-layer affine trick forced on, chunks sized by the memory budget as on a GPU
+  (``micro_batch=None``), and the loss
+  wrapped so that torch's ``log_softmax`` computes it.
 * ``loss-landscapes``: the reference row, ``loss_landscapes.random_plane`` (``pip install
   loss-landscapes``; the row is skipped with a message if it is not installed) on the same
   model, data and number of points, with its loss metric (``Loss(loss_fn, x, y)``: loss only,
@@ -155,7 +157,7 @@ def main() -> None:
         variants = (
             ("surface_2d", loss_fn, {}, landscape.surface_2d),
             ("  affine trick", loss_fn, {}, with_affine_trick(landscape.surface_2d)),
-            ("  vmap chunks", loss_fn, {"micro_batch": None}, landscape.surface_2d),
+            ("  budget chunks", loss_fn, {"micro_batch": None}, landscape.surface_2d),
             ("  torch CE", wrapped, {}, landscape.surface_2d),
         )
         # the load of a shared machine drifts: every method runs once per round, rounds repeat,
@@ -193,11 +195,12 @@ def main() -> None:
     if missing_reference:
         print("loss-landscapes is not installed (pip install loss-landscapes): its reference row is skipped")
     print("* naive time extrapolated from the subset of points to the full grid")
-    print(f"surface_2d: the default (micro_batch='auto': on a CPU one point per pass, batches cut into pieces of at"
-          f" most {WORKING_SET // 2**20} MiB of intermediates; plain cross-entropy as logsumexp - z[y])")
+    print(f"surface_2d: the default (micro_batch='auto': on a CPU a plain MLP goes up to {evaluate.MAX_STACK} points per"
+          f" pass in {evaluate.STACK_BYTES // 2**20} MiB, other models one point per pass in pieces of at most"
+          f" {WORKING_SET // 2**20} MiB; plain cross-entropy and accuracy from one shift by the row maxima)")
     print("'affine trick': the default plan with the first-layer affine trick forced on (default: only for inputs"
           f" >= {evaluate.AFFINE_MIN_RATIO}x the basis terms)")
-    print("'vmap chunks': surface_2d(..., micro_batch=None), vmapped chunks of points sized by the memory budget")
+    print("'budget chunks': surface_2d(..., micro_batch=None), chunks of points sized by the memory budget (GPU plan)")
     print("'loss-landscapes': loss_landscapes.random_plane, loss only (no accuracy); 'vs l-l': its time / the row's")
     print("'torch CE': the default plan with the loss wrapped in a lambda, so torch's log_softmax computes it")
 

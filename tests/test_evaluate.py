@@ -186,8 +186,9 @@ def test_cpu_plan_stacks_points_of_small_plain_mlps_only():
 
     assert _cpu_plan(STACK_BYTES / 4000 / 8, 4000, stackable=True) == (8, None)
     assert _cpu_plan(STACK_BYTES / 4000 / 100, 4000, stackable=True) == (MAX_STACK, None)
+    assert _cpu_plan(STACK_BYTES / 1000, 4000, stackable=True) == (1, None)  # large: one point, uncut
     assert _cpu_plan(WORKING_SET / 4000 / 8, 4000, stackable=False) == (1, None)
-    assert _cpu_plan(WORKING_SET / 1024, 4000, stackable=True) == (1, 1024)  # too large: pieces
+    assert _cpu_plan(WORKING_SET / 1024, 4000, stackable=False) == (1, 1024)  # other models: pieces
     model = network()
     ml = ModelLoss(model, nn.CrossEntropyLoss(), data())
     assert _Network(ml, None).stackable

@@ -500,14 +500,16 @@ _EVALUATOR_ARGS = """
         batches: the ``(inputs, targets)`` batches to average over (default: the data of
             ``model_loss``); a list/tuple is kept in memory, other iterables are read once.
         loss_fn: the loss to use instead of ``model_loss.loss_fn`` (e.g. on normalized logits).
-        chunk_size: points per vmapped pass; default from ``memory_budget``. ``1`` evaluates
-            points one by one without vmap (for models whose ops vmap does not support).
+        chunk_size: points per pass (stacked for a plain MLP, else vmapped); default from
+            ``memory_budget``. ``1`` evaluates points one by one without vmap (for models whose
+            ops vmap does not support).
         memory_budget: bytes a chunk may use (default :func:`default_memory_budget`).
         micro_batch: cut every batch into pieces of at most this many samples (exact: the loss
             is a sample-weighted mean, and in eval mode samples do not interact). ``None``:
             never cut. ``"auto"`` (default): on a CPU in eval mode with an automatic chunk size,
-            one point per pass (no vmap) in pieces of at most :data:`WORKING_SET` bytes of
-            intermediates (see :func:`_cpu_plan`); elsewhere the same as ``None``.
+            the plan of :func:`_cpu_plan` (a plain MLP: several points per pass, uncut; other
+            models: one point per pass in pieces of at most :data:`WORKING_SET` bytes of
+            intermediates); elsewhere the same as ``None``.
 
     Returns:
         ``(loss [N], accuracy [N] or None)`` as float64 numpy arrays; accuracy is ``None``

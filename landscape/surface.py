@@ -6,12 +6,9 @@ A surface evaluates the data-set loss (and accuracy, for classifiers) at the poi
     theta(alpha, beta) = theta + alpha d1 + beta d2
 
 of a grid centered on the model's weights ``theta``. Points are never materialized as model
-copies: every point is a parameter set ``theta + alpha d1 + beta d2`` that
-:func:`torch.func.functional_call` evaluates. On a GPU a chunk of ``G`` points is a stack of
-``G`` parameter sets that :func:`torch.func.vmap` pushes through at once (a linear layer becomes
-one batched matmul), ``G`` chosen from a memory budget; on a CPU one point goes per pass,
-in cache-sized pieces of the batch; the first layer's pre-activations are computed once per
-surface when the model allows it (see :mod:`landscape.evaluate`, which holds the evaluator). Defaults follow Li et al.
+copies; :mod:`landscape.evaluate` (the batched evaluator shared with interpolation and the
+sharpness measures) evaluates them: stacked parameter sets, buffers reused from point to point,
+and the first layer's pre-activations computed once per surface where that pays. Defaults follow Li et al.
 (2018): filter-normalized Gaussian directions, a 51 x 51 grid on ``[-1, 1]^2``, eval mode,
 training data.
 

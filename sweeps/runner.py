@@ -2,12 +2,14 @@
 
 Roles:
 
-* **driver** (this module, one process per sweep): opens the study (:mod:`sweeps.search`),
-  the MLflow parent run (:mod:`sweeps.tracking`), asks points, launches one Ray task per trial,
-  streams the trials' metrics into their MLflow child runs, tells the results, shows progress.
-* **Ray task** (:func:`_trial_task`): one trial with ``num_cpus``/``num_gpus`` from
-  ``resources``, ``torch.set_num_threads(num_cpus)``; returns status, final metrics and the
-  artifact files' bytes (so a trial on another node needs no shared file system).
+* **driver** (this module, one process per sweep, holding the sweep's lease, :mod:`sweeps.lease`):
+  opens the study (:mod:`sweeps.search`) and the MLflow parent run (:mod:`sweeps.tracking`), asks
+  points and groups those of one shape into populations (:mod:`sweeps.batching`), launches one
+  Ray task per population, streams the trials' metrics into their MLflow child runs, records
+  and tells each trial the moment its task reports it, shows progress.
+* **Ray task** (:func:`sweeps.worker.population_task`): trains the population's models as one
+  stack (:mod:`sweeps.population`; a population of one is a single trial) and yields each
+  member's status, final metrics and artifact bytes as the member finishes.
 
 Only the driver writes to MLflow. Workers send their in-training metrics through a Ray queue
 (batched: one put per 2 s per trial), the driver drains it 4 times a second and writes them
@@ -20,8 +22,9 @@ sweep's store, not to a stray local one.
 
 Fault handling:
 
-* A worker or node that dies mid-trial: Ray re-runs the task (``max_retries``, on any node
-  with the resources); when retries are exhausted the trial is recorded ``failed``.
+* A worker or node that dies mid-task: the driver re-launches the task's members that were not
+  recorded yet (``max_retries`` times, on any node with the resources; recorded members are
+  neither re-run nor recorded twice); when retries are exhausted they are recorded ``failed``.
 * A trial that raises: recorded ``failed`` with ``traceback.txt`` in its MLflow run; the sweep
   goes on. A diverged trial is not an exception: status ``diverged`` (told FAIL).
 * Ctrl-C / SIGTERM: the driver stops launching, cancels the running tasks, marks their trials
@@ -37,39 +40,35 @@ Pruning (``prune=True``, off by default) reports the objective metric streamed d
 training to Optuna's ``MedianPruner`` and stops trials it prunes (status ``pruned``, no
 landscape measures). It is refused for grids (the analysis needs every point of the factorial)
 and for objectives that are not reported during training (landscape measures are computed
-after convergence: pruning would drop the very numbers the study is about).
+after convergence: pruning would drop the very numbers the study is about). A pruned trial
+stops alone, so pruning runs one trial per task.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
-import traceback
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from . import search
+from .batching import AskedTrial, PointQueue, population_size
 from .connections import Connections, check_reachable, redact, resolve
 from .lease import DriverLease, LeaseLostError
 from .progress import ProgressView, RunningTrial, Snapshot
 from .status import TrialStatus, is_finished
+from .worker import TrialFn, population_task
 
 if TYPE_CHECKING:
     from .tracking import Tracker
 
-TrialFn = Callable[..., Any]
-_FLUSH_SECONDS = 2.0
 _POLL_SECONDS = 0.25
-_MAX_ARTIFACT_BYTES = 64 * 2**20
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -123,95 +122,6 @@ class SweepSummary:
         return self.complete
 
 
-# --- worker side -------------------------------------------------------------------------------
-class _MetricStream:
-    """The ``log(metrics, step)`` callback given to a trial: buffers, flushes to the driver's queue."""
-
-    def __init__(self, queue: Any, trial_number: int) -> None:
-        self.queue, self.trial_number = queue, trial_number
-        self.buffer: list[tuple[dict[str, float], int, int]] = []
-        self.last_flush = time.monotonic()
-
-    def __call__(self, metrics: Mapping[str, float], step: int) -> None:
-        self.buffer.append((dict(metrics), int(step), int(time.time() * 1000)))
-        if time.monotonic() - self.last_flush >= _FLUSH_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        import ray
-
-        if self.buffer and self.queue is not None:
-            try:
-                self.queue.put((self.trial_number, self.buffer))
-            except ray.exceptions.RayError:  # the queue is restarting: live curve points are best effort
-                pass
-        self.buffer = []
-        self.last_flush = time.monotonic()
-
-
-def _read_artifacts(artifacts: Mapping[str, Any] | None, out_dir: Path) -> dict[str, bytes]:
-    """Bytes of the trial's artifact files (and of any other file it left in ``out_dir``)."""
-    paths = {Path(p) for p in (artifacts or {}).values()}
-    paths |= {p for p in out_dir.rglob("*") if p.is_file()}
-    files = {}
-    for path in sorted(paths):
-        if path.is_file() and path.stat().st_size <= _MAX_ARTIFACT_BYTES:
-            try:
-                name = str(path.relative_to(out_dir))
-            except ValueError:
-                name = path.name
-            files[name] = path.read_bytes()
-    return files
-
-
-def _trial_task(
-    trial_fn: TrialFn | None,
-    config: Any,
-    trial_number: int,
-    queue: Any,
-    tracking_uri: str,
-    cpus: float,
-    device: str | None,
-) -> dict[str, Any]:
-    """Body of the Ray task running one trial. Never raises for a trial's own exception."""
-    import ray
-    import torch
-
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    torch.set_num_threads(max(1, int(cpus)))
-    if trial_fn is None:
-        from .trial import run_trial as trial_fn
-    stream = _MetricStream(queue, trial_number)
-    out_dir = Path(tempfile.mkdtemp(prefix=f"sweeps-trial-{trial_number}-"))
-    started = time.perf_counter()
-    context = ray.get_runtime_context()
-    node = {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
-    try:
-        result = trial_fn(config, log=stream, out_dir=out_dir, device=device)
-        stream.flush()
-        return {
-            "status": result.status,
-            "metrics": {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))},
-            "artifacts": _read_artifacts(result.artifacts, out_dir),
-            "traceback": None,
-            "seconds": time.perf_counter() - started,
-            **node,
-        }
-    except Exception:
-        stream.flush()
-        return {
-            "status": TrialStatus.FAILED,
-            "metrics": {},
-            "artifacts": _read_artifacts(None, out_dir),
-            "traceback": traceback.format_exc(),
-            "seconds": time.perf_counter() - started,
-            **node,
-        }
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
-
-
 # --- driver side -------------------------------------------------------------------------------
 class _StopFlag:
     """SIGINT/SIGTERM handler: the first signal asks for a clean stop, the second aborts."""
@@ -237,13 +147,23 @@ class _StopFlag:
 
 
 @dataclass
-class _InFlight:
-    ref: Any
+class _Member:
+    """A launched trial: its Optuna trial, MLflow child run and what the view shows of it."""
+
     trial: optuna.Trial
     run_id: str
+    config: Any
     view: RunningTrial
     last_step: int = -1
-    extra: dict[str, Any] = field(default_factory=dict)
+    pruned: dict[str, float] | None = None  # the metrics at which the pruner stopped it
+
+
+@dataclass
+class _Task:
+    """A population task in flight: its members by index, and re-launches left after a lost worker."""
+
+    members: dict[int, _Member]
+    retries_left: int
 
 
 def _connect_ray(address: str | None, quiet: bool) -> bool:
@@ -519,43 +439,58 @@ def _recover(study: optuna.Study, tracker: Tracker, parent: str, view: ProgressV
 
 
 class _Driver:
-    """The ask / launch / drain / record loop of one driver run (state of :func:`run_sweep`)."""
+    """The ask / launch / collect / record loop of one driver run (state of :func:`run_sweep`)."""
 
     def __init__(self, config, study, tracker, parent, conn, view, stop, budget, max_concurrent, max_retries, trial_fn,
                  lease):
         import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.config, self.study, self.tracker, self.parent = config, study, tracker, parent
         self.conn, self.view, self.stop, self.budget, self.lease = conn, view, stop, budget, lease
         self.concurrency = _concurrency(config, max_concurrent)
         # The metric queue lives on the driver's node (a worker node may die mid-sweep) and is
         # restarted by Ray if it dies anyway; curve points in flight are then lost, not the sweep.
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         self.queue = Queue(actor_options={"num_cpus": 0, "max_restarts": -1, "scheduling_strategy": here})
         cpus, gpus = config.resources.cpus_per_trial, config.resources.gpus_per_trial
         self.device = "cuda" if gpus > 0 else None
-        self.task = ray.remote(_trial_task).options(
-            num_cpus=cpus, num_gpus=gpus, max_retries=max_retries, retry_exceptions=False
+        # Retries are the driver's (a retried task re-runs only the members not recorded yet).
+        self.task = ray.remote(population_task).options(
+            num_cpus=cpus, num_gpus=gpus, num_returns="streaming", max_retries=0, retry_exceptions=False,
         )
-        self.trial_fn = trial_fn
-        self.landscape_names = set(config.measure) | set(config.train.track.metrics)
-        self.in_flight: dict[Any, _InFlight] = {}
-        self.by_number: dict[int, _InFlight] = {}
+        self.max_retries, self.trial_fn = max_retries, trial_fn
+        self.population = self._population_setting(config, study, trial_fn)
+        self.track_keys = _declared_keys(config.train.track.metrics)
+        self.points = PointQueue(study, config)
+        self.in_flight: dict[Any, _Task] = {}
+        self.by_number: dict[int, _Member] = {}
         self.finished = len(search.finished_trials(study))
         self.counts = _counts(study)
         self.durations: list[float] = []
         self.best = _describe_best(_best(study), list(config.objective.metrics))
         self.started = time.monotonic()
         self.launched = 0
+        self._told_why: set[Any] = set()
+
+    def _population_setting(self, config: Any, study: optuna.Study, trial_fn: TrialFn | None) -> int | str:
+        setting = config.resources.population_size
+        if setting == 1:
+            return 1
+        if trial_fn is not None:
+            self.view.log("populations: one trial per task (a replacement trial function runs trials one by one)")
+            return 1
+        if not isinstance(study.pruner, optuna.pruners.NopPruner):
+            self.view.log("populations: one trial per task (pruning stops trials one by one)")
+            return 1
+        return setting
 
     # main loop
     def loop(self) -> None:
         """Until the budget is spent or a stop is requested: fill the free slots, wait, record.
 
-        Finished trials are collected, their slots refilled, and only then recorded (MLflow
+        Finished members are collected, the free slots refilled, and only then recorded (MLflow
         artifacts and status, Optuna tell), so the cluster does not idle while the driver writes.
         Each round first checks that this driver still holds the sweep's lease
         (:class:`~sweeps.lease.LeaseLostError` otherwise, before anything is written).
@@ -572,48 +507,66 @@ class _Driver:
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             self.lease.ensure()
             self._drain()
-            done = [self._collect(ref) for ref in ready]
+            done = [pair for gen in ready for pair in self._collect(gen)]
             self._fill(unrecorded=len(done))
-            for flight, result in done:
-                self._record(flight, result)
+            for member, result in done:
+                self._record(member, result)
             self.view.update(self._snapshot())
             if self.stop.requested:
                 return
 
+    def _members_in_flight(self) -> int:
+        return sum(len(task.members) for task in self.in_flight.values())
+
     def _fill(self, unrecorded: int) -> None:
-        while (
-            not self.stop.requested
-            and len(self.in_flight) < self.concurrency
-            and self.finished + unrecorded + len(self.in_flight) < self.budget
-        ):
-            self._launch()
+        """Launch populations while task slots are free and the budget has trials left."""
+        while not self.stop.requested and len(self.in_flight) < self.concurrency:
+            left = self.budget - self.finished - unrecorded - self._members_in_flight()
+            can_ask = left - len(self.points.pending)
+            if left <= 0:
+                return
+            size = population_size(self.population, left, self.concurrency - len(self.in_flight))
+            group = self.points.take(size, can_ask)
+            if not group:
+                return
+            self._launch(group)
 
-    def _launch(self) -> None:
+    def _launch(self, group: list[AskedTrial]) -> None:
         self.lease.ensure()
-        trial = self.study.ask()
-        point = search.suggest_point(trial, self.config)
-        try:
-            trial_config = self.config.with_point(point)
-        except ValueError:
-            self._finish_without_task(trial, point, traceback.format_exc())
+        if group[0].error is not None:
+            self._finish_without_task(group[0])
             return
-        run_id = self.tracker.start_child(self.config.name, self.parent, trial.number, trial_config.flat())
-        trial.set_user_attr("mlflow_run_id", run_id)
-        ref = self.task.remote(
-            self.trial_fn, trial_config, trial.number, self.queue, self.conn.tracking_uri,
-            self.config.resources.cpus_per_trial, self.device,
-        )
-        flight = _InFlight(ref, trial, run_id, RunningTrial(trial.number, point, time.monotonic()))
-        self.in_flight[ref] = self.by_number[trial.number] = flight
-        self.launched += 1
-        self.view.log(f"trial {trial.number}: started {point}")
+        if len(group) == 1 and self.population != 1 and group[0].key not in self._told_why:
+            reason = self.points.stack_reason(group[0])
+            if reason is not None:
+                self._told_why.add(group[0].key)
+                self.view.log(f"populations: one trial per task for this shape: {reason}")
+        members = {}
+        for index, asked in enumerate(group):
+            number = asked.trial.number
+            run_id = self.tracker.start_child(self.config.name, self.parent, number, asked.config.flat())
+            asked.trial.set_user_attr("mlflow_run_id", run_id)
+            members[index] = self.by_number[number] = _Member(
+                asked.trial, run_id, asked.config, RunningTrial(number, asked.point, time.monotonic()))
+            self.view.log(f"trial {number}: started {asked.point}")
+        self._submit(members, self.max_retries)
+        self.launched += len(group)
 
-    def _finish_without_task(self, trial: optuna.Trial, point: Mapping[str, Any], tb: str) -> None:
-        run_id = self.tracker.start_child(self.config.name, self.parent, trial.number, point)
-        trial.set_user_attr("mlflow_run_id", run_id)
-        self.tracker.finish_child(run_id, TrialStatus.FAILED, {}, traceback=tb)
-        self._tell(trial.number, TrialStatus.FAILED, {})
-        self.view.log(f"trial {trial.number}: failed before start: {tb.strip().splitlines()[-1]}")
+    def _submit(self, members: dict[int, _Member], retries_left: int) -> None:
+        """Start one task for ``members`` (re-indexed 0..K-1 in the task)."""
+        members = dict(enumerate(members.values()))
+        gen = self.task.remote(
+            self.trial_fn, [m.config for m in members.values()], [m.trial.number for m in members.values()],
+            self.queue, self.conn.tracking_uri, self.config.resources.cpus_per_trial, self.device,
+        )
+        self.in_flight[gen] = _Task(members, retries_left)
+
+    def _finish_without_task(self, asked: AskedTrial) -> None:
+        run_id = self.tracker.start_child(self.config.name, self.parent, asked.trial.number, asked.point)
+        asked.trial.set_user_attr("mlflow_run_id", run_id)
+        self.tracker.finish_child(run_id, TrialStatus.FAILED, {}, traceback=asked.error)
+        self._tell(asked.trial.number, TrialStatus.FAILED, {})
+        self.view.log(f"trial {asked.trial.number}: failed before start: {asked.error.strip().splitlines()[-1]}")
 
     def _drain(self) -> None:
         import ray
@@ -625,64 +578,77 @@ class _Driver:
             self.view.log(f"metric queue unavailable ({type(err).__name__}); live curves resume when it is back")
             return
         for number, records in batch:
-            flight = self.by_number.get(number)
-            if flight is None:
+            member = self.by_number.get(number)
+            if member is None:
                 continue
-            self.tracker.log_metrics(flight.run_id, [(self._track_names(m), step, ts) for m, step, ts in records])
+            self.tracker.log_metrics(member.run_id, [(self._track_names(m), step, ts) for m, step, ts in records])
             for metrics, step, _ in records:
-                flight.view.latest, flight.view.step = dict(metrics), step
-                self._maybe_prune(flight, metrics, step)
+                member.view.latest, member.view.step = dict(metrics), step
+                self._maybe_prune(member, metrics, step)
 
     def _track_names(self, metrics: Mapping[str, float]) -> dict[str, float]:
-        """In-training landscape values go to MLflow as ``track.<name>``: under the bare name the last
+        """In-training landscape values go to MLflow as ``track.<key>``: under the bare key the last
         tracked value would stand in for the final measure of a trial that has none (diverged)."""
-        return {
-            f"track.{key}" if any(key == m or key.startswith(m + "_") for m in self.landscape_names) else key: value
-            for key, value in metrics.items()
-        }
+        return {f"track.{key}" if key in self.track_keys else key: value for key, value in metrics.items()}
 
-    def _maybe_prune(self, flight: _InFlight, metrics: Mapping[str, float], step: int) -> None:
-        if self.study.pruner is None or isinstance(self.study.pruner, optuna.pruners.NopPruner):
+    def _maybe_prune(self, member: _Member, metrics: Mapping[str, float], step: int) -> None:
+        if isinstance(self.study.pruner, optuna.pruners.NopPruner):
             return
         value = metrics.get(self.config.objective.metrics[0])
-        if value is None or not math.isfinite(value) or step <= flight.last_step or flight.extra.get("pruned"):
+        if value is None or not math.isfinite(value) or step <= member.last_step or member.pruned is not None:
             return
-        flight.last_step = step
-        flight.trial.report(float(value), step)
-        if flight.trial.should_prune():
+        member.last_step = step
+        member.trial.report(float(value), step)
+        if member.trial.should_prune():
             import ray
 
-            flight.extra["pruned"] = dict(metrics)
-            ray.cancel(flight.ref, force=False)  # KeyboardInterrupt in the task: the worker (and its imports) survives
+            member.pruned = dict(metrics)
+            gen = next(g for g, task in self.in_flight.items() if member in task.members.values())
+            ray.cancel(gen, force=False)  # KeyboardInterrupt in the task: the worker (and its imports) survives
 
-    def _collect(self, ref: Any) -> tuple[_InFlight, dict[str, Any]]:
-        """The finished task's result (a ``failed``/``pruned`` record when Ray raised instead)."""
+    def _collect(self, gen: Any) -> list[tuple[_Member, dict[str, Any]]]:
+        """The next member record of a ready task, or what its end or its failure means for the
+        members it had not reported: failed, pruned, or re-launched in a new task (lost worker)."""
         import ray
 
-        flight = self.in_flight.pop(ref)
+        task = self.in_flight[gen]
         try:
-            result = ray.get(ref)
+            record = ray.get(next(gen))
+        except StopIteration:
+            del self.in_flight[gen]
+            return self._settle(task, TrialStatus.FAILED, "the task ended without a result for this trial")
         except ray.exceptions.TaskCancelledError:
-            result = {"status": TrialStatus.PRUNED, "metrics": flight.extra.get("pruned", {}), "artifacts": {},
-                      "traceback": None}
-        except ray.exceptions.RayError as err:  # worker/node died more often than max_retries
-            result = {"status": TrialStatus.FAILED, "metrics": {}, "artifacts": {},
-                      "traceback": f"{type(err).__name__}: {err}"}
-        return flight, result
+            del self.in_flight[gen]
+            return [(m, {"status": TrialStatus.PRUNED, "metrics": m.pruned or {}, "artifacts": {}, "traceback": None})
+                    for m in task.members.values()]
+        except ray.exceptions.RayError as err:  # the worker or its node died
+            del self.in_flight[gen]
+            if task.retries_left > 0:
+                numbers = [m.trial.number for m in task.members.values()]
+                self.view.log(f"trials {numbers}: task lost ({type(err).__name__}); re-launched "
+                              f"({task.retries_left - 1} retries left)")
+                self._submit(task.members, task.retries_left - 1)
+                return []
+            return self._settle(task, TrialStatus.FAILED, f"{type(err).__name__}: {err}")
+        return [(task.members.pop(record["index"]), record)]
 
-    def _record(self, flight: _InFlight, result: Mapping[str, Any]) -> None:
+    @staticmethod
+    def _settle(task: _Task, status: TrialStatus, why: str) -> list[tuple[_Member, dict[str, Any]]]:
+        return [(m, {"status": status, "metrics": {}, "artifacts": {}, "traceback": why}) for m in task.members.values()]
+
+    def _record(self, member: _Member, result: Mapping[str, Any]) -> None:
         self.lease.ensure()
-        number = flight.trial.number
+        number = member.trial.number
         status, metrics = result["status"], result["metrics"]
         self.tracker.finish_child(
-            flight.run_id, status, metrics,
-            step=int(metrics.get("steps", flight.view.step) or 0),
+            member.run_id, status, metrics,
+            step=int(metrics.get("steps", member.view.step) or 0),
             artifacts=result["artifacts"], traceback=result["traceback"],
             tags={f"sweeps.{k}": str(result[k]) for k in ("node_id", "node_ip") if result.get(k)},
         )
         self._tell(number, status, metrics)
         self.by_number.pop(number, None)
-        self.durations.append(time.monotonic() - flight.view.started)
+        self.durations.append(time.monotonic() - member.view.started)
         tail = result["traceback"].strip().splitlines()[-1] if result["traceback"] else ""
         shown = " ".join(f"{m}={metrics[m]:.4g}" for m in self.config.objective.metrics if m in metrics)
         self.view.log(f"trial {number}: {status} {shown} {tail}".rstrip())
@@ -696,29 +662,43 @@ class _Driver:
 
     def _snapshot(self) -> Snapshot:
         mean = sum(self.durations) / len(self.durations) if self.durations else None
+        running = [m.view for task in self.in_flight.values() for m in task.members.values()]
         return Snapshot(
-            self.config.name, self.budget, dict(self.counts), [f.view for f in self.in_flight.values()],
+            self.config.name, self.budget, dict(self.counts), running,
             self.best, time.monotonic() - self.started, self.concurrency, mean,
         )
 
     def shutdown(self, record: bool = True) -> None:
-        """Cancel what still runs and, if ``record``, record it interrupted; stop the metric queue.
+        """Cancel the tasks still running and, if ``record``, record their members and the asked
+        but unlaunched trials interrupted (points re-enqueued); stop the metric queue.
 
         ``record=False`` when the lease was lost: the driver that took it over has already
         recovered these trials, and this one must not write."""
         import ray
 
-        for ref, flight in list(self.in_flight.items()):
-            ray.cancel(ref, force=True)
+        for gen, task in list(self.in_flight.items()):
+            ray.cancel(gen, force=True)
             if record:
-                self.tracker.end(flight.run_id, TrialStatus.INTERRUPTED)
-                search.interrupt(self.study, flight.trial.number)
-                self.view.log(f"trial {flight.trial.number}: interrupted, point re-enqueued")
+                for member in task.members.values():
+                    self.tracker.end(member.run_id, TrialStatus.INTERRUPTED)
+                    search.interrupt(self.study, member.trial.number)
+                    self.view.log(f"trial {member.trial.number}: interrupted, point re-enqueued")
+        if record:
+            for asked in self.points.pending:
+                search.interrupt(self.study, asked.trial.number)
         self.in_flight.clear()
+        self.points.pending.clear()
         try:
             self.queue.shutdown()
         except Exception:  # the queue actor may already be gone with its cluster
             pass
+
+
+def _declared_keys(metrics: list[str]) -> set[str]:
+    """The result keys the landscape metrics ``metrics`` declare (``landscape.Metric.keys``)."""
+    from landscape.metrics import METRICS
+
+    return {key for name in metrics for key in METRICS[name].keys}
 
 
 def resume_sweep(name: str, **kwargs: Any) -> SweepSummary:

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,7 @@ def run_population(
     log: Callable[[int, dict[str, float], int], None] | None = None,
     out_dirs: Sequence[str | Path] | None = None,
     device: str | None = None,
+    on_error: Callable[[int, str], None] | None = None,
 ) -> list[TrialResult]:
     """Train the models of ``configs`` as one population and measure each as it finishes.
 
@@ -142,6 +144,9 @@ def run_population(
             :func:`run_trial`'s ``log``.
         out_dirs: one folder per member for its files, or ``None``.
         device: as for :func:`run_trial`; threads from ``configs[0].resources.cpus_per_trial``.
+        on_error: if given, a member whose measures or files raise is reported as
+            ``on_error(i, traceback text)`` (its entry in the returned list is ``None``) and the
+            others go on; without it the exception propagates.
 
     Returns:
         The members' :class:`TrialResult`, in the order of ``configs``.
@@ -161,7 +166,7 @@ def run_population(
         raise ValueError(f"out_dirs: need one per config (got {len(out_dirs)} for {len(configs)})")
     device = device or _default_device()
     with _cpu_threads(configs[0].resources.cpus_per_trial if device == "cpu" else None):
-        return _run(configs, on_result, log, out_dirs, device)
+        return _run(configs, on_result, log, out_dirs, device, on_error)
 
 
 @contextlib.contextmanager
@@ -178,14 +183,21 @@ def _cpu_threads(cpus: float | None) -> Iterator[None]:
 
 
 def _run(configs: list[SweepConfig], on_result: Callable[[int, TrialResult], None],
-         log: Callable[[int, dict[str, float], int], None] | None, out_dirs: Sequence[str | Path] | None, device: str) -> list[TrialResult]:
+         log: Callable[[int, dict[str, float], int], None] | None, out_dirs: Sequence[str | Path] | None, device: str,
+         on_error: Callable[[int, str], None] | None = None) -> list[TrialResult]:
     data = load_dataset(configs[0].dataset).to(device)
     models = [build_model(c.model, data.input_shape, data.num_classes, seed=c.seed).to(device) for c in configs]
     results: list[TrialResult | None] = [None] * len(configs)
 
     def finished(i: int, trained: TrainResult) -> None:
         out_dir = None if out_dirs is None else out_dirs[i]
-        results[i] = _measured(configs[i], data, models[i], trained, out_dir)
+        try:
+            results[i] = _measured(configs[i], data, models[i], trained, out_dir)
+        except Exception:
+            if on_error is None:
+                raise
+            on_error(i, traceback.format_exc())
+            return
         on_result(i, results[i])
 
     with torch.random.fork_rng(devices=_cuda_indices(device)):

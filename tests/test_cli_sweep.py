@@ -7,7 +7,6 @@ Real Ray (one 2-CPU cluster for the module; each `sweeps run` subprocess joins i
 
 from __future__ import annotations
 
-import datetime
 import io
 import itertools
 import json
@@ -20,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 
 import optuna
@@ -36,8 +36,10 @@ from sweeps.cli import main
 from sweeps.config import load_config
 from sweeps.lease import current_holder
 
-SPACE = {"train.lr": {"values": [0.05, 0.2]}, "model.width": {"values": [8, 16]}, "seed": {"values": [0, 1]}}
-GRID = set(itertools.product([0.05, 0.2], [8, 16], [0, 1]))
+# Two shapes (widths), four trials each: with population_size auto and two task slots, each
+# shape is one population, whose max_epochs 4 members finish while the max_epochs 16 ones train.
+SPACE = {"train.lr": {"values": [0.05, 0.2]}, "model.width": {"values": [8, 16]}, "train.max_epochs": {"values": [4, 16]}}
+GRID = set(itertools.product([0.05, 0.2], [8, 16], [4, 16]))
 
 
 def write_config(path: Path, name: str, max_epochs: int = 12, **train) -> Path:
@@ -74,8 +76,9 @@ def study_of(results_dir: Path, name: str, storage: str | None = None) -> optuna
     return optuna.load_study(study_name=name, storage=search.make_storage(storage))
 
 
-def wait_for_fresh_running_trial(results_dir: Path, name: str, proc: subprocess.Popen, min_finished: int) -> None:
-    """Block until >= min_finished trials finished and a trial started < 1 s ago is RUNNING.
+def wait_for_running_trial(results_dir: Path, name: str, proc: subprocess.Popen, min_finished: int) -> None:
+    """Block until >= min_finished trials finished and a trial is RUNNING (training: a trial of
+    this grid runs for seconds).
 
     Reads the study database read-only with sqlite3 (opening an Optuna storage here would race
     the driver's schema creation)."""
@@ -88,9 +91,7 @@ def wait_for_fresh_running_trial(results_dir: Path, name: str, proc: subprocess.
         except sqlite3.Error:
             continue
         done = sum(state in ("COMPLETE", "FAIL", "PRUNED") for state, _ in rows)
-        fresh = [start for state, start in rows if state == "RUNNING" and start
-                 and (datetime.datetime.now() - datetime.datetime.fromisoformat(start)).total_seconds() < 1.0]
-        if done >= min_finished and fresh:
+        if done >= min_finished and any(state == "RUNNING" for state, _ in rows):
             return
     raise AssertionError(f"sweeps run ended before it could be interrupted:\n{proc.stderr.read()}")
 
@@ -98,7 +99,7 @@ def wait_for_fresh_running_trial(results_dir: Path, name: str, proc: subprocess.
 def assert_complete_and_clean(results_dir: Path, name: str, storage: str | None = None) -> pd.DataFrame:
     """Every grid point exactly once in the results and in Optuna, nothing RUNNING in either."""
     frame = sweeps.results(name, results_dir=results_dir)
-    points = list(zip(frame["train.lr"], frame["model.width"], frame["seed"]))
+    points = list(zip(*(frame[name] for name in SPACE)))
     assert len(points) == 8 and set(points) == GRID
     assert set(frame["status"]) <= {"converged", "not_converged"}
     study = study_of(results_dir, name, storage)
@@ -129,7 +130,7 @@ def start_driver(tmp_path, name, ray_address, storage=None, lease_seconds=None, 
 @pytest.mark.slow
 def test_sigint_then_resume(tmp_path, ray_address, capsys):
     proc, _, results_dir, common = start_driver(tmp_path, "cli-int", ray_address)
-    wait_for_fresh_running_trial(results_dir, "cli-int", proc, min_finished=2)
+    wait_for_running_trial(results_dir, "cli-int", proc, min_finished=2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate()
     assert proc.returncode == 130, err
@@ -200,7 +201,7 @@ def test_sigkill_then_run_again_continues(tmp_path, ray_address, capsys, monkeyp
     lease = 4.0
     monkeypatch.setenv("SWEEPS_LEASE_SECONDS", str(lease))
     proc, config, results_dir, common = start_driver(tmp_path, "cli-kill", ray_address, lease_seconds=lease)
-    wait_for_fresh_running_trial(results_dir, "cli-kill", proc, min_finished=1)
+    wait_for_running_trial(results_dir, "cli-kill", proc, min_finished=1)
     proc.kill()
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
@@ -365,7 +366,7 @@ QUIET_BANNED = ("A new study created", "Creating initial MLflow database tables"
 def test_two_drivers_of_one_sweep_one_runs(tmp_path, ray_address, study_storage, order):
     first, config, results_dir, common = start_driver(tmp_path, "two", ray_address, storage=study_storage, quiet=False)
     if order == "second-while-first-runs":
-        wait_for_fresh_running_trial(results_dir, "two", first, min_finished=1) if study_storage is None else time.sleep(8)
+        wait_for_running_trial(results_dir, "two", first, min_finished=1) if study_storage is None else time.sleep(8)
     second = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(config), "--max-concurrent", "2", *common],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     outcomes = {}
@@ -381,37 +382,64 @@ def test_two_drivers_of_one_sweep_one_runs(tmp_path, ray_address, study_storage,
     assert_complete_and_clean(results_dir, "two", study_storage)
 
 
+def pause_outside_transactions(proc: subprocess.Popen, databases: list[Path], tries: int = 50) -> None:
+    """SIGSTOP ``proc`` at a moment when it holds no SQLite lock on ``databases``: a process
+    stopped inside a transaction (even a read) blocks every writer of that file (SQLite's rule, not
+    the sweep's), so the test re-pauses until the files are writable."""
+    for _ in range(tries):
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            for db in databases:
+                with closing(sqlite3.connect(db, timeout=0.2)) as con:
+                    con.execute("BEGIN EXCLUSIVE")  # no other reader or writer holds a lock
+                    con.rollback()
+            return
+        except sqlite3.OperationalError:
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
+    raise AssertionError("the driver held a database write lock at every pause")
+
+
 @pytest.mark.slow
-def test_a_driver_paused_past_its_lease_stops_without_writing(tmp_path, ray_address, capsys, monkeypatch):
+def test_a_driver_paused_past_its_lease_stops_without_writing(tmp_path, ray_address):
+    """A driver paused (SIGSTOP) past its lease period is taken over by a second one, which
+    recovers its running trials; woken up, the first finds its lease taken and stops without
+    writing (its tasks, which hold the cluster's CPUs, are cancelled so the second can go on)."""
     lease = 3.0
-    monkeypatch.setenv("SWEEPS_LEASE_SECONDS", str(lease))
     paused, config, results_dir, common = start_driver(tmp_path, "paused", ray_address, lease_seconds=lease)
-    wait_for_fresh_running_trial(results_dir, "paused", paused, min_finished=1)
-    paused.send_signal(signal.SIGSTOP)
+    storage = f"sqlite:///{results_dir / 'optuna.db'}"
+    wait_for_running_trial(results_dir, "paused", paused, min_finished=1)
+    pause_outside_transactions(paused, [results_dir / "optuna.db", results_dir / "mlflow.db"])
     try:
         time.sleep(lease + 1)
-        taker = sweeps_main(capsys, "run", str(config), *common)
-        assert taker.returncode == 0, taker.stderr
-        assert "took over the lease" in taker.stderr and "left running by a stopped driver" in taker.stderr
-        before = _stores_snapshot(results_dir, "paused")
+        taker = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(config), *common],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "SWEEPS_LEASE_SECONDS": str(lease)})
+        deadline = time.monotonic() + 120
+        while (holder := current_holder(storage, "paused")) is None or holder.pid != taker.pid:
+            assert time.monotonic() < deadline and taker.poll() is None, taker.communicate()
+            time.sleep(0.2)
+        while search.stale_trials(study := study_of(results_dir, "paused")):  # the taker recovers them
+            assert time.monotonic() < deadline and taker.poll() is None, taker.communicate()
+            time.sleep(0.2)
+        recovered = {t.number: t.user_attrs["mlflow_run_id"] for t in study.trials
+                     if t.user_attrs.get("status") == "interrupted"}
+        assert recovered
     finally:
         paused.send_signal(signal.SIGCONT)
     _, err = paused.communicate(timeout=120)
     assert paused.returncode == 4, err
     assert "lost its lease" in err and "Stopped without writing" in err
-    assert _stores_snapshot(results_dir, "paused") == before  # not one write after it woke up
-    assert_complete_and_clean(results_dir, "paused")
-
-
-def _stores_snapshot(results_dir: Path, name: str) -> tuple:
-    """Every trial's state and attributes in Optuna, every run's status, tags and metrics in MLflow."""
-    study = study_of(results_dir, name)
-    trials = [(t.number, t.state, sorted(t.user_attrs.items()), sorted(t.params.items())) for t in study.trials]
+    woke = err[err.index("lost its lease"):]
+    assert not [n for n in recovered if f"trial {n}: " in woke]
+    _, taker_err = taker.communicate(timeout=300)
+    assert taker.returncode == 0, taker_err
+    assert "took over the lease" in taker_err and "left running by a stopped driver" in taker_err
     client = MlflowClient(f"sqlite:///{results_dir / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(name)
-    runs = sorted((r.info.run_id, r.info.status, sorted(r.data.tags.items()), sorted(r.data.metrics.items()))
-                  for r in client.search_runs([experiment.experiment_id], max_results=1000))
-    return trials, runs
+    for number, run_id in recovered.items():  # the woken driver did not finish them
+        run = client.get_run(run_id)
+        assert (run.info.status, run.data.tags["status"]) == ("KILLED", "interrupted"), number
+    assert_complete_and_clean(results_dir, "paused")
 
 
 # --- exit codes and checked flags --------------------------------------------------------------

@@ -235,6 +235,50 @@ def test_a_dying_worker_is_retried_then_failed_when_retries_run_out(tmp_path):
     assert "WorkerCrashedError" in text or "died" in text.lower()
 
 
+class DiesOnceInTraining(nn.Module):
+    """MLP whose training forward kills its worker process at the ``die_at``-th call, once per
+    ``marker`` file (``model.name: test_runner:DiesOnceInTraining``)."""
+
+    def __init__(self, input_shape, num_classes, marker="", die_at=12):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 8), nn.Tanh(), nn.Linear(8, num_classes))
+        self.marker, self.die_at, self.calls = Path(marker), die_at, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.die_at and not self.marker.exists():
+                self.marker.write_text("died once")
+                os._exit(1)
+        return self.net(x)
+
+
+def test_a_population_whose_worker_dies_reruns_only_its_unrecorded_members(tmp_path, capfd):
+    """The max_epochs 2 members leave the stack (and are recorded) at step 8; the worker dies at
+    step 12; the retry trains the other two alone, and nothing is recorded twice."""
+    marker = tmp_path / "died"
+    config = tiny_config(
+        "population-retry", {"train.max_epochs": {"values": [2, 6]}, "seed": {"values": [0, 1]}},
+        model={"name": "test_runner:DiesOnceInTraining", "kwargs": {"marker": str(marker), "die_at": 12}},
+        resources={"cpus_per_trial": 1, "population_size": 4, "max_concurrent": 1},
+    )
+    summary = run_sweep(config, results_dir=tmp_path, quiet=True, max_retries=1)
+    assert marker.read_text() == "died once"
+    assert summary.finished == 4 and set(summary.counts) <= {"converged", "not_converged"}, summary.counts
+    study = optuna.load_study(study_name="population-retry", storage=summary.connections.storage)
+    assert len(study.trials) == 4  # every trial asked and told once
+    short = sorted(t.number for t in study.trials if t.params["train.max_epochs"] == 2)
+    long = sorted(t.number for t in study.trials if t.params["train.max_epochs"] == 6)
+    assert f"trials {long}: task lost" in capfd.readouterr().err  # only the unrecorded members re-ran
+    client = MlflowClient(summary.connections.tracking_uri)
+    runs = children(client, summary)
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs) == sorted(short + long)  # one run per trial
+    for run in runs:
+        assert len(client.get_metric_history(run.info.run_id, "hessian_top_eig")) == 1  # final metrics once
+        epochs = int(run.data.params["train.max_epochs"])
+        assert 1 <= run.data.metrics["epochs"] <= epochs
+
+
 def test_progress_budget_counts_finished_trials_only():
     """After a resume the study also holds interrupted attempts and their re-enqueued (queued)
     points: the budget column must still read finished/total (it showed 10/8)."""

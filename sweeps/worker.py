@@ -1,0 +1,173 @@
+"""The worker side of a sweep: the Ray task that trains one population of trials.
+
+One Ray task runs the trials of one population (:mod:`sweeps.population`; a population of one is
+a single trial) with ``num_cpus``/``num_gpus`` from ``resources`` and
+``torch.set_num_threads(num_cpus)``. It is a Ray *streaming generator*: each member's record is
+yielded the moment the member leaves the stack (converged, diverged, ``max_epochs``, or failed),
+so the driver records it, tells Optuna and moves the progress table while the others train. A
+record is plain data: status, final metrics, the artifact files' bytes (so a trial on another
+node needs no shared file system), traceback, seconds, node.
+
+In-training metrics go through the driver's metric queue (:class:`MetricStream`, one put per
+2 s per trial); the task never writes to MLflow itself (see :mod:`sweeps.runner`). It gets the
+tracking URI in ``MLFLOW_TRACKING_URI`` (``MLFLOW_RUN_ID`` removed), so user code inside a trial
+that does call MLflow writes to the sweep's store, not to a stray local one.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queues
+import shutil
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .status import TrialStatus
+
+TrialFn = Callable[..., Any]
+#: Seconds between two puts of one trial's in-training metrics into the driver's queue.
+FLUSH_SECONDS = 2.0
+#: Artifact files larger than this are not sent to the driver (bytes).
+MAX_ARTIFACT_BYTES = 64 * 2**20
+
+
+class MetricStream:
+    """The ``log(metrics, step)`` callback of one trial: buffers, flushes to the driver's queue."""
+
+    def __init__(self, queue: Any, trial_number: int) -> None:
+        self.queue, self.trial_number = queue, trial_number
+        self.buffer: list[tuple[dict[str, float], int, int]] = []
+        self.last_flush = time.monotonic()
+
+    def __call__(self, metrics: Mapping[str, float], step: int) -> None:
+        self.buffer.append((dict(metrics), int(step), int(time.time() * 1000)))
+        if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        import ray
+
+        if self.buffer and self.queue is not None:
+            try:
+                self.queue.put((self.trial_number, self.buffer))
+            except ray.exceptions.RayError:  # the queue is restarting: live curve points are best effort
+                pass
+        self.buffer = []
+        self.last_flush = time.monotonic()
+
+
+def read_artifacts(artifacts: Mapping[str, Any] | None, out_dir: Path) -> dict[str, bytes]:
+    """Bytes of a trial's artifact files (and of any other file it left in ``out_dir``)."""
+    paths = {Path(p) for p in (artifacts or {}).values()}
+    paths |= {p for p in out_dir.rglob("*") if p.is_file()}
+    files = {}
+    for path in sorted(paths):
+        if path.is_file() and path.stat().st_size <= MAX_ARTIFACT_BYTES:
+            try:
+                name = str(path.relative_to(out_dir))
+            except ValueError:
+                name = path.name
+            files[name] = path.read_bytes()
+    return files
+
+
+def _record(index: int, result: Any | None, tb: str | None, out_dir: Path, started: float,
+            node: Mapping[str, str]) -> dict[str, Any]:
+    """What the driver receives for member ``index``: its result, or its failure (``tb``)."""
+    if result is None:
+        status, metrics, artifacts = TrialStatus.FAILED.value, {}, read_artifacts(None, out_dir)
+    else:
+        status = str(result.status)
+        metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        artifacts = read_artifacts(result.artifacts, out_dir)
+    return {"index": index, "status": status, "metrics": metrics, "artifacts": artifacts, "traceback": tb,
+            "seconds": time.perf_counter() - started, **node}
+
+
+def _members(trial_fn: TrialFn | None, configs: Sequence[Any], streams: Sequence[MetricStream],
+             out_dirs: Sequence[Path], device: str | None) -> Iterator[tuple[int, Any | None, str | None]]:
+    """``(index, result, None)`` per member as it finishes, ``(index, None, traceback)`` per failure.
+
+    A population trains in a thread (its results arrive by callback); a replacement ``trial_fn``
+    runs its single trial here. An exception that escapes the population fails the members that
+    had not finished, each with that traceback.
+    """
+    if trial_fn is not None:  # one trial per task (sweeps.runner keeps populations of one for it)
+        try:
+            yield 0, trial_fn(configs[0], log=streams[0], out_dir=out_dirs[0], device=device), None
+        except Exception:
+            yield 0, None, traceback.format_exc()
+        return
+    from .trial import run_population
+
+    done: queues.Queue = queues.Queue()
+    end = object()
+
+    def train() -> None:
+        try:
+            run_population(
+                configs, on_result=lambda i, r: done.put((i, r, None)), on_error=lambda i, tb: done.put((i, None, tb)),
+                log=lambda i, metrics, step: streams[i](metrics, step), out_dirs=out_dirs, device=device,
+            )
+        except Exception:
+            done.put((None, None, traceback.format_exc()))
+        finally:
+            done.put(end)
+
+    thread = threading.Thread(target=train, name="sweeps-population", daemon=True)
+    thread.start()
+    reported: set[int] = set()
+    while (item := done.get()) is not end:
+        index, result, tb = item
+        if index is None:  # the population itself raised: every member still training failed
+            for i in range(len(configs)):
+                if i not in reported:
+                    reported.add(i)
+                    yield i, None, tb
+            continue
+        reported.add(index)
+        yield index, result, tb
+    thread.join()
+
+
+def population_task(
+    trial_fn: TrialFn | None,
+    configs: Sequence[Any],
+    numbers: Sequence[int],
+    queue: Any,
+    tracking_uri: str,
+    cpus: float,
+    device: str | None,
+) -> Iterator[dict[str, Any]]:
+    """Body of the Ray task (a streaming generator) training the trials ``numbers`` with ``configs``.
+
+    Yields one record per member (see the module docstring), in the order they finish, and never
+    raises for a trial's own exception: that member's record is ``failed`` with its traceback.
+    """
+    import ray
+    import torch
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    torch.set_num_threads(max(1, int(cpus)))
+    streams = [MetricStream(queue, n) for n in numbers]
+    out_dirs = [Path(tempfile.mkdtemp(prefix=f"sweeps-trial-{n}-")) for n in numbers]
+    started = time.perf_counter()
+    context = ray.get_runtime_context()
+    node = {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+    try:
+        for index, result, tb in _members(trial_fn, configs, streams, out_dirs, device):
+            streams[index].flush()
+            yield _record(index, result, tb, out_dirs[index], started, node)
+            shutil.rmtree(out_dirs[index], ignore_errors=True)
+    finally:
+        for out_dir in out_dirs:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+
+__all__ = ["FLUSH_SECONDS", "MAX_ARTIFACT_BYTES", "MetricStream", "population_task", "read_artifacts"]

@@ -410,21 +410,33 @@ def test_a_driver_paused_past_its_lease_stops_without_writing(tmp_path, ray_addr
     storage = f"sqlite:///{results_dir / 'optuna.db'}"
     wait_for_running_trial(results_dir, "paused", paused, min_finished=1)
     pause_outside_transactions(paused, [results_dir / "optuna.db", results_dir / "mlflow.db"])
+    taker = None
     try:
+        left = {t.number for t in search.stale_trials(study_of(results_dir, "paused"))}
+        assert left
         time.sleep(lease + 1)
         taker = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(config), *common],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                  env={**os.environ, "SWEEPS_LEASE_SECONDS": str(lease)})
+
+        def waiting() -> None:  # the taker cannot finish while the paused driver's tasks hold the CPUs
+            assert time.monotonic() < deadline, "the second driver did not take over in time"
+            assert taker.poll() is None, f"the second driver exited {taker.returncode}"
+            time.sleep(0.2)
+
         deadline = time.monotonic() + 120
         while (holder := current_holder(storage, "paused")) is None or holder.pid != taker.pid:
-            assert time.monotonic() < deadline and taker.poll() is None, taker.communicate()
-            time.sleep(0.2)
-        while search.stale_trials(study := study_of(results_dir, "paused")):  # the taker recovers them
-            assert time.monotonic() < deadline and taker.poll() is None, taker.communicate()
-            time.sleep(0.2)
-        recovered = {t.number: t.user_attrs["mlflow_run_id"] for t in study.trials
-                     if t.user_attrs.get("status") == "interrupted"}
+            waiting()
+        while not all((study := study_of(results_dir, "paused")).trials[n].state.is_finished() for n in left):
+            waiting()  # the taker recovers the paused driver's trials
+        # interrupted, or (paused between its MLflow record and its Optuna tell) recovered from MLflow
+        recovered = {n: study.trials[n].user_attrs["mlflow_run_id"] for n in left
+                     if study.trials[n].user_attrs["status"] == "interrupted"}
         assert recovered
+    except BaseException:
+        if taker is not None:
+            taker.kill()
+        raise
     finally:
         paused.send_signal(signal.SIGCONT)
     _, err = paused.communicate(timeout=120)

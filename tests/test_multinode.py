@@ -137,10 +137,11 @@ def test_harness_mlflow_server_stores_runs_and_artifacts(mlflow_server, tmp_path
 
 # --------------------------------------------------------------------------- sweeps on the cluster
 
-TRIAL_TASK = "_trial_task"  # the Ray task of sweeps.runner that runs one trial
+TRIAL_TASK = "population_task"  # the Ray task of sweeps.worker that trains one population
+LEASE_SECONDS = 3.0  # the drivers' lease period here: a killed driver's sweep is free again soon
 
 
-def write_config(directory: Path, name: str, lrs: list[float], max_epochs: int) -> Path:
+def write_config(directory: Path, name: str, lrs: list[float], max_epochs: int, population_size: int | str = "auto") -> Path:
     """A grid sweep of tiny trials (digits subset, 1-hidden-layer MLP, top Hessian eigenvalue).
 
     The stop rule is out of reach, so a trial trains exactly ``max_epochs`` (8 steps each).
@@ -152,7 +153,7 @@ def write_config(directory: Path, name: str, lrs: list[float], max_epochs: int) 
         "train": {"lr": 0.1, "batch_size": 64, "max_epochs": max_epochs, "stop": {"train_loss": 1e-12}},
         "measure": ["hessian_top_eig"],
         "search": {"sampler": "grid", "space": {"train.lr": {"values": lrs}}},
-        "resources": {"cpus_per_trial": 1},
+        "resources": {"cpus_per_trial": 1, "population_size": population_size},
     }
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -184,13 +185,15 @@ class SweepSetup:
 
     def cli(self, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "sweeps.cli", *args], env=self.ray_cluster.env(), cwd=self.results_dir,
+            [sys.executable, "-m", "sweeps.cli", *args], env=self.env(), cwd=self.results_dir,
             capture_output=True, text=True, timeout=timeout,
         )
 
     def start_cli(self, args: list[str]) -> Process:
-        return spawn(f"driver-{self.name}", [sys.executable, "-m", "sweeps.cli", *args], self.ray_cluster.env(),
-                     self.results_dir)
+        return spawn(f"driver-{self.name}", [sys.executable, "-m", "sweeps.cli", *args], self.env(), self.results_dir)
+
+    def env(self) -> dict[str, str]:
+        return {**self.ray_cluster.env(), "SWEEPS_LEASE_SECONDS": str(LEASE_SECONDS)}
 
     def study(self) -> optuna.Study:
         # make_storage: one connection pool for the test's polling, as the driver has one.
@@ -291,7 +294,7 @@ def test_sweep_runs_on_several_nodes_and_records_everything(sweep_setup):
 
     workers = {setup.ray_cluster.node_ids()[w.name] for w in setup.ray_cluster.workers}
     attempts = [t for t in attempts_since(setup.ray_cluster, before) if t["state"] == "FINISHED"]
-    assert len(attempts) == len(LRS)
+    assert len(attempts) == 2  # population_size auto: 6 trials over 2 task slots, 3 models per task
     nodes = {t["node_id"] for t in attempts}
     assert nodes <= workers, "the head has 0 CPUs: no trial may run there"
     assert len(nodes) == 2, f"trials ran on {len(nodes)} node(s)"
@@ -312,7 +315,7 @@ def wait_until(predicate, timeout: float, what: str, driver: Process) -> None:
 
 def test_killed_driver_is_resumed_to_completion(sweep_setup):
     setup = sweep_setup
-    write_config(setup.config.parent, setup.name, LRS, KILL_EPOCHS)
+    write_config(setup.config.parent, setup.name, LRS, KILL_EPOCHS, population_size=1)
     driver = setup.start_cli(setup.run_args())
     try:
         wait_until(lambda: len(setup.finished_trials()) >= 1 and bool(
@@ -324,6 +327,7 @@ def test_killed_driver_is_resumed_to_completion(sweep_setup):
         driver.stop(grace=0)
     done_before = len(setup.finished_trials())
     assert done_before < len(LRS), "the driver must be killed mid-sweep"
+    time.sleep(LEASE_SECONDS + 0.5)  # the killed driver's lease expires
 
     result = setup.cli(["resume", setup.name, *setup.flags()])
     assert result.returncode == 0, completed(result)
@@ -342,7 +346,7 @@ def test_killed_driver_is_resumed_to_completion(sweep_setup):
 
 def test_killed_worker_node_still_completes_every_trial_once(sweep_setup):
     setup = sweep_setup
-    write_config(setup.config.parent, setup.name, LRS, KILL_EPOCHS)
+    write_config(setup.config.parent, setup.name, LRS, KILL_EPOCHS, population_size=1)
     cluster = setup.ray_cluster
     node_of = cluster.node_ids()
     before = task_keys(cluster)
@@ -380,21 +384,18 @@ def test_killed_worker_node_still_completes_every_trial_once(sweep_setup):
     runs = assert_sweep_complete(setup)
     assert len(runs) == len(LRS)
 
-    # Ray's view: the kill cost at least one attempt (a trial cut mid-run, or a finished trial whose
-    # result was lost with the node's object store); each was re-run on the surviving node.
+    # Ray's view: the kill cost at least one task (a trial cut mid-run, or a finished trial whose
+    # result was lost with the node's object store). The driver re-launched its trials as new
+    # tasks, which finished on the surviving node.
     killed = node_of[victim[0].name]
-    attempts = attempts_since(cluster, before)
-    table = [
-        (t["attempt_number"], t["node_id"][-6:], t["state"], (t.get("start_time_ms") or 0) - kill_ms,
-         (t.get("end_time_ms") or 0) - kill_ms)
-        for t in attempts
-    ]
-    first = {t["task_id"]: t for t in attempts if t["attempt_number"] == 0}
-    retries = [t for t in attempts if t["attempt_number"] > 0]
-    lost = {tid for tid, t in first.items() if t["node_id"] == killed and t["state"] != "FINISHED"}
-    assert lost | {t["task_id"] for t in retries}, f"the kill (node {killed[-6:]}) hit no trial: {table}"
-    assert lost <= {t["task_id"] for t in retries if t["state"] == "FINISHED"}, table
-    assert all(first[t["task_id"]]["node_id"] == killed and t["node_id"] != killed for t in retries), table
+    tasks = attempts_since(cluster, before)
+    table = [(t["task_id"][-6:], t["node_id"][-6:], t["state"], (t.get("start_time_ms") or 0) - kill_ms) for t in tasks]
+    lost = [t for t in tasks if t["node_id"] == killed and t["state"] != "FINISHED"]
+    assert lost, f"the kill (node {killed[-6:]}) hit no task: {table}"
+    relaunched = [t for t in tasks if (t.get("start_time_ms") or 0) >= kill_ms]
+    assert relaunched and all(t["node_id"] != killed and t["state"] == "FINISHED" for t in relaunched), table
+    log = driver.output(tail=10**7)
+    assert "task lost" in log and "re-launched" in log, log
 
 
 # Last in the module: it stops the shared MLflow server (a later test would restart it, slowly).

@@ -252,6 +252,17 @@ def register_metric(metric: Metric, *, overwrite: bool = False) -> Metric:
     return metric
 
 
+def result_keys(metrics: Iterable[str]) -> dict[str, str]:
+    """``{result key: metric name}`` for the registered ``metrics``: each metric's declared
+    :attr:`Metric.keys` (the ``<name>_seconds`` timings are not included)."""
+    return {key: name for name in metrics for key in METRICS[name].keys}
+
+
+def metric_of_key(key: str) -> Metric | None:
+    """The registered metric that declares the result ``key`` (``None``: no metric does)."""
+    return next((m for m in METRICS.values() if key in m.keys), None)
+
+
 def measure(
     model: nn.Module,
     loss_fn: LossFn,

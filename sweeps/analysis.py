@@ -278,32 +278,18 @@ def measure_orientation(name: str, overrides: Mapping[str, str] | None = None) -
         if value not in ("sharper", "flatter", "neither"):
             raise ValueError(f"orientation[{name!r}]={value!r}: use 'sharper', 'flatter' or 'neither'")
         return value
-    from landscape.metrics import METRICS
+    from landscape.metrics import metric_of_key
 
-    if name in METRICS:
-        return METRICS[name].larger_is
-    parent = _parent_metric(name, METRICS)
-    return METRICS[parent].larger_is if parent else "neither"
-
-
-def _parent_metric(column: str, registry: Mapping[str, Any]) -> str | None:
-    if column.endswith("_seconds"):
-        return None
-    parents = [m for m in registry if column.startswith(m + "_")]
-    return max(parents, key=len) if parents else None
+    metric = metric_of_key(name)
+    return metric.larger_is if metric is not None else "neither"
 
 
 def default_measures(df: pd.DataFrame) -> list[str]:
-    """Registered metric columns of ``df`` that hold numbers (plus multi-key metric columns)."""
-    from landscape.metrics import METRICS
+    """Numeric columns of ``df`` that a registered metric declares as a result key (``Metric.keys``)."""
+    from landscape.metrics import metric_of_key
 
     numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()]
-    found = [c for c in numeric if c in METRICS]
-    for c in numeric:
-        parent = _parent_metric(c, METRICS)
-        if c not in found and parent is not None and parent not in df.columns:
-            found.append(c)
-    return found
+    return [c for c in numeric if metric_of_key(c) is not None]
 
 
 def prepare(

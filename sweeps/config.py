@@ -416,7 +416,10 @@ def _measure_option_problems(options: dict[str, dict[str, Any]], measures: list[
 
 
 def _is_result_key(metric: str, measures: Sequence[str]) -> bool:
-    return metric in TRIAL_METRICS or any(metric == m or metric.startswith(m + "_") for m in measures)
+    """A trial metric, or a result key declared by one of the ``measures`` (``Metric.keys``)."""
+    from landscape.metrics import result_keys
+
+    return metric in TRIAL_METRICS or metric in result_keys(measures)
 
 
 _LEAF, _FREE = "leaf", "free"

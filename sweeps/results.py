@@ -186,14 +186,10 @@ def results(
 def _column_roles(resolved: dict[str, Any], columns: list[str]) -> dict[str, list[str]]:
     """``DataFrame.attrs`` of :func:`results`: which columns are the ``objective``, the varied
     hyperparameters (``search_space``) and the landscape ``measures`` (each measure's output keys)."""
-    from landscape.metrics import METRICS
+    from landscape.metrics import METRICS, result_keys
 
     present = set(columns)
-    measures = []
-    for name in resolved.get("measure") or []:
-        metric = METRICS.get(name)
-        keys = getattr(metric, "keys", None) or (name,)
-        measures += [k for k in keys if k in present]
+    measures = [k for k in result_keys(m for m in resolved.get("measure") or [] if m in METRICS) if k in present]
     objective = (resolved.get("objective") or {}).get("metrics") or []
     space = list((resolved.get("search") or {}).get("space") or {})
     return {

@@ -57,6 +57,8 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
+from landscape.metrics import result_keys
+
 from . import search
 from .batching import AskedTrial, PointQueue, population_size
 from .connections import Connections, check_reachable, redact, resolve
@@ -462,7 +464,7 @@ class _Driver:
         )
         self.max_retries, self.trial_fn = max_retries, trial_fn
         self.population = self._population_setting(config, study, trial_fn)
-        self.track_keys = _declared_keys(config.train.track.metrics)
+        self.track_keys = set(result_keys(config.train.track.metrics))
         self.points = PointQueue(study, config)
         self.in_flight: dict[Any, _Task] = {}
         self.by_number: dict[int, _Member] = {}
@@ -692,13 +694,6 @@ class _Driver:
             self.queue.shutdown()
         except Exception:  # the queue actor may already be gone with its cluster
             pass
-
-
-def _declared_keys(metrics: list[str]) -> set[str]:
-    """The result keys the landscape metrics ``metrics`` declare (``landscape.Metric.keys``)."""
-    from landscape.metrics import METRICS
-
-    return {key for name in metrics for key in METRICS[name].keys}
 
 
 def resume_sweep(name: str, **kwargs: Any) -> SweepSummary:

@@ -96,3 +96,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh database on the local PostgreSQL (dropped afterwards); skipped outside CI when the
+    server is down (see tests/_cluster.Postgres)."""
+    from _cluster import Postgres
+
+    Postgres.require()
+    pg = Postgres()
+    try:
+        yield pg.create("t")
+    finally:
+        pg.drop_all()

@@ -217,7 +217,7 @@ def test_sigkill_then_run_again_continues(tmp_path, ray_address, capsys, monkeyp
     time.sleep(max(0.0, holder.heartbeat + lease + 0.5 - time.time()))
     again = sweeps_main(capsys, "run", str(config), *common)  # same config: continues the sweep
     assert again.returncode == 0, again.stderr
-    assert f"took over the lease of a driver that stopped heart-beating" in again.stderr
+    assert "took over the lease of a driver that stopped heart-beating" in again.stderr
     assert "left running by a stopped driver" in again.stderr or "recovered as" in again.stderr
     assert_complete_and_clean(results_dir, "cli-kill")
     study = study_of(results_dir, "cli-kill")
@@ -342,19 +342,9 @@ def test_submit_runs_the_sweep_as_a_ray_job(tmp_path, ray_head, capsys):
 
 # --- one driver per sweep --------------------------------------------------------------------
 @pytest.fixture(params=["sqlite", "postgres"])
-def study_storage(request, tmp_path):
+def study_storage(request):
     """``None`` (the embedded SQLite default) or a fresh PostgreSQL database URL."""
-    if request.param == "sqlite":
-        yield None
-        return
-    from _cluster import Postgres
-
-    Postgres.require()
-    pg = Postgres()
-    try:
-        yield pg.create("drivers")
-    finally:
-        pg.drop_all()
+    return None if request.param == "sqlite" else request.getfixturevalue("postgres_url")
 
 
 QUIET_BANNED = ("A new study created", "Creating initial MLflow database tables", "Token authentication",

@@ -16,18 +16,10 @@ from sweeps.lease import DriverLease, LeaseHeldError, LeaseLostError, current_ho
 @pytest.fixture(params=["sqlite", "journal", "postgres"])
 def storage(request, tmp_path):
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'optuna.db'}"
-    elif request.param == "journal":
-        yield str(tmp_path / "optuna.journal.log")
-    else:
-        from _cluster import Postgres
-
-        Postgres.require()
-        pg = Postgres()
-        try:
-            yield pg.create("lease")
-        finally:
-            pg.drop_all()
+        return f"sqlite:///{tmp_path / 'optuna.db'}"
+    if request.param == "journal":
+        return str(tmp_path / "optuna.journal.log")
+    return request.getfixturevalue("postgres_url")
 
 
 def stop_heartbeat(lease: DriverLease) -> None:

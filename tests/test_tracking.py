@@ -7,7 +7,6 @@ import math
 import socket
 
 import pytest
-from mlflow import MlflowClient
 
 from sweeps import connections
 from sweeps.tracking import Tracker

@@ -414,7 +414,7 @@ class _Population:
         self.settle()
 
     def _full_batch_epoch(self, epoch: int) -> None:
-        x, y, n = self.data.x_train, self.data.y_train, self.data.n_train
+        x, y = self.data.x_train, self.data.y_train
         grad, evals = self._full_batch_gradient(x, y)
         if not self.mode_free:
             evals = self.evaluate(range(len(self.live)), x, y)

@@ -20,7 +20,7 @@ _EXPORTS = {
     "run_trial": ".trial",
     "TrialResult": ".trial",
     "run_sweep": ".runner",
-    "results": ".results",
+    "results": ".queries",
     "correlations": ".analysis",
     "make_report": ".report",
     "report_sweep": ".report",

@@ -313,7 +313,7 @@ def _results_arguments(parser: argparse.ArgumentParser) -> None:
 @command("results", help="one row per trial: hyperparameters, metrics, status (table, CSV or Parquet)",
          arguments=_results_arguments)
 def cmd_results(args: argparse.Namespace) -> int:
-    from .results import results
+    from .queries import results
 
     if args.format == "parquet" and not args.out:
         print("sweeps results: --format parquet needs --out FILE", file=sys.stderr)
@@ -329,7 +329,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     elif args.format == "csv":
         frame.to_csv(args.out or sys.stdout, index=False)
     else:
-        from .results import summary_columns
+        from .queries import summary_columns
 
         shown = frame if args.all_columns else frame[summary_columns(frame)]
         text = shown.to_string(index=False, max_colwidth=24)
@@ -350,7 +350,7 @@ def _status_arguments(parser: argparse.ArgumentParser) -> None:
 @command("status", help="trials per status, budget and best trial of a sweep (from its Optuna study)",
          arguments=_status_arguments)
 def cmd_status(args: argparse.Namespace) -> int:
-    from .results import sweep_status
+    from .queries import sweep_status
 
     try:
         info = sweep_status(args.name, storage=args.storage, tracking_uri=args.tracking_uri, results_dir=args.results_dir)
@@ -388,7 +388,7 @@ def _list_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("list", help="the sweeps in an Optuna storage with their progress", arguments=_list_arguments)
 def cmd_list(args: argparse.Namespace) -> int:
-    from .results import list_sweeps
+    from .queries import list_sweeps
 
     frame = list_sweeps(storage=args.storage, results_dir=args.results_dir)
     print(frame.to_string(index=False) if len(frame) else "no sweeps")

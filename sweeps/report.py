@@ -413,7 +413,7 @@ def report_sweep(
         report_options: passed to :func:`make_report` (``target``, ``measures``, ``n_boot``, ...).
     """
     if df is None:
-        from .results import results
+        from .queries import results
 
         df = results(name, tracking_uri=tracking_uri, results_dir=results_dir)
     if out_dir is None:

@@ -1,4 +1,8 @@
-"""A sweep's results as a pandas DataFrame, read from MLflow, plus status and listing queries.
+"""What a sweep holds, read back: its results as a pandas DataFrame (from MLflow), its status and the
+list of sweeps (from the Optuna storage).
+
+``sweeps.results(name)`` is :func:`results` (the package exports the function; this module is
+named for what it does so that the name ``sweeps.results`` stays the function).
 
 Column contract of :func:`results` (one row per finished trial, ordered by trial number):
 
@@ -22,9 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
-import types
 from pathlib import Path
 from typing import Any
 
@@ -278,14 +280,3 @@ def list_sweeps(*, storage: str | None = None, results_dir: str | Path | None = 
             "started": summary.datetime_start,
         })
     return pd.DataFrame(rows, columns=["name", "trials", "finished", "sampler", "objective", "started"])
-
-
-class _CallableModule(types.ModuleType):
-    """``sweeps.results(name)`` must work even after ``import sweeps.results`` has bound the
-    package attribute ``sweeps.results`` to this module (Python does that on submodule import)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> pd.DataFrame:
-        return results(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -374,11 +374,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _describe_driver(driver: dict | None) -> str:
     if driver is None:
         return "none (no driver is running this sweep)"
-    from .lease import Holder
-
-    holder = Holder(driver["host"], driver["pid"], driver["since"], driver["heartbeat"])
     state = "running" if driver["alive"] else "stopped heart-beating: the next `sweeps run`/`resume` takes over"
-    return f"{holder.describe()}, {state}"
+    return f"{driver['description']}, {state}"
 
 
 def _list_arguments(parser: argparse.ArgumentParser) -> None:

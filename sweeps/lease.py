@@ -91,7 +91,7 @@ class Holder:
 
     def as_dict(self) -> dict[str, Any]:
         return {"host": self.host, "pid": self.pid, "since": self.since, "heartbeat": self.heartbeat,
-                "alive": self.alive()}
+                "alive": self.alive(), "description": self.describe()}
 
 
 class LeaseHeldError(RuntimeError):

@@ -228,10 +228,7 @@ def sweep_status(
         study = optuna.load_study(study_name=name, storage=search.make_storage(conn.storage))
     except KeyError:
         raise SweepNotFoundError(f"name: no sweep named {name!r} in {redact(conn.storage)}; see `sweeps list`") from None
-    counts: dict[str, int] = {}
-    for trial in study.get_trials(deepcopy=False):
-        status = search.trial_status(trial)
-        counts[status] = counts.get(status, 0) + 1
+    counts = search.status_counts(study)
     config = study.user_attrs.get("config", {})
     budget = study.user_attrs.get("budget", (config.get("search") or {}).get("n_trials"))
     try:

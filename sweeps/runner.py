@@ -118,11 +118,6 @@ class SweepSummary:
         """Trials that count towards the budget."""
         return sum(v for k, v in self.counts.items() if is_finished(k))
 
-    @property
-    def produced_objective(self) -> int:
-        """Finished trials that produced the objective (told COMPLETE to Optuna)."""
-        return self.complete
-
 
 # --- driver side -------------------------------------------------------------------------------
 class _StopFlag:
@@ -226,14 +221,6 @@ def _describe_best(best: list[dict[str, Any]], metrics: list[str]) -> str:
     return f"#{first['number']} {values}{more}"
 
 
-def _counts(study: optuna.Study) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        status = search.trial_status(t)
-        counts[status] = counts.get(status, 0) + 1
-    return counts
-
-
 def run_sweep(
     config: Any,
     *,
@@ -325,7 +312,7 @@ def _drive(config: Any, conn: Connections, lease: DriverLease, *, resume: bool, 
         budget = min(budget, search.grid_size(config))
     study.set_user_attr("budget", budget)
     metrics_names = list(config.objective.metrics)
-    counts = _counts(study)
+    counts = search.status_counts(study)
     if _is_done(counts, budget):
         summary = SweepSummary(config.name, budget, counts, _best(study), study.user_attrs.get("mlflow_parent_run_id", ""),
                                False, 0.0, conn, complete=_complete(study), already_finished=True)
@@ -369,7 +356,7 @@ def _drive(config: Any, conn: Connections, lease: DriverLease, *, resume: bool, 
             if driver is not None:
                 driver.shutdown(record=not lost)
             if not lost:
-                counts = _counts(study)
+                counts = search.status_counts(study)
                 interrupted = stop.requested or not _is_done(counts, budget)
                 tracker.end_parent(
                     parent,
@@ -469,7 +456,7 @@ class _Driver:
         self.in_flight: dict[Any, _Task] = {}
         self.by_number: dict[int, _Member] = {}
         self.finished = len(search.finished_trials(study))
-        self.counts = _counts(study)
+        self.counts = search.status_counts(study)
         self.durations: list[float] = []
         self.best = _describe_best(_best(study), list(config.objective.metrics))
         self.started = time.monotonic()

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -258,6 +259,11 @@ def trial_status(trial: FrozenTrial) -> str:
     return TrialStatus.QUEUED if trial.state == TrialState.WAITING else TrialStatus.FAILED
 
 
+def status_counts(study: optuna.Study) -> dict[str, int]:
+    """Trials per sweep status (:func:`trial_status`) over the whole study."""
+    return dict(Counter(trial_status(t) for t in study.get_trials(deepcopy=False)))
+
+
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Trials that count towards the budget: finished with a status other than ``interrupted``."""
     return [
@@ -356,6 +362,7 @@ __all__ = [
     "n_trials",
     "open_study",
     "stale_trials",
+    "status_counts",
     "stored_config",
     "suggest_point",
     "tell",

@@ -152,7 +152,7 @@ class Metric:
             e.g. ``"hessian_spectrum_trace"``), a result object with a ``.value`` attribute
             (that value is reported and the object kept as the metric's artifact), or a
             :class:`Reading`; an :class:`Adapter` for library functions.
-        description: one line for tables and the README.
+        description: one line for tables and the documentation's metric table.
         needs: context fields that must be set (not ``None``), e.g. ``("init_state",)``;
             checked before any metric runs.
         keys: the keys the metric adds to the result of :func:`measure` besides

@@ -130,7 +130,7 @@ def _launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent", type=int, metavar="K", help="trials in flight (default: resources.max_concurrent, "
                         "else as many as the cluster fits)")
     parser.add_argument("--max-retries", type=int, default=2, help="re-runs of a trial whose worker/node died (default 2)")
-    parser.add_argument("--prune", action="store_true", help="stop unpromising trials early (not for grids; see README)")
+    parser.add_argument("--prune", action="store_true", help="stop unpromising trials early (not for grids; see the sweep guide, docs/guide/sweeps.md)")
     parser.add_argument("--quiet", action="store_true", help="plain log lines instead of the live view (always so "
                         "when stderr is not a terminal)")
     parser.add_argument("--no-report", dest="report", action="store_false",

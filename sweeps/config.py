@@ -322,7 +322,7 @@ class ResourcesConfig(_Section):
 
 
 class SweepConfig(_Section):
-    """A whole sweep (or, with a point set, one trial). See the README's config reference."""
+    """A whole sweep (or, with a point set, one trial). Every field: the config reference of the documentation site (generated from this schema)."""
 
     name: str = Field(min_length=1)
     description: str = ""

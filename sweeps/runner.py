@@ -37,11 +37,11 @@ Fault handling:
   runs KILLED. Completed trials are never repeated.
 
 Pruning (``prune=True``, off by default) reports the objective metric streamed during
-training to Optuna's ``MedianPruner`` and stops trials it prunes (status ``pruned``, no
-landscape measures). It is refused for grids (the analysis needs every point of the factorial)
+training to Optuna's ``MedianPruner`` (at the epochs of :func:`is_pruning_epoch`) and stops the
+trials it prunes (status ``pruned``, no landscape measures); a pruned member leaves its
+population, whose other members train on. It is refused for grids (the analysis needs every point of the factorial)
 and for objectives that are not reported during training (landscape measures are computed
-after convergence: pruning would drop the very numbers the study is about). A pruned trial
-stops alone, so pruning runs one trial per task.
+after convergence: pruning would drop the very numbers the study is about).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from .connections import Connections, check_reachable, redact, resolve
 from .lease import DriverLease, LeaseLostError
 from .progress import ProgressView, RunningTrial, Snapshot
 from .status import TrialStatus, is_finished
-from .worker import TrialFn, population_task
+from .worker import StopBoard, TrialFn, measure_task, population_task
 
 if TYPE_CHECKING:
     from .tracking import Tracker
@@ -202,6 +202,15 @@ def _check_pruning(config: Any) -> None:
             f"prune: objective {config.objective.metrics[0]!r} is measured after convergence, so a pruned "
             "trial would lack it; prune only on train_loss/train_acc/test_loss/test_acc/gen_gap"
         )
+
+
+def is_pruning_epoch(epoch: int) -> bool:
+    """Whether the objective after ``epoch`` is reported to the pruner: epochs 1-8, then four
+    per doubling (10, 12, 14, 16, 20, 24, ...). Each report is a storage write and each pruning
+    decision reads every trial's reports, so reporting every epoch of a fast model would make
+    the driver the bottleneck; the epochs are the same for every trial, as the median pruner
+    needs (it compares trials at equal steps)."""
+    return epoch >= 1 and epoch % max(1, 2 ** (epoch.bit_length() - 1) // 4) == 0
 
 
 def _best(study: optuna.Study) -> list[dict[str, Any]]:
@@ -449,6 +458,12 @@ class _Driver:
         self.task = ray.remote(population_task).options(
             num_cpus=cpus, num_gpus=gpus, num_returns="streaming", max_retries=0, retry_exceptions=False,
         )
+        # A measure task is one member's work from its trained weights: Ray may simply re-run it.
+        self.measure = ray.remote(measure_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=max_retries)
+        self.measuring: dict[Any, _Member] = {}
+        self.stops = None
+        if not isinstance(study.pruner, optuna.pruners.NopPruner) and trial_fn is None:
+            self.stops = ray.remote(StopBoard).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote()
         self.max_retries, self.trial_fn = max_retries, trial_fn
         self.population = self._population_setting(config, study, trial_fn)
         self.track_keys = set(result_keys(config.train.track.metrics))
@@ -470,9 +485,6 @@ class _Driver:
         if trial_fn is not None:
             self.view.log("populations: one trial per task (a replacement trial function runs trials one by one)")
             return 1
-        if not isinstance(study.pruner, optuna.pruners.NopPruner):
-            self.view.log("populations: one trial per task (pruning stops trials one by one)")
-            return 1
         return setting
 
     # main loop
@@ -489,14 +501,14 @@ class _Driver:
         while True:
             self.lease.ensure()
             self._fill(unrecorded=0)
-            if not self.in_flight:
+            if not self.in_flight and not self.measuring:
                 return
-            ready, rest = ray.wait(list(self.in_flight), num_returns=1, timeout=_POLL_SECONDS)
+            ready, rest = ray.wait([*self.in_flight, *self.measuring], num_returns=1, timeout=_POLL_SECONDS)
             if ready and rest:
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             self.lease.ensure()
             self._drain()
-            done = [pair for gen in ready for pair in self._collect(gen)]
+            done = [pair for ref in ready for pair in (self._collect(ref) if ref in self.in_flight else self._measured(ref))]
             self._fill(unrecorded=len(done))
             for member, result in done:
                 self._record(member, result)
@@ -505,11 +517,12 @@ class _Driver:
                 return
 
     def _members_in_flight(self) -> int:
-        return sum(len(task.members) for task in self.in_flight.values())
+        return sum(len(task.members) for task in self.in_flight.values()) + len(self.measuring)
 
     def _fill(self, unrecorded: int) -> None:
-        """Launch populations while task slots are free and the budget has trials left."""
-        while not self.stop.requested and len(self.in_flight) < self.concurrency:
+        """Launch populations while task slots are free and the budget has trials left. A measure
+        task holds a slot too: members already trained are measured before new ones start."""
+        while not self.stop.requested and len(self.in_flight) + len(self.measuring) < self.concurrency:
             left = self.budget - self.finished - unrecorded - self._members_in_flight()
             can_ask = left - len(self.points.pending)
             if left <= 0:
@@ -547,6 +560,7 @@ class _Driver:
         gen = self.task.remote(
             self.trial_fn, [m.config for m in members.values()], [m.trial.number for m in members.values()],
             self.queue, self.conn.tracking_uri, self.config.resources.cpus_per_trial, self.device,
+            len(members) > 1, self.stops,
         )
         self.in_flight[gen] = _Task(members, retries_left)
 
@@ -583,8 +597,11 @@ class _Driver:
     def _maybe_prune(self, member: _Member, metrics: Mapping[str, float], step: int) -> None:
         if isinstance(self.study.pruner, optuna.pruners.NopPruner):
             return
-        value = metrics.get(self.config.objective.metrics[0])
+        objective = self.config.objective.metrics[0]
+        value = metrics.get(objective)
         if value is None or not math.isfinite(value) or step <= member.last_step or member.pruned is not None:
+            return
+        if "epoch" in metrics and not is_pruning_epoch(int(metrics["epoch"])):
             return
         member.last_step = step
         member.trial.report(float(value), step)
@@ -592,17 +609,22 @@ class _Driver:
             import ray
 
             member.pruned = dict(metrics)
+            if self.stops is not None:  # the population stops this member after its epoch; the others go on
+                self.stops.stop.remote(member.trial.number, f"pruned at step {step} ({objective}={value:.4g})")
+                return
             gen = next(g for g, task in self.in_flight.items() if member in task.members.values())
             ray.cancel(gen, force=False)  # KeyboardInterrupt in the task: the worker (and its imports) survives
 
     def _collect(self, gen: Any) -> list[tuple[_Member, dict[str, Any]]]:
         """The next member record of a ready task, or what its end or its failure means for the
-        members it had not reported: failed, pruned, or re-launched in a new task (lost worker)."""
+        members it had not reported: failed, pruned, or re-launched in a new task (lost worker).
+        A trained member to measure goes on to a measure task (nothing to record yet)."""
         import ray
 
         task = self.in_flight[gen]
         try:
-            record = ray.get(next(gen))
+            ref = next(gen)
+            record = ray.get(ref)
         except StopIteration:
             del self.in_flight[gen]
             return self._settle(task, TrialStatus.FAILED, "the task ended without a result for this trial")
@@ -619,7 +641,23 @@ class _Driver:
                 self._submit(task.members, task.retries_left - 1)
                 return []
             return self._settle(task, TrialStatus.FAILED, f"{type(err).__name__}: {err}")
-        return [(task.members.pop(record["index"]), record)]
+        member = task.members.pop(record["index"])
+        if "trained" in record:
+            measuring = self.measure.remote(ref, self.conn.tracking_uri, self.config.resources.cpus_per_trial, self.device)
+            self.measuring[measuring] = member
+            return []
+        return [(member, record)]
+
+    def _measured(self, ref: Any) -> list[tuple[_Member, dict[str, Any]]]:
+        """The record of a finished measure task (``failed`` when its retries ran out)."""
+        import ray
+
+        member = self.measuring.pop(ref)
+        try:
+            return [(member, ray.get(ref))]
+        except ray.exceptions.RayError as err:
+            return [(member, {"status": TrialStatus.FAILED, "metrics": {}, "artifacts": {},
+                              "traceback": f"measures lost: {type(err).__name__}: {err}"})]
 
     @staticmethod
     def _settle(task: _Task, status: TrialStatus, why: str) -> list[tuple[_Member, dict[str, Any]]]:
@@ -652,6 +690,7 @@ class _Driver:
     def _snapshot(self) -> Snapshot:
         mean = sum(self.durations) / len(self.durations) if self.durations else None
         running = [m.view for task in self.in_flight.values() for m in task.members.values()]
+        running += [m.view for m in self.measuring.values()]
         return Snapshot(
             self.config.name, self.budget, dict(self.counts), running,
             self.best, time.monotonic() - self.started, self.concurrency, mean,
@@ -665,10 +704,12 @@ class _Driver:
         recovered these trials, and this one must not write."""
         import ray
 
-        for gen, task in list(self.in_flight.items()):
-            ray.cancel(gen, force=True)
+        stopped = [(gen, list(task.members.values())) for gen, task in self.in_flight.items()]
+        stopped += [(ref, [member]) for ref, member in self.measuring.items()]
+        for ref, members in stopped:
+            ray.cancel(ref, force=True)
             if record:
-                for member in task.members.values():
+                for member in members:
                     self.tracker.end(member.run_id, TrialStatus.INTERRUPTED)
                     search.interrupt(self.study, member.trial.number)
                     self.view.log(f"trial {member.trial.number}: interrupted, point re-enqueued")
@@ -676,6 +717,7 @@ class _Driver:
             for asked in self.points.pending:
                 search.interrupt(self.study, asked.trial.number)
         self.in_flight.clear()
+        self.measuring.clear()
         self.points.pending.clear()
         try:
             self.queue.shutdown()

@@ -53,7 +53,7 @@ from .config import TrainConfig
 from .data import Dataset
 from .population import SHARED_TRAIN_FIELDS, Stack, module_stack_reason
 
-Status = Literal["converged", "not_converged", "diverged"]
+Status = Literal["converged", "not_converged", "diverged", "pruned"]
 LogFn = Callable[[dict[str, float], int], None]
 
 
@@ -81,7 +81,8 @@ class TrainResult:
 
     Attributes:
         status: ``"converged"`` (target reached, or ``max_epochs`` done when no target is set),
-            ``"not_converged"`` (``max_epochs`` without the target) or ``"diverged"``.
+            ``"not_converged"`` (``max_epochs`` without the target), ``"diverged"`` or ``"pruned"``
+            (stopped by :func:`train_population`'s ``stop``).
         epochs: epochs started (full-batch: steps); steps: optimizer steps.
         seconds: wall time of training, tracking included (in a population: from its start to
             this member's exit); track_seconds: of this member's tracking alone.
@@ -204,6 +205,7 @@ def _cross_entropies(outputs: Tensor, labels: Tensor) -> Tensor:
 
 LogMemberFn = Callable[[int, dict[str, float], int], None]
 ResultFn = Callable[[int, TrainResult], None]
+StopFn = Callable[[int], "str | None"]
 
 
 @dataclass(eq=False)
@@ -244,9 +246,10 @@ class _Population:
     """The training loop of :func:`train_population` over the live members (stack rows)."""
 
     def __init__(self, models: Sequence[nn.Module], data: Dataset, cfgs: Sequence[TrainConfig],
-                 seeds: Sequence[int], log: LogMemberFn | None, on_result: ResultFn | None):
+                 seeds: Sequence[int], log: LogMemberFn | None, on_result: ResultFn | None,
+                 stop: StopFn | None = None):
         self.start = time.perf_counter()
-        self.data, self.log, self.on_result = data, log, on_result
+        self.data, self.log, self.on_result, self.stop = data, log, on_result, stop
         cfg = cfgs[0]
         self.eval_batch = cfg.eval_batch_size
         self.full = cfg.batch_size == "full"
@@ -343,6 +346,14 @@ class _Population:
         if self.on_result is not None:
             self.on_result(m.index, result)
 
+    def stop_requested(self, epoch: int) -> None:
+        """Members whose ``stop(index)`` gives a reason leave as ``pruned`` (after an epoch)."""
+        if self.stop is None:
+            return
+        for row, m in enumerate(self.live):
+            if row not in self.pending and (reason := self.stop(m.index)):
+                self.leave(row, "pruned", reason, epoch)
+
     # --- the loop -------------------------------------------------------------------------
     def run(self) -> list[TrainResult]:
         self.record(range(len(self.live)), 0)
@@ -366,6 +377,7 @@ class _Population:
                 if epoch >= m.cfg.max_epochs:
                     no_target = m.cfg.stop.train_loss is None and m.cfg.stop.train_acc is None
                     self.leave(row, "converged" if no_target else "not_converged", f"max_epochs={m.cfg.max_epochs} reached", epoch)
+            self.stop_requested(epoch)
             self.settle()
         return self.results  # type: ignore[return-value]
 
@@ -458,6 +470,7 @@ def train_population(
     seeds: Sequence[int],
     log: LogMemberFn | None = None,
     on_result: ResultFn | None = None,
+    stop: StopFn | None = None,
 ) -> list[TrainResult]:
     """Train K models of one shape as one stack, each by its own config; :func:`train` is K = 1.
 
@@ -466,7 +479,8 @@ def train_population(
     member that converges, diverges or reaches its max_epochs leaves the stack at once: its
     weights are copied into its model (trained in place), and ``on_result(index, result)`` is
     called before the others go on. ``log(index, metrics, step)`` streams each member's epoch
-    and tracking records.
+    and tracking records. ``stop(index)``, asked after each epoch, returns a reason to stop
+    that member now (it leaves as ``"pruned"``) or ``None``: per-member pruning.
 
     Args:
         models: K modules with the same parameter names and shapes, on ``data``'s device;
@@ -490,7 +504,7 @@ def train_population(
         reason = module_stack_reason(models[0])
         if reason is not None:
             raise ValueError(f"these models do not stack: {reason}")
-    return _Population(models, data, cfgs, seeds, log, on_result).run()
+    return _Population(models, data, cfgs, seeds, log, on_result, stop).run()
 
 
 def train(

@@ -32,7 +32,7 @@ class TrialResult:
 
     Attributes:
         status: ``"converged"``, ``"not_converged"`` (``max_epochs`` without reaching the target;
-            measures are still computed) or ``"diverged"`` (no measures).
+            measures are still computed), ``"diverged"`` or ``"pruned"`` (no measures).
         metrics: final scalars: train_loss, train_acc, test_loss, test_acc, gen_gap (test error
             - train error), epochs, steps, train_seconds (tracking included), track_seconds,
             n_train, n_test, num_params, and every measure key with its ``<name>_seconds``.
@@ -128,7 +128,9 @@ def run_population(
     out_dirs: Sequence[str | Path] | None = None,
     device: str | None = None,
     on_error: Callable[[int, str], None] | None = None,
-) -> list[TrialResult]:
+    on_trained: Callable[[int, TrainedMember], None] | None = None,
+    stop: Callable[[int], str | None] | None = None,
+) -> list[TrialResult | None]:
     """Train the models of ``configs`` as one population and measure each as it finishes.
 
     The data is loaded once; member i's model is built and seeded from ``configs[i]`` as
@@ -147,9 +149,17 @@ def run_population(
         on_error: if given, a member whose measures or files raise is reported as
             ``on_error(i, traceback text)`` (its entry in the returned list is ``None``) and the
             others go on; without it the exception propagates.
+        on_trained: if given, a member that has landscape measures to compute is not measured
+            here: ``on_trained(i, member)`` gets its :class:`TrainedMember` (for
+            :func:`measure_trained`, e.g. in a task of its own) and ``on_result`` is not called
+            for it. Members without measures (diverged, pruned, ``measure`` empty) still go to
+            ``on_result``.
+        stop: ``stop(i)`` after each epoch: a reason to stop member i now (status ``pruned``,
+            no measures) or ``None``; see :func:`~sweeps.train.train_population`.
 
     Returns:
-        The members' :class:`TrialResult`, in the order of ``configs``.
+        The members' :class:`TrialResult`, in the order of ``configs`` (``None`` for members
+        handed to ``on_trained`` or ``on_error``).
 
     Raises:
         ValueError: configs with different shape keys, a non-stackable model for K > 1, or
@@ -166,7 +176,7 @@ def run_population(
         raise ValueError(f"out_dirs: need one per config (got {len(out_dirs)} for {len(configs)})")
     device = device or _default_device()
     with _cpu_threads(configs[0].resources.cpus_per_trial if device == "cpu" else None):
-        return _run(configs, on_result, log, out_dirs, device, on_error)
+        return _run(configs, on_result, log, out_dirs, device, on_error, on_trained, stop)
 
 
 @contextlib.contextmanager
@@ -184,7 +194,8 @@ def _cpu_threads(cpus: float | None) -> Iterator[None]:
 
 def _run(configs: list[SweepConfig], on_result: Callable[[int, TrialResult], None],
          log: Callable[[int, dict[str, float], int], None] | None, out_dirs: Sequence[str | Path] | None, device: str,
-         on_error: Callable[[int, str], None] | None = None) -> list[TrialResult]:
+         on_error: Callable[[int, str], None] | None, on_trained: Callable[[int, TrainedMember], None] | None,
+         stop: Callable[[int], str | None] | None) -> list[TrialResult | None]:
     data = load_dataset(configs[0].dataset).to(device)
     models = [build_model(c.model, data.input_shape, data.num_classes, seed=c.seed).to(device) for c in configs]
     results: list[TrialResult | None] = [None] * len(configs)
@@ -192,6 +203,11 @@ def _run(configs: list[SweepConfig], on_result: Callable[[int, TrialResult], Non
     def finished(i: int, trained: TrainResult) -> None:
         out_dir = None if out_dirs is None else out_dirs[i]
         try:
+            if on_trained is not None and _has_measures(configs[i], trained):
+                state = {k: v.detach().cpu().clone() for k, v in models[i].state_dict().items()}
+                init = {k: v.detach().cpu() for k, v in trained.init_state.items()}
+                on_trained(i, TrainedMember(configs[i], dataclasses.replace(trained, init_state=init), state))
+                return
             results[i] = _measured(configs[i], data, models[i], trained, out_dir)
         except Exception:
             if on_error is None:
@@ -202,8 +218,43 @@ def _run(configs: list[SweepConfig], on_result: Callable[[int, TrialResult], Non
 
     with torch.random.fork_rng(devices=_cuda_indices(device)):
         torch.manual_seed(configs[0].seed)  # dropout masks (only a population of one has dropout)
-        train_population(models, data, [c.train for c in configs], seeds=[c.seed for c in configs], log=log, on_result=finished)
-    return results  # type: ignore[return-value]
+        train_population(models, data, [c.train for c in configs], seeds=[c.seed for c in configs], log=log,
+                         on_result=finished, stop=stop)
+    return results
+
+
+@dataclass
+class TrainedMember:
+    """A trained model whose landscape measures are still to compute (see ``on_trained`` of
+    :func:`run_population`): plain data, on the CPU, to send to another process.
+
+    Attributes:
+        config: the trial's config.
+        trained: its training outcome (``init_state`` on the CPU).
+        state: the trained model's ``state_dict`` (CPU tensors).
+    """
+
+    config: SweepConfig
+    trained: TrainResult
+    state: dict[str, torch.Tensor]
+
+
+def measure_trained(member: TrainedMember, *, out_dir: str | Path | None = None, device: str | None = None) -> TrialResult:
+    """The measures and files of a member trained elsewhere: the same :class:`TrialResult` that
+    :func:`run_population` gives a member measured in place (the data and model are rebuilt
+    from the config; the data is cached per process)."""
+    config, device = member.config, device or _default_device()
+    with _cpu_threads(config.resources.cpus_per_trial if device == "cpu" else None):
+        data = load_dataset(config.dataset).to(device)
+        model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
+        model.load_state_dict(member.state)
+        trained = dataclasses.replace(member.trained, init_state={k: v.to(device) for k, v in member.trained.init_state.items()})
+        return _measured(config, data, model.to(device), trained, out_dir)
+
+
+def _has_measures(config: SweepConfig, trained: TrainResult) -> bool:
+    """Landscape measures are computed for trained models (not diverged or pruned ones)."""
+    return bool(config.measure) and trained.status not in ("diverged", "pruned")
 
 
 def _measured(config: SweepConfig, data: Dataset, model: torch.nn.Module, trained: TrainResult, out_dir: str | Path | None) -> TrialResult:
@@ -217,7 +268,7 @@ def _measured(config: SweepConfig, data: Dataset, model: torch.nn.Module, traine
         "n_train": data.n_train, "n_test": data.n_test, "num_params": count_parameters(model),
     }
     results: dict[str, Any] = {}
-    if trained.status != "diverged" and config.measure:
+    if _has_measures(config, trained):
         from landscape.metrics import measure
 
         metrics.update(measure(

@@ -8,14 +8,22 @@ so the driver records it, tells Optuna and moves the progress table while the ot
 record is plain data: status, final metrics, the artifact files' bytes (so a trial on another
 node needs no shared file system), traceback, seconds, node.
 
+A member of a population of several is not measured in the population's task: its record
+carries the trained weights (:class:`~sweeps.trial.TrainedMember`) and the driver runs its
+landscape measures in a task of their own (:func:`measure_task`), so the rest of the population
+trains on and the measures take whichever CPU is free.
+
 In-training metrics go through the driver's metric queue (:class:`MetricStream`, one put per
-2 s per trial); the task never writes to MLflow itself (see :mod:`sweeps.runner`). It gets the
+2 s per trial); the task never writes to MLflow itself (see :mod:`sweeps.runner`). Pruning goes
+the other way: the driver posts the trials to stop on a :class:`StopBoard` actor, which a
+population reads at most every :data:`STOP_POLL_SECONDS`. It gets the
 tracking URI in ``MLFLOW_TRACKING_URI`` (``MLFLOW_RUN_ID`` removed), so user code inside a trial
 that does call MLflow writes to the sweep's store, not to a stray local one.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import queue as queues
 import shutil
@@ -34,6 +42,43 @@ TrialFn = Callable[..., Any]
 FLUSH_SECONDS = 2.0
 #: Artifact files larger than this are not sent to the driver (bytes).
 MAX_ARTIFACT_BYTES = 64 * 2**20
+#: Seconds between two reads of the driver's :class:`StopBoard` by one population.
+STOP_POLL_SECONDS = 1.0
+
+
+class StopBoard:
+    """The trials the driver wants stopped (pruned), by number, with the reason; a Ray actor
+    that the population tasks read (:class:`StopPoll`)."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[int, str] = {}
+
+    def stop(self, number: int, reason: str) -> None:
+        self.reasons.setdefault(number, reason)
+
+    def among(self, numbers: Sequence[int]) -> dict[int, str]:
+        return {n: self.reasons[n] for n in numbers if n in self.reasons}
+
+
+class StopPoll:
+    """``stop(index)`` for :func:`~sweeps.trial.run_population`: the board's reason for the
+    member's trial, the board read at most once per :data:`STOP_POLL_SECONDS`."""
+
+    def __init__(self, board: Any, numbers: Sequence[int]) -> None:
+        self.board, self.numbers = board, list(numbers)
+        self.reasons: dict[int, str] = {}
+        self.last_read = -math.inf
+
+    def __call__(self, index: int) -> str | None:
+        import ray
+
+        if time.monotonic() - self.last_read >= STOP_POLL_SECONDS:
+            self.last_read = time.monotonic()
+            try:
+                self.reasons = ray.get(self.board.among.remote(self.numbers))
+            except ray.exceptions.RayError:  # the board is restarting: ask again at the next poll
+                pass
+        return self.reasons.get(self.numbers[index])
 
 
 class MetricStream:
@@ -78,7 +123,12 @@ def read_artifacts(artifacts: Mapping[str, Any] | None, out_dir: Path) -> dict[s
 
 def _record(index: int, result: Any | None, tb: str | None, out_dir: Path, started: float,
             node: Mapping[str, str]) -> dict[str, Any]:
-    """What the driver receives for member ``index``: its result, or its failure (``tb``)."""
+    """What the driver receives for member ``index``: its result, its failure (``tb``), or its
+    trained weights to measure (``"trained"``: a :class:`~sweeps.trial.TrainedMember`)."""
+    from .trial import TrainedMember
+
+    if isinstance(result, TrainedMember):
+        return {"index": index, "trained": result, "seconds": time.perf_counter() - started, **node}
     if result is None:
         status, metrics, artifacts = TrialStatus.FAILED.value, {}, read_artifacts(None, out_dir)
     else:
@@ -90,8 +140,12 @@ def _record(index: int, result: Any | None, tb: str | None, out_dir: Path, start
 
 
 def _members(trial_fn: TrialFn | None, configs: Sequence[Any], streams: Sequence[MetricStream],
-             out_dirs: Sequence[Path], device: str | None) -> Iterator[tuple[int, Any | None, str | None]]:
+             out_dirs: Sequence[Path], device: str | None, measure_apart: bool = False,
+             stop: StopPoll | None = None) -> Iterator[tuple[int, Any | None, str | None]]:
     """``(index, result, None)`` per member as it finishes, ``(index, None, traceback)`` per failure.
+
+    With ``measure_apart`` a member with measures to compute comes as ``(index, TrainedMember,
+    None)``; ``stop`` is the population's :class:`StopPoll`.
 
     A population trains in a thread (its results arrive by callback); a replacement ``trial_fn``
     runs its single trial here. An exception that escapes the population fails the members that
@@ -113,6 +167,7 @@ def _members(trial_fn: TrialFn | None, configs: Sequence[Any], streams: Sequence
             run_population(
                 configs, on_result=lambda i, r: done.put((i, r, None)), on_error=lambda i, tb: done.put((i, None, tb)),
                 log=lambda i, metrics, step: streams[i](metrics, step), out_dirs=out_dirs, device=device,
+                on_trained=(lambda i, member: done.put((i, member, None))) if measure_apart else None, stop=stop,
             )
         except Exception:
             done.put((None, None, traceback.format_exc()))
@@ -143,25 +198,22 @@ def population_task(
     tracking_uri: str,
     cpus: float,
     device: str | None,
+    measure_apart: bool = False,
+    stop_board: Any = None,
 ) -> Iterator[dict[str, Any]]:
     """Body of the Ray task (a streaming generator) training the trials ``numbers`` with ``configs``.
 
     Yields one record per member (see the module docstring), in the order they finish, and never
     raises for a trial's own exception: that member's record is ``failed`` with its traceback.
+    With ``measure_apart`` a member to measure is yielded as its trained weights (for
+    :func:`measure_task`); ``stop_board`` is the driver's :class:`StopBoard` (pruning).
     """
-    import ray
-    import torch
-
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    torch.set_num_threads(max(1, int(cpus)))
     streams = [MetricStream(queue, n) for n in numbers]
     out_dirs = [Path(tempfile.mkdtemp(prefix=f"sweeps-trial-{n}-")) for n in numbers]
-    started = time.perf_counter()
-    context = ray.get_runtime_context()
-    node = {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+    started, node = _task_start(tracking_uri, cpus)
+    stop = None if stop_board is None else StopPoll(stop_board, numbers)
     try:
-        for index, result, tb in _members(trial_fn, configs, streams, out_dirs, device):
+        for index, result, tb in _members(trial_fn, configs, streams, out_dirs, device, measure_apart, stop):
             streams[index].flush()
             yield _record(index, result, tb, out_dirs[index], started, node)
             shutil.rmtree(out_dirs[index], ignore_errors=True)
@@ -170,4 +222,39 @@ def population_task(
             shutil.rmtree(out_dir, ignore_errors=True)
 
 
-__all__ = ["FLUSH_SECONDS", "MAX_ARTIFACT_BYTES", "MetricStream", "population_task", "read_artifacts"]
+
+
+def measure_task(trained: Mapping[str, Any], tracking_uri: str, cpus: float, device: str | None) -> dict[str, Any]:
+    """Body of the Ray task that measures one trained member: ``trained`` is the record
+    :func:`population_task` yielded for it (its ``"trained"`` entry a
+    :class:`~sweeps.trial.TrainedMember`). Returns the member's record, as the population would
+    have yielded it had it measured the member itself."""
+    from .trial import measure_trained
+
+    member = trained["trained"]
+    started, node = _task_start(tracking_uri, cpus)
+    out_dir = Path(tempfile.mkdtemp(prefix=f"sweeps-measure-{os.getpid()}-"))
+    try:
+        try:
+            result, tb = measure_trained(member, out_dir=out_dir, device=device), None
+        except Exception:
+            result, tb = None, traceback.format_exc()
+        return _record(trained["index"], result, tb, out_dir, started, node)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _task_start(tracking_uri: str, cpus: float) -> tuple[float, dict[str, str]]:
+    """Set a task's environment (tracking URI, torch threads); its start time and node."""
+    import ray
+    import torch
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    torch.set_num_threads(max(1, int(cpus)))
+    context = ray.get_runtime_context()
+    return time.perf_counter(), {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+
+__all__ = ["FLUSH_SECONDS", "MAX_ARTIFACT_BYTES", "STOP_POLL_SECONDS", "MetricStream", "StopBoard", "StopPoll",
+           "measure_task", "population_task", "read_artifacts"]

@@ -16,7 +16,7 @@ from sweeps.data import load_dataset
 from sweeps.models import build_model
 from sweeps.population import module_stack_reason, population_key, stack_check
 from sweeps.train import LOSSES, lr_factor, train, train_population
-from sweeps.trial import run_population, run_trial
+from sweeps.trial import measure_trained, run_population, run_trial
 
 TEACHER = {"name": "teacher", "train_size": 250, "options": {"input_dim": 6, "num_classes": 3, "test_size": 100}}
 SCHEDULES = ["constant", "cosine", "step", "warmup_cosine"]
@@ -218,6 +218,53 @@ def test_run_population_measures_writes_and_reports_each_member_as_run_trial_alo
             if not key.endswith("seconds"):
                 assert r.metrics[key] == pytest.approx(value, rel=1e-3, abs=1e-6), key
     assert "hessian_top_eig" not in results[1].metrics and "hessian_top_eig" in results[2].metrics
+
+
+def test_a_stopped_member_leaves_pruned_and_the_others_train_on_as_alone():
+    configs = [config({"lr": lr, "momentum": 0.9, "batch_size": 50, "max_epochs": 6, "stop": {}}, seed=i)
+               for i, lr in enumerate([0.05, 0.1, 0.2])]
+    data = load_dataset(configs[0].dataset)
+    build = lambda c: build_model(c.model, data.input_shape, data.num_classes, seed=c.seed)  # noqa: E731
+    models, asked = [build(c) for c in configs], []
+
+    def stop(i):  # member 1 is stopped once it has logged 3 epochs (asked after each epoch)
+        asked.append(i)
+        return "pruned by the test" if i == 1 and asked.count(1) >= 3 else None
+
+    together = train_population(models, data, [c.train for c in configs], seeds=[0, 1, 2], stop=stop)
+    assert (together[1].status, together[1].reason, together[1].epochs) == ("pruned", "pruned by the test", 3)
+    short = build(configs[1])
+    train(short, data, configs[1].train.model_copy(update={"max_epochs": 3}), seed=1)  # the same 3 epochs alone
+    for p, q in zip(models[1].parameters(), short.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
+    for i in (0, 2):  # the others are untouched by their neighbour leaving
+        alone = build(configs[i])
+        result = train(alone, data, configs[i].train, seed=i)
+        assert (together[i].status, together[i].epochs, together[i].steps) == (result.status, 6, result.steps)
+        for p, q in zip(models[i].parameters(), alone.parameters()):
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
+    results = run_population([c.model_copy(update={"measure": ["hessian_top_eig"]}) for c in configs], on_result=lambda i, r: None,
+                             stop=lambda i: "pruned" if i == 0 else None, device="cpu")
+    assert results[0].status == "pruned" and "hessian_top_eig" not in results[0].metrics  # pruned: no measures
+    assert "hessian_top_eig" in results[1].metrics
+
+
+def test_members_measured_apart_equal_members_measured_in_place(tmp_path):
+    configs = [config({"lr": lr, "momentum": 0.9, "batch_size": 50, "max_epochs": 3, "stop": {}}, seed=i,
+                      measure=["hessian_top_eig", "dist_from_init"]) for i, (lr) in enumerate([0.1, 1e4, 0.05])]
+    in_place = run_population(configs, on_result=lambda i, r: None, device="cpu")
+    trained, direct = {}, []
+    apart = run_population(configs, on_result=lambda i, r: direct.append(i), on_trained=trained.__setitem__, device="cpu")
+    assert direct == [1] and sorted(trained) == [0, 2]  # the diverged member has nothing to measure
+    assert apart[1].status == "diverged" and apart[0] is None and apart[2] is None
+    for i, member in trained.items():
+        assert all(t.device.type == "cpu" for t in member.state.values())
+        result = measure_trained(member, out_dir=tmp_path / str(i), device="cpu")
+        assert (result.status, result.reason) == (in_place[i].status, in_place[i].reason)
+        for key, value in in_place[i].metrics.items():
+            if not key.endswith("seconds"):
+                assert result.metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        assert {"model.pt", "init_state.pt", "history.json", "result.json"} <= set(result.artifacts)
 
 
 @pytest.mark.parametrize("name", ["cnn", "nin", "resnet"])

@@ -105,6 +105,24 @@ def as_operator(
     )
 
 
+def prepare(
+    operator: OperatorLike,
+    seed: int,
+    *,
+    dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[SymmetricOperator, torch.Generator]:
+    """The operator (see :func:`as_operator`) with its product count at 0, and the generator
+    seeded by ``seed`` for every random vector of one call.
+
+    The generator is a CPU one, so that a seed gives the same numbers on every device.
+    """
+    op = as_operator(operator, dim=dim, dtype=dtype, device=device)
+    op.n_products = 0
+    return op, torch.Generator().manual_seed(seed)
+
+
 def random_block(
     dim: int, count: int, generator: torch.Generator, *, rademacher: bool, like: SymmetricOperator
 ) -> Tensor:

@@ -1,8 +1,9 @@
 """Lanczos tridiagonalization with full reorthogonalization, on any symmetric operator.
 
 Shared core of :mod:`landscape.eigen` (extreme eigenpairs) and :mod:`landscape.spectrum`
-(stochastic Lanczos quadrature). ``R`` independent recurrences run in lockstep so that their
-``R`` operator products go through one block product (one vmapped HVP for a Hessian).
+(stochastic Lanczos quadrature); :func:`prepare` also sets up :mod:`landscape.trace`. ``R``
+independent recurrences run in lockstep so that their ``R`` operator products go through one
+block product (one vmapped HVP for a Hessian).
 
 After ``m`` steps from a unit start vector ``q_0`` the recurrence has built an orthonormal
 basis ``Q_m = [q_0 .. q_{m-1}]`` of the Krylov space ``span{q_0, A q_0, ..., A^{m-1} q_0}`` and

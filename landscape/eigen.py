@@ -106,7 +106,7 @@ def _result(
     op: SymmetricOperator, values: np.ndarray | list[float], vectors: Tensor,
     residuals: np.ndarray | list[float], converged: bool, method: str,
 ) -> EigenResult:
-    """An :class:`EigenResult` with float64 ``values``/``residuals`` and the products ``op`` counted."""
+    """An :class:`EigenResult`: float64 ``values`` and ``residuals``, ``n_hvp`` from ``op``."""
     return EigenResult(
         values=torch.as_tensor(values, dtype=torch.float64),
         vectors=vectors,

@@ -1,8 +1,9 @@
 """Lanczos tridiagonalization with full reorthogonalization, on any symmetric operator.
 
 Shared core of :mod:`landscape.eigen` (extreme eigenpairs) and :mod:`landscape.spectrum`
-(stochastic Lanczos quadrature). ``R`` independent recurrences run in lockstep so that their
-``R`` operator products go through one block product (one vmapped HVP for a Hessian).
+(stochastic Lanczos quadrature); :func:`prepare` also sets up :mod:`landscape.trace`. ``R``
+independent recurrences run in lockstep so that their ``R`` operator products go through one
+block product (one vmapped HVP for a Hessian).
 
 After ``m`` steps from a unit start vector ``q_0`` the recurrence has built an orthonormal
 basis ``Q_m = [q_0 .. q_{m-1}]`` of the Krylov space ``span{q_0, A q_0, ..., A^{m-1} q_0}`` and
@@ -103,6 +104,24 @@ def as_operator(
         "operator: expected a HessianOperator, a square tensor/ndarray, a scipy LinearOperator or a "
         f"callable on [P, K] blocks, got {type(operator).__name__}"
     )
+
+
+def prepare(
+    operator: OperatorLike,
+    seed: int,
+    *,
+    dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[SymmetricOperator, torch.Generator]:
+    """The operator (see :func:`as_operator`) with its product count at 0, and the generator
+    seeded by ``seed`` for every random vector of one call.
+
+    The generator is a CPU one, so that a seed gives the same numbers on every device.
+    """
+    op = as_operator(operator, dim=dim, dtype=dtype, device=device)
+    op.n_products = 0
+    return op, torch.Generator().manual_seed(seed)
 
 
 def random_block(

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ._functional import LossFn, ParamSelector
-from ._lanczos import Lanczos, OperatorLike, SymmetricOperator, as_operator, random_block
+from ._lanczos import Lanczos, OperatorLike, SymmetricOperator, prepare, random_block
 from .hvp import Backend, HessianOperator, as_hessian
 
 Which = Literal["largest", "smallest", "both"]
@@ -102,6 +102,21 @@ def _threshold(values: np.ndarray, tol: float, scale: float, dtype: torch.dtype)
     return np.maximum(tol * np.abs(values), 100 * torch.finfo(dtype).eps * scale)
 
 
+def _result(
+    op: SymmetricOperator, values: np.ndarray | list[float], vectors: Tensor,
+    residuals: np.ndarray | list[float], converged: bool, method: str,
+) -> EigenResult:
+    """An :class:`EigenResult`: float64 ``values`` and ``residuals``, ``n_hvp`` from ``op``."""
+    return EigenResult(
+        values=torch.as_tensor(values, dtype=torch.float64),
+        vectors=vectors,
+        residuals=torch.as_tensor(residuals, dtype=torch.float64),
+        n_hvp=op.n_products,
+        converged=converged,
+        method=method,
+    )
+
+
 def _finish(
     op: SymmetricOperator, values: np.ndarray, vectors: Tensor, residuals: np.ndarray | None,
     tol: float, scale: float,
@@ -119,14 +134,7 @@ def _finish(
             RuntimeWarning,
             stacklevel=3,
         )
-    return EigenResult(
-        values=torch.as_tensor(values, dtype=torch.float64),
-        vectors=vectors,
-        residuals=torch.as_tensor(residuals, dtype=torch.float64),
-        n_hvp=op.n_products,
-        converged=converged,
-        method="lanczos",
-    )
+    return _result(op, values, vectors, residuals, converged, "lanczos")
 
 
 def lanczos(
@@ -170,14 +178,12 @@ def lanczos(
     random orthogonal vector, so repeated eigenvalues are found; still, one start vector sees
     a cluster of nearly equal eigenvalues slowly. Returns an :class:`EigenResult`.
     """
-    op = as_operator(operator, dim=dim, dtype=dtype, device=device)
-    op.n_products = 0
+    op, generator = prepare(operator, seed, dim=dim, dtype=dtype, device=device)
     wanted = _check(k, which, tol, op.dim)
     check = wanted if exact_residuals else 0
     budget = max_products if max_products is not None else min(op.dim, DEFAULT_MAX_STEPS) + check
     if budget < wanted + check:
         raise ValueError(f"max_products (max_hvp of hessian_eigenvalues): a budget of {budget} products cannot give {wanted} eigenpairs; use >= {wanted + check}")
-    generator = torch.Generator().manual_seed(seed)
     run = Lanczos(op, _start(op, v0, generator), budget - check, restart_on_breakdown=True, generator=generator)
     at_last_breakdown = None
     for steps in run:
@@ -226,11 +232,9 @@ def power_iteration(
     slow, and power iteration finds the eigenvalue of largest *magnitude*: use :func:`lanczos`
     for accuracy. ``max_products`` caps the total. Residuals come from the last product (free).
     """
-    op = as_operator(operator, dim=dim, dtype=dtype, device=device)
-    op.n_products = 0
+    op, generator = prepare(operator, seed, dim=dim, dtype=dtype, device=device)
     _check(k, "largest", tol, op.dim)
     budget = max_products if max_products is not None else k * max_iter
-    generator = torch.Generator().manual_seed(seed)
     found = torch.zeros(op.dim, 0, device=op.device, dtype=op.dtype)
     values, residuals, all_met = [], [], True
 
@@ -259,14 +263,7 @@ def power_iteration(
         found = torch.cat([found, v[:, None]], dim=1)
     if not all_met:
         warnings.warn(f"power: stopping rule not met within {max_iter} iterations", RuntimeWarning, stacklevel=2)
-    return EigenResult(
-        values=torch.tensor(values, dtype=torch.float64),
-        vectors=found,
-        residuals=torch.tensor(residuals, dtype=torch.float64),
-        n_hvp=op.n_products,
-        converged=all_met,
-        method="power",
-    )
+    return _result(op, values, found, residuals, all_met, "power")
 
 
 def hessian_eigenvalues(

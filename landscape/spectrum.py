@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ._functional import LossFn, ParamSelector
-from ._lanczos import Lanczos, OperatorLike, as_operator, random_block, ritz
+from ._lanczos import Lanczos, OperatorLike, prepare, random_block, ritz
 from .hvp import Backend, HessianOperator, as_hessian
 
 DEFAULT_RELATIVE_SIGMA = 0.01
@@ -114,8 +114,7 @@ def spectral_density(
             numbers (1 GiB in float32). The result does not depend on it.
         seed: seeds the start vectors.
     """
-    op = as_operator(operator, dim=dim, dtype=dtype, device=device)
-    op.n_products = 0
+    op, generator = prepare(operator, seed, dim=dim, dtype=dtype, device=device)
     for name, value in (("num_runs", num_runs), ("num_steps", num_steps), ("grid_size", grid_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: must be a positive integer (got {value!r})")
@@ -125,7 +124,6 @@ def spectral_density(
         raise ValueError(f"relative_sigma: must be > 0 (got {relative_sigma!r})")
     steps = min(num_steps, op.dim)
     chunk = parallel_runs or max(1, min(num_runs, MAX_BASIS_NUMBERS // (steps * op.dim)))
-    generator = torch.Generator().manual_seed(seed)
     nodes = np.full((num_runs, steps), np.nan)
     weights = np.zeros((num_runs, steps))
     starts = random_block(op.dim, num_runs, generator, rademacher=True, like=op)  # same for any chunking

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ._functional import LossFn, ParamSelector
-from ._lanczos import OperatorLike, SymmetricOperator, as_operator, random_block
+from ._lanczos import OperatorLike, SymmetricOperator, prepare, random_block
 from .hvp import Backend, HessianOperator, as_hessian
 
 TraceMethod = Literal["hutch++", "hutchinson"]
@@ -107,8 +107,7 @@ def estimate_trace(
             else 16.
         seed: seeds every probe.
     """
-    op = as_operator(operator, dim=dim, dtype=dtype, device=device)
-    op.n_products = 0
+    op, generator = prepare(operator, seed, dim=dim, dtype=dtype, device=device)
     if method not in ("hutch++", "hutchinson"):
         raise ValueError(f"method: must be 'hutch++' or 'hutchinson' (got {method!r})")
     if not rtol > 0:
@@ -116,7 +115,6 @@ def estimate_trace(
     block = block_size or getattr(operator, "block_size", 16)
     if block < 2:
         raise ValueError(f"block_size: must be >= 2 so that a standard error exists (got {block})")
-    generator = torch.Generator().manual_seed(seed)
     basis, exact_part, sketch = None, 0.0, 0
     if method == "hutch++":
         sketch = min(op.dim, 32, max_products // 4) if sketch_size is None else int(sketch_size)

@@ -30,6 +30,17 @@ def make_batches(seed: int = 1, sizes=BATCH_SIZES, dtype=torch.float64) -> list[
     return list(zip(torch.split(x, list(sizes)), torch.split(y, list(sizes))))
 
 
+def rescaled(model: nn.Sequential, scale: float = 4.0) -> nn.Sequential:
+    """A copy computing the same function (Dinh et al. 2017): layer 0 (weight and bias) times
+    ``scale``, layer 2's weight divided by it (ReLU is positively homogeneous)."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        out[0].weight.mul_(scale)
+        out[0].bias.mul_(scale)
+        out[2].weight.div_(scale)
+    return out
+
+
 def dense_hessian_of(
     model: nn.Module, loss_fn: Callable, batches: list[tuple[Tensor, Tensor]], names: list[str] | None = None
 ) -> Tensor:

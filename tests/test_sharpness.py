@@ -11,6 +11,7 @@ import pytest
 import scipy.optimize
 import scipy.stats
 import torch
+from conftest import rescaled
 from torch import nn
 from torch.func import functional_call, hessian
 
@@ -88,16 +89,6 @@ def trained() -> tuple[nn.Sequential, tuple[torch.Tensor, torch.Tensor]]:
         opt.step()
     model.zero_grad(set_to_none=True)
     return model, (X, y)
-
-
-def rescaled(model: nn.Sequential, a: float = 4.0) -> nn.Sequential:
-    """Dinh et al.: first layer (weight and bias) times ``a``, the next weight times ``1/a``."""
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        out[0].weight.mul_(a)
-        out[0].bias.mul_(a)
-        out[2].weight.div_(a)
-    return out
 
 
 def dense_hessian(

@@ -24,7 +24,7 @@ from landscape.evaluate import (
 )
 from landscape.surface import quadratic_fit, ray_crossing
 
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, rescaled, snapshot
 
 
 class Quadratic(nn.Module):
@@ -169,17 +169,6 @@ def test_chunking_and_batches_do_not_change_values():
     s = surface_2d(model, loss_fn, loader, steps=5)
     np.testing.assert_allclose(s.loss, ref.loss, rtol=1e-5)
     np.testing.assert_allclose(s.accuracy, ref.accuracy, rtol=1e-6)
-
-
-def rescaled(model: nn.Module, scale: float) -> nn.Module:
-    """A copy computing the same function: layer 0 (weight and bias) times ``scale``, layer 2's
-    weight divided by it (ReLU is positively homogeneous)."""
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        model[0].weight.mul_(scale)
-        model[0].bias.mul_(scale)
-        model[2].weight.div_(scale)
-    return model
 
 
 def scaled_mlp(scale: float) -> nn.Module:

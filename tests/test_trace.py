@@ -90,13 +90,15 @@ def test_float32_operator():
     assert r32.value == pytest.approx(r64.value, rel=1e-4)
 
 
-def test_bad_arguments_name_the_field(classifier_data):
-    _, _, _, dense = classifier_data
-    with pytest.raises(ValueError, match="method"):
-        estimate_trace(dense, method="girard")
-    with pytest.raises(ValueError, match="rtol"):
-        estimate_trace(dense, rtol=0)
-    with pytest.raises(ValueError, match="block_size"):
-        estimate_trace(dense, block_size=1)
-    with pytest.raises(ValueError, match="max_products"):
-        estimate_trace(dense, sketch_size=10, max_products=21)
+@pytest.mark.parametrize(
+    "field, options",
+    [
+        ("method", {"method": "girard"}),
+        ("rtol", {"rtol": 0}),
+        ("block_size", {"block_size": 1}),
+        ("max_products", {"sketch_size": 10, "max_products": 21}),
+    ],
+)
+def test_bad_arguments_name_the_field(classifier_data, field, options):
+    with pytest.raises(ValueError, match=field):
+        estimate_trace(classifier_data[3], **options)

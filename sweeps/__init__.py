@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "SweepConfig": ".config",
     "load_config": ".config",
-    "ConfigError": ".config",
+    "ConfigError": ".errors",
     "run_trial": ".trial",
     "TrialResult": ".trial",
     "run_sweep": ".runner",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import importlib
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,21 +34,17 @@ from pydantic import (
     model_validator,
 )
 
+# Defined in modules of their own so that data.py and models.py need not import this one;
+# both names stay importable from here.
+from .errors import ConfigError
+from .imports import import_object  # noqa: F401  (re-exported)
+
 # Final trial metrics every trial reports (besides the measures); valid objective metrics.
 TRIAL_METRICS = (
     "train_loss", "train_acc", "test_loss", "test_acc", "gen_gap",
     "epochs", "steps", "train_seconds", "n_train", "n_test", "num_params",
 )
 _SKIP_SPACE_CHECK = "skip_space_check"
-
-
-class ConfigError(ValueError):
-    """A config that does not validate. ``str()`` has one line per problem:
-    ``"dotted.field: problem (got X)"``; :attr:`problems` holds the lines as a list."""
-
-    def __init__(self, problems: str | Sequence[str]):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(self.problems))
 
 
 # --- reusable field checks -------------------------------------------------------------------
@@ -567,21 +562,3 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
         key, value = parse_override(text)
         _set_dotted(data, key, value)
     return _validate(data)
-
-
-def import_object(path: str) -> Any:
-    """``"package.module:name"`` -> the object (``ValueError`` naming what is missing)."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"expected 'package.module:name' (got {path!r})")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"cannot import module {module_name!r}: {err}") from None
-    try:
-        obj = module
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except AttributeError:
-        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
-    return obj

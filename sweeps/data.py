@@ -33,13 +33,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .config import ConfigError, DatasetConfig
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: config.py imports this module to check dataset names
+    from .config import DatasetConfig
 
 
 @dataclass
@@ -333,7 +336,7 @@ def add_label_noise(y: Tensor, fraction: float, num_classes: int, generator: tor
 
 def load_dataset(cfg: DatasetConfig) -> Dataset:
     """Load ``cfg.name`` and apply ``train_size``, ``test_size`` and ``label_noise`` (seeded by
-    ``cfg.seed``). Raises :class:`~sweeps.config.ConfigError` for sizes/options that do not fit."""
+    ``cfg.seed``). Raises :class:`~sweeps.errors.ConfigError` for sizes/options that do not fit."""
     _check_options(cfg.name, cfg.options)
     root = Path(cfg.root).expanduser() if cfg.root else cache_dir() / cfg.name
     options = tuple(sorted(cfg.options.items()))

@@ -25,13 +25,18 @@ global RNG state.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig, import_object
+from .errors import ConfigError
+from .imports import import_object
 
-Builder = Callable[[ModelConfig, tuple[int, ...], int], nn.Module]
+if TYPE_CHECKING:  # annotations only: config.py imports this module to check model names
+    from .config import ModelConfig
+
+Builder = Callable[["ModelConfig", tuple[int, ...], int], nn.Module]
 MODELS: dict[str, Builder] = {}
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -185,7 +190,7 @@ def resnet(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> nn.Module:
     """Build the model named by ``cfg`` with initialization seeded by ``seed``.
 
-    The global RNG state is left as it was. Raises :class:`~sweeps.config.ConfigError` when
+    The global RNG state is left as it was. Raises :class:`~sweeps.errors.ConfigError` when
     the model does not fit the data (e.g. a CNN on flat inputs).
     """
     input_shape = tuple(int(d) for d in input_shape)

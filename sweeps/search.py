@@ -280,6 +280,7 @@ def tell(study: optuna.Study, trial_number: int, status: str, metrics: Mapping[s
     ``fail_reason`` user attr.
     """
     state = TrialStatus(status).optuna_state if is_finished(status) else TrialState.FAIL
+    storage, trial_id = _trial_storage(study, trial_number)
     values = None
     if state == TrialState.COMPLETE:
         names = study.user_attrs.get("objective") or study.metric_names or []
@@ -288,26 +289,38 @@ def tell(study: optuna.Study, trial_number: int, status: str, metrics: Mapping[s
             values = [float(v) for v in raw]
         else:
             missing = [n for n, v in zip(names, raw) if v is None or not math.isfinite(float(v))]
-            study._storage.set_trial_user_attr(
-                _trial_id(study, trial_number), "fail_reason", f"objective metric(s) missing or not finite: {missing}"
-            )
+            storage.set_trial_user_attr(trial_id, "fail_reason", f"objective metric(s) missing or not finite: {missing}")
             state = TrialState.FAIL
-    trial_id = _trial_id(study, trial_number)
-    study._storage.set_trial_user_attr(trial_id, "status", status)
+    storage.set_trial_user_attr(trial_id, "status", status)
     study.tell(trial_number, values, state=state, skip_if_finished=True)
     return state
 
 
-def _trial_id(study: optuna.Study, trial_number: int) -> int:
-    return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
+def _trial_storage(study: optuna.Study, trial_number: int) -> tuple[optuna.storages.BaseStorage, int]:
+    """The study's storage and its id of trial ``trial_number``: to set user attrs on a trial that
+    the caller knows by number only.
+
+    Optuna has no public API for that. User attrs are set through ``optuna.Trial.set_user_attr``
+    on the ``Trial`` that ``study.ask()`` returned, but the driver passes trial numbers, and a
+    RUNNING trial left by a killed driver has no ``Trial`` object at all (``optuna.Trial``'s
+    constructor would run the sampler's ``before_trial`` again); ``Study.tell`` takes a number but
+    no user attrs, and a finished trial can no longer be changed. The storage methods used with
+    the result are public (:class:`optuna.storages.BaseStorage`); reaching the study's storage is
+    not: ``Study._storage`` is the one private Optuna name in ``sweeps``.
+    """
+    storage = study._storage  # private: no public accessor of a study's storage (Optuna 5.0)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return storage, storage.get_trial_id_from_study_id_trial_number(study_id, trial_number)
 
 
 def interrupt(study: optuna.Study, trial: FrozenTrial | int) -> bool:
     """Mark a RUNNING trial ``interrupted`` (told FAIL) and re-enqueue its point for a later run.
 
     Returns ``False`` when there was no point to re-enqueue (see :func:`_assigned_point`)."""
-    frozen = study._storage.get_trial(_trial_id(study, trial)) if isinstance(trial, int) else trial
-    study._storage.set_trial_user_attr(frozen._trial_id, "status", TrialStatus.INTERRUPTED.value)
+    number = trial if isinstance(trial, int) else trial.number
+    storage, trial_id = _trial_storage(study, number)
+    frozen = storage.get_trial(trial_id) if isinstance(trial, int) else trial
+    storage.set_trial_user_attr(trial_id, "status", TrialStatus.INTERRUPTED.value)
     if frozen.state == TrialState.RUNNING:
         study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
     point = _assigned_point(study, frozen)

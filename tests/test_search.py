@@ -104,7 +104,9 @@ def test_a_grid_trial_killed_before_it_had_a_point_is_not_reenqueued(storage):
     config = make_config()
     study = search.open_study(config, storage)
     # the state between creating the trial and the grid sampler's before_trial: no point yet
-    number = study._storage.get_trial(study._storage.create_new_trial(study._study_id)).number
+    # (add_trial stores the trial as given, without the sampler)
+    study.add_trial(optuna.trial.create_trial(state=TrialState.RUNNING))
+    (number,) = [t.number for t in search.stale_trials(study)]
     assert not search.interrupt(study, number)
     drive(study, config, 6)
     assert sorted(search.grid_points_done(study, ["train.lr", "model.width"])) == sorted(
@@ -210,3 +212,34 @@ def test_server_storage_is_one_pool_per_process():
         assert 1 <= open_connections <= 2, open_connections
     finally:
         pg.drop_all()
+
+
+def test_only_public_optuna_apis_but_the_storage_of_a_study():
+    """In the modules that use Optuna, no private attribute of another object is read, except
+    ``study._storage`` in ``search._trial_storage`` (no public accessor; see its docstring)."""
+    import ast
+    from pathlib import Path
+
+    class Finder(ast.NodeVisitor):
+        def __init__(self, file: str) -> None:
+            self.file, self.scope, self.found = file, "<module>", set()
+
+        def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+            outer, self.scope = self.scope, node.name
+            self.generic_visit(node)
+            self.scope = outer
+
+        def visit_Attribute(self, node: ast.Attribute) -> None:
+            owner = ast.unparse(node.value)
+            if node.attr.startswith("_") and not node.attr.startswith("__") and owner not in ("self", "cls"):
+                self.found.add((self.file, self.scope, f"{owner}.{node.attr}"))
+            self.generic_visit(node)
+
+    found = set()
+    for path in sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        if any(isinstance(n, (ast.Import, ast.ImportFrom)) and "optuna" in ast.unparse(n) for n in ast.walk(tree)):
+            finder = Finder(path.name)
+            finder.visit(tree)
+            found |= finder.found
+    assert found == {("search.py", "_trial_storage", "study._storage")}

@@ -1,0 +1,22 @@
+"""The error a config that does not validate raises: :class:`ConfigError`, one line per problem.
+
+A module of its own (it imports nothing from ``sweeps``) so that the config schema and the
+modules that check a config against what they build (:mod:`sweeps.data`, :mod:`sweeps.models`)
+can all raise it without importing each other. ``sweeps.config.ConfigError`` is the same class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class ConfigError(ValueError):
+    """A config that does not validate. ``str()`` has one line per problem:
+    ``"dotted.field: problem (got X)"``; :attr:`problems` holds the lines as a list."""
+
+    def __init__(self, problems: str | Sequence[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+__all__ = ["ConfigError"]

@@ -585,35 +585,42 @@ class _Driver:
             if member is None:
                 continue
             self.tracker.log_metrics(member.run_id, [(self._track_names(m), step, ts) for m, step, ts in records])
-            for metrics, step, _ in records:
-                member.view.latest, member.view.step = dict(metrics), step
-                self._maybe_prune(member, metrics, step)
+            if records:
+                member.view.latest, member.view.step = dict(records[-1][0]), records[-1][1]
+            self._maybe_prune(member, records)
 
     def _track_names(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """In-training landscape values go to MLflow as ``track.<key>``: under the bare key the last
         tracked value would stand in for the final measure of a trial that has none (diverged)."""
         return {f"track.{key}" if key in self.track_keys else key: value for key, value in metrics.items()}
 
-    def _maybe_prune(self, member: _Member, metrics: Mapping[str, float], step: int) -> None:
-        if isinstance(self.study.pruner, optuna.pruners.NopPruner):
+    def _maybe_prune(self, member: _Member, records: list[tuple[dict[str, float], int, int]]) -> None:
+        """Report a member's new objective values (at the epochs of :func:`is_pruning_epoch`) and
+        ask the pruner once per batch of records whether to stop it."""
+        if isinstance(self.study.pruner, optuna.pruners.NopPruner) or member.pruned is not None:
             return
         objective = self.config.objective.metrics[0]
-        value = metrics.get(objective)
-        if value is None or not math.isfinite(value) or step <= member.last_step or member.pruned is not None:
+        reported = None
+        for metrics, step, _ in records:
+            value = metrics.get(objective)
+            if value is None or not math.isfinite(value) or step <= member.last_step:
+                continue
+            if "epoch" in metrics and not is_pruning_epoch(int(metrics["epoch"])):
+                continue
+            member.last_step = step
+            member.trial.report(float(value), step)
+            reported = (metrics, step, value)
+        if reported is None or not member.trial.should_prune():
             return
-        if "epoch" in metrics and not is_pruning_epoch(int(metrics["epoch"])):
-            return
-        member.last_step = step
-        member.trial.report(float(value), step)
-        if member.trial.should_prune():
-            import ray
+        import ray
 
-            member.pruned = dict(metrics)
-            if self.stops is not None:  # the population stops this member after its epoch; the others go on
-                self.stops.stop.remote(member.trial.number, f"pruned at step {step} ({objective}={value:.4g})")
-                return
-            gen = next(g for g, task in self.in_flight.items() if member in task.members.values())
-            ray.cancel(gen, force=False)  # KeyboardInterrupt in the task: the worker (and its imports) survives
+        metrics, step, value = reported
+        member.pruned = dict(metrics)
+        if self.stops is not None:  # the population stops this member after its epoch; the others go on
+            self.stops.stop.remote(member.trial.number, f"pruned at step {step} ({objective}={value:.4g})")
+            return
+        gen = next(g for g, task in self.in_flight.items() if member in task.members.values())
+        ray.cancel(gen, force=False)  # KeyboardInterrupt in the task: the worker (and its imports) survives
 
     def _collect(self, gen: Any) -> list[tuple[_Member, dict[str, Any]]]:
         """The next member record of a ready task, or what its end or its failure means for the

@@ -57,8 +57,6 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from landscape.metrics import result_keys
-
 from . import search
 from .batching import AskedTrial, PointQueue, population_size
 from .connections import Connections, check_reachable, redact, resolve
@@ -202,6 +200,16 @@ def _check_pruning(config: Any) -> None:
             f"prune: objective {config.objective.metrics[0]!r} is measured after convergence, so a pruned "
             "trial would lack it; prune only on train_loss/train_acc/test_loss/test_acc/gen_gap"
         )
+
+
+def mlflow_names(kind: str, values: Mapping[str, float]) -> dict[str, float]:
+    """The MLflow metric names of a streamed training record: a tracking record's values go to
+    ``track.<key>`` (under the bare key the last tracked ``hessian_top_eig`` would stand in for
+    the final measure of a trial that has none), but for the ``epoch`` and ``lr`` it shares
+    with the epoch records."""
+    if kind != "track":
+        return dict(values)
+    return {key if key in ("epoch", "lr") else f"track.{key}": value for key, value in values.items()}
 
 
 def is_pruning_epoch(epoch: int) -> bool:
@@ -466,7 +474,6 @@ class _Driver:
             self.stops = ray.remote(StopBoard).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote()
         self.max_retries, self.trial_fn = max_retries, trial_fn
         self.population = self._population_setting(config, study, trial_fn)
-        self.track_keys = set(result_keys(config.train.track.metrics))
         self.points = PointQueue(study, config)
         self.in_flight: dict[Any, _Task] = {}
         self.by_number: dict[int, _Member] = {}
@@ -584,24 +591,19 @@ class _Driver:
             member = self.by_number.get(number)
             if member is None:
                 continue
-            self.tracker.log_metrics(member.run_id, [(self._track_names(m), step, ts) for m, step, ts in records])
+            self.tracker.log_metrics(member.run_id, [(mlflow_names(kind, m), step, ts) for kind, m, step, ts in records])
             if records:
-                member.view.latest, member.view.step = dict(records[-1][0]), records[-1][1]
-            self._maybe_prune(member, records)
+                member.view.latest, member.view.step = dict(records[-1][1]), records[-1][2]
+            self._maybe_prune(member, [(m, step) for kind, m, step, _ in records if kind == "epoch"])
 
-    def _track_names(self, metrics: Mapping[str, float]) -> dict[str, float]:
-        """In-training landscape values go to MLflow as ``track.<key>``: under the bare key the last
-        tracked value would stand in for the final measure of a trial that has none (diverged)."""
-        return {f"track.{key}" if key in self.track_keys else key: value for key, value in metrics.items()}
-
-    def _maybe_prune(self, member: _Member, records: list[tuple[dict[str, float], int, int]]) -> None:
-        """Report a member's new objective values (at the epochs of :func:`is_pruning_epoch`) and
-        ask the pruner once per batch of records whether to stop it."""
+    def _maybe_prune(self, member: _Member, records: list[tuple[dict[str, float], int]]) -> None:
+        """Report a member's new objective values from its epoch records (at the epochs of
+        :func:`is_pruning_epoch`) and ask the pruner once per batch whether to stop it."""
         if isinstance(self.study.pruner, optuna.pruners.NopPruner) or member.pruned is not None:
             return
         objective = self.config.objective.metrics[0]
         reported = None
-        for metrics, step, _ in records:
+        for metrics, step in records:
             value = metrics.get(objective)
             if value is None or not math.isfinite(value) or step <= member.last_step:
                 continue

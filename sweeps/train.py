@@ -203,7 +203,26 @@ def _cross_entropies(outputs: Tensor, labels: Tensor) -> Tensor:
     return -log_p.gather(0, labels.unsqueeze(0)).squeeze(0)
 
 
-LogMemberFn = Callable[[int, dict[str, float], int], None]
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """One record of training as it is streamed: an epoch's evaluation or a tracking point.
+
+    Attributes:
+        kind: ``"epoch"`` (train/test loss and accuracy, epoch, lr, seconds) or ``"track"``
+            (the tracked landscape metrics' keys, ``eos_ratio`` for ``hessian_top_eig`` with
+            SGD, epoch, lr).
+        step: optimizer steps so far.
+        values: the record's numbers (``kind`` and ``step`` not repeated).
+    """
+
+    kind: Literal["epoch", "track"]
+    step: int
+    values: dict[str, float]
+
+
+LogMemberFn = Callable[[int, TrainingRecord], None]
 ResultFn = Callable[[int, TrainResult], None]
 StopFn = Callable[[int], "str | None"]
 
@@ -301,7 +320,8 @@ class _Population:
     def emit(self, m: _Member, record: dict[str, Any]) -> None:
         m.history.append(record)
         if self.log is not None:
-            self.log(m.index, {k: float(v) for k, v in record.items() if k not in ("kind", "step")}, record["step"])
+            values = {k: float(v) for k, v in record.items() if k not in ("kind", "step")}
+            self.log(m.index, TrainingRecord(record["kind"], record["step"], values))
 
     def track(self, epoch: int) -> None:
         every = self.live[0].cfg.track.every_steps  # shared by the members
@@ -478,8 +498,8 @@ def train_population(
     schedule, stop target, max_epochs, divergence factor, data order seeded by its seed). A
     member that converges, diverges or reaches its max_epochs leaves the stack at once: its
     weights are copied into its model (trained in place), and ``on_result(index, result)`` is
-    called before the others go on. ``log(index, metrics, step)`` streams each member's epoch
-    and tracking records. ``stop(index)``, asked after each epoch, returns a reason to stop
+    called before the others go on. ``log(index, record)`` streams each member's epoch and
+    tracking records (:class:`TrainingRecord`). ``stop(index)``, asked after each epoch, returns a reason to stop
     that member now (it leaves as ``"pruned"``) or ``None``: per-member pruning.
 
     Args:
@@ -522,5 +542,5 @@ def train(
     test_loss, test_acc, epoch, lr) and every tracking point (tracked metrics, eos_ratio, lr),
     with ``step`` = optimizer steps so far. Mini-batch order is seeded by ``seed``.
     """
-    member_log = None if log is None else (lambda _, metrics, step: log(metrics, step))
+    member_log = None if log is None else (lambda _, record: log(record.values, record.step))
     return train_population([model], data, [cfg], seeds=[seed], log=member_log)[0]

@@ -23,7 +23,7 @@ from .config import SweepConfig
 from .data import Dataset, load_dataset
 from .models import build_model, count_parameters
 from .population import population_key, stack_check
-from .train import LOSSES, Status, TrainResult, train_population
+from .train import LOSSES, Status, TrainingRecord, TrainResult, train_population
 
 
 @dataclass
@@ -115,7 +115,7 @@ def run_trial(
     Returns:
         :class:`TrialResult`. Divergence is ``status="diverged"``, not an exception.
     """
-    member_log = None if log is None else (lambda _, metrics, step: log(metrics, step))
+    member_log = None if log is None else (lambda _, record: log(record.values, record.step))
     out_dirs = None if out_dir is None else [out_dir]
     return run_population([config], on_result=lambda _, __: None, log=member_log, out_dirs=out_dirs, device=device)[0]
 
@@ -124,7 +124,7 @@ def run_population(
     configs: Sequence[SweepConfig],
     *,
     on_result: Callable[[int, TrialResult], None],
-    log: Callable[[int, dict[str, float], int], None] | None = None,
+    log: Callable[[int, TrainingRecord], None] | None = None,
     out_dirs: Sequence[str | Path] | None = None,
     device: str | None = None,
     on_error: Callable[[int, str], None] | None = None,
@@ -142,8 +142,8 @@ def run_population(
         configs: trials with one :func:`~sweeps.population.population_key`; more than one
             needs a stackable model (:func:`~sweeps.population.stack_check`).
         on_result: called once per member, in the order they finish.
-        log: ``log(i, metrics, step)``: member i's epoch and tracking records, as
-            :func:`run_trial`'s ``log``.
+        log: ``log(i, record)``: member i's epoch and tracking records
+            (:class:`~sweeps.train.TrainingRecord`: kind, step, values).
         out_dirs: one folder per member for its files, or ``None``.
         device: as for :func:`run_trial`; threads from ``configs[0].resources.cpus_per_trial``.
         on_error: if given, a member whose measures or files raise is reported as
@@ -193,7 +193,7 @@ def _cpu_threads(cpus: float | None) -> Iterator[None]:
 
 
 def _run(configs: list[SweepConfig], on_result: Callable[[int, TrialResult], None],
-         log: Callable[[int, dict[str, float], int], None] | None, out_dirs: Sequence[str | Path] | None, device: str,
+         log: Callable[[int, TrainingRecord], None] | None, out_dirs: Sequence[str | Path] | None, device: str,
          on_error: Callable[[int, str], None] | None, on_trained: Callable[[int, TrainedMember], None] | None,
          stop: Callable[[int], str | None] | None) -> list[TrialResult | None]:
     data = load_dataset(configs[0].dataset).to(device)

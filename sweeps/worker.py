@@ -82,15 +82,26 @@ class StopPoll:
 
 
 class MetricStream:
-    """The ``log(metrics, step)`` callback of one trial: buffers, flushes to the driver's queue."""
+    """One trial's in-training records: buffers them, flushes them to the driver's queue as
+    ``(trial number, [(kind, values, step, timestamp ms), ...])``.
+
+    Called as the ``log(metrics, step)`` of a trial function (kind ``"epoch"``), or given
+    :class:`~sweeps.train.TrainingRecord` objects with :meth:`record`.
+    """
 
     def __init__(self, queue: Any, trial_number: int) -> None:
         self.queue, self.trial_number = queue, trial_number
-        self.buffer: list[tuple[dict[str, float], int, int]] = []
+        self.buffer: list[tuple[str, dict[str, float], int, int]] = []
         self.last_flush = time.monotonic()
 
     def __call__(self, metrics: Mapping[str, float], step: int) -> None:
-        self.buffer.append((dict(metrics), int(step), int(time.time() * 1000)))
+        self.add("epoch", metrics, step)
+
+    def record(self, record: Any) -> None:
+        self.add(record.kind, record.values, record.step)
+
+    def add(self, kind: str, metrics: Mapping[str, float], step: int) -> None:
+        self.buffer.append((kind, dict(metrics), int(step), int(time.time() * 1000)))
         if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
             self.flush()
 
@@ -166,7 +177,7 @@ def _members(trial_fn: TrialFn | None, configs: Sequence[Any], streams: Sequence
         try:
             run_population(
                 configs, on_result=lambda i, r: done.put((i, r, None)), on_error=lambda i, tb: done.put((i, None, tb)),
-                log=lambda i, metrics, step: streams[i](metrics, step), out_dirs=out_dirs, device=device,
+                log=lambda i, record: streams[i].record(record), out_dirs=out_dirs, device=device,
                 on_trained=(lambda i, member: done.put((i, member, None))) if measure_apart else None, stop=stop,
             )
         except Exception:

@@ -104,7 +104,7 @@ def test_each_member_leaves_with_what_it_gets_alone(batch_size):
     order, logged = [], []
     models = [build(c) for c in configs]
     together = train_population(models, data, [c.train for c in configs], seeds=[c.seed for c in configs],
-                                log=lambda i, m, s: logged.append((i, s)), on_result=lambda i, r: order.append((i, r.steps)))
+                                log=lambda i, r: logged.append((i, r)), on_result=lambda i, r: order.append((i, r.steps)))
     for name, a, b, (_, status) in zip(EXITS, alone, together, EXITS.values()):
         assert (b.status, b.reason, b.epochs, b.steps) == (a.status, a.reason, a.epochs, a.steps), name
         assert status is None or a.status == status, (name, a.reason)
@@ -115,7 +115,8 @@ def test_each_member_leaves_with_what_it_gets_alone(batch_size):
     assert all(math.isfinite(p) for m in models[1:] for p in torch.cat([q.reshape(-1) for q in m.parameters()]).tolist())
     assert [s for _, s in order] == sorted(s for _, s in order) and len(order) == 4  # ... leaves at once, in step order
     for i, r in enumerate(together):
-        assert [s for j, s in logged if j == i] == [rec["step"] for rec in r.history]
+        typed = [(rec.kind, rec.step, rec.values.get("train_loss")) for j, rec in logged if j == i]  # typed records, as kept
+        assert typed == [(rec["kind"], rec["step"], rec.get("train_loss")) for rec in r.history]
 
 
 def test_tracked_lambda_max_equals_the_one_tracked_alone():

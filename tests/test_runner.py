@@ -97,6 +97,7 @@ def test_grid_of_8_records_parent_children_and_typed_results(tmp_path):
         assert len({m.step for m in history}) >= 3  # per-epoch curve with steps
         tracked = client.get_metric_history(run.info.run_id, "track.hessian_top_eig")
         assert len(tracked) >= 2  # in-training landscape metrics, streamed under track.<name>
+        assert "track.eos_ratio" in run.data.metrics and "eos_ratio" not in run.data.metrics  # the whole record
         assert len(client.get_metric_history(run.info.run_id, "hessian_top_eig")) == 1  # the final measure
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"history.json", "hessian_top_eig.npz"} <= files

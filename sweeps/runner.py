@@ -61,6 +61,7 @@ from . import search
 from .batching import AskedTrial, PointQueue, population_size
 from .connections import Connections, check_reachable, redact, resolve
 from .lease import DriverLease, LeaseLostError
+from .live import LiveCorrelation, live_target
 from .progress import ProgressView, RunningTrial, Snapshot
 from .status import TrialStatus, is_finished
 from .worker import StopBoard, TrialFn, measure_task, population_task
@@ -484,6 +485,22 @@ class _Driver:
         self.started = time.monotonic()
         self.launched = 0
         self._told_why: set[Any] = set()
+        self.live = self._live_correlation() if config.measure else None
+
+    def _live_correlation(self) -> LiveCorrelation:
+        """The live tau table on the parent run (:mod:`sweeps.live`); a resumed sweep's series
+        starts from the trials it has recorded already."""
+        from .queries import results
+
+        def write(metrics: dict[str, float], step: int, figures: Path) -> None:
+            self.tracker.log_metrics(self.parent, [(metrics, step, int(time.time() * 1000))])
+            self.tracker.client.log_artifacts(self.parent, str(figures), artifact_path="live")
+
+        history = None
+        if self.finished:
+            history = lambda: results(self.config.name, self.conn.tracking_uri)  # noqa: E731
+        return LiveCorrelation(live_target(self.config.objective.metrics), list(self.config.search.space), write,
+                               self.view.log, history=history)
 
     def _population_setting(self, config: Any, study: optuna.Study, trial_fn: TrialFn | None) -> int | str:
         setting = config.resources.population_size
@@ -519,6 +536,8 @@ class _Driver:
             self._fill(unrecorded=len(done))
             for member, result in done:
                 self._record(member, result)
+            if self.live is not None:
+                self.live.poll()
             self.view.update(self._snapshot())
             if self.stop.requested:
                 return
@@ -683,6 +702,8 @@ class _Driver:
             tags={f"sweeps.{k}": str(result[k]) for k in ("node_id", "node_ip") if result.get(k)},
         )
         self._tell(number, status, metrics)
+        if self.live is not None:
+            self.live.add(number, status, member.view.point, metrics)
         self.by_number.pop(number, None)
         self.durations.append(time.monotonic() - member.view.started)
         tail = result["traceback"].strip().splitlines()[-1] if result["traceback"] else ""
@@ -728,6 +749,8 @@ class _Driver:
         self.in_flight.clear()
         self.measuring.clear()
         self.points.pending.clear()
+        if record and self.live is not None:
+            self.live.close()  # the last update, with every trial recorded
         try:
             self.queue.shutdown()
         except Exception:  # the queue actor may already be gone with its cluster

@@ -34,7 +34,9 @@ import sweeps
 from sweeps import search
 from sweeps.cli import main
 from sweeps.config import load_config
+from sweeps.analysis import tau_table
 from sweeps.lease import current_holder
+from sweeps.live import LIVE_BOOTSTRAP, live_target
 
 # Two shapes (widths), four trials each: with population_size auto and two task slots, each
 # shape is one population, whose max_epochs 4 members finish while the max_epochs 16 ones train.
@@ -111,7 +113,19 @@ def assert_complete_and_clean(results_dir: Path, name: str, storage: str | None 
     assert not [r for r in runs if r.info.status == "RUNNING"]
     parents = [r for r in runs if r.data.tags.get("sweeps.role") == "parent"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # reopened on resume, not duplicated
+    assert_live_series(client, parents[0], frame)
     return frame
+
+
+def assert_live_series(client: MlflowClient, parent, frame: pd.DataFrame) -> None:
+    """The live tau series on the parent run ends at the tau table of every recorded trial (those
+    a killed or interrupted driver recorded included: a resumed series continues)."""
+    table = tau_table(frame, live_target(["test_acc"]), n_boot=LIVE_BOOTSTRAP)
+    history = sorted(client.get_metric_history(parent.info.run_id, "live.n_models"), key=lambda m: (m.timestamp, m.step))
+    steps = [m.step for m in history]
+    assert steps and steps == sorted(steps) and steps[-1] == table.attrs["n_models"], steps
+    for column in ("tau", "tau_ci_low", "tau_ci_high"):
+        assert parent.data.metrics[f"live.{column}.hessian_top_eig"] == pytest.approx(table.loc["hessian_top_eig", column], abs=1e-12)
 
 
 def start_driver(tmp_path, name, ray_address, storage=None, lease_seconds=None, quiet=True):

@@ -387,7 +387,7 @@ def postgres_stores(root: Path, admin_url: str) -> Iterator[Callable[[str], tupl
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", mlflow_url,
              "--default-artifact-root", (root / f"artifacts-{label}").as_uri(), "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1"],
+             "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT)
         servers.append(server)
         uri = f"http://127.0.0.1:{port}"

@@ -82,11 +82,11 @@ def _trial_runs(
     ``runs`` (``sweep``-less id columns ``trial_number``, ``status``, ``run_id``, ``_end``),
     ``params`` and ``metrics`` (latest values; one row per run id, one column per key).
 
-    A database tracking store (SQLite, PostgreSQL, MySQL) is read with three SQL queries on
+    A database tracking store (SQLite, PostgreSQL, MySQL) is read with four SQL queries on
     MLflow's own tables (:func:`_sql_runs`); any other (an ``mlflow server``) with paged
     ``search_runs``. ``use_sql`` forces one way (tests compare them).
     """
-    store = client._tracking_client.store
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
     if use_sql is None:
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
@@ -111,8 +111,8 @@ def _trial_runs(
 def _sql_runs(engine: Any, experiment_id: str, parent_run_id: str | None) -> tuple[pd.DataFrame, ...]:
     """:func:`_trial_runs` on MLflow's SQL tables (``runs``, ``tags``, ``params``,
     ``latest_metrics``, declared by MLflow's own models): what ``search_runs`` returns for an
-    active run, without building an MLflow entity per tag, param and metric (at 10,000 trials
-    ``search_runs`` builds ~800,000 of them: most of a minute here, against a few seconds)."""
+    active run, without building an ORM object and an MLflow entity per tag, param and metric
+    (``search_runs`` builds ~800,000 of each at 10,000 trials; see docs/benchmarks.md)."""
     import sqlalchemy as sa
     from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
 

@@ -24,9 +24,12 @@ hyperparameters) and ``measures`` (see :func:`summary_columns`).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,113 @@ def _all_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> l
         token = page.token
         if not token:
             return runs
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a read builds many small objects (MLflow and
+    Optuna entities, SQLAlchemy rows): at 10,000 trials its full passes cost more than the read."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _trial_runs(
+    client: MlflowClient, experiment_id: str, parent_run_id: str | None, *, use_sql: bool | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The sweep's active trial runs (children of ``parent_run_id`` when given), as three frames:
+    ``runs`` (``sweep``-less id columns ``trial_number``, ``status``, ``run_id``, ``_end``),
+    ``params`` and ``metrics`` (latest values; one row per run id, one column per key).
+
+    A database tracking store (SQLite, PostgreSQL, MySQL) is read with four SQL queries on
+    MLflow's own tables (:func:`_sql_runs`); any other (an ``mlflow server``) with paged
+    ``search_runs``. ``use_sql`` forces one way (tests compare them).
+    """
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    if use_sql is None:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        use_sql = isinstance(store, SqlAlchemyStore)
+    if use_sql:
+        return _sql_runs(store.engine, experiment_id, parent_run_id)
+    filter_string = f"tags.`{ROLE_TAG}` = 'trial'"
+    if parent_run_id is not None:
+        filter_string += f" and tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    ids, rows, params, metrics = [], [], [], []
+    for run in _all_runs(client, experiment_id, filter_string):
+        tags = run.data.tags
+        ids.append(run.info.run_id)
+        rows.append((tags.get(TRIAL_TAG, "-1"), tags.get(STATUS_TAG), run.info.run_id, run.info.end_time or 0))
+        params.append(run.data.params)
+        metrics.append(run.data.metrics)
+    runs = pd.DataFrame(rows, columns=["trial_number", "status", "run_id", "_end"])
+    return (_typed_runs(runs), pd.DataFrame(params, index=pd.Index(ids, name="run_id")),
+            pd.DataFrame(metrics, index=pd.Index(ids, name="run_id"), dtype="float64"))
+
+
+def _sql_runs(engine: Any, experiment_id: str, parent_run_id: str | None) -> tuple[pd.DataFrame, ...]:
+    """:func:`_trial_runs` on MLflow's SQL tables (``runs``, ``tags``, ``params``,
+    ``latest_metrics``, declared by MLflow's own models): what ``search_runs`` returns for an
+    active run, without building an ORM object and an MLflow entity per tag, param and metric
+    (``search_runs`` builds ~800,000 of each at 10,000 trials; see docs/benchmarks.md)."""
+    import sqlalchemy as sa
+    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
+
+    run, tag = SqlRun.__table__, SqlTag.__table__
+    role = tag.alias("role")
+    chosen = (sa.select(run.c.run_uuid)
+              .join(role, sa.and_(role.c.run_uuid == run.c.run_uuid, role.c.key == ROLE_TAG, role.c.value == "trial"))
+              .where(run.c.experiment_id == int(experiment_id), run.c.lifecycle_stage == "active"))
+    if parent_run_id is not None:
+        parent = tag.alias("parent")
+        chosen = chosen.join(parent, sa.and_(parent.c.run_uuid == run.c.run_uuid, parent.c.key == PARENT_TAG,
+                                             parent.c.value == parent_run_id))
+    chosen = chosen.subquery()
+
+    def read(query: Any) -> pd.DataFrame:
+        with engine.connect() as connection:
+            result = connection.execute(query)
+            columns = list(result.keys())
+            return pd.DataFrame([tuple(row) for row in result.fetchall()], columns=columns)  # plain tuples: fast
+
+    runs = read(sa.select(run.c.run_uuid, run.c.end_time).join(chosen, chosen.c.run_uuid == run.c.run_uuid))
+    tags = read(sa.select(tag.c.run_uuid, tag.c.key, tag.c.value)
+                .join(chosen, chosen.c.run_uuid == tag.c.run_uuid).where(tag.c.key.in_([TRIAL_TAG, STATUS_TAG])))
+    param = SqlParam.__table__
+    params = read(sa.select(param.c.run_uuid, param.c.key, param.c.value)
+                  .join(chosen, chosen.c.run_uuid == param.c.run_uuid))
+    latest = SqlLatestMetric.__table__
+    metrics = read(sa.select(latest.c.run_uuid, latest.c.key, latest.c.value, latest.c.is_nan)
+                   .join(chosen, chosen.c.run_uuid == latest.c.run_uuid))
+
+    ids = pd.Index(runs["run_uuid"], name="run_id")
+    wide_tags = _wide(tags, ids)
+    out = pd.DataFrame({
+        "trial_number": wide_tags.get(TRIAL_TAG, "-1"),
+        "status": wide_tags.get(STATUS_TAG),
+        "run_id": ids,
+        "_end": runs["end_time"].fillna(0).to_numpy(),
+    }, index=ids).reset_index(drop=True)
+    if not metrics.empty:
+        metrics["value"] = metrics["value"].astype("float64").where(~metrics["is_nan"].astype(bool), float("nan"))
+    return _typed_runs(out), _wide(params, ids), _wide(metrics, ids).astype("float64")
+
+
+def _wide(long: pd.DataFrame, ids: pd.Index) -> pd.DataFrame:
+    """``(run_uuid, key, value)`` rows as one row per run id (in ``ids`` order), one column per key."""
+    if long.empty:
+        return pd.DataFrame(index=ids)
+    return long.pivot(index="run_uuid", columns="key", values="value").reindex(ids).rename_axis(columns=None)
+
+
+def _typed_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    runs["trial_number"] = pd.to_numeric(runs["trial_number"].fillna("-1"), errors="coerce").fillna(-1).astype("int64")
+    runs["_end"] = pd.to_numeric(runs["_end"]).fillna(0).astype("int64")
+    return runs
 
 
 def _parent(client: MlflowClient, experiment_id: str) -> Any | None:
@@ -141,46 +251,35 @@ def results(
     resolved = _parent_json(client, parent.info.run_id, "resolved_config.json") if parent else {}
     space = list((resolved.get("search") or {}).get("space") or {})
 
-    filter_string = f"tags.`{ROLE_TAG}` = 'trial'"
-    if parent is not None:
-        filter_string += f" and tags.`{PARENT_TAG}` = '{parent.info.run_id}'"
     keep = set(FINISHED) | ({TrialStatus.INTERRUPTED} if include_interrupted else set())
-    rows = []
-    for run in _all_runs(client, experiment.experiment_id, filter_string):
-        status = run.data.tags.get(STATUS_TAG)
-        if status not in keep:
-            continue
-        row: dict[str, Any] = {
-            "sweep": name,
-            "trial_number": int(run.data.tags.get(TRIAL_TAG, -1)),
-            "status": status,
-            "run_id": run.info.run_id,
-            "_end": run.info.end_time or 0,
-        }
-        row |= {f"param:{k}": v for k, v in run.data.params.items()}
-        row |= {f"metric:{k}": v for k, v in run.data.metrics.items()}
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return pd.DataFrame(columns=list(_ID_COLUMNS))
-    if not include_interrupted:  # a finished trial number appears once; keep its latest record
-        frame = frame.sort_values("_end").drop_duplicates("trial_number", keep="last")
-    frame = frame.sort_values("trial_number").drop(columns="_end").reset_index(drop=True)
+    with _no_gc():  # hundreds of thousands of small objects: the collector would rescan them all
+        runs, params, metrics = _trial_runs(client, experiment.experiment_id, parent.info.run_id if parent else None)
+        runs = runs[runs["status"].isin(keep)]
+        if runs.empty:
+            return pd.DataFrame(columns=list(_ID_COLUMNS))
+        if not include_interrupted:  # a finished trial number appears once; keep its latest record
+            runs = runs.sort_values("_end", kind="stable").drop_duplicates("trial_number", keep="last")
+        runs = runs.sort_values("trial_number", kind="stable")
+        runs.insert(0, "sweep", name)
+        frame = pd.concat([runs.reset_index(drop=True),
+                           params.reindex(runs["run_id"]).add_prefix("param:").reset_index(drop=True),
+                           metrics.reindex(runs["run_id"]).add_prefix("metric:").reset_index(drop=True)], axis=1)
+        frame = frame.drop(columns="_end").dropna(axis=1, how="all").reset_index(drop=True)
 
-    columns: dict[str, pd.Series] = {c: frame[c] for c in _ID_COLUMNS}
-    columns["trial_number"] = frame["trial_number"].astype("int64")
-    columns["status"] = frame["status"].astype(str)
-    params = [c.removeprefix("param:") for c in frame if c.startswith("param:")]
-    ordered = [k for k in space if k in params] + sorted(k for k in params if k not in space)
-    for key in ordered:
-        columns[key] = _cast(frame[f"param:{key}"], base.get(key))
-    for column in sorted(c for c in frame if c.startswith("metric:")):
-        key = column.removeprefix("metric:")
-        values = pd.to_numeric(frame[column], errors="coerce").astype("float64")
-        if key in _COUNT_METRICS and bool((values.dropna() % 1 == 0).all()):
-            values = values.astype("Int64")
-        columns[key if key not in columns else f"metric.{key}"] = values
-    out = pd.DataFrame(columns)
+        columns: dict[str, pd.Series] = {c: frame[c] for c in _ID_COLUMNS}
+        columns["trial_number"] = frame["trial_number"].astype("int64")
+        columns["status"] = frame["status"].astype(str)
+        names = [c.removeprefix("param:") for c in frame if c.startswith("param:")]
+        ordered = [k for k in space if k in names] + sorted(k for k in names if k not in space)
+        for key in ordered:
+            columns[key] = _cast(frame[f"param:{key}"], base.get(key))
+        for column in sorted(c for c in frame if c.startswith("metric:")):
+            key = column.removeprefix("metric:")
+            values = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+            if key in _COUNT_METRICS and bool((values.dropna() % 1 == 0).all()):
+                values = values.astype("Int64")
+            columns[key if key not in columns else f"metric.{key}"] = values
+        out = pd.DataFrame(columns)
     out.attrs.update(_column_roles(resolved, list(out.columns)))
     return out
 
@@ -228,13 +327,18 @@ def sweep_status(
         study = optuna.load_study(study_name=name, storage=search.make_storage(conn.storage))
     except KeyError:
         raise SweepNotFoundError(f"name: no sweep named {name!r} in {redact(conn.storage)}; see `sweeps list`") from None
-    counts = search.status_counts(study)
-    config = study.user_attrs.get("config", {})
-    budget = study.user_attrs.get("budget", (config.get("search") or {}).get("n_trials"))
-    try:
-        best = [{"number": t.number, "values": t.values, "params": t.params} for t in study.best_trials]
-    except ValueError:
-        best = []
+    with _no_gc():
+        # One read of the trials: the study's storage caches them, so the counts, the finished
+        # trials and the best trials below come from that read (load_study does not read them).
+        study.get_trials(deepcopy=False)
+        counts = search.status_counts(study)
+        finished = len(search.finished_trials(study))
+        config = study.user_attrs.get("config", {})
+        budget = study.user_attrs.get("budget", (config.get("search") or {}).get("n_trials"))
+        try:
+            best = [{"number": t.number, "values": t.values, "params": t.params} for t in study.best_trials]
+        except ValueError:
+            best = []
     from .lease import current_holder
 
     holder = current_holder(conn.storage, name)
@@ -242,7 +346,7 @@ def sweep_status(
         "name": name,
         "driver": None if holder is None else holder.as_dict(),
         "counts": counts,
-        "finished": len(search.finished_trials(study)),
+        "finished": finished,
         "budget": budget,
         "objective": dict(zip(study.user_attrs.get("objective", []), [d.name.lower() for d in study.directions])),
         "best": best,
@@ -263,17 +367,21 @@ def list_sweeps(*, storage: str | None = None, results_dir: str | Path | None = 
         return pd.DataFrame(columns=["name", "trials", "finished", "sampler", "objective", "started"])
     store = search.make_storage(conn.storage)
     rows = []
-    for summary in optuna.get_all_study_summaries(store, include_best_trial=False):
-        study = optuna.load_study(study_name=summary.study_name, storage=store)
-        config = summary.user_attrs.get("config", {})
-        rows.append({
-            "name": summary.study_name,
-            "trials": summary.n_trials,
-            "finished": len(search.finished_trials(study)),
-            "sampler": (config.get("search") or {}).get("sampler", "?"),
-            "objective": ",".join(
-                f"{m}:{d.name.lower()}" for m, d in zip(summary.user_attrs.get("objective", []), summary.directions)
-            ),
-            "started": summary.datetime_start,
-        })
+    with _no_gc():
+        for frozen in store.get_all_studies():
+            # one read of each study's trials (optuna.get_all_study_summaries would read them
+            # once more, and load_study's cache could not reuse that read)
+            study = optuna.load_study(study_name=frozen.study_name, storage=store)
+            trials = study.get_trials(deepcopy=False)
+            config = frozen.user_attrs.get("config", {})
+            rows.append({
+                "name": frozen.study_name,
+                "trials": len(trials),
+                "finished": len(search.finished_trials(study)),
+                "sampler": (config.get("search") or {}).get("sampler", "?"),
+                "objective": ",".join(
+                    f"{m}:{d.name.lower()}" for m, d in zip(frozen.user_attrs.get("objective", []), frozen.directions)
+                ),
+                "started": min((t.datetime_start for t in trials if t.datetime_start is not None), default=None),
+            })
     return pd.DataFrame(rows, columns=["name", "trials", "finished", "sampler", "objective", "started"])

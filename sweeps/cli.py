@@ -347,7 +347,7 @@ def _status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
-@command("status", help="trials per status, budget and best trial of a sweep (from its Optuna study)",
+@command("status", help="trials per status, budget, best trial and live correlation table of a sweep",
          arguments=_status_arguments)
 def cmd_status(args: argparse.Namespace) -> int:
     from .queries import sweep_status
@@ -367,6 +367,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("  objective: " + ", ".join(f"{m} ({d})" for m, d in info["objective"].items()))
     for best in info["best"][:5]:
         print(f"  best #{best['number']}: values={best['values']} params={best['params']}")
+    if info.get("live"):
+        live = info["live"]
+        print(f"  live correlation with {live['target']} ({live['n_models']} models; + = sharper, worse generalization):")
+        width = max(len(str(row["measure"])) for row in live["measures"])
+        for row in live["measures"]:
+            print(f"    {row['measure']:<{width}}  n={row['n']:<5.0f} tau={row['tau']:+.3f} "
+                  f"[{row['tau_ci_low']:+.3f}, {row['tau_ci_high']:+.3f}]")
     print(f"  optuna: {info['storage']}\n  mlflow: {info['tracking_uri']} (parent run {info['mlflow_parent_run_id']})")
     return 0
 

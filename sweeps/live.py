@@ -7,7 +7,8 @@ models, orientation, seed averaging and bootstrap as :func:`sweeps.correlations`
 only. The driver then logs on the parent run, with ``step`` = the number of models counted:
 
 * ``live.tau.<measure>``, ``live.tau_ci_low.<measure>``, ``live.tau_ci_high.<measure>``
-  (the 95 % percentile bootstrap interval) for every measure of the sweep, and ``live.n_models``;
+  (the 95 % percentile bootstrap interval) and ``live.n.<measure>`` (models with that measure)
+  for every measure of the sweep, and ``live.n_models``;
 * one figure per measure, ``live/<measure>.png``: the measure against test accuracy, one dot
   per converged trial, coloured by the first swept hyperparameter (replaced at every update;
   the report has the panels for the others).
@@ -39,6 +40,8 @@ UPDATE_SECONDS = 10.0
 LIVE_BOOTSTRAP = 200
 #: Metric name prefix on the parent run.
 PREFIX = "live."
+#: The columns of :func:`~sweeps.analysis.tau_table` logged per measure (``live.<column>.<measure>``).
+LIVE_COLUMNS = ("n", "tau", "tau_ci_low", "tau_ci_high")
 
 
 def live_target(objective_metrics: Sequence[str]) -> str:
@@ -55,7 +58,7 @@ def metric_names(table: pd.DataFrame) -> dict[str, float]:
     MLflow would show them as gaps anyway)."""
     out = {f"{PREFIX}n_models": float(table.attrs.get("n_models", 0))}
     for measure, row in table.iterrows():
-        for column in ("tau", "tau_ci_low", "tau_ci_high"):
+        for column in LIVE_COLUMNS:
             value = float(row[column])
             if math.isfinite(value):
                 out[f"{PREFIX}{column}.{measure}"] = value
@@ -183,18 +186,18 @@ class LiveCorrelation:
 
 def read_live_table(metrics: Mapping[str, float]) -> pd.DataFrame:
     """The latest live table from a parent run's metrics (``run.data.metrics``): one row per
-    measure with ``tau``, ``tau_ci_low``, ``tau_ci_high``; ``.attrs["n_models"]``. Empty when
-    the sweep has logged none yet."""
+    measure with the :data:`LIVE_COLUMNS`; ``.attrs["n_models"]``. Empty when the sweep has
+    logged none yet."""
     rows: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         if key.startswith(PREFIX) and key.count(".") >= 2:
             _, column, measure = key.split(".", 2)
             rows.setdefault(measure, {})[column] = value
-    table = pd.DataFrame.from_dict(rows, orient="index", columns=["tau", "tau_ci_low", "tau_ci_high"])
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=list(LIVE_COLUMNS))
     table.index.name = "measure"
     table.attrs["n_models"] = int(metrics.get(f"{PREFIX}n_models", 0))
     return table.sort_index()
 
 
-__all__ = ["LIVE_BOOTSTRAP", "PREFIX", "UPDATE_SECONDS", "LiveCorrelation", "live_target", "metric_names",
+__all__ = ["LIVE_BOOTSTRAP", "LIVE_COLUMNS", "PREFIX", "UPDATE_SECONDS", "LiveCorrelation", "live_target", "metric_names",
            "read_live_table"]

@@ -309,6 +309,24 @@ def summary_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in dict.fromkeys(wanted) if c in frame.columns]
 
 
+def _live(tracking_uri: str, parent_run_id: str | None, objective: list[str]) -> dict[str, Any] | None:
+    """The latest live correlation table of the sweep's parent run (:mod:`sweeps.live`), or
+    ``None`` (no parent run, nothing logged yet, or the tracking store unreachable)."""
+    from .live import live_target, read_live_table
+
+    if not parent_run_id:
+        return None
+    try:
+        metrics = MlflowClient(tracking_uri=tracking_uri).get_run(parent_run_id).data.metrics
+    except Exception:  # the status of the study is still worth printing
+        return None
+    table = read_live_table(metrics)
+    if table.empty:
+        return None
+    return {"target": live_target(objective), "n_models": table.attrs["n_models"],
+            "measures": table.reset_index().to_dict("records")}
+
+
 def sweep_status(
     name: str,
     *,
@@ -317,7 +335,9 @@ def sweep_status(
     results_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Counts per status, budget, best trial(s), the driver holding the sweep's lease (``driver``:
-    host, pid, since, heartbeat, alive; ``None`` when no driver runs it) and where the sweep lives."""
+    host, pid, since, heartbeat, alive; ``None`` when no driver runs it), the live correlation
+    (``live``: ``target``, ``n_models`` and per measure n, tau and its interval, see
+    :mod:`sweeps.live`; ``None`` before the first update) and where the sweep lives."""
     import optuna
 
     from . import search
@@ -342,6 +362,7 @@ def sweep_status(
     from .lease import current_holder
 
     holder = current_holder(conn.storage, name)
+    parent = study.user_attrs.get("mlflow_parent_run_id")
     return {
         "name": name,
         "driver": None if holder is None else holder.as_dict(),
@@ -350,7 +371,8 @@ def sweep_status(
         "budget": budget,
         "objective": dict(zip(study.user_attrs.get("objective", []), [d.name.lower() for d in study.directions])),
         "best": best,
-        "mlflow_parent_run_id": study.user_attrs.get("mlflow_parent_run_id"),
+        "mlflow_parent_run_id": parent,
+        "live": _live(conn.tracking_uri, parent, study.user_attrs.get("objective", [])),
         "storage": redact(conn.storage),
         "tracking_uri": study.user_attrs.get("tracking_uri", redact(conn.tracking_uri)),
     }

@@ -184,6 +184,10 @@ def test_sigint_then_resume(tmp_path, ray_address, capsys):
     status = sweeps_main(capsys, "status", "cli-int", "--results-dir", str(results_dir), "--json")
     info = json.loads(status.stdout)
     assert info["finished"] == 8 and info["budget"] == 8 and info["counts"]["interrupted"] == statuses.count("interrupted")
+    live = tau_table(frame, "test_acc", n_boot=LIVE_BOOTSTRAP).loc["hessian_top_eig"]
+    assert info["live"]["target"] == "test_acc" and info["live"]["measures"][0]["tau"] == pytest.approx(live["tau"])
+    shown = sweeps_main(capsys, "status", "cli-int", "--results-dir", str(results_dir)).stdout
+    assert "live correlation with test_acc" in shown and f"tau={live['tau']:+.3f}" in shown, shown
     listing = sweeps_main(capsys, "list", "--results-dir", str(results_dir))
     assert "cli-int" in listing.stdout and " 8 " in listing.stdout
     table = sweeps_main(capsys, "results", "cli-int", "--results-dir", str(results_dir))

@@ -49,7 +49,7 @@ def write_config(path: Path, name: str, max_epochs: int = 12, **train) -> Path:
         "name": name,
         "dataset": {"name": "digits", "train_size": 256},
         "model": {"name": "mlp", "width": 8, "depth": 1},
-        "train": {"lr": 0.1, "batch_size": 32, "max_epochs": max_epochs, "stop": {"train_loss": 0.001}, **train},
+        "train": {"lr": 0.1, "batch_size": 32, "max_epochs": max_epochs, "stop": {}, **train},
         "measure": ["hessian_top_eig"],
         "measure_subset": 128,
         "search": {"sampler": "grid", "space": SPACE},

@@ -22,7 +22,9 @@ from torch import nn
 
 import sweeps
 from sweeps import search
+from sweeps.analysis import tau_table
 from sweeps.config import load_config
+from sweeps.live import LIVE_BOOTSTRAP
 from sweeps.runner import run_sweep
 
 pytestmark = pytest.mark.slow
@@ -231,6 +233,11 @@ def test_pruning_in_a_population_stops_one_member_and_the_others_train_on(tmp_pa
     assert (pruned["train.lr"].max() < frame.loc[0:3, "train.lr"].max())
     study = optuna.load_study(study_name="prune-population", storage=summary.connections.storage)
     assert {t.state for t in study.trials if t.number in pruned.index} == {optuna.trial.TrialState.PRUNED}
+    # the live tau on the parent run ends at the table of the converged trials (pruned ones excluded)
+    parent = MlflowClient(summary.connections.tracking_uri).get_run(summary.parent_run_id).data.metrics
+    table = tau_table(frame.reset_index(), "test_acc", n_boot=LIVE_BOOTSTRAP)
+    assert parent["live.n_models"] == table.attrs["n_models"] == len(frame) - len(pruned)
+    assert parent["live.tau.hessian_top_eig"] == pytest.approx(table.loc["hessian_top_eig", "tau"], abs=1e-12)
 
 
 def dies_once_trial(config, *, log=None, out_dir=None, device=None):

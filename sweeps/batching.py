@@ -17,9 +17,11 @@ Points asked but not launched are RUNNING trials in Optuna: if the driver dies, 
 recovers them like any trial it left running.
 
 Population size: ``resources.population_size`` (an integer), or ``auto`` (the default): the
-trials left divided by the concurrent tasks, at most :data:`AUTO_POPULATION_CAP`, so every task
-slot gets work and a population is as large as the sweep allows. A population of one is the
-same code path.
+trials left divided by the free task slots, at most :data:`AUTO_POPULATION_CAP`, so every task
+slot gets work and a population is as large as the sweep allows; on a grid, ``auto`` also splits
+each shape's points over the task slots (a shape of 9 points on 2 slots: populations of 5 and 4),
+so that the most expensive shape does not train on one CPU while the others idle. A population
+of one is the same code path.
 """
 
 from __future__ import annotations
@@ -69,10 +71,15 @@ class PointQueue:
     Args:
         study: the sweep's study (its sampler built by :func:`sweeps.search.build_sampler`).
         config: the sweep's config.
+        slots: task slots of the sweep: with ``resources.population_size: auto`` a grid shape's
+            points are split into at least this many populations.
     """
 
-    def __init__(self, study: optuna.Study, config: Any) -> None:
+    def __init__(self, study: optuna.Study, config: Any, slots: int = 1) -> None:
         self.study, self.config = study, config
+        self.split = slots if config.resources.population_size == "auto" else 1
+        self._shape_dims: list[str] = []
+        self._shape_total: dict[Hashable, int] = {}
         self.pending: list[AskedTrial] = []
         self._stackable: dict[Hashable, str | None] = {}
         self._grid: dict[Hashable, deque[dict[str, Any]]] | None = None
@@ -105,14 +112,23 @@ class PointQueue:
         taken |= {tuple(a.point.get(n) for n in names) for a in self.pending}
         points = [p for p in itertools.product(*space.values()) if p not in taken]
         random.Random(self.config.search.seed).shuffle(points)
-        shape_dims = self._shape_dims(space)
+        self._shape_dims = self._find_shape_dims(space)
         grid: dict[Hashable, deque[dict[str, Any]]] = defaultdict(deque)
         for values in points:
             point = dict(zip(names, values))
-            grid[tuple(point[d] for d in shape_dims)].append(point)
+            grid[self._shape_of(point)].append(point)
+        self._shape_total = {shape: len(queue) for shape, queue in grid.items()}
         return grid
 
-    def _shape_dims(self, space: Mapping[str, list[Any]]) -> list[str]:
+    def _shape_of(self, point: Mapping[str, Any]) -> Hashable:
+        return tuple(point.get(d) for d in self._shape_dims)
+
+    def _split_size(self, asked: AskedTrial) -> int:
+        """The largest population for ``asked``'s grid shape: its points over :attr:`split`."""
+        total = self._shape_total.get(self._shape_of(asked.point)) if self._grid is not None else None
+        return math.ceil(total / self.split) if total else AUTO_POPULATION_CAP
+
+    def _find_shape_dims(self, space: Mapping[str, list[Any]]) -> list[str]:
         """The search dimensions that change the population key (probed value by value)."""
         dims = []
         for name, values in space.items():
@@ -151,6 +167,7 @@ class PointQueue:
         if not self.pending:
             return []
         first = self.pending[0]
+        size = min(size, self._split_size(first))
         if first.error is not None or size <= 1 or self.stack_reason(first) is not None:
             return [self.pending.pop(0)]
         group = [a for a in self.pending if a.key == first.key][:size]
@@ -168,7 +185,8 @@ class PointQueue:
             return
         for shape in list(self._grid):
             if self._grid[shape]:
-                self.pending += self._take_grid_shape(shape, min(size, can_ask))
+                split = math.ceil(self._shape_total[shape] / self.split)
+                self.pending += self._take_grid_shape(shape, min(size, can_ask, split))
                 return
 
     def _take_grid(self, key: Hashable, n: int) -> list[AskedTrial]:

@@ -475,7 +475,7 @@ class _Driver:
             self.stops = ray.remote(StopBoard).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote()
         self.max_retries, self.trial_fn = max_retries, trial_fn
         self.population = self._population_setting(config, study, trial_fn)
-        self.points = PointQueue(study, config)
+        self.points = PointQueue(study, config, slots=self.concurrency)
         self.in_flight: dict[Any, _Task] = {}
         self.by_number: dict[int, _Member] = {}
         self.finished = len(search.finished_trials(study))

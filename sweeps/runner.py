@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import signal
+from collections import deque
 import threading
 import time
 from collections.abc import Mapping
@@ -470,6 +471,9 @@ class _Driver:
         # A measure task is one member's work from its trained weights: Ray may simply re-run it.
         self.measure = ray.remote(measure_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=max_retries)
         self.measuring: dict[Any, _Member] = {}
+        # Trained members waiting for a free slot: a task submitted beyond the slots would take
+        # the CPU a population gives back while it waits on the metric queue (oversubscription).
+        self.to_measure: deque[tuple[_Member, Any]] = deque()
         self.stops = None
         if not isinstance(study.pruner, optuna.pruners.NopPruner) and trial_fn is None:
             self.stops = ray.remote(StopBoard).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote()
@@ -525,7 +529,7 @@ class _Driver:
         while True:
             self.lease.ensure()
             self._fill(unrecorded=0)
-            if not self.in_flight and not self.measuring:
+            if not self.in_flight and not self.measuring and not self.to_measure:
                 return
             ready, rest = ray.wait([*self.in_flight, *self.measuring], num_returns=1, timeout=_POLL_SECONDS)
             if ready and rest:
@@ -543,12 +547,19 @@ class _Driver:
                 return
 
     def _members_in_flight(self) -> int:
-        return sum(len(task.members) for task in self.in_flight.values()) + len(self.measuring)
+        return sum(len(task.members) for task in self.in_flight.values()) + len(self.measuring) + len(self.to_measure)
+
+    def _slots_used(self) -> int:
+        return len(self.in_flight) + len(self.measuring)
 
     def _fill(self, unrecorded: int) -> None:
         """Launch populations while task slots are free and the budget has trials left. A measure
         task holds a slot too: members already trained are measured before new ones start."""
-        while not self.stop.requested and len(self.in_flight) + len(self.measuring) < self.concurrency:
+        while self.to_measure and self._slots_used() < self.concurrency:
+            member, trained = self.to_measure.popleft()
+            ref = self.measure.remote(trained, self.conn.tracking_uri, self.config.resources.cpus_per_trial, self.device)
+            self.measuring[ref] = member
+        while not self.stop.requested and self._slots_used() < self.concurrency:
             left = self.budget - self.finished - unrecorded - self._members_in_flight()
             can_ask = left - len(self.points.pending)
             if left <= 0:
@@ -671,8 +682,7 @@ class _Driver:
             return self._settle(task, TrialStatus.FAILED, f"{type(err).__name__}: {err}")
         member = task.members.pop(record["index"])
         if "trained" in record:
-            measuring = self.measure.remote(ref, self.conn.tracking_uri, self.config.resources.cpus_per_trial, self.device)
-            self.measuring[measuring] = member
+            self.to_measure.append((member, ref))  # launched by _fill when a slot is free
             return []
         return [(member, record)]
 
@@ -720,7 +730,7 @@ class _Driver:
     def _snapshot(self) -> Snapshot:
         mean = sum(self.durations) / len(self.durations) if self.durations else None
         running = [m.view for task in self.in_flight.values() for m in task.members.values()]
-        running += [m.view for m in self.measuring.values()]
+        running += [m.view for m in self.measuring.values()] + [m.view for m, _ in self.to_measure]
         return Snapshot(
             self.config.name, self.budget, dict(self.counts), running,
             self.best, time.monotonic() - self.started, self.concurrency, mean,
@@ -736,8 +746,10 @@ class _Driver:
 
         stopped = [(gen, list(task.members.values())) for gen, task in self.in_flight.items()]
         stopped += [(ref, [member]) for ref, member in self.measuring.items()]
+        stopped += [(None, [member]) for member, _ in self.to_measure]
         for ref, members in stopped:
-            ray.cancel(ref, force=True)
+            if ref is not None:
+                ray.cancel(ref, force=True)
             if record:
                 for member in members:
                     self.tracker.end(member.run_id, TrialStatus.INTERRUPTED)
@@ -748,6 +760,7 @@ class _Driver:
                 search.interrupt(self.study, asked.trial.number)
         self.in_flight.clear()
         self.measuring.clear()
+        self.to_measure.clear()
         self.points.pending.clear()
         if record and self.live is not None:
             self.live.close()  # the last update, with every trial recorded

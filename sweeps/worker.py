@@ -105,12 +105,17 @@ class MetricStream:
         if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
+        """Send the buffer. Not waited for during training (a task blocked in ``ray.get`` lends
+        its CPU to another task meanwhile); ``wait`` when the trial ends, so that its last points
+        are in the queue before its record reaches the driver."""
         import ray
 
         if self.buffer and self.queue is not None:
             try:
-                self.queue.put((self.trial_number, self.buffer))
+                sent = self.queue.actor.put_nowait.remote((self.trial_number, self.buffer))
+                if wait:
+                    ray.get(sent)
             except ray.exceptions.RayError:  # the queue is restarting: live curve points are best effort
                 pass
         self.buffer = []
@@ -225,7 +230,7 @@ def population_task(
     stop = None if stop_board is None else StopPoll(stop_board, numbers)
     try:
         for index, result, tb in _members(trial_fn, configs, streams, out_dirs, device, measure_apart, stop):
-            streams[index].flush()
+            streams[index].flush(wait=True)
             yield _record(index, result, tb, out_dirs[index], started, node)
             shutil.rmtree(out_dirs[index], ignore_errors=True)
     finally:

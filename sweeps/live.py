@@ -158,7 +158,7 @@ class LiveCorrelation:
         return metric_names(table), step, self._figures
 
     def _figures_for(self, frame: pd.DataFrame, measures: list[str]) -> None:
-        from .report import scatter_figure
+        from .figures import scatter_figure
 
         runs = frame[frame["status"] == "converged"]
         y = "test_acc" if "test_acc" in runs else self.target

@@ -721,7 +721,13 @@ class _Driver:
         self.view.log(f"trial {number}: {status} {shown} {tail}".rstrip())
 
     def _tell(self, number: int, status: str, metrics: Mapping[str, float]) -> None:
-        state = search.tell(self.study, number, status, metrics)
+        try:
+            state = search.tell(self.study, number, status, metrics)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another driver finished this trial: it took the sweep over while this one was
+            # paused between its lease check and this write. Say so (LeaseLostError), not this.
+            self.lease.ensure()
+            raise
         self.finished += 1
         self.counts[status] = self.counts.get(status, 0) + 1
         if state == optuna.trial.TrialState.COMPLETE:

@@ -668,25 +668,16 @@ def tau_with_interval(mu: np.ndarray, g: np.ndarray, *, n_boot: int, seed: int, 
     return {"tau": kendall_tau_b(mu, g), "tau_ci_low": low, "tau_ci_high": high}
 
 
-def tau_table(
-    df: pd.DataFrame,
-    target: str = "gen_gap",
-    measures: Sequence[str] | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
-    *,
-    seed_columns: Sequence[str] | None = None,
-    orientation: Mapping[str, str] | None = None,
-    target_larger_is: str | None = None,
-    confidence: float = 0.95,
-) -> pd.DataFrame:
+def tau_table(df: pd.DataFrame, target: str = "gen_gap", measures: Sequence[str] | None = None, *, n_boot: int = 1000,
+              seed: int = 0, confidence: float = 0.95, **models: Any) -> pd.DataFrame:
     """The Kendall tau part of :func:`correlations` alone (its columns ``n``, ``tau``,
     ``tau_ci_low``, ``tau_ci_high``, equal to those of :func:`correlations` with the same
     arguments), for any set of finished trials: no grid needed, and much cheaper (no psi, CMI
     or sign-error). The live correlation of a running sweep (:mod:`sweeps.live`) is this table.
-    Arguments as for :func:`correlations`; an empty table when no trial is usable yet."""
-    sweep = prepare(df, target, measures, None, seed_columns=seed_columns, orientation=orientation,
-                    target_larger_is=target_larger_is)
+    Arguments as for :func:`correlations`; ``models``: how runs become models (``seed_columns``,
+    ``orientation``, ``target_larger_is``, see :func:`prepare`). Raises as :func:`prepare`
+    does, e.g. ``ValueError`` while no trial has converged."""
+    sweep = prepare(df, target, measures, None, **models)
     rows = {}
     for m in sweep.measures:
         have = sweep.models[m].notna().to_numpy() if not sweep.models.empty else np.zeros(0, bool)

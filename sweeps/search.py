@@ -146,8 +146,10 @@ def build_sampler(config: Any) -> optuna.samplers.BaseSampler:
         return _AskTellGridSampler(grid_space(config), seed=seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+    if kind == "tpe":  # constant liar: the trials asked for a population are not all the same guess
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     if kind == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if kind == "nsga2":

@@ -24,10 +24,12 @@ recorded, so its series continues.
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,7 @@ class LiveCorrelation:
         self._done: tuple[dict[str, float], int, Path] | None = None
         self._history_rows: list[dict[str, Any]] = []
         self._figures = Path(tempfile.mkdtemp(prefix="sweeps-live-"))
+        weakref.finalize(self, shutil.rmtree, self._figures, True)  # the figures' folder goes with the object
 
     def add(self, number: int, status: str, point: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """A finished trial: its number, status, search point (dotted keys) and final metrics."""

@@ -710,6 +710,7 @@ class _Driver:
             step=int(metrics.get("steps", member.view.step) or 0),
             artifacts=result["artifacts"], traceback=result["traceback"],
             tags={f"sweeps.{k}": str(result[k]) for k in ("node_id", "node_ip") if result.get(k)},
+            before_final=self.lease.ensure,
         )
         self._tell(number, status, metrics)
         if self.live is not None:

@@ -24,7 +24,7 @@ import math
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -182,11 +182,15 @@ class Tracker:
         artifacts: Mapping[str, bytes] | None = None,
         traceback: str | None = None,
         tags: Mapping[str, str] | None = None,
+        before_final: Callable[[], None] | None = None,
     ) -> None:
         """Log final metrics and artifacts, then the status tag (with ``tags``), then end the run.
 
         The order matters: a run whose status tag is final has all its data (an interrupted
         driver leaves the tag at ``running`` and the run is cleaned up on resume).
+        ``before_final`` is called after the artifacts, right before the status tag: the driver's
+        lease check, so that a driver paused while uploading them, whose run another driver has
+        meanwhile ended ``interrupted``, raises instead of overwriting that status.
         """
         files = dict(artifacts or {})
         if traceback:
@@ -198,6 +202,8 @@ class Tracker:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(content)
                 self.client.log_artifacts(run_id, tmp)
+        if before_final is not None:
+            before_final()
         self.log_metrics(run_id, [(metrics, step, _now_ms())], tags={**(tags or {}), STATUS_TAG: status})
         self.client.set_terminated(run_id, status=TrialStatus(status).mlflow_status)
 

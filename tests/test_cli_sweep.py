@@ -78,22 +78,36 @@ def study_of(results_dir: Path, name: str, storage: str | None = None) -> optuna
     return optuna.load_study(study_name=name, storage=search.make_storage(storage))
 
 
-def wait_for_running_trial(results_dir: Path, name: str, proc: subprocess.Popen, min_finished: int) -> None:
-    """Block until >= min_finished trials finished and a trial is RUNNING (training: a trial of
-    this grid runs for seconds).
+def _psycopg2_dsn(url: str) -> str:
+    return url.replace("postgresql+psycopg2://", "postgresql://")
 
-    Reads the study database read-only with sqlite3 (opening an Optuna storage here would race
-    the driver's schema creation)."""
-    db = results_dir / "optuna.db"
+
+def wait_for_running_trial(results_dir: Path, name: str, proc: subprocess.Popen, min_finished: int,
+                           storage: str | None = None) -> None:
+    """Block until >= min_finished trials finished and a launched trial is RUNNING (training: a
+    trial of this grid runs for seconds). Launched: it has its MLflow run; a trial asked ahead for
+    a population is RUNNING in Optuna before it has one.
+
+    Reads the study database with plain SQL, read-only (opening an Optuna storage here would race
+    the driver's schema creation): ``results_dir/optuna.db``, or the PostgreSQL ``storage``."""
+    import psycopg2
+
+    query = ("select state, exists(select 1 from trial_user_attributes a where a.trial_id = t.trial_id"
+             " and a.key = 'mlflow_run_id') from trials t")
     while proc.poll() is None:
         time.sleep(0.1)
         try:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-                rows = con.execute("select state, datetime_start from trials").fetchall()
-        except sqlite3.Error:
+            if storage is None:
+                with closing(sqlite3.connect(f"file:{results_dir / 'optuna.db'}?mode=ro", uri=True)) as con:
+                    rows = con.execute(query).fetchall()
+            else:
+                with closing(psycopg2.connect(_psycopg2_dsn(storage))) as con, con.cursor() as cursor:
+                    cursor.execute(query)
+                    rows = cursor.fetchall()
+        except (sqlite3.Error, psycopg2.Error):
             continue
         done = sum(state in ("COMPLETE", "FAIL", "PRUNED") for state, _ in rows)
-        if done >= min_finished and any(state == "RUNNING" for state, _ in rows):
+        if done >= min_finished and any(state == "RUNNING" and launched for state, launched in rows):
             return
     raise AssertionError(f"sweeps run ended before it could be interrupted:\n{proc.stderr.read()}")
 
@@ -373,14 +387,22 @@ QUIET_BANNED = ("A new study created", "Creating initial MLflow database tables"
 @pytest.mark.parametrize("order", ["together", "second-while-first-runs"])
 def test_two_drivers_of_one_sweep_one_runs(tmp_path, ray_address, study_storage, order):
     first, config, results_dir, common = start_driver(tmp_path, "two", ray_address, storage=study_storage, quiet=False)
-    if order == "second-while-first-runs":
-        wait_for_running_trial(results_dir, "two", first, min_finished=1) if study_storage is None else time.sleep(8)
+    paused = order == "second-while-first-runs"
+    if paused:  # held mid-sweep (well within its lease) so that it cannot finish before the second starts
+        wait_for_running_trial(results_dir, "two", first, min_finished=1, storage=study_storage)
+        databases = [results_dir / "mlflow.db"] + ([results_dir / "optuna.db"] if study_storage is None else [])
+        pause_outside_transactions(first, databases, postgres=study_storage)
     second = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(config), "--max-concurrent", "2", *common],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     outcomes = {}
-    for proc in (first, second):
-        out, err = proc.communicate(timeout=300)
-        outcomes[proc.returncode] = (out, err)
+    try:
+        for proc in (second, first):
+            out, err = proc.communicate(timeout=300)
+            outcomes[proc.returncode] = (out, err)
+            if paused:
+                first.send_signal(signal.SIGCONT)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert sorted(outcomes) == [0, 2], outcomes  # exactly one ran
     out, err = outcomes[2]
     assert "is being run by another driver" in err and "since" in err and out == ""
@@ -390,10 +412,20 @@ def test_two_drivers_of_one_sweep_one_runs(tmp_path, ray_address, study_storage,
     assert_complete_and_clean(results_dir, "two", study_storage)
 
 
-def pause_outside_transactions(proc: subprocess.Popen, databases: list[Path], tries: int = 50) -> None:
-    """SIGSTOP ``proc`` at a moment when it holds no SQLite lock on ``databases``: a process
-    stopped inside a transaction (even a read) blocks every writer of that file (SQLite's rule, not
-    the sweep's), so the test re-pauses until the files are writable."""
+def pause_outside_transactions(proc: subprocess.Popen, databases: list[Path], postgres: str | None = None,
+                               tries: int = 50) -> None:
+    """SIGSTOP ``proc`` at a moment when it holds no SQLite lock on ``databases`` and no open
+    transaction on the PostgreSQL database ``postgres``: a process stopped inside a transaction
+    (even an SQLite read) blocks other writers of what it touched (the databases' rule, not the
+    sweep's), so the test re-pauses until it holds none."""
+    import psycopg2
+
+    def idle_in_transaction() -> bool:
+        with closing(psycopg2.connect(_psycopg2_dsn(postgres))) as con, con.cursor() as cursor:
+            cursor.execute("select count(*) from pg_stat_activity where datname = current_database()"
+                           " and pid <> pg_backend_pid() and state <> 'idle'")
+            return cursor.fetchone()[0] > 0
+
     for _ in range(tries):
         proc.send_signal(signal.SIGSTOP)
         try:
@@ -401,11 +433,13 @@ def pause_outside_transactions(proc: subprocess.Popen, databases: list[Path], tr
                 with closing(sqlite3.connect(db, timeout=0.2)) as con:
                     con.execute("BEGIN EXCLUSIVE")  # no other reader or writer holds a lock
                     con.rollback()
-            return
+            if postgres is None or not idle_in_transaction():
+                return
         except sqlite3.OperationalError:
-            proc.send_signal(signal.SIGCONT)
-            time.sleep(0.05)
-    raise AssertionError("the driver held a database write lock at every pause")
+            pass
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+    raise AssertionError("the driver held a database lock at every pause")
 
 
 @pytest.mark.slow
@@ -437,9 +471,10 @@ def test_a_driver_paused_past_its_lease_stops_without_writing(tmp_path, ray_addr
             waiting()
         while not all((study := study_of(results_dir, "paused")).trials[n].state.is_finished() for n in left):
             waiting()  # the taker recovers the paused driver's trials
-        # interrupted, or (paused between its MLflow record and its Optuna tell) recovered from MLflow
-        recovered = {n: study.trials[n].user_attrs["mlflow_run_id"] for n in left
-                     if study.trials[n].user_attrs["status"] == "interrupted"}
+        # interrupted, or (paused between its MLflow record and its Optuna tell) recovered from
+        # MLflow; a trial asked ahead but not launched has no MLflow run
+        recovered = {n: attrs["mlflow_run_id"] for n in left
+                     if (attrs := study.trials[n].user_attrs)["status"] == "interrupted" and "mlflow_run_id" in attrs}
         assert recovered
     except BaseException:
         if taker is not None:

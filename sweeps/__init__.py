@@ -21,6 +21,8 @@ _EXPORTS = {
     "run_sweep": ".runner",
     "results": ".queries",
     "correlations": ".analysis",
+    "hyperparameter_effects": ".analysis",
+    "complete_subgrid": ".analysis",
     "make_report": ".report",
     "report_sweep": ".report",
 }

@@ -15,9 +15,11 @@ import sweeps
 from sweeps.analysis import (
     IncompleteGridError,
     _ordered_pair_table,
+    complete_subgrid,
     conditional_mutual_information,
     correlations,
     hoeffding_weight,
+    hyperparameter_effects,
     kendall_tau_b,
 )
 
@@ -296,3 +298,47 @@ def test_in_training_metrics_are_not_taken_for_hyperparameters():
     table = sweeps.correlations(pd.DataFrame(rows), measures=["hessian_top_eig"], n_boot=10)
     assert table.attrs["hyperparameters"] == ["train.lr", "model.width"]
     assert table.attrs["grid_complete"]
+
+
+# --- hyperparameter effects and complete sub-grids ----------------------------------------------
+def test_hyperparameter_effects_by_hand():
+    """lambda_max = log(batch) - lr: +1 along batch ('full' mapped to its size), -1 along lr, in
+    every group; the gap grows with lr in one width group and falls in the other: mean 0. One
+    group's tau checked against scipy."""
+    values = {"train.lr": [0.1, 0.2, 0.4], "train.batch_size": [32, 128, "full"], "model.width": [64, 256]}
+    size = {"full": 4000}
+
+    def gap(p, s):
+        return 0.1 + (p["train.lr"] if p["model.width"] == 64 else -p["train.lr"]) + 0.001 * s
+
+    frame = grid_frame(values, gap, {"hessian_top_eig": lambda p, s: math.log(size.get(p["train.batch_size"], p["train.batch_size"])) - p["train.lr"]},
+                       seeds=(0, 1))
+    table = hyperparameter_effects(frame, ["hessian_top_eig", "gen_gap"], values={"train.batch_size": size}, n_boot=200)
+    assert table.loc[("train.batch_size", "hessian_top_eig"), "tau"] == 1.0
+    assert table.loc[("train.lr", "hessian_top_eig"), "tau"] == -1.0
+    assert table.loc[("train.lr", "hessian_top_eig"), ["tau_ci_low", "tau_ci_high"]].tolist() == [-1.0, -1.0]
+    assert table.loc[("train.lr", "gen_gap"), "tau"] == pytest.approx(0.0)
+    assert table.loc[("train.lr", "gen_gap"), "n_groups"] == 6 and table.loc[("model.width", "gen_gap"), "n_groups"] == 9
+    # one group of width: (lr, batch) fixed, width 64 vs 256 -> gap falls at every lr
+    assert table.loc[("model.width", "gen_gap"), "tau"] == -1.0
+    one = frame[(frame["model.width"] == 64) & (frame["train.batch_size"] == 32)].groupby("train.lr")["gen_gap"].mean()
+    assert stats.kendalltau(one.index, one.to_numpy()).statistic == pytest.approx(1.0)
+    assert table.loc[("train.batch_size", "gen_gap"), "tau"] != table.loc[("train.batch_size", "gen_gap"), "tau"]  # NaN: constant in every group
+    with pytest.raises(ValueError, match=r"train.batch_size='full' is not a number.*values="):
+        hyperparameter_effects(frame, ["hessian_top_eig"])
+
+
+def test_complete_subgrid_drops_the_value_of_the_missing_cells():
+    values = {"train.lr": [0.1, 0.2, 0.4], "train.batch_size": [32, 64, 128], "model.width": [8, 16]}
+    frame = grid_frame(values, lambda p, s: 0.1, {"hessian_top_eig": lambda p, s: 1.0}, seeds=(0, 1))
+    diverged = (frame["train.lr"] == 0.4) & frame["train.batch_size"].isin([32, 64])
+    frame.loc[diverged, "status"] = "diverged"
+    rows, dropped = complete_subgrid(frame)
+    assert dropped == {"train.lr": [0.4]}
+    assert len(rows) == 2 * 3 * 2 * 2 and set(rows["status"]) == {"converged"}
+    correlations(rows, n_boot=0)  # complete: no IncompleteGridError
+    with pytest.raises(IncompleteGridError):
+        correlations(frame, n_boot=0)
+    assert complete_subgrid(frame[~diverged])[1] == {"train.lr": [0.4]}  # cells never run are missing too
+    whole, none = complete_subgrid(rows)
+    assert none == {} and whole.equals(rows)

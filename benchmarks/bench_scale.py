@@ -31,6 +31,7 @@ Figures: ``docs/benchmarks.md``, "Queries at 10,000 trials".
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime as dt
 import itertools
@@ -496,19 +497,146 @@ def bench_queries(sizes: list[int], *, postgres: bool = False, pg_url: str | Non
 
 
 # ---------------------------------------------------------------------------------------------
-# Part "driver" (issue #15, the driver side: added by the engineer who builds it)
+# Part "driver": what running a 10,000-trial sweep costs the driver
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_driver(args: argparse.Namespace) -> None:
-    """Driver seconds per trial (trials 1-1,000 vs 9,001-10,000) and time to resume after a
-    SIGKILL at 9,000, on a grid of trivial trials. Not written yet (issue #15)."""
-    raise SystemExit("bench_scale.py --part driver: not written yet (issue #15, driver side)")
+def trivial_trial(config: Any, *, log: Any = None, out_dir: Any = None, device: Any = None) -> Any:
+    """A trial that trains nothing: the made-up outcome (:func:`_outcome`) of its point, at once.
+    With it a sweep's wall time is the driver's (and the cluster's) bookkeeping alone."""
+    import zlib
+
+    from sweeps.trial import TrialResult
+
+    flat = config.flat()
+    point = {k: flat[k] for k in (*GRID_DIMS, "seed")}
+    status, metrics = _outcome(zlib.crc32(json.dumps(point, sort_keys=True).encode()), point, list(config.measure))
+    return TrialResult(status, metrics, [], {}, config)
+
+
+def drive(name: str, trials: int, conn: connections.Connections, address: str, quiet: bool = True) -> Any:
+    """Run (or continue) the trivial grid sweep ``name`` of ``trials`` points to the end."""
+    from sweeps.runner import run_sweep
+
+    return run_sweep(sweep_config(name, trials), results_dir=conn.results_dir, tracking_uri=conn.tracking_uri,
+                     storage=conn.storage, address=address, quiet=quiet, trial_fn=trivial_trial, report=False)
+
+
+def completion_times(name: str, storage: str) -> list[float]:
+    """POSIX seconds at which the sweep's trials were recorded (Optuna ``datetime_complete``), sorted."""
+    study = optuna.load_study(study_name=name, storage=search.make_storage(storage))
+    done = [t.datetime_complete for t in search.finished_trials(study) if t.datetime_complete is not None]
+    return sorted(d.timestamp() for d in done)
+
+
+def seconds_per_trial(times: list[float], window: int) -> tuple[float, float]:
+    """Mean seconds between recorded trials over the first and the last ``window`` trials."""
+    return (times[window - 1] - times[0]) / (window - 1), (times[-1] - times[-window]) / (window - 1)
+
+
+def _finished_count(storage: str, name: str) -> int:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(storage)
+    try:
+        with engine.connect() as c:
+            return int(c.execute(sa.text(
+                "select count(*) from trials t join studies s on s.study_id = t.study_id "
+                "where s.study_name = :n and t.state in ('COMPLETE', 'FAIL', 'PRUNED')"), {"n": name}).scalar())
+    except sa.exc.OperationalError:  # no tables yet
+        return 0
+    finally:
+        engine.dispose()
+
+
+#: The child drivers' lease (s): the resumed driver starts once a killed one's lease has expired,
+#: as a user would after `sweeps run` refused (the default lease is 30 s).
+KILLED_LEASE_S = 5.0
+
+
+def _driver_process(name: str, trials: int, conn: connections.Connections, address: str) -> subprocess.Popen:
+    """``drive`` in a child process (it can be SIGKILLed), logging each trial's start on stderr."""
+    args = [sys.executable, __file__, "--part", "drive", "--name", name, "--trials", str(trials),
+            "--results-dir", str(conn.results_dir), "--tracking-uri", conn.tracking_uri, "--storage", conn.storage,
+            "--address", address]
+    env = {**os.environ, "SWEEPS_LEASE_SECONDS": str(KILLED_LEASE_S)}
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def kill_and_resume(name: str, trials: int, kill_at: int, conn: connections.Connections, address: str) -> dict[str, float]:
+    """Run the trivial grid in a child driver, SIGKILL it once ``kill_at`` trials are recorded,
+    wait for its lease to expire (:data:`KILLED_LEASE_S`), start a second driver and time it from
+    its start to its first launch (``trial N: started``); then let it finish. Returns ``{"killed_at", "to_first_launch_s", "resumed_total_s"}``."""
+    first = _driver_process(name, trials, conn, address)
+    try:
+        while (done := _finished_count(conn.storage, name)) < kill_at:
+            if first.poll() is not None:
+                raise RuntimeError(f"the driver ended before {kill_at} trials: {first.stderr.read()[-3000:]}")
+            time.sleep(0.5)
+    finally:
+        first.kill()
+        first.wait()
+    time.sleep(KILLED_LEASE_S + 1)
+    start = time.monotonic()
+    second = _driver_process(name, trials, conn, address)
+    to_first, tail = math.nan, collections.deque(maxlen=40)
+    for line in second.stderr:
+        tail.append(line)
+        if ": started " in line and math.isnan(to_first):
+            to_first = time.monotonic() - start
+    second.wait()
+    if second.returncode != 0:
+        raise RuntimeError(f"the resumed driver exited {second.returncode}:\n{''.join(tail)}")
+    return {"killed_at": float(done), "to_first_launch_s": to_first, "resumed_total_s": time.monotonic() - start}
+
+
+def bench_driver(trials: int, window: int, kill_at: int | None, *, postgres: bool = False, pg_url: str | None = None,
+                 keep: Path | None = None) -> dict[str, float]:
+    """Driver seconds per trial over the first and the last ``window`` trials of a ``trials``-point
+    trivial grid, and (with ``kill_at``) the time to resume it after a SIGKILL at ``kill_at``
+    trials; prints a Markdown table."""
+    import ray
+
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="bench-driver-"))
+    root.mkdir(parents=True, exist_ok=True)
+    manager = postgres_stores(root, pg_url or "postgresql+psycopg2://postgres@127.0.0.1:5432/test") if postgres \
+        else sqlite_stores(root)
+    store = "PostgreSQL + mlflow server" if postgres else "SQLite files"
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    address = ray.get_runtime_context().gcs_address
+    try:
+        with manager as stores:
+            conn, _ = stores("driver")
+            name = f"driver-{trials}"
+            start = time.monotonic()
+            if kill_at:
+                measured = kill_and_resume(name, trials, kill_at, conn, address)
+            else:
+                drive(name, trials, conn, address)
+                measured = {}
+            measured["wall_s"] = time.monotonic() - start
+            times = completion_times(name, conn.storage)
+            assert len(times) == trials, (len(times), trials)
+            early, late = seconds_per_trial(times, window)
+            measured.update({"early_ms": 1000 * early, "late_ms": 1000 * late, "ratio": late / early})
+    finally:
+        ray.shutdown()
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"\n{store}; {trials:,}-point trivial grid; python {platform.python_version()}, optuna "
+          f"{optuna.__version__}, {os.cpu_count()} CPUs")
+    print(f"| trials 1-{window:,} (ms/trial) | trials {trials - window + 1:,}-{trials:,} (ms/trial) | ratio | "
+          "wall (s) | resume: to first launch (s) |")
+    print("|---:|---:|---:|---:|---:|")
+    print(f"| {measured['early_ms']:.1f} | {measured['late_ms']:.1f} | {measured['ratio']:.2f}x | {measured['wall_s']:.0f} | "
+          + (f"{measured['to_first_launch_s']:.1f} (killed at {measured['killed_at']:,.0f})" if kill_at else "-") + " |")
+    return measured
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("queries", "driver"), default="queries")
+    parser.add_argument("--part", choices=("queries", "driver", "drive"), default="queries",
+                        help="drive: one driver of the trivial grid (the child process of --part driver)")
     parser.add_argument("--trials", type=int, default=10_000, help="the large sweep (default 10,000)")
     parser.add_argument("--small", type=int, default=1_000, help="the small sweep (default 1,000)")
     parser.add_argument("--postgres", action="store_true", help="PostgreSQL + `mlflow server` instead of SQLite")
@@ -516,9 +644,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-report", dest="report", action="store_false", help="skip `sweeps report`")
     parser.add_argument("--keep", type=Path, help="keep the stores in this folder (SQLite: reused by the next run)")
+    parser.add_argument("--window", type=int, default=1_000, help="driver: trials at the start and at the end compared")
+    parser.add_argument("--kill-at", type=int, default=None, help="driver: SIGKILL the driver after this many trials, then resume")
+    for flag in ("--name", "--results-dir", "--tracking-uri", "--storage", "--address"):
+        parser.add_argument(flag, help=argparse.SUPPRESS)  # --part drive
     args = parser.parse_args()
+    if args.part == "drive":
+        conn = connections.resolve(results_dir=args.results_dir, tracking_uri=args.tracking_uri, storage=args.storage, env={})
+        drive(args.name, args.trials, conn, args.address, quiet=False)
+        return
     if args.part == "driver":
-        bench_driver(args)
+        bench_driver(args.trials, args.window, args.kill_at, postgres=args.postgres, pg_url=args.pg_url, keep=args.keep)
         return
     bench_queries(sorted({args.small, args.trials}), postgres=args.postgres, pg_url=args.pg_url,
                   repeats=args.repeats, keep=args.keep, report=args.report)

@@ -7,9 +7,10 @@ the asked-but-not-launched trials and decides what to ask next:
 * **grid**: the grid's remaining points are computed once, when the driver starts (every point
   minus those of finished trials and of trials waiting to be re-run), shuffled with
   ``search.seed`` and grouped by shape, so a population is filled from one shape at a time. A
-  point is handed to Optuna with ``enqueue_trial`` and taken with ``ask``: the grid sampler does
-  not rescan the study for it, and the grid stays complete and without repeats (each remaining
-  point is asked once; re-enqueued points of interrupted trials are asked before new ones).
+  point becomes a RUNNING trial in one storage transaction (:func:`sweeps.search.start_trial`, as
+  an enqueued and asked trial would be): the grid sampler never rescans the study, and the grid
+  stays complete and without repeats (each remaining point is started once; re-enqueued points
+  of interrupted trials are asked before new ones).
 * **other samplers** (random, TPE, CMA-ES, NSGA-II): up to a population's worth of points is
   asked at once and grouped by shape; points of another shape wait for the next population.
 
@@ -87,15 +88,18 @@ class PointQueue:
         for _ in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
             self.pending.append(self._ask())
         if config.search.sampler == "grid":
+            self._distributions = search.grid_distributions(config)
             self._grid = self._remaining_grid()
 
     # -- asking -----------------------------------------------------------------------------
     def _ask(self, point: Mapping[str, Any] | None = None) -> AskedTrial:
-        """Ask one trial (``point``: the grid point to enqueue for it) and read its point back."""
+        """Start one trial: at ``point`` (a grid point, written directly: :func:`sweeps.search.start_trial`),
+        or asked from the sampler (a re-enqueued point first) and its point read back."""
         if point is not None:
-            self.study.enqueue_trial(dict(point), skip_if_exists=False)
-        trial = self.study.ask()
-        asked = AskedTrial(trial, search.suggest_point(trial, self.config))
+            asked = AskedTrial(search.start_trial(self.study, point, self._distributions), dict(point))
+        else:
+            trial = self.study.ask()
+            asked = AskedTrial(trial, search.suggest_point(trial, self.config))
         try:
             asked.config = self.config.with_point(asked.point)
         except ValueError:

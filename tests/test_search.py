@@ -216,7 +216,7 @@ def test_server_storage_is_one_pool_per_process():
 
 def test_only_public_optuna_apis_but_the_storage_of_a_study():
     """In the modules that use Optuna, no private attribute of another object is read, except
-    ``study._storage`` in ``search._trial_storage`` (no public accessor; see its docstring)."""
+    ``study._storage`` in ``search._study_storage`` (no public accessor; see ``_trial_storage``)."""
     import ast
     from pathlib import Path
 
@@ -242,4 +242,24 @@ def test_only_public_optuna_apis_but_the_storage_of_a_study():
             finder = Finder(path.name)
             finder.visit(tree)
             found |= finder.found
-    assert found == {("search.py", "_trial_storage", "study._storage")}
+    assert found == {("search.py", "_study_storage", "study._storage")}
+
+
+def test_a_started_grid_trial_is_an_asked_enqueued_trial():
+    """search.start_trial writes in one transaction what enqueue_trial + ask + suggest leave:
+    the same params and distributions, fixed_params, RUNNING; interrupt re-enqueues it whole."""
+    config = load_config({"name": "start", "search": {"sampler": "grid", "space": {
+        "train.lr": {"values": [0.1, 0.2]}, "train.batch_size": {"values": [32, "full"]}}}})
+    study = optuna.create_study(sampler=search.build_sampler(config))
+    point = {"train.lr": 0.2, "train.batch_size": "full"}
+    started = search.start_trial(study, point, search.grid_distributions(config))
+    study.enqueue_trial(point, skip_if_exists=False)
+    asked = study.ask()
+    assert search.suggest_point(asked, config) == point
+    mine, theirs = study.trials[started.number], study.trials[asked.number]
+    assert mine.state == theirs.state == TrialState.RUNNING
+    assert mine.params == theirs.params == point and mine.distributions == theirs.distributions
+    assert mine.system_attrs["fixed_params"] == point
+    assert search.suggest_point(started, config) == point  # suggest on it returns the point, no sampling
+    assert search.interrupt(study, started.number)
+    assert study.trials[-1].state == TrialState.WAITING and study.trials[-1].system_attrs["fixed_params"] == point

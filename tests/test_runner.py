@@ -218,8 +218,9 @@ def test_pruning_in_a_population_stops_one_member_and_the_others_train_on(tmp_pa
     """Two populations of 4 (random lr): the first completes (the pruner's start-up trials); in
     the second the pruner stops members below the median while their task trains the rest."""
     space = {"train.lr": {"low": 1e-4, "high": 0.5, "log": True}}
+    EPOCHS = 3000  # long enough (seconds) for the driver's stop to reach the task: it polls once a second  # noqa: N806
     config = tiny_config("prune-population", space, search={"sampler": "random", "n_trials": 8, "seed": 3, "space": space},
-                         train={"lr": 0.1, "batch_size": 16, "max_epochs": 1000, "stop": {}},
+                         train={"lr": 0.1, "batch_size": 16, "max_epochs": EPOCHS, "stop": {}},
                          resources={"cpus_per_trial": 1, "population_size": 4, "max_concurrent": 1})
     summary = run_sweep(config, results_dir=tmp_path, quiet=True, prune=True)
     assert summary.finished == 8
@@ -229,7 +230,7 @@ def test_pruning_in_a_population_stops_one_member_and_the_others_train_on(tmp_pa
     assert len(pruned) >= 1 and len(kept) >= 1, second[["status", "train.lr", "epochs"]]
     assert (frame.loc[0:3, "status"] != "pruned").all()  # start-up trials are never pruned
     assert pruned["hessian_top_eig"].isna().all() and kept["hessian_top_eig"].notna().all()  # no measures when pruned
-    assert (pruned["epochs"] < 1000).all() and (kept["epochs"] == 1000).all()  # the task trained on after its member left
+    assert (pruned["epochs"] < EPOCHS).all() and (kept["epochs"] == EPOCHS).all()  # the task trained on after its member left
     assert (pruned["train.lr"].max() < frame.loc[0:3, "train.lr"].max())
     study = optuna.load_study(study_name="prune-population", storage=summary.connections.storage)
     assert {t.state for t in study.trials if t.number in pruned.index} == {optuna.trial.TrialState.PRUNED}

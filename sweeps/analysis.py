@@ -765,15 +765,17 @@ def complete_subgrid(df: pd.DataFrame, *, seed_columns: Sequence[str] | None = N
     kept = {k: _sorted_values(cells[k]) for k in keys}
     dropped: dict[str, list[Any]] = {}
     while keys:
-        missing = [c for c in itertools.product(*kept.values()) if c not in present]
-        if not missing:
+        grid = set(itertools.product(*kept.values()))
+        if grid <= present:
             break
-        if not present & set(itertools.product(*kept.values())):
+        if grid.isdisjoint(present):
             raise ValueError("df: no converged configuration, no complete sub-grid")
-        candidates = [(k, v) for i, k in enumerate(keys) if len(kept[k]) > 1 for v in kept[k]]
-        models = Counter((i, c[i]) for c in present if all(c[j] in kept[k] for j, k in enumerate(keys)) for i in range(len(keys)))
-        misses = Counter((i, c[i]) for c in missing for i in range(len(keys)))
-        k, v = max(candidates, key=lambda kv: (misses[(keys.index(kv[0]), kv[1])], -models[(keys.index(kv[0]), kv[1])]))
+        # (axis index, value) -> missing cells / converged cells it takes part in
+        misses = Counter((i, c[i]) for c in grid - present for i in range(len(keys)))
+        converged = Counter((i, c[i]) for c in grid & present for i in range(len(keys)))
+        candidates = [(i, v) for i, k in enumerate(keys) if len(kept[k]) > 1 for v in kept[k]]
+        i, v = max(candidates, key=lambda iv: (misses[iv], -converged[iv]))
+        k = keys[i]
         kept[k].remove(v)
         dropped.setdefault(k, []).append(v)
     on_grid = np.ones(len(df), bool)
@@ -837,13 +839,13 @@ def hyperparameter_effects(
             raise ValueError(f"hyperparameters: {k}={bad!r} is not a number; give it one, e.g. "
                              f"values={{{k!r}: {{{bad!r}: ...}}}}")
         for c in columns:
-            have = np.isfinite(models[c].to_numpy(float))
-            sub = models[have].reset_index(drop=True)
-            psi, _, boot = granulated_kendall(x[have], sub[c].to_numpy(float), sub, sweep.keys, [k], n_boot=n_boot, rng=rng)
-            groups = _groups_differing_only_in(sub, sweep.keys, k)
-            with warnings.catch_warnings():
+            y = models[c].to_numpy(float)
+            have = np.isfinite(y)
+            xs, ys, sub = x[have], y[have], models[have].reset_index(drop=True)
+            psi, _, boot = granulated_kendall(xs, ys, sub, sweep.keys, [k], n_boot=n_boot, rng=rng)
+            with warnings.catch_warnings():  # the groups psi averaged over: those with a defined tau
                 warnings.simplefilter("ignore", RuntimeWarning)
-                n_groups = sum(np.isfinite(kendall_tau_b(x[have][g], sub[c].to_numpy(float)[g])) for g in groups)
+                n_groups = sum(np.isfinite(kendall_tau_b(xs[g], ys[g])) for g in _groups_differing_only_in(sub, sweep.keys, k))
             low, high = percentile_interval(boot, confidence) if n_boot else (math.nan, math.nan)
             rows[(k, c)] = {"tau": psi[k], "tau_ci_low": low, "tau_ci_high": high, "n_groups": int(n_groups),
                             "n_models": int(have.sum())}

@@ -199,20 +199,20 @@ def main() -> None:
     effects.to_csv(out / "effects.csv")
     claims["effects"] = effects_claims(effects)
 
-    diag = diagonal(frame)
-    diag_models = diag.drop(columns=[BATCH]).groupby([LR, WIDTH])[["hessian_top_eig", "keskar_sharpness", "gen_gap", "test_acc"]].mean().reset_index()
+    diag = diagonal(frame).drop(columns=[BATCH])  # batch size = 320 lr there: lr alone says where
+    diag_models = diag.groupby([LR, WIDTH])[["hessian_top_eig", "keskar_sharpness", "gen_gap", "test_acc"]].mean().reset_index()
     diag_models.to_csv(out / "diagonal.csv", index=False)
-    diag_effects = hyperparameter_effects(diag.drop(columns=[BATCH]), ["hessian_top_eig", "keskar_sharpness", "gen_gap", "test_acc"],
+    diag_effects = hyperparameter_effects(diag, ["hessian_top_eig", "keskar_sharpness", "gen_gap", "test_acc"],
                                           n_boot=N_BOOT)
-    diag_tau = tau_table(diag.drop(columns=[BATCH]), measures=["hessian_top_eig", "keskar_sharpness"], n_boot=N_BOOT)
+    diag_tau = tau_table(diag, measures=["hessian_top_eig", "keskar_sharpness"], n_boot=N_BOOT)
     claims["diagonal"] = {"effects": effects_claims(diag_effects),
                           "tau_vs_gap": {m: interval(diag_tau.loc[m]) | {"n": int(diag_tau.loc[m, "n"])} for m in diag_tau.index}}
 
     eos, paths = eos_table(frame, resolve(results_dir=args.results_dir, create=False).tracking_uri)
     eos.to_csv(out / "eos.csv", index=False)
-    claims["eos"] = eos.groupby([LR, WIDTH])[["init_ratio", "max_ratio", "step_of_max", "share_near", "late_mean_ratio"]].agg(
+    ranges = eos.groupby([LR, WIDTH])[["init_ratio", "max_ratio", "step_of_max", "share_near", "late_mean_ratio"]].agg(
         ["min", "max"]).round(3).to_dict("index")
-    claims["eos"] = {f"lr={k[0]:g},width={k[1]}": {f"{a}_{b}": v for (a, b), v in val.items()} for k, val in claims["eos"].items()}
+    claims["eos"] = {f"lr={lr:g},width={w}": {f"{a}_{b}": v for (a, b), v in val.items()} for (lr, w), val in ranges.items()}
 
     for name, fig in {"batch_lr": draw_batch_lr(frame, sizes[BATCH]), "diagonal": draw_diagonal(diag_models),
                       "width": draw_width(table), "eos": draw_eos(paths, eos)}.items():

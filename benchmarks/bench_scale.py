@@ -554,28 +554,32 @@ def _finished_count(storage: str, name: str) -> int:
 KILLED_LEASE_S = 5.0
 
 
-def _driver_process(name: str, trials: int, conn: connections.Connections, address: str) -> subprocess.Popen:
-    """``drive`` in a child process (it can be SIGKILLed), logging each trial's start on stderr."""
+def _driver_process(name: str, trials: int, conn: connections.Connections, address: str,
+                    stderr: Any = subprocess.PIPE) -> subprocess.Popen:
+    """``drive`` in a child process (it can be SIGKILLed), logging each trial's start on ``stderr``
+    (a pipe the caller must read as it goes: a full pipe blocks the driver's next log line)."""
     args = [sys.executable, __file__, "--part", "drive", "--name", name, "--trials", str(trials),
             "--results-dir", str(conn.results_dir), "--tracking-uri", conn.tracking_uri, "--storage", conn.storage,
             "--address", address]
     env = {**os.environ, "SWEEPS_LEASE_SECONDS": str(KILLED_LEASE_S)}
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=env)
 
 
 def kill_and_resume(name: str, trials: int, kill_at: int, conn: connections.Connections, address: str) -> dict[str, float]:
     """Run the trivial grid in a child driver, SIGKILL it once ``kill_at`` trials are recorded,
     wait for its lease to expire (:data:`KILLED_LEASE_S`), start a second driver and time it from
     its start to its first launch (``trial N: started``); then let it finish. Returns ``{"killed_at", "to_first_launch_s", "resumed_total_s"}``."""
-    first = _driver_process(name, trials, conn, address)
-    try:
-        while (done := _finished_count(conn.storage, name)) < kill_at:
-            if first.poll() is not None:
-                raise RuntimeError(f"the driver ended before {kill_at} trials: {first.stderr.read()[-3000:]}")
-            time.sleep(0.5)
-    finally:
-        first.kill()
-        first.wait()
+    log = Path(conn.results_dir) / "killed-driver.log"
+    with open(log, "w") as first_err:
+        first = _driver_process(name, trials, conn, address, stderr=first_err)
+        try:
+            while (done := _finished_count(conn.storage, name)) < kill_at:
+                if first.poll() is not None:
+                    raise RuntimeError(f"the driver ended before {kill_at} trials: {log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        finally:
+            first.kill()
+            first.wait()
     time.sleep(KILLED_LEASE_S + 1)
     start = time.monotonic()
     second = _driver_process(name, trials, conn, address)

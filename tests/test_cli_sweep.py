@@ -394,15 +394,12 @@ def test_two_drivers_of_one_sweep_one_runs(tmp_path, ray_address, study_storage,
         pause_outside_transactions(first, databases, postgres=study_storage)
     second = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(config), "--max-concurrent", "2", *common],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    outcomes = {}
     try:
-        for proc in (second, first):
-            out, err = proc.communicate(timeout=300)
-            outcomes[proc.returncode] = (out, err)
-            if paused:
-                first.send_signal(signal.SIGCONT)
+        second_out = second.communicate(timeout=300)
     finally:
-        first.send_signal(signal.SIGCONT)
+        first.send_signal(signal.SIGCONT)  # a no-op unless paused
+    first_out = first.communicate(timeout=300)
+    outcomes = {second.returncode: second_out, first.returncode: first_out}
     assert sorted(outcomes) == [0, 2], outcomes  # exactly one ran
     out, err = outcomes[2]
     assert "is being run by another driver" in err and "since" in err and out == ""
@@ -420,7 +417,7 @@ def pause_outside_transactions(proc: subprocess.Popen, databases: list[Path], po
     sweep's), so the test re-pauses until it holds none."""
     import psycopg2
 
-    def idle_in_transaction() -> bool:
+    def in_transaction() -> bool:
         with closing(psycopg2.connect(_psycopg2_dsn(postgres))) as con, con.cursor() as cursor:
             cursor.execute("select count(*) from pg_stat_activity where datname = current_database()"
                            " and pid <> pg_backend_pid() and state <> 'idle'")
@@ -433,7 +430,7 @@ def pause_outside_transactions(proc: subprocess.Popen, databases: list[Path], po
                 with closing(sqlite3.connect(db, timeout=0.2)) as con:
                     con.execute("BEGIN EXCLUSIVE")  # no other reader or writer holds a lock
                     con.rollback()
-            if postgres is None or not idle_in_transaction():
+            if postgres is None or not in_transaction():
                 return
         except sqlite3.OperationalError:
             pass

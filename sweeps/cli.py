@@ -12,10 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .config import ConfigError
+
+#: How long ``sweeps submit`` waits for a freshly started head's job agent (seconds).
+SUBMIT_AGENT_WAIT_SECONDS = 60
 
 #: Exit codes of every subcommand (``run``/``resume`` use all of them).
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_OBJECTIVE, EXIT_LEASE_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -267,9 +271,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     def submit(headers: dict[str, str] | None = None) -> str:
         client = JobSubmissionClient(args.address, headers=headers)
-        return client.submit_job(
-            entrypoint=shlex.join(entrypoint), runtime_env=runtime_env, metadata={"sweep": args.name or config.name},
-        )
+        deadline, waiting = time.monotonic() + SUBMIT_AGENT_WAIT_SECONDS, False
+        while True:
+            try:
+                return client.submit_job(
+                    entrypoint=shlex.join(entrypoint), runtime_env=runtime_env, metadata={"sweep": args.name or config.name},
+                )
+            except RuntimeError as err:
+                # A head that has just started answers 500 "No available agent to submit job, please
+                # try again later" until its job agent is up (seconds): wait for it, then give up.
+                if "try again later" not in str(err) or time.monotonic() > deadline:
+                    raise
+                if not waiting:
+                    print(f"sweeps submit: the cluster's job agent is not up yet; retrying for up to "
+                          f"{SUBMIT_AGENT_WAIT_SECONDS} s", file=sys.stderr)
+                    waiting = True
+                time.sleep(1.0)
 
     mode = ""  # what the follow-up `ray job` commands need in front of them
     try:

@@ -39,9 +39,11 @@ from sweeps.lease import current_holder
 from sweeps.live import LIVE_BOOTSTRAP, live_target
 
 # Two shapes (widths), four trials each: with population_size auto and two task slots, each
-# shape is one population, whose max_epochs 4 members finish while the max_epochs 16 ones train.
-SPACE = {"train.lr": {"values": [0.05, 0.2]}, "model.width": {"values": [8, 16]}, "train.max_epochs": {"values": [4, 16]}}
-GRID = set(itertools.product([0.05, 0.2], [8, 16], [4, 16]))
+# shape is one population, whose max_epochs 4 members finish while the long ones train (for a
+# second or more: a signal sent once two trials have finished finds launched trials running).
+SHORT, LONG = 4, 100
+SPACE = {"train.lr": {"values": [0.05, 0.2]}, "model.width": {"values": [8, 16]}, "train.max_epochs": {"values": [SHORT, LONG]}}
+GRID = set(itertools.product([0.05, 0.2], [8, 16], [SHORT, LONG]))
 
 
 def write_config(path: Path, name: str, max_epochs: int = 12, **train) -> Path:

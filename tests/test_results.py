@@ -8,7 +8,6 @@ import math
 import pandas as pd
 import pytest
 
-import sweeps
 from sweeps import connections
 from sweeps.config import load_config
 from sweeps.queries import SweepNotFoundError, _cast, list_sweeps, results, sweep_status

@@ -34,3 +34,15 @@ def test_auto_populations_split_each_shape_over_the_slots(tmp_path, setting, slo
     assert [len(g) for g in groups] == sizes
     points = [(a.point["model.width"], a.point["train.lr"], a.point["seed"]) for g in groups for a in g]
     assert sorted(points) == sorted(itertools.product([8, 16], [0.05, 0.1, 0.2], [0, 1, 2]))  # each exactly once
+
+
+def test_a_shape_that_does_not_stack_is_handed_out_one_trial_at_a_time(tmp_path):
+    config = load_config({"name": "bn", "dataset": {"name": "digits", "train_size": 64}, "model": {"name": "mlp", "width": 8, "batch_norm": True},
+                          "train": {"max_epochs": 1}, "measure": [],
+                          "search": {"sampler": "grid", "space": {"train.lr": {"values": [0.05, 0.1, 0.2]}}}})
+    study = search.open_study(config, f"sqlite:///{tmp_path / 'optuna.db'}", resume=False)
+    queue = PointQueue(study, config, slots=1)
+    groups = [queue.take(population_size("auto", left, 1), left - len(queue.pending)) for left in (3, 2, 1)]
+    assert [len(g) for g in groups] == [1, 1, 1]  # auto would give one population of 3
+    assert sorted(g[0].point["train.lr"] for g in groups) == [0.05, 0.1, 0.2]
+    assert "batch norm" in queue.stack_reason(groups[0][0])  # the reason the driver logs once for the shape

@@ -39,8 +39,9 @@ from sweeps.lease import current_holder
 from sweeps.live import LIVE_BOOTSTRAP, live_target
 
 # Two shapes (widths), four trials each: with population_size auto and two task slots, each
-# shape is one population, whose max_epochs 4 members finish while the long ones train (for a
-# second or more: a signal sent once two trials have finished finds launched trials running).
+# shape is split into two populations of two (sweeps.batching), whose max_epochs 4 members finish
+# while the long ones train (for a second or more: a signal sent once two trials have finished
+# finds launched trials running).
 SHORT, LONG = 4, 100
 SPACE = {"train.lr": {"values": [0.05, 0.2]}, "model.width": {"values": [8, 16]}, "train.max_epochs": {"values": [SHORT, LONG]}}
 GRID = set(itertools.product([0.05, 0.2], [8, 16], [SHORT, LONG]))

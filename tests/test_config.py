@@ -123,6 +123,8 @@ def _mutate(path: str, value):
         (_mutate("objective", {"metric": ["test_acc", "hessian_trace"], "direction": ["maximize"] * 3}), "objective: metric and direction lists differ in length"),
         (_mutate("objective", {"metric": "test_acc", "direction": "up"}), "objective.directions.0: must be one of 'maximize' or 'minimize' (got 'up')"),
         (_mutate("resources/cpus_per_trial", 0), "resources.cpus_per_trial: must be > 0"),
+        (_mutate("resources/population_size", 0), "resources.population_size: must be a positive integer or 'auto' (got 0)"),
+        (_mutate("resources/population_size", "max"), "resources.population_size: must be a positive integer or 'auto' (got 'max')"),
         (_mutate("train/stop", {"train_loss": 0.01, "train_acc": 1.0}), "train.stop: give either train_loss or train_acc, not both"),
         (_mutate("name", KeyError), "name: required"),
         (_mutate("train", 5), "train: must be a mapping (key: value) (got 5)"),

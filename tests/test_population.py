@@ -1,11 +1,13 @@
 """sweeps.population and train_population / run_population against ground truth: each member of
 a stack equals the same model trained alone by a plain torch.optim loop (float64), leaves the
-stack with the status it gets alone, and tracks the same lambda_max."""
+stack with the status it gets alone, and tracks the same lambda_max; a member that turns NaN leaves
+the others equal to that loop, and the worker hands each member to the driver as it leaves."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from sweeps.models import build_model
 from sweeps.population import module_stack_reason, population_key, stack_check
 from sweeps.train import LOSSES, lr_factor, train, train_population
 from sweeps.trial import measure_trained, run_population, run_trial
+from sweeps.worker import MetricStream, _members
 
 TEACHER = {"name": "teacher", "train_size": 250, "options": {"input_dim": 6, "num_classes": 3, "test_size": 100}}
 SCHEDULES = ["constant", "cosine", "step", "warmup_cosine"]
@@ -34,6 +37,11 @@ def config(train=None, model=None, seed=0, **extra):
 
 def double(data):
     return dataclasses.replace(data, x_train=data.x_train.double(), x_test=data.x_test.double())
+
+
+def flat(model):
+    """The model's parameters as one vector (``named_parameters`` order)."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def reference_sgd_loop(model, data, cfg, seed, steps):
@@ -55,7 +63,7 @@ def reference_sgd_loop(model, data, cfg, seed, steps):
             opt.step()
             schedule.step()
             step += 1
-    return torch.cat([p.detach().reshape(-1) for p in params])
+    return flat(model)
 
 
 def eight_members(optimizer, model):
@@ -81,9 +89,27 @@ def test_each_member_equals_the_plain_torch_optim_loop_in_float64(optimizer, mod
     assert all(r.steps == 50 and r.status == "converged" for r in results)  # no target: max_epochs done
     for c, trained in zip(configs, models):
         expected = reference_sgd_loop(build(c), data, c.train, c.seed, 50)
-        got = torch.cat([p.detach().reshape(-1) for p in trained.parameters()])
+        got = flat(trained)
         assert float((got - expected).norm() / expected.norm()) < 1e-8, c.train
-        assert not torch.equal(got, torch.cat([p.reshape(-1) for p in build(c).parameters()]))  # it trained
+        assert not torch.equal(got, flat(build(c)))  # it trained
+
+
+@pytest.mark.parametrize("model", [{"name": "mlp", "width": 12}, {"name": "cnn1d", "width": 3, "depth": 2}], ids=["mlp", "cnn1d"])
+def test_a_nan_member_leaves_its_neighbours_equal_to_the_plain_torch_optim_loop_in_float64(model):
+    lrs = [0.05, 1e20, 0.1]  # the middle member runs into inf/nan (its divergence factor never triggers first)
+    configs = [config({"lr": lr, "momentum": 0.9, "divergence_factor": 1e300, "batch_size": 25, "max_epochs": 5, "stop": {}}, model, seed=i)
+               for i, lr in enumerate(lrs)]
+    data = double(load_dataset(configs[0].dataset))
+    build = lambda c: build_model(c.model, data.input_shape, data.num_classes, seed=c.seed).double()  # noqa: E731
+    models = [build(c) for c in configs]
+    results = train_population(models, data, [c.train for c in configs], seeds=[c.seed for c in configs])
+    assert results[1].status == "diverged" and results[1].steps < 50
+    assert not flat(models[1]).isfinite().all()  # it held a NaN/inf
+    for i in (0, 2):
+        assert (results[i].status, results[i].steps) == ("converged", 50)
+        expected = reference_sgd_loop(build(configs[i]), data, configs[i].train, configs[i].seed, 50)
+        got = flat(models[i])
+        assert float((got - expected).norm() / expected.norm()) < 1e-8
 
 
 EXITS = {  # member -> (train overrides, status it must get)
@@ -112,7 +138,7 @@ def test_each_member_leaves_with_what_it_gets_alone(batch_size):
         if a.status != "diverged":
             assert b.final == pytest.approx(a.final, rel=1e-4, abs=1e-6), name
     assert not math.isfinite(together[0].final["train_loss"])  # a NaN/inf member ...
-    assert all(math.isfinite(p) for m in models[1:] for p in torch.cat([q.reshape(-1) for q in m.parameters()]).tolist())
+    assert all(flat(m).isfinite().all() for m in models[1:])
     assert [s for _, s in order] == sorted(s for _, s in order) and len(order) == 4  # ... leaves at once, in step order
     for i, r in enumerate(together):
         typed = [(rec.kind, rec.step, rec.values.get("train_loss")) for j, rec in logged if j == i]  # typed records, as kept
@@ -248,6 +274,28 @@ def test_a_stopped_member_leaves_pruned_and_the_others_train_on_as_alone():
                              stop=lambda i: "pruned" if i == 0 else None, device="cpu")
     assert results[0].status == "pruned" and "hessian_top_eig" not in results[0].metrics  # pruned: no measures
     assert "hessian_top_eig" in results[1].metrics
+
+
+def test_the_worker_yields_a_member_while_the_rest_of_its_population_trains(tmp_path):
+    """sweeps.worker's population generator (the body of the Ray task) hands a finished member to
+    the driver at once: the long member cannot log its third epoch until the short member's
+    record has been taken from the generator."""
+    configs = [config({"lr": 0.1, "batch_size": 50, "max_epochs": epochs, "stop": {}}, seed=i) for i, epochs in enumerate([1, 4])]
+    taken, waited = threading.Event(), []
+
+    class GatedStream(MetricStream):
+        def record(self, record):
+            super().record(record)
+            if self.trial_number == 1 and record.kind == "epoch" and record.values["epoch"] == 3:
+                waited.append(taken.wait(timeout=60))
+
+    streams = [GatedStream(None, i) for i in range(2)]
+    order = []
+    for index, result, tb in _members(None, configs, streams, [tmp_path / "0", tmp_path / "1"], "cpu"):
+        assert tb is None, tb
+        order.append((index, result.status, result.metrics["epochs"]))
+        taken.set()
+    assert order == [(0, "converged", 1), (1, "converged", 4)] and waited == [True]
 
 
 def test_members_measured_apart_equal_members_measured_in_place(tmp_path):

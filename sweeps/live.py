@@ -92,6 +92,7 @@ class LiveCorrelation:
         self.next_start = 0.0
         self._thread: threading.Thread | None = None
         self._done: tuple[dict[str, float], int, Path] | None = None
+        self._lock = threading.Lock()  # _done is set in the background thread, taken in the driver's
         self._history_rows: list[dict[str, Any]] = []
         self._figures = Path(tempfile.mkdtemp(prefix="sweeps-live-"))
         weakref.finalize(self, shutil.rmtree, self._figures, True)  # the figures' folder goes with the object
@@ -130,9 +131,10 @@ class LiveCorrelation:
             if self.history is not None:
                 self._merge_history()
             rows = list({**{r["trial_number"]: r for r in self._history_rows}, **{r["trial_number"]: r for r in rows}}.values())
-            self._done = self._update(pd.DataFrame(rows))
+            done = self._update(pd.DataFrame(rows))
+            with self._lock:
+                self._done = done
         except Exception:  # the live view is a convenience: its failure must not end the sweep
-            self._done = None
             self.log("live correlation: update failed: " + traceback.format_exc().strip().splitlines()[-1])
         finally:
             spent = time.monotonic() - started
@@ -176,7 +178,8 @@ class LiveCorrelation:
             fig.savefig(self._figures / f"{measure}.png", dpi=80)
 
     def _write_done(self) -> None:
-        done, self._done = self._done, None
+        with self._lock:  # else an update set between the read and the reset would be lost
+            done, self._done = self._done, None
         if self._thread is not None and not self._thread.is_alive():
             self._thread = None
         if done is None:

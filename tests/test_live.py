@@ -83,3 +83,18 @@ def test_history_counts_once_and_a_failing_update_is_logged_not_raised():
 def test_the_target_is_the_objective_when_it_is_an_outcome():
     assert live_target(["test_acc"]) == "test_acc"
     assert live_target(["hessian_top_eig"]) == "gen_gap" and live_target([]) == "gen_gap"
+
+
+def test_a_failing_update_in_the_background_is_logged_and_the_next_one_still_comes():
+    written, messages = [], []
+    live = LiveCorrelation("gen_gap", ["train.lr"], lambda m, step, fig: written.append((step, m)), messages.append,
+                           interval=0.0)
+    live.add(0, "converged", {"train.lr": 0.1}, {"gen_gap": 0.1, "hessian_top_eig": "not a number"})
+    live.poll()  # starts the update in its thread; the driver goes on
+    live.close()  # waits for it: it failed, nothing to log
+    assert not written and len(messages) == 1 and "update failed: ValueError" in messages[0]
+    live.add(0, "converged", {"train.lr": 0.1}, {"gen_gap": 0.1, "hessian_top_eig": 1.0})  # the same trial, recorded again
+    live.add(1, "converged", {"train.lr": 0.2}, {"gen_gap": 0.2, "hessian_top_eig": 2.0})
+    live.close()
+    (step, metrics), = written
+    assert step == metrics["live.n_models"] == 2 and metrics["live.tau.hessian_top_eig"] == 1.0

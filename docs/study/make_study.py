@@ -1,7 +1,7 @@
 """Build docs/study/ from a finished run of examples/study.yaml: the numbers the study page cites.
 
 Usage:
-    sweeps run examples/study.yaml --results-dir RESULTS     # about 20 minutes on 2 CPU cores
+    sweeps run examples/study.yaml --results-dir RESULTS     # 949 s (16 minutes) measured on 2 CPU cores
     python docs/study/make_study.py --results-dir RESULTS [--out docs/study]
 
 Writes into ``--out``:

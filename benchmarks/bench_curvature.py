@@ -142,8 +142,8 @@ def seed_table(op: HessianOperator, reference: float, seeds: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for seed in range(seeds):
-            p = hessian_eigenvalues(None, None, None, operator=op, tol=1e-3, method="power", seed=seed)
-            q = hessian_eigenvalues(None, None, None, operator=op, tol=1e-3, seed=seed)
+            p = hessian_eigenvalues(op, tol=1e-3, method="power", seed=seed)
+            q = hessian_eigenvalues(op, tol=1e-3, seed=seed)
             floor = krylov_floor(op, reference, 1e-3, seed)
             ratios.append(q.n_hvp / p.n_hvp)
             floors.append(floor / p.n_hvp)

@@ -37,6 +37,8 @@ from ._lanczos import OperatorLike, SymmetricOperator, prepare, random_block
 from .hvp import Backend, HessianOperator, as_hessian
 
 TraceMethod = Literal["hutch++", "hutchinson"]
+#: The product budget as errors name it: the argument here and in the Hessian-level functions.
+_BUDGET = "max_products (max_hvp of hessian_trace and adaptive_trace)"
 
 
 @dataclass
@@ -119,12 +121,12 @@ def estimate_trace(
     if method == "hutch++":
         sketch = min(op.dim, 32, max_products // 4) if sketch_size is None else int(sketch_size)
         if sketch < 1:
-            raise ValueError(f"sketch_size: must be >= 1 (got {sketch}); or raise max_products (max_hvp of hessian_trace and adaptive_trace)")
+            raise ValueError(f"sketch_size: must be >= 1 (got {sketch}); or raise {_BUDGET}")
         basis, exact_part = _hutch_plus_plus_sketch(op, sketch, generator)
         if sketch >= op.dim:
             return TraceResult(exact_part, 0.0, op.n_products, True, method, 0, sketch, np.zeros(0))
     if max_products - op.n_products < 2:
-        raise ValueError(f"max_products (max_hvp of hessian_trace and adaptive_trace): {max_products} leaves fewer than 2 probes after the sketch; raise it")
+        raise ValueError(f"{_BUDGET}: {max_products} leaves fewer than 2 probes after the sketch; raise it")
     samples: list[float] = []
     value = std_err = math.nan
     converged = False
@@ -143,7 +145,7 @@ def estimate_trace(
     if not converged:
         warnings.warn(
             f"{method}: relative standard error {std_err / abs(value):.2g} > rtol={rtol:g} after "
-            f"{op.n_products} products; raise max_products (max_hvp of hessian_trace and adaptive_trace) or loosen rtol",
+            f"{op.n_products} products; raise {_BUDGET} or loosen rtol",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -36,6 +36,8 @@ from typing import Any
 
 import pandas as pd
 
+from .status import TrialStatus
+
 #: Default seconds between two updates (at the least).
 UPDATE_SECONDS = 10.0
 #: Bootstrap resamples of the live intervals.
@@ -155,7 +157,7 @@ class LiveCorrelation:
     def _update(self, frame: pd.DataFrame) -> tuple[dict[str, float], int, Path] | None:
         from .analysis import tau_table
 
-        if frame.empty or "status" not in frame or not (frame["status"] == "converged").any() or self.target not in frame:
+        if frame.empty or "status" not in frame or not (frame["status"] == TrialStatus.CONVERGED).any() or self.target not in frame:
             return None
         table = tau_table(frame, self.target, n_boot=self.n_boot)
         step = int(table.attrs["n_models"])
@@ -165,7 +167,7 @@ class LiveCorrelation:
     def _figures_for(self, frame: pd.DataFrame, measures: list[str]) -> None:
         from .figures import scatter_figure
 
-        runs = frame[frame["status"] == "converged"]
+        runs = frame[frame["status"] == TrialStatus.CONVERGED]
         y = "test_acc" if "test_acc" in runs else self.target
         from .analysis import default_seed_columns
 

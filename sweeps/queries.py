@@ -84,7 +84,11 @@ def _trial_runs(
 
     A database tracking store (SQLite, PostgreSQL, MySQL) is read with four SQL queries on
     MLflow's own tables (:func:`_sql_runs`); any other (an ``mlflow server``) with paged
-    ``search_runs``. ``use_sql`` forces one way (tests compare them).
+    ``search_runs``. ``use_sql`` forces one way (tests compare them). The SQL way is the one
+    place ``sweeps`` leaves MLflow's public API: it reaches the client's store through the
+    private ``MlflowClient._tracking_client`` (there is no public accessor), recognizes it by
+    MLflow's ``SqlAlchemyStore`` class and reads the tables through its
+    ``mlflow.store.tracking.dbmodels`` models; none of these is documented as public.
     """
     store = getattr(getattr(client, "_tracking_client", None), "store", None)
     if use_sql is None:

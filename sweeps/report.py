@@ -37,6 +37,7 @@ from matplotlib.figure import Figure
 
 from .analysis import correlations, format_cells
 from .figures import is_numeric, psi_heatmap, scatter_figure, trend_figure
+from .status import TrialStatus
 
 REFERENCES = (
     "Kendall (1938, 1945) tau-b; Jiang et al. (2020) 'Fantastic generalization measures and where to find them' "
@@ -210,7 +211,7 @@ def make_report(
     report.files["json"] = out / "correlations.json"
     report.files["json"].write_text(json.dumps(table_json(table), indent=2, allow_nan=False))
 
-    runs = df[df["status"].astype(str) == "converged"] if "status" in df.columns else df
+    runs = df[df["status"].astype(str) == TrialStatus.CONVERGED] if "status" in df.columns else df
     runs = runs.copy()
     for k in table.attrs["hyperparameters"]:
         if not is_numeric(runs[k]):

@@ -52,8 +52,8 @@ from landscape._functional import training_mode
 from .config import TrainConfig
 from .data import Dataset
 from .population import SHARED_TRAIN_FIELDS, Stack, module_stack_reason
+from .status import TrialStatus
 
-Status = Literal["converged", "not_converged", "diverged", "pruned"]
 LogFn = Callable[[dict[str, float], int], None]
 
 
@@ -80,9 +80,9 @@ class TrainResult:
     """What :func:`train` returns.
 
     Attributes:
-        status: ``"converged"`` (target reached, or ``max_epochs`` done when no target is set),
-            ``"not_converged"`` (``max_epochs`` without the target), ``"diverged"`` or ``"pruned"``
-            (stopped by :func:`train_population`'s ``stop``).
+        status: a :class:`~sweeps.status.TrialStatus`: ``converged`` (target reached, or
+            ``max_epochs`` done when no target is set), ``not_converged`` (``max_epochs`` without
+            the target), ``diverged`` or ``pruned`` (stopped by :func:`train_population`'s ``stop``).
         epochs: epochs started (full-batch: steps); steps: optimizer steps.
         seconds: wall time of training, tracking included (in a population: from its start to
             this member's exit); track_seconds: of this member's tracking alone.
@@ -94,7 +94,7 @@ class TrainResult:
         reason: one line on why training stopped.
     """
 
-    status: Status
+    status: TrialStatus
     epochs: int
     steps: int
     seconds: float
@@ -284,7 +284,7 @@ class _Population:
         self.stack = Stack(models, cfgs)
         self.loss_fn = functools.partial(member_losses, cfg.loss)
         self.results: list[TrainResult | None] = [None] * len(models)
-        self.pending: dict[int, tuple[Status, str, int]] = {}  # row -> how it leaves
+        self.pending: dict[int, tuple[TrialStatus, str, int]] = {}  # row -> how it leaves
         self.step = 0
 
     # --- evaluations ----------------------------------------------------------------------
@@ -334,7 +334,7 @@ class _Population:
                 self.emit(m, {"kind": "track", "step": self.step, "epoch": epoch, "lr": lr, **m.tracker(m.model, self.step, lr)})
 
     # --- leaving the stack ----------------------------------------------------------------
-    def leave(self, row: int, status: Status, reason: str, epoch: int) -> None:
+    def leave(self, row: int, status: TrialStatus, reason: str, epoch: int) -> None:
         self.pending.setdefault(row, (status, reason, epoch))
 
     def settle(self) -> list[int] | None:
@@ -350,7 +350,7 @@ class _Population:
         self.live = [self.live[r] for r in keep]
         return keep
 
-    def _finish(self, row: int, status: Status, reason: str, epoch: int) -> None:
+    def _finish(self, row: int, status: TrialStatus, reason: str, epoch: int) -> None:
         m = self.live[row]
         self.stack.write_to(row)
         last = m.history[-1]
@@ -372,7 +372,7 @@ class _Population:
             return
         for row, m in enumerate(self.live):
             if row not in self.pending and (reason := self.stop(m.index)):
-                self.leave(row, "pruned", reason, epoch)
+                self.leave(row, TrialStatus.PRUNED, reason, epoch)
 
     # --- the loop -------------------------------------------------------------------------
     def run(self) -> list[TrainResult]:
@@ -383,9 +383,9 @@ class _Population:
         self.track(0)
         for row, m in enumerate(self.live):
             if not math.isfinite(m.init_loss):
-                self.leave(row, "diverged", "the initial loss is not finite", 0)
+                self.leave(row, TrialStatus.DIVERGED, "the initial loss is not finite", 0)
             elif m.reached(*m.checked):
-                self.leave(row, "converged", "the target was met at initialization", 0)
+                self.leave(row, TrialStatus.CONVERGED, "the target was met at initialization", 0)
         self.settle()
         epoch = 0
         while self.live:
@@ -396,7 +396,8 @@ class _Population:
             for row, m in enumerate(self.live):
                 if epoch >= m.cfg.max_epochs:
                     no_target = m.cfg.stop.train_loss is None and m.cfg.stop.train_acc is None
-                    self.leave(row, "converged" if no_target else "not_converged", f"max_epochs={m.cfg.max_epochs} reached", epoch)
+                    status = TrialStatus.CONVERGED if no_target else TrialStatus.NOT_CONVERGED
+                    self.leave(row, status, f"max_epochs={m.cfg.max_epochs} reached", epoch)
             self.stop_requested(epoch)
             self.settle()
         return self.results  # type: ignore[return-value]
@@ -420,7 +421,7 @@ class _Population:
             for row, (m, loss) in enumerate(zip(self.live, losses)):
                 m.checked = None
                 if m.diverged(loss):
-                    self.leave(row, "diverged", f"mini-batch loss {loss:.4g} at step {self.step}", epoch)
+                    self.leave(row, TrialStatus.DIVERGED, f"mini-batch loss {loss:.4g} at step {self.step}", epoch)
                 else:
                     m.running = 0.9 * m.running + 0.1 * loss
             self.track(epoch)
@@ -430,7 +431,7 @@ class _Population:
                     m = self.live[row]
                     m.checked = m.latest = ev
                     if m.reached(*ev):
-                        self.leave(row, "converged", f"target met at step {self.step}", epoch)
+                        self.leave(row, TrialStatus.CONVERGED, f"target met at step {self.step}", epoch)
             keep = self.settle()
             if keep is not None:
                 if not self.live:
@@ -440,9 +441,9 @@ class _Population:
             m = self.live[row]
             m.checked = m.latest = ev
             if m.diverged(ev[0]):
-                self.leave(row, "diverged", f"train loss {ev[0]:.4g} after epoch {epoch}", epoch)
+                self.leave(row, TrialStatus.DIVERGED, f"train loss {ev[0]:.4g} after epoch {epoch}", epoch)
             elif m.reached(*ev):
-                self.leave(row, "converged", f"target met after epoch {epoch}", epoch)
+                self.leave(row, TrialStatus.CONVERGED, f"target met after epoch {epoch}", epoch)
         self.settle()
 
     def _full_batch_epoch(self, epoch: int) -> None:
@@ -454,9 +455,9 @@ class _Population:
             m = self.live[row]
             m.checked = ev
             if m.diverged(ev[0]):
-                self.leave(row, "diverged", f"train loss {ev[0]:.4g} at step {self.step}", epoch - 1)  # this pass only evaluated
+                self.leave(row, TrialStatus.DIVERGED, f"train loss {ev[0]:.4g} at step {self.step}", epoch - 1)  # this pass only evaluated
             elif m.reached(*ev):
-                self.leave(row, "converged", f"target met at step {self.step}", epoch - 1)
+                self.leave(row, TrialStatus.CONVERGED, f"target met at step {self.step}", epoch - 1)
         keep = self.settle()
         if keep is not None:
             if not self.live:

@@ -23,7 +23,8 @@ from .config import SweepConfig
 from .data import Dataset, load_dataset
 from .models import build_model, count_parameters
 from .population import population_key, stack_check
-from .train import LOSSES, Status, TrainingRecord, TrainResult, train_population
+from .status import TrialStatus
+from .train import LOSSES, TrainingRecord, TrainResult, train_population
 
 
 @dataclass
@@ -31,8 +32,9 @@ class TrialResult:
     """The outcome of :func:`run_trial`.
 
     Attributes:
-        status: ``"converged"``, ``"not_converged"`` (``max_epochs`` without reaching the target;
-            measures are still computed), ``"diverged"`` or ``"pruned"`` (no measures).
+        status: a :class:`~sweeps.status.TrialStatus`: ``converged``, ``not_converged``
+            (``max_epochs`` without reaching the target; measures are still computed),
+            ``diverged`` or ``pruned`` (no measures).
         metrics: final scalars: train_loss, train_acc, test_loss, test_acc, gen_gap (test error
             - train error), epochs, steps, train_seconds (tracking included), track_seconds,
             n_train, n_test, num_params, and every measure key with its ``<name>_seconds``.
@@ -46,7 +48,7 @@ class TrialResult:
         reason: one line on why training stopped.
     """
 
-    status: Status
+    status: TrialStatus
     metrics: dict[str, float]
     history: list[dict[str, Any]]
     artifacts: dict[str, Path]
@@ -254,7 +256,7 @@ def measure_trained(member: TrainedMember, *, out_dir: str | Path | None = None,
 
 def _has_measures(config: SweepConfig, trained: TrainResult) -> bool:
     """Landscape measures are computed for trained models (not diverged or pruned ones)."""
-    return bool(config.measure) and trained.status not in ("diverged", "pruned")
+    return bool(config.measure) and trained.status not in (TrialStatus.DIVERGED, TrialStatus.PRUNED)
 
 
 def _measured(config: SweepConfig, data: Dataset, model: torch.nn.Module, trained: TrainResult, out_dir: str | Path | None) -> TrialResult:

@@ -22,15 +22,20 @@ token-like query parameters become ``***``.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import socket
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 DEFAULT_RESULTS_DIR = "sweeps-results"
+
+log = logging.getLogger(__name__)
 
 _SECRET_QUERY = re.compile(r"(?i)([?&;](?:password|passwd|pwd|token|secret|key|access_key|api_key)=)[^&;#]*")
 _USERINFO_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
@@ -143,8 +148,8 @@ def check_reachable(conn: Connections, timeout: float = 5.0) -> None:
             continue
         parts = urlsplit(uri)
         if parts.scheme.startswith("sqlite"):
-            path = Path(parts.path[1:] if parts.path.startswith("//") else parts.path)
-            if not os.access(path.parent if str(path.parent) else ".", os.W_OK):
+            path = sqlite_path(uri)
+            if path is not None and not os.access(path.parent, os.W_OK):
                 raise ConnectionError(f"{flag}: directory of {redact(uri)} is not writable")
             continue
         if not parts.hostname:
@@ -156,3 +161,36 @@ def check_reachable(conn: Connections, timeout: float = 5.0) -> None:
             socket.create_connection((parts.hostname, port), timeout=timeout).close()
         except OSError as err:
             raise ConnectionError(f"{flag}: cannot reach {redact(uri)} ({err}); is the server running?") from None
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an SQLite URL (``sqlite:///relative.db``, ``sqlite:////abs/path.db``),
+    ``None`` for any other URL and for an in-memory database."""
+    if not uri.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return Path(database).absolute() if database and database != ":memory:" else None
+
+
+def use_wal(uri: str) -> None:
+    """Switch the SQLite file of ``uri`` to write-ahead logging; nothing for other URLs.
+
+    The mode is kept in the file, so this is done once per store, before its first engine opens
+    it. A commit in WAL mode appends to ``<file>-wal`` instead of rewriting a rollback journal:
+    about 0.16 ms against 0.50 ms here, and the driver commits a dozen times per trial
+    (Optuna and MLflow, about 20 % of its time per trial on a trivial grid, see the benchmarks
+    page). Readers (``sweeps status``, the MLflow UI, optuna-dashboard) no longer wait for a
+    commit to end. WAL needs every process that opens the file on one host: keep SQLite
+    stores on a local disk (a cluster uses PostgreSQL). A file that cannot be switched (read
+    only, locked past the timeout) is left in its mode.
+    """
+    path = sqlite_path(uri)
+    if path is None or not path.parent.is_dir():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=60)) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as err:
+        log.debug("%s left in its journal mode: %s", path, err)

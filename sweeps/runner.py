@@ -48,10 +48,10 @@ from __future__ import annotations
 
 import math
 import signal
-from collections import deque
 import threading
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,7 +60,7 @@ import optuna
 
 from . import search
 from .batching import AskedTrial, PointQueue, population_size
-from .connections import Connections, check_reachable, redact, resolve
+from .connections import Connections, check_reachable, redact, resolve, use_wal
 from .lease import DriverLease, LeaseLostError
 from .live import LiveCorrelation, live_target
 from .progress import ProgressView, RunningTrial, Snapshot
@@ -231,6 +231,28 @@ def _best(study: optuna.Study) -> list[dict[str, Any]]:
     return [{"number": t.number, "values": list(t.values), "params": dict(t.params)} for t in trials]
 
 
+def _with_completed(best: list[dict[str, Any]], trial: dict[str, Any],
+                    directions: Sequence[optuna.study.StudyDirection]) -> list[dict[str, Any]]:
+    """``best`` (as :func:`_best` returns it) after ``trial`` (``number``, ``values``, ``params``)
+    completed: what :func:`_best` would read from the study then, kept by the driver so that
+    recording a trial reads no other trial (the Pareto front is otherwise a scan of the study).
+    A tie keeps the earlier trial best (single objective); equal values share the front."""
+    signs = [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in directions]
+
+    def cost(entry: dict[str, Any]) -> list[float]:
+        return [s * v for s, v in zip(signs, entry["values"])]
+
+    def dominates(a: list[float], b: list[float]) -> bool:
+        return a != b and all(x <= y for x, y in zip(a, b))
+
+    new = cost(trial)
+    if len(signs) == 1:
+        return [trial] if not best or new[0] < cost(best[0])[0] else best
+    if any(dominates(cost(b), new) for b in best):
+        return best
+    return [b for b in best if not dominates(new, cost(b))] + [trial]
+
+
 def _describe_best(best: list[dict[str, Any]], metrics: list[str]) -> str:
     if not best:
         return "-"
@@ -314,6 +336,8 @@ def run_sweep(
         raise ConfigError(f"max_retries (--max-retries): must be an integer >= 0 (got {max_retries!r})")
     conn = resolve(results_dir=results_dir, tracking_uri=tracking_uri, storage=storage, address=address)
     check_reachable(conn)
+    for store in (conn.storage, conn.tracking_uri):
+        use_wal(store)
     with DriverLease(conn.storage, config.name) as lease:
         return _drive(config, conn, lease, resume=resume, quiet=quiet, max_retries=max_retries, prune=prune,
                       config_yaml=config_yaml or yaml.safe_dump(resolved, sort_keys=False), trial_fn=trial_fn,
@@ -485,7 +509,9 @@ class _Driver:
         self.finished = len(search.finished_trials(study))
         self.counts = search.status_counts(study)
         self.durations: list[float] = []
-        self.best = _describe_best(_best(study), list(config.objective.metrics))
+        self.objective = list(config.objective.metrics)
+        self.front = _best(study)  # then kept up to date by _tell
+        self.best = _describe_best(self.front, self.objective)
         self.started = time.monotonic()
         self.launched = 0
         self._told_why: set[Any] = set()
@@ -605,7 +631,7 @@ class _Driver:
         run_id = self.tracker.start_child(self.config.name, self.parent, asked.trial.number, asked.point)
         asked.trial.set_user_attr("mlflow_run_id", run_id)
         self.tracker.finish_child(run_id, TrialStatus.FAILED, {}, traceback=asked.error)
-        self._tell(asked.trial.number, TrialStatus.FAILED, {})
+        self._tell(asked.trial.number, TrialStatus.FAILED, {}, asked.point)
         self.view.log(f"trial {asked.trial.number}: failed before start: {asked.error.strip().splitlines()[-1]}")
 
     def _drain(self) -> None:
@@ -712,7 +738,7 @@ class _Driver:
             tags={f"sweeps.{k}": str(result[k]) for k in ("node_id", "node_ip") if result.get(k)},
             before_final=self.lease.ensure,
         )
-        self._tell(number, status, metrics)
+        self._tell(number, status, metrics, member.view.point)
         if self.live is not None:
             self.live.add(number, status, member.view.point, metrics)
         self.by_number.pop(number, None)
@@ -721,9 +747,9 @@ class _Driver:
         shown = " ".join(f"{m}={metrics[m]:.4g}" for m in self.config.objective.metrics if m in metrics)
         self.view.log(f"trial {number}: {status} {shown} {tail}".rstrip())
 
-    def _tell(self, number: int, status: str, metrics: Mapping[str, float]) -> None:
+    def _tell(self, number: int, status: str, metrics: Mapping[str, float], params: Mapping[str, Any]) -> None:
         try:
-            state = search.tell(self.study, number, status, metrics)
+            told = search.tell(self.study, number, status, metrics, self.objective)
         except optuna.exceptions.UpdateFinishedTrialError:
             # Another driver finished this trial: it took the sweep over while this one was
             # paused between its lease check and this write. Say so (LeaseLostError), not this.
@@ -731,8 +757,10 @@ class _Driver:
             raise
         self.finished += 1
         self.counts[status] = self.counts.get(status, 0) + 1
-        if state == optuna.trial.TrialState.COMPLETE:
-            self.best = _describe_best(_best(self.study), list(self.config.objective.metrics))
+        if told.state == optuna.trial.TrialState.COMPLETE:
+            trial = {"number": number, "values": told.values, "params": dict(params)}
+            self.front = _with_completed(self.front, trial, self.study.directions)
+            self.best = _describe_best(self.front, self.objective)
 
     def _snapshot(self) -> Snapshot:
         mean = sum(self.durations) / len(self.durations) if self.durations else None

@@ -26,9 +26,10 @@ import json
 import math
 import os
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -280,18 +281,33 @@ def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     ]
 
 
-def tell(study: optuna.Study, trial_number: int, status: str, metrics: Mapping[str, float]) -> TrialState:
-    """Tell the study how trial ``trial_number`` ended; returns the state told.
+class Told(NamedTuple):
+    """What :func:`tell` told the study: the trial's ``state`` and, when COMPLETE, its objective
+    ``values`` (one per objective metric, in the study's order; ``None`` otherwise)."""
+
+    state: TrialState
+    values: list[float] | None
+
+
+def objective_names(study: optuna.Study) -> list[str]:
+    """The objective metrics of the sweep's study, in the order of its directions."""
+    return list(study.user_attrs.get("objective") or study.metric_names or [])
+
+
+def tell(study: optuna.Study, trial_number: int, status: str, metrics: Mapping[str, float],
+         objective: Sequence[str] | None = None) -> Told:
+    """Tell the study how trial ``trial_number`` ended.
 
     A converged/not-converged trial whose objective metric is missing or not finite is told
     FAIL (Optuna would otherwise leave it RUNNING or learn from NaN) with status unchanged and a
-    ``fail_reason`` user attr.
+    ``fail_reason`` user attr. ``objective`` is :func:`objective_names` of the study, read from
+    it when not given (the driver passes it: a study read per trial costs a query).
     """
     state = TrialStatus(status).optuna_state if is_finished(status) else TrialState.FAIL
     storage, trial_id = _trial_storage(study, trial_number)
     values = None
     if state == TrialState.COMPLETE:
-        names = study.user_attrs.get("objective") or study.metric_names or []
+        names = objective_names(study) if objective is None else list(objective)
         raw = [metrics.get(name) for name in names]
         if all(v is not None and math.isfinite(float(v)) for v in raw):
             values = [float(v) for v in raw]
@@ -301,7 +317,7 @@ def tell(study: optuna.Study, trial_number: int, status: str, metrics: Mapping[s
             state = TrialState.FAIL
     storage.set_trial_user_attr(trial_id, "status", status)
     study.tell(trial_number, values, state=state, skip_if_finished=True)
-    return state
+    return Told(state, values)
 
 
 def _trial_storage(study: optuna.Study, trial_number: int) -> tuple[optuna.storages.BaseStorage, int]:
@@ -320,10 +336,17 @@ def _trial_storage(study: optuna.Study, trial_number: int) -> tuple[optuna.stora
     return storage, storage.get_trial_id_from_study_id_trial_number(study_id, trial_number)
 
 
+# The id of a study in its storage, per Study object: fixed for the object's life, and a query
+# to look up (the driver needs it at every trial).
+_STUDY_IDS: weakref.WeakKeyDictionary[optuna.Study, int] = weakref.WeakKeyDictionary()
+
+
 def _study_storage(study: optuna.Study) -> tuple[optuna.storages.BaseStorage, int]:
     """The study's storage and the study's id in it (see :func:`_trial_storage` for why)."""
     storage = study._storage  # private: no public accessor of a study's storage (Optuna 5.0)
-    return storage, storage.get_study_id_from_name(study.study_name)
+    if study not in _STUDY_IDS:
+        _STUDY_IDS[study] = storage.get_study_id_from_name(study.study_name)
+    return storage, _STUDY_IDS[study]
 
 
 def start_trial(study: optuna.Study, point: Mapping[str, Any],

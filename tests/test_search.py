@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 
 import optuna
 import pytest
@@ -263,3 +264,23 @@ def test_a_started_grid_trial_is_an_asked_enqueued_trial():
     assert search.suggest_point(started, config) == point  # suggest on it returns the point, no sampling
     assert search.interrupt(study, started.number)
     assert study.trials[-1].state == TrialState.WAITING and study.trials[-1].system_attrs["fixed_params"] == point
+
+
+@pytest.mark.parametrize("directions", [["maximize"], ["minimize"], ["minimize", "maximize"],
+                                        ["maximize", "maximize", "minimize"]])
+def test_the_drivers_running_best_equals_optunas_best_trials(directions):
+    """The driver keeps the best trial / Pareto front itself (no study scan per trial): after
+    every tell it names the same trials as Optuna's ``best_trial`` / ``best_trials`` (ties and
+    duplicate points on the front included)."""
+    from sweeps.runner import _best, _with_completed
+
+    study = optuna.create_study(directions=directions)
+    rng = random.Random(0)
+    best: list = []
+    for _ in range(150):
+        values = [rng.choice([0.25, 0.5, 0.75, rng.random()]) for _ in directions]
+        trial = study.ask()
+        study.tell(trial, values if len(values) > 1 else values[0])
+        best = _with_completed(best, {"number": trial.number, "values": values, "params": {}}, study.directions)
+        assert [b["number"] for b in best] == [b["number"] for b in _best(study)]
+    assert len(directions) == 1 or len(best) > 2  # the multi-objective cases did grow a front

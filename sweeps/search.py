@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .connections import is_journal_storage, journal_path, redact
+from .connections import is_journal_storage, journal_path, redact, sync_on_checkpoint, use_wal
 from .status import TrialStatus, is_finished
 
 SAMPLERS = ("grid", "random", "tpe", "cmaes", "nsga2")
@@ -67,7 +67,10 @@ def make_storage(storage: str) -> optuna.storages.BaseStorage:
         return JournalStorage(JournalFileBackend(str(path)))
     if storage.startswith("sqlite"):
         # Only the driver writes, but optuna-dashboard or `sweeps status` may read concurrently.
-        return _rdb_storage(storage, {"connect_args": {"timeout": 60}})
+        store = _rdb_storage(storage, {"connect_args": {"timeout": 60}})
+        if use_wal(storage):
+            sync_on_checkpoint(store.engine)
+        return store
     key = (os.getpid(), storage)
     if key not in _SERVER_STORAGES:
         _SERVER_STORAGES[key] = _rdb_storage(storage, {"pool_pre_ping": True})

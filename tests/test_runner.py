@@ -6,11 +6,13 @@ Ray is started once for the module; ``run_sweep`` reuses it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
-import re
 import os
+import re
+import sqlite3
 from pathlib import Path
 
 import optuna
@@ -122,6 +124,9 @@ def test_grid_of_8_records_parent_children_and_typed_results(tmp_path):
     by_number = {t.number: t.values[0] for t in study.trials}
     for number, acc in zip(frame["trial_number"], frame["test_acc"]):
         assert by_number[number] == pytest.approx(acc, rel=1e-12)
+    for store in ("mlflow.db", "optuna.db"):  # the driver's SQLite files log ahead (connections.use_wal)
+        with contextlib.closing(sqlite3.connect(tmp_path / store)) as con:
+            assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_diverged_and_raising_trials_are_recorded_and_the_sweep_completes(tmp_path):

@@ -284,3 +284,20 @@ def test_the_drivers_running_best_equals_optunas_best_trials(directions):
         best = _with_completed(best, {"number": trial.number, "values": values, "params": {}}, study.directions)
         assert [b["number"] for b in best] == [b["number"] for b in _best(study)]
     assert len(directions) == 1 or len(best) > 2  # the multi-objective cases did grow a front
+
+
+def test_sqlite_studies_log_ahead_and_commit_without_waiting_for_the_disk(tmp_path):
+    """``make_storage`` puts an SQLite study file in WAL mode and its connections at
+    ``synchronous=NORMAL`` (connections.use_wal / sync_on_checkpoint); other URLs are left alone."""
+    import sqlalchemy as sa
+
+    from sweeps.connections import use_wal
+
+    storage = search.make_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    optuna.create_study(study_name="wal", storage=storage)
+    with storage.engine.connect() as con:
+        assert con.execute(sa.text("PRAGMA journal_mode")).scalar() == "wal"
+        assert con.execute(sa.text("PRAGMA synchronous")).scalar() == 1  # NORMAL
+    assert optuna.load_study(study_name="wal", storage=search.make_storage(f"sqlite:///{tmp_path / 'optuna.db'}"))
+    assert not use_wal("postgresql://user@127.0.0.1:1/none") and not use_wal("sqlite://")
+    assert not use_wal(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}") and not (tmp_path / "missing-dir").exists()

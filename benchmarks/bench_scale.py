@@ -547,7 +547,7 @@ def _finished_count(storage: str, name: str) -> int:
             return int(c.execute(sa.text(
                 "select count(*) from trials t join studies s on s.study_id = t.study_id "
                 "where s.study_name = :n and t.state in ('COMPLETE', 'FAIL', 'PRUNED')"), {"n": name}).scalar())
-    except sa.exc.OperationalError:  # no tables yet
+    except (sa.exc.OperationalError, sa.exc.ProgrammingError):  # no tables yet (SQLite, PostgreSQL)
         return 0
     finally:
         engine.dispose()

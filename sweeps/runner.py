@@ -46,15 +46,17 @@ after convergence: pruning would drop the very numbers the study is about).
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import optuna
 
@@ -71,6 +73,39 @@ if TYPE_CHECKING:
     from .tracking import Tracker
 
 _POLL_SECONDS = 0.25
+
+#: MLflow writes the driver may have in flight at once against a tracking server. Each request
+#: mostly waits for the server (measured here: 60 ms for a ``get_run`` against ``mlflow server``
+#: on PostgreSQL, a few of them in this process), so child runs, streamed curves and final
+#: records are written by a thread pool while the driver goes on launching and telling. A local
+#: store (SQLite, files) is written by this process under the GIL, where a writer thread was
+#: measured slower than writing in place: it is written at once, in the driver's thread.
+MLFLOW_SERVER_WRITERS = 8
+
+
+class _Writes:
+    """The driver's MLflow writes (see :data:`MLFLOW_SERVER_WRITERS`): :meth:`submit` returns a
+    future, done at once for a local store. Writes that depend on a child run wait for it inside
+    the pool; the pool takes work in order, so a write never waits for one queued behind it."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        local = urlsplit(tracking_uri).scheme in ("", "file", "sqlite")
+        self.pool = None if local else concurrent.futures.ThreadPoolExecutor(
+            MLFLOW_SERVER_WRITERS, thread_name_prefix="sweeps-mlflow")
+
+    def submit(self, write: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        if self.pool is not None:
+            return self.pool.submit(write, *args)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(write(*args))
+        except Exception as err:  # raised where the driver reads the result, as from the pool
+            future.set_exception(err)
+        return future
+
+    def close(self, cancel: bool = False) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=cancel)
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -148,11 +183,15 @@ class _Member:
     """A launched trial: its Optuna trial, MLflow child run and what the view shows of it."""
 
     trial: optuna.Trial
-    run_id: str
+    run: concurrent.futures.Future  # of the child run's id (see _Writes)
     config: Any
     view: RunningTrial
     last_step: int = -1
     pruned: dict[str, float] | None = None  # the metrics at which the pruner stopped it
+
+    @property
+    def run_id(self) -> str:
+        return self.run.result()
 
 
 @dataclass
@@ -516,6 +555,10 @@ class _Driver:
         self.launched = 0
         self._told_why: set[Any] = set()
         self.live = self._live_correlation() if config.measure else None
+        self.writes = _Writes(conn.tracking_uri)
+        self.starting: list[_Member] = []  # launched, run id not yet on the Optuna trial
+        self.writing: dict[concurrent.futures.Future, tuple[_Member, Mapping[str, Any]]] = {}  # final records
+        self.streaming: list[concurrent.futures.Future] = []  # curve points
 
     def _live_correlation(self) -> LiveCorrelation:
         """The live tau table on the parent run (:mod:`sweeps.live`); a resumed sweep's series
@@ -554,18 +597,23 @@ class _Driver:
 
         while True:
             self.lease.ensure()
-            self._fill(unrecorded=0)
-            if not self.in_flight and not self.measuring and not self.to_measure:
+            self._fill(unrecorded=len(self.writing))
+            if not self.in_flight and not self.measuring and not self.to_measure and not self.writing:
                 return
-            ready, rest = ray.wait([*self.in_flight, *self.measuring], num_returns=1, timeout=_POLL_SECONDS)
-            if ready and rest:
-                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            refs = [*self.in_flight, *self.measuring]
+            ready = []
+            if refs:
+                ready, rest = ray.wait(refs, num_returns=1, timeout=_POLL_SECONDS)
+                if ready and rest:
+                    ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            else:  # only final records in flight
+                concurrent.futures.wait(self.writing, timeout=_POLL_SECONDS, return_when=concurrent.futures.FIRST_COMPLETED)
             self.lease.ensure()
             self._drain()
             done = [pair for ref in ready for pair in (self._collect(ref) if ref in self.in_flight else self._measured(ref))]
-            self._fill(unrecorded=len(done))
-            for member, result in done:
-                self._record(member, result)
+            self._fill(unrecorded=len(done) + len(self.writing))
+            self._record(done)
+            self._tell_written()
             if self.live is not None:
                 self.live.poll()
             self.view.update(self._snapshot())
@@ -585,37 +633,56 @@ class _Driver:
             member, trained = self.to_measure.popleft()
             ref = self.measure.remote(trained, self.conn.tracking_uri, self.config.resources.cpus_per_trial, self.device)
             self.measuring[ref] = member
-        while not self.stop.requested and self._slots_used() < self.concurrency:
-            left = self.budget - self.finished - unrecorded - self._members_in_flight()
+        groups: list[list[AskedTrial]] = []
+        while not self.stop.requested and self._slots_used() + len(groups) < self.concurrency:
+            left = self.budget - self.finished - unrecorded - self._members_in_flight() - sum(map(len, groups))
             can_ask = left - len(self.points.pending)
             if left <= 0:
-                return
-            size = population_size(self.population, left, self.concurrency - len(self.in_flight))
+                break
+            size = population_size(self.population, left, self.concurrency - len(self.in_flight) - len(groups))
             group = self.points.take(size, can_ask)
             if not group:
-                return
-            self._launch(group)
+                break
+            if group[0].error is not None:
+                self._finish_without_task(group[0])
+                continue
+            groups.append(group)
+        if groups:
+            self._launch(groups)
 
-    def _launch(self, group: list[AskedTrial]) -> None:
+    def _launch(self, groups: list[list[AskedTrial]]) -> None:
+        """Start one task per group; each member's child run is created by :class:`_Writes` (in
+        the pool against a tracking server: the task does not wait for it)."""
         self.lease.ensure()
-        if group[0].error is not None:
-            self._finish_without_task(group[0])
-            return
-        if len(group) == 1 and self.population != 1 and group[0].key not in self._told_why:
-            reason = self.points.stack_reason(group[0])
-            if reason is not None:
-                self._told_why.add(group[0].key)
-                self.view.log(f"populations: one trial per task for this shape: {reason}")
-        members = {}
-        for index, asked in enumerate(group):
-            number = asked.trial.number
-            run_id = self.tracker.start_child(self.config.name, self.parent, number, asked.config.flat())
-            asked.trial.set_user_attr("mlflow_run_id", run_id)
-            members[index] = self.by_number[number] = _Member(
-                asked.trial, run_id, asked.config, RunningTrial(number, asked.point, time.monotonic()))
-            self.view.log(f"trial {number}: started {asked.point}")
-        self._submit(members, self.max_retries)
-        self.launched += len(group)
+        for group in groups:
+            if len(group) == 1 and self.population != 1 and group[0].key not in self._told_why:
+                reason = self.points.stack_reason(group[0])
+                if reason is not None:
+                    self._told_why.add(group[0].key)
+                    self.view.log(f"populations: one trial per task for this shape: {reason}")
+            members = {}
+            for index, asked in enumerate(group):
+                number = asked.trial.number
+                run = self.writes.submit(self.tracker.start_child, self.config.name, self.parent, number,
+                                         asked.config.flat())
+                members[index] = self.by_number[number] = _Member(
+                    asked.trial, run, asked.config, RunningTrial(number, asked.point, time.monotonic()))
+                self.starting.append(members[index])
+                self.view.log(f"trial {number}: started {asked.point}")
+            self._submit(members, self.max_retries)
+            self.launched += len(group)
+        self._note_started()
+
+    def _note_started(self) -> None:
+        """Put each created child run's id on its Optuna trial (``mlflow_run_id``, what
+        :func:`_recover` follows), in the driver's thread; a failed creation raises here."""
+        waiting = []
+        for member in self.starting:
+            if member.run.done():
+                member.trial.set_user_attr("mlflow_run_id", member.run_id)
+            else:
+                waiting.append(member)
+        self.starting = waiting
 
     def _submit(self, members: dict[int, _Member], retries_left: int) -> None:
         """Start one task for ``members`` (re-indexed 0..K-1 in the task)."""
@@ -643,11 +710,13 @@ class _Driver:
         except ray.exceptions.RayError as err:  # queue restarting after its node died
             self.view.log(f"metric queue unavailable ({type(err).__name__}); live curves resume when it is back")
             return
+        self._check_streamed()
         for number, records in batch:
             member = self.by_number.get(number)
             if member is None:
                 continue
-            self.tracker.log_metrics(member.run_id, [(mlflow_names(kind, m), step, ts) for kind, m, step, ts in records])
+            points = [(mlflow_names(kind, m), step, ts) for kind, m, step, ts in records]
+            self.streaming.append(self.writes.submit(lambda m, p: self.tracker.log_metrics(m.run_id, p), member, points))
             if records:
                 member.view.latest, member.view.step = dict(records[-1][1]), records[-1][2]
             self._maybe_prune(member, [(m, step) for kind, m, step, _ in records if kind == "epoch"])
@@ -727,25 +796,50 @@ class _Driver:
     def _settle(task: _Task, status: TrialStatus, why: str) -> list[tuple[_Member, dict[str, Any]]]:
         return [(m, {"status": status, "metrics": {}, "artifacts": {}, "traceback": why}) for m in task.members.values()]
 
-    def _record(self, member: _Member, result: Mapping[str, Any]) -> None:
-        self.lease.ensure()
-        number = member.trial.number
-        status, metrics = result["status"], result["metrics"]
+    def _record(self, done: list[tuple[_Member, Mapping[str, Any]]]) -> None:
+        """Hand the finished members' final MLflow records to :class:`_Writes`; each is told to
+        the study by :meth:`_tell_written` once written (a trial told to Optuna always has its
+        final MLflow record: the rule :func:`_recover` relies on)."""
+        for member, result in done:
+            self.lease.ensure()
+            self.writing[self.writes.submit(self._finish_run, member, result)] = (member, result)
+
+    def _tell_written(self, wait: bool = False) -> None:
+        """Tell the study the members whose final records are written (all of them with
+        ``wait``); a failed write raises here."""
+        if wait:
+            concurrent.futures.wait(self.writing)
+        self._note_started()
+        for future in [f for f in self.writing if f.done()]:
+            member, result = self.writing.pop(future)
+            future.result()
+            number, status, metrics = member.trial.number, result["status"], result["metrics"]
+            self._tell(number, status, metrics, member.view.point)
+            if self.live is not None:
+                self.live.add(number, status, member.view.point, metrics)
+            self.by_number.pop(number, None)
+            self.durations.append(time.monotonic() - member.view.started)
+            tail = result["traceback"].strip().splitlines()[-1] if result["traceback"] else ""
+            shown = " ".join(f"{m}={metrics[m]:.4g}" for m in self.config.objective.metrics if m in metrics)
+            self.view.log(f"trial {number}: {status} {shown} {tail}".rstrip())
+
+    def _check_streamed(self, wait: bool = False) -> None:
+        """Drop the written curve points (all of them with ``wait``); a failed write raises here."""
+        if wait:
+            concurrent.futures.wait(self.streaming)
+        for future in [f for f in self.streaming if f.done()]:
+            self.streaming.remove(future)
+            future.result()
+
+    def _finish_run(self, member: _Member, result: Mapping[str, Any]) -> None:
+        metrics = result["metrics"]
         self.tracker.finish_child(
-            member.run_id, status, metrics,
+            member.run_id, result["status"], metrics,
             step=int(metrics.get("steps", member.view.step) or 0),
             artifacts=result["artifacts"], traceback=result["traceback"],
             tags={f"sweeps.{k}": str(result[k]) for k in ("node_id", "node_ip") if result.get(k)},
             before_final=self.lease.ensure,
         )
-        self._tell(number, status, metrics, member.view.point)
-        if self.live is not None:
-            self.live.add(number, status, member.view.point, metrics)
-        self.by_number.pop(number, None)
-        self.durations.append(time.monotonic() - member.view.started)
-        tail = result["traceback"].strip().splitlines()[-1] if result["traceback"] else ""
-        shown = " ".join(f"{m}={metrics[m]:.4g}" for m in self.config.objective.metrics if m in metrics)
-        self.view.log(f"trial {number}: {status} {shown} {tail}".rstrip())
 
     def _tell(self, number: int, status: str, metrics: Mapping[str, float], params: Mapping[str, Any]) -> None:
         try:
@@ -779,6 +873,13 @@ class _Driver:
         recovered these trials, and this one must not write."""
         import ray
 
+        if record:  # finish the writes in flight: what is written is told, what failed is logged
+            for flush in (self._tell_written, self._check_streamed):
+                try:
+                    flush(wait=True)
+                except Exception as err:  # the trial stays RUNNING in the study: the next driver settles it
+                    self.view.log(f"a write to MLflow failed while stopping: {type(err).__name__}: {err}")
+        self.writes.close(cancel=not record)
         stopped = [(gen, list(task.members.values())) for gen, task in self.in_flight.items()]
         stopped += [(ref, [member]) for ref, member in self.measuring.items()]
         stopped += [(None, [member]) for member, _ in self.to_measure]
@@ -787,7 +888,8 @@ class _Driver:
                 ray.cancel(ref, force=True)
             if record:
                 for member in members:
-                    self.tracker.end(member.run_id, TrialStatus.INTERRUPTED)
+                    if member.run.done() and member.run.exception() is None:  # its run was created
+                        self.tracker.end(member.run_id, TrialStatus.INTERRUPTED)
                     search.interrupt(self.study, member.trial.number)
                     self.view.log(f"trial {member.trial.number}: interrupted, point re-enqueued")
         if record:

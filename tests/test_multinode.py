@@ -313,6 +313,45 @@ def wait_until(predicate, timeout: float, what: str, driver: Process) -> None:
     raise TimeoutError(f"{what} did not happen within {timeout} s:\n{driver.output()}")
 
 
+def test_ctrl_c_leaves_every_trial_written_and_settled_then_resume_completes(sweep_setup):
+    """Against a tracking server the driver writes each round's MLflow records concurrently
+    (runner.MLFLOW_SERVER_WRITERS); a Ctrl-C ends the round, waits for those writes and records
+    the running trials interrupted: after exit 130 no trial or run is left RUNNING, each trial
+    the study counts has exactly one finished run with its result, and resume completes."""
+    setup = sweep_setup
+    write_config(setup.config.parent, setup.name, LRS, KILL_EPOCHS, population_size=1)
+    driver = setup.start_cli(setup.run_args())
+    try:
+        wait_until(lambda: len(setup.finished_trials()) >= 2 and bool(
+            setup.study().get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        ), timeout=300, what="two trials finished and one running", driver=driver)
+        driver.kill(signal.SIGINT)
+        assert driver.popen.wait(120) == 130, driver.output()
+    finally:
+        driver.stop(grace=0)
+
+    study = setup.study()
+    finished = setup.finished_trials()
+    assert 2 <= len(finished) < len(LRS), "the stop must land mid-sweep"
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    client = MlflowClient(tracking_uri=setup.mlflow_server.url)
+    runs = client.search_runs([client.get_experiment_by_name(setup.name).experiment_id], max_results=1000)
+    children = [r for r in runs if r.data.tags.get("sweeps.role") == "trial"]
+    assert not [r for r in children if r.info.status == "RUNNING"]
+    for trial in finished:
+        (run,) = [r for r in children if r.info.run_id == trial.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "FINISHED" and run.data.tags["status"] == trial.user_attrs["status"]
+        assert run.data.metrics["test_acc"] == pytest.approx(trial.values[0])
+    for trial in study.trials:  # the rest: cut by the stop (run KILLED, point re-enqueued) or never started
+        assert trial.number in {t.number for t in finished} or trial.state == optuna.trial.TrialState.WAITING or (
+            trial.user_attrs.get("status") == "interrupted"
+            and client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "KILLED"), trial
+
+    result = setup.cli(["resume", setup.name, *setup.flags()])
+    assert result.returncode == 0, completed(result)
+    assert_sweep_complete(setup)
+
+
 def test_killed_driver_is_resumed_to_completion(sweep_setup):
     setup = sweep_setup
     write_config(setup.config.parent, setup.name, LRS, KILL_EPOCHS, population_size=1)

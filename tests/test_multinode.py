@@ -313,22 +313,28 @@ def wait_until(predicate, timeout: float, what: str, driver: Process) -> None:
     raise TimeoutError(f"{what} did not happen within {timeout} s:\n{driver.output()}")
 
 
+def stop_driver_mid_sweep(setup: SweepSetup, sig: int, finished: int) -> int:
+    """Run the sweep with trials of ~7 s, one per task, and send ``sig`` to the driver once
+    ``finished`` trials are recorded and another is running; returns its exit code."""
+    write_config(setup.config.parent, setup.name, LRS, KILL_EPOCHS, population_size=1)
+    driver = setup.start_cli(setup.run_args())
+    try:
+        wait_until(lambda: len(setup.finished_trials()) >= finished and bool(
+            setup.study().get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        ), timeout=300, what=f"{finished} trial(s) finished and one running", driver=driver)
+        driver.kill(sig)
+        return driver.popen.wait(120)
+    finally:
+        driver.stop(grace=0)
+
+
 def test_ctrl_c_leaves_every_trial_written_and_settled_then_resume_completes(sweep_setup):
     """Against a tracking server the driver writes each round's MLflow records concurrently
     (runner.MLFLOW_SERVER_WRITERS); a Ctrl-C ends the round, waits for those writes and records
     the running trials interrupted: after exit 130 no trial or run is left RUNNING, each trial
     the study counts has exactly one finished run with its result, and resume completes."""
     setup = sweep_setup
-    write_config(setup.config.parent, setup.name, LRS, KILL_EPOCHS, population_size=1)
-    driver = setup.start_cli(setup.run_args())
-    try:
-        wait_until(lambda: len(setup.finished_trials()) >= 2 and bool(
-            setup.study().get_trials(states=(optuna.trial.TrialState.RUNNING,))
-        ), timeout=300, what="two trials finished and one running", driver=driver)
-        driver.kill(signal.SIGINT)
-        assert driver.popen.wait(120) == 130, driver.output()
-    finally:
-        driver.stop(grace=0)
+    assert stop_driver_mid_sweep(setup, signal.SIGINT, finished=2) == 130
 
     study = setup.study()
     finished = setup.finished_trials()
@@ -354,16 +360,7 @@ def test_ctrl_c_leaves_every_trial_written_and_settled_then_resume_completes(swe
 
 def test_killed_driver_is_resumed_to_completion(sweep_setup):
     setup = sweep_setup
-    write_config(setup.config.parent, setup.name, LRS, KILL_EPOCHS, population_size=1)
-    driver = setup.start_cli(setup.run_args())
-    try:
-        wait_until(lambda: len(setup.finished_trials()) >= 1 and bool(
-            setup.study().get_trials(states=(optuna.trial.TrialState.RUNNING,))
-        ), timeout=240, what="one trial finished and one running", driver=driver)
-        driver.kill(signal.SIGKILL)
-        driver.popen.wait(30)
-    finally:
-        driver.stop(grace=0)
+    stop_driver_mid_sweep(setup, signal.SIGKILL, finished=1)
     done_before = len(setup.finished_trials())
     assert done_before < len(LRS), "the driver must be killed mid-sweep"
     time.sleep(LEASE_SECONDS + 0.5)  # the killed driver's lease expires

@@ -375,8 +375,6 @@ def run_sweep(
         raise ConfigError(f"max_retries (--max-retries): must be an integer >= 0 (got {max_retries!r})")
     conn = resolve(results_dir=results_dir, tracking_uri=tracking_uri, storage=storage, address=address)
     check_reachable(conn)
-    for store in (conn.storage, conn.tracking_uri):
-        use_wal(store)
     with DriverLease(conn.storage, config.name) as lease:
         return _drive(config, conn, lease, resume=resume, quiet=quiet, max_retries=max_retries, prune=prune,
                       config_yaml=config_yaml or yaml.safe_dump(resolved, sort_keys=False), trial_fn=trial_fn,
@@ -408,6 +406,7 @@ def _drive(config: Any, conn: Connections, lease: DriverLease, *, resume: bool, 
     study.pruner = (
         optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0) if prune else optuna.pruners.NopPruner()
     )
+    use_wal(conn.tracking_uri)  # the study's file: search.make_storage
     tracker = Tracker(conn.tracking_uri, conn.artifact_root)
     parent = tracker.start_parent(
         config.name,

@@ -205,23 +205,18 @@ def _assert_every_point_once(name: str, conn: connections.Connections) -> None:
     assert not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
 
 
-def test_driver_cost_per_trial_is_flat_over_a_2000_point_grid(tmp_path, ray_address):
-    """The driver's seconds per recorded trial over the last 200 of 2,000 trivial trials are at
-    most 1.5x those over the first 200 (a cost that grew with the study, e.g. a sampler
-    rescanning it, would read about 10x)."""
-    conn = connections.resolve(results_dir=tmp_path, env={})
-    bench.drive("flat", DRIVER_GRID, conn, ray_address)
-    times = bench.completion_times("flat", conn.storage)
-    early, late, _ = bench.seconds_per_trial(times, WINDOW)
-    assert late / early <= DRIVER_FLAT, (early, late)
-    _assert_every_point_once("flat", conn)
-
-
-def test_every_grid_point_once_after_sigkill_and_resume_at_2000(tmp_path, ray_address):
-    """A driver of the 2,000-point grid is SIGKILLed half-way; the next driver recovers what it
-    left running and finishes the grid: every point exactly once, in MLflow and in Optuna."""
+def test_driver_cost_is_flat_and_every_point_runs_once_after_sigkill_and_resume_at_2000(tmp_path, ray_address):
+    """A driver of a 2,000-point trivial grid is SIGKILLed half-way; the next driver recovers
+    what it left running and finishes the grid. The seconds per recorded trial over the resumed
+    driver's last 200 are at most 1.5x the first driver's first 200 (a cost that grew with the
+    study, e.g. a sampler rescanning it, would read about 10x), the resumed driver launches
+    within a minute (it reads the study once), and every point ran exactly once, in MLflow and
+    in Optuna. One sweep for the three checks: it is the slowest test of the suite."""
     conn = connections.resolve(results_dir=tmp_path, env={})
     measured = bench.kill_and_resume("killed", DRIVER_GRID, DRIVER_GRID // 2, conn, ray_address)
     assert DRIVER_GRID // 2 <= measured["killed_at"] < DRIVER_GRID
-    assert measured["to_first_launch_s"] < 60  # the first new launch after reading the study once
+    assert measured["to_first_launch_s"] < 60
+    times = bench.completion_times("killed", conn.storage)
+    early, late, late_n = bench.seconds_per_trial(times, WINDOW, measured["resumed_at"])
+    assert late_n == WINDOW and late / early <= DRIVER_FLAT, (early, late)
     _assert_every_point_once("killed", conn)

@@ -344,10 +344,10 @@ def module_table() -> str:
     source, not imported), so the architecture page lists the modules that exist."""
     rows = []
     for package in ("landscape", "sweeps"):
-        for path in sorted((ROOT / package).glob("*.py")):
+        for path in sorted((ROOT / package).rglob("*.py")):
             doc = ast.get_docstring(ast.parse(path.read_text())) or ""
             summary = " ".join(doc.split("\n\n")[0].split())
-            rows.append(f"| `{package}/{path.name}` | {_cell(_markdown(summary))} |")
+            rows.append(f"| `{path.relative_to(ROOT).as_posix()}` | {_cell(_markdown(summary))} |")
     return "\n".join(["| module | what it is |", "|---|---|", *rows])
 
 

@@ -340,8 +340,9 @@ def benchmark_files() -> str:
 
 
 def module_table() -> str:
-    """Each module of the two packages with the first paragraph of its docstring (read from the
-    source, not imported), so the architecture page lists the modules that exist."""
+    """Each module of the two packages, subpackages included, with the first paragraph of its
+    docstring (read from the source, not imported), so the architecture page lists the modules
+    that exist."""
     rows = []
     for package in ("landscape", "sweeps"):
         for path in sorted((ROOT / package).rglob("*.py")):

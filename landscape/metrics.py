@@ -1,8 +1,8 @@
 """One entry point for every landscape measure: ``measure(model, loss_fn, data, metrics=[...])``.
 
 Each measure is implemented once, in the module it belongs to (``eigen``, ``trace``,
-``curvature``, ``sharpness``, ``surface``, ...), and listed here by one line in :data:`METRICS`:
-its name, which way is sharper, and an :class:`Adapter` that calls it on a
+``curvature``, ``sharpness``, ``surface_measures``, ...), and listed here by one line in
+:data:`METRICS`: its name, which way is sharper, and an :class:`Adapter` that calls it on a
 :class:`MeasureContext`. Every :class:`Metric` declares the options it accepts
 (:attr:`Metric.options`, read off the signature of the function that receives them) and the
 keys it reports (:attr:`Metric.keys`), so :func:`check_request` rejects a misspelled option
@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import curvature, eigen, norms, sharpness, spectrum, surface, trace
+from . import curvature, eigen, norms, sharpness, spectrum, surface_measures, trace
 from ._functional import LossFn, ModelLoss, ParamSelector
 from .hvp import HessianOperator
 
@@ -229,10 +229,10 @@ METRICS: dict[str, Metric] = {
         Metric("sharpness_mag_flatness", "sharper", Adapter(_S.sharpness_flatness, {"magnitude_aware": True}), "Jiang 1/alpha'^2, magnitude-aware box"),
         Metric("filter_curvature", "sharper", Adapter(curvature.filter_curvature), "mean d^T H d, filter-normalized Gaussian d"),
         Metric("adaptive_trace", "sharper", Adapter(curvature.adaptive_trace), "tr(|w| H |w|) (Hutch++)"),
-        Metric("surface_1d_curvature", "sharper", Adapter(surface.curvature_1d), "quadratic-fit curvature of filter-normalized 1D surfaces"),
-        Metric("surface_2d_curvature", "sharper", Adapter(surface.curvature_2d), "largest eigenvalue of the quadratic fit to a filter-normalized 2D surface"),
-        Metric("surface_2d", "sharper", Adapter(surface.curvature_2d, defaults={"steps": 51, "span": 1.0}), "Li et al. 51 x 51 filter-normalized surface on [-1, 1]^2; scalar: top eigenvalue of its quadratic fit"),
-        Metric("flatness_radius", "flatter", Adapter(surface.flatness_radius), "step (filter-normalized) at which the loss rises by delta"),
+        Metric("surface_1d_curvature", "sharper", Adapter(surface_measures.curvature_1d), "quadratic-fit curvature of filter-normalized 1D surfaces"),
+        Metric("surface_2d_curvature", "sharper", Adapter(surface_measures.curvature_2d), "largest eigenvalue of the quadratic fit to a filter-normalized 2D surface"),
+        Metric("surface_2d", "sharper", Adapter(surface_measures.curvature_2d, defaults={"steps": 51, "span": 1.0}), "Li et al. 51 x 51 filter-normalized surface on [-1, 1]^2; scalar: top eigenvalue of its quadratic fit"),
+        Metric("flatness_radius", "flatter", Adapter(surface_measures.flatness_radius), "step (filter-normalized) at which the loss rises by delta"),
         Metric("param_count", "neither", Adapter(norms.param_count, read=_identity, artifact=False), "number of parameters"),
         Metric("frobenius_norm_sum", "neither", _norm("frobenius_sum"), "sum over layers of ||W||_F"),
         Metric("frobenius_norm_prod", "neither", _norm("frobenius_prod"), "product over layers of ||W||_F"),

@@ -1,0 +1,345 @@
+"""Margin-, norm- and PAC-Bayes-based generalization measures as Jiang et al. 2020 ("Fantastic
+generalization measures and where to find them", ICLR) define them, numbered by their equations,
+and as the code of Dziugaite et al. 2020 ("In search of robust measures of generalization",
+NeurIPS; robust-generalization-measures ``measures.py``) computes them.
+
+* Output margin ``gamma``: per sample, the correct class's logit minus the largest other logit;
+  ``gamma`` is the ``k``-th smallest of the ``m`` margins, ``k = max(1, m // 10)`` (the 10th
+  percentile, ``kthvalue(m // 10)`` in the reference code), taken in absolute value. Logit units.
+* :func:`inverse_margin` ``1 / gamma^2`` (eq. 22); :func:`margin_normalized` ``log prod ||W||_2^2
+  - 2 log gamma`` (31) and the Frobenius version (36).
+* :func:`path_norm` (44): every parameter squared, the network applied to one all-ones input of
+  the data's shape, outputs summed; :func:`path_norm_over_margin` (43) ``= path_norm / gamma^2``.
+* :func:`pacbayes_bounds` (48, 49, 56, 57): derived from the sigma of
+  :func:`landscape.pacbayes_flatness` (one search gives all bounds of a noise kind).
+* :func:`fisher_rao_norm`: the empirical Fisher-Rao norm (Liang et al. 2019).
+* :func:`steps_to_loss`: the optimization-based measure "steps to reach cross-entropy 0.1",
+  from a training history.
+
+Differences from the reference code, by design: the values are *not* "adjusted for dataset
+size" (the reference reports ``sqrt(v / m)``, or ``0.5 (v - log m)`` for log measures: monotone,
+so rank correlations on one data set are unchanged); batch norm is not folded into the preceding
+layer (:func:`path_norm` refuses models with batch norm; the layer norms of :mod:`landscape.norms`
+use the unfolded weights); spectral norms are exact (SVD of the ``[out, -1]`` reshape).
+Everything is evaluated in eval mode on a snapshot of the weights; the model is never modified.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+from torch.func import grad as func_grad
+
+from ._functional import LossFn, ModelLoss, ParamSelector, _is_single_batch, is_classification, training_mode
+from .norms import _differences, _selected, weight_norms
+from .sharpness import FlatnessResult
+
+
+def _model_loss(
+    model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSelector, dtype: torch.dtype | None,
+    model_loss: ModelLoss | None,
+) -> ModelLoss:
+    return model_loss if model_loss is not None else ModelLoss(model, loss_fn, data, params=params, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# output margin
+# --------------------------------------------------------------------------------------------
+@dataclass
+class MarginResult:
+    """The output margin of a classifier on the measured samples.
+
+    Attributes:
+        value: ``gamma = abs(k-th smallest margin)``, logit units.
+        margins: ``[m]`` float64 per-sample margins, correct logit minus the largest other logit
+            (negative for a misclassified sample), in data order.
+        k: the rank used, ``max(1, m // 10)``.
+    """
+
+    value: float
+    margins: np.ndarray
+    k: int
+
+
+@torch.no_grad()
+def output_margin(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    params: ParamSelector = None,
+    dtype: torch.dtype | None = None,
+    model_loss: ModelLoss | None = None,
+) -> MarginResult:
+    """The 10th-percentile output margin ``gamma`` over all samples of ``data`` (see the module
+    docstring; Jiang et al. 2020 sec. C.1, the reference code's ``kthvalue(m // 10)``).
+
+    Raises:
+        ValueError: outputs are not ``[n, C]`` class scores with integer labels, or ``C < 2``.
+    """
+    ml = _model_loss(model, loss_fn, data, params, dtype, model_loss)
+    parts = []
+    with ml.mode():
+        for inputs, targets in ml.batches:
+            logits = ml.forward(ml.theta, inputs)
+            if not is_classification(logits, targets) or logits.shape[1] < 2:
+                raise ValueError(
+                    "the output margin needs [n, C] class scores (C >= 2) and integer labels [n]; "
+                    f"got outputs {tuple(logits.shape)}, targets {tuple(targets.shape)} {targets.dtype}"
+                )
+            logits = logits.to(torch.float64)
+            rows = torch.arange(len(targets), device=logits.device)
+            correct = logits[rows, targets]
+            others = logits.index_put((rows, targets), torch.tensor(-math.inf, dtype=logits.dtype, device=logits.device))
+            parts.append((correct - others.max(dim=1).values).cpu())
+    margins = torch.cat(parts)
+    k = max(1, len(margins) // 10)
+    gamma = float(torch.kthvalue(margins, k).values.abs())
+    return MarginResult(value=gamma, margins=margins.numpy(), k=k)
+
+
+def inverse_margin(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    params: ParamSelector = None,
+    dtype: torch.dtype | None = None,
+    model_loss: ModelLoss | None = None,
+) -> float:
+    """``1 / gamma^2`` (Jiang et al. 2020 eq. 22), ``gamma`` from :func:`output_margin`; units
+    1/logit^2; ``inf`` for a zero margin."""
+    gamma = output_margin(model, loss_fn, data, params=params, dtype=dtype, model_loss=model_loss).value
+    return 1 / gamma**2 if gamma > 0 else math.inf
+
+
+def _log(value: float) -> float:
+    return math.log(value) if value > 0 else -math.inf
+
+
+def margin_normalized(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    norm: str = "spectral",
+    params: ParamSelector = None,
+    dtype: torch.dtype | None = None,
+    model_loss: ModelLoss | None = None,
+) -> float:
+    """``sum_l log ||W_l||^2 - 2 log gamma``: the log of the product of squared layer norms over
+    the squared margin. ``norm="spectral"``: Jiang et al. 2020 eq. (31) (a spectrally-normalized
+    margin bound, Bartlett et al. 2017); ``"frobenius"``: eq. (36) (Neyshabur et al. 2015).
+    Layers as in :func:`landscape.weight_norms` (parameters with >= 2 dimensions, biases
+    excluded); ``gamma`` from :func:`output_margin`. Dimensionless (a log)."""
+    field = {"spectral": "log_spectral_prod", "frobenius": "log_frobenius_prod"}.get(norm)
+    if field is None:
+        raise ValueError(f"norm: must be 'spectral' or 'frobenius' (got {norm!r})")
+    ml = _model_loss(model, loss_fn, data, params, dtype, model_loss)
+    log_prod = 2 * getattr(weight_norms(ml.model, params=ml.names), field)
+    return log_prod - 2 * _log(output_margin(ml.model, ml.loss_fn, data, model_loss=ml).value)
+
+
+# --------------------------------------------------------------------------------------------
+# path norm
+# --------------------------------------------------------------------------------------------
+def _first_inputs(data: Any) -> Any:
+    batch = data if _is_single_batch(data) else next(iter(data))
+    return batch[0]
+
+
+@torch.no_grad()
+def path_norm(model: nn.Module, data: Any, *, dtype: torch.dtype = torch.float64) -> float:
+    """Path norm (Jiang et al. 2020 eq. 44; Neyshabur et al. 2015): every parameter of the model
+    squared (biases included), the network applied in eval mode to one all-ones input of the
+    shape of one sample of ``data``, its outputs summed. For a ReLU network this is the sum over
+    all input-output paths of the product of the squared weights on the path (bias paths
+    included). Computed in ``dtype`` (default float64); squared weight units.
+
+    Raises:
+        ValueError: the model has batch norm (the reference folds it into the preceding layer
+            first; this function does not, and squaring an unfolded batch norm gives another
+            number).
+    """
+    norms = [type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    if norms:
+        raise ValueError(
+            f"path_norm: the model has normalization layers {sorted(set(norms))}; the path norm is "
+            "defined after folding batch norm into the preceding layer, which is not implemented"
+        )
+    inputs = _first_inputs(data)
+    device = next(iter(model.parameters())).device
+    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    ones = tuple(torch.ones((1, *t.shape[1:]), dtype=dtype if t.is_floating_point() else t.dtype, device=device) for t in args)
+    state = {n: p.detach().to(dtype) ** 2 for n, p in model.named_parameters()}
+    state.update({n: b.detach().to(dtype) if b.is_floating_point() else b for n, b in model.named_buffers()})
+    with training_mode(model, False):
+        out = functional_call(model, state, ones, strict=False)
+    return float(out.sum())
+
+
+def path_norm_over_margin(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    params: ParamSelector = None,
+    dtype: torch.dtype | None = None,
+    model_loss: ModelLoss | None = None,
+) -> float:
+    """``path_norm / gamma^2`` (Jiang et al. 2020 eq. 43); :func:`path_norm` of all parameters,
+    ``gamma`` from :func:`output_margin` on ``data``."""
+    ml = _model_loss(model, loss_fn, data, params, dtype, model_loss)
+    gamma = output_margin(ml.model, ml.loss_fn, data, model_loss=ml).value
+    value = path_norm(ml.model, next(iter(ml.batches)))
+    return value / gamma**2 if gamma > 0 else math.inf
+
+
+# --------------------------------------------------------------------------------------------
+# PAC-Bayes bounds
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PacBayesBounds:
+    """Jiang et al. 2020 PAC-Bayes bounds from one noise level (dimensionless).
+
+    Attributes:
+        init: ``||w - w0||^2 / (4 sigma^2) + log(m / sigma) + 10`` (eq. 48) or, magnitude-aware,
+            ``1/4 sum_i log((eps^2 + (sigma'^2 + 1) ||w - w0||^2 / omega) / (eps^2 + sigma'^2
+            (w_i - w0_i)^2)) + log(m / sigma') + 10`` (eq. 56).
+        orig: the same with ``||w||`` in the first term (eq. 49; eq. 57, whose denominator is
+            still ``(w_i - w0_i)^2``, as in the reference code).
+        sigma: sigma (plain) or sigma' (magnitude-aware) of the flatness search.
+        m: number of samples of the search; omega: number of weights summed over.
+        magnitude_aware, eps: the noise kind.
+    """
+
+    init: float
+    orig: float
+    sigma: float
+    m: int
+    omega: int
+    magnitude_aware: bool
+    eps: float
+
+
+def _weights(model: nn.Module, params: ParamSelector) -> dict[str, Tensor]:
+    return {n: t.to(torch.float64) for n, t in _selected(model, params).items() if t.ndim >= 2}
+
+
+def pacbayes_bounds(
+    flatness: FlatnessResult,
+    model: nn.Module,
+    init_state: Mapping[str, Tensor] | None,
+    *,
+    params: ParamSelector = None,
+) -> PacBayesBounds:
+    """The PAC-Bayes bounds of Jiang et al. 2020 (eqs. 48, 49 from a plain, 56, 57 from a
+    magnitude-aware :func:`landscape.pacbayes_flatness` result), as the reference code computes
+    them: ``w`` are the weights (selected parameters with >= 2 dimensions; biases and
+    normalization scales excluded) flattened to one vector, ``w0`` their values in
+    ``init_state``, ``m = flatness.n_examples``, ``omega`` the number of weights, ``eps =
+    flatness.eps``. A zero sigma gives ``inf``. ``params`` should be the selection the flatness
+    search perturbed (default: all parameters with ``requires_grad``).
+    """
+    diffs = {n: d for n, d in _differences(model, init_state, params) if d.ndim >= 2}
+    weights = _weights(model, params)
+    if not weights:
+        raise ValueError("params: the selected parameters contain no weight (tensor with >= 2 dimensions)")
+    w = torch.cat([t.reshape(-1).cpu() for t in weights.values()])
+    dw = torch.cat([diffs[n].reshape(-1).cpu() for n in weights])
+    sigma, m, omega, eps = flatness.level, flatness.n_examples, w.numel(), flatness.eps
+    settings = dict(sigma=sigma, m=m, omega=omega, magnitude_aware=flatness.magnitude_aware, eps=eps)
+    if sigma <= 0:
+        return PacBayesBounds(init=math.inf, orig=math.inf, **settings)
+    tail = math.log(m / sigma) + 10
+    if not flatness.magnitude_aware:
+        return PacBayesBounds(
+            init=float(dw.square().sum()) / (4 * sigma**2) + tail,
+            orig=float(w.square().sum()) / (4 * sigma**2) + tail,
+            **settings,
+        )
+    denominator = eps**2 + sigma**2 * dw.square()
+
+    def bound(reference: Tensor) -> float:
+        numerator = eps**2 + (sigma**2 + 1) * float(reference.square().sum()) / omega
+        return 0.25 * float(torch.log(numerator / denominator).sum()) + tail
+
+    return PacBayesBounds(init=bound(dw), orig=bound(w), **settings)
+
+
+# --------------------------------------------------------------------------------------------
+# Fisher-Rao norm
+# --------------------------------------------------------------------------------------------
+def fisher_rao_norm(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    params: ParamSelector = None,
+    dtype: torch.dtype | None = None,
+    model_loss: ModelLoss | None = None,
+) -> float:
+    """Empirical Fisher-Rao norm (squared) ``(1/m) sum_i <w, grad_w l_i(w)>^2`` over the samples of
+    ``data`` at their data labels, ``w`` the selected parameters (default: all with
+    ``requires_grad``). Equals ``w^T F w`` with ``F`` the empirical Fisher
+    (:class:`landscape.ggn.EmpiricalFisherOperator`). Liang, Poggio, Rakhlin & Stokes 2019,
+    "Fisher-Rao metric, geometry, and complexity of neural networks" (AISTATS), def. of
+    ``||theta||_fr^2 = <theta, I(theta) theta>`` with the empirical Fisher; Jiang et al. 2020
+    list it among the norm measures (their eq. 45 also carries a depth factor, not applied here).
+    For a bias-free ReLU network of ``L + 1`` layers (positively homogeneous of degree ``L + 1``)
+    ``<w, grad_w l_i> = (L + 1) <d l_i / d f, f(x_i)>``, Liang et al.'s identity; with biases the
+    value is still defined but that identity no longer holds. Loss units squared.
+
+    One forward-mode pass per batch: ``<w, grad_w l_i>`` is the directional derivative of
+    sample ``i``'s loss along ``w`` (``jvp`` of the outputs along ``w``, dotted with the
+    per-sample output gradient); ``loss_fn`` must be a batch mean of per-sample losses.
+    """
+    ml = _model_loss(model, loss_fn, data, params, dtype, model_loss)
+
+    def per_batch(inputs: Any, targets: Tensor) -> Tensor:
+        outputs, directional = jvp(lambda p: ml.forward(p, inputs), (ml.theta,), (ml.theta,))
+        n = outputs.shape[0]
+        r = n * func_grad(lambda o: ml.loss_fn(o, targets))(outputs.detach())
+        s = (r * directional).reshape(n, -1).sum(1)
+        return s.square().mean()
+
+    with torch.no_grad():
+        return float(ml.weighted_sum(per_batch))
+
+
+# --------------------------------------------------------------------------------------------
+# optimization-based: steps to reach a loss
+# --------------------------------------------------------------------------------------------
+def steps_to_loss(
+    history: Iterable[Mapping[str, Any]], target: float = 0.1, *, key: str = "train_loss"
+) -> float:
+    """Jiang et al. 2020's optimization-based measure: the number of optimizer steps from the
+    initialization until the training cross-entropy first reaches ``target`` (default 0.1).
+
+    ``history``: training records in step order, each with ``"step"`` (optimizer steps done) and
+    ``key`` (the full-training-set loss at that step), e.g. the ``kind="epoch"`` records of a
+    ``sweeps`` trial; records without ``key`` are skipped. Returns the ``step`` of the first record
+    with ``loss <= target``, so the resolution is the evaluation interval (an epoch): a value is
+    an upper bound, at most one interval above the true first step. ``inf`` when no record
+    reached ``target`` (training stopped earlier or never got there).
+    """
+    if not (isinstance(target, (int, float)) and math.isfinite(target)):
+        raise ValueError(f"target: must be a finite number (got {target!r})")
+    last = -math.inf
+    for record in history:
+        if key not in record or record[key] is None:
+            continue
+        step = record["step"]
+        if step < last:
+            raise ValueError(f"history: records must be in step order (step {step} after {last})")
+        last = step
+        if float(record[key]) <= target:
+            return float(step)
+    return math.inf

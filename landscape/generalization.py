@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
-from torch.func import grad as func_grad
+from torch.func import functional_call
 
 from ._functional import LossFn, ModelLoss, ParamSelector, _is_single_batch, is_classification, training_mode
 from .norms import _differences, _selected, weight_norms
+from .ggn import Linearization, output_gradients
 from .sharpness import FlatnessResult
 
 
@@ -156,7 +156,7 @@ def _first_inputs(data: Any) -> Any:
 
 
 @torch.no_grad()
-def path_norm(model: nn.Module, data: Any, *, dtype: torch.dtype = torch.float64) -> float:
+def path_norm(model: nn.Module, data: Any, *, dtype: torch.dtype | None = None) -> float:
     """Path norm (Jiang et al. 2020 eq. 44; Neyshabur et al. 2015): every parameter of the model
     squared (biases included), the network applied in eval mode to one all-ones input of the
     shape of one sample of ``data``, its outputs summed. For a ReLU network this is the sum over
@@ -174,6 +174,7 @@ def path_norm(model: nn.Module, data: Any, *, dtype: torch.dtype = torch.float64
             f"path_norm: the model has normalization layers {sorted(set(norms))}; the path norm is "
             "defined after folding batch norm into the preceding layer, which is not implemented"
         )
+    dtype = dtype or torch.float64
     inputs = _first_inputs(data)
     device = next(iter(model.parameters())).device
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
@@ -210,18 +211,19 @@ class PacBayesBounds:
     """Jiang et al. 2020 PAC-Bayes bounds from one noise level (dimensionless).
 
     Attributes:
-        init: ``||w - w0||^2 / (4 sigma^2) + log(m / sigma) + 10`` (eq. 48) or, magnitude-aware,
+        init: ``None`` without ``init_state``; else ``||w - w0||^2 / (4 sigma^2) + log(m / sigma) + 10`` (eq. 48) or, magnitude-aware,
             ``1/4 sum_i log((eps^2 + (sigma'^2 + 1) ||w - w0||^2 / omega) / (eps^2 + sigma'^2
             (w_i - w0_i)^2)) + log(m / sigma') + 10`` (eq. 56).
         orig: the same with ``||w||`` in the first term (eq. 49; eq. 57, whose denominator is
-            still ``(w_i - w0_i)^2``, as in the reference code).
+            still ``(w_i - w0_i)^2``, as in the reference code, so the magnitude-aware ``orig``
+            is ``None`` without ``init_state`` too).
         sigma: sigma (plain) or sigma' (magnitude-aware) of the flatness search.
         m: number of samples of the search; omega: number of weights summed over.
         magnitude_aware, eps: the noise kind.
     """
 
-    init: float
-    orig: float
+    init: float | None
+    orig: float | None
     sigma: float
     m: int
     omega: int
@@ -245,33 +247,42 @@ def pacbayes_bounds(
     them: ``w`` are the weights (selected parameters with >= 2 dimensions; biases and
     normalization scales excluded) flattened to one vector, ``w0`` their values in
     ``init_state``, ``m = flatness.n_examples``, ``omega`` the number of weights, ``eps =
-    flatness.eps``. A zero sigma gives ``inf``. ``params`` should be the selection the flatness
+    flatness.eps``. A zero sigma gives ``inf``. Without ``init_state`` (``None``) the bounds
+    that need ``w0`` are ``None``. ``params`` should be the selection the flatness
     search perturbed (default: all parameters with ``requires_grad``).
     """
-    diffs = {n: d for n, d in _differences(model, init_state, params) if d.ndim >= 2}
     weights = _weights(model, params)
     if not weights:
         raise ValueError("params: the selected parameters contain no weight (tensor with >= 2 dimensions)")
     w = torch.cat([t.reshape(-1).cpu() for t in weights.values()])
-    dw = torch.cat([diffs[n].reshape(-1).cpu() for n in weights])
+    dw = None
+    if init_state is not None:
+        diffs = dict(_differences(model, init_state, list(weights)))
+        dw = torch.cat([diffs[n].reshape(-1).cpu() for n in weights])
     sigma, m, omega, eps = flatness.level, flatness.n_examples, w.numel(), flatness.eps
     settings = dict(sigma=sigma, m=m, omega=omega, magnitude_aware=flatness.magnitude_aware, eps=eps)
     if sigma <= 0:
-        return PacBayesBounds(init=math.inf, orig=math.inf, **settings)
-    tail = math.log(m / sigma) + 10
-    if not flatness.magnitude_aware:
         return PacBayesBounds(
-            init=float(dw.square().sum()) / (4 * sigma**2) + tail,
-            orig=float(w.square().sum()) / (4 * sigma**2) + tail,
+            init=None if dw is None else math.inf,
+            orig=None if dw is None and flatness.magnitude_aware else math.inf,
             **settings,
         )
+    tail = math.log(m / sigma) + 10
+    if not flatness.magnitude_aware:
+
+        def bound(reference: Tensor | None) -> float | None:
+            return None if reference is None else float(reference.square().sum()) / (4 * sigma**2) + tail
+
+        return PacBayesBounds(init=bound(dw), orig=bound(w), **settings)
+    if dw is None:
+        return PacBayesBounds(init=None, orig=None, **settings)
     denominator = eps**2 + sigma**2 * dw.square()
 
-    def bound(reference: Tensor) -> float:
+    def mag_bound(reference: Tensor) -> float:
         numerator = eps**2 + (sigma**2 + 1) * float(reference.square().sum()) / omega
         return 0.25 * float(torch.log(numerator / denominator).sum()) + tail
 
-    return PacBayesBounds(init=bound(dw), orig=bound(w), **settings)
+    return PacBayesBounds(init=mag_bound(dw), orig=mag_bound(w), **settings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,21 +308,20 @@ def fisher_rao_norm(
     ``<w, grad_w l_i> = (L + 1) <d l_i / d f, f(x_i)>``, Liang et al.'s identity; with biases the
     value is still defined but that identity no longer holds. Loss units squared.
 
-    One forward-mode pass per batch: ``<w, grad_w l_i>`` is the directional derivative of
-    sample ``i``'s loss along ``w`` (``jvp`` of the outputs along ``w``, dotted with the
-    per-sample output gradient); ``loss_fn`` must be a batch mean of per-sample losses.
+    ``<w, grad_w l_i>`` is the directional derivative of sample ``i``'s loss along ``w``: the
+    Jacobian-vector product ``J w`` of the outputs (:class:`landscape.ggn.Linearization`), dotted with
+    the per-sample output gradient; two reverse passes per batch; ``loss_fn`` must be a batch mean of per-sample losses.
     """
     ml = _model_loss(model, loss_fn, data, params, dtype, model_loss)
 
     def per_batch(inputs: Any, targets: Tensor) -> Tensor:
-        outputs, directional = jvp(lambda p: ml.forward(p, inputs), (ml.theta,), (ml.theta,))
-        n = outputs.shape[0]
-        r = n * func_grad(lambda o: ml.loss_fn(o, targets))(outputs.detach())
-        s = (r * directional).reshape(n, -1).sum(1)
-        return s.square().mean()
+        lin = Linearization(ml, inputs)
+        directional = lin.push([t.unsqueeze(0) for t in ml.theta.values()])[0]  # J w
+        r = output_gradients(ml.loss_fn, lin.outputs, targets)
+        n = r.shape[0]
+        return (r * directional).reshape(n, -1).sum(1).square().mean().detach()
 
-    with torch.no_grad():
-        return float(ml.weighted_sum(per_batch))
+    return float(ml.weighted_sum(per_batch))
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,10 +19,11 @@ the model never modified):
   Fisher). ``theta^T F theta`` is the empirical Fisher-Rao norm
   (:func:`landscape.generalization.fisher_rao_norm`).
 
-A product ``A v`` is ``J^T (M (J v))`` batch by batch: ``J v`` by forward mode (``torch.func.jvp``),
-``M`` the output-space matrix (``H_i`` by a reverse-over-reverse product of the loss in the
-outputs; ``r_i r_i^T`` for the empirical Fisher, ``r_i = d l_i / d f_i``), ``J^T u`` by one
-``vjp``; a block of vectors goes through one ``vmap``. ``loss_fn(outputs, targets)`` must be the
+A product ``A v`` is ``J^T (M (J v))`` batch by batch: ``J v`` and ``J^T u`` by reverse mode
+(:class:`Linearization`), ``M`` the output-space matrix (``H_i`` by a reverse-over-reverse
+product of the loss in the outputs; ``r_i r_i^T`` for the empirical Fisher, ``r_i = d l_i /
+d f_i``); a block of vectors goes through one batched backward on a GPU, one vector at a time
+on a CPU (as for the Hessian). ``loss_fn(outputs, targets)`` must be the
 batch mean of per-sample losses (every ``torch.nn`` loss with its default reduction), so that
 ``n * d loss_fn / d f_i`` is the per-sample output gradient. Operators are
 :class:`~landscape.hvp.CurvatureOperator` s: pass them to ``hessian_eigenvalues``,
@@ -31,43 +32,87 @@ batch mean of per-sample losses (every ``torch.nn`` loss with its default reduct
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad as func_grad
-from torch.func import jvp, vjp, vmap
 
-from ._functional import LossFn, ParamSelector
+from ._functional import LossFn, ParamSelector, model_device
 from .eigen import EigenResult, lanczos
 from .hvp import CurvatureOperator
+
+
+def _batched_grad(outputs: Tensor, inputs: list[Tensor], cotangents: Tensor) -> list[Tensor]:
+    """``[K, *input.shape]`` for each input: the vector-Jacobian products of ``outputs`` with the
+    ``K`` cotangents ``[K, *outputs.shape]`` (graphs kept). One vector at a time for ``K = 1``,
+    else one batched backward (``is_grads_batched``)."""
+    if cotangents.shape[0] == 1:
+        grads = torch.autograd.grad(outputs, inputs, cotangents[0], retain_graph=True, allow_unused=True)
+        grads = [g.unsqueeze(0) if g is not None else None for g in grads]
+    else:
+        grads = torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True)
+    lead = cotangents.shape[0]
+    return [torch.zeros(lead, *t.shape, dtype=t.dtype, device=t.device) if g is None else g for g, t in zip(grads, inputs)]
+
+
+class Linearization:
+    """The network's outputs on one batch and products with their Jacobian ``J`` at the
+    snapshot weights of a :class:`~landscape.ModelLoss`, by reverse mode only.
+
+    ``J^T u`` is one backward pass; ``J v`` is the gradient in ``u`` of ``<J^T u, v>`` (linear in
+    ``u``, so taken at ``u = 0``): a second backward through the graph of the first. Forward mode
+    (``torch.func.jvp``) gives the same numbers, but the ``torch.func`` transforms import seconds
+    of machinery on first use in a process, paid again by every fresh sweep worker.
+
+    Attributes:
+        outputs: ``[n, ...]`` detached outputs of the batch.
+    """
+
+    def __init__(self, ml: Any, inputs: Any):
+        self.leaves = [t.detach().requires_grad_(True) for t in ml.theta.values()]
+        with torch.enable_grad():
+            out = ml.forward(dict(zip(ml.names, self.leaves)), inputs)
+            self._out = out
+            self._u = torch.zeros_like(out, requires_grad=True)
+            self._jtu = torch.autograd.grad(out, self.leaves, self._u, create_graph=True)
+        self.outputs = out.detach()
+
+    def push(self, vs: list[Tensor]) -> Tensor:
+        """``J v`` for ``K`` vectors given per parameter (``[K, *shape]``): ``[K, n, ...]``."""
+        with torch.enable_grad():
+            if vs[0].shape[0] == 1:
+                (jv,) = torch.autograd.grad(self._jtu, self._u, [v[0] for v in vs], retain_graph=True)
+                return jv.unsqueeze(0)
+            (jv,) = torch.autograd.grad(self._jtu, self._u, vs, retain_graph=True, is_grads_batched=True)
+            return jv
+
+    def pull(self, u: Tensor) -> list[Tensor]:
+        """``J^T u`` for ``K`` output cotangents ``[K, n, ...]``: per parameter ``[K, *shape]``."""
+        with torch.enable_grad():
+            return _batched_grad(self._out, self.leaves, u)
 
 
 class _OutputCurvatureOperator(CurvatureOperator):
     """``v -> (1/N) sum_i J_i^T M_i J_i v`` for an output-space matrix ``M_i`` (subclasses)."""
 
-    def _output_product(self, outputs: Tensor, targets: Tensor) -> Any:
-        """A function ``[n, ...] -> [n, ...]``: ``M`` of one batch (weighted as the batch mean)."""
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, *, vmap_blocks: bool | None = None, **kwargs: Any):
+        if vmap_blocks is None:
+            vmap_blocks = model_device(model).type != "cpu"
+        super().__init__(model, loss_fn, data, vmap_blocks=vmap_blocks, **kwargs)
+
+    def _output_product(self, outputs: Tensor, targets: Tensor) -> Callable[[Tensor], Tensor]:
+        """A function ``[K, n, ...] -> [K, n, ...]``: ``M`` of one batch (as the batch mean)."""
         raise NotImplementedError
 
     def _block(self, rows: Tensor) -> Tensor:
-        vdict = self.unflatten(rows)
-        return self.weighted_sum(lambda x, y: self._for_batch(vdict, x, y))
+        vs = list(self.unflatten(rows).values())
+        return self.weighted_sum(lambda x, y: self._for_batch(vs, x, y))
 
-    def _for_batch(self, vs: dict[str, Tensor], inputs: Any, targets: Tensor) -> Tensor:
-        def f(p: dict[str, Tensor]) -> Tensor:
-            return self.forward(p, inputs)
-
-        with torch.enable_grad():
-            outputs, pullback = vjp(f, self.theta)
-            outputs = outputs.detach()
-            product = self._output_product(outputs, targets)
-
-            def one(v: dict[str, Tensor]) -> dict[str, Tensor]:
-                jv = jvp(f, (self.theta,), (v,))[1]
-                return pullback(product(jv))[0]
-
-            return self.flatten(vmap(one)(vs)).detach()
+    def _for_batch(self, vs: list[Tensor], inputs: Any, targets: Tensor) -> Tensor:
+        lin = Linearization(self, inputs)
+        product = self._output_product(lin.outputs, targets)
+        return self.flatten([g.detach() for g in lin.pull(product(lin.push(vs)))])
 
 
 class GGNOperator(_OutputCurvatureOperator):
@@ -76,15 +121,24 @@ class GGNOperator(_OutputCurvatureOperator):
     convex in the outputs (cross-entropy, squared error). For cross-entropy on logits it is also
     the true Fisher information.
 
-    Takes the arguments of :class:`~landscape.HessianOperator` except ``backend``,
-    ``vmap_blocks`` (always vmapped) and the graph cache: ``params``, ``dtype``, ``train_mode``,
-    ``check_deterministic``, ``block_size`` (default 16). Units: loss per parameter unit squared,
-    like the Hessian.
+    Takes the arguments of :class:`~landscape.HessianOperator` except ``backend`` and the graph
+    cache: ``params``, ``dtype``, ``train_mode``, ``check_deterministic``, ``block_size`` (default
+    16), ``vmap_blocks`` (default: batched backward on a GPU, one vector at a time on a
+    CPU). Units: loss per parameter unit squared, like the Hessian.
     """
 
-    def _output_product(self, outputs: Tensor, targets: Tensor) -> Any:
-        _, hessian_vector = vjp(func_grad(lambda o: self.loss_fn(o, targets)), outputs)
-        return lambda u: hessian_vector(u)[0]  # the output Hessian is symmetric
+    def _output_product(self, outputs: Tensor, targets: Tensor) -> Callable[[Tensor], Tensor]:
+        out = outputs.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.loss_fn(out, targets), out, create_graph=True)
+        if not g.requires_grad:  # a loss linear in the outputs: zero output Hessian
+            return torch.zeros_like
+
+        def product(u: Tensor) -> Tensor:
+            with torch.enable_grad():
+                return _batched_grad(g, [out], u)[0]  # the output Hessian is symmetric
+
+        return product
 
 
 class EmpiricalFisherOperator(_OutputCurvatureOperator):
@@ -94,17 +148,25 @@ class EmpiricalFisherOperator(_OutputCurvatureOperator):
     squared.
     """
 
-    def _output_product(self, outputs: Tensor, targets: Tensor) -> Any:
+    def _output_product(self, outputs: Tensor, targets: Tensor) -> Callable[[Tensor], Tensor]:
         n = outputs.shape[0]
-        # per-sample output gradients r_i = d l_i / d f_i (the batch loss is their mean)
-        r = n * func_grad(lambda o: self.loss_fn(o, targets))(outputs)
-        dims = tuple(range(1, r.ndim))
+        r = output_gradients(self.loss_fn, outputs, targets)
+        dims = tuple(range(2, r.ndim + 1))
 
-        def product(u: Tensor) -> Tensor:
+        def product(u: Tensor) -> Tensor:  # u: [K, n, ...]
             coefficients = (r * u).sum(dim=dims, keepdim=True)
             return r * coefficients / n  # batch mean of r_i r_i^T u_i
 
         return product
+
+
+def output_gradients(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
+    """``[n, ...]``: per-sample output gradients ``r_i = d l_i / d f_i`` of a batch, from the
+    gradient of the batch-mean loss times ``n``."""
+    out = outputs.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(loss_fn(out, targets), out)
+    return outputs.shape[0] * g
 
 
 def ggn_eigenvalues(

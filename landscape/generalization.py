@@ -302,8 +302,8 @@ def fisher_rao_norm(
     ``requires_grad``). Equals ``w^T F w`` with ``F`` the empirical Fisher
     (:class:`landscape.ggn.EmpiricalFisherOperator`). Liang, Poggio, Rakhlin & Stokes 2019,
     "Fisher-Rao metric, geometry, and complexity of neural networks" (AISTATS), def. of
-    ``||theta||_fr^2 = <theta, I(theta) theta>`` with the empirical Fisher; Jiang et al. 2020
-    list it among the norm measures (their eq. 45 also carries a depth factor, not applied here).
+    ``||theta||_fr^2 = <theta, I(theta) theta>`` with the empirical Fisher. Jiang et al. 2020
+    also list a Fisher-Rao measure; its normalization was not checked against the paper.
     For a bias-free ReLU network of ``L + 1`` layers (positively homogeneous of degree ``L + 1``)
     ``<w, grad_w l_i> = (L + 1) <d l_i / d f, f(x_i)>``, Liang et al.'s identity; with biases the
     value is still defined but that identity no longer holds. Loss units squared.

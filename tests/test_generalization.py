@@ -183,7 +183,7 @@ def test_fisher_rao_norm_by_gradients_and_by_homogeneity(depth):
 def test_fisher_rao_norm_is_w_f_w_with_biases():
     model = make_classifier("tanh", width=5)
     batches = make_batches()
-    F = landscape.ggn.EmpiricalFisherOperator(model, nn.CrossEntropyLoss(), batches)
+    F = landscape.EmpiricalFisherOperator(model, nn.CrossEntropyLoss(), batches)
     w = F.theta_flat()
     assert G.fisher_rao_norm(model, nn.CrossEntropyLoss(), batches) == pytest.approx(float(w @ (F @ w)), rel=1e-10)
 

@@ -36,9 +36,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._functional import LossFn, ModelLoss, ParamSelector, _is_single_batch, is_classification, training_mode
-from .norms import _differences, _selected, weight_norms
+from ._functional import (
+    LossFn,
+    ModelLoss,
+    ParamSelector,
+    _is_single_batch,
+    is_classification,
+    training_mode,
+)
 from .ggn import Linearization, output_gradients
+from .norms import _differences, _selected, weight_norms
 from .sharpness import FlatnessResult
 
 
@@ -260,7 +267,7 @@ def pacbayes_bounds(
         diffs = dict(_differences(model, init_state, list(weights)))
         dw = torch.cat([diffs[n].reshape(-1).cpu() for n in weights])
     sigma, m, omega, eps = flatness.level, flatness.n_examples, w.numel(), flatness.eps
-    settings = dict(sigma=sigma, m=m, omega=omega, magnitude_aware=flatness.magnitude_aware, eps=eps)
+    settings = {"sigma": sigma, "m": m, "omega": omega, "magnitude_aware": flatness.magnitude_aware, "eps": eps}
     if sigma <= 0:
         return PacBayesBounds(
             init=None if dw is None else math.inf,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 
 import numpy as np
@@ -160,7 +161,7 @@ def test_fisher_rao_norm_by_gradients_and_by_homogeneity(depth):
     torch.manual_seed(depth)
     widths = [4, 6, 5, 3][: depth] + [3]
     layers = []
-    for a, b in zip(widths[:-1], widths[1:]):
+    for a, b in itertools.pairwise(widths):
         layers += [nn.Linear(a, b, bias=False), nn.ReLU()]
     model = nn.Sequential(*layers[:-1]).double()
     batches = make_batches()

@@ -39,7 +39,7 @@ def dense_ggn(model, loss_fn, batches):
     for xi, yi in zip(x, y):
         J = jacrev(f)(flat, xi)  # [C, P]
         out = f(flat, xi)
-        H_out = hessian(lambda o: loss_fn(o.unsqueeze(0), yi.unsqueeze(0)))(out)  # [C, C]
+        H_out = hessian(lambda o, yi=yi: loss_fn(o.unsqueeze(0), yi.unsqueeze(0)))(out)  # [C, C]
         total += J.T @ H_out @ J
     return total / len(y)
 

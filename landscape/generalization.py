@@ -18,14 +18,17 @@ NeurIPS; robust-generalization-measures ``measures.py``) computes them.
 
 Differences from the reference code, by design: the values are *not* "adjusted for dataset
 size" (the reference reports ``sqrt(v / m)``, or ``0.5 (v - log m)`` for log measures: monotone,
-so rank correlations on one data set are unchanged); batch norm is not folded into the preceding
-layer (:func:`path_norm` refuses models with batch norm; the layer norms of :mod:`landscape.norms`
-use the unfolded weights); spectral norms are exact (SVD of the ``[out, -1]`` reshape).
+so rank correlations on one data set are unchanged); batch norm is folded into the preceding
+layer (:func:`fold_batch_norm`) for the path norm and the layer norms (:func:`layer_norms`,
+:func:`layer_distances`) but not for the PAC-Bayes bounds and their sigma search, which use the
+unfolded parameters; spectral norms are exact (SVD of the ``[out, -1]`` reshape).
 Everything is evaluated in eval mode on a snapshot of the weights; the model is never modified.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -45,7 +48,7 @@ from ._functional import (
     training_mode,
 )
 from .ggn import Linearization, output_gradients
-from .norms import _differences, _selected, weight_norms
+from .norms import InitDistances, NormResult, _differences, _selected, init_distances, weight_norms
 from .sharpness import FlatnessResult
 
 
@@ -145,12 +148,12 @@ def margin_normalized(
     the squared margin. ``norm="spectral"``: Jiang et al. 2020 eq. (31) (a spectrally-normalized
     margin bound, Bartlett et al. 2017); ``"frobenius"``: eq. (36) (Neyshabur et al. 2015).
     Layers as in :func:`landscape.weight_norms` (parameters with >= 2 dimensions, biases
-    excluded); ``gamma`` from :func:`output_margin`. Dimensionless (a log)."""
+    excluded), batch norm folded (:func:`layer_norms`); ``gamma`` from :func:`output_margin`. Dimensionless (a log)."""
     field = {"spectral": "log_spectral_prod", "frobenius": "log_frobenius_prod"}.get(norm)
     if field is None:
         raise ValueError(f"norm: must be 'spectral' or 'frobenius' (got {norm!r})")
     ml = _model_loss(model, loss_fn, data, params, dtype, model_loss)
-    log_prod = 2 * getattr(weight_norms(ml.model, params=ml.names), field)
+    log_prod = 2 * getattr(layer_norms(ml.model, params=ml.names), field)
     return log_prod - 2 * _log(output_margin(ml.model, ml.loss_fn, data, model_loss=ml).value)
 
 
@@ -162,34 +165,129 @@ def _first_inputs(data: Any) -> Any:
     return batch[0]
 
 
+_FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 @torch.no_grad()
-def path_norm(model: nn.Module, data: Any, *, dtype: torch.dtype | None = None) -> float:
-    """Path norm (Jiang et al. 2020 eq. 44; Neyshabur et al. 2015): every parameter of the model
-    squared (biases included), the network applied in eval mode to one all-ones input of the
-    shape of one sample of ``data``, its outputs summed. For a ReLU network this is the sum over
-    all input-output paths of the product of the squared weights on the path (bias paths
-    included). Computed in ``dtype`` (default float64); squared weight units.
+def fold_batch_norm(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of ``model`` with every batch norm folded into the layer before it (the reference
+    code of Dziugaite et al. 2020 does this before computing any measure); the model is not
+    changed.
+
+    A batch norm in eval mode is the affine map ``z -> s (z - mu) + beta``, ``s = gamma /
+    sqrt(var + eps)`` from its running statistics, so after a linear or convolution layer
+    ``z = W x + b`` it folds into ``W' = s W`` (per output channel), ``b' = s (b - mu) + beta`` (a
+    bias is added where the layer has none) and the batch norm becomes ``nn.Identity``. The copy
+    computes the same function as ``model`` in eval mode. Only a batch norm that directly follows
+    a ``Linear`` / ``Conv1d`` / ``Conv2d`` / ``Conv3d`` inside an ``nn.Sequential`` is folded: there
+    the order of the modules is the order of the forward pass (elsewhere it is not known).
+
+    Args:
+        dtype: the copy's dtype (default: the model's).
 
     Raises:
-        ValueError: the model has batch norm (the reference folds it into the preceding layer
-            first; this function does not, and squaring an unfolded batch norm gives another
-            number).
+        ValueError: a normalization layer that cannot be folded (after another kind of module, not
+            in a Sequential, without running statistics, or with another number of channels).
     """
-    norms = [type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-    if norms:
+    folded = copy.deepcopy(model)
+    if dtype is not None:
+        folded = folded.to(dtype)
+    for parent in list(folded.modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for before, name in itertools.pairwise(names):
+            norm, layer = parent._modules[name], parent._modules[before]
+            if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or not isinstance(layer, _FOLDABLE):
+                continue
+            channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+            if norm.running_mean is None or norm.num_features != channels:
+                continue  # refused below
+            scale = torch.rsqrt(norm.running_var + norm.eps)
+            if norm.weight is not None:
+                scale = scale * norm.weight
+            shift = -norm.running_mean * scale
+            if norm.bias is not None:
+                shift = shift + norm.bias
+            layer.weight.mul_(scale.reshape(-1, *[1] * (layer.weight.ndim - 1)))
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.zeros_like(shift))
+            layer.bias.copy_(scale * layer.bias + shift)
+            parent._modules[name] = nn.Identity()
+    left = sorted({type(m).__name__ for m in folded.modules() if isinstance(m, nn.modules.batchnorm._NormBase)})
+    if left:
         raise ValueError(
-            f"path_norm: the model has normalization layers {sorted(set(norms))}; the path norm is "
-            "defined after folding batch norm into the preceding layer, which is not implemented"
+            f"the model has normalization layers {left} that cannot be folded into a preceding "
+            "layer: only a batch norm with running statistics directly after a Linear or Conv layer "
+            "inside an nn.Sequential is folded"
         )
+    return folded
+
+
+def _has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _on_folded(folded: nn.Module, params: ParamSelector) -> ParamSelector:
+    """A selection of ``params`` by name restricted to the names the folded copy still has."""
+    if params is None or callable(params):
+        return params
+    names = dict(folded.named_parameters())
+    return [n for n in params if n in names]
+
+
+def layer_norms(model: nn.Module, *, params: ParamSelector = None) -> NormResult:
+    """:func:`landscape.weight_norms` of the model with batch norm folded into the preceding
+    layers (:func:`fold_batch_norm`; the model itself when it has no batch norm), as the reference
+    code computes its norm measures (Jiang et al. 2020 eqs. 31-37, 42)."""
+    if not _has_batch_norm(model):
+        return weight_norms(model, params=params)
+    folded = fold_batch_norm(model)
+    return weight_norms(folded, params=_on_folded(folded, params))
+
+
+def layer_distances(
+    model: nn.Module, init_state: Mapping[str, Tensor] | None, *, params: ParamSelector = None
+) -> InitDistances:
+    """:func:`landscape.init_distances` (eqs. 40, 41) between the model and its initial state,
+    both with batch norm folded (:func:`fold_batch_norm`; the initial model is ``model``'s
+    architecture loaded with ``init_state``, which must then hold the batch norms' running
+    statistics too, as a full ``state_dict`` does)."""
+    if init_state is None or not _has_batch_norm(model):
+        return init_distances(model, init_state, params=params)
+    start = copy.deepcopy(model)
+    try:
+        start.load_state_dict(init_state)
+    except (RuntimeError, KeyError) as error:
+        raise ValueError(
+            "init_state: folding batch norm into the initial weights needs the full initial "
+            f"state_dict (running statistics included): {error}"
+        ) from error
+    folded = fold_batch_norm(model)
+    return init_distances(folded, fold_batch_norm(start).state_dict(), params=_on_folded(folded, params))
+
+
+@torch.no_grad()
+def path_norm(model: nn.Module, data: Any, *, dtype: torch.dtype | None = None) -> float:
+    """Path norm (Jiang et al. 2020 eq. 44; Neyshabur et al. 2015): batch norm folded into the
+    preceding layers (:func:`fold_batch_norm`), every parameter then squared (biases included),
+    the network applied in eval mode to one all-ones input of the shape of one sample of
+    ``data``, its outputs summed. For a ReLU network this is the sum over all input-output paths
+    of the product of the squared weights on the path (bias paths included). Computed in
+    ``dtype`` (default float64); squared weight units.
+
+    Raises:
+        ValueError: a normalization layer that :func:`fold_batch_norm` cannot fold.
+    """
     dtype = dtype or torch.float64
+    folded = fold_batch_norm(model, dtype=dtype)
     inputs = _first_inputs(data)
-    device = next(iter(model.parameters())).device
+    device = next(iter(folded.parameters())).device
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     ones = tuple(torch.ones((1, *t.shape[1:]), dtype=dtype if t.is_floating_point() else t.dtype, device=device) for t in args)
-    state = {n: p.detach().to(dtype) ** 2 for n, p in model.named_parameters()}
-    state.update({n: b.detach().to(dtype) if b.is_floating_point() else b for n, b in model.named_buffers()})
-    with training_mode(model, False):
-        out = functional_call(model, state, ones, strict=False)
+    state = {n: p.detach() ** 2 for n, p in folded.named_parameters()}
+    with training_mode(folded, False):
+        out = functional_call(folded, state, ones, strict=False)
     return float(out.sum())
 
 

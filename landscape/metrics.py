@@ -220,9 +220,10 @@ def _identity(value: Any) -> Any:
     return value
 
 
-def _twice(field_name: str) -> Adapter:
-    """Twice one field of :func:`landscape.norms.weight_norms` (log products of squared norms)."""
-    return Adapter(norms.weight_norms, read=lambda r: 2 * getattr(r, field_name), artifact=False)
+def _layer_norm(field_name: str, factor: float = 1.0) -> Adapter:
+    """``factor`` times one field of :func:`landscape.generalization.layer_norms` (the weight
+    norms with batch norm folded, as Jiang et al.'s measures are computed)."""
+    return Adapter(generalization.layer_norms, read=lambda r: factor * getattr(r, field_name), artifact=False)
 
 
 def _value(target: Callable[..., Any], fixed: Mapping[str, Any] | None = None) -> Adapter:
@@ -295,16 +296,16 @@ METRICS: dict[str, Metric] = {
         Metric("spectral_norm_sum", "neither", _norm("spectral_sum"), "sum over layers of ||W||_2", unit="param", reference="Jiang et al. 2020"),
         Metric("spectral_norm_prod", "neither", _norm("spectral_prod"), "product over layers of ||W||_2", unit="param^depth", reference="Jiang et al. 2020"),
         Metric("dist_from_init", "neither", Adapter(norms.distance_from_init, read=_identity, artifact=False), "||w - w0||_2", needs=("init_state",), unit="param", reference="Jiang et al. 2020; Nagarajan & Kolter 2019"),
-        Metric("param_norm", "neither", _norm("frobenius_sq_sum"), "sum over layers of ||W||_F^2", unit="param^2", reference=f"{_JIANG} eq. 42"),
-        Metric("fro_over_spec", "neither", _norm("fro_over_spec"), "sum over layers of ||W||_F^2 / ||W||_2^2", unit="1", reference=f"{_JIANG} eq. 33"),
-        Metric("log_prod_of_spec", "neither", _twice("log_spectral_prod"), "sum over layers of log ||W||_2^2", unit="log", reference=f"{_JIANG} eq. 32"),
-        Metric("log_prod_of_fro", "neither", _twice("log_frobenius_prod"), "sum over layers of log ||W||_F^2", unit="log", reference=f"{_JIANG} eq. 37"),
-        Metric("fro_dist_from_init", "neither", Adapter(norms.init_distances, read=attrgetter("frobenius_sq_sum"), artifact=False), "sum over layers of ||W - W0||_F^2", needs=("init_state",), unit="param^2", reference=f"{_JIANG} eq. 40"),
-        Metric("spec_dist_from_init", "neither", Adapter(norms.init_distances, read=attrgetter("spectral_sq_sum"), artifact=False), "sum over layers of ||W - W0||_2^2", needs=("init_state",), unit="param^2", reference=f"{_JIANG} eq. 41"),
+        Metric("param_norm", "neither", _layer_norm("frobenius_sq_sum"), "sum over layers of ||W||_F^2 (batch norm folded)", unit="param^2", reference=f"{_JIANG} eq. 42"),
+        Metric("fro_over_spec", "neither", _layer_norm("fro_over_spec"), "sum over layers of ||W||_F^2 / ||W||_2^2 (batch norm folded)", unit="1", reference=f"{_JIANG} eq. 33"),
+        Metric("log_prod_of_spec", "neither", _layer_norm("log_spectral_prod", 2.0), "sum over layers of log ||W||_2^2 (batch norm folded)", unit="log", reference=f"{_JIANG} eq. 32"),
+        Metric("log_prod_of_fro", "neither", _layer_norm("log_frobenius_prod", 2.0), "sum over layers of log ||W||_F^2 (batch norm folded)", unit="log", reference=f"{_JIANG} eq. 37"),
+        Metric("fro_dist_from_init", "neither", Adapter(generalization.layer_distances, read=attrgetter("frobenius_sq_sum"), artifact=False), "sum over layers of ||W - W0||_F^2 (batch norm folded)", needs=("init_state",), unit="param^2", reference=f"{_JIANG} eq. 40"),
+        Metric("spec_dist_from_init", "neither", Adapter(generalization.layer_distances, read=attrgetter("spectral_sq_sum"), artifact=False), "sum over layers of ||W - W0||_2^2 (batch norm folded)", needs=("init_state",), unit="param^2", reference=f"{_JIANG} eq. 41"),
         Metric("inverse_margin", "neither", _value(_G.inverse_margin), "1/gamma^2, gamma = abs(10th-percentile output margin)", unit="1/logit^2", reference=f"{_JIANG} eq. 22"),
         Metric("log_prod_of_spec_over_margin", "neither", _value(_G.margin_normalized, {"norm": "spectral"}), "sum over layers of log ||W||_2^2 - 2 log gamma", unit="log", reference=f"{_JIANG} eq. 31; Bartlett et al. 2017"),
         Metric("log_prod_of_fro_over_margin", "neither", _value(_G.margin_normalized, {"norm": "frobenius"}), "sum over layers of log ||W||_F^2 - 2 log gamma", unit="log", reference=f"{_JIANG} eq. 36; Neyshabur et al. 2015"),
-        Metric("path_norm", "neither", _value(_G.path_norm), "all parameters squared, network on an all-ones input, outputs summed", unit="param^2", reference=f"{_JIANG} eq. 44; Neyshabur et al. 2015"),
+        Metric("path_norm", "neither", _value(_G.path_norm), "batch norm folded, all parameters squared, network on an all-ones input, outputs summed", unit="param^2", reference=f"{_JIANG} eq. 44; Neyshabur et al. 2015"),
         Metric("path_norm_over_margin", "neither", _value(_G.path_norm_over_margin), "path_norm / gamma^2", unit="param^2/logit^2", reference=f"{_JIANG} eq. 43"),
         Metric("fisher_rao_norm", "neither", _value(_G.fisher_rao_norm), "mean over samples of <w, grad_w loss_i>^2 (empirical Fisher-Rao norm, squared)", unit="loss^2", reference="Liang et al. 2019"),
         Metric("ggn_top_eig", "sharper", Adapter(ggn.ggn_eigenvalues, {"k": 1}, _eigenvalue), "largest eigenvalue of the generalized Gauss-Newton matrix (the Fisher for cross-entropy)", unit="loss/param^2", reference="Martens 2020; Schraudolph 2002"),

@@ -137,10 +137,69 @@ def test_path_norm_is_the_sum_over_paths_of_squared_weights():
     assert G.path_norm_over_margin(deep, nn.CrossEntropyLoss(), make_batches()) == pytest.approx(closed / margin**2, rel=1e-12)
 
 
-def test_path_norm_refuses_batch_norm():
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="folding batch norm"):
-        G.path_norm(model, (torch.randn(5, 3), torch.randint(0, 2, (5,))))
+def _bn_model():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).double()
+    bn = model[1]
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        bn.running_mean.copy_(torch.randn(4))
+        bn.running_var.copy_(torch.rand(4) + 0.5)
+        bn.weight.copy_(torch.randn(4))
+        bn.bias.copy_(torch.randn(4))
+    return model.eval()
+
+
+def test_fold_batch_norm_keeps_the_function_and_path_norm_uses_it():
+    model = _bn_model()
+    before = snapshot(model)
+    folded = G.fold_batch_norm(model)
+    assert_unchanged(model, before)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in folded.modules())
+    x = torch.randn(7, 3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+    # the folded first layer by hand: W' = s W, b' = beta - s mu, s = gamma / sqrt(var + eps)
+    bn = model[1]
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    W1, b1 = (s[:, None] * model[0].weight).detach(), (bn.bias - s * bn.running_mean).detach()
+    W2, b2 = model[3].weight.detach(), model[3].bias.detach()
+    brute = float((b2**2).sum() + ((W2**2) @ (b1**2)).sum() + ((W2**2) @ (W1**2)).sum())
+    assert G.path_norm(model, (x, torch.zeros(7, dtype=torch.long))) == pytest.approx(brute, rel=1e-12)
+
+
+def test_layer_measures_fold_batch_norm_like_the_reference():
+    model = _bn_model()
+    start = _bn_model()
+    with torch.no_grad():  # another initial point, with the running statistics of a fresh net
+        for p in start.parameters():
+            p.add_(0.5)
+        start[1].running_mean.zero_()
+        start[1].running_var.fill_(1.0)
+    init_state = copy.deepcopy(start.state_dict())
+
+    def folded_first(net):
+        bn = net[1]
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return (s[:, None] * net[0].weight).detach().numpy()
+
+    weights = [folded_first(model), model[3].weight.detach().numpy()]
+    inits = [folded_first(start), start[3].weight.detach().numpy()]
+    x = torch.randn(30, 3, dtype=torch.float64)
+    data = (x, model(x).argmax(1).detach())
+    out = landscape.measure(model, nn.CrossEntropyLoss(), data, ["param_norm", "log_prod_of_spec", "fro_dist_from_init", "spec_dist_from_init"], init_state=init_state)
+    assert out["param_norm"] == pytest.approx(sum(np.linalg.norm(w) ** 2 for w in weights), rel=1e-10)
+    assert out["log_prod_of_spec"] == pytest.approx(sum(2 * np.log(np.linalg.svd(w, compute_uv=False)[0]) for w in weights), rel=1e-10)
+    diffs = [w - w0 for w, w0 in zip(weights, inits)]
+    assert out["fro_dist_from_init"] == pytest.approx(sum(np.linalg.norm(d) ** 2 for d in diffs), rel=1e-10)
+    assert out["spec_dist_from_init"] == pytest.approx(sum(np.linalg.svd(d, compute_uv=False)[0] ** 2 for d in diffs), rel=1e-10)
+    with pytest.raises(ValueError, match="running statistics"):
+        G.layer_distances(model, {n: p for n, p in init_state.items() if "running" not in n})
+
+
+def test_batch_norm_that_cannot_be_folded_is_refused():
+    after_relu = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="cannot be folded"):
+        G.path_norm(after_relu, (torch.randn(5, 3), torch.randint(0, 2, (5,))))
 
 
 def per_sample_gradients(model, loss_fn, batches):

@@ -154,7 +154,7 @@ class EmpiricalFisherOperator(_OutputCurvatureOperator):
         dims = tuple(range(2, r.ndim + 1))
 
         def product(u: Tensor) -> Tensor:  # u: [K, n, ...]
-            coefficients = (r * u).sum(dim=dims, keepdim=True)
+            coefficients = (r * u).sum(dim=dims, keepdim=True) if dims else r * u  # [n] outputs: no sum
             return r * coefficients / n  # batch mean of r_i r_i^T u_i
 
         return product

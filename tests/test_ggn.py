@@ -145,3 +145,33 @@ def test_ggn_top_eig_metric_is_the_lanczos_value():
     out = landscape.measure(model, nn.CrossEntropyLoss(), batches, ["ggn_top_eig"], options={"ggn_top_eig": {"tol": 1e-8}})
     truth = torch.linalg.eigvalsh(dense_ggn(model, nn.CrossEntropyLoss(), batches))[-1]
     assert out["ggn_top_eig"] == pytest.approx(float(truth), rel=1e-6)
+
+
+def test_empirical_fisher_and_ggn_with_one_output_per_sample():
+    """Outputs ``[n]`` (binary logits): no output dimension to sum over."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1), nn.Flatten(0)).double()
+    x = torch.randn(9, 3, dtype=torch.float64)
+    t = (torch.rand(9) > 0.5).double()
+    loss_fn = nn.BCEWithLogitsLoss()
+    batches = [(x[:5], t[:5]), (x[5:], t[5:])]
+    rows = []
+    for xi, ti in zip(x, t):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(xi.unsqueeze(0)), ti.unsqueeze(0)).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    model.zero_grad(set_to_none=True)
+    g = torch.stack(rows)
+    F = EmpiricalFisherOperator(model, loss_fn, batches).dense()
+    torch.testing.assert_close(F, g.T @ g / len(t), rtol=1e-9, atol=1e-12)
+    # GGN of the logistic loss: (1/N) sum_i p_i (1 - p_i) j_i j_i^T, j_i the logit's gradient
+    rows = []
+    for xi in x:
+        model.zero_grad(set_to_none=True)
+        model(xi.unsqueeze(0)).sum().backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    model.zero_grad(set_to_none=True)
+    j = torch.stack(rows)
+    p = torch.sigmoid(model(x)).detach()
+    G = GGNOperator(model, loss_fn, batches).dense()
+    torch.testing.assert_close(G, (j * (p * (1 - p))[:, None]).T @ j / len(t), rtol=1e-9, atol=1e-12)

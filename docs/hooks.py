@@ -295,8 +295,12 @@ GENERATED_PAGES = {
 def metrics_table() -> str:
     from landscape import METRICS
 
-    rows = [f"| `{m.name}` | {m.larger_is} | {_cell(m.description)} |" for m in METRICS.values()]
-    return "\n".join(["| name | larger is | what it is |", "|---|---|---|", *rows])
+    rows = [
+        f"| `{m.name}` | {m.larger_is} | {_cell(m.description)} | {_cell(m.unit)} | {_cell(m.reference)} |"
+        for m in METRICS.values()
+    ]
+    header = ["| name | larger is | what it is | unit | reference |", "|---|---|---|---|---|"]
+    return "\n".join([*header, *rows])
 
 
 _LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")

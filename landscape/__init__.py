@@ -1,6 +1,7 @@
 """landscape: the loss landscape of a trained PyTorch model, measured.
 
-Hessian-vector products, eigenvalues, trace and spectral density; sharpness measures; 1D/2D loss
+Hessian-vector products, eigenvalues, trace and spectral density; Gauss-Newton and Fisher
+operators; sharpness measures and the generalization measures of Jiang et al. 2020; 1D/2D loss
 surfaces and their plots. Pure PyTorch (+ numpy, scipy, matplotlib): give it a model, a loss
 function and data, get numbers and figures back. The model is never modified.
 
@@ -63,6 +64,21 @@ _EXPORTS = {
     "loss_at_points": ".evaluate",
     "loss_at_parameters": ".evaluate",
     "plots": ".plots",
+    "CurvatureOperator": ".hvp",
+    "GGNOperator": ".ggn",
+    "EmpiricalFisherOperator": ".ggn",
+    "ggn_eigenvalues": ".ggn",
+    "init_distances": ".norms",
+    "output_margin": ".generalization",
+    "MarginResult": ".generalization",
+    "inverse_margin": ".generalization",
+    "margin_normalized": ".generalization",
+    "path_norm": ".generalization",
+    "path_norm_over_margin": ".generalization",
+    "pacbayes_bounds": ".generalization",
+    "PacBayesBounds": ".generalization",
+    "fisher_rao_norm": ".generalization",
+    "steps_to_loss": ".generalization",
 }
 
 __all__ = sorted(_EXPORTS)

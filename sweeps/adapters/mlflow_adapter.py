@@ -38,14 +38,14 @@ def read_trial_tables(engine: Any, experiment_id: str, parent_run_id: str | None
 
     run, tag = SqlRun.__table__, SqlTag.__table__
     role = tag.alias("role")
-    chosen = (sa.select(run.c.run_uuid)
+    query = (sa.select(run.c.run_uuid)
               .join(role, sa.and_(role.c.run_uuid == run.c.run_uuid, role.c.key == role_tag, role.c.value == "trial"))
               .where(run.c.experiment_id == int(experiment_id), run.c.lifecycle_stage == "active"))
     if parent_run_id is not None:
         parent = tag.alias("parent")
-        chosen = chosen.join(parent, sa.and_(parent.c.run_uuid == run.c.run_uuid, parent.c.key == parent_tag,
+        query = query.join(parent, sa.and_(parent.c.run_uuid == run.c.run_uuid, parent.c.key == parent_tag,
                                              parent.c.value == parent_run_id))
-    chosen = chosen.subquery()
+    chosen = query.subquery()
 
     def read(query: Any) -> pd.DataFrame:
         with engine.connect() as connection:

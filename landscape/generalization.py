@@ -47,9 +47,9 @@ from ._functional import (
     is_classification,
     training_mode,
 )
+from .flatness import FlatnessResult
 from .ggn import Linearization, output_gradients
 from .norms import InitDistances, NormResult, _differences, _selected, init_distances, weight_norms
-from .sharpness import FlatnessResult
 
 
 def _model_loss(

@@ -2,8 +2,7 @@
 600 lines, no class over 250 lines (``end_lineno - lineno + 1`` of its ``ast.ClassDef``, decorators
 not counted). A module that breaks it is split by what it holds, one idea per module.
 
-Known exceptions are listed with the reason; each must still break the rule (once it is split,
-its entry goes).
+There are no exceptions.
 """
 
 from __future__ import annotations
@@ -11,15 +10,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("sweeps", "landscape")
 MAX_MODULE_LINES = 600
 MAX_CLASS_LINES = 250
-
-#: Repository path -> why it may break the rule for now (module and class sizes both).
-KNOWN_EXCEPTIONS: dict[str, str] = {}
 
 
 def _modules() -> list[Path]:
@@ -59,7 +54,7 @@ def test_no_module_over_600_lines():
     too_long = [
         f"{_name(p)}: {n} lines"
         for p in _modules()
-        if _name(p) not in KNOWN_EXCEPTIONS and (n := _lines(p)) > MAX_MODULE_LINES
+        if (n := _lines(p)) > MAX_MODULE_LINES
     ]
     assert not too_long, (
         f"modules over {MAX_MODULE_LINES} lines (split them by what they hold): " + "; ".join(too_long)
@@ -70,20 +65,7 @@ def test_no_class_over_250_lines():
     too_long = [
         f"{_name(p)}:{line} class {name}: {size} lines"
         for p in _modules()
-        if _name(p) not in KNOWN_EXCEPTIONS
         for name, line, size in _classes(p)
         if size > MAX_CLASS_LINES
     ]
     assert not too_long, f"classes over {MAX_CLASS_LINES} lines: " + "; ".join(too_long)
-
-
-@pytest.mark.parametrize("name", sorted(KNOWN_EXCEPTIONS))
-def test_known_exceptions_still_break_the_rule(name):
-    path = ROOT / name
-    assert path.is_file(), f"{name} ({KNOWN_EXCEPTIONS[name]}) no longer exists: remove it from KNOWN_EXCEPTIONS"
-    lines = _lines(path)
-    largest = max((size for _, _, size in _classes(path)), default=0)
-    assert lines > MAX_MODULE_LINES or largest > MAX_CLASS_LINES, (
-        f"{name} has {lines} lines and its largest class {largest}: within the rule now, "
-        "remove it from KNOWN_EXCEPTIONS"
-    )

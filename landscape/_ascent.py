@@ -99,14 +99,27 @@ def _apgd(
 
 
 def _restarted_ascent(
-    ml: ModelLoss, objective: Callable[[Tensor], tuple[float, Tensor]], gen: torch.Generator, *,
-    rho: float, p: Norm, steps: int, restarts: int, step_size: float, momentum: float,
+    ml: ModelLoss,
+    objective: Callable[[Tensor], tuple[float, Tensor]],
+    gen: torch.Generator,
+    *,
+    rho: float,
+    p: Norm,
+    steps: int,
+    restarts: int,
+    step_size: float,
+    momentum: float,
 ) -> list[tuple[float, Tensor]]:
     """``restarts`` independent :func:`_apgd` runs from random starts; one ``(value, z)`` each."""
     return [
         _apgd(
-            objective, _random_start(ml, gen, ml.num_params, rho, p),
-            rho=rho, p=p, steps=steps, step_size=step_size, momentum=momentum,
+            objective,
+            _random_start(ml, gen, ml.num_params, rho, p),
+            rho=rho,
+            p=p,
+            steps=steps,
+            step_size=step_size,
+            momentum=momentum,
         )
         for _ in range(restarts)
     ]

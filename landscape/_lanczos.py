@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 import torch
@@ -34,7 +33,7 @@ from torch import Tensor
 
 from .hvp import CurvatureOperator, HessianOperator
 
-OperatorLike = Union[HessianOperator, CurvatureOperator, Tensor, np.ndarray, LinearOperator, Callable[[Tensor], Tensor]]
+OperatorLike = HessianOperator | CurvatureOperator | Tensor | np.ndarray | LinearOperator | Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -251,4 +250,3 @@ class Lanczos:
         m = int(self.lengths[run])
         theta, s = ritz(self.alpha[run, :m], self.beta[run, :m])
         return theta, s, np.abs(self.beta[run, m - 1] * s[m - 1, :])
-

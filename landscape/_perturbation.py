@@ -25,7 +25,11 @@ Norm = Literal[2, "inf"]
 # shared helpers
 # --------------------------------------------------------------------------------------------
 def _model_loss(
-    model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSelector, dtype: torch.dtype | None,
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    params: ParamSelector,
+    dtype: torch.dtype | None,
     model_loss: ModelLoss | None,
 ) -> ModelLoss:
     if model_loss is not None:
@@ -96,9 +100,7 @@ def _example_groups(ml: ModelLoss, m: int | None, n_examples: int | None) -> lis
         return [batches]
     inputs = _cat_inputs([b[0] for b in batches])
     targets = torch.cat([b[1] for b in batches])
-    return [
-        [(_slice_inputs(inputs, slice(i, i + m)), targets[i : i + m])] for i in range(0, count, m)
-    ]
+    return [[(_slice_inputs(inputs, slice(i, i + m)), targets[i : i + m])] for i in range(0, count, m)]
 
 
 def _batches(ml: ModelLoss, group: Iterable[Batch]) -> list[Batch] | None:

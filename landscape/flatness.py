@@ -77,9 +77,7 @@ class FlatnessResult:
 # --------------------------------------------------------------------------------------------
 # Jiang et al. 2020: PAC-Bayes flatness (sigma') and worst-case sharpness (alpha')
 # --------------------------------------------------------------------------------------------
-def perturbation_scale(
-    theta: Tensor, level: float, *, magnitude_aware: bool, eps: float, box: bool = False
-) -> Tensor:
+def perturbation_scale(theta: Tensor, level: float, *, magnitude_aware: bool, eps: float, box: bool = False) -> Tensor:
     """Per-coordinate noise scale of Jiang et al. 2020 at noise level ``level``.
 
     Gaussian (``box=False``): the standard deviation, ``sqrt(level^2 w_i^2 + eps^2)``
@@ -123,9 +121,21 @@ def _bisect(
 
 
 def _flatness(
-    kind: str, model: nn.Module, loss_fn: LossFn, data: Any, *, magnitude_aware: bool, eps: float,
-    upper: float, target_drop: float, n_steps: int, n_samples: int, seed: int,
-    n_examples: int | None, params: ParamSelector, dtype: torch.dtype | None,
+    kind: str,
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    magnitude_aware: bool,
+    eps: float,
+    upper: float,
+    target_drop: float,
+    n_steps: int,
+    n_samples: int,
+    seed: int,
+    n_examples: int | None,
+    params: ParamSelector,
+    dtype: torch.dtype | None,
     model_loss: ModelLoss | None,
     accuracy_at_level: Callable[[ModelLoss, Iterable[Batch], Tensor, float], float],
 ) -> FlatnessResult:
@@ -143,13 +153,25 @@ def _flatness(
         accuracy = _accuracy(ml, group, theta)
         level, bracket, drops, bracketed = _bisect(
             lambda level: accuracy - accuracy_at_level(ml, group, theta, level),
-            upper=upper, target=target_drop, n_steps=n_steps,
+            upper=upper,
+            target=target_drop,
+            n_steps=n_steps,
         )
     return FlatnessResult(
-        value=1 / level**2 if level > 0 else math.inf, level=level, kind=kind,
-        magnitude_aware=magnitude_aware, accuracy=accuracy, bracket=bracket, drops=drops,
-        bracketed=bracketed, n_steps=n_steps, n_samples=n_samples, eps=eps,
-        target_drop=target_drop, upper=upper, n_examples=_group_size(group),
+        value=1 / level**2 if level > 0 else math.inf,
+        level=level,
+        kind=kind,
+        magnitude_aware=magnitude_aware,
+        accuracy=accuracy,
+        bracket=bracket,
+        drops=drops,
+        bracketed=bracketed,
+        n_steps=n_steps,
+        n_samples=n_samples,
+        eps=eps,
+        target_drop=target_drop,
+        upper=upper,
+        n_examples=_group_size(group),
     )
 
 
@@ -197,9 +219,21 @@ def pacbayes_flatness(
         return float(loss_at_parameters(ml, draws, batches=_batches(ml, group))[1].mean())
 
     return _flatness(
-        "pacbayes", model, loss_fn, data, magnitude_aware=magnitude_aware, eps=eps, upper=upper,
-        target_drop=target_drop, n_steps=n_steps, n_samples=n_samples, seed=seed,
-        n_examples=n_examples, params=params, dtype=dtype, model_loss=model_loss,
+        "pacbayes",
+        model,
+        loss_fn,
+        data,
+        magnitude_aware=magnitude_aware,
+        eps=eps,
+        upper=upper,
+        target_drop=target_drop,
+        n_steps=n_steps,
+        n_samples=n_samples,
+        seed=seed,
+        n_examples=n_examples,
+        params=params,
+        dtype=dtype,
+        model_loss=model_loss,
         accuracy_at_level=accuracy_at,
     )
 
@@ -240,22 +274,39 @@ def sharpness_flatness(
     _check_count("restarts", restarts)
 
     def accuracy_at(ml: ModelLoss, group: Iterable[Batch], theta: Tensor, alpha: float) -> float:
-        half_width = perturbation_scale(
-            theta, alpha, magnitude_aware=magnitude_aware, eps=eps, box=True
-        )
+        half_width = perturbation_scale(theta, alpha, magnitude_aware=magnitude_aware, eps=eps, box=True)
 
         def objective(z: Tensor) -> tuple[float, Tensor]:
             return _loss_and_grad(ml, ml.loss_fn, group, lambda zz: theta + half_width * zz, z)
 
         runs = _restarted_ascent(
-            ml, objective, _generator(seed), rho=1.0, p="inf", steps=steps, restarts=restarts,
-            step_size=2.0, momentum=0.75,
+            ml,
+            objective,
+            _generator(seed),
+            rho=1.0,
+            p="inf",
+            steps=steps,
+            restarts=restarts,
+            step_size=2.0,
+            momentum=0.75,
         )
         return min(_accuracy(ml, group, theta + half_width * z) for _, z in runs)
 
     return _flatness(
-        "sharpness", model, loss_fn, data, magnitude_aware=magnitude_aware, eps=eps, upper=upper,
-        target_drop=target_drop, n_steps=n_steps, n_samples=restarts, seed=seed,
-        n_examples=n_examples, params=params, dtype=dtype, model_loss=model_loss,
+        "sharpness",
+        model,
+        loss_fn,
+        data,
+        magnitude_aware=magnitude_aware,
+        eps=eps,
+        upper=upper,
+        target_drop=target_drop,
+        n_steps=n_steps,
+        n_samples=restarts,
+        seed=seed,
+        n_examples=n_examples,
+        params=params,
+        dtype=dtype,
+        model_loss=model_loss,
         accuracy_at_level=accuracy_at,
     )

@@ -53,7 +53,11 @@ from .norms import InitDistances, NormResult, _differences, _selected, init_dist
 
 
 def _model_loss(
-    model: nn.Module, loss_fn: LossFn, data: Any, params: ParamSelector, dtype: torch.dtype | None,
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    params: ParamSelector,
+    dtype: torch.dtype | None,
     model_loss: ModelLoss | None,
 ) -> ModelLoss:
     return model_loss if model_loss is not None else ModelLoss(model, loss_fn, data, params=params, dtype=dtype)
@@ -107,7 +111,9 @@ def output_margin(
             logits = logits.to(torch.float64)
             rows = torch.arange(len(targets), device=logits.device)
             correct = logits[rows, targets]
-            others = logits.index_put((rows, targets), torch.tensor(-math.inf, dtype=logits.dtype, device=logits.device))
+            others = logits.index_put(
+                (rows, targets), torch.tensor(-math.inf, dtype=logits.dtype, device=logits.device)
+            )
             parts.append((correct - others.max(dim=1).values).cpu())
     margins = torch.cat(parts)
     k = max(1, len(margins) // 10)
@@ -284,7 +290,9 @@ def path_norm(model: nn.Module, data: Any, *, dtype: torch.dtype | None = None) 
     inputs = _first_inputs(data)
     device = next(iter(folded.parameters())).device
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    ones = tuple(torch.ones((1, *t.shape[1:]), dtype=dtype if t.is_floating_point() else t.dtype, device=device) for t in args)
+    ones = tuple(
+        torch.ones((1, *t.shape[1:]), dtype=dtype if t.is_floating_point() else t.dtype, device=device) for t in args
+    )
     state = {n: p.detach() ** 2 for n, p in folded.named_parameters()}
     with training_mode(folded, False):
         out = functional_call(folded, state, ones, strict=False)
@@ -432,9 +440,7 @@ def fisher_rao_norm(
 # --------------------------------------------------------------------------------------------
 # optimization-based: steps to reach a loss
 # --------------------------------------------------------------------------------------------
-def steps_to_loss(
-    history: Iterable[Mapping[str, Any]], target: float = 0.1, *, key: str = "train_loss"
-) -> float:
+def steps_to_loss(history: Iterable[Mapping[str, Any]], target: float = 0.1, *, key: str = "train_loss") -> float:
     """Jiang et al. 2020's optimization-based measure: the number of optimizer steps from the
     initialization until the training cross-entropy first reaches ``target`` (default 0.1).
 

@@ -51,9 +51,13 @@ def _batched_grad(outputs: Tensor, inputs: list[Tensor], cotangents: Tensor) -> 
         grads = torch.autograd.grad(outputs, inputs, cotangents[0], retain_graph=True, allow_unused=True)
         grads = [g.unsqueeze(0) if g is not None else None for g in grads]
     else:
-        grads = torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            outputs, inputs, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True
+        )
     lead = cotangents.shape[0]
-    return [torch.zeros(lead, *t.shape, dtype=t.dtype, device=t.device) if g is None else g for g, t in zip(grads, inputs)]
+    return [
+        torch.zeros(lead, *t.shape, dtype=t.dtype, device=t.device) if g is None else g for g, t in zip(grads, inputs)
+    ]
 
 
 class Linearization:

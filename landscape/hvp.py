@@ -68,7 +68,12 @@ class CurvatureOperator(ModelLoss):
         if block_size < 1:
             raise ValueError(f"block_size: must be >= 1 (got {block_size})")
         super().__init__(
-            model, loss_fn, data, params=params, dtype=dtype, train_mode=train_mode,
+            model,
+            loss_fn,
+            data,
+            params=params,
+            dtype=dtype,
+            train_mode=train_mode,
             check_deterministic=check_deterministic,
         )
         self.block_size, self.vmap_blocks = block_size, bool(vmap_blocks)
@@ -167,14 +172,19 @@ class HessianOperator(CurvatureOperator):
         graph_memory: int = 2**30,
     ):
         if backend not in ("double_backward", "forward_over_reverse"):
-            raise ValueError(
-                f"backend: must be 'double_backward' or 'forward_over_reverse' (got {backend!r})"
-            )
+            raise ValueError(f"backend: must be 'double_backward' or 'forward_over_reverse' (got {backend!r})")
         if vmap_blocks is None:
             vmap_blocks = backend == "forward_over_reverse" or model_device(model).type != "cpu"
         super().__init__(
-            model, loss_fn, data, params=params, dtype=dtype, train_mode=train_mode,
-            check_deterministic=check_deterministic, block_size=block_size, vmap_blocks=vmap_blocks,
+            model,
+            loss_fn,
+            data,
+            params=params,
+            dtype=dtype,
+            train_mode=train_mode,
+            check_deterministic=check_deterministic,
+            block_size=block_size,
+            vmap_blocks=vmap_blocks,
         )
         self.backend = backend
         self._cache_graph, self._graph_memory = cache_graph, graph_memory
@@ -199,9 +209,7 @@ class HessianOperator(CurvatureOperator):
             loss = self.batch_loss(dict(zip(self.names, leaves)), inputs, targets)
             return leaves, torch.autograd.grad(loss, leaves, create_graph=True)
 
-    def _second_backward(
-        self, leaves: list[Tensor], g: tuple[Tensor, ...], vs: list[Tensor], keep: bool
-    ) -> Tensor:
+    def _second_backward(self, leaves: list[Tensor], g: tuple[Tensor, ...], vs: list[Tensor], keep: bool) -> Tensor:
         """``[K, P]``: the products of one batch's Hessian with K vectors (``vs`` per parameter,
         ``[K, *shape]``) by differentiating its gradient graph; ``keep`` retains the graph."""
         with torch.enable_grad():
@@ -285,7 +293,9 @@ def as_hessian(
         operator = model
     if operator is not None:
         if not isinstance(operator, CurvatureOperator):
-            raise TypeError(f"operator: expected a landscape.HessianOperator (or another CurvatureOperator), got {type(operator).__name__}")
+            raise TypeError(
+                f"operator: expected a landscape.HessianOperator (or another CurvatureOperator), got {type(operator).__name__}"
+            )
         chosen = {"params": params, "dtype": dtype, "train_mode": train_mode or None, "backend": backend}
         clash = [name for name, value in chosen.items() if value is not None]
         if clash:
@@ -296,8 +306,15 @@ def as_hessian(
         return operator
     missing = [n for n, v in (("model", model), ("loss_fn", loss_fn), ("data", data)) if v is None]
     if missing:
-        raise ValueError(f"{', '.join(missing)}: required unless a HessianOperator is given (first argument or operator=)")
+        raise ValueError(
+            f"{', '.join(missing)}: required unless a HessianOperator is given (first argument or operator=)"
+        )
     return HessianOperator(
-        model, loss_fn, data, params=params, dtype=dtype, train_mode=train_mode,
+        model,
+        loss_fn,
+        data,
+        params=params,
+        dtype=dtype,
+        train_mode=train_mode,
         backend=backend or "double_backward",
     )

@@ -97,6 +97,12 @@ def interpolate(
     loss_a, acc_a = ml.evaluate()
     loss_b, acc_b = ml.evaluate(_matching(_state_of(model_b, "model_b"), ml.theta, "model_b"))
     return Interpolation(
-        alphas=alphas, loss=loss, accuracy=acc, loss_a=loss_a, loss_b=loss_b,
-        accuracy_a=acc_a, accuracy_b=acc_b, direction=delta,
+        alphas=alphas,
+        loss=loss,
+        accuracy=acc,
+        loss_a=loss_a,
+        loss_b=loss_b,
+        accuracy_a=acc_a,
+        accuracy_b=acc_b,
+        direction=delta,
     )

@@ -106,9 +106,7 @@ def keskar_sharpness(
         base = _loss(ml, ml.loss_fn, ml.batches, theta)
         z0 = 0.5 * _rand_box(ml, gen, ml.num_params)
         if method == "pga":
-            best, _ = _apgd(
-                objective, z0, rho=1.0, p="inf", steps=max_iter, step_size=1.0, momentum=0.75
-            )
+            best, _ = _apgd(objective, z0, rho=1.0, p="inf", steps=max_iter, step_size=1.0, momentum=0.75)
         else:
 
             def negated(z_np: np.ndarray) -> tuple[float, np.ndarray]:
@@ -116,7 +114,10 @@ def keskar_sharpness(
                 return -v, -g.to("cpu", torch.float64).numpy()
 
             res = scipy.optimize.minimize(
-                negated, z0.to("cpu", torch.float64).numpy(), jac=True, method="L-BFGS-B",
+                negated,
+                z0.to("cpu", torch.float64).numpy(),
+                jac=True,
+                method="L-BFGS-B",
                 bounds=scipy.optimize.Bounds(-1.0, 1.0),
                 # the gradient in box units is tiny (~eps): no tolerance stop, only max_iter
                 options={"maxiter": max_iter, "gtol": 0.0, "ftol": 0.0},
@@ -124,6 +125,10 @@ def keskar_sharpness(
             best = -float(res.fun)
     max_loss = max(best, base)
     return KeskarResult(
-        value=100 * (max_loss - base) / (1 + base), loss=base, max_loss=max_loss, eps=eps,
-        method=method, n_grad=n_grad,
+        value=100 * (max_loss - base) / (1 + base),
+        loss=base,
+        max_loss=max_loss,
+        eps=eps,
+        method=method,
+        n_grad=n_grad,
     )

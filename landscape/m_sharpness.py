@@ -91,9 +91,18 @@ def normalize_logits(loss_fn: LossFn) -> LossFn:
 # Andriushchenko et al. adaptive sharpness (worst and average case, m-sharpness)
 # --------------------------------------------------------------------------------------------
 def _sharpness_setup(
-    model: nn.Module, loss_fn: LossFn, data: Any, *, rho: float, adaptive: bool, m: int | None,
-    n_examples: int | None, logit_normalization: bool, params: ParamSelector,
-    dtype: torch.dtype | None, model_loss: ModelLoss | None,
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    rho: float,
+    adaptive: bool,
+    m: int | None,
+    n_examples: int | None,
+    logit_normalization: bool,
+    params: ParamSelector,
+    dtype: torch.dtype | None,
+    model_loss: ModelLoss | None,
 ) -> tuple[ModelLoss, LossFn, Tensor, Tensor, list[Iterable[Batch]]]:
     _check_positive("rho", rho)
     _check_count("m", m, allow_none=True)
@@ -110,9 +119,7 @@ def _sharpness_result(
 ) -> SharpnessResult:
     values, weights = np.asarray(per_batch), np.asarray(sizes, dtype=float)
     weights /= weights.sum()
-    return SharpnessResult(
-        value=float(values @ weights), std_err=std_err, per_batch=values, **settings
-    )
+    return SharpnessResult(value=float(values @ weights), std_err=std_err, per_batch=values, **settings)
 
 
 def worst_case_sharpness(
@@ -164,8 +171,17 @@ def worst_case_sharpness(
     _check_count("steps", steps)
     _check_count("restarts", restarts)
     ml, fn, theta, scale, groups = _sharpness_setup(
-        model, loss_fn, data, rho=rho, adaptive=adaptive, m=m, n_examples=n_examples,
-        logit_normalization=logit_normalization, params=params, dtype=dtype, model_loss=model_loss,
+        model,
+        loss_fn,
+        data,
+        rho=rho,
+        adaptive=adaptive,
+        m=m,
+        n_examples=n_examples,
+        logit_normalization=logit_normalization,
+        params=params,
+        dtype=dtype,
+        model_loss=model_loss,
     )
     gen = _generator(seed)
     per_batch, n_grad = [], 0
@@ -177,8 +193,15 @@ def worst_case_sharpness(
                 return _loss_and_grad(ml, fn, group, lambda zz: theta + scale * zz, z)
 
             runs = _restarted_ascent(
-                ml, objective, gen, rho=rho, p=p, steps=steps, restarts=restarts,
-                step_size=2 * rho if step_size is None else step_size, momentum=momentum,
+                ml,
+                objective,
+                gen,
+                rho=rho,
+                p=p,
+                steps=steps,
+                restarts=restarts,
+                step_size=2 * rho if step_size is None else step_size,
+                momentum=momentum,
             )
             per_batch.append(max(max(v for v, _ in runs), base) - base)
             n_grad += restarts * (steps + 1)
@@ -187,8 +210,17 @@ def worst_case_sharpness(
     if len(per_batch) > 1:
         std_err = float(np.std(per_batch, ddof=1) / math.sqrt(len(per_batch)))
     return _sharpness_result(
-        per_batch, sizes, std_err, kind="worst", rho=rho, p=p, adaptive=adaptive, m=m,
-        n_examples=sum(sizes), normalize_logits=logit_normalization, n_grad=n_grad,
+        per_batch,
+        sizes,
+        std_err,
+        kind="worst",
+        rho=rho,
+        p=p,
+        adaptive=adaptive,
+        m=m,
+        n_examples=sum(sizes),
+        normalize_logits=logit_normalization,
+        n_grad=n_grad,
     )
 
 
@@ -224,8 +256,17 @@ def average_sharpness(
     rho = AVERAGE_RHO[bool(adaptive)] if rho is None else rho
     _check_count("n_samples", n_samples)
     ml, fn, theta, scale, groups = _sharpness_setup(
-        model, loss_fn, data, rho=rho, adaptive=adaptive, m=m, n_examples=n_examples,
-        logit_normalization=logit_normalization, params=params, dtype=dtype, model_loss=model_loss,
+        model,
+        loss_fn,
+        data,
+        rho=rho,
+        adaptive=adaptive,
+        m=m,
+        n_examples=n_examples,
+        logit_normalization=logit_normalization,
+        params=params,
+        dtype=dtype,
+        model_loss=model_loss,
     )
     gen = _generator(seed)
     per_batch, variances = [], []
@@ -241,6 +282,15 @@ def average_sharpness(
     if n_samples > 1:
         std_err = float(math.sqrt(np.sum(weights**2 * np.asarray(variances))))
     return _sharpness_result(
-        per_batch, sizes, std_err, kind="average", rho=rho, p=2, adaptive=adaptive, m=m,
-        n_examples=sum(sizes), normalize_logits=logit_normalization, n_grad=n_samples * len(groups),
+        per_batch,
+        sizes,
+        std_err,
+        kind="average",
+        rho=rho,
+        p=2,
+        adaptive=adaptive,
+        m=m,
+        n_examples=sum(sizes),
+        normalize_logits=logit_normalization,
+        n_grad=n_samples * len(groups),
     )

@@ -140,8 +140,13 @@ class Adapter:
     def __call__(self, ctx: MeasureContext, **options: Any) -> Reading:
         accepted = set(keyword_parameters(self.target) or ())
         context = {
-            "model": ctx.model, "loss_fn": ctx.loss_fn, "data": ctx.data, "init_state": ctx.init_state,
-            "params": ctx.params, "dtype": ctx.dtype, "seed": ctx.seed,
+            "model": ctx.model,
+            "loss_fn": ctx.loss_fn,
+            "data": ctx.data,
+            "init_state": ctx.init_state,
+            "params": ctx.params,
+            "dtype": ctx.dtype,
+            "seed": ctx.seed,
         }
         if accepted & {"operator", "model_loss"} and not BUILD_OPTIONS & set(options):
             # the shared operator / loss already holds the parameter selection and dtype
@@ -263,6 +268,8 @@ _top_eig = Adapter(eigen.hessian_eigenvalues, {"k": 1, "which": "largest"}, _eig
 _min_eig = Adapter(eigen.hessian_eigenvalues, {"k": 1, "which": "smallest"}, _eigenvalue)
 
 # The list of measures: one line each. Keep names stable: they are MLflow metric keys.
+# One line per metric: the registry reads as a table.
+# fmt: off
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in [
@@ -311,6 +318,7 @@ METRICS: dict[str, Metric] = {
         Metric("ggn_top_eig", "sharper", Adapter(ggn.ggn_eigenvalues, {"k": 1}, _eigenvalue), "largest eigenvalue of the generalized Gauss-Newton matrix (the Fisher for cross-entropy)", unit="loss/param^2", reference="Martens 2020; Schraudolph 2002"),
     ]
 }
+# fmt: on
 
 
 def register_metric(metric: Metric, *, overwrite: bool = False) -> Metric:
@@ -391,9 +399,7 @@ def measure(
     return out
 
 
-def check_request(
-    metrics: Iterable[str], options: Mapping[str, Mapping[str, Any]] | None = None
-) -> list[str]:
+def check_request(metrics: Iterable[str], options: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
     """Check metric names and options as :func:`measure` does, without computing anything
     (e.g. when a sweep config is loaded); return the metric list. Raises the same errors."""
     metrics = _check_metrics(metrics)
@@ -426,7 +432,9 @@ def _check_options(options: Mapping[str, Mapping[str, Any]] | None, metrics: lis
         metric = METRICS[name]
         clash = sorted(set(metric.fixed) & set(opts))
         if clash:
-            raise ValueError(f"options[{name!r}]: {clash} fixed by this metric ({dict(metric.fixed)}); use the other variant")
+            raise ValueError(
+                f"options[{name!r}]: {clash} fixed by this metric ({dict(metric.fixed)}); use the other variant"
+            )
         if metric.options is None:
             continue
         bad = sorted(set(opts) - set(metric.options))

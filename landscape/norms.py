@@ -81,9 +81,7 @@ def weight_norms(model: nn.Module, *, params: ParamSelector = None) -> NormResul
         ValueError: if the selection holds no layer.
     """
     selected = _selected(model, params)
-    layers = {
-        n: t.to(torch.float64).reshape(t.shape[0], -1) for n, t in selected.items() if t.ndim >= 2
-    }
+    layers = {n: t.to(torch.float64).reshape(t.shape[0], -1) for n, t in selected.items() if t.ndim >= 2}
     if not layers:
         raise ValueError(
             "params: the selected parameters contain no layer (tensor with >= 2 dimensions); "
@@ -144,10 +142,7 @@ def _differences(
     for name, w in selected.items():
         w0 = init_state[name]
         if tuple(w0.shape) != tuple(w.shape):
-            raise ValueError(
-                f"init_state: {name!r} has shape {tuple(w0.shape)} but the parameter has "
-                f"{tuple(w.shape)}"
-            )
+            raise ValueError(f"init_state: {name!r} has shape {tuple(w0.shape)} but the parameter has {tuple(w.shape)}")
         out.append((name, w.to(torch.float64) - w0.detach().to(w.device, torch.float64)))
     return out
 

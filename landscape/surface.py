@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ from .surface_fit import (
     ray_crossing,
 )
 
-DirectionLike = Union[Mapping[str, Tensor], Tensor]
+DirectionLike = Mapping[str, Tensor] | Tensor
 
 
 @dataclass
@@ -150,17 +150,21 @@ class Surface2D:
         _check_delta(delta)
         i0, j0 = np.flatnonzero(self.alphas == 0), np.flatnonzero(self.betas == 0)
         if len(i0) == 0 or len(j0) == 0:
-            raise ValueError(
-                "flatness_radius: the grid has no axis through the center; use an odd number of steps"
-            )
+            raise ValueError("flatness_radius: the grid has no axis through the center; use an odd number of steps")
         rays = _rays_of_axis(self.alphas, self.loss[:, j0[0]]) + _rays_of_axis(self.betas, self.loss[i0[0], :])
         return np.array([ray_crossing(d, v, self.center_loss, delta) for d, v in rays])
 
 
 # --- public entry points -----------------------------------------------------------------------
 def _model_loss(
-    model: nn.Module, loss_fn: LossFn, data: Any, given: Sequence[DirectionLike] | None,
-    params: ParamSelector, dtype: torch.dtype | None, train_mode: bool, prebuilt: ModelLoss | None = None,
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    given: Sequence[DirectionLike] | None,
+    params: ParamSelector,
+    dtype: torch.dtype | None,
+    train_mode: bool,
+    prebuilt: ModelLoss | None = None,
 ) -> ModelLoss:
     """The functional loss over the parameters the surface varies: ``prebuilt`` if given, else
     over those the given directions name (in the model's order), else over ``params``."""
@@ -182,13 +186,23 @@ def _as_dicts(block: Tensor, model_loss: ModelLoss) -> list[Direction]:
 
 
 def _directions(
-    model: nn.Module, model_loss: ModelLoss, given: Sequence[DirectionLike] | None, count: int,
-    normalization: Normalization, seed: int, one_d: OneDMode,
+    model: nn.Module,
+    model_loss: ModelLoss,
+    given: Sequence[DirectionLike] | None,
+    count: int,
+    normalization: Normalization,
+    seed: int,
+    one_d: OneDMode,
 ) -> tuple[Tensor, list[Direction]]:
     if given is None:
         dicts = random_directions(
-            model, count, seed=seed, normalization=normalization, one_d=one_d,
-            params=model_loss.names, dtype=model_loss.dtype,
+            model,
+            count,
+            seed=seed,
+            normalization=normalization,
+            one_d=one_d,
+            params=model_loss.names,
+            dtype=model_loss.dtype,
         )
         return as_flat(dicts, model_loss), dicts
     if len(given) != count:
@@ -252,8 +266,13 @@ def surface_1d(
     )
     center_loss, center_acc = ml.evaluate()
     return Surface1D(
-        alphas=alphas, loss=loss, accuracy=acc, directions=dicts, center_loss=center_loss,
-        center_accuracy=center_acc, normalization=normalization if given is None else None,
+        alphas=alphas,
+        loss=loss,
+        accuracy=acc,
+        directions=dicts,
+        center_loss=center_loss,
+        center_accuracy=center_acc,
+        normalization=normalization if given is None else None,
         seed=seed if given is None else None,
     )
 
@@ -296,15 +315,23 @@ def surface_2d(
     alphas, betas = centered_grid(span_a, steps_a), centered_grid(span_b, steps_b)
     a, b = np.meshgrid(alphas, betas, indexing="ij")
     loss, acc = loss_at_points(
-        ml, block, np.column_stack([a.reshape(-1), b.reshape(-1)]),
-        chunk_size=chunk_size, memory_budget=memory_budget, micro_batch=micro_batch,
+        ml,
+        block,
+        np.column_stack([a.reshape(-1), b.reshape(-1)]),
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        micro_batch=micro_batch,
     )
     shape = (len(alphas), len(betas))
     center_loss, center_acc = ml.evaluate()
     return Surface2D(
-        alphas=alphas, betas=betas, loss=loss.reshape(shape),
-        accuracy=None if acc is None else acc.reshape(shape), directions=dicts,
-        center_loss=center_loss, center_accuracy=center_acc,
+        alphas=alphas,
+        betas=betas,
+        loss=loss.reshape(shape),
+        accuracy=None if acc is None else acc.reshape(shape),
+        directions=dicts,
+        center_loss=center_loss,
+        center_accuracy=center_acc,
         normalization=normalization if directions is None else None,
         seed=seed if directions is None else None,
     )

@@ -58,9 +58,7 @@ def quadratic_fit(coords: np.ndarray, values: np.ndarray, window: float = CURVAT
     needed = 1 + k + len(pairs)
     x = coords[inside]
     # columns: 1, x_i, and x_i x_j (x_i^2 / 2 on the diagonal) so coefficients are Hessian entries
-    design = np.column_stack(
-        [np.ones(len(x)), x] + [x[:, i] * x[:, j] * (0.5 if i == j else 1.0) for i, j in pairs]
-    )
+    design = np.column_stack([np.ones(len(x)), x] + [x[:, i] * x[:, j] * (0.5 if i == j else 1.0) for i, j in pairs])
     if len(x) < needed or np.linalg.matrix_rank(design) < needed:
         raise ValueError(
             f"window: {window} holds {len(x)} grid points, too few to determine a quadratic in {k} "

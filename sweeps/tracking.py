@@ -47,7 +47,9 @@ def git_commit(cwd: str | Path | None = None) -> str:
     """The current git commit (with ``-dirty``), or ``unknown`` outside a repository."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "-uno"], cwd=cwd, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if sha.returncode != 0:
@@ -154,7 +156,10 @@ class Tracker:
             self.client.log_batch(run_id, params=items[start : start + _BATCH], synchronous=True)
 
     def log_metrics(
-        self, run_id: str, records: Iterable[tuple[Mapping[str, float], int, int]], tags: Mapping[str, str] | None = None
+        self,
+        run_id: str,
+        records: Iterable[tuple[Mapping[str, float], int, int]],
+        tags: Mapping[str, str] | None = None,
     ) -> None:
         """Log ``(metrics, step, timestamp_ms)`` records in batches (non-numeric values skipped); ``tags``
         go with the last batch."""

@@ -171,7 +171,9 @@ def run_population(
     keys = [population_key(c) for c in configs]
     for i, key in enumerate(keys[1:], 1):
         if key != keys[0]:
-            raise ValueError(f"configs[{i}]: its shape key differs from configs[0]'s (dataset, model, shared train fields, resources)")
+            raise ValueError(
+                f"configs[{i}]: its shape key differs from configs[0]'s (dataset, model, shared train fields, resources)"
+            )
     if len(configs) > 1 and (reason := stack_check(configs[0])) is not None:
         raise ValueError(f"configs do not stack: {reason}")
     if out_dirs is not None and len(out_dirs) != len(configs):
@@ -194,10 +196,16 @@ def _cpu_threads(cpus: float | None) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def _run(configs: list[SweepConfig], on_result: Callable[[int, TrialResult], None],
-         log: Callable[[int, TrainingRecord], None] | None, out_dirs: Sequence[str | Path] | None, device: str,
-         on_error: Callable[[int, str], None] | None, on_trained: Callable[[int, TrainedMember], None] | None,
-         stop: Callable[[int], str | None] | None) -> list[TrialResult | None]:
+def _run(
+    configs: list[SweepConfig],
+    on_result: Callable[[int, TrialResult], None],
+    log: Callable[[int, TrainingRecord], None] | None,
+    out_dirs: Sequence[str | Path] | None,
+    device: str,
+    on_error: Callable[[int, str], None] | None,
+    on_trained: Callable[[int, TrainedMember], None] | None,
+    stop: Callable[[int], str | None] | None,
+) -> list[TrialResult | None]:
     data = load_dataset(configs[0].dataset).to(device)
     models = [build_model(c.model, data.input_shape, data.num_classes, seed=c.seed).to(device) for c in configs]
     results: list[TrialResult | None] = [None] * len(configs)
@@ -220,8 +228,15 @@ def _run(configs: list[SweepConfig], on_result: Callable[[int, TrialResult], Non
 
     with torch.random.fork_rng(devices=_cuda_indices(device)):
         torch.manual_seed(configs[0].seed)  # dropout masks (only a population of one has dropout)
-        train_population(models, data, [c.train for c in configs], seeds=[c.seed for c in configs], log=log,
-                         on_result=finished, stop=stop)
+        train_population(
+            models,
+            data,
+            [c.train for c in configs],
+            seeds=[c.seed for c in configs],
+            log=log,
+            on_result=finished,
+            stop=stop,
+        )
     return results
 
 
@@ -241,7 +256,9 @@ class TrainedMember:
     state: dict[str, torch.Tensor]
 
 
-def measure_trained(member: TrainedMember, *, out_dir: str | Path | None = None, device: str | None = None) -> TrialResult:
+def measure_trained(
+    member: TrainedMember, *, out_dir: str | Path | None = None, device: str | None = None
+) -> TrialResult:
     """The measures and files of a member trained elsewhere: the same :class:`TrialResult` that
     :func:`run_population` gives a member measured in place (the data and model are rebuilt
     from the config; the data is cached per process)."""
@@ -250,7 +267,9 @@ def measure_trained(member: TrainedMember, *, out_dir: str | Path | None = None,
         data = load_dataset(config.dataset).to(device)
         model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
         model.load_state_dict(member.state)
-        trained = dataclasses.replace(member.trained, init_state={k: v.to(device) for k, v in member.trained.init_state.items()})
+        trained = dataclasses.replace(
+            member.trained, init_state={k: v.to(device) for k, v in member.trained.init_state.items()}
+        )
         return _measured(config, data, model.to(device), trained, out_dir)
 
 
@@ -259,24 +278,38 @@ def _has_measures(config: SweepConfig, trained: TrainResult) -> bool:
     return bool(config.measure) and trained.status not in (TrialStatus.DIVERGED, TrialStatus.PRUNED)
 
 
-def _measured(config: SweepConfig, data: Dataset, model: torch.nn.Module, trained: TrainResult, out_dir: str | Path | None) -> TrialResult:
+def _measured(
+    config: SweepConfig, data: Dataset, model: torch.nn.Module, trained: TrainResult, out_dir: str | Path | None
+) -> TrialResult:
     """A trained member's final metrics, landscape measures (not for diverged models) and files."""
     f = trained.final
     metrics: dict[str, float] = {
         **f,
         "gen_gap": (1 - f["test_acc"]) - (1 - f["train_acc"]),
-        "epochs": trained.epochs, "steps": trained.steps,
-        "train_seconds": trained.seconds, "track_seconds": trained.track_seconds,
-        "n_train": data.n_train, "n_test": data.n_test, "num_params": count_parameters(model),
+        "epochs": trained.epochs,
+        "steps": trained.steps,
+        "train_seconds": trained.seconds,
+        "track_seconds": trained.track_seconds,
+        "n_train": data.n_train,
+        "n_test": data.n_test,
+        "num_params": count_parameters(model),
     }
     results: dict[str, Any] = {}
     if _has_measures(config, trained):
         from landscape.metrics import measure
 
-        metrics.update(measure(
-            model, LOSSES[config.train.loss], measure_batches(data, config), config.measure, seed=config.seed,
-            options=config.measure_options, init_state=trained.init_state, artifacts=results,
-        ))
+        metrics.update(
+            measure(
+                model,
+                LOSSES[config.train.loss],
+                measure_batches(data, config),
+                config.measure,
+                seed=config.seed,
+                options=config.measure_options,
+                init_state=trained.init_state,
+                artifacts=results,
+            )
+        )
     metrics = {k: float(v) for k, v in metrics.items()}
     result = TrialResult(trained.status, metrics, trained.history, {}, config, trained.reason)
     if out_dir is not None:
@@ -315,7 +348,12 @@ def _plot_training(history: list[dict[str, Any]]) -> Any:
         ax = axes[2]
         ax.plot([r["step"] for r in tracks], [r["hessian_top_eig"] for r in tracks], label="lambda_max (subset)")
         if "eos_ratio" in tracks[0]:
-            ax.plot([r["step"] for r in tracks], [r["hessian_top_eig"] / r["eos_ratio"] for r in tracks], "--", label="(2 + 2 momentum) / lr")
+            ax.plot(
+                [r["step"] for r in tracks],
+                [r["hessian_top_eig"] / r["eos_ratio"] for r in tracks],
+                "--",
+                label="(2 + 2 momentum) / lr",
+            )
         ax.set(xlabel="step", ylabel="top Hessian eigenvalue")
         ax.legend()
     fig.tight_layout()
@@ -341,8 +379,14 @@ def _measure_files(name: str, value: Any, out_dir: Path) -> dict[str, Path]:
         surface = surfaces[0]
         files[f"{name}.npz"] = out_dir / f"{name}.npz"
         acc = {} if surface.accuracy is None else {"accuracy": surface.accuracy}
-        np.savez(files[f"{name}.npz"], alphas=surface.alphas, betas=surface.betas, loss=surface.loss,
-                 center_loss=surface.center_loss, **acc)
+        np.savez(
+            files[f"{name}.npz"],
+            alphas=surface.alphas,
+            betas=surface.betas,
+            loss=surface.loss,
+            center_loss=surface.center_loss,
+            **acc,
+        )
         files[f"{name}.png"] = out_dir / f"{name}.png"
         _save_figure(plots.plot_surface_2d(surface, title=name), files[f"{name}.png"])
         return files

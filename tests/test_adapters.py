@@ -62,7 +62,9 @@ def _internal_uses(path: Path) -> list[str]:
 
 
 def test_no_module_but_the_adapters_uses_library_internals():
-    found = [use for path in sorted(SWEEPS.rglob("*.py")) if ADAPTERS not in path.parents for use in _internal_uses(path)]
+    found = [
+        use for path in sorted(SWEEPS.rglob("*.py")) if ADAPTERS not in path.parents for use in _internal_uses(path)
+    ]
     assert found == []
 
 
@@ -79,7 +81,9 @@ def test_the_guard_sees_internals():
 def grid_study(tmp_path):
     space = {"a": [1, 2, 3], "b": [0.1, 0.2]}
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}")
-    study = optuna.create_study(study_name="g", storage=storage, sampler=optuna_adapter.AskTellGridSampler(space, seed=0))
+    study = optuna.create_study(
+        study_name="g", storage=storage, sampler=optuna_adapter.AskTellGridSampler(space, seed=0)
+    )
     return study, space
 
 
@@ -146,11 +150,13 @@ def test_the_trial_tables_hold_what_search_runs_returns(tmp_path):
     client.delete_run(client.create_run(experiment, tags={"role": "trial", "parent": parent}).info.run_id)
 
     runs, tags, params, metrics = mlflow_adapter.read_trial_tables(
-        mlflow_adapter.sql_engine(client), experiment, parent, role_tag="role", parent_tag="parent", tags=("trial",))
+        mlflow_adapter.sql_engine(client), experiment, parent, role_tag="role", parent_tag="parent", tags=("trial",)
+    )
     assert set(runs["run_uuid"]) == set(made) and other not in set(runs["run_uuid"])
     assert {(r.run_uuid, r.value) for r in tags.itertuples()} == {(run, str(n)) for run, n in made.items()}
     assert {(r.run_uuid, r.key, r.value) for r in params.itertuples()} == {
-        (run, "lr", str(0.1 * (n + 1))) for run, n in made.items()}
+        (run, "lr", str(0.1 * (n + 1))) for run, n in made.items()
+    }
     latest = {r.run_uuid: (r.value, bool(r.is_nan)) for r in metrics.itertuples()}
     for run, number in made.items():
         data = client.get_run(run).data.metrics["acc"]

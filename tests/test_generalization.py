@@ -22,10 +22,23 @@ from landscape import sharpness
 from landscape.metrics import METRICS, check_request
 
 NEW_METRICS = [
-    "inverse_margin", "param_norm", "fro_over_spec", "log_prod_of_spec", "log_prod_of_fro",
-    "fro_dist_from_init", "spec_dist_from_init", "log_prod_of_spec_over_margin",
-    "log_prod_of_fro_over_margin", "path_norm", "path_norm_over_margin", "fisher_rao_norm",
-    "ggn_top_eig", "pacbayes_init", "pacbayes_orig", "pacbayes_mag_init", "pacbayes_mag_orig",
+    "inverse_margin",
+    "param_norm",
+    "fro_over_spec",
+    "log_prod_of_spec",
+    "log_prod_of_fro",
+    "fro_dist_from_init",
+    "spec_dist_from_init",
+    "log_prod_of_spec_over_margin",
+    "log_prod_of_fro_over_margin",
+    "path_norm",
+    "path_norm_over_margin",
+    "fisher_rao_norm",
+    "ggn_top_eig",
+    "pacbayes_init",
+    "pacbayes_orig",
+    "pacbayes_mag_init",
+    "pacbayes_mag_orig",
 ]
 
 
@@ -75,7 +88,9 @@ def test_output_margin_is_the_abs_kth_smallest_margin():
     np.testing.assert_allclose(np.sort(result.margins), brute, rtol=1e-12)
     assert G.inverse_margin(model, nn.CrossEntropyLoss(), batches) == pytest.approx(1 / brute[1] ** 2, rel=1e-12)
     few = make_batches(sizes=(4, 3))  # m < 10: the smallest margin (k = 1)
-    assert G.output_margin(model, nn.CrossEntropyLoss(), few).value == pytest.approx(abs(min(brute_margins(model, few))), rel=1e-12)
+    assert G.output_margin(model, nn.CrossEntropyLoss(), few).value == pytest.approx(
+        abs(min(brute_margins(model, few))), rel=1e-12
+    )
 
 
 def test_margin_needs_class_scores():
@@ -88,9 +103,19 @@ def test_margin_needs_class_scores():
 def test_layer_norm_measures_match_numpy(trained):
     model, init_state, batches = trained
     out = landscape.measure(
-        model, nn.CrossEntropyLoss(), batches,
-        ["param_norm", "fro_over_spec", "log_prod_of_spec", "log_prod_of_fro", "fro_dist_from_init",
-         "spec_dist_from_init", "log_prod_of_spec_over_margin", "log_prod_of_fro_over_margin"],
+        model,
+        nn.CrossEntropyLoss(),
+        batches,
+        [
+            "param_norm",
+            "fro_over_spec",
+            "log_prod_of_spec",
+            "log_prod_of_fro",
+            "fro_dist_from_init",
+            "spec_dist_from_init",
+            "log_prod_of_spec_over_margin",
+            "log_prod_of_fro_over_margin",
+        ],
         init_state=init_state,
     )
     weights = [model[0].weight.detach().numpy(), model[2].weight.detach().numpy()]  # biases are not layers
@@ -106,7 +131,9 @@ def test_layer_norm_measures_match_numpy(trained):
     assert out["log_prod_of_fro_over_margin"] == pytest.approx(sum(np.log(fro)) - 2 * np.log(gamma), rel=1e-10)
     diffs = [w - w0 for w, w0 in zip(weights, inits)]
     assert out["fro_dist_from_init"] == pytest.approx(sum(np.linalg.norm(d) ** 2 for d in diffs), rel=1e-10)
-    assert out["spec_dist_from_init"] == pytest.approx(sum(np.linalg.svd(d, compute_uv=False)[0] ** 2 for d in diffs), rel=1e-10)
+    assert out["spec_dist_from_init"] == pytest.approx(
+        sum(np.linalg.svd(d, compute_uv=False)[0] ** 2 for d in diffs), rel=1e-10
+    )
 
 
 def test_path_norm_is_the_sum_over_paths_of_squared_weights():
@@ -134,7 +161,9 @@ def test_path_norm_is_the_sum_over_paths_of_squared_weights():
     closed = float((sq[2] @ sq[1] @ sq[0]).sum())
     assert G.path_norm(deep, make_batches()) == pytest.approx(closed, rel=1e-12)
     margin = G.output_margin(deep, nn.CrossEntropyLoss(), make_batches()).value
-    assert G.path_norm_over_margin(deep, nn.CrossEntropyLoss(), make_batches()) == pytest.approx(closed / margin**2, rel=1e-12)
+    assert G.path_norm_over_margin(deep, nn.CrossEntropyLoss(), make_batches()) == pytest.approx(
+        closed / margin**2, rel=1e-12
+    )
 
 
 def _bn_model():
@@ -186,12 +215,22 @@ def test_layer_measures_fold_batch_norm_like_the_reference():
     inits = [folded_first(start), start[3].weight.detach().numpy()]
     x = torch.randn(30, 3, dtype=torch.float64)
     data = (x, model(x).argmax(1).detach())
-    out = landscape.measure(model, nn.CrossEntropyLoss(), data, ["param_norm", "log_prod_of_spec", "fro_dist_from_init", "spec_dist_from_init"], init_state=init_state)
+    out = landscape.measure(
+        model,
+        nn.CrossEntropyLoss(),
+        data,
+        ["param_norm", "log_prod_of_spec", "fro_dist_from_init", "spec_dist_from_init"],
+        init_state=init_state,
+    )
     assert out["param_norm"] == pytest.approx(sum(np.linalg.norm(w) ** 2 for w in weights), rel=1e-10)
-    assert out["log_prod_of_spec"] == pytest.approx(sum(2 * np.log(np.linalg.svd(w, compute_uv=False)[0]) for w in weights), rel=1e-10)
+    assert out["log_prod_of_spec"] == pytest.approx(
+        sum(2 * np.log(np.linalg.svd(w, compute_uv=False)[0]) for w in weights), rel=1e-10
+    )
     diffs = [w - w0 for w, w0 in zip(weights, inits)]
     assert out["fro_dist_from_init"] == pytest.approx(sum(np.linalg.norm(d) ** 2 for d in diffs), rel=1e-10)
-    assert out["spec_dist_from_init"] == pytest.approx(sum(np.linalg.svd(d, compute_uv=False)[0] ** 2 for d in diffs), rel=1e-10)
+    assert out["spec_dist_from_init"] == pytest.approx(
+        sum(np.linalg.svd(d, compute_uv=False)[0] ** 2 for d in diffs), rel=1e-10
+    )
     with pytest.raises(ValueError, match="running statistics"):
         G.layer_distances(model, {n: p for n, p in init_state.items() if "running" not in n})
 
@@ -218,7 +257,7 @@ def test_fisher_rao_norm_by_gradients_and_by_homogeneity(depth):
     """``mean_i <w, g_i>^2`` from per-sample gradients; for a bias-free ReLU net of ``depth``
     layers also ``depth^2 mean_i <p_i - e_{y_i}, f_i>^2`` (Liang et al. 2019)."""
     torch.manual_seed(depth)
-    widths = [4, 6, 5, 3][: depth] + [3]
+    widths = [4, 6, 5, 3][:depth] + [3]
     layers = []
     for a, b in itertools.pairwise(widths):
         layers += [nn.Linear(a, b, bias=False), nn.ReLU()]
@@ -275,9 +314,18 @@ def test_pacbayes_bounds_share_one_sigma_search_and_match_their_formulas(trained
         return original(*args, **kwargs)
 
     monkeypatch.setattr(sharpness, "pacbayes_flatness", counting)
-    names = ["pacbayes_flatness", "pacbayes_init", "pacbayes_orig", "pacbayes_mag_flatness", "pacbayes_mag_init", "pacbayes_mag_orig"]
+    names = [
+        "pacbayes_flatness",
+        "pacbayes_init",
+        "pacbayes_orig",
+        "pacbayes_mag_flatness",
+        "pacbayes_mag_init",
+        "pacbayes_mag_orig",
+    ]
     settings = {"n_steps": 10, "n_samples": 4}
-    out = landscape.measure(model, nn.CrossEntropyLoss(), batches, names, init_state=init_state, options={n: settings for n in names})
+    out = landscape.measure(
+        model, nn.CrossEntropyLoss(), batches, names, init_state=init_state, options={n: settings for n in names}
+    )
     assert sorted(calls) == [False, True]  # one search per noise kind
     plain = original(model, nn.CrossEntropyLoss(), batches, magnitude_aware=False, **settings)
     mag = original(model, nn.CrossEntropyLoss(), batches, magnitude_aware=True, **settings)
@@ -298,7 +346,9 @@ def test_pacbayes_bounds_need_init_state_except_the_plain_orig(trained):
     for name in ["pacbayes_init", "pacbayes_mag_init", "pacbayes_mag_orig"]:
         with pytest.raises(ValueError, match="init_state"):
             landscape.measure(model, nn.CrossEntropyLoss(), batches, [name])
-    out = landscape.measure(model, nn.CrossEntropyLoss(), batches, ["pacbayes_orig"], options={"pacbayes_orig": {"n_steps": 4}})
+    out = landscape.measure(
+        model, nn.CrossEntropyLoss(), batches, ["pacbayes_orig"], options={"pacbayes_orig": {"n_steps": 4}}
+    )
     assert math.isfinite(out["pacbayes_orig"])
     with pytest.raises(ValueError, match="fixed"):
         check_request(["pacbayes_init"], {"pacbayes_init": {"magnitude_aware": True}})
@@ -335,15 +385,21 @@ def test_new_metrics_in_a_sweep_trial():
     from sweeps.config import load_config
     from sweeps.trial import run_trial
 
-    config = load_config({
-        "name": "generalization-measures",
-        "dataset": {"name": "teacher", "train_size": 120, "options": {"input_dim": 5, "num_classes": 3, "test_size": 100}},
-        "model": {"name": "mlp", "width": 8},
-        "train": {"lr": 0.1, "momentum": 0.9, "batch_size": 40, "max_epochs": 30, "stop": {"train_loss": 0.2}},
-        "measure": NEW_METRICS,
-        "measure_options": {name: {"n_steps": 6} for name in NEW_METRICS if name.startswith("pacbayes")},
-        "resources": {"cpus_per_trial": 1},
-    })
+    config = load_config(
+        {
+            "name": "generalization-measures",
+            "dataset": {
+                "name": "teacher",
+                "train_size": 120,
+                "options": {"input_dim": 5, "num_classes": 3, "test_size": 100},
+            },
+            "model": {"name": "mlp", "width": 8},
+            "train": {"lr": 0.1, "momentum": 0.9, "batch_size": 40, "max_epochs": 30, "stop": {"train_loss": 0.2}},
+            "measure": NEW_METRICS,
+            "measure_options": {name: {"n_steps": 6} for name in NEW_METRICS if name.startswith("pacbayes")},
+            "resources": {"cpus_per_trial": 1},
+        }
+    )
     result = run_trial(config)
     for name in NEW_METRICS:
         assert math.isfinite(result.metrics[name]), name

@@ -114,7 +114,9 @@ def test_ggn_for_mse_is_two_over_nc_jtj():
     flat = torch.cat([params[n].reshape(-1) for n in names])
 
     def f(v):
-        parts = {n: p.reshape(params[n].shape) for n, p in zip(names, torch.split(v, [params[n].numel() for n in names]))}
+        parts = {
+            n: p.reshape(params[n].shape) for n, p in zip(names, torch.split(v, [params[n].numel() for n in names]))
+        }
         return functional_call(model, parts, (x,)).reshape(-1)
 
     J = jacrev(f)(flat)
@@ -142,7 +144,9 @@ def test_curvature_functions_accept_the_ggn(single_thread):
 def test_ggn_top_eig_metric_is_the_lanczos_value():
     model = make_classifier("tanh", width=5)
     batches = make_batches()
-    out = landscape.measure(model, nn.CrossEntropyLoss(), batches, ["ggn_top_eig"], options={"ggn_top_eig": {"tol": 1e-8}})
+    out = landscape.measure(
+        model, nn.CrossEntropyLoss(), batches, ["ggn_top_eig"], options={"ggn_top_eig": {"tol": 1e-8}}
+    )
     truth = torch.linalg.eigvalsh(dense_ggn(model, nn.CrossEntropyLoss(), batches))[-1]
     assert out["ggn_top_eig"] == pytest.approx(float(truth), rel=1e-6)
 

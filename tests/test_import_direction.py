@@ -40,8 +40,10 @@ def imported_roots(path: Path, *, relative_as: str | None = None) -> set[str]:
 
 
 def test_landscape_imports_no_sweep_service():
-    bad = {p.relative_to(ROOT).as_posix(): imported_roots(p) & (SERVICE_LIBRARIES | {"sweeps"})
-           for p in (ROOT / "landscape").rglob("*.py")}
+    bad = {
+        p.relative_to(ROOT).as_posix(): imported_roots(p) & (SERVICE_LIBRARIES | {"sweeps"})
+        for p in (ROOT / "landscape").rglob("*.py")
+    }
     assert {k: v for k, v in bad.items() if v} == {}
 
 

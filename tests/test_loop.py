@@ -189,7 +189,9 @@ class FakeExecutor:
                 break
             if what == "run":
                 for step in range(1, 5):
-                    self.pending_curves.append((n, [CurvePoint("epoch", {"epoch": step, "train_loss": 1.0 / step}, step, 0)]))
+                    self.pending_curves.append(
+                        (n, [CurvePoint("epoch", {"epoch": step, "train_loss": 1.0 / step}, step, 0)])
+                    )
                 continue
             if what == "trained":
                 task.events.append(Trained(handle, n, f"weights{n}"))
@@ -202,7 +204,9 @@ class FakeExecutor:
     def measure(self, number: int, payload: Any) -> int:
         assert payload == f"weights{number}"
         handle = next(self.handles)
-        self.tasks[handle] = FakeTask([number], deque([Finished(handle, number, FinalRecord(TrialStatus.CONVERGED, {"test_acc": 0.9}))]))
+        self.tasks[handle] = FakeTask(
+            [number], deque([Finished(handle, number, FinalRecord(TrialStatus.CONVERGED, {"test_acc": 0.9}))])
+        )
         self.measures[number] = handle
         self.max_tasks = max(self.max_tasks, len(self.tasks))
         return handle
@@ -280,12 +284,32 @@ class Observer:
         self.closed = True
 
 
-def make_loop(script, n_points=6, *, budget=None, concurrency=2, max_retries=2, population=1, prune=False,
-              delay=0, lease=None, bad=frozenset(), prune_at=None):
+def make_loop(
+    script,
+    n_points=6,
+    *,
+    budget=None,
+    concurrency=2,
+    max_retries=2,
+    population=1,
+    prune=False,
+    delay=0,
+    lease=None,
+    bad=frozenset(),
+    prune_at=None,
+):
     settings = LoopSettings("fake", budget or n_points, concurrency, max_retries, population, ["test_acc"], prune)
     parts = FakeExecutor(script), FakeRecorder(delay), FakeBook(n_points, bad, prune_at)
-    loop = SweepLoop(settings, *parts, lease=lease or Lease(), stop=Stop(), view=View(), observers=[Observer()],
-                     population_size=population_size, is_pruning_epoch=is_pruning_epoch)
+    loop = SweepLoop(
+        settings,
+        *parts,
+        lease=lease or Lease(),
+        stop=Stop(),
+        view=View(),
+        observers=[Observer()],
+        population_size=population_size,
+        is_pruning_epoch=is_pruning_epoch,
+    )
     return loop, *parts
 
 

@@ -27,8 +27,9 @@ def sql_engine(client: Any) -> Any | None:
     return store.engine if isinstance(store, SqlAlchemyStore) else None
 
 
-def read_trial_tables(engine: Any, experiment_id: str, parent_run_id: str | None, *, role_tag: str,
-                      parent_tag: str, tags: Sequence[str]) -> tuple[pd.DataFrame, ...]:
+def read_trial_tables(
+    engine: Any, experiment_id: str, parent_run_id: str | None, *, role_tag: str, parent_tag: str, tags: Sequence[str]
+) -> tuple[pd.DataFrame, ...]:
     """The active runs of ``experiment_id`` tagged ``role_tag = 'trial'`` (and ``parent_tag =
     parent_run_id`` when given), as four long frames: runs (``run_uuid``, ``end_time``), their
     ``tags`` among ``tags`` (``run_uuid``, ``key``, ``value``), params (same columns) and latest
@@ -38,13 +39,17 @@ def read_trial_tables(engine: Any, experiment_id: str, parent_run_id: str | None
 
     run, tag = SqlRun.__table__, SqlTag.__table__
     role = tag.alias("role")
-    query = (sa.select(run.c.run_uuid)
-              .join(role, sa.and_(role.c.run_uuid == run.c.run_uuid, role.c.key == role_tag, role.c.value == "trial"))
-              .where(run.c.experiment_id == int(experiment_id), run.c.lifecycle_stage == "active"))
+    query = (
+        sa.select(run.c.run_uuid)
+        .join(role, sa.and_(role.c.run_uuid == run.c.run_uuid, role.c.key == role_tag, role.c.value == "trial"))
+        .where(run.c.experiment_id == int(experiment_id), run.c.lifecycle_stage == "active")
+    )
     if parent_run_id is not None:
         parent = tag.alias("parent")
-        query = query.join(parent, sa.and_(parent.c.run_uuid == run.c.run_uuid, parent.c.key == parent_tag,
-                                             parent.c.value == parent_run_id))
+        query = query.join(
+            parent,
+            sa.and_(parent.c.run_uuid == run.c.run_uuid, parent.c.key == parent_tag, parent.c.value == parent_run_id),
+        )
     chosen = query.subquery()
 
     def read(query: Any) -> pd.DataFrame:
@@ -54,14 +59,21 @@ def read_trial_tables(engine: Any, experiment_id: str, parent_run_id: str | None
             return pd.DataFrame([tuple(row) for row in result.fetchall()], columns=columns)  # plain tuples: fast
 
     runs = read(sa.select(run.c.run_uuid, run.c.end_time).join(chosen, chosen.c.run_uuid == run.c.run_uuid))
-    tag_rows = read(sa.select(tag.c.run_uuid, tag.c.key, tag.c.value)
-                    .join(chosen, chosen.c.run_uuid == tag.c.run_uuid).where(tag.c.key.in_(list(tags))))
+    tag_rows = read(
+        sa.select(tag.c.run_uuid, tag.c.key, tag.c.value)
+        .join(chosen, chosen.c.run_uuid == tag.c.run_uuid)
+        .where(tag.c.key.in_(list(tags)))
+    )
     param = SqlParam.__table__
-    params = read(sa.select(param.c.run_uuid, param.c.key, param.c.value)
-                  .join(chosen, chosen.c.run_uuid == param.c.run_uuid))
+    params = read(
+        sa.select(param.c.run_uuid, param.c.key, param.c.value).join(chosen, chosen.c.run_uuid == param.c.run_uuid)
+    )
     latest = SqlLatestMetric.__table__
-    metrics = read(sa.select(latest.c.run_uuid, latest.c.key, latest.c.value, latest.c.is_nan)
-                   .join(chosen, chosen.c.run_uuid == latest.c.run_uuid))
+    metrics = read(
+        sa.select(latest.c.run_uuid, latest.c.key, latest.c.value, latest.c.is_nan).join(
+            chosen, chosen.c.run_uuid == latest.c.run_uuid
+        )
+    )
     return runs, tag_rows, params, metrics
 
 

@@ -57,15 +57,24 @@ def trial_storage(study: optuna.Study, trial_number: int) -> tuple[optuna.storag
     return storage, storage.get_trial_id_from_study_id_trial_number(study_id, trial_number)
 
 
-def create_running_trial(study: optuna.Study, point: Mapping[str, Any],
-                         distributions: Mapping[str, optuna.distributions.BaseDistribution]) -> optuna.Trial:
+def create_running_trial(
+    study: optuna.Study, point: Mapping[str, Any], distributions: Mapping[str, optuna.distributions.BaseDistribution]
+) -> optuna.Trial:
     """A RUNNING trial holding ``point`` (params with their ``distributions``, and the
     ``fixed_params`` system attr of an enqueued trial), written in one storage transaction."""
     storage, study_id = study_storage(study)
     template = FrozenTrial(
-        number=0, state=TrialState.RUNNING, value=None, datetime_start=datetime.datetime.now(), datetime_complete=None,
-        params=dict(point), distributions=dict(distributions), user_attrs={}, system_attrs={"fixed_params": dict(point)},
-        intermediate_values={}, trial_id=0,
+        number=0,
+        state=TrialState.RUNNING,
+        value=None,
+        datetime_start=datetime.datetime.now(),
+        datetime_complete=None,
+        params=dict(point),
+        distributions=dict(distributions),
+        user_attrs={},
+        system_attrs={"fixed_params": dict(point)},
+        intermediate_values={},
+        trial_id=0,
     )
     return optuna.Trial(study, storage.create_new_trial(study_id, template_trial=template))
 

@@ -33,10 +33,10 @@ def _top_level_config_keys() -> set[str]:
     except ImportError:  # pragma: no cover - config module missing
         return set()
     return {
-        name for name, info in SweepConfig.model_fields.items()
+        name
+        for name, info in SweepConfig.model_fields.items()
         if not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel))
     }
-
 
 
 #: Dotted names that are metrics, not config keys: in-training landscape values logged by the
@@ -49,8 +49,7 @@ def config_columns(df: pd.DataFrame) -> list[str]:
     and the other scalar top-level config fields; never dotted metrics (:data:`METRIC_PREFIXES`)."""
     top = _top_level_config_keys() | {"seed"}
     return [
-        c for c in df.columns
-        if isinstance(c, str) and not c.startswith(METRIC_PREFIXES) and ("." in c or c in top)
+        c for c in df.columns if isinstance(c, str) and not c.startswith(METRIC_PREFIXES) and ("." in c or c in top)
     ]
 
 

@@ -118,7 +118,12 @@ def correlations(
     if not 0 < confidence < 1:
         raise ValueError(f"confidence={confidence}: use a level in (0, 1), e.g. 0.95")
     sweep = prepare(
-        df, target, measures, hyperparameters, seed_columns=seed_columns, orientation=orientation,
+        df,
+        target,
+        measures,
+        hyperparameters,
+        seed_columns=seed_columns,
+        orientation=orientation,
         target_larger_is=target_larger_is,
     )
     if sweep.models.empty:
@@ -139,34 +144,49 @@ def correlations(
     rng = np.random.default_rng(seed)
     rows = {}
     for m in sweep.measures:
-        rows[m] = _measure_row(sweep, m, grid_ok=not grid_note, n_boot=n_boot, seed=seed, rng=rng, confidence=confidence,
-                               max_conditioning=max_conditioning, n_test=n_test, min_weight=min_weight,
-                               grid_note=grid_note, weighted=is_rate)
+        rows[m] = _measure_row(
+            sweep,
+            m,
+            grid_ok=not grid_note,
+            n_boot=n_boot,
+            seed=seed,
+            rng=rng,
+            confidence=confidence,
+            max_conditioning=max_conditioning,
+            n_test=n_test,
+            min_weight=min_weight,
+            grid_note=grid_note,
+            weighted=is_rate,
+        )
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "measure"
-    table.attrs.update({
-        "target": target,
-        "target_larger_is": "worse" if sweep.target_sign > 0 else "better",
-        "convention": CONVENTION,
-        "n_runs_total": sweep.n_runs_total,
-        "n_runs_used": len(sweep.runs),
-        "n_models": len(sweep.models),
-        "excluded": sweep.excluded,
-        "keys": sweep.keys,
-        "hyperparameters": sweep.hyperparameters,
-        "seed_columns": sweep.seed_columns,
-        "grid_complete": not sweep.missing_cells,
-        "n_cells": sweep.n_cells,
-        "missing_cells": sweep.missing_cells,
-        "n_missing_cells": sweep.n_missing,
-        "n_boot": n_boot,
-        "confidence": confidence,
-        "sign_error_weighting": (
-            "Hoeffding weight from n_test" if has_n and is_rate else
-            f"none: {target} is not a fraction in [-1, 1], every pair has weight 1" if has_n else
-            "none: no n_test column or argument, every pair has weight 1"
-        ),
-    })
+    table.attrs.update(
+        {
+            "target": target,
+            "target_larger_is": "worse" if sweep.target_sign > 0 else "better",
+            "convention": CONVENTION,
+            "n_runs_total": sweep.n_runs_total,
+            "n_runs_used": len(sweep.runs),
+            "n_models": len(sweep.models),
+            "excluded": sweep.excluded,
+            "keys": sweep.keys,
+            "hyperparameters": sweep.hyperparameters,
+            "seed_columns": sweep.seed_columns,
+            "grid_complete": not sweep.missing_cells,
+            "n_cells": sweep.n_cells,
+            "missing_cells": sweep.missing_cells,
+            "n_missing_cells": sweep.n_missing,
+            "n_boot": n_boot,
+            "confidence": confidence,
+            "sign_error_weighting": (
+                "Hoeffding weight from n_test"
+                if has_n and is_rate
+                else f"none: {target} is not a fraction in [-1, 1], every pair has weight 1"
+                if has_n
+                else "none: no n_test column or argument, every pair has weight 1"
+            ),
+        }
+    )
     return table
 
 
@@ -184,8 +204,16 @@ def tau_with_interval(mu: np.ndarray, g: np.ndarray, *, n_boot: int, seed: int, 
     return {"tau": kendall_tau_b(mu, g), "tau_ci_low": low, "tau_ci_high": high}
 
 
-def tau_table(df: pd.DataFrame, target: str = "gen_gap", measures: Sequence[str] | None = None, *, n_boot: int = 1000,
-              seed: int = 0, confidence: float = 0.95, **models: Any) -> pd.DataFrame:
+def tau_table(
+    df: pd.DataFrame,
+    target: str = "gen_gap",
+    measures: Sequence[str] | None = None,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    **models: Any,
+) -> pd.DataFrame:
     """The Kendall tau part of :func:`correlations` alone (its columns ``n``, ``tau``,
     ``tau_ci_low``, ``tau_ci_high``, equal to those of :func:`correlations` with the same
     arguments), for any set of finished trials: no grid needed, and much cheaper (no psi, CMI
@@ -206,8 +234,19 @@ def tau_table(df: pd.DataFrame, target: str = "gen_gap", measures: Sequence[str]
 
 
 def _measure_row(
-    sweep: PreparedSweep, m: str, *, grid_ok: bool, n_boot: int, seed: int, rng: np.random.Generator, confidence: float,
-    max_conditioning: int, n_test: int | None, min_weight: float, grid_note: str, weighted: bool,
+    sweep: PreparedSweep,
+    m: str,
+    *,
+    grid_ok: bool,
+    n_boot: int,
+    seed: int,
+    rng: np.random.Generator,
+    confidence: float,
+    max_conditioning: int,
+    n_test: int | None,
+    min_weight: float,
+    grid_note: str,
+    weighted: bool,
 ) -> dict[str, Any]:
     models = sweep.models
     have = models[m].notna().to_numpy()

@@ -28,7 +28,9 @@ from .prepared import prepare
 from .ranks import kendall_tau_b, percentile_interval
 
 
-def complete_subgrid(df: pd.DataFrame, *, seed_columns: Sequence[str] | None = None) -> tuple[pd.DataFrame, dict[str, list[Any]]]:
+def complete_subgrid(
+    df: pd.DataFrame, *, seed_columns: Sequence[str] | None = None
+) -> tuple[pd.DataFrame, dict[str, list[Any]]]:
     """The rows of ``df`` on a complete factorial sub-grid of its converged configurations.
 
     psi/Psi and CMI (:func:`correlations`) need every cell of the grid; a sweep where a few cells
@@ -109,8 +111,9 @@ def hyperparameter_effects(
         columns = [c for c in default_measures(df) + [target, "test_acc"] if c in df.columns]
     columns = list(dict.fromkeys(columns))
     measures = [c for c in columns if c not in (target, "test_acc")]
-    sweep = prepare(df, target, measures, hyperparameters, seed_columns=seed_columns,
-                    orientation={m: "neither" for m in measures})
+    sweep = prepare(
+        df, target, measures, hyperparameters, seed_columns=seed_columns, orientation={m: "neither" for m in measures}
+    )
     models = sweep.models.rename(columns={"_target_raw": target})
     rng = np.random.default_rng(seed)
     rows = {}
@@ -119,8 +122,9 @@ def hyperparameter_effects(
         x = pd.to_numeric(numbers, errors="coerce").to_numpy(float)
         if not np.isfinite(x).all():
             bad = models[k][~np.isfinite(x)].iloc[0]
-            raise ValueError(f"hyperparameters: {k}={bad!r} is not a number; give it one, e.g. "
-                             f"values={{{k!r}: {{{bad!r}: ...}}}}")
+            raise ValueError(
+                f"hyperparameters: {k}={bad!r} is not a number; give it one, e.g. values={{{k!r}: {{{bad!r}: ...}}}}"
+            )
         for c in columns:
             y = models[c].to_numpy(float)
             have = np.isfinite(y)
@@ -128,10 +132,17 @@ def hyperparameter_effects(
             psi, _, boot = granulated_kendall(xs, ys, sub, sweep.keys, [k], n_boot=n_boot, rng=rng)
             with warnings.catch_warnings():  # the groups psi averaged over: those with a defined tau
                 warnings.simplefilter("ignore", RuntimeWarning)
-                n_groups = sum(np.isfinite(kendall_tau_b(xs[g], ys[g])) for g in _groups_differing_only_in(sub, sweep.keys, k))
+                n_groups = sum(
+                    np.isfinite(kendall_tau_b(xs[g], ys[g])) for g in _groups_differing_only_in(sub, sweep.keys, k)
+                )
             low, high = percentile_interval(boot, confidence) if n_boot else (math.nan, math.nan)
-            rows[(k, c)] = {"tau": psi[k], "tau_ci_low": low, "tau_ci_high": high, "n_groups": int(n_groups),
-                            "n_models": int(have.sum())}
+            rows[(k, c)] = {
+                "tau": psi[k],
+                "tau_ci_low": low,
+                "tau_ci_high": high,
+                "n_groups": int(n_groups),
+                "n_models": int(have.sum()),
+            }
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index = pd.MultiIndex.from_tuples(table.index, names=["hyperparameter", "column"])
     return table

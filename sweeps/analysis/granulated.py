@@ -24,8 +24,14 @@ def _groups_differing_only_in(models: pd.DataFrame, keys: Sequence[str], k: str)
 
 
 def granulated_kendall(
-    mu: np.ndarray, g: np.ndarray, models: pd.DataFrame, keys: Sequence[str], hyperparameters: Sequence[str],
-    *, n_boot: int = 0, rng: np.random.Generator | None = None,
+    mu: np.ndarray,
+    g: np.ndarray,
+    models: pd.DataFrame,
+    keys: Sequence[str],
+    hyperparameters: Sequence[str],
+    *,
+    n_boot: int = 0,
+    rng: np.random.Generator | None = None,
 ) -> tuple[dict[str, float], float, np.ndarray]:
     """psi_k = mean over the settings of the other keys of tau-b over the models differing only in k.
 
@@ -40,10 +46,12 @@ def granulated_kendall(
         taus = np.array([kendall_tau_b(mu[gr], g[gr]) for gr in groups])
         psi[k] = float(np.nanmean(taus)) if np.isfinite(taus).any() else math.nan
         if n_boot:
-            within = np.stack([
-                kendall_tau_b(mu[gr], g[gr], counts=rng.multinomial(len(gr), np.full(len(gr), 1 / len(gr)), n_boot))
-                for gr in groups
-            ])  # (groups, n_boot)
+            within = np.stack(
+                [
+                    kendall_tau_b(mu[gr], g[gr], counts=rng.multinomial(len(gr), np.full(len(gr), 1 / len(gr)), n_boot))
+                    for gr in groups
+                ]
+            )  # (groups, n_boot)
             pick = rng.integers(len(groups), size=(n_boot, len(groups)))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)

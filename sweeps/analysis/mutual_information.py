@@ -44,7 +44,11 @@ def _ordered_pair_table(mu: np.ndarray, g: np.ndarray, block: int = 512) -> np.n
 
 
 def conditional_mutual_information(
-    mu: np.ndarray, g: np.ndarray, models: pd.DataFrame, hyperparameters: Sequence[str], max_conditioning: int = 2,
+    mu: np.ndarray,
+    g: np.ndarray,
+    models: pd.DataFrame,
+    hyperparameters: Sequence[str],
+    max_conditioning: int = 2,
 ) -> tuple[float, tuple[str, ...]]:
     """Jiang et al. CMI score: min over S (|S| <= max_conditioning) of I(V_mu; V_g | S) / H(V_g | S).
 

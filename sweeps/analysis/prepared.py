@@ -86,7 +86,9 @@ def prepare(
     if target_larger_is is None:
         target_larger_is = "better" if "acc" in target else "worse"
     if target_larger_is not in ("better", "worse"):
-        raise ValueError(f"target_larger_is={target_larger_is!r}: use 'better' (accuracy) or 'worse' (gap, error, loss)")
+        raise ValueError(
+            f"target_larger_is={target_larger_is!r}: use 'better' (accuracy) or 'worse' (gap, error, loss)"
+        )
     target_sign = 1 if target_larger_is == "worse" else -1
 
     seeds = default_seed_columns(df) if seed_columns is None else list(seed_columns)
@@ -142,7 +144,9 @@ def prepare(
     runs["_target_raw"] = target_raw[usable].astype(float)
     runs["_target"] = target_sign * runs["_target_raw"]
     for column in ("test_acc", "n_test"):
-        runs[column] = pd.to_numeric(frame.loc[usable, column], errors="coerce").astype(float) if column in frame else np.nan
+        runs[column] = (
+            pd.to_numeric(frame.loc[usable, column], errors="coerce").astype(float) if column in frame else np.nan
+        )
 
     value_cols = measures + ["_target", "_target_raw", "test_acc", "n_test"]
     if keys:
@@ -162,20 +166,32 @@ def prepare(
     attempted: dict[tuple, str] = {}
     if keys:
         status_of = status.groupby([frame[k] for k in keys], dropna=False)
-        attempted = {
-            (cell if isinstance(cell, tuple) else (cell,)): ", ".join(sorted(set(s))) for cell, s in status_of
-        }
+        attempted = {(cell if isinstance(cell, tuple) else (cell,)): ", ".join(sorted(set(s))) for cell, s in status_of}
     # A random/TPE sweep has a huge nominal grid: list the first MISSING_LISTED cells, count all.
-    missing = list(itertools.islice(
-        ({**dict(zip(keys, cell)), "reason": attempted.get(cell, "not run")}
-         for cell in itertools.product(*values.values()) if cell not in present),
-        MISSING_LISTED,
-    ))
+    missing = list(
+        itertools.islice(
+            (
+                {**dict(zip(keys, cell)), "reason": attempted.get(cell, "not run")}
+                for cell in itertools.product(*values.values())
+                if cell not in present
+            ),
+            MISSING_LISTED,
+        )
+    )
 
     return PreparedSweep(
-        runs=runs.reset_index(drop=True), models=models, keys=keys, hyperparameters=hyperparameters,
-        measures=measures, orientation=orient, target=target, target_sign=target_sign,
-        seed_columns=seeds, missing_cells=missing, n_missing=n_cells - len(present), n_cells=n_cells,
+        runs=runs.reset_index(drop=True),
+        models=models,
+        keys=keys,
+        hyperparameters=hyperparameters,
+        measures=measures,
+        orientation=orient,
+        target=target,
+        target_sign=target_sign,
+        seed_columns=seeds,
+        missing_cells=missing,
+        n_missing=n_cells - len(present),
+        n_cells=n_cells,
         excluded=excluded_counts,
         n_runs_total=n_total,
     )

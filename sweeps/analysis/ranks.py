@@ -31,6 +31,7 @@ def kendall_tau_b(x: np.ndarray, y: np.ndarray, counts: np.ndarray | None = None
     matrices give way to scipy's O(n log n) algorithm (one call per resample).
     """
     if len(x) > DENSE_PAIRS_MAX:
+
         def scipy_tau(idx: np.ndarray) -> float:
             return float(stats.kendalltau(np.asarray(x)[idx], np.asarray(y)[idx], variant="b").statistic)
 

@@ -27,7 +27,11 @@ def hoeffding_weight(gap_difference: np.ndarray, n: np.ndarray) -> np.ndarray:
 
 
 def sign_error_environments(
-    prepared: PreparedSweep, measure: str, *, n_test: int | None = None, min_weight: float = 0.5,
+    prepared: PreparedSweep,
+    measure: str,
+    *,
+    n_test: int | None = None,
+    min_weight: float = 0.5,
     weighted: bool = True,
 ) -> pd.DataFrame:
     """Robust sign-error of one measure per environment (Dziugaite et al. 2020).
@@ -61,6 +65,14 @@ def sign_error_environments(
                 w = np.where(np.isfinite(d_mu) & (w > min_weight), w, 0.0)
                 err = (1.0 - np.sign(np.nan_to_num(d_mu)) * np.sign(d_g)) / 2.0
                 total = w.sum()
-                rows.append((k, int(a), int(b), float((w * err).sum() / total) if total > 0 else math.nan,
-                             float(total), int((w > 0).sum())))
+                rows.append(
+                    (
+                        k,
+                        int(a),
+                        int(b),
+                        float((w * err).sum() / total) if total > 0 else math.nan,
+                        float(total),
+                        int((w > 0).sum()),
+                    )
+                )
     return pd.DataFrame(rows, columns=["hyperparameter", "model_a", "model_b", "error", "weight", "pairs"])

@@ -36,8 +36,9 @@ def best_trials(study: optuna.Study) -> list[dict[str, Any]]:
     return [{"number": t.number, "values": list(t.values), "params": dict(t.params)} for t in trials]
 
 
-def with_completed(best: list[dict[str, Any]], trial: dict[str, Any],
-                   directions: Sequence[optuna.study.StudyDirection]) -> list[dict[str, Any]]:
+def with_completed(
+    best: list[dict[str, Any]], trial: dict[str, Any], directions: Sequence[optuna.study.StudyDirection]
+) -> list[dict[str, Any]]:
     """``best`` (as :func:`best_trials` returns it) after ``trial`` (``number``, ``values``,
     ``params``) completed: what :func:`best_trials` would read from the study then. A tie keeps
     the earlier trial best (single objective); equal values share the front."""
@@ -112,8 +113,7 @@ class StudyBook:
         trial.report(value, step)
         return trial.should_prune()
 
-    def tell(self, number: int, status: TrialStatus, metrics: Mapping[str, float],
-             point: Mapping[str, Any]) -> None:
+    def tell(self, number: int, status: TrialStatus, metrics: Mapping[str, float], point: Mapping[str, Any]) -> None:
         try:
             told = search.tell(self.study, number, status, metrics, self.objective)
         except optuna.exceptions.UpdateFinishedTrialError:

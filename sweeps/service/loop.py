@@ -76,8 +76,9 @@ class Book(Protocol):
     def stack_reason(self, asked: Any) -> str | None: ...
     def note_run(self, number: int, run_id: str) -> None: ...
     def report(self, number: int, value: float, step: int) -> bool: ...
-    def tell(self, number: int, status: TrialStatus, metrics: Mapping[str, float],
-             point: Mapping[str, Any]) -> None: ...
+    def tell(
+        self, number: int, status: TrialStatus, metrics: Mapping[str, float], point: Mapping[str, Any]
+    ) -> None: ...
     def interrupt(self, number: int) -> None: ...
 
 
@@ -124,9 +125,20 @@ class LoopSettings:
 class SweepLoop:
     """One driver run's loop over its parts (see the module docstring)."""
 
-    def __init__(self, settings: LoopSettings, executor: Executor, recorder: Recorder, book: Book, *,
-                 lease: Any, stop: Any, view: Any, observers: Iterable[Any] = (),
-                 population_size: Any, is_pruning_epoch: Any) -> None:
+    def __init__(
+        self,
+        settings: LoopSettings,
+        executor: Executor,
+        recorder: Recorder,
+        book: Book,
+        *,
+        lease: Any,
+        stop: Any,
+        view: Any,
+        observers: Iterable[Any] = (),
+        population_size: Any,
+        is_pruning_epoch: Any,
+    ) -> None:
         self.s, self.executor, self.recorder, self.book = settings, executor, recorder, book
         self.lease, self.stop, self.view, self.observers = lease, stop, view, list(observers)
         self.population_size, self.is_pruning_epoch = population_size, is_pruning_epoch
@@ -208,7 +220,8 @@ class SweepLoop:
                 number = asked.trial.number
                 self.recorder.start(number, asked.config.flat())
                 members[number] = self.by_number[number] = Member(
-                    number, asked.config, RunningTrial(number, asked.point, time.monotonic()))
+                    number, asked.config, RunningTrial(number, asked.point, time.monotonic())
+                )
                 self.view.log(f"trial {number}: started {asked.point}")
             self._submit(members, self.s.max_retries)
             self.launched += len(group)
@@ -240,8 +253,10 @@ class SweepLoop:
         task = self.in_flight.pop(event.handle)
         if isinstance(event, TaskLost):
             if task.retries_left > 0:
-                self.view.log(f"trials {list(task.members)}: task lost ({event.error.split(':')[0]}); "
-                              f"re-launched ({task.retries_left - 1} retries left)")
+                self.view.log(
+                    f"trials {list(task.members)}: task lost ({event.error.split(':')[0]}); "
+                    f"re-launched ({task.retries_left - 1} retries left)"
+                )
                 self._submit(task.members, task.retries_left - 1)
                 return []
             return [(m, FinalRecord.settled(TrialStatus.FAILED, event.error)) for m in task.members.values()]
@@ -302,8 +317,16 @@ class SweepLoop:
         mean = sum(self.durations) / len(self.durations) if self.durations else None
         running = [m.view for task in self.in_flight.values() for m in task.members.values()]
         running += [m.view for m in self.measuring.values()] + [m.view for m, _ in self.to_measure]
-        return Snapshot(self.s.name, self.s.budget, dict(self.book.counts), running, self.book.best,
-                        time.monotonic() - self.started, self.s.concurrency, mean)
+        return Snapshot(
+            self.s.name,
+            self.s.budget,
+            dict(self.book.counts),
+            running,
+            self.book.best,
+            time.monotonic() - self.started,
+            self.s.concurrency,
+            mean,
+        )
 
     # -- stopping ------------------------------------------------------------------------------
     def shutdown(self, record: bool = True) -> None:

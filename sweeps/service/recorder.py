@@ -50,8 +50,11 @@ class _Writes:
 
     def __init__(self, tracking_uri: str) -> None:
         local = urlsplit(tracking_uri).scheme in ("", "file", "sqlite")
-        self.pool = None if local else concurrent.futures.ThreadPoolExecutor(
-            MLFLOW_SERVER_WRITERS, thread_name_prefix="sweeps-mlflow")
+        self.pool = (
+            None
+            if local
+            else concurrent.futures.ThreadPoolExecutor(MLFLOW_SERVER_WRITERS, thread_name_prefix="sweeps-mlflow")
+        )
 
     def submit(self, write: Callable[..., Any], *args: Any) -> Future:
         if self.pool is not None:
@@ -110,8 +113,13 @@ class MlflowRecorder:
 
     def _finish(self, number: int, record: FinalRecord, step: int) -> None:
         self.tracker.finish_child(
-            self.run_id(number), record.status, record.metrics, step=step, artifacts=record.artifacts,
-            traceback=record.traceback, tags={f"sweeps.{k}": v for k, v in record.node.items()},
+            self.run_id(number),
+            record.status,
+            record.metrics,
+            step=step,
+            artifacts=record.artifacts,
+            traceback=record.traceback,
+            tags={f"sweeps.{k}": v for k, v in record.node.items()},
             before_final=self.before_final,
         )
 

@@ -37,8 +37,9 @@ class FinalRecord:
     node: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def settled(cls, status: TrialStatus, why: str | None = None,
-                metrics: Mapping[str, float] | None = None) -> FinalRecord:
+    def settled(
+        cls, status: TrialStatus, why: str | None = None, metrics: Mapping[str, float] | None = None
+    ) -> FinalRecord:
         """A record the driver writes itself (task lost or ended, trial pruned)."""
         return cls(TrialStatus(status), dict(metrics or {}), {}, why)
 
@@ -46,8 +47,11 @@ class FinalRecord:
     def from_worker(cls, record: Mapping[str, Any]) -> FinalRecord:
         """The record a population or measure task yields (:func:`sweeps.worker.population_task`)."""
         return cls(
-            TrialStatus(record["status"]), dict(record["metrics"]), dict(record["artifacts"]),
-            record.get("traceback"), {k: str(record[k]) for k in NODE_TAGS if record.get(k)},
+            TrialStatus(record["status"]),
+            dict(record["metrics"]),
+            dict(record["artifacts"]),
+            record.get("traceback"),
+            {k: str(record[k]) for k in NODE_TAGS if record.get(k)},
         )
 
     @property
@@ -112,5 +116,4 @@ class CurvePoint:
     timestamp_ms: int
 
 
-__all__ = ["NODE_TAGS", "CurvePoint", "Event", "FinalRecord", "Finished", "Launch", "TaskEnded",
-           "TaskLost", "Trained"]
+__all__ = ["NODE_TAGS", "CurvePoint", "Event", "FinalRecord", "Finished", "Launch", "TaskEnded", "TaskLost", "Trained"]

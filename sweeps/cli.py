@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .config import ConfigError
+from .config import ConfigError, check_name
+from .errors import UsageError
 
 #: How long ``sweeps submit`` waits for a freshly started head's job agent (seconds).
 SUBMIT_AGENT_WAIT_SECONDS = 60
@@ -79,6 +80,13 @@ def cmd_trial(args: argparse.Namespace) -> int:
     from .trial import run_trial
 
     config = load_config(args.config, args.overrides)
+    if args.out:
+        from pathlib import Path
+
+        from .connections import check_inside
+
+        out = Path(args.out)
+        check_inside(out, sorted(out.iterdir()) if out.is_dir() else [], "--out")
 
     def progress(metrics: dict[str, float], step: int) -> None:
         print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), file=sys.stderr)
@@ -105,6 +113,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import print_table, report_sweep
 
     try:
+        check_name(args.name, "NAME")
         report = report_sweep(
             args.name, args.tracking_uri, args.out, log=args.log, results_dir=args.results_dir,
             target=args.target, measures=args.measures, n_boot=args.n_boot,
@@ -186,6 +195,9 @@ def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
         print(f"{prog}: {redact(str(err))}", file=sys.stderr)
         return EXIT_USAGE
     flags = _store_flags(args)
+    hint = _mlflow_hint(summary)
+    if hint:
+        print(hint, file=sys.stderr)
     print(f"sweep {summary.name}: {summary.finished}/{summary.budget} trials finished "
           f"({', '.join(f'{k}={v}' for k, v in sorted(summary.counts.items()))}); "
           f"results: sweeps results {summary.name}{flags}")
@@ -196,19 +208,54 @@ def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
     return EXIT_OK
 
 
+def _mlflow_hint(summary: object) -> str:
+    """Where to look at the sweep in the MLflow UI (its runs table and parent run), or ``""``."""
+    from .tracking import ui_hint
+
+    try:
+        return ui_hint(summary.connections.tracking_uri, summary.parent_run_id)
+    except Exception:  # a link is a courtesy: the sweep's outcome is printed regardless
+        return ""
+
+
 @command("run", help="run a sweep (Ray workers, Optuna search, MLflow tracking); continues a sweep of the same config",
          arguments=_run_arguments)
 def cmd_run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .config import load_config
+    from .config import load_config, read_config_text
     from .runner import run_sweep
 
     config = load_config(args.config, args.overrides)
-    text = Path(args.config).read_text()
+    text = read_config_text(args.config)
     if args.overrides:
         text += "".join(f"\n# --set {o}" for o in args.overrides)
     return _sweep(args, lambda **kw: run_sweep(config, name=args.name, config_yaml=text, **kw))
+
+
+def _check_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--name", help="sweep name (default: the config's name)")
+    _store_arguments(parser)
+    parser.add_argument("--address", help="Ray cluster the run would use (env RAY_ADDRESS; default: a local Ray)")
+    parser.add_argument("--max-concurrent", type=int, metavar="K", help="trials in flight (as for `sweeps run`)")
+
+
+@command("check", help="check a config as `sweeps run` would (fields, stores, paths, dataset, model) and print "
+         "what it would run; runs and writes nothing", arguments=_check_arguments)
+def cmd_check(args: argparse.Namespace) -> int:
+    from .connections import redact
+    from .plan import check_sweep
+
+    try:
+        plan = check_sweep(args.config, args.overrides, name=args.name, results_dir=args.results_dir,
+                           tracking_uri=args.tracking_uri, storage=args.storage, address=args.address,
+                           max_concurrent=args.max_concurrent)
+    except ConfigError:
+        raise  # main(): "invalid config", exit 2
+    except (ConnectionError, ValueError, LookupError) as err:  # a store, a taken name, a path
+        print(f"sweeps check: {redact(str(err))}", file=sys.stderr)
+        return EXIT_USAGE
+    print("\n".join(plan.lines()))
+    return EXIT_OK
 
 
 def _resume_arguments(parser: argparse.ArgumentParser) -> None:
@@ -221,6 +268,7 @@ def _resume_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_resume(args: argparse.Namespace) -> int:
     from .runner import resume_sweep
 
+    check_name(args.name, "NAME")
     return _sweep(args, lambda **kw: resume_sweep(args.name, **kw))
 
 
@@ -336,9 +384,10 @@ def cmd_results(args: argparse.Namespace) -> int:
         print("sweeps results: --format parquet needs --out FILE", file=sys.stderr)
         return 2
     try:
+        check_name(args.name, "NAME")
         frame = results(args.name, args.tracking_uri, results_dir=args.results_dir,
                         include_interrupted=args.include_interrupted)
-    except LookupError as err:
+    except (LookupError, ValueError) as err:
         print(f"sweeps results: {err}", file=sys.stderr)
         return 2
     if args.format == "parquet":
@@ -370,8 +419,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .queries import sweep_status
 
     try:
+        check_name(args.name, "NAME")
         info = sweep_status(args.name, storage=args.storage, tracking_uri=args.tracking_uri, results_dir=args.results_dir)
-    except LookupError as err:
+    except (LookupError, ValueError) as err:
         print(f"sweeps status: {err}", file=sys.stderr)
         return 2
     if args.json:
@@ -455,7 +505,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args._run(args)
     except ConfigError as err:
-        print(f"sweeps {args.command}: invalid config:\n{err}", file=sys.stderr)
+        sep = "\n" if len(err.problems) > 1 else " "
+        print(f"sweeps {args.command}: invalid config:{sep}{err}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as err:  # a NAME argument or a path refused before anything ran
+        print(f"sweeps {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -576,7 +576,7 @@ def parse_yaml(text: str) -> Any:
     Raises:
         yaml.YAMLError: not YAML, or a duplicated key (the message names it and its lines).
     """
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe types only
 
 
 def read_config_text(path: str | Path) -> str:

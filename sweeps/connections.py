@@ -33,7 +33,7 @@ import os
 import re
 import socket
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,41 @@ def named(what: str, value: str | Path | None, env: Mapping[str, str | None]) ->
     if value:
         return str(value)
     return next((env[k] for k in ENVIRONMENT[what] if env.get(k)), None)
+
+
+def job_locations(
+    *,
+    tracking_uri: str | None,
+    storage: str | None,
+    results_dir: str | None,
+    env: Mapping[str, str | None],
+    cluster_env: Callable[[], Mapping[str, str | None]],
+) -> dict[str, str]:
+    """The store flags ``sweeps submit`` passes to the job's ``sweeps run``: each location as the
+    flag or, failing it, the submitting shell's ``env`` names it (:func:`named`, the rule of
+    ``sweeps run``). A job runs in a temporary working directory that Ray deletes, so when the
+    tracking URI or the storage is named by neither the submitter nor the cluster's own environment
+    (``cluster_env()``, asked only then), the results directory holding their defaults must be an
+    absolute path (outside that directory); otherwise :class:`~sweeps.errors.UsageError`.
+    """
+    from .errors import UsageError
+
+    passed = {what: v for what, value in (("tracking_uri", tracking_uri), ("storage", storage),
+                                          ("results_dir", results_dir)) if (v := named(what, value, env))}
+    if "tracking_uri" in passed and "storage" in passed:
+        return passed
+    remote = cluster_env()
+    missing = [w for w in ("tracking_uri", "storage") if w not in passed and not named(w, None, remote)]
+    directory = passed.get("results_dir") or named("results_dir", None, remote)
+    if missing and not (directory and Path(directory).expanduser().is_absolute()):
+        flags = " and ".join(f"--{w.replace('_', '-')}" for w in missing)
+        names = " / ".join(k for w in missing for k in ENVIRONMENT[w])
+        where = f" ({directory!r} is relative: inside it)" if directory else ""
+        raise UsageError(
+            f"{flags}: named neither here nor in the cluster's environment, so the job would record into Ray's "
+            f"temporary working directory{where}, deleted after the job; pass {flags} (or export {names}), or "
+            "--results-dir with an absolute path on the head node")
+    return passed
 
 
 def resolve(

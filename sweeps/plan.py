@@ -297,5 +297,7 @@ def study_state(config: Any, conn: Connections) -> str:
     return f"exists with this config ({done}): `sweeps run` continues it"
 
 
-__all__ = ["Built", "MAX_BUILD_VARIANTS", "Plan", "check_dataset", "check_model", "check_sweep", "make_plan", "preflight",
-           "study_state", "with_launch_options"]
+__all__ = [
+    "MAX_BUILD_VARIANTS", "Built", "Plan", "check_dataset", "check_model", "check_sweep", "make_plan", "preflight",
+    "study_state", "with_launch_options",
+]

@@ -63,18 +63,33 @@ def check_dataset(cfg: Any) -> Any:
 
 def check_model(cfg: Any, data: Any) -> int:
     """Build ``cfg.model`` for ``data`` and run a forward pass on two samples; returns its parameter
-    count. ``ConfigError`` naming ``model.name`` when either fails or the output is not ``[2, classes]``."""
+    count. ``ConfigError`` naming ``model.name`` when either fails or the output is not ``[2, classes]``.
+
+    Built on PyTorch's ``meta`` device first (shapes only: no memory, no arithmetic, so a huge
+    width costs nothing); a model that does not run there (a factory doing data-dependent work) is
+    built and run on the CPU instead.
+    """
     import torch
 
     from .models import build_model, count_parameters
 
     what = (f"model.name: {cfg.model.name!r} cannot be built for the dataset's inputs {list(data.input_shape)} "
             f"and {data.num_classes} classes")
-    try:
-        model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed)
+
+    def run(device: str) -> tuple[Any, int]:
+        with torch.device(device):
+            model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed)
         model.eval()
         with torch.no_grad():
-            out = model(data.x_train[:2])
+            return model(data.x_train[:2].to(device)), count_parameters(model)
+
+    try:
+        try:
+            out, params = run("meta")
+        except ConfigError:
+            raise
+        except Exception:
+            out, params = run("cpu")
     except ConfigError:
         raise
     except Exception as err:
@@ -82,7 +97,7 @@ def check_model(cfg: Any, data: Any) -> int:
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, data.num_classes):
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"{what}: its output for 2 samples is {shape}, not [2, {data.num_classes}]")
-    return count_parameters(model)
+    return params
 
 
 @dataclass
@@ -201,7 +216,7 @@ def _populations(config: Any, trials: int, slots: int) -> str:
         size = min(cap, per_shape, math.ceil(trials / slots), math.ceil(per_shape / slots)) if setting == "auto" \
             else min(cap, per_shape)
         split = f"{shapes} shapes ({', '.join(shape_dims)} change the tensor shapes), about {per_shape} trials each" \
-            if shape_dims else f"one shape of {trials} trials"
+            if shape_dims else f"one shape of {trials} trial{'s' if trials != 1 else ''}"
         return f"{split}; {_per_task(size)} (population_size {setting})"
     varied = f"; trials of equal {', '.join(shape_dims)} train together" if shape_dims else ""
     size = min(cap, math.ceil(trials / slots)) if setting == "auto" else cap

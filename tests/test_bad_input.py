@@ -320,3 +320,87 @@ def test_check_in_a_fresh_interpreter_is_one_line_and_exit_2(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"sweeps check: invalid config: config: {config} is not valid YAML: duplicated key 'name' on lines 1 and 2 "
         "(YAML would keep only the last one): merge them into one"]
+
+
+# --- 7. sweeps check never exits 1, whatever the config -------------------------------------------
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_BASE = small_config("fuzz")
+_BASE["search"]["space"] = {"train.lr": {"values": [0.05, 0.2]}, "model.width": {"values": [8, 16]}}
+_BASE["objective"] = {"metric": "test_acc", "direction": "maximize"}
+_BASE["resources"] = {"cpus_per_trial": 1, "max_concurrent": 2}
+
+
+def _paths(node: object, prefix: tuple = ()) -> list[tuple]:
+    """Every key path of the base config (sections, fields, search dimensions, their keys)."""
+    out = [prefix] if prefix else []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out += _paths(value, (*prefix, key))
+    return out
+
+
+_PATHS = _paths(_BASE)
+_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30)
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**4, 10**4), st.sampled_from([0, -1, 10**30, -(2**63), 2**64]),
+    st.floats(allow_nan=True, allow_infinity=True), _text,
+    st.sampled_from(["", " ", "full", "auto", "grid", "nan", "ünïcødé", "名前", "../..", "a" * 5000, "1e999", "~"]),
+)
+_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                           st.dictionaries(_text, inner, max_size=4)), max_leaves=12)
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+_deep = st.integers(1, 300).map(_nested)
+_keys = st.one_of(_text, st.sampled_from(["lr", "name", "values", "low", "high", "optimzer", "space", "stop"]))
+# Keys whose size allocates or loops at build time: a value there is a size the user asked for.
+_SIZED = {("model", "depth"), ("dataset", "options")}
+
+
+@st.composite
+def _configs(draw) -> object:
+    import copy
+
+    data = copy.deepcopy(_BASE)
+    for _ in range(draw(st.integers(1, 4))):
+        path = draw(st.sampled_from(_PATHS))
+        kind = draw(st.sampled_from(["value", "unknown key", "deep", "delete"]))
+        parent = data
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict):
+            continue
+        if kind == "delete":
+            parent.pop(path[-1], None)
+        elif kind == "unknown key":
+            target = parent.get(path[-1])
+            (target if isinstance(target, dict) else parent)[draw(_keys)] = draw(_values)
+        elif kind == "deep":
+            parent[path[-1]] = draw(_deep)
+        elif path[:2] not in _SIZED:
+            parent[path[-1]] = draw(_values)
+    return draw(st.one_of(st.just(data), st.just(data), st.just(data), _values))
+
+
+@settings(max_examples=int(os.environ.get("SWEEPS_FUZZ_EXAMPLES", "120")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
+@given(config=_configs(), as_text=st.booleans(), junk=st.binary(max_size=40))
+def test_check_never_exits_1_on_generated_configs(tmp_path, capsys, config, as_text, junk):
+    path = tmp_path / "fuzz.yaml"
+    if as_text:
+        write(path, yaml.safe_dump(config, allow_unicode=True, sort_keys=False, width=10**6))
+    else:
+        write(path, yaml.safe_dump(config, sort_keys=False).encode() + junk)
+    done = cli(capsys, "check", path, "--results-dir", tmp_path / "results")
+    event(f"exit {done.returncode}")  # --hypothesis-show-statistics: how many configs passed, how many were refused
+    assert done.returncode in (0, 2), done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    if done.returncode == 2:
+        assert done.stderr.strip() and done.stdout == ""
+    assert not (tmp_path / "results").exists()

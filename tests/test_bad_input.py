@@ -368,7 +368,7 @@ def _configs(draw) -> object:
     import copy
 
     data = copy.deepcopy(_BASE)
-    for _ in range(draw(st.integers(1, 4))):
+    for _ in range(draw(st.integers(0, 4))):
         path = draw(st.sampled_from(_PATHS))
         kind = draw(st.sampled_from(["value", "unknown key", "deep", "delete"]))
         parent = data

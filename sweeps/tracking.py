@@ -8,8 +8,8 @@ a write.
 Layout:
 
 * experiment = sweep name (artifacts under ``<results dir>/mlartifacts/<name>`` for local stores),
-  tagged ``mlflow.experimentKind = custom_model_development`` (:data:`EXPERIMENT_KIND`), so that
-  MLflow 3's UI opens it on its runs table rather than its GenAI traces view;
+  tagged ``mlflow.experimentKind = custom_model_development`` (:data:`EXPERIMENT_KIND`, a
+  model-training experiment), and linked to in the UI's Model training view (:func:`ui_links`);
 * parent run (tags ``sweeps.sweep``, ``sweeps.role=parent``, ``sweeps.git_commit``,
   ``sweeps.versions.<package>``; artifacts ``config.yaml`` and ``resolved_config.json``; the
   flattened config as params);
@@ -39,18 +39,23 @@ from .status import TrialStatus
 ROLE_TAG, SWEEP_TAG, STATUS_TAG, TRIAL_TAG = "sweeps.role", "sweeps.sweep", "status", "optuna.trial_number"
 PARENT_TAG = "mlflow.parentRunId"
 _BATCH = 100  # MLflow's per-request limit on params (metrics: 1000)
-#: Experiment tag read by MLflow 3's UI (its bundle's ``mlflow.experimentKind``): an experiment of
-#: this kind opens on the runs table ("Model training"); untagged ones may open in the GenAI view.
+#: Experiment tag of MLflow 3's UI (``mlflow.experimentKind`` in its bundle): this kind is "Model
+#: training". MLflow 3.17's UI honours it only with its GenAI / Model training switch off; the switch
+#: is on by default and opens every experiment in its GenAI view, whatever the tag, so the links of
+#: :func:`ui_links` also select Model training (:data:`UI_WORKFLOW`).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+#: The UI's URL parameter that selects its Model training view (runs, metrics, artifacts).
+UI_WORKFLOW = "workflowType=machine_learning"
 
 
 def ui_links(base_url: str, experiment_id: str, parent_run_id: str | None = None) -> dict[str, str]:
-    """Links into the MLflow UI at ``base_url``: ``runs``, the experiment's runs table
-    (``#/experiments/<id>/runs``), and ``parent``, the sweep's parent run page."""
-    base = base_url.rstrip("/")
-    links = {"runs": f"{base}/#/experiments/{experiment_id}/runs"}
+    """Links into the MLflow UI at ``base_url``, in its Model training view: ``runs``, the
+    experiment's runs table (``#/experiments/<id>/runs``), and ``parent``, the sweep's parent run
+    page (``#/experiments/<id>/runs/<run id>``)."""
+    base = f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    links = {"runs": f"{base}?{UI_WORKFLOW}"}
     if parent_run_id:
-        links["parent"] = f"{base}/#/experiments/{experiment_id}/runs/{parent_run_id}"
+        links["parent"] = f"{base}/{parent_run_id}?{UI_WORKFLOW}"
     return links
 
 
@@ -274,4 +279,4 @@ class Tracker:
         return [r.info.run_id for r in runs]
 
 
-__all__ = ["EXPERIMENT_KIND", "MLFLOW_UI_DEFAULT", "Tracker", "git_commit", "package_versions", "ui_hint", "ui_links"]
+__all__ = ["EXPERIMENT_KIND", "MLFLOW_UI_DEFAULT", "UI_WORKFLOW", "Tracker", "git_commit", "package_versions", "ui_hint", "ui_links"]

@@ -126,10 +126,10 @@ def test_the_mlflow_ui_shows_the_sweep_in_a_real_browser(swept, tmp_path):
     try:
         # the runs table in the Model training view (not the GenAI traces overview); trials under the parent
         driver.get(runs_link)
-        text = _wait_text(driver, "matching runs")
+        text = _wait_text(driver, r"\b5 matching runs")  # the parent and its 4 trials
         driver.save_screenshot(str(tmp_path / "1-runs-table.png"))
         assert "Model registry" in text and "Observability" not in text and NAME in text
-        driver.find_element("css selector", "button[data-component-id*='runnamecellrenderer']").click()
+        _wait_element(driver, "button[data-component-id*='runnamecellrenderer']").click()  # the parent's "+"
         text = _wait_text(driver, f"{NAME}-0003")
         driver.save_screenshot(str(tmp_path / "2-runs-table-expanded.png"))
         assert all(f"{NAME}-{n:04d}" in text for n in range(4))
@@ -137,6 +137,8 @@ def test_the_mlflow_ui_shows_the_sweep_in_a_real_browser(swept, tmp_path):
         # the parent run's page: its live tau metrics and its trials, then its live/ figures
         driver.get(parent_link)
         text = _wait_text(driver, r"live\.tau\.hessian_top_eig")
+        metric = driver.find_element("xpath", "//*[normalize-space(text())='live.tau.hessian_top_eig']")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", metric)
         driver.save_screenshot(str(tmp_path / "3-parent-run.png"))
         assert "live.n_models" in text and "Child runs" in text
         driver.get(parent_link.replace("?", "/artifacts?"))
@@ -158,6 +160,14 @@ def test_the_mlflow_ui_shows_the_sweep_in_a_real_browser(swept, tmp_path):
         driver.quit()
         if os.environ.get("SWEEPS_KEEP_SCREENSHOTS"):
             shutil.copytree(tmp_path, os.environ["SWEEPS_KEEP_SCREENSHOTS"], dirs_exist_ok=True)
+
+
+def _wait_element(driver, css: str, timeout: float = 60):
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.5).until(
+        expected_conditions.element_to_be_clickable(("css selector", css)))
 
 
 def _click_text(driver, text: str) -> None:

@@ -76,19 +76,25 @@ def _trial_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action="store_true", help="print training progress to stderr")
 
 
+def _check_out_dir(out: str | None) -> None:
+    """Refuse (``UsageError``) an ``--out DIR`` holding a symbolic link that leads out of it: the
+    command writes its files into DIR by fixed names, and a write must not land elsewhere."""
+    if out:
+        from pathlib import Path
+
+        from .connections import check_inside
+
+        folder = Path(out)
+        check_inside(folder, sorted(folder.iterdir()) if folder.is_dir() else [], "--out")
+
+
 @command("trial", help="run one trial here (no Ray, no MLflow) and print its result as JSON", arguments=_trial_arguments)
 def cmd_trial(args: argparse.Namespace) -> int:
     from .config import load_config
     from .trial import run_trial
 
     config = load_config(args.config, args.overrides)
-    if args.out:
-        from pathlib import Path
-
-        from .connections import check_inside
-
-        out = Path(args.out)
-        check_inside(out, sorted(out.iterdir()) if out.is_dir() else [], "--out")
+    _check_out_dir(args.out)
 
     def progress(metrics: dict[str, float], step: int) -> None:
         print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), file=sys.stderr)
@@ -116,6 +122,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     try:
         check_name(args.name, "NAME")
+        _check_out_dir(args.out)
         report = report_sweep(
             args.name, args.tracking_uri, args.out, log=args.log, results_dir=args.results_dir,
             target=args.target, measures=args.measures, n_boot=args.n_boot,

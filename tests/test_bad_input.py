@@ -404,3 +404,13 @@ def test_check_never_exits_1_on_generated_configs(tmp_path, capsys, config, as_t
     if done.returncode == 2:
         assert done.stderr.strip() and done.stdout == ""
     assert not (tmp_path / "results").exists()
+
+
+def test_report_out_refuses_a_symlink_leading_elsewhere(tmp_path, capsys):
+    out, victim = tmp_path / "report", tmp_path / "victim.html"
+    out.mkdir()
+    victim.write_text("keep me")
+    (out / "report.html").symlink_to(victim)
+    done = cli(capsys, "report", "any-sweep", "--out", out, "--results-dir", tmp_path / "results")
+    assert_refused(done, f"--out: {out / 'report.html'} is a symbolic link to {victim}")
+    assert victim.read_text() == "keep me" and not (tmp_path / "results").exists()

@@ -27,8 +27,12 @@ MAX_BUILD_VARIANTS = 16
 
 
 def _variants(config: Any) -> list[Any]:
-    """The base config and one config per value of each ``dataset.*`` / ``model.*`` search
-    dimension (a range: its two ends), distinct in those two sections, at most :data:`MAX_BUILD_VARIANTS`."""
+    """The base config and one config per value of each ``dataset.*`` and ``model.name`` search
+    dimension (a range: its two ends), at most :data:`MAX_BUILD_VARIANTS`.
+
+    The data and the architecture must fit each other: a pairing that cannot work is a config
+    error. The model's other hyperparameters (``width``, ``depth``, ``kwargs``...) are the trials':
+    a value for which a factory raises fails that trial, recorded with its traceback."""
     out, seen = [], set()
 
     def add(cfg: Any) -> None:
@@ -39,7 +43,7 @@ def _variants(config: Any) -> list[Any]:
 
     add(config)
     for name, dim in config.search.space.items():
-        if not name.startswith(("dataset.", "model.")):
+        if not (name.startswith("dataset.") or name == "model.name"):
             continue
         for value in dim.values if dim.values is not None else [dim.low, dim.high]:
             add(config.with_point({name: value}))
@@ -119,7 +123,7 @@ def preflight(config: Any, conn: Connections, *, build: bool = True) -> list[Bui
     Args:
         config: the sweep's validated :class:`~sweeps.config.SweepConfig`.
         conn: where it would write (:func:`sweeps.connections.resolve`).
-        build: also load the dataset and build the model (every ``dataset.*``/``model.*``
+        build: also load the dataset and build the model (each ``dataset.*``/``model.name``
             variant of the search space, at most :data:`MAX_BUILD_VARIANTS`); ``False`` when a
             replacement trial function does not use them.
 

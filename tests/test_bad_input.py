@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from sweeps.cli import main
 from sweeps.config import NAME_RULE, load_config
@@ -316,16 +318,14 @@ def test_check_in_a_fresh_interpreter_is_one_line_and_exit_2(tmp_path):
     """As a user runs it: the installed entry point, a separate process."""
     config = write(tmp_path / "sweep.yaml", "name: a\nname: b\n")
     done = subprocess.run([sys.executable, "-m", "sweeps.cli", "check", str(config)], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300, check=False)
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.strip().splitlines() == [
-        f"sweeps check: invalid config: config: {config} is not valid YAML: duplicated key 'name' on lines 1 and 2 "
-        "(YAML would keep only the last one): merge them into one"]
+    expected = (f"sweeps check: invalid config: config: {config} is not valid YAML: duplicated key 'name' on lines 1 "
+                "and 2 (YAML would keep only the last one): merge them into one")
+    assert done.stderr.strip().splitlines() == [expected]
 
 
 # --- 7. sweeps check never exits 1, whatever the config -------------------------------------------
-from hypothesis import HealthCheck, event, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 _BASE = small_config("fuzz")
 _BASE["search"]["space"] = {"train.lr": {"values": [0.05, 0.2]}, "model.width": {"values": [8, 16]}}

@@ -67,7 +67,7 @@ def swept(tmp_path_factory):
 
 
 def test_quiet_against_a_tracking_server_prints_no_mlflow_run_links(swept):
-    server, out, err, code = swept
+    _, out, err, code = swept
     assert code == 0, err
     for text in (out, err):
         assert "View run" not in text and "View experiment" not in text and "🏃" not in text, text
@@ -104,12 +104,13 @@ def _browser(tmp: Path):
 
 def _wait_text(driver, pattern: str, timeout: float = 60) -> str:
     """The page's visible text once it matches ``pattern`` (regex); ``AssertionError`` otherwise."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
     try:
         WebDriverWait(driver, timeout, poll_frequency=0.5).until(
             lambda d: re.search(pattern, d.find_element("tag name", "body").text))
-    except Exception:
+    except TimeoutException:
         raise AssertionError(f"{pattern!r} not on {driver.current_url}:\n{driver.find_element('tag name', 'body').text[:3000]}") from None
     return driver.find_element("tag name", "body").text
 

@@ -162,12 +162,15 @@ def job_locations(
 
     passed = {what: v for what, value in (("tracking_uri", tracking_uri), ("storage", storage),
                                           ("results_dir", results_dir)) if (v := named(what, value, env))}
-    if "tracking_uri" in passed and "storage" in passed:
-        return passed
+    def absolute(directory: str | None) -> bool:
+        return bool(directory) and Path(directory).expanduser().is_absolute()
+
+    if ("tracking_uri" in passed and "storage" in passed) or absolute(passed.get("results_dir")):
+        return passed  # the job's defaults, if any apply, are under an absolute results directory
     remote = cluster_env()
     missing = [w for w in ("tracking_uri", "storage") if w not in passed and not named(w, None, remote)]
     directory = passed.get("results_dir") or named("results_dir", None, remote)
-    if missing and not (directory and Path(directory).expanduser().is_absolute()):
+    if missing and not absolute(directory):
         flags = " and ".join(f"--{w.replace('_', '-')}" for w in missing)
         names = " / ".join(k for w in missing for k in ENVIRONMENT[w])
         where = f" ({directory!r} is relative: inside it)" if directory else ""

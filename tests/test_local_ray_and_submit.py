@@ -184,3 +184,26 @@ def test_submit_takes_the_rest_from_the_clusters_environment_or_an_absolute_resu
         entrypoint = client.get_job_info(job_id).entrypoint
         client.stop_job(job_id)
         assert expected in entrypoint and absent not in entrypoint, entrypoint
+
+
+def test_the_submit_rule_flag_then_shell_then_cluster_then_an_absolute_results_dir():
+    from sweeps.connections import job_locations
+    from sweeps.errors import UsageError
+
+    def not_asked() -> dict:
+        raise AssertionError("the cluster's environment was asked although nothing depended on it")
+
+    shell = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "SWEEPS_STORAGE": "postgresql://db/optuna"}
+    assert job_locations(tracking_uri=None, storage=None, results_dir=None, env=shell, cluster_env=not_asked) == {
+        "tracking_uri": "http://mlflow:5000", "storage": "postgresql://db/optuna"}
+    flags = job_locations(tracking_uri="http://other", storage=None, results_dir=None, env=shell, cluster_env=not_asked)
+    assert flags["tracking_uri"] == "http://other"
+    assert job_locations(tracking_uri=None, storage=None, results_dir="/srv/results", env={},
+                         cluster_env=not_asked) == {"results_dir": "/srv/results"}
+    cluster = {"SWEEPS_TRACKING_URI": "http://mlflow:5000", "SWEEPS_STORAGE": "postgresql://db/optuna"}
+    assert job_locations(tracking_uri=None, storage=None, results_dir=None, env={}, cluster_env=lambda: cluster) == {}
+    assert job_locations(tracking_uri=None, storage=None, results_dir=None, env={},
+                         cluster_env=lambda: {"SWEEPS_RESULTS_DIR": "/srv/results"}) == {}
+    for results_dir, remote in ((None, {}), ("results", {}), (None, {"SWEEPS_RESULTS_DIR": "results"})):
+        with pytest.raises(UsageError, match="Ray's temporary working directory"):
+            job_locations(tracking_uri=None, storage=None, results_dir=results_dir, env={}, cluster_env=lambda: remote)

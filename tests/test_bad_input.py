@@ -261,7 +261,7 @@ def test_check_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert "populations: 2 shapes (model.width change the tensor shapes), about 6 trials each; up to 3 trials " \
            "trained together per task (population_size auto)" in out
     assert "resources per task: 1 CPU, 0 GPU; at most 2 tasks in flight (resources.max_concurrent)" in out
-    assert "digits (128 train / 540 test, inputs [1, 8, 8], 10 classes) -> mlp (" in out and out.count("-> mlp") == 2
+    assert "digits (128 train / 540 test, inputs [1, 8, 8], 10 classes) -> mlp (" in out and out.count("-> mlp") == 1
     assert f"results: {results} (report: {results / 'reports' / 'planned'})" in out
     assert f"mlflow: sqlite:///{results / 'mlflow.db'} (experiment planned; artifacts " in out
     assert f"optuna: sqlite:///{results / 'optuna.db'} (study planned)" in out

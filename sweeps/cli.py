@@ -217,7 +217,7 @@ def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
     return EXIT_OK
 
 
-def _mlflow_hint(summary: object) -> str:
+def _mlflow_hint(summary: Any) -> str:
     """Where to look at the sweep in the MLflow UI (its runs table and parent run), or ``""``."""
     from .tracking import ui_hint
 
@@ -313,7 +313,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     from .connections import job_locations
 
-    state = {"headers": None, "mode": ""}  # mode: what the follow-up `ray job` commands need in front of them
+    state: dict[str, Any] = {"headers": None, "mode": ""}  # mode: what the follow-up `ray job` commands need
 
     def call(action: Callable[[JobSubmissionClient], Any]) -> Any:
         """``action(client)``, waiting for a fresh head's job agent and retrying once with a token."""

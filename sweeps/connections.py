@@ -163,7 +163,7 @@ def job_locations(
     passed = {what: v for what, value in (("tracking_uri", tracking_uri), ("storage", storage),
                                           ("results_dir", results_dir)) if (v := named(what, value, env))}
     def absolute(directory: str | None) -> bool:
-        return bool(directory) and Path(directory).expanduser().is_absolute()
+        return directory is not None and Path(directory).expanduser().is_absolute()
 
     if ("tracking_uri" in passed and "storage" in passed) or absolute(passed.get("results_dir")):
         return passed  # the job's defaults, if any apply, are under an absolute results directory

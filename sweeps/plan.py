@@ -33,7 +33,8 @@ def _variants(config: Any) -> list[Any]:
     The data and the architecture must fit each other: a pairing that cannot work is a config
     error. The model's other hyperparameters (``width``, ``depth``, ``kwargs``...) are the trials':
     a value for which a factory raises fails that trial, recorded with its traceback."""
-    out, seen = [], set()
+    out: list[Any] = []
+    seen: set[str] = set()
 
     def add(cfg: Any) -> None:
         key = repr((cfg.dataset.model_dump(mode="json"), cfg.model.model_dump(mode="json")))

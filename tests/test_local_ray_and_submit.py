@@ -206,4 +206,5 @@ def test_the_submit_rule_flag_then_shell_then_cluster_then_an_absolute_results_d
                          cluster_env=lambda: {"SWEEPS_RESULTS_DIR": "/srv/results"}) == {}
     for results_dir, remote in ((None, {}), ("results", {}), (None, {"SWEEPS_RESULTS_DIR": "results"})):
         with pytest.raises(UsageError, match="Ray's temporary working directory"):
-            job_locations(tracking_uri=None, storage=None, results_dir=results_dir, env={}, cluster_env=lambda: remote)
+            job_locations(tracking_uri=None, storage=None, results_dir=results_dir, env={},
+                          cluster_env=lambda remote=remote: remote)

@@ -42,8 +42,17 @@ from .imports import import_object  # noqa: F401  (re-exported)
 
 # Final trial metrics every trial reports (besides the measures); valid objective metrics.
 TRIAL_METRICS = (
-    "train_loss", "train_acc", "test_loss", "test_acc", "gen_gap",
-    "epochs", "steps", "train_seconds", "n_train", "n_test", "num_params",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "gen_gap",
+    "epochs",
+    "steps",
+    "train_seconds",
+    "n_train",
+    "n_test",
+    "num_params",
 )
 _SKIP_SPACE_CHECK = "skip_space_check"
 
@@ -51,8 +60,10 @@ _SKIP_SPACE_CHECK = "skip_space_check"
 #: the folders ``<results dir>/mlartifacts/<name>`` and ``<results dir>/reports/<name>``.
 NAME_MAX_LENGTH = 100
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
-NAME_RULE = (f"letters, digits, '-', '_' and '.', not starting with '.', at most {NAME_MAX_LENGTH} "
-             "characters (it becomes a folder name)")
+NAME_RULE = (
+    f"letters, digits, '-', '_' and '.', not starting with '.', at most {NAME_MAX_LENGTH} "
+    "characters (it becomes a folder name)"
+)
 
 
 def check_name(name: Any, field: str = "name") -> str:
@@ -82,7 +93,9 @@ def _metric_name(name: str) -> str:
     from landscape.metrics import METRICS
 
     if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}{_suggest(name, sorted(METRICS))}; known metrics: {', '.join(sorted(METRICS))}")
+        raise ValueError(
+            f"unknown metric {name!r}{_suggest(name, sorted(METRICS))}; known metrics: {', '.join(sorted(METRICS))}"
+        )
     return name
 
 
@@ -90,7 +103,9 @@ def _dataset_name(name: str) -> str:
     from .data import DATASETS
 
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}{_suggest(name, sorted(DATASETS))}; known datasets: {', '.join(sorted(DATASETS))}")
+        raise ValueError(
+            f"unknown dataset {name!r}{_suggest(name, sorted(DATASETS))}; known datasets: {', '.join(sorted(DATASETS))}"
+        )
     return name
 
 
@@ -311,7 +326,9 @@ class ObjectiveConfig(_Section):
         if len(self.directions) == 1 and len(self.metrics) > 1:
             self.directions = self.directions * len(self.metrics)
         if len(self.metrics) != len(self.directions):
-            raise ValueError(f"metric and direction lists differ in length (got {len(self.metrics)} metrics, {len(self.directions)} directions)")
+            raise ValueError(
+                f"metric and direction lists differ in length (got {len(self.metrics)} metrics, {len(self.directions)} directions)"
+            )
         return self
 
     @property
@@ -380,7 +397,9 @@ class SweepConfig(_Section):
         problems = []
         for key, dim in self.search.space.items():
             if not _is_field_path(key):
-                problems.append(f"search.space.{key}: not a config field (keys are dotted paths such as train.lr, model.width, seed)")
+                problems.append(
+                    f"search.space.{key}: not a config field (keys are dotted paths such as train.lr, model.width, seed)"
+                )
                 continue
             candidates = dim.values if dim.values is not None else [dim.low, dim.high]
             for value in candidates:
@@ -509,16 +528,25 @@ def _describe(error: Mapping[str, Any]) -> str:
     if kind == "missing":
         return "required"
     simple = {
-        "greater_than": "must be > {gt}", "greater_than_equal": "must be >= {ge}",
-        "less_than": "must be < {lt}", "less_than_equal": "must be <= {le}",
+        "greater_than": "must be > {gt}",
+        "greater_than_equal": "must be >= {ge}",
+        "less_than": "must be < {lt}",
+        "less_than_equal": "must be <= {le}",
         "literal_error": "must be one of {expected}",
-        "int_type": "must be an integer", "int_parsing": "must be an integer",
-        "int_from_float": "must be an integer", "float_type": "must be a number",
-        "float_parsing": "must be a number", "bool_type": "must be true or false",
-        "bool_parsing": "must be true or false", "string_type": "must be a string",
-        "dict_type": "must be a mapping (key: value)", "list_type": "must be a list",
-        "model_type": "must be a mapping (key: value)", "model_attributes_type": "must be a mapping (key: value)",
-        "too_short": "must have at least {min_length} item(s)", "string_too_short": "must not be empty",
+        "int_type": "must be an integer",
+        "int_parsing": "must be an integer",
+        "int_from_float": "must be an integer",
+        "float_type": "must be a number",
+        "float_parsing": "must be a number",
+        "bool_type": "must be true or false",
+        "bool_parsing": "must be true or false",
+        "string_type": "must be a string",
+        "dict_type": "must be a mapping (key: value)",
+        "list_type": "must be a list",
+        "model_type": "must be a mapping (key: value)",
+        "model_attributes_type": "must be a mapping (key: value)",
+        "too_short": "must have at least {min_length} item(s)",
+        "string_too_short": "must not be empty",
     }
     if kind in simple:
         return simple[kind].format(**ctx)
@@ -562,8 +590,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             try:
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicated key {key!r} on lines {seen[key]} and {line} (YAML would keep "
-                        "only the last one): merge them into one")
+                        None,
+                        None,
+                        f"duplicated key {key!r} on lines {seen[key]} and {line} (YAML would keep "
+                        "only the last one): merge them into one",
+                    )
                 seen[key] = line
             except TypeError:  # an unhashable key: the base class reports it
                 continue
@@ -592,8 +623,9 @@ def read_config_text(path: str | Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise ConfigError(f"config: {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); "
-                          "save it as UTF-8") from None
+        raise ConfigError(
+            f"config: {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); save it as UTF-8"
+        ) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

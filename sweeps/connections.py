@@ -93,8 +93,10 @@ def _private_ray() -> str:
     live = local_cluster()
     if live is None:
         return "local (started by this process)"
-    return (f"local (a private Ray started by this process; the Ray cluster at {live} on this machine is left "
-            "alone: --address auto uses it)")
+    return (
+        f"local (a private Ray started by this process; the Ray cluster at {live} on this machine is left "
+        "alone: --address auto uses it)"
+    )
 
 
 def local_cluster(timeout: float = 1.0) -> str | None:
@@ -160,8 +162,12 @@ def job_locations(
     """
     from .errors import UsageError
 
-    passed = {what: v for what, value in (("tracking_uri", tracking_uri), ("storage", storage),
-                                          ("results_dir", results_dir)) if (v := named(what, value, env))}
+    passed = {
+        what: v
+        for what, value in (("tracking_uri", tracking_uri), ("storage", storage), ("results_dir", results_dir))
+        if (v := named(what, value, env))
+    }
+
     def absolute(directory: str | None) -> bool:
         return directory is not None and Path(directory).expanduser().is_absolute()
 
@@ -177,7 +183,8 @@ def job_locations(
         raise UsageError(
             f"{flags}: named neither here nor in the cluster's environment, so the job would record into Ray's "
             f"temporary working directory{where}, deleted after the job; pass {flags} (or export {names}), or "
-            "--results-dir with an absolute path on the head node")
+            "--results-dir with an absolute path on the head node"
+        )
     return passed
 
 
@@ -278,10 +285,16 @@ def check_database(flag: str, uri: str, timeout: float = 5.0) -> None:
         reason = " ".join(str(err.orig).split())
         where = f"{url.host or 'localhost'}:{url.port or ''}".rstrip(":")
         if "does not exist" in reason or "Unknown database" in reason:
-            create = (f"createdb -h {url.host or 'localhost'} -p {url.port or 5432} -U {url.username or 'postgres'} "
-                      f"{url.database}" if url.get_backend_name() == "postgresql" else f"CREATE DATABASE {url.database}")
-            raise ConnectionError(f"{flag}: database {url.database!r} does not exist on {where}; create it "
-                                  f"(`{create}`) or name an existing one in {redact(uri)}") from None
+            create = (
+                f"createdb -h {url.host or 'localhost'} -p {url.port or 5432} -U {url.username or 'postgres'} "
+                f"{url.database}"
+                if url.get_backend_name() == "postgresql"
+                else f"CREATE DATABASE {url.database}"
+            )
+            raise ConnectionError(
+                f"{flag}: database {url.database!r} does not exist on {where}; create it "
+                f"(`{create}`) or name an existing one in {redact(uri)}"
+            ) from None
         raise ConnectionError(f"{flag}: cannot open {redact(uri)}: {redact(reason)}") from None
     except (ImportError, sqlalchemy.exc.SQLAlchemyError) as err:
         raise ConnectionError(f"{flag}: cannot open {redact(uri)}: {type(err).__name__}: {redact(str(err))}") from None
@@ -291,8 +304,14 @@ def check_database(flag: str, uri: str, timeout: float = 5.0) -> None:
 
 def written_paths(results_dir: Path, name: str) -> list[Path]:
     """What a sweep ``name`` writes under ``results_dir`` with the embedded stores (see the module docstring)."""
-    return [results_dir / "mlflow.db", results_dir / "optuna.db", results_dir / "mlartifacts",
-            results_dir / "mlartifacts" / name, results_dir / "reports", results_dir / "reports" / name]
+    return [
+        results_dir / "mlflow.db",
+        results_dir / "optuna.db",
+        results_dir / "mlartifacts",
+        results_dir / "mlartifacts" / name,
+        results_dir / "reports",
+        results_dir / "reports" / name,
+    ]
 
 
 def check_inside(directory: Path, paths: list[Path], flag: str) -> None:
@@ -304,8 +323,10 @@ def check_inside(directory: Path, paths: list[Path], flag: str) -> None:
     base = Path(directory).resolve()
     for path in paths:
         if path.is_symlink() and not path.resolve().is_relative_to(base):
-            raise UsageError(f"{flag}: {path} is a symbolic link to {path.resolve()}, outside {base}; sweeps write "
-                             "only inside the directory named: remove the link, or name that directory itself")
+            raise UsageError(
+                f"{flag}: {path} is a symbolic link to {path.resolve()}, outside {base}; sweeps write "
+                "only inside the directory named: remove the link, or name that directory itself"
+            )
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -62,8 +62,10 @@ def check_dataset(cfg: Any) -> Any:
     except Exception as err:  # a failed download, unreadable files, an options error of the loader
         root = cfg.dataset.root or cache_dir() / cfg.dataset.name
         reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
-        raise ConfigError(f"dataset.name: {cfg.dataset.name!r} cannot be loaded from {root} ({reason}); put its "
-                          "files there or let it download (dataset.download: true, network access)") from None
+        raise ConfigError(
+            f"dataset.name: {cfg.dataset.name!r} cannot be loaded from {root} ({reason}); put its "
+            "files there or let it download (dataset.download: true, network access)"
+        ) from None
 
 
 def check_model(cfg: Any, data: Any) -> int:
@@ -78,8 +80,10 @@ def check_model(cfg: Any, data: Any) -> int:
 
     from .models import build_model, count_parameters
 
-    what = (f"model.name: {cfg.model.name!r} cannot be built for the dataset's inputs {list(data.input_shape)} "
-            f"and {data.num_classes} classes")
+    what = (
+        f"model.name: {cfg.model.name!r} cannot be built for the dataset's inputs {list(data.input_shape)} "
+        f"and {data.num_classes} classes"
+    )
 
     def run(device: str) -> tuple[Any, int]:
         with torch.device(device):
@@ -137,8 +141,17 @@ def preflight(config: Any, conn: Connections, *, build: bool = True) -> list[Bui
         for cfg in _variants(config):
             data = check_dataset(cfg)
             params = check_model(cfg, data)
-            built.append(Built(cfg.dataset.name, data.n_train, data.n_test, list(data.input_shape), data.num_classes,
-                               cfg.model.name, params))
+            built.append(
+                Built(
+                    cfg.dataset.name,
+                    data.n_train,
+                    data.n_test,
+                    list(data.input_shape),
+                    data.num_classes,
+                    cfg.model.name,
+                    params,
+                )
+            )
     return built
 
 
@@ -156,13 +169,17 @@ class Plan:
     study: str = ""
 
     def lines(self) -> list[str]:
-        out = [f"sweep {self.name}: the config and its stores check out; `sweeps run` would run:",
-               f"  trials: {self.trials} ({self.search})",
-               f"  populations: {self.populations}",
-               f"  resources per task: {self.resources}"]
+        out = [
+            f"sweep {self.name}: the config and its stores check out; `sweeps run` would run:",
+            f"  trials: {self.trials} ({self.search})",
+            f"  populations: {self.populations}",
+            f"  resources per task: {self.resources}",
+        ]
         for b in self.built:
-            out.append(f"  data/model: {b.dataset} ({b.n_train} train / {b.n_test} test, inputs {b.input_shape}, "
-                       f"{b.num_classes} classes) -> {b.model} ({b.num_params:,} parameters)")
+            out.append(
+                f"  data/model: {b.dataset} ({b.n_train} train / {b.n_test} test, inputs {b.input_shape}, "
+                f"{b.num_classes} classes) -> {b.model} ({b.num_params:,} parameters)"
+            )
         out += [f"  {key}: {value}" for key, value in self.where.items()]
         if self.study:
             out.append(f"  study: {self.study}")
@@ -187,8 +204,9 @@ def _slots(config: Any, max_concurrent: int | None) -> tuple[int, str]:
         source = "--max-concurrent" if max_concurrent else "resources.max_concurrent"
         return int(limit), f"at most {limit} tasks in flight ({source})"
     fits = max(1, int((os.cpu_count() or 1) // config.resources.cpus_per_trial))
-    return fits, (f"as many tasks in flight as the cluster fits ({fits} on this machine's {os.cpu_count()} CPUs "
-                  "with a local Ray)")
+    return fits, (
+        f"as many tasks in flight as the cluster fits ({fits} on this machine's {os.cpu_count()} CPUs with a local Ray)"
+    )
 
 
 def _per_task(size: int) -> str:
@@ -218,18 +236,25 @@ def _populations(config: Any, trials: int, slots: int) -> str:
     cap = AUTO_POPULATION_CAP if setting == "auto" else int(setting)
     if config.search.sampler == "grid":
         per_shape = max(1, trials // shapes) if shape_dims else trials
-        size = min(cap, per_shape, math.ceil(trials / slots), math.ceil(per_shape / slots)) if setting == "auto" \
+        size = (
+            min(cap, per_shape, math.ceil(trials / slots), math.ceil(per_shape / slots))
+            if setting == "auto"
             else min(cap, per_shape)
-        split = f"{shapes} shapes ({', '.join(shape_dims)} change the tensor shapes), about {per_shape} trials each" \
-            if shape_dims else f"one shape of {trials} trial{'s' if trials != 1 else ''}"
+        )
+        split = (
+            f"{shapes} shapes ({', '.join(shape_dims)} change the tensor shapes), about {per_shape} trials each"
+            if shape_dims
+            else f"one shape of {trials} trial{'s' if trials != 1 else ''}"
+        )
         return f"{split}; {_per_task(size)} (population_size {setting})"
     varied = f"; trials of equal {', '.join(shape_dims)} train together" if shape_dims else ""
     size = min(cap, math.ceil(trials / slots)) if setting == "auto" else cap
     return f"{_per_task(size)} (population_size {setting}){varied}"
 
 
-def make_plan(config: Any, conn: Connections, *, max_concurrent: int | None = None,
-              built: list[Built] | None = None) -> Plan:
+def make_plan(
+    config: Any, conn: Connections, *, max_concurrent: int | None = None, built: list[Built] | None = None
+) -> Plan:
     """The :class:`Plan` of ``config`` run with the stores ``conn`` (reads the study if it exists)."""
     from . import search
 
@@ -242,17 +267,30 @@ def make_plan(config: Any, conn: Connections, *, max_concurrent: int | None = No
     name = config.name
     where = {
         "results": f"{conn.results_dir} (report: {conn.results_dir / 'reports' / name})",
-        "mlflow": redact(conn.tracking_uri) + (f" (experiment {name}; artifacts {conn.artifact_root}/{name})"
-                                               if conn.artifact_root else f" (experiment {name}; artifacts: the server's)"),
+        "mlflow": redact(conn.tracking_uri)
+        + (
+            f" (experiment {name}; artifacts {conn.artifact_root}/{name})"
+            if conn.artifact_root
+            else f" (experiment {name}; artifacts: the server's)"
+        ),
         "optuna": f"{redact(conn.storage)} (study {name})",
         "ray": conn.describe()["ray"],
     }
-    return Plan(name, trials, _search_text(config, trials), _populations(config, trials, slots), resources,
-                built or [], where, study_state(config, conn))
+    return Plan(
+        name,
+        trials,
+        _search_text(config, trials),
+        _populations(config, trials, slots),
+        resources,
+        built or [],
+        where,
+        study_state(config, conn),
+    )
 
 
-def with_launch_options(config: Any, *, name: str | None = None, max_concurrent: int | None = None,
-                        max_retries: int = 2) -> Any:
+def with_launch_options(
+    config: Any, *, name: str | None = None, max_concurrent: int | None = None, max_retries: int = 2
+) -> Any:
     """``config`` with ``--name`` and ``--max-concurrent`` applied, checked as the config fields they
     override, and ``--max-retries`` checked; ``ConfigError`` naming the flag."""
     if name is not None and name != config.name:
@@ -261,16 +299,28 @@ def with_launch_options(config: Any, *, name: str | None = None, max_concurrent:
         try:
             config = config.with_point({"resources.max_concurrent": max_concurrent})
         except ConfigError as err:
-            raise ConfigError([f"max_concurrent (--max-concurrent, overrides resources.max_concurrent): "
-                               f"{p.split(': ', 1)[-1]}" for p in err.problems]) from None
+            raise ConfigError(
+                [
+                    f"max_concurrent (--max-concurrent, overrides resources.max_concurrent): {p.split(': ', 1)[-1]}"
+                    for p in err.problems
+                ]
+            ) from None
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise ConfigError(f"max_retries (--max-retries): must be an integer >= 0 (got {max_retries!r})")
     return config
 
 
-def check_sweep(source: Any, overrides: Any = (), *, name: str | None = None, results_dir: Any = None,
-                tracking_uri: str | None = None, storage: str | None = None, address: str | None = None,
-                max_concurrent: int | None = None) -> Plan:
+def check_sweep(
+    source: Any,
+    overrides: Any = (),
+    *,
+    name: str | None = None,
+    results_dir: Any = None,
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+    address: str | None = None,
+    max_concurrent: int | None = None,
+) -> Plan:
     """What ``sweeps check`` does: validate the config (``source``: path, dict or config, with
     ``overrides``), its search, its stores (reachable, database present, name not taken by
     another config), its paths, dataset and model, as ``sweeps run`` would; return the plan.
@@ -311,13 +361,22 @@ def study_state(config: Any, conn: Connections) -> str:
     fingerprint = search.config_fingerprint(config.model_dump(mode="json"))
     if study.user_attrs.get("fingerprint") != fingerprint:
         raise search.StudyConflictError(
-            search.name_taken(config.name, conn.storage, study.user_attrs.get("fingerprint"), fingerprint))
+            search.name_taken(config.name, conn.storage, study.user_attrs.get("fingerprint"), fingerprint)
+        )
     counts = search.status_counts(study)
     done = ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "no trials yet"
     return f"exists with this config ({done}): `sweeps run` continues it"
 
 
 __all__ = [
-    "MAX_BUILD_VARIANTS", "Built", "Plan", "check_dataset", "check_model", "check_sweep", "make_plan", "preflight",
-    "study_state", "with_launch_options",
+    "MAX_BUILD_VARIANTS",
+    "Built",
+    "Plan",
+    "check_dataset",
+    "check_model",
+    "check_sweep",
+    "make_plan",
+    "preflight",
+    "study_state",
+    "with_launch_options",
 ]

@@ -90,8 +90,11 @@ class _Writes:
 
     def __init__(self, tracking_uri: str) -> None:
         local = urlsplit(tracking_uri).scheme in ("", "file", "sqlite")
-        self.pool = None if local else concurrent.futures.ThreadPoolExecutor(
-            MLFLOW_SERVER_WRITERS, thread_name_prefix="sweeps-mlflow")
+        self.pool = (
+            None
+            if local
+            else concurrent.futures.ThreadPoolExecutor(MLFLOW_SERVER_WRITERS, thread_name_prefix="sweeps-mlflow")
+        )
 
     def submit(self, write: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         if self.pool is not None:
@@ -217,8 +220,13 @@ def _connect_ray(address: str | None, quiet: bool) -> bool:
     if address:
         ray.init(address=address, log_to_driver=quiet, logging_level=ray_logging_level())
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=quiet, object_store_memory=256 * 2**20,
-                 logging_level=ray_logging_level())
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            log_to_driver=quiet,
+            object_store_memory=256 * 2**20,
+            logging_level=ray_logging_level(),
+        )
     return True
 
 
@@ -274,8 +282,9 @@ def _best(study: optuna.Study) -> list[dict[str, Any]]:
     return [{"number": t.number, "values": list(t.values), "params": dict(t.params)} for t in trials]
 
 
-def _with_completed(best: list[dict[str, Any]], trial: dict[str, Any],
-                    directions: Sequence[optuna.study.StudyDirection]) -> list[dict[str, Any]]:
+def _with_completed(
+    best: list[dict[str, Any]], trial: dict[str, Any], directions: Sequence[optuna.study.StudyDirection]
+) -> list[dict[str, Any]]:
     """``best`` (as :func:`_best` returns it) after ``trial`` (``number``, ``values``, ``params``)
     completed: what :func:`_best` would read from the study then, kept by the driver so that
     recording a trial reads no other trial (the Pareto front is otherwise a scan of the study).
@@ -376,13 +385,33 @@ def run_sweep(
     preflight(config, conn, build=trial_fn is None)  # paths, dataset, model: refused before anything is written
     conn.results_dir.mkdir(parents=True, exist_ok=True)
     with DriverLease(conn.storage, config.name) as lease:
-        return _drive(config, conn, lease, resume=resume, quiet=quiet, max_retries=max_retries, prune=prune,
-                      config_yaml=config_yaml or yaml.safe_dump(resolved, sort_keys=False), trial_fn=trial_fn,
-                      report=report)
+        return _drive(
+            config,
+            conn,
+            lease,
+            resume=resume,
+            quiet=quiet,
+            max_retries=max_retries,
+            prune=prune,
+            config_yaml=config_yaml or yaml.safe_dump(resolved, sort_keys=False),
+            trial_fn=trial_fn,
+            report=report,
+        )
 
 
-def _drive(config: Any, conn: Connections, lease: DriverLease, *, resume: bool, quiet: bool, max_retries: int,
-           prune: bool, config_yaml: str, trial_fn: TrialFn | None, report: bool) -> SweepSummary:
+def _drive(
+    config: Any,
+    conn: Connections,
+    lease: DriverLease,
+    *,
+    resume: bool,
+    quiet: bool,
+    max_retries: int,
+    prune: bool,
+    config_yaml: str,
+    trial_fn: TrialFn | None,
+    report: bool,
+) -> SweepSummary:
     """The body of :func:`run_sweep` while this driver holds the sweep's lease."""
     import ray
 
@@ -394,11 +423,23 @@ def _drive(config: Any, conn: Connections, lease: DriverLease, *, resume: bool, 
     metrics_names = list(config.objective.metrics)
     counts = search.status_counts(study)
     if _is_done(counts, budget):
-        summary = SweepSummary(config.name, budget, counts, _best(study), study.user_attrs.get("mlflow_parent_run_id", ""),
-                               False, 0.0, conn, complete=_complete(study), already_finished=True)
+        summary = SweepSummary(
+            config.name,
+            budget,
+            counts,
+            _best(study),
+            study.user_attrs.get("mlflow_parent_run_id", ""),
+            False,
+            0.0,
+            conn,
+            complete=_complete(study),
+            already_finished=True,
+        )
         with ProgressView(quiet=True) as view:
-            view.log(f"sweep {config.name}: already finished ({summary.finished}/{budget} trials); nothing to run. "
-                     f"`sweeps report {config.name}` rebuilds its report; raise search.n_trials to extend it")
+            view.log(
+                f"sweep {config.name}: already finished ({summary.finished}/{budget} trials); nothing to run. "
+                f"`sweeps report {config.name}` rebuilds its report; raise search.n_trials to extend it"
+            )
         return summary
     from .tracking import Tracker  # imports MLflow: not needed for a finished sweep
 
@@ -424,13 +465,27 @@ def _drive(config: Any, conn: Connections, lease: DriverLease, *, resume: bool, 
     with ProgressView(quiet=quiet) as view, _StopFlag() as stop:
         view.log(f"sweep {config.name}: {budget} trials; " + ", ".join(f"{k}={v}" for k, v in conn.describe().items()))
         if lease.taken_over is not None:
-            view.log(f"sweep {config.name}: took over the lease of a driver that stopped heart-beating "
-                     f"({lease.taken_over.describe()})")
+            view.log(
+                f"sweep {config.name}: took over the lease of a driver that stopped heart-beating "
+                f"({lease.taken_over.describe()})"
+            )
         try:
             _recover(study, tracker, parent, view)
             started_here = _connect_ray(conn.address, quiet)
-            driver = _Driver(config, study, tracker, parent, conn, view, stop, budget, config.resources.max_concurrent,
-                             max_retries, trial_fn, lease)
+            driver = _Driver(
+                config,
+                study,
+                tracker,
+                parent,
+                conn,
+                view,
+                stop,
+                budget,
+                config.resources.max_concurrent,
+                max_retries,
+                trial_fn,
+                lease,
+            )
             driver.loop()
         finally:
             lost = lease.lost
@@ -455,8 +510,16 @@ def _drive(config: Any, conn: Connections, lease: DriverLease, *, resume: bool, 
     if lost:
         raise LeaseLostError(lease.lost_message())
     summary = SweepSummary(
-        config.name, budget, counts, best, parent, interrupted, time.monotonic() - driver.started, conn,
-        driver.launched, complete=_complete(study),
+        config.name,
+        budget,
+        counts,
+        best,
+        parent,
+        interrupted,
+        time.monotonic() - driver.started,
+        conn,
+        driver.launched,
+        complete=_complete(study),
     )  # driver is set: any failure before the loop propagated from the `finally` above
     if stop.requested:
         raise SweepInterrupted(summary)
@@ -502,8 +565,10 @@ def _recover(study: optuna.Study, tracker: Tracker, parent: str, view: ProgressV
                 continue
             tracker.end(run_id, TrialStatus.INTERRUPTED)
         requeued = search.interrupt(study, trial)
-        view.log(f"trial {trial.number}: left running by a stopped driver; marked interrupted"
-                 + (", point re-enqueued" if requeued else " (it had no point yet)"))
+        view.log(
+            f"trial {trial.number}: left running by a stopped driver; marked interrupted"
+            + (", point re-enqueued" if requeued else " (it had no point yet)")
+        )
     for run_id in tracker.active_children(parent):
         tracker.end(run_id, TrialStatus.INTERRUPTED)
 
@@ -511,8 +576,9 @@ def _recover(study: optuna.Study, tracker: Tracker, parent: str, view: ProgressV
 class _Driver:
     """The ask / launch / collect / record loop of one driver run (state of :func:`run_sweep`)."""
 
-    def __init__(self, config, study, tracker, parent, conn, view, stop, budget, max_concurrent, max_retries, trial_fn,
-                 lease):
+    def __init__(
+        self, config, study, tracker, parent, conn, view, stop, budget, max_concurrent, max_retries, trial_fn, lease
+    ):
         import ray
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -528,7 +594,11 @@ class _Driver:
         self.device = "cuda" if gpus > 0 else None
         # Retries are the driver's (a retried task re-runs only the members not recorded yet).
         self.task = ray.remote(population_task).options(
-            num_cpus=cpus, num_gpus=gpus, num_returns="streaming", max_retries=0, retry_exceptions=False,
+            num_cpus=cpus,
+            num_gpus=gpus,
+            num_returns="streaming",
+            max_retries=0,
+            retry_exceptions=False,
         )
         # A measure task is one member's work from its trained weights: Ray may simply re-run it.
         self.measure = ray.remote(measure_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=max_retries)
@@ -571,8 +641,13 @@ class _Driver:
         history = None
         if self.finished:
             history = lambda: results(self.config.name, self.conn.tracking_uri)  # noqa: E731
-        return LiveCorrelation(live_target(self.config.objective.metrics), list(self.config.search.space), write,
-                               self.view.log, history=history)
+        return LiveCorrelation(
+            live_target(self.config.objective.metrics),
+            list(self.config.search.space),
+            write,
+            self.view.log,
+            history=history,
+        )
 
     def _population_setting(self, config: Any, study: optuna.Study, trial_fn: TrialFn | None) -> int | str:
         setting = config.resources.population_size
@@ -606,10 +681,14 @@ class _Driver:
                 if ready and rest:
                     ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             else:  # only final records in flight
-                concurrent.futures.wait(self.writing, timeout=_POLL_SECONDS, return_when=concurrent.futures.FIRST_COMPLETED)
+                concurrent.futures.wait(
+                    self.writing, timeout=_POLL_SECONDS, return_when=concurrent.futures.FIRST_COMPLETED
+                )
             self.lease.ensure()
             self._drain()
-            done = [pair for ref in ready for pair in (self._collect(ref) if ref in self.in_flight else self._measured(ref))]
+            done = [
+                pair for ref in ready for pair in (self._collect(ref) if ref in self.in_flight else self._measured(ref))
+            ]
             self._fill(unrecorded=len(done) + len(self.writing))
             self._record(done)
             self._tell_written()
@@ -630,7 +709,9 @@ class _Driver:
         task holds a slot too: members already trained are measured before new ones start."""
         while self.to_measure and self._slots_used() < self.concurrency:
             member, trained = self.to_measure.popleft()
-            ref = self.measure.remote(trained, self.conn.tracking_uri, self.config.resources.cpus_per_trial, self.device)
+            ref = self.measure.remote(
+                trained, self.conn.tracking_uri, self.config.resources.cpus_per_trial, self.device
+            )
             self.measuring[ref] = member
         groups: list[list[AskedTrial]] = []
         while not self.stop.requested and self._slots_used() + len(groups) < self.concurrency:
@@ -662,10 +743,12 @@ class _Driver:
             members = {}
             for index, asked in enumerate(group):
                 number = asked.trial.number
-                run = self.writes.submit(self.tracker.start_child, self.config.name, self.parent, number,
-                                         asked.config.flat())
+                run = self.writes.submit(
+                    self.tracker.start_child, self.config.name, self.parent, number, asked.config.flat()
+                )
                 members[index] = self.by_number[number] = _Member(
-                    asked.trial, run, asked.config, RunningTrial(number, asked.point, time.monotonic()))
+                    asked.trial, run, asked.config, RunningTrial(number, asked.point, time.monotonic())
+                )
                 self.starting.append(members[index])
                 self.view.log(f"trial {number}: started {asked.point}")
             self._submit(members, self.max_retries)
@@ -687,9 +770,15 @@ class _Driver:
         """Start one task for ``members`` (re-indexed 0..K-1 in the task)."""
         members = dict(enumerate(members.values()))
         gen = self.task.remote(
-            self.trial_fn, [m.config for m in members.values()], [m.trial.number for m in members.values()],
-            self.queue, self.conn.tracking_uri, self.config.resources.cpus_per_trial, self.device,
-            len(members) > 1, self.stops,
+            self.trial_fn,
+            [m.config for m in members.values()],
+            [m.trial.number for m in members.values()],
+            self.queue,
+            self.conn.tracking_uri,
+            self.config.resources.cpus_per_trial,
+            self.device,
+            len(members) > 1,
+            self.stops,
         )
         self.in_flight[gen] = _Task(members, retries_left)
 
@@ -715,7 +804,9 @@ class _Driver:
             if member is None:
                 continue
             points = [(mlflow_names(kind, m), step, ts) for kind, m, step, ts in records]
-            self.streaming.append(self.writes.submit(lambda m, p: self.tracker.log_metrics(m.run_id, p), member, points))
+            self.streaming.append(
+                self.writes.submit(lambda m, p: self.tracker.log_metrics(m.run_id, p), member, points)
+            )
             if records:
                 member.view.latest, member.view.step = dict(records[-1][1]), records[-1][2]
             self._maybe_prune(member, [(m, step) for kind, m, step, _ in records if kind == "epoch"])
@@ -763,14 +854,18 @@ class _Driver:
             return self._settle(task, TrialStatus.FAILED, "the task ended without a result for this trial")
         except ray.exceptions.TaskCancelledError:
             del self.in_flight[gen]
-            return [(m, {"status": TrialStatus.PRUNED, "metrics": m.pruned or {}, "artifacts": {}, "traceback": None})
-                    for m in task.members.values()]
+            return [
+                (m, {"status": TrialStatus.PRUNED, "metrics": m.pruned or {}, "artifacts": {}, "traceback": None})
+                for m in task.members.values()
+            ]
         except ray.exceptions.RayError as err:  # the worker or its node died
             del self.in_flight[gen]
             if task.retries_left > 0:
                 numbers = [m.trial.number for m in task.members.values()]
-                self.view.log(f"trials {numbers}: task lost ({type(err).__name__}); re-launched "
-                              f"({task.retries_left - 1} retries left)")
+                self.view.log(
+                    f"trials {numbers}: task lost ({type(err).__name__}); re-launched "
+                    f"({task.retries_left - 1} retries left)"
+                )
                 self._submit(task.members, task.retries_left - 1)
                 return []
             return self._settle(task, TrialStatus.FAILED, f"{type(err).__name__}: {err}")
@@ -788,12 +883,23 @@ class _Driver:
         try:
             return [(member, ray.get(ref))]
         except ray.exceptions.RayError as err:
-            return [(member, {"status": TrialStatus.FAILED, "metrics": {}, "artifacts": {},
-                              "traceback": f"measures lost: {type(err).__name__}: {err}"})]
+            return [
+                (
+                    member,
+                    {
+                        "status": TrialStatus.FAILED,
+                        "metrics": {},
+                        "artifacts": {},
+                        "traceback": f"measures lost: {type(err).__name__}: {err}",
+                    },
+                )
+            ]
 
     @staticmethod
     def _settle(task: _Task, status: TrialStatus, why: str) -> list[tuple[_Member, dict[str, Any]]]:
-        return [(m, {"status": status, "metrics": {}, "artifacts": {}, "traceback": why}) for m in task.members.values()]
+        return [
+            (m, {"status": status, "metrics": {}, "artifacts": {}, "traceback": why}) for m in task.members.values()
+        ]
 
     def _record(self, done: list[tuple[_Member, Mapping[str, Any]]]) -> None:
         """Hand the finished members' final MLflow records to :class:`_Writes`; each is told to
@@ -833,9 +939,12 @@ class _Driver:
     def _finish_run(self, member: _Member, result: Mapping[str, Any]) -> None:
         metrics = result["metrics"]
         self.tracker.finish_child(
-            member.run_id, result["status"], metrics,
+            member.run_id,
+            result["status"],
+            metrics,
             step=int(metrics.get("steps", member.view.step) or 0),
-            artifacts=result["artifacts"], traceback=result["traceback"],
+            artifacts=result["artifacts"],
+            traceback=result["traceback"],
             tags={f"sweeps.{k}": str(result[k]) for k in ("node_id", "node_ip") if result.get(k)},
             before_final=self.lease.ensure,
         )
@@ -860,8 +969,14 @@ class _Driver:
         running = [m.view for task in self.in_flight.values() for m in task.members.values()]
         running += [m.view for m in self.measuring.values()] + [m.view for m, _ in self.to_measure]
         return Snapshot(
-            self.config.name, self.budget, dict(self.counts), running,
-            self.best, time.monotonic() - self.started, self.concurrency, mean,
+            self.config.name,
+            self.budget,
+            dict(self.counts),
+            running,
+            self.best,
+            time.monotonic() - self.started,
+            self.concurrency,
+            mean,
         )
 
     def shutdown(self, record: bool = True) -> None:
@@ -914,6 +1029,8 @@ def resume_sweep(name: str, **kwargs: Any) -> SweepSummary:
     """
     from .config import load_config
 
-    conn = resolve(results_dir=kwargs.get("results_dir"), tracking_uri=kwargs.get("tracking_uri"), storage=kwargs.get("storage"))
+    conn = resolve(
+        results_dir=kwargs.get("results_dir"), tracking_uri=kwargs.get("tracking_uri"), storage=kwargs.get("storage")
+    )
     config = load_config(search.stored_config(name, conn.storage))
     return run_sweep(config, resume=True, **kwargs)

@@ -181,7 +181,9 @@ def suggest_point(trial: optuna.Trial, config: Any) -> dict[str, Any]:
         elif getattr(dim, "values", None) is not None:
             point[name] = trial.suggest_categorical(name, list(dim.values))
         elif _is_int_dim(config, name, dim):
-            point[name] = trial.suggest_int(name, int(dim.low), int(dim.high), step=int(dim.step or 1), log=bool(dim.log))
+            point[name] = trial.suggest_int(
+                name, int(dim.low), int(dim.high), step=int(dim.step or 1), log=bool(dim.log)
+            )
         else:
             step = None if dim.log else dim.step
             point[name] = trial.suggest_float(name, float(dim.low), float(dim.high), step=step, log=bool(dim.log))
@@ -202,9 +204,11 @@ def validate_search(config: Any) -> None:
 
 def name_taken(name: str, storage: str, stored: str | None, fingerprint: str) -> str:
     """The message of a sweep name taken by a study of another config."""
-    return (f"name: a sweep named {name!r} already exists in {redact(storage)} with another config "
-            f"(fingerprint {stored} != {fingerprint}); continue it with `sweeps resume {name}` "
-            "or choose a new name with --name NEW_NAME")
+    return (
+        f"name: a sweep named {name!r} already exists in {redact(storage)} with another config "
+        f"(fingerprint {stored} != {fingerprint}); continue it with `sweeps resume {name}` "
+        "or choose a new name with --name NEW_NAME"
+    )
 
 
 def open_study(config: Any, storage: str, *, resume: bool = False) -> optuna.Study:
@@ -256,9 +260,7 @@ def stored_config(name: str, storage: str) -> dict[str, Any]:
     try:
         study = optuna.load_study(study_name=name, storage=make_storage(storage))
     except KeyError:
-        raise StudyConflictError(
-            f"name: no sweep named {name!r} in {redact(storage)}; see `sweeps list`"
-        ) from None
+        raise StudyConflictError(f"name: no sweep named {name!r} in {redact(storage)}; see `sweeps list`") from None
     return dict(study.user_attrs["config"])
 
 
@@ -282,7 +284,8 @@ def status_counts(study: optuna.Study) -> dict[str, int]:
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Trials that count towards the budget: finished with a status other than ``interrupted``."""
     return [
-        t for t in study.get_trials(deepcopy=False)
+        t
+        for t in study.get_trials(deepcopy=False)
         if t.state.is_finished() and t.user_attrs.get("status") != TrialStatus.INTERRUPTED
     ]
 
@@ -300,8 +303,13 @@ def objective_names(study: optuna.Study) -> list[str]:
     return list(study.user_attrs.get("objective") or study.metric_names or [])
 
 
-def tell(study: optuna.Study, trial_number: int, status: str, metrics: Mapping[str, float],
-         objective: Sequence[str] | None = None) -> Told:
+def tell(
+    study: optuna.Study,
+    trial_number: int,
+    status: str,
+    metrics: Mapping[str, float],
+    objective: Sequence[str] | None = None,
+) -> Told:
     """Tell the study how trial ``trial_number`` ended.
 
     A converged/not-converged trial whose objective metric is missing or not finite is told
@@ -319,7 +327,9 @@ def tell(study: optuna.Study, trial_number: int, status: str, metrics: Mapping[s
             values = [float(v) for v in raw]
         else:
             missing = [n for n, v in zip(names, raw) if v is None or not math.isfinite(float(v))]
-            storage.set_trial_user_attr(trial_id, "fail_reason", f"objective metric(s) missing or not finite: {missing}")
+            storage.set_trial_user_attr(
+                trial_id, "fail_reason", f"objective metric(s) missing or not finite: {missing}"
+            )
             state = TrialState.FAIL
     storage.set_trial_user_attr(trial_id, "status", status)
     study.tell(trial_number, values, state=state, skip_if_finished=True)
@@ -355,8 +365,9 @@ def _study_storage(study: optuna.Study) -> tuple[optuna.storages.BaseStorage, in
     return storage, _STUDY_IDS[study]
 
 
-def start_trial(study: optuna.Study, point: Mapping[str, Any],
-                distributions: Mapping[str, optuna.distributions.BaseDistribution]) -> optuna.Trial:
+def start_trial(
+    study: optuna.Study, point: Mapping[str, Any], distributions: Mapping[str, optuna.distributions.BaseDistribution]
+) -> optuna.Trial:
     """A RUNNING trial at ``point``, written in one storage transaction.
 
     Asking for a grid point the public way (``enqueue_trial``, ``ask``, one ``suggest_*`` per
@@ -368,9 +379,17 @@ def start_trial(study: optuna.Study, point: Mapping[str, Any],
     """
     storage, study_id = _study_storage(study)
     template = FrozenTrial(
-        number=0, state=TrialState.RUNNING, value=None, datetime_start=datetime.datetime.now(), datetime_complete=None,
-        params=dict(point), distributions=dict(distributions), user_attrs={}, system_attrs={"fixed_params": dict(point)},
-        intermediate_values={}, trial_id=0,
+        number=0,
+        state=TrialState.RUNNING,
+        value=None,
+        datetime_start=datetime.datetime.now(),
+        datetime_complete=None,
+        params=dict(point),
+        distributions=dict(distributions),
+        user_attrs={},
+        system_attrs={"fixed_params": dict(point)},
+        intermediate_values={},
+        trial_id=0,
     )
     return optuna.Trial(study, storage.create_new_trial(study_id, template_trial=template))
 

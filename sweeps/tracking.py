@@ -78,8 +78,10 @@ def ui_hint(tracking_uri: str, parent_run_id: str | None) -> str:
         links = ui_links(urlunsplit((parts.scheme, netloc, parts.path, "", "")), experiment_id, parent_run_id)
         return f"mlflow: runs {links['runs']} ; parent run {links['parent']}"
     links = ui_links(MLFLOW_UI_DEFAULT, experiment_id, parent_run_id)
-    return (f"mlflow: `mlflow ui --backend-store-uri {redact(tracking_uri)}`, then runs {links['runs']} ; "
-            f"parent run {links['parent']}")
+    return (
+        f"mlflow: `mlflow ui --backend-store-uri {redact(tracking_uri)}`, then runs {links['runs']} ; "
+        f"parent run {links['parent']}"
+    )
 
 
 def _now_ms() -> int:
@@ -90,7 +92,9 @@ def git_commit(cwd: str | Path | None = None) -> str:
     """The current git commit (with ``-dirty``), or ``unknown`` outside a repository."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "-uno"], cwd=cwd, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if sha.returncode != 0:
@@ -199,7 +203,10 @@ class Tracker:
             self.client.log_batch(run_id, params=items[start : start + _BATCH], synchronous=True)
 
     def log_metrics(
-        self, run_id: str, records: Iterable[tuple[Mapping[str, float], int, int]], tags: Mapping[str, str] | None = None
+        self,
+        run_id: str,
+        records: Iterable[tuple[Mapping[str, float], int, int]],
+        tags: Mapping[str, str] | None = None,
     ) -> None:
         """Log ``(metrics, step, timestamp_ms)`` records in batches (non-numeric values skipped); ``tags``
         go with the last batch."""
@@ -279,4 +286,13 @@ class Tracker:
         return [r.info.run_id for r in runs]
 
 
-__all__ = ["EXPERIMENT_KIND", "MLFLOW_UI_DEFAULT", "UI_WORKFLOW", "Tracker", "git_commit", "package_versions", "ui_hint", "ui_links"]
+__all__ = [
+    "EXPERIMENT_KIND",
+    "MLFLOW_UI_DEFAULT",
+    "UI_WORKFLOW",
+    "Tracker",
+    "git_commit",
+    "package_versions",
+    "ui_hint",
+    "ui_links",
+]

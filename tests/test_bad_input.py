@@ -134,21 +134,30 @@ def test_a_relative_dataset_root_with_dotdot_is_written_where_it_points(tmp_path
 
 
 # --- 2, 3. files that are not UTF-8 or YAML, duplicated keys -----------------------------------
-@pytest.mark.parametrize(("content", "expected"), [
-    (b"name: caf\xe9\n", ["is not UTF-8 text (byte 0xe9 on line 1); save it as UTF-8"]),
-    (b"\xff\xfe n\x00a\x00", ["is not UTF-8 text"]),
-    ("name: x\ntrain: {lr: [\n", ["is not valid YAML", "line"]),
-    ("name: dup\ntrain: {lr: 0.1}\nmodel: {width: 8}\ntrain: {lr: 0.2}\n",
-     ["duplicated key 'train' on lines 2 and 4", "merge them"]),
-    ("name: dup\ntrain:\n  lr: 0.1\n  lr: 0.2\n", ["duplicated key 'lr' on lines 3 and 4"]),
-    ("- a\n- b\n", ["must be a mapping of sections (got list)"]),
-    ("", ["is empty"]),
-], ids=["latin1", "utf16", "yaml", "dup-section", "dup-field", "list", "empty"])
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"name: caf\xe9\n", ["is not UTF-8 text (byte 0xe9 on line 1); save it as UTF-8"]),
+        (b"\xff\xfe n\x00a\x00", ["is not UTF-8 text"]),
+        ("name: x\ntrain: {lr: [\n", ["is not valid YAML", "line"]),
+        (
+            "name: dup\ntrain: {lr: 0.1}\nmodel: {width: 8}\ntrain: {lr: 0.2}\n",
+            ["duplicated key 'train' on lines 2 and 4", "merge them"],
+        ),
+        ("name: dup\ntrain:\n  lr: 0.1\n  lr: 0.2\n", ["duplicated key 'lr' on lines 3 and 4"]),
+        ("- a\n- b\n", ["must be a mapping of sections (got list)"]),
+        ("", ["is empty"]),
+    ],
+    ids=["latin1", "utf16", "yaml", "dup-section", "dup-field", "list", "empty"],
+)
 def test_unreadable_configs_exit_2_in_one_line(tmp_path, capsys, content, expected):
     config = write(tmp_path / "sweep.yaml", content)
     for command in ("run", "check", "trial"):
-        done = cli(capsys, command, config, "--results-dir", tmp_path / "results") if command != "trial" \
+        done = (
+            cli(capsys, command, config, "--results-dir", tmp_path / "results")
+            if command != "trial"
             else cli(capsys, command, config)
+        )
         assert_refused(done, *expected)
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "results").exists()
@@ -173,8 +182,11 @@ def test_a_missing_database_exits_2_naming_it_and_how_to_create_it(tmp_path, cap
     config = write(tmp_path / "sweep.yaml", small_config())
     for command in ("run", "check"):
         done = cli(capsys, command, config, "--results-dir", tmp_path / "results", flag, missing)
-        assert_refused(done, f"{flag}: database 'sweeps_nosuchdb' does not exist on 127.0.0.1:5432",
-                       "createdb -h 127.0.0.1 -p 5432 -U postgres sweeps_nosuchdb")
+        assert_refused(
+            done,
+            f"{flag}: database 'sweeps_nosuchdb' does not exist on 127.0.0.1:5432",
+            "createdb -h 127.0.0.1 -p 5432 -U postgres sweeps_nosuchdb",
+        )
         assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "results").exists()
 
@@ -183,8 +195,10 @@ def test_a_missing_database_exits_2_naming_it_and_how_to_create_it(tmp_path, cap
 def test_a_dataset_without_files_exits_2_before_any_trial(tmp_path, capsys):
     empty = tmp_path / "empty"
     results = tmp_path / "results"
-    for download, expected in ((True, "needs torchvision to download its files into"),
-                               (False, "dataset.download is false")):
+    for download, expected in (
+        (True, "needs torchvision to download its files into"),
+        (False, "dataset.download is false"),
+    ):
         if download and _has_torchvision():  # then the download itself is tried (no network in CI)
             continue
         data = small_config("nodata", dataset={"name": "mnist", "root": str(empty), "download": download})
@@ -200,7 +214,7 @@ def _has_torchvision() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
-FACTORIES = '''
+FACTORIES = """
 import torch
 from torch import nn
 
@@ -215,14 +229,17 @@ def wrong_classes(input_shape, num_classes):
 
 def raises(input_shape, num_classes):
     raise RuntimeError("no GPU kernels for this layer")
-'''
+"""
 
 
-@pytest.mark.parametrize(("factory", "expected"), [
-    ("fixed_input", "mat1 and mat2 shapes cannot be multiplied"),
-    ("wrong_classes", "its output for 2 samples is [2, 3], not [2, 10]"),
-    ("raises", "RuntimeError: no GPU kernels for this layer"),
-])
+@pytest.mark.parametrize(
+    ("factory", "expected"),
+    [
+        ("fixed_input", "mat1 and mat2 shapes cannot be multiplied"),
+        ("wrong_classes", "its output for 2 samples is [2, 3], not [2, 10]"),
+        ("raises", "RuntimeError: no GPU kernels for this layer"),
+    ],
+)
 def test_a_model_that_cannot_be_built_for_the_data_exits_2(tmp_path, capsys, monkeypatch, factory, expected):
     (tmp_path / "my_factories.py").write_text(FACTORIES)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -230,8 +247,9 @@ def test_a_model_that_cannot_be_built_for_the_data_exits_2(tmp_path, capsys, mon
     results = tmp_path / "results"
     for command in ("run", "check"):
         done = cli(capsys, command, config, "--results-dir", results)
-        assert_refused(done, f"model.name: 'my_factories:{factory}' cannot be built for the dataset's inputs [1, 8, 8]",
-                       expected)
+        assert_refused(
+            done, f"model.name: 'my_factories:{factory}' cannot be built for the dataset's inputs [1, 8, 8]", expected
+        )
     assert not results.exists()
 
 
@@ -251,15 +269,20 @@ def test_every_model_variant_of_the_space_is_built(tmp_path, capsys):
 # --- 7. sweeps check --------------------------------------------------------------------------------
 def test_check_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     data = small_config("planned", resources={"cpus_per_trial": 1, "max_concurrent": 2})
-    data["search"]["space"] = {"train.lr": {"values": [0.05, 0.1, 0.2]}, "model.width": {"values": [8, 16]},
-                               "seed": {"values": [0, 1]}}
+    data["search"]["space"] = {
+        "train.lr": {"values": [0.05, 0.1, 0.2]},
+        "model.width": {"values": [8, 16]},
+        "seed": {"values": [0, 1]},
+    }
     results = tmp_path / "results"
     done = cli(capsys, "check", write(tmp_path / "sweep.yaml", data), "--results-dir", results)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "trials: 12 (grid: train.lr 3 x model.width 2 x seed 2)" in out
-    assert "populations: 2 shapes (model.width change the tensor shapes), about 6 trials each; up to 3 trials " \
-           "trained together per task (population_size auto)" in out
+    assert (
+        "populations: 2 shapes (model.width change the tensor shapes), about 6 trials each; up to 3 trials "
+        "trained together per task (population_size auto)" in out
+    )
     assert "resources per task: 1 CPU, 0 GPU; at most 2 tasks in flight (resources.max_concurrent)" in out
     assert "digits (128 train / 540 test, inputs [1, 8, 8], 10 classes) -> mlp (" in out and out.count("-> mlp") == 1
     assert f"results: {results} (report: {results / 'reports' / 'planned'})" in out
@@ -268,11 +291,25 @@ def test_check_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert "study: new" in out and "ray: local" in out
     assert not results.exists()
 
-    flags = cli(capsys, "check", write(tmp_path / "sweep.yaml", data), "--set", "search.sampler=random",
-                "--set", "search.n_trials=5", "--max-concurrent", "1", "--set", "resources.population_size=1")
+    flags = cli(
+        capsys,
+        "check",
+        write(tmp_path / "sweep.yaml", data),
+        "--set",
+        "search.sampler=random",
+        "--set",
+        "search.n_trials=5",
+        "--max-concurrent",
+        "1",
+        "--set",
+        "resources.population_size=1",
+    )
     assert flags.returncode == 0, flags.stderr
     assert "trials: 5 (sampler random (seed 0) over train.lr, model.width, seed)" in flags.stdout
-    assert "population_size 1: one trial per task" in flags.stdout and "at most 1 tasks in flight (--max-concurrent)" in flags.stdout
+    assert (
+        "population_size 1: one trial per task" in flags.stdout
+        and "at most 1 tasks in flight (--max-concurrent)" in flags.stdout
+    )
 
 
 def test_check_sees_a_name_taken_by_another_config(tmp_path, capsys):
@@ -292,8 +329,10 @@ def test_check_sees_a_name_taken_by_another_config(tmp_path, capsys):
 def test_check_refuses_an_unreachable_store_and_bad_flags(tmp_path, capsys):
     config = write(tmp_path / "sweep.yaml", small_config())
     port = _closed_port()
-    assert_refused(cli(capsys, "check", config, "--tracking-uri", f"http://127.0.0.1:{port}"),
-                   f"--tracking-uri: cannot reach http://127.0.0.1:{port}")
+    assert_refused(
+        cli(capsys, "check", config, "--tracking-uri", f"http://127.0.0.1:{port}"),
+        f"--tracking-uri: cannot reach http://127.0.0.1:{port}",
+    )
     assert_refused(cli(capsys, "check", config, "--max-concurrent", "0"), "--max-concurrent")
     assert_refused(cli(capsys, "check", config, "--storage", "ftp://x/y"), "--storage: unsupported URI")
 
@@ -317,11 +356,19 @@ def test_every_example_checks_out(capsys):
 def test_check_in_a_fresh_interpreter_is_one_line_and_exit_2(tmp_path):
     """As a user runs it: the installed entry point, a separate process."""
     config = write(tmp_path / "sweep.yaml", "name: a\nname: b\n")
-    done = subprocess.run([sys.executable, "-m", "sweeps.cli", "check", str(config)], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "sweeps.cli", "check", str(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 2 and done.stdout == ""
-    expected = (f"sweeps check: invalid config: config: {config} is not valid YAML: duplicated key 'name' on lines 1 "
-                "and 2 (YAML would keep only the last one): merge them into one")
+    expected = (
+        f"sweeps check: invalid config: config: {config} is not valid YAML: duplicated key 'name' on lines 1 "
+        "and 2 (YAML would keep only the last one): merge them into one"
+    )
     assert done.stderr.strip().splitlines() == [expected]
 
 
@@ -345,12 +392,21 @@ def _paths(node: object, prefix: tuple = ()) -> list[tuple]:
 _PATHS = _paths(_BASE)
 _text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30)
 _scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**4, 10**4), st.sampled_from([0, -1, 10**30, -(2**63), 2**64]),
-    st.floats(allow_nan=True, allow_infinity=True), _text,
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**4), 10**4),
+    st.sampled_from([0, -1, 10**30, -(2**63), 2**64]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    _text,
     st.sampled_from(["", " ", "full", "auto", "grid", "nan", "ünïcødé", "名前", "../..", "a" * 5000, "1e999", "~"]),
 )
-_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                           st.dictionaries(_text, inner, max_size=4)), max_leaves=12)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_text, inner, max_size=4)),
+    max_leaves=12,
+)
+
+
 def _nested(depth: int) -> list:
     value: list = []
     for _ in range(depth):
@@ -389,8 +445,11 @@ def _configs(draw) -> object:
     return draw(st.one_of(st.just(data), st.just(data), st.just(data), _values))
 
 
-@settings(max_examples=int(os.environ.get("SWEEPS_FUZZ_EXAMPLES", "120")), deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
+@settings(
+    max_examples=int(os.environ.get("SWEEPS_FUZZ_EXAMPLES", "120")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
 @given(config=_configs(), as_text=st.booleans(), junk=st.binary(max_size=40))
 def test_check_never_exits_1_on_generated_configs(tmp_path, capsys, config, as_text, junk):
     path = tmp_path / "fuzz.yaml"

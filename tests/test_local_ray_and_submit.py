@@ -54,8 +54,23 @@ def test_run_without_address_leaves_a_local_cluster_alone_and_survives_its_stale
         def run(name: str) -> subprocess.CompletedProcess:
             config = tiny_sweep(tmp_path / f"{name}.yaml", name)
             return subprocess.run(
-                [sys.executable, "-m", "sweeps.cli", "run", str(config), "--results-dir", str(tmp_path / "results"),
-                 "--quiet", "--no-report"], env=env, capture_output=True, text=True, timeout=600, check=False)
+                [
+                    sys.executable,
+                    "-m",
+                    "sweeps.cli",
+                    "run",
+                    str(config),
+                    "--results-dir",
+                    str(tmp_path / "results"),
+                    "--quiet",
+                    "--no-report",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
+            )
 
         live = run("next-to-live")
         assert live.returncode == 0, live.stderr[-3000:]
@@ -104,7 +119,13 @@ def submitter(jobs_cluster, monkeypatch, tmp_path, capsys):
     tiny_sweep(tmp_path / "sweep.yaml", "submitted", lrs=(0.05, 0.2))
 
     def submit(*flags: str, **environment: str) -> subprocess.CompletedProcess:
-        for key in ("SWEEPS_TRACKING_URI", "MLFLOW_TRACKING_URI", "SWEEPS_STORAGE", "SWEEPS_RESULTS_DIR", "RAY_ADDRESS"):
+        for key in (
+            "SWEEPS_TRACKING_URI",
+            "MLFLOW_TRACKING_URI",
+            "SWEEPS_STORAGE",
+            "SWEEPS_RESULTS_DIR",
+            "RAY_ADDRESS",
+        ):
             monkeypatch.delenv(key, raising=False)
         for key, value in environment.items():
             monkeypatch.setenv(key, value)
@@ -169,8 +190,9 @@ def test_submit_refuses_when_no_one_names_the_storage(jobs_cluster, submitter):
     assert len(sweep_jobs(nodes)) == before  # nothing submitted
 
 
-def test_submit_takes_the_rest_from_the_clusters_environment_or_an_absolute_results_dir(jobs_cluster, submitter,
-                                                                                         tmp_path):
+def test_submit_takes_the_rest_from_the_clusters_environment_or_an_absolute_results_dir(
+    jobs_cluster, submitter, tmp_path
+):
     nodes, _ = jobs_cluster
     client = job_client(nodes)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -195,16 +217,32 @@ def test_the_submit_rule_flag_then_shell_then_cluster_then_an_absolute_results_d
 
     shell = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "SWEEPS_STORAGE": "postgresql://db/optuna"}
     assert job_locations(tracking_uri=None, storage=None, results_dir=None, env=shell, cluster_env=not_asked) == {
-        "tracking_uri": "http://mlflow:5000", "storage": "postgresql://db/optuna"}
+        "tracking_uri": "http://mlflow:5000",
+        "storage": "postgresql://db/optuna",
+    }
     flags = job_locations(tracking_uri="http://other", storage=None, results_dir=None, env=shell, cluster_env=not_asked)
     assert flags["tracking_uri"] == "http://other"
-    assert job_locations(tracking_uri=None, storage=None, results_dir="/srv/results", env={},
-                         cluster_env=not_asked) == {"results_dir": "/srv/results"}
+    assert job_locations(
+        tracking_uri=None, storage=None, results_dir="/srv/results", env={}, cluster_env=not_asked
+    ) == {"results_dir": "/srv/results"}
     cluster = {"SWEEPS_TRACKING_URI": "http://mlflow:5000", "SWEEPS_STORAGE": "postgresql://db/optuna"}
     assert job_locations(tracking_uri=None, storage=None, results_dir=None, env={}, cluster_env=lambda: cluster) == {}
-    assert job_locations(tracking_uri=None, storage=None, results_dir=None, env={},
-                         cluster_env=lambda: {"SWEEPS_RESULTS_DIR": "/srv/results"}) == {}
+    assert (
+        job_locations(
+            tracking_uri=None,
+            storage=None,
+            results_dir=None,
+            env={},
+            cluster_env=lambda: {"SWEEPS_RESULTS_DIR": "/srv/results"},
+        )
+        == {}
+    )
     for results_dir, remote in ((None, {}), ("results", {}), (None, {"SWEEPS_RESULTS_DIR": "results"})):
         with pytest.raises(UsageError, match="Ray's temporary working directory"):
-            job_locations(tracking_uri=None, storage=None, results_dir=results_dir, env={},
-                          cluster_env=lambda remote=remote: remote)
+            job_locations(
+                tracking_uri=None,
+                storage=None,
+                results_dir=results_dir,
+                env={},
+                cluster_env=lambda remote=remote: remote,
+            )

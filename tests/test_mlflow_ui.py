@@ -29,9 +29,17 @@ from sweeps.tracking import EXPERIMENT_KIND
 
 NAME = "ui-sweep"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1600,1000")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1600,1000",
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +54,38 @@ def swept(tmp_path_factory):
     try:
         server.start()
         config = tmp / "sweep.yaml"
-        config.write_text(yaml.safe_dump({
-            "name": NAME,
-            "dataset": {"name": "digits", "train_size": 256},
-            "model": {"name": "mlp", "width": 8, "depth": 1},
-            "train": {"lr": 0.1, "batch_size": 32, "max_epochs": 3, "stop": {}},
-            "measure": ["hessian_top_eig"],
-            "measure_subset": 64,
-            "search": {"sampler": "grid", "space": {"train.lr": {"values": [0.05, 0.2]}, "seed": {"values": [0, 1]}}},
-        }))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "name": NAME,
+                    "dataset": {"name": "digits", "train_size": 256},
+                    "model": {"name": "mlp", "width": 8, "depth": 1},
+                    "train": {"lr": 0.1, "batch_size": 32, "max_epochs": 3, "stop": {}},
+                    "measure": ["hessian_top_eig"],
+                    "measure_subset": 64,
+                    "search": {
+                        "sampler": "grid",
+                        "space": {"train.lr": {"values": [0.05, 0.2]}, "seed": {"values": [0, 1]}},
+                    },
+                }
+            )
+        )
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(["run", str(config), "--tracking-uri", server.url, "--results-dir", str(tmp / "results"),
-                         "--address", ray.get_runtime_context().gcs_address, "--quiet", "--no-report"])
+            code = main(
+                [
+                    "run",
+                    str(config),
+                    "--tracking-uri",
+                    server.url,
+                    "--results-dir",
+                    str(tmp / "results"),
+                    "--address",
+                    ray.get_runtime_context().gcs_address,
+                    "--quiet",
+                    "--no-report",
+                ]
+            )
         yield server, out.getvalue(), err.getvalue(), code
     finally:
         ray.shutdown()
@@ -109,9 +136,12 @@ def _wait_text(driver, pattern: str, timeout: float = 60) -> str:
 
     try:
         WebDriverWait(driver, timeout, poll_frequency=0.5).until(
-            lambda d: re.search(pattern, d.find_element("tag name", "body").text))
+            lambda d: re.search(pattern, d.find_element("tag name", "body").text)
+        )
     except TimeoutException:
-        raise AssertionError(f"{pattern!r} not on {driver.current_url}:\n{driver.find_element('tag name', 'body').text[:3000]}") from None
+        raise AssertionError(
+            f"{pattern!r} not on {driver.current_url}:\n{driver.find_element('tag name', 'body').text[:3000]}"
+        ) from None
     return driver.find_element("tag name", "body").text
 
 
@@ -168,7 +198,8 @@ def _wait_element(driver, css: str, timeout: float = 60):
     from selenium.webdriver.support.ui import WebDriverWait
 
     return WebDriverWait(driver, timeout, poll_frequency=0.5).until(
-        expected_conditions.element_to_be_clickable(("css selector", css)))
+        expected_conditions.element_to_be_clickable(("css selector", css))
+    )
 
 
 def _click_text(driver, text: str) -> None:

@@ -10,13 +10,16 @@ its options. Subcommands appear in the order they are defined.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, check_name
+from .errors import UsageError
 
 #: How long ``sweeps submit`` waits for a freshly started head's job agent (seconds).
 SUBMIT_AGENT_WAIT_SECONDS = 60
@@ -77,6 +80,18 @@ def _trial_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action="store_true", help="print training progress to stderr")
 
 
+def _check_out_dir(out: str | None) -> None:
+    """Refuse (``UsageError``) an ``--out DIR`` holding a symbolic link that leads out of it: the
+    command writes its files into DIR by fixed names, and a write must not land elsewhere."""
+    if out:
+        from pathlib import Path
+
+        from .connections import check_inside
+
+        folder = Path(out)
+        check_inside(folder, sorted(folder.iterdir()) if folder.is_dir() else [], "--out")
+
+
 @command(
     "trial", help="run one trial here (no Ray, no MLflow) and print its result as JSON", arguments=_trial_arguments
 )
@@ -85,6 +100,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     from .trial import run_trial
 
     config = load_config(args.config, args.overrides)
+    _check_out_dir(args.out)
 
     def progress(metrics: dict[str, float], step: int) -> None:
         print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), file=sys.stderr)
@@ -115,6 +131,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import print_table, report_sweep
 
     try:
+        check_name(args.name, "NAME")
+        _check_out_dir(args.out)
         report = report_sweep(
             args.name,
             args.tracking_uri,
@@ -239,6 +257,9 @@ def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
         print(f"{prog}: {redact(str(err))}", file=sys.stderr)
         return EXIT_USAGE
     flags = _store_flags(args)
+    hint = _mlflow_hint(summary)
+    if hint:
+        print(hint, file=sys.stderr)
     print(
         f"sweep {summary.name}: {summary.finished}/{summary.budget} trials finished "
         f"({', '.join(f'{k}={v}' for k, v in sorted(summary.counts.items()))}); "
@@ -254,22 +275,68 @@ def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
     return EXIT_OK
 
 
+def _mlflow_hint(summary: Any) -> str:
+    """Where to look at the sweep in the MLflow UI (its runs table and parent run), or ``""``."""
+    from .tracking import ui_hint
+
+    try:
+        return ui_hint(summary.connections.tracking_uri, summary.parent_run_id)
+    except Exception:  # a link is a courtesy: the sweep's outcome is printed regardless
+        return ""
+
+
 @command(
     "run",
     help="run a sweep (Ray workers, Optuna search, MLflow tracking); continues a sweep of the same config",
     arguments=_run_arguments,
 )
 def cmd_run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .config import load_config
+    from .config import load_config, read_config_text
     from .runner import run_sweep
 
     config = load_config(args.config, args.overrides)
-    text = Path(args.config).read_text()
+    text = read_config_text(args.config)
     if args.overrides:
         text += "".join(f"\n# --set {o}" for o in args.overrides)
     return _sweep(args, lambda **kw: run_sweep(config, name=args.name, config_yaml=text, **kw))
+
+
+def _check_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--name", help="sweep name (default: the config's name)")
+    _store_arguments(parser)
+    parser.add_argument("--address", help="Ray cluster the run would use (env RAY_ADDRESS; default: a local Ray)")
+    parser.add_argument("--max-concurrent", type=int, metavar="K", help="trials in flight (as for `sweeps run`)")
+
+
+@command(
+    "check",
+    help="check a config as `sweeps run` would (fields, stores, paths, dataset, model) and print "
+    "what it would run; runs and writes nothing",
+    arguments=_check_arguments,
+)
+def cmd_check(args: argparse.Namespace) -> int:
+    from .connections import redact
+    from .plan import check_sweep
+
+    try:
+        plan = check_sweep(
+            args.config,
+            args.overrides,
+            name=args.name,
+            results_dir=args.results_dir,
+            tracking_uri=args.tracking_uri,
+            storage=args.storage,
+            address=args.address,
+            max_concurrent=args.max_concurrent,
+        )
+    except ConfigError:
+        raise  # main(): "invalid config", exit 2
+    except (ConnectionError, ValueError, LookupError) as err:  # a store, a taken name, a path
+        print(f"sweeps check: {redact(str(err))}", file=sys.stderr)
+        return EXIT_USAGE
+    print("\n".join(plan.lines()))
+    return EXIT_OK
 
 
 def _resume_arguments(parser: argparse.ArgumentParser) -> None:
@@ -285,6 +352,7 @@ def _resume_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_resume(args: argparse.Namespace) -> int:
     from .runner import resume_sweep
 
+    check_name(args.name, "NAME")
     return _sweep(args, lambda **kw: resume_sweep(args.name, **kw))
 
 
@@ -307,6 +375,7 @@ def _submit_arguments(parser: argparse.ArgumentParser) -> None:
     arguments=_submit_arguments,
 )
 def cmd_submit(args: argparse.Namespace) -> int:
+    import os
     import shlex
     from pathlib import Path
 
@@ -321,65 +390,53 @@ def cmd_submit(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    entrypoint = ["python", "-m", "sweeps.cli", "run", str(path.relative_to(root)), "--quiet", "--address", "auto"]
-    entrypoint += [f"--set={o}" for o in args.overrides]
-    for flag in ("name", "tracking_uri", "storage", "results_dir", "max_concurrent"):
-        value = getattr(args, flag)
-        if value is not None:
-            entrypoint += [f"--{flag.replace('_', '-')}", str(value)]
-    if args.tracking_uri is None:
-        print(
-            "sweeps submit: warning: no --tracking-uri; the job records MLflow runs under the head node's "
-            "results directory",
-            file=sys.stderr,
-        )
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    runtime_env = {
-        "working_dir": str(root),
-        "excludes": [".git", "**/__pycache__", "sweeps-results", "*.db", "mlartifacts", "mlruns", ".venv"],
-    }
-    import os
+    from .connections import job_locations
 
-    from ray.exceptions import AuthenticationError
+    state: dict[str, Any] = {"headers": None, "mode": ""}  # mode: what the follow-up `ray job` commands need
 
-    def submit(headers: dict[str, str] | None = None) -> str:
-        client = JobSubmissionClient(args.address, headers=headers)
-        deadline, waiting = time.monotonic() + SUBMIT_AGENT_WAIT_SECONDS, False
-        while True:
-            try:
-                return client.submit_job(
-                    entrypoint=shlex.join(entrypoint),
-                    runtime_env=runtime_env,
-                    metadata={"sweep": args.name or config.name},
-                )
-            except RuntimeError as err:
-                # A head that has just started answers 500 "No available agent to submit job, please
-                # try again later" until its job agent is up (seconds): wait for it, then give up.
-                if "try again later" not in str(err) or time.monotonic() > deadline:
-                    raise
-                if not waiting:
-                    print(
-                        f"sweeps submit: the cluster's job agent is not up yet; retrying for up to "
-                        f"{SUBMIT_AGENT_WAIT_SECONDS} s",
-                        file=sys.stderr,
-                    )
-                    waiting = True
-                time.sleep(1.0)
-
-    mode = ""  # what the follow-up `ray job` commands need in front of them
-    try:
+    def call(action: Callable[[JobSubmissionClient], Any]) -> Any:
+        """``action(client)``, waiting for a fresh head's job agent and retrying once with a token."""
         try:
-            job_id = submit()
+            return _with_agent(lambda: action(JobSubmissionClient(args.address, headers=state["headers"])))
         except AuthenticationError:
             # Clusters have token auth on by default (Ray >= 2.59), but the Jobs client sends a token
             # only when this process runs in token mode: retry once with the token at hand, if any.
             token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
             token = os.environ.get("RAY_AUTH_TOKEN") or (token_file.read_text().strip() if token_file.is_file() else "")
-            if not token:
+            if not token or state["headers"]:
                 raise
-            job_id = submit({"Authorization": f"Bearer {token}"})
-            mode = "RAY_AUTH_MODE=token "
+            state["headers"], state["mode"] = {"Authorization": f"Bearer {token}"}, "RAY_AUTH_MODE=token "
+            return _with_agent(lambda: action(JobSubmissionClient(args.address, headers=state["headers"])))
+
+    runtime_env = {
+        "working_dir": str(root),
+        "excludes": [".git", "**/__pycache__", "sweeps-results", "*.db", "mlartifacts", "mlruns", ".venv"],
+    }
+    try:
+        stores = job_locations(
+            tracking_uri=args.tracking_uri,
+            storage=args.storage,
+            results_dir=args.results_dir,
+            env=os.environ,
+            cluster_env=lambda: call(_cluster_environment),
+        )
+        entrypoint = ["python", "-m", "sweeps.cli", "run", str(path.relative_to(root)), "--quiet", "--address", "auto"]
+        entrypoint += [f"--set={o}" for o in args.overrides]
+        options = {**stores, "name": args.name, "max_concurrent": args.max_concurrent}
+        for flag, value in options.items():
+            if value is not None:
+                entrypoint += [f"--{flag.replace('_', '-')}", str(value)]
+        job_id = call(
+            lambda client: client.submit_job(
+                entrypoint=shlex.join(entrypoint), runtime_env=runtime_env, metadata={"sweep": args.name or config.name}
+            )
+        )
+    except UsageError as err:
+        print(f"sweeps submit: {err}", file=sys.stderr)
+        return 2
     except AuthenticationError:
         print(
             f"sweeps submit: {redact(args.address)} requires a Ray auth token: set RAY_AUTH_MODE=token and "
@@ -390,6 +447,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except (ConnectionError, RuntimeError) as err:
         print(f"sweeps submit: cannot submit to {redact(args.address)}: {redact(str(err))}", file=sys.stderr)
         return 2
+    mode = state["mode"]
     print(job_id)
     print(f"follow it:  {mode}ray job logs --address {redact(args.address)} --follow {job_id}", file=sys.stderr)
     print(f"status:     {mode}ray job status --address {redact(args.address)} {job_id}", file=sys.stderr)
@@ -398,6 +456,58 @@ def cmd_submit(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _with_agent(request: Callable[[], Any]) -> Any:
+    """``request()``; a head that has just started answers 500 "No available agent to submit job,
+    please try again later" until its job agent is up (seconds): retried for up to
+    :data:`SUBMIT_AGENT_WAIT_SECONDS`, then raised."""
+    deadline, waiting = time.monotonic() + SUBMIT_AGENT_WAIT_SECONDS, False
+    while True:
+        try:
+            return request()
+        except RuntimeError as err:
+            if "try again later" not in str(err) or time.monotonic() > deadline:
+                raise
+            if not waiting:
+                print(
+                    f"sweeps submit: the cluster's job agent is not up yet; retrying for up to "
+                    f"{SUBMIT_AGENT_WAIT_SECONDS} s",
+                    file=sys.stderr,
+                )
+                waiting = True
+            time.sleep(1.0)
+
+
+#: The marker of the environment probe's output line (:func:`_cluster_environment`).
+_PROBE = "SWEEPS-CLUSTER-ENVIRONMENT "
+
+
+def _cluster_environment(client: Any) -> dict[str, str | None]:
+    """The store settings of the cluster's own environment, as a job sees them: a tiny probe job
+    (no working directory, a second or two) prints them; the job is deleted afterwards."""
+    import shlex
+
+    from ray.job_submission import JobStatus
+
+    from .connections import ENVIRONMENT
+
+    names = [k for keys in ENVIRONMENT.values() for k in keys]
+    code = f"import json, os; print({_PROBE!r} + json.dumps({{k: os.environ.get(k) for k in {names!r}}}))"
+    job = client.submit_job(entrypoint=shlex.join(["python", "-c", code]), metadata={"sweeps": "environment probe"})
+    deadline = time.monotonic() + SUBMIT_AGENT_WAIT_SECONDS
+    while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if time.monotonic() > deadline:
+            client.stop_job(job)
+            raise RuntimeError(f"the environment probe job {job} did not finish within {SUBMIT_AGENT_WAIT_SECONDS} s")
+        time.sleep(0.3)
+    logs = client.get_job_logs(job)
+    with contextlib.suppress(Exception):  # a leftover finished probe is harmless
+        client.delete_job(job)
+    line = next((ln for ln in logs.splitlines() if ln.startswith(_PROBE)), None)
+    if status != JobStatus.SUCCEEDED or line is None:
+        raise RuntimeError(f"the environment probe job {job} failed ({status}): {logs[-500:]}")
+    return json.loads(line[len(_PROBE) :])
 
 
 def _results_arguments(parser: argparse.ArgumentParser) -> None:
@@ -429,10 +539,11 @@ def cmd_results(args: argparse.Namespace) -> int:
         print("sweeps results: --format parquet needs --out FILE", file=sys.stderr)
         return 2
     try:
+        check_name(args.name, "NAME")
         frame = results(
             args.name, args.tracking_uri, results_dir=args.results_dir, include_interrupted=args.include_interrupted
         )
-    except LookupError as err:
+    except (LookupError, ValueError) as err:
         print(f"sweeps results: {err}", file=sys.stderr)
         return 2
     if args.format == "parquet":
@@ -467,10 +578,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .queries import sweep_status
 
     try:
+        check_name(args.name, "NAME")
         info = sweep_status(
             args.name, storage=args.storage, tracking_uri=args.tracking_uri, results_dir=args.results_dir
         )
-    except LookupError as err:
+    except (LookupError, ValueError) as err:
         print(f"sweeps status: {err}", file=sys.stderr)
         return 2
     if args.json:
@@ -569,7 +681,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ConfigError as err:
-        print(f"sweeps {args.command}: invalid config:\n{err}", file=sys.stderr)
+        sep = "\n" if len(err.problems) > 1 else " "
+        print(f"sweeps {args.command}: invalid config:{sep}{err}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as err:  # a NAME argument or a path refused before anything ran
+        print(f"sweeps {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
 
 

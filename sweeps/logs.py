@@ -2,7 +2,9 @@
 
 Quiet means that Optuna's, MLflow's, Alembic's and Ray's INFO lines ("A new study created",
 "Creating initial MLflow database tables", "Started a local Ray instance") and Ray's notice that
-token authentication is on are not shown; their warnings and errors still are.
+token authentication is on are not shown; their warnings and errors still are. Nor are MLflow's
+"View run ... at: http://..." / "View experiment at: ..." lines, printed for every run it ends
+against a tracking server: the CLI prints the sweep's own links once (:func:`sweeps.tracking.ui_links`).
 """
 
 from __future__ import annotations
@@ -23,11 +25,16 @@ _QUIET_LEVELS = {
 }
 
 
+_MLFLOW_LINKS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+
+
 def configure(verbose: bool = False) -> None:
     """Set the third-party loggers for quiet (default) or verbose (INFO) output."""
     _state["verbose"] = verbose
     if not verbose:  # MLflow sets its loggers' level from this variable when it is imported (lazily, later)
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # MLflow reads this on every run it ends: printing the run's links is its default.
+    os.environ[_MLFLOW_LINKS] = "false" if verbose else "true"
     for name, level in _QUIET_LEVELS.items():
         logging.getLogger(name).setLevel(logging.INFO if verbose else level)
     import optuna

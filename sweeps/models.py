@@ -24,6 +24,7 @@ global RNG state.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -100,7 +101,7 @@ def _need_image(cfg: ModelConfig, input_shape: tuple[int, ...]) -> None:
 def mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     width, depth = _width(cfg, 256), cfg.depth or 2
     layers: list[nn.Module] = [nn.Flatten()]
-    fan_in = int(torch.tensor(input_shape).prod())
+    fan_in = math.prod(input_shape)
     for _ in range(depth):
         layers += [nn.Linear(fan_in, width), _norm(cfg, width, 1), _act(cfg), _dropout(cfg)]
         fan_in = width

@@ -142,7 +142,11 @@ class _StopFlag:
 
 
 def _connect_ray(address: str | None, quiet: bool) -> bool:
-    """Connect to Ray (``address``) or start a local one sized to this machine; True if started here."""
+    """Connect to Ray (``address``) or start a private local one sized to this machine; True if started here.
+
+    Without an address the private instance is started with Ray's ``address="local"``: a cluster
+    that ``ray start`` left on this machine (live, or a stale ``ray_current_cluster`` file of a
+    killed one) is left alone and never breaks the run (``--address auto`` uses it)."""
     import ray
 
     from .logs import ray_logging_level
@@ -153,6 +157,7 @@ def _connect_ray(address: str | None, quiet: bool) -> bool:
         ray.init(address=address, log_to_driver=quiet, logging_level=ray_logging_level())
     else:
         ray.init(
+            address="local",
             include_dashboard=False,
             log_to_driver=quiet,
             object_store_memory=256 * 2**20,
@@ -237,33 +242,25 @@ def run_sweep(
     """
     import yaml
 
-    from .config import ConfigError, SweepConfig, load_config
+    from .config import SweepConfig, load_config
 
     if not isinstance(config, SweepConfig):
         if isinstance(config, (str, Path)) and config_yaml is None:
             config_yaml = Path(config).read_text()
         config = load_config(config)
+    from .plan import preflight, with_launch_options
+
     if name is not None and name != config.name:
         config = config.with_point({"name": name})
     search.validate_search(config)
     if prune:
         _check_pruning(config)
     resolved = config.model_dump(mode="json")
-
-    if max_concurrent is not None:  # checked as the config field it overrides
-        try:
-            config = config.with_point({"resources.max_concurrent": max_concurrent})
-        except ConfigError as err:
-            raise ConfigError(
-                [
-                    f"max_concurrent (--max-concurrent, overrides resources.max_concurrent): {p.split(': ', 1)[-1]}"
-                    for p in err.problems
-                ]
-            ) from None
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise ConfigError(f"max_retries (--max-retries): must be an integer >= 0 (got {max_retries!r})")
-    conn = resolve(results_dir=results_dir, tracking_uri=tracking_uri, storage=storage, address=address)
+    config = with_launch_options(config, max_concurrent=max_concurrent, max_retries=max_retries)
+    conn = resolve(results_dir=results_dir, tracking_uri=tracking_uri, storage=storage, address=address, create=False)
     check_reachable(conn)
+    preflight(config, conn, build=trial_fn is None)  # paths, dataset, model: refused before anything is written
+    conn.results_dir.mkdir(parents=True, exist_ok=True)
     with DriverLease(conn.storage, config.name) as lease:
         return _drive(
             config,

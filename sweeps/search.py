@@ -193,6 +193,15 @@ def validate_search(config: Any) -> None:
         raise ValueError("search.sampler: cmaes is single-objective; use nsga2, tpe or random for several metrics")
 
 
+def name_taken(name: str, storage: str, stored: str | None, fingerprint: str) -> str:
+    """The message of a sweep name taken by a study of another config."""
+    return (
+        f"name: a sweep named {name!r} already exists in {redact(storage)} with another config "
+        f"(fingerprint {stored} != {fingerprint}); continue it with `sweeps resume {name}` "
+        "or choose a new name with --name NEW_NAME"
+    )
+
+
 def open_study(config: Any, storage: str, *, resume: bool = False) -> optuna.Study:
     """Create the sweep's study, or load it when it exists with the same config fingerprint.
 
@@ -214,11 +223,7 @@ def open_study(config: Any, storage: str, *, resume: bool = False) -> optuna.Stu
         study = optuna.load_study(study_name=name, storage=store, sampler=build_sampler(config))
         stored = study.user_attrs.get("fingerprint")
         if stored != fingerprint:
-            raise StudyConflictError(
-                f"name: a sweep named {name!r} already exists in {redact(storage)} with another config "
-                f"(fingerprint {stored} != {fingerprint}); continue it with `sweeps resume {name}` "
-                "or choose a new name with --name NEW_NAME"
-            )
+            raise StudyConflictError(name_taken(name, storage, stored, fingerprint))
         # n_trials may be extended: keep the latest resolved config for `sweeps resume`.
         study.set_user_attr("config", resolved)
         return study

@@ -273,7 +273,9 @@ class RayNodes:
                 node.stop()
             raise RuntimeError("\n".join(f"ray start ({n.name}) exited:\n{n.output()}" for n in dead))
 
-    def start_head(self, num_cpus: int = 0) -> Process:
+    def start_head(self, num_cpus: int = 0, name: str = "head") -> Process:
+        """Start the head; its temp dir is ``root/name`` (``name="ray"`` with ``RAY_TMPDIR=root``
+        makes it the machine's default cluster for processes given that environment)."""
         role = [
             "--head",
             f"--port={self.port}",
@@ -282,7 +284,7 @@ class RayNodes:
             f"--dashboard-port={self.dashboard_port}",
             f"--ray-client-server-port={free_port()}",
         ]
-        head = self._spawn("head", role, num_cpus)
+        head = self._spawn(name, role, num_cpus)
         self._wait_started([head])
         self.head = head
         return head

@@ -37,10 +37,12 @@ stability of (heavy-ball) gradient descent at the current learning rate.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -49,12 +51,15 @@ from torch import Tensor, nn
 
 from landscape._functional import training_mode
 
-from .config import TrainConfig
+from . import checkpoint as checkpoints
+from .config import CheckpointConfig, TrainConfig
 from .data import Dataset
 from .population import SHARED_TRAIN_FIELDS, Stack, module_stack_reason
 from .status import TrialStatus
 
 LogFn = Callable[[dict[str, float], int], None]
+
+log_ = logging.getLogger(__name__)
 
 
 def half_squared_errors(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -92,6 +97,8 @@ class TrainResult:
             eos_ratio).
         init_state: the model's ``state_dict`` before the first step (cloned).
         reason: one line on why training stopped.
+        resumes: times this training continued from a checkpoint (:mod:`sweeps.checkpoint`);
+            ``seconds`` then counts the training time up to each checkpoint plus the last run's.
     """
 
     status: TrialStatus
@@ -103,6 +110,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     init_state: dict[str, Tensor] = field(repr=False)
     reason: str = ""
+    resumes: int = 0
 
 
 @torch.no_grad()
@@ -243,6 +251,7 @@ class _Member:
     running: float = math.nan  # moving average of mini-batch losses
     latest: tuple[float, float] = (math.nan, 0.0)  # the most recent full eval
     checked: tuple[float, float] | None = None  # full eval at the current weights
+    resumes: int = 0  # times continued from a checkpoint
 
     def lr(self, step: int) -> float:
         return self.cfg.lr * self.factor(step)
@@ -261,12 +270,41 @@ class _Member:
         return not math.isfinite(loss) or loss > self.cfg.divergence_factor * self.init_loss
 
 
+class _Saver:
+    """When a population checkpoints (:class:`~sweeps.config.CheckpointConfig`): at the end of
+    every ``every_epochs``-th epoch, and after any step once ``every_seconds`` have passed since
+    the last checkpoint (or the start). ``paths`` is one file per member (by index), or ``None``:
+    no checkpoints."""
+
+    def __init__(self, cfg: CheckpointConfig, paths: Sequence[Path] | None):
+        self.every_epochs, self.every_seconds = cfg.every_epochs, cfg.every_seconds
+        self.paths = list(paths) if paths is not None and cfg.enabled else None
+        self.last = time.monotonic()
+        self.seconds, self.count = 0.0, 0  # time spent writing, checkpoints written
+
+    def due(self, epoch: int, epoch_end: bool) -> bool:
+        if self.paths is None:
+            return False
+        if epoch_end and self.every_epochs and epoch % self.every_epochs == 0:
+            return True
+        return self.every_seconds > 0 and time.monotonic() - self.last >= self.every_seconds
+
+    def saved(self, seconds: float) -> None:
+        self.last = time.monotonic()
+        self.seconds += seconds
+        self.count += 1
+
+    def restored(self, epoch: int) -> None:
+        self.last = time.monotonic()
+
+
 class _Population:
     """The training loop of :func:`train_population` over the live members (stack rows)."""
 
     def __init__(self, models: Sequence[nn.Module], data: Dataset, cfgs: Sequence[TrainConfig],
                  seeds: Sequence[int], log: LogMemberFn | None, on_result: ResultFn | None,
-                 stop: StopFn | None = None):
+                 stop: StopFn | None = None, checkpoint_paths: Sequence[Path] | None = None,
+                 resume: Sequence[dict[str, Any]] | None = None):
         self.start = time.perf_counter()
         self.data, self.log, self.on_result, self.stop = data, log, on_result, stop
         cfg = cfgs[0]
@@ -286,6 +324,10 @@ class _Population:
         self.results: list[TrainResult | None] = [None] * len(models)
         self.pending: dict[int, tuple[TrialStatus, str, int]] = {}  # row -> how it leaves
         self.step = 0
+        self.saver = _Saver(cfg.checkpoint, checkpoint_paths)
+        self.resumed: tuple[int, int | None, Tensor | None] | None = None  # epoch, next batch, orders
+        if resume is not None:
+            self._restore(resume)
 
     # --- evaluations ----------------------------------------------------------------------
     @torch.no_grad()
@@ -319,6 +361,9 @@ class _Population:
 
     def emit(self, m: _Member, record: dict[str, Any]) -> None:
         m.history.append(record)
+        self._send(m, record)
+
+    def _send(self, m: _Member, record: dict[str, Any]) -> None:
         if self.log is not None:
             values = {k: float(v) for k, v in record.items() if k not in ("kind", "step")}
             self.log(m.index, TrainingRecord(record["kind"], record["step"], values))
@@ -360,7 +405,7 @@ class _Population:
         result = TrainResult(
             status=status, epochs=epoch, steps=self.step, seconds=time.perf_counter() - self.start,
             track_seconds=m.tracker.seconds, final={k: last[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
-            history=m.history, init_state=m.init_state, reason=reason,
+            history=m.history, init_state=m.init_state, reason=reason, resumes=m.resumes,
         )
         self.results[m.index] = result
         if self.on_result is not None:
@@ -376,6 +421,24 @@ class _Population:
 
     # --- the loop -------------------------------------------------------------------------
     def run(self) -> list[TrainResult]:
+        if self.resumed is None:
+            epoch = self._start()
+        else:
+            epoch, batch, orders = self.resumed
+            for m in self.live:  # the curve so far, for a reader that has not seen it (a new run)
+                for record in m.history:
+                    self._send(m, record)
+            if batch is not None:  # stopped inside epoch `epoch`: finish it
+                self._mini_batch_epoch(epoch, batch, orders)
+                self._end_epoch(epoch)
+        while self.live:
+            epoch += 1
+            (self._full_batch_epoch if self.full else self._mini_batch_epoch)(epoch)
+            self._end_epoch(epoch)
+        return self.results  # type: ignore[return-value]
+
+    def _start(self) -> int:
+        """Epoch 0: the initial evaluation, tracking and checks; returns 0."""
         self.record(range(len(self.live)), 0)
         for row, m in enumerate(self.live):
             m.init_loss = m.running = m.history[-1]["train_loss"]
@@ -387,20 +450,86 @@ class _Population:
             elif m.reached(*m.checked):
                 self.leave(row, TrialStatus.CONVERGED, "the target was met at initialization", 0)
         self.settle()
-        epoch = 0
-        while self.live:
-            epoch += 1
-            (self._full_batch_epoch if self.full else self._mini_batch_epoch)(epoch)
-            rows = [r for r, m in enumerate(self.live) if epoch % m.cfg.eval_every_epochs == 0]
-            self.record(rows, epoch)
-            for row, m in enumerate(self.live):
-                if epoch >= m.cfg.max_epochs:
-                    no_target = m.cfg.stop.train_loss is None and m.cfg.stop.train_acc is None
-                    status = TrialStatus.CONVERGED if no_target else TrialStatus.NOT_CONVERGED
-                    self.leave(row, status, f"max_epochs={m.cfg.max_epochs} reached", epoch)
-            self.stop_requested(epoch)
-            self.settle()
-        return self.results  # type: ignore[return-value]
+        return 0
+
+    def _end_epoch(self, epoch: int) -> None:
+        """After an epoch's steps: its records, ``max_epochs``, pruning, leaving, checkpoint."""
+        rows = [r for r, m in enumerate(self.live) if epoch % m.cfg.eval_every_epochs == 0]
+        self.record(rows, epoch)
+        for row, m in enumerate(self.live):
+            if epoch >= m.cfg.max_epochs:
+                no_target = m.cfg.stop.train_loss is None and m.cfg.stop.train_acc is None
+                status = TrialStatus.CONVERGED if no_target else TrialStatus.NOT_CONVERGED
+                self.leave(row, status, f"max_epochs={m.cfg.max_epochs} reached", epoch)
+        self.stop_requested(epoch)
+        self.settle()
+        if self.saver.due(epoch, epoch_end=True):
+            self.save(epoch, None, None)
+
+    # --- checkpoints (sweeps.checkpoint) ----------------------------------------------------
+    def save(self, epoch: int, batch: int | None, orders: Tensor | None) -> None:
+        """Checkpoint every live member: ``epoch`` done (``batch`` None), or inside ``epoch``
+        before its batch ``batch`` with the epoch's data ``orders`` ``[K, n]``."""
+        started = time.perf_counter()
+        shared: dict[str, Any] = {"epoch": epoch, "batch": batch, "step": self.step,
+                                  "elapsed": started - self.start, "rng": torch.get_rng_state()}
+        device = self.stack.params.flat.device
+        if device.type == "cuda":
+            shared["cuda_rng"] = torch.cuda.get_rng_state(device)
+        opt = self.stack.optimizer.state
+        for row, m in enumerate(self.live):
+            path = self.saver.paths[m.index]
+            member = {
+                "params": self.stack.params.flat[row].detach().cpu().clone(),
+                "optimizer": {k: v[row].detach().cpu().clone() for k, v in opt.items()},
+                "buffers": {n: b.detach().cpu().clone() for n, b in m.model.named_buffers()},
+                "gen": m.gen.get_state(), "order": None if orders is None else orders[row].cpu().clone(),
+                "v0": None if m.tracker.v0 is None else m.tracker.v0.detach().cpu().clone(),
+                "track_seconds": m.tracker.seconds, "history": m.history,
+                "init_state": {k: v.detach().cpu() for k, v in m.init_state.items()},
+                "init_loss": m.init_loss, "running": m.running, "latest": m.latest, "checked": m.checked,
+                "resumes": m.resumes,
+            }
+            try:
+                checkpoints.save(path, {**shared, "key": path.stem, "member": member})
+            except OSError as err:  # a full or unmounted disk must not fail the trial: train on without
+                log_.warning("checkpoint %s not written (%s: %s); checkpoints off for this task", path, type(err).__name__, err)
+                self.saver.paths = None
+                return
+        self.saver.saved(time.perf_counter() - started)
+
+    def _restore(self, states: Sequence[dict[str, Any]]) -> None:
+        """Continue from checkpoints (one per member, all at one position; see :meth:`save`)."""
+        first = states[0]
+        if any((s["epoch"], s["batch"], s["step"]) != (first["epoch"], first["batch"], first["step"]) for s in states):
+            raise ValueError("checkpoints of one population must be at one position (epoch, batch, step)")
+        flat = self.stack.params.flat
+        with torch.no_grad():
+            flat.copy_(torch.stack([s["member"]["params"] for s in states]).to(flat))
+        self.stack.optimizer.state = {k: torch.stack([s["member"]["optimizer"][k] for s in states]).to(flat)
+                                      for k in first["member"]["optimizer"]}
+        self.stack.optimizer.steps = self.step = first["step"]
+        for m, s in zip(self.live, states):
+            saved = s["member"]
+            with torch.no_grad():
+                for name, buffer in m.model.named_buffers():
+                    buffer.copy_(saved["buffers"][name])
+            m.gen.set_state(saved["gen"])
+            m.tracker.v0 = None if saved["v0"] is None else saved["v0"].to(flat)
+            m.tracker.seconds = saved["track_seconds"]
+            m.history = list(saved["history"])
+            m.init_state = {k: v.to(flat.device) for k, v in saved["init_state"].items()}
+            m.init_loss, m.running, m.latest, m.checked = saved["init_loss"], saved["running"], saved["latest"], saved["checked"]
+            m.resumes = saved["resumes"] + 1
+        torch.set_rng_state(first["rng"])
+        if "cuda_rng" in first and flat.device.type == "cuda":
+            torch.cuda.set_rng_state(first["cuda_rng"], flat.device)
+        self.start = time.perf_counter() - first["elapsed"]
+        orders = None
+        if first["batch"] is not None:
+            orders = torch.stack([s["member"]["order"] for s in states]).to(self.data.y_train.device)
+        self.resumed = (first["epoch"], first["batch"], orders)
+        self.saver.restored(first["epoch"])
 
     def _train_step(self, x: Tensor, y: Tensor) -> list[float]:
         """One optimizer step of every live member on its batch ``x [K, B, ...]``, ``y [K, B]``;
@@ -410,11 +539,14 @@ class _Population:
         self.step += 1
         return losses.tolist()
 
-    def _mini_batch_epoch(self, epoch: int) -> None:
+    def _mini_batch_epoch(self, epoch: int, first: int = 0, orders: Tensor | None = None) -> None:
+        """One epoch of mini-batch steps, from its batch ``first`` with the data ``orders``
+        ``[K, n]`` of a checkpoint (default: the whole epoch, orders drawn here)."""
         x, y, b = self.data.x_train, self.data.y_train, self.batch
-        orders = torch.stack([torch.randperm(len(y), generator=m.gen) for m in self.live]).to(y.device)
+        if orders is None:
+            orders = torch.stack([torch.randperm(len(y), generator=m.gen) for m in self.live]).to(y.device)
         check_every = max(1, self.steps_per_epoch // 4)
-        for i in range(self.steps_per_epoch):
+        for i in range(first, self.steps_per_epoch):
             idx = orders[:, i * b : (i + 1) * b]
             flat_idx = idx.reshape(-1)
             losses = self._train_step(x.index_select(0, flat_idx).view(*idx.shape, *x.shape[1:]), y.index_select(0, flat_idx).view(idx.shape))
@@ -437,6 +569,8 @@ class _Population:
                 if not self.live:
                     return
                 orders = orders[keep]
+            if self.saver.due(epoch, epoch_end=False):
+                self.save(epoch, i + 1, orders)
         for row, ev in enumerate(self.evaluate(range(len(self.live)), x, y)):
             m = self.live[row]
             m.checked = m.latest = ev
@@ -492,6 +626,8 @@ def train_population(
     log: LogMemberFn | None = None,
     on_result: ResultFn | None = None,
     stop: StopFn | None = None,
+    checkpoint_paths: Sequence[Path] | None = None,
+    resume: Sequence[dict[str, Any]] | None = None,
 ) -> list[TrainResult]:
     """Train K models of one shape as one stack, each by its own config; :func:`train` is K = 1.
 
@@ -509,6 +645,12 @@ def train_population(
             :func:`sweeps.population.module_stack_reason`).
         cfgs: one per model, equal in :data:`sweeps.population.SHARED_TRAIN_FIELDS`.
         seeds: mini-batch order (and tracking subset) seed per model.
+        checkpoint_paths: one file per model where it checkpoints (:mod:`sweeps.checkpoint`)
+            as ``cfgs[0].checkpoint`` says; ``None``: no checkpoints.
+        resume: one loaded checkpoint per model (:func:`sweeps.checkpoint.load`), all at one
+            position: training continues from there exactly (the models are built as for a
+            start; their weights and every state are replaced). Each member's ``log`` first
+            receives its records so far again.
 
     Returns:
         The members' :class:`TrainResult`, in the order of ``models``. A member's ``seconds``
@@ -525,7 +667,11 @@ def train_population(
         reason = module_stack_reason(models[0])
         if reason is not None:
             raise ValueError(f"these models do not stack: {reason}")
-    return _Population(models, data, cfgs, seeds, log, on_result, stop).run()
+    if checkpoint_paths is not None and len(checkpoint_paths) != len(models):
+        raise ValueError(f"checkpoint_paths: need one per model (got {len(checkpoint_paths)} for {len(models)})")
+    if resume is not None and len(resume) != len(models):
+        raise ValueError(f"resume: need one checkpoint per model (got {len(resume)} for {len(models)})")
+    return _Population(models, data, cfgs, seeds, log, on_result, stop, checkpoint_paths, resume).run()
 
 
 def train(

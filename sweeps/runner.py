@@ -53,14 +53,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import optuna
 
-from . import search
+from . import checkpoint, search
 from .batching import AskedTrial, PointQueue, population_size
 from .connections import Connections, check_reachable, redact, resolve, use_wal
 from .lease import DriverLease, LeaseLostError
@@ -188,6 +188,7 @@ class _Member:
     view: RunningTrial
     last_step: int = -1
     pruned: dict[str, float] | None = None  # the metrics at which the pruner stopped it
+    streamed: dict[str, int] = field(default_factory=dict)  # kind -> last step written (re-sent after a restore)
 
     @property
     def run_id(self) -> str:
@@ -460,6 +461,8 @@ def _drive(config: Any, conn: Connections, lease: DriverLease, *, resume: bool, 
     )  # driver is set: any failure before the loop propagated from the `finally` above
     if stop.requested:
         raise SweepInterrupted(summary)
+    if not interrupted:
+        checkpoint.discard_sweep(conn.checkpoint_dir, config.name)
     if report and not interrupted:
         _report(config.name, conn, view)
     return summary
@@ -689,7 +692,7 @@ class _Driver:
         gen = self.task.remote(
             self.trial_fn, [m.config for m in members.values()], [m.trial.number for m in members.values()],
             self.queue, self.conn.tracking_uri, self.config.resources.cpus_per_trial, self.device,
-            len(members) > 1, self.stops,
+            len(members) > 1, self.stops, str(self.conn.checkpoint_dir),
         )
         self.in_flight[gen] = _Task(members, retries_left)
 
@@ -714,6 +717,10 @@ class _Driver:
             member = self.by_number.get(number)
             if member is None:
                 continue
+            # a task that continued from a checkpoint sends the records so far again: keep each once
+            records = [r for r in records if r[2] > member.streamed.get(r[0], -1)]
+            for kind, _, step, _ in records:
+                member.streamed[kind] = step
             points = [(mlflow_names(kind, m), step, ts) for kind, m, step, ts in records]
             self.streaming.append(self.writes.submit(lambda m, p: self.tracker.log_metrics(m.run_id, p), member, points))
             if records:
@@ -814,6 +821,7 @@ class _Driver:
             future.result()
             number, status, metrics = member.trial.number, result["status"], result["metrics"]
             self._tell(number, status, metrics, member.view.point)
+            checkpoint.discard(self.conn.checkpoint_dir, member.config)  # recorded: never run again
             if self.live is not None:
                 self.live.add(number, status, member.view.point, metrics)
             self.by_number.pop(number, None)

@@ -141,6 +141,25 @@ def discard_sweep(root: str | Path | None, name: str) -> None:
         shutil.rmtree(sweep_folder(root, name), ignore_errors=True)
 
 
+class Cleaner:
+    """An observer of the driver's loop (``add`` / ``poll`` / ``close``): removes the checkpoint of
+    each trial the moment it is recorded (told), whatever its status. ``config`` is the sweep's
+    config; a trial's is ``config.with_point(point)``."""
+
+    def __init__(self, root: str | Path | None, config: Any) -> None:
+        self.root, self.config = root, config
+
+    def add(self, number: int, status: str, point: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        if self.root is not None:
+            discard(self.root, self.config.with_point(dict(point)))
+
+    def poll(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
 class _quiet:
     """Ignore ``OSError`` (a file already gone, a file system without directory fsync)."""
 
@@ -151,5 +170,5 @@ class _quiet:
         return kind is not None and issubclass(kind, OSError)
 
 
-__all__ = ["DIRECTORY", "ENV", "FORMAT", "checkpoint_path", "discard", "discard_sweep", "load", "save",
+__all__ = ["Cleaner", "DIRECTORY", "ENV", "FORMAT", "checkpoint_path", "discard", "discard_sweep", "load", "save",
            "sweep_folder", "trial_key"]

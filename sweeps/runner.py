@@ -692,7 +692,7 @@ class _Driver:
         gen = self.task.remote(
             self.trial_fn, [m.config for m in members.values()], [m.trial.number for m in members.values()],
             self.queue, self.conn.tracking_uri, self.config.resources.cpus_per_trial, self.device,
-            len(members) > 1, self.stops, str(self.conn.checkpoint_dir),
+            len(members) > 1, self.stops, self.conn.checkpoint_dir and str(self.conn.checkpoint_dir),
         )
         self.in_flight[gen] = _Task(members, retries_left)
 

@@ -191,3 +191,18 @@ def test_no_checkpoint_when_both_intervals_are_zero(tmp_path):
     cfg = config({"optimizer": "sgd", "lr": 0.1, "checkpoint": {"every_epochs": 0, "every_seconds": 0}})
     train([cfg], tmp_path)
     assert not any(Path(tmp_path).rglob("*.pt"))
+
+
+def test_the_drivers_cleaner_removes_a_recorded_trials_checkpoint_found_by_its_point(tmp_path):
+    sweep = config({"optimizer": "sgd", "lr": 0.1})
+    trial = sweep.with_point({"train.lr": 0.2, "seed": 3})
+    other = sweep.with_point({"train.lr": 0.2, "seed": 4})
+    for cfg in (trial, other):
+        path = checkpoint.checkpoint_path(tmp_path, cfg)
+        checkpoint.save(path, {"key": path.stem})
+    cleaner = checkpoint.Cleaner(tmp_path, sweep)
+    cleaner.add(7, "converged", {"train.lr": 0.2, "seed": 3}, {})
+    assert not checkpoint.checkpoint_path(tmp_path, trial).exists()
+    assert checkpoint.checkpoint_path(tmp_path, other).exists()
+    checkpoint.discard_sweep(tmp_path, sweep.name)
+    assert not checkpoint.sweep_folder(tmp_path, sweep.name).exists()

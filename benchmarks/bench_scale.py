@@ -599,6 +599,29 @@ def kill_and_resume(name: str, trials: int, kill_at: int, conn: connections.Conn
             "resumed_at": resumed_at}
 
 
+@contextlib.contextmanager
+def counting_sql() -> Iterator[dict[str, collections.Counter]]:
+    """Count the SQL statements and commits of every SQLAlchemy engine in this process (Optuna's
+    storage, MLflow's store on a local database, the lease), by the statement's first words."""
+    import sqlalchemy as sa
+
+    counts: dict[str, collections.Counter] = {"statements": collections.Counter(), "commits": collections.Counter()}
+
+    def statement(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+        counts["statements"][" ".join(sql.split()[:3])[:60]] += 1
+
+    def commit(conn: Any) -> None:
+        counts["commits"]["commit"] += 1
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", statement)
+    sa.event.listen(sa.engine.Engine, "commit", commit)
+    try:
+        yield counts
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", statement)
+        sa.event.remove(sa.engine.Engine, "commit", commit)
+
+
 def bench_driver(trials: int, window: int, kill_at: int | None, *, postgres: bool = False, pg_url: str | None = None,
                  keep: Path | None = None) -> dict[str, float]:
     """Driver seconds per trial over the first and the last ``window`` trials of a ``trials``-point
@@ -621,8 +644,13 @@ def bench_driver(trials: int, window: int, kill_at: int | None, *, postgres: boo
             if kill_at:
                 measured = kill_and_resume(name, trials, kill_at, conn, address)
             else:
-                drive(name, trials, conn, address)
-                measured = {}
+                with counting_sql() as sql:
+                    drive(name, trials, conn, address)
+                measured = {"statements_per_trial": sum(sql["statements"].values()) / trials,
+                            "commits_per_trial": sum(sql["commits"].values()) / trials}
+                top = ", ".join(f"{k!r} {v / trials:.1f}" for k, v in sql["statements"].most_common(8))
+                print(f"SQL per trial (in this process): {measured['statements_per_trial']:.1f} statements, "
+                      f"{measured['commits_per_trial']:.1f} commits; most frequent: {top}")
             measured["wall_s"] = time.monotonic() - start
             times = completion_times(name, conn.storage)
             assert len(times) == trials, (len(times), trials)

@@ -10,7 +10,6 @@ images and versions, commands and flags, environment, token auth, secrets only b
 from __future__ import annotations
 
 import configparser
-import importlib.metadata
 import re
 import shlex
 import shutil
@@ -26,12 +25,27 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 
-# Versions the deployment must pin: the ones of this (driver) environment.
+
+
+def tested_versions() -> dict[str, str]:
+    """``{package: version}`` of constraints.txt, the tested versions (names lower-cased)."""
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+# Versions the deployment must pin: the tested ones of constraints.txt (never those of whatever
+# environment runs this test: a fresh install must not make it fail, nor a stale one pass).
 PACKAGE_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-RAY_VERSION = importlib.metadata.version("ray")
-TORCH_VERSION = importlib.metadata.version("torch").split("+")[0]
-MLFLOW_VERSION = importlib.metadata.version("mlflow")
-OPTUNA_VERSION = importlib.metadata.version("optuna")
+TESTED = tested_versions()
+RAY_VERSION = TESTED["ray"]
+TORCH_VERSION = TESTED["torch"]
+MLFLOW_VERSION = TESTED["mlflow"]
+OPTUNA_VERSION = TESTED["optuna"]
 
 SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET", re.IGNORECASE)
 # scheme://user:password@host: a credential written into a URL.

@@ -272,7 +272,7 @@ def test_the_drivers_running_best_equals_optunas_best_trials(directions):
     """The driver keeps the best trial / Pareto front itself (no study scan per trial): after
     every tell it names the same trials as Optuna's ``best_trial`` / ``best_trials`` (ties and
     duplicate points on the front included)."""
-    from sweeps.runner import _best, _with_completed
+    from sweeps.service.book import best_trials as _best, with_completed as _with_completed
 
     study = optuna.create_study(directions=directions)
     rng = random.Random(0)

@@ -35,6 +35,10 @@ Fault handling:
   finds the RUNNING trials and either tells them from their MLflow run (if that run was fully
   recorded) or marks them interrupted and re-enqueues their points, and ends orphaned MLflow
   runs KILLED. Completed trials are never repeated.
+* Whichever way a trial is run again (a re-launch, the re-run of an interrupted point), it
+  continues from its checkpoint (:mod:`sweeps.checkpoint`: found from the trial's config, in the
+  folder passed to the tasks); the driver removes a trial's checkpoint once the trial is recorded
+  (:class:`~sweeps.checkpoint.Cleaner`) and the sweep's folder once the sweep completes.
 
 Pruning (``prune=True``, off by default) reports the objective metric streamed during
 training to Optuna's ``MedianPruner`` (at the epochs of :func:`is_pruning_epoch`) and stops the

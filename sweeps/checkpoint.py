@@ -170,5 +170,5 @@ class _quiet:
         return kind is not None and issubclass(kind, OSError)
 
 
-__all__ = ["Cleaner", "DIRECTORY", "ENV", "FORMAT", "checkpoint_path", "discard", "discard_sweep", "load", "save",
+__all__ = ["DIRECTORY", "ENV", "FORMAT", "Cleaner", "checkpoint_path", "discard", "discard_sweep", "load", "save",
            "sweep_folder", "trial_key"]

@@ -93,7 +93,7 @@ def test_a_trial_interrupted_after_any_epoch_ends_as_the_uninterrupted_one(case,
     epochs = cfg.train.max_epochs
     for stop_after in (1, epochs // 2, epochs - 1):  # the checkpoint of epoch `stop_after` is the latest
         folder = tmp_path / f"e{stop_after}"
-        crashed, _ = train([cfg], folder, crash=lambda i, r: r.kind == "epoch" and r.values["epoch"] == stop_after + 1)
+        crashed, _ = train([cfg], folder, crash=lambda i, r, e=stop_after + 1: r.kind == "epoch" and r.values["epoch"] == e)
         assert not crashed
         saved = checkpoint.load(checkpoint.checkpoint_path(folder, cfg))
         assert (saved["epoch"], saved["batch"]) == (stop_after, None)
@@ -113,7 +113,7 @@ def test_an_interruption_inside_an_epoch_with_tracking_continues_from_the_step_c
     # epoch 1 (then saved after its evaluation); steps 7 and 13 are inside epochs 3 and 5
     for crash_step, (epoch, batch) in ((4, (1, None)), (8, (3, 1)), (14, (5, 1))):
         folder = tmp_path / f"s{crash_step}"
-        train([cfg], folder, crash=lambda i, r: r.kind == "track" and r.step == crash_step)
+        train([cfg], folder, crash=lambda i, r, s=crash_step: r.kind == "track" and r.step == s)
         saved = checkpoint.load(checkpoint.checkpoint_path(folder, cfg))
         assert (saved["step"], saved["epoch"], saved["batch"]) == (crash_step - 1, epoch, batch)
         resumed, _ = train([cfg], folder)

@@ -648,7 +648,7 @@ def bench_driver(trials: int, window: int, kill_at: int | None, *, postgres: boo
                     drive(name, trials, conn, address)
                 measured = {"statements_per_trial": sum(sql["statements"].values()) / trials,
                             "commits_per_trial": sum(sql["commits"].values()) / trials}
-                top = ", ".join(f"{k!r} {v / trials:.1f}" for k, v in sql["statements"].most_common(8))
+                top = ", ".join(f"{k!r} {v / trials:.1f}" for k, v in sql["statements"].most_common(12))
                 print(f"SQL per trial (in this process): {measured['statements_per_trial']:.1f} statements, "
                       f"{measured['commits_per_trial']:.1f} commits; most frequent: {top}")
             measured["wall_s"] = time.monotonic() - start

@@ -295,8 +295,12 @@ GENERATED_PAGES = {
 def metrics_table() -> str:
     from landscape import METRICS
 
-    rows = [f"| `{m.name}` | {m.larger_is} | {_cell(m.description)} |" for m in METRICS.values()]
-    return "\n".join(["| name | larger is | what it is |", "|---|---|---|", *rows])
+    rows = [
+        f"| `{m.name}` | {m.larger_is} | {_cell(m.description)} | {_cell(m.unit)} | {_cell(m.reference)} |"
+        for m in METRICS.values()
+    ]
+    header = ["| name | larger is | what it is | unit | reference |", "|---|---|---|---|---|"]
+    return "\n".join([*header, *rows])
 
 
 _LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
@@ -340,14 +344,15 @@ def benchmark_files() -> str:
 
 
 def module_table() -> str:
-    """Each module of the two packages with the first paragraph of its docstring (read from the
-    source, not imported), so the architecture page lists the modules that exist."""
+    """Each module of the two packages, subpackages included, with the first paragraph of its
+    docstring (read from the source, not imported), so the architecture page lists the modules
+    that exist."""
     rows = []
     for package in ("landscape", "sweeps"):
-        for path in sorted((ROOT / package).glob("*.py")):
+        for path in sorted((ROOT / package).rglob("*.py")):
             doc = ast.get_docstring(ast.parse(path.read_text())) or ""
             summary = " ".join(doc.split("\n\n")[0].split())
-            rows.append(f"| `{package}/{path.name}` | {_cell(_markdown(summary))} |")
+            rows.append(f"| `{path.relative_to(ROOT).as_posix()}` | {_cell(_markdown(summary))} |")
     return "\n".join(["| module | what it is |", "|---|---|", *rows])
 
 

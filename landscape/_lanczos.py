@@ -32,9 +32,9 @@ from scipy.linalg import eigh_tridiagonal
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
-from .hvp import HessianOperator
+from .hvp import CurvatureOperator, HessianOperator
 
-OperatorLike = Union[HessianOperator, Tensor, np.ndarray, LinearOperator, Callable[[Tensor], Tensor]]
+OperatorLike = Union[HessianOperator, CurvatureOperator, Tensor, np.ndarray, LinearOperator, Callable[[Tensor], Tensor]]
 
 
 @dataclass
@@ -75,7 +75,7 @@ def as_operator(
     """
     if isinstance(operator, SymmetricOperator):
         return operator
-    if isinstance(operator, HessianOperator):
+    if isinstance(operator, CurvatureOperator):
         return SymmetricOperator(operator.matmat, operator.num_params, operator.dtype, operator.device)
     if isinstance(operator, np.ndarray):
         operator = torch.from_numpy(operator)

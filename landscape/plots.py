@@ -17,7 +17,8 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, NullLocator
 
-from .surface import Interpolation, Surface1D, Surface2D
+from .interpolation import Interpolation
+from .surface import Surface1D, Surface2D
 
 __all__ = [
     "plot_surface_2d",

@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.arguments(p)
         p.add_argument("-v", "--verbose", action="store_true",
                        help="also show the INFO logs of Optuna, MLflow and Ray (hidden by default)")
-        p.set_defaults(_run=cmd.run)
+        p.set_defaults(handler=cmd.run)
     return parser
 
 
@@ -453,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure(verbose=args.verbose)
     try:
-        return args._run(args)
+        return args.handler(args)
     except ConfigError as err:
         print(f"sweeps {args.command}: invalid config:\n{err}", file=sys.stderr)
         return EXIT_USAGE

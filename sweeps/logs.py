@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 
+from .adapters.ray_adapter import TOKEN_NOTICE_LOGGER
+
 _state = {"verbose": False}
 # Loggers held at WARNING when quiet; the token-auth notice is a warning, so its logger at ERROR.
 _QUIET_LEVELS = {
@@ -17,7 +19,7 @@ _QUIET_LEVELS = {
     "mlflow": logging.WARNING,
     "alembic": logging.WARNING,
     "ray": logging.WARNING,
-    "ray._private.authentication.authentication_token_setup": logging.ERROR,
+    TOKEN_NOTICE_LOGGER: logging.ERROR,
 }
 
 

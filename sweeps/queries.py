@@ -38,6 +38,7 @@ from typing import Any
 import pandas as pd
 from mlflow import MlflowClient
 
+from .adapters import mlflow_adapter
 from .connections import Connections, redact, resolve
 from .status import FINISHED, TrialStatus
 from .tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, TRIAL_TAG
@@ -86,19 +87,14 @@ def _trial_runs(
 
     A database tracking store (SQLite, PostgreSQL, MySQL) is read with four SQL queries on
     MLflow's own tables (:func:`_sql_runs`); any other (an ``mlflow server``) with paged
-    ``search_runs``. ``use_sql`` forces one way (tests compare them). The SQL way is the one
-    place ``sweeps`` leaves MLflow's public API: it reaches the client's store through the
-    private ``MlflowClient._tracking_client`` (there is no public accessor), recognizes it by
-    MLflow's ``SqlAlchemyStore`` class and reads the tables through its
-    ``mlflow.store.tracking.dbmodels`` models; none of these is documented as public.
+    ``search_runs``. ``use_sql`` forces one way (tests compare them). The SQL way leaves
+    MLflow's public API: :mod:`sweeps.adapters.mlflow_adapter` holds what it uses.
     """
-    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    engine = mlflow_adapter.sql_engine(client)
     if use_sql is None:
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        use_sql = isinstance(store, SqlAlchemyStore)
+        use_sql = engine is not None
     if use_sql:
-        return _sql_runs(store.engine, experiment_id, parent_run_id)
+        return _sql_runs(engine, experiment_id, parent_run_id)
     filter_string = f"tags.`{ROLE_TAG}` = 'trial'"
     if parent_run_id is not None:
         filter_string += f" and tags.`{PARENT_TAG}` = '{parent_run_id}'"
@@ -115,40 +111,12 @@ def _trial_runs(
 
 
 def _sql_runs(engine: Any, experiment_id: str, parent_run_id: str | None) -> tuple[pd.DataFrame, ...]:
-    """:func:`_trial_runs` on MLflow's SQL tables (``runs``, ``tags``, ``params``,
-    ``latest_metrics``, declared by MLflow's own models): what ``search_runs`` returns for an
-    active run, without building an ORM object and an MLflow entity per tag, param and metric
-    (``search_runs`` builds ~800,000 of each at 10,000 trials; see docs/benchmarks.md)."""
-    import sqlalchemy as sa
-    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
-
-    run, tag = SqlRun.__table__, SqlTag.__table__
-    role = tag.alias("role")
-    chosen = (sa.select(run.c.run_uuid)
-              .join(role, sa.and_(role.c.run_uuid == run.c.run_uuid, role.c.key == ROLE_TAG, role.c.value == "trial"))
-              .where(run.c.experiment_id == int(experiment_id), run.c.lifecycle_stage == "active"))
-    if parent_run_id is not None:
-        parent = tag.alias("parent")
-        chosen = chosen.join(parent, sa.and_(parent.c.run_uuid == run.c.run_uuid, parent.c.key == PARENT_TAG,
-                                             parent.c.value == parent_run_id))
-    chosen = chosen.subquery()
-
-    def read(query: Any) -> pd.DataFrame:
-        with engine.connect() as connection:
-            result = connection.execute(query)
-            columns = list(result.keys())
-            return pd.DataFrame([tuple(row) for row in result.fetchall()], columns=columns)  # plain tuples: fast
-
-    runs = read(sa.select(run.c.run_uuid, run.c.end_time).join(chosen, chosen.c.run_uuid == run.c.run_uuid))
-    tags = read(sa.select(tag.c.run_uuid, tag.c.key, tag.c.value)
-                .join(chosen, chosen.c.run_uuid == tag.c.run_uuid).where(tag.c.key.in_([TRIAL_TAG, STATUS_TAG])))
-    param = SqlParam.__table__
-    params = read(sa.select(param.c.run_uuid, param.c.key, param.c.value)
-                  .join(chosen, chosen.c.run_uuid == param.c.run_uuid))
-    latest = SqlLatestMetric.__table__
-    metrics = read(sa.select(latest.c.run_uuid, latest.c.key, latest.c.value, latest.c.is_nan)
-                   .join(chosen, chosen.c.run_uuid == latest.c.run_uuid))
-
+    """:func:`_trial_runs` on MLflow's SQL tables (:func:`~sweeps.adapters.mlflow_adapter.read_trial_tables`):
+    what ``search_runs`` returns for an active run, without building an ORM object and an MLflow
+    entity per tag, param and metric (``search_runs`` builds ~800,000 of each at 10,000 trials;
+    see docs/benchmarks.md)."""
+    runs, tags, params, metrics = mlflow_adapter.read_trial_tables(
+        engine, experiment_id, parent_run_id, role_tag=ROLE_TAG, parent_tag=PARENT_TAG, tags=(TRIAL_TAG, STATUS_TAG))
     ids = pd.Index(runs["run_uuid"], name="run_id")
     wide_tags = _wide(tags, ids)
     out = pd.DataFrame({

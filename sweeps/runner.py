@@ -421,7 +421,7 @@ def _recover(study: optuna.Study, tracker: Tracker, parent: str, view: ProgressV
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
             run_status, status, metrics = tracker.run_info(run_id)
-            if is_finished(status):  # recorded in MLflow, the driver died before telling Optuna
+            if status is not None and is_finished(status):  # recorded in MLflow, the driver died before telling Optuna
                 if run_status == "RUNNING":  # ... and before terminating the run (after its status tag)
                     tracker.end(run_id, status)
                 search.tell(study, trial.number, status, metrics)

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .adapters.ray_adapter import put_nowait_async
 from .status import TrialStatus
 
 TrialFn = Callable[..., Any]
@@ -113,7 +114,7 @@ class MetricStream:
 
         if self.buffer and self.queue is not None:
             try:
-                sent = self.queue.actor.put_nowait.remote((self.trial_number, self.buffer))
+                sent = put_nowait_async(self.queue, (self.trial_number, self.buffer))
                 if wait:
                     ray.get(sent)
             except ray.exceptions.RayError:  # the queue is restarting: live curve points are best effort

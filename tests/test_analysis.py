@@ -49,7 +49,7 @@ def test_tau_b_equals_scipy_with_ties_and_bootstrap_counts_equal_resampled_data(
     counts = np.stack([np.bincount(i, minlength=30) for i in idx])
     expected = [stats.kendalltau(x[i], y[i], variant="b").statistic for i in idx]
     np.testing.assert_allclose(kendall_tau_b(x, y, counts), expected, atol=1e-12)
-    monkeypatch.setattr("sweeps.analysis.DENSE_PAIRS_MAX", 10)  # the large-sweep path gives the same
+    monkeypatch.setattr("sweeps.analysis.ranks.DENSE_PAIRS_MAX", 10)  # the large-sweep path gives the same
     np.testing.assert_allclose(kendall_tau_b(x, y, counts), expected, atol=1e-12)
 
 

@@ -226,13 +226,14 @@ def test_every_metric_option_is_checked_at_load(name):
 
 # --- the package's import graph ------------------------------------------------------------------
 def _module_name(path: Path) -> str:
-    return "sweeps" if path.stem == "__init__" else f"sweeps.{path.stem}"
+    parts = path.relative_to(SWEEPS.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _sweeps_imports(path: Path) -> set[str]:
     """The ``sweeps`` modules that ``path`` imports anywhere (module level or inside a function),
     except under ``if TYPE_CHECKING:``, which never runs."""
-    package = "sweeps" if path.stem == "__init__" else _module_name(path).rpartition(".")[0]
+    package = _module_name(path) if path.stem == "__init__" else _module_name(path).rpartition(".")[0]
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
@@ -244,13 +245,14 @@ def _sweeps_imports(path: Path) -> set[str]:
             if isinstance(child, ast.Import):
                 found.update(a.name for a in child.names if a.name.split(".")[0] == "sweeps")
             elif isinstance(child, ast.ImportFrom):
-                base = package if child.level else (child.module or "")
+                base = package.rsplit(".", child.level - 1)[0] if child.level else (child.module or "")
                 if child.level and child.module:
                     base = f"{base}.{child.module}"
                 if base == "sweeps":  # `from . import data` / `from sweeps import x`
                     found.update(f"sweeps.{a.name}" for a in child.names)
-                elif base.split(".")[0] == "sweeps":
+                elif base.split(".")[0] == "sweeps":  # a package's submodules count too
                     found.add(base)
+                    found.update(f"{base}.{a.name}" for a in child.names)
             visit(child)
 
     visit(ast.parse(path.read_text(), filename=str(path)))
@@ -258,10 +260,10 @@ def _sweeps_imports(path: Path) -> set[str]:
 
 
 def test_no_import_cycle_in_sweeps():
-    """The import graph of ``sweeps/*.py`` is acyclic. Imports inside functions count: a lazy
+    """The import graph of ``sweeps/**/*.py`` is acyclic. Imports inside functions count: a lazy
     import still ties two modules together (config.py checks names against the dataset and model
     registries, so data.py and models.py must not import config.py except for type checking)."""
-    modules = {_module_name(p): p for p in sorted(SWEEPS.glob("*.py"))}
+    modules = {_module_name(p): p for p in sorted(SWEEPS.rglob("*.py"))}
     graph = {name: sorted(_sweeps_imports(path) & set(modules) - {name}) for name, path in modules.items()}
     assert graph["sweeps.config"], "the walk found no imports: it is broken, not the graph acyclic"
     state: dict[str, str] = {}  # "open" while on the DFS stack, then "done"
@@ -285,7 +287,7 @@ def test_every_sweeps_module_imports_first():
     """Each ``sweeps`` module imports in a fresh interpreter with no other ``sweeps`` module
     loaded before it (one interpreter; every ``sweeps`` module is dropped from ``sys.modules``
     before the next, third-party packages stay loaded to keep this fast)."""
-    names = sorted(_module_name(p) for p in SWEEPS.glob("*.py"))
+    names = sorted(_module_name(p) for p in SWEEPS.rglob("*.py"))
     script = (
         "import importlib, sys\n"
         f"for name in {names!r}:\n"

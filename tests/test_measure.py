@@ -56,6 +56,22 @@ CHEAP = {
     "spectral_norm_sum": {},
     "spectral_norm_prod": {},
     "dist_from_init": {},
+    "pacbayes_init": {"n_steps": 4, "n_samples": 2},
+    "pacbayes_orig": {"n_steps": 4, "n_samples": 2},
+    "pacbayes_mag_init": {"n_steps": 4, "n_samples": 2},
+    "pacbayes_mag_orig": {"n_steps": 4, "n_samples": 2},
+    "param_norm": {},
+    "fro_over_spec": {},
+    "log_prod_of_spec": {},
+    "log_prod_of_fro": {},
+    "fro_dist_from_init": {},
+    "spec_dist_from_init": {},
+    "inverse_margin": {},
+    "log_prod_of_spec_over_margin": {},
+    "log_prod_of_fro_over_margin": {},
+    "path_norm": {},
+    "path_norm_over_margin": {},
+    "fisher_rao_norm": {},
 }
 # the rest of the registry, cheap too: with CHEAP it covers every registered metric
 CHEAP_CURVATURE = {
@@ -67,6 +83,7 @@ CHEAP_CURVATURE = {
     "surface_2d_curvature": {"steps": 5, "span": 0.2},
     "surface_2d": {"steps": 5, "span": 0.2},
     "flatness_radius": {"steps": 5},
+    "ggn_top_eig": {"tol": 1e-2},
 }
 
 
@@ -296,7 +313,10 @@ def test_every_registered_metric_declares_its_options_and_keys(setup):
 
 
 _UNSEEDED = {"param_count", "frobenius_norm_sum", "frobenius_norm_prod", "spectral_norm_sum",
-             "spectral_norm_prod", "dist_from_init"}
+             "spectral_norm_prod", "dist_from_init", "param_norm", "fro_over_spec", "log_prod_of_spec",
+             "log_prod_of_fro", "fro_dist_from_init", "spec_dist_from_init", "inverse_margin",
+             "log_prod_of_spec_over_margin", "log_prod_of_fro_over_margin", "path_norm",
+             "path_norm_over_margin", "fisher_rao_norm"}
 
 
 def test_the_misspelled_trace_option_of_the_issue_is_rejected_before_anything_runs():

@@ -215,37 +215,6 @@ def test_server_storage_is_one_pool_per_process():
         pg.drop_all()
 
 
-def test_only_public_optuna_apis_but_the_storage_of_a_study():
-    """In the modules that use Optuna, no private attribute of another object is read, except
-    ``study._storage`` in ``search._study_storage`` (no public accessor; see ``_trial_storage``)."""
-    import ast
-    from pathlib import Path
-
-    class Finder(ast.NodeVisitor):
-        def __init__(self, file: str) -> None:
-            self.file, self.scope, self.found = file, "<module>", set()
-
-        def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
-            outer, self.scope = self.scope, node.name
-            self.generic_visit(node)
-            self.scope = outer
-
-        def visit_Attribute(self, node: ast.Attribute) -> None:
-            owner = ast.unparse(node.value)
-            if node.attr.startswith("_") and not node.attr.startswith("__") and owner not in ("self", "cls"):
-                self.found.add((self.file, self.scope, f"{owner}.{node.attr}"))
-            self.generic_visit(node)
-
-    found = set()
-    for path in sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.py")):
-        tree = ast.parse(path.read_text())
-        if any(isinstance(n, (ast.Import, ast.ImportFrom)) and "optuna" in ast.unparse(n) for n in ast.walk(tree)):
-            finder = Finder(path.name)
-            finder.visit(tree)
-            found |= finder.found
-    assert found == {("search.py", "_study_storage", "study._storage")}
-
-
 def test_a_started_grid_trial_is_an_asked_enqueued_trial():
     """search.start_trial writes in one transaction what enqueue_trial + ask + suggest leave:
     the same params and distributions, fixed_params, RUNNING; interrupt re-enqueues it whole."""

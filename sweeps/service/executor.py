@@ -50,7 +50,7 @@ class RayExecutor:
             num_cpus=cpus, num_gpus=gpus, num_returns="streaming", max_retries=0, retry_exceptions=False,
         )
         self.measure_remote = ray.remote(measure_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=max_retries)
-        self.stops = None
+        self.stops: Any = None  # the StopBoard actor's handle
         if prune and trial_fn is None:
             self.stops = ray.remote(StopBoard).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote()
         self.numbers: dict[Hashable, list[int]] = {}  # trial numbers of each task, by index

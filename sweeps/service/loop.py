@@ -66,11 +66,12 @@ class Recorder(Protocol):
 
 
 class Book(Protocol):
-    pending: list[Any]  # asked, not launched: objects with number, point, config, key, error
     finished: int
     counts: dict[str, int]
     best: str
 
+    @property
+    def pending(self) -> list[Any]: ...  # asked, not launched: objects with trial, point, config, key, error
     def take(self, size: int, can_ask: int) -> list[Any]: ...
     def stack_reason(self, asked: Any) -> str | None: ...
     def note_run(self, number: int, run_id: str) -> None: ...

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 #: measured slower than writing in place: it is written at once, in the driver's thread.
 MLFLOW_SERVER_WRITERS = 8
 
-Future = concurrent.futures.Future
+Future = concurrent.futures.Future[Any]
 
 
 def mlflow_names(kind: str, values: Mapping[str, float]) -> dict[str, float]:
@@ -56,7 +56,7 @@ class _Writes:
     def submit(self, write: Callable[..., Any], *args: Any) -> Future:
         if self.pool is not None:
             return self.pool.submit(write, *args)
-        future: Future = Future()
+        future: Future = concurrent.futures.Future()
         try:
             future.set_result(write(*args))
         except Exception as err:  # raised where the driver reads the result, as from the pool

@@ -42,7 +42,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,102 @@ def discard_sweep(root: str | Path | None, name: str) -> None:
         shutil.rmtree(sweep_folder(root, name), ignore_errors=True)
 
 
+class Cadence:
+    """When a population checkpoints (``cfg``: a :class:`~sweeps.config.CheckpointConfig`): at the end of
+    every ``every_epochs``-th epoch, and after any step once ``every_seconds`` have passed since
+    the last checkpoint (or the start). ``paths`` is one file per member (by index), or ``None``:
+    no checkpoints."""
+
+    def __init__(self, cfg: Any, paths: Sequence[Path] | None):
+        self.every_epochs, self.every_seconds = cfg.every_epochs, cfg.every_seconds
+        self.paths = list(paths) if paths is not None and cfg.enabled else None
+        self.last = time.monotonic()
+        self.seconds, self.count = 0.0, 0  # time spent writing, checkpoints written
+
+    def due(self, epoch: int, epoch_end: bool) -> bool:
+        if self.paths is None:
+            return False
+        if epoch_end and self.every_epochs and epoch % self.every_epochs == 0:
+            return True
+        return self.every_seconds > 0 and time.monotonic() - self.last >= self.every_seconds
+
+    def saved(self, seconds: float) -> None:
+        self.last = time.monotonic()
+        self.seconds += seconds
+        self.count += 1
+
+    def restored(self, epoch: int) -> None:
+        self.last = time.monotonic()
+
+
+def capture(pop: Any, epoch: int, batch: int | None, orders: torch.Tensor | None) -> None:
+    """Checkpoint every live member of ``pop`` (the loop of :func:`sweeps.train.train_population`):
+    after ``epoch`` (``batch`` None), or inside ``epoch`` before its batch ``batch``, with the
+    epoch's data ``orders`` ``[K, n]``. A write that fails is logged and ends checkpoints for
+    ``pop`` (the trial trains on)."""
+    started = time.perf_counter()
+    shared: dict[str, Any] = {"epoch": epoch, "batch": batch, "step": pop.step,
+                              "elapsed": started - pop.start, "rng": torch.get_rng_state()}
+    device = pop.stack.params.flat.device
+    if device.type == "cuda":
+        shared["cuda_rng"] = torch.cuda.get_rng_state(device)
+    opt = pop.stack.optimizer.state
+    for row, m in enumerate(pop.live):
+        path = pop.saver.paths[m.index]
+        member = {
+            "params": pop.stack.params.flat[row].detach().cpu().clone(),
+            "optimizer": {k: v[row].detach().cpu().clone() for k, v in opt.items()},
+            "buffers": {n: b.detach().cpu().clone() for n, b in m.model.named_buffers()},
+            "gen": m.gen.get_state(), "order": None if orders is None else orders[row].cpu().clone(),
+            "v0": None if m.tracker.v0 is None else m.tracker.v0.detach().cpu().clone(),
+            "track_seconds": m.tracker.seconds, "history": m.history,
+            "init_state": {k: v.detach().cpu() for k, v in m.init_state.items()},
+            "init_loss": m.init_loss, "running": m.running, "latest": m.latest, "checked": m.checked,
+            "resumes": m.resumes,
+        }
+        try:
+            save(path, {**shared, "key": path.stem, "member": member})
+        except OSError as err:  # a full or unmounted disk must not fail the trial: train on without
+            log.warning("checkpoint %s not written (%s: %s); checkpoints off for this task", path, type(err).__name__, err)
+            pop.saver.paths = None
+            return
+    pop.saver.saved(time.perf_counter() - started)
+
+
+def restore(pop: Any, states: Sequence[dict[str, Any]]) -> None:
+    """Make ``pop`` continue from ``states`` (one per member, all at one position; see :func:`capture`)."""
+    first = states[0]
+    if any((s["epoch"], s["batch"], s["step"]) != (first["epoch"], first["batch"], first["step"]) for s in states):
+        raise ValueError("checkpoints of one population must be at one position (epoch, batch, step)")
+    flat = pop.stack.params.flat
+    with torch.no_grad():
+        flat.copy_(torch.stack([s["member"]["params"] for s in states]).to(flat))
+    pop.stack.optimizer.state = {k: torch.stack([s["member"]["optimizer"][k] for s in states]).to(flat)
+                                  for k in first["member"]["optimizer"]}
+    pop.stack.optimizer.steps = pop.step = first["step"]
+    for m, s in zip(pop.live, states):
+        saved = s["member"]
+        with torch.no_grad():
+            for name, buffer in m.model.named_buffers():
+                buffer.copy_(saved["buffers"][name])
+        m.gen.set_state(saved["gen"])
+        m.tracker.v0 = None if saved["v0"] is None else saved["v0"].to(flat)
+        m.tracker.seconds = saved["track_seconds"]
+        m.history = list(saved["history"])
+        m.init_state = {k: v.to(flat.device) for k, v in saved["init_state"].items()}
+        m.init_loss, m.running, m.latest, m.checked = saved["init_loss"], saved["running"], saved["latest"], saved["checked"]
+        m.resumes = saved["resumes"] + 1
+    torch.set_rng_state(first["rng"])
+    if "cuda_rng" in first and flat.device.type == "cuda":
+        torch.cuda.set_rng_state(first["cuda_rng"], flat.device)
+    pop.start = time.perf_counter() - first["elapsed"]
+    orders = None
+    if first["batch"] is not None:
+        orders = torch.stack([s["member"]["order"] for s in states]).to(pop.data.y_train.device)
+    pop.resumed = (first["epoch"], first["batch"], orders)
+    pop.saver.restored(first["epoch"])
+
+
 class Cleaner:
     """An observer of the driver's loop (``add`` / ``poll`` / ``close``): removes the checkpoint of
     each trial the moment it is recorded (told), whatever its status. ``config`` is the sweep's
@@ -170,5 +267,5 @@ class _quiet:
         return kind is not None and issubclass(kind, OSError)
 
 
-__all__ = ["DIRECTORY", "ENV", "FORMAT", "Cleaner", "checkpoint_path", "discard", "discard_sweep", "load", "save",
-           "sweep_folder", "trial_key"]
+__all__ = ["DIRECTORY", "ENV", "FORMAT", "Cadence", "Cleaner", "capture", "checkpoint_path", "discard", "discard_sweep", "load", "restore",
+           "save", "sweep_folder", "trial_key"]

@@ -37,7 +37,6 @@ stability of (heavy-ball) gradient descent at the current learning rate.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -52,14 +51,12 @@ from torch import Tensor, nn
 from landscape._functional import training_mode
 
 from . import checkpoint as checkpoints
-from .config import CheckpointConfig, TrainConfig
+from .config import TrainConfig
 from .data import Dataset
 from .population import SHARED_TRAIN_FIELDS, Stack, module_stack_reason
 from .status import TrialStatus
 
 LogFn = Callable[[dict[str, float], int], None]
-
-log_ = logging.getLogger(__name__)
 
 
 def half_squared_errors(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -270,41 +267,12 @@ class _Member:
         return not math.isfinite(loss) or loss > self.cfg.divergence_factor * self.init_loss
 
 
-class _Saver:
-    """When a population checkpoints (:class:`~sweeps.config.CheckpointConfig`): at the end of
-    every ``every_epochs``-th epoch, and after any step once ``every_seconds`` have passed since
-    the last checkpoint (or the start). ``paths`` is one file per member (by index), or ``None``:
-    no checkpoints."""
-
-    def __init__(self, cfg: CheckpointConfig, paths: Sequence[Path] | None):
-        self.every_epochs, self.every_seconds = cfg.every_epochs, cfg.every_seconds
-        self.paths = list(paths) if paths is not None and cfg.enabled else None
-        self.last = time.monotonic()
-        self.seconds, self.count = 0.0, 0  # time spent writing, checkpoints written
-
-    def due(self, epoch: int, epoch_end: bool) -> bool:
-        if self.paths is None:
-            return False
-        if epoch_end and self.every_epochs and epoch % self.every_epochs == 0:
-            return True
-        return self.every_seconds > 0 and time.monotonic() - self.last >= self.every_seconds
-
-    def saved(self, seconds: float) -> None:
-        self.last = time.monotonic()
-        self.seconds += seconds
-        self.count += 1
-
-    def restored(self, epoch: int) -> None:
-        self.last = time.monotonic()
-
-
 class _Population:
     """The training loop of :func:`train_population` over the live members (stack rows)."""
 
     def __init__(self, models: Sequence[nn.Module], data: Dataset, cfgs: Sequence[TrainConfig],
                  seeds: Sequence[int], log: LogMemberFn | None, on_result: ResultFn | None,
-                 stop: StopFn | None = None, checkpoint_paths: Sequence[Path] | None = None,
-                 resume: Sequence[dict[str, Any]] | None = None):
+                 stop: StopFn | None = None, checkpoint_paths: Sequence[Path] | None = None):
         self.start = time.perf_counter()
         self.data, self.log, self.on_result, self.stop = data, log, on_result, stop
         cfg = cfgs[0]
@@ -324,10 +292,8 @@ class _Population:
         self.results: list[TrainResult | None] = [None] * len(models)
         self.pending: dict[int, tuple[TrialStatus, str, int]] = {}  # row -> how it leaves
         self.step = 0
-        self.saver = _Saver(cfg.checkpoint, checkpoint_paths)
-        self.resumed: tuple[int, int | None, Tensor | None] | None = None  # epoch, next batch, orders
-        if resume is not None:
-            self._restore(resume)
+        self.saver = checkpoints.Cadence(cfg.checkpoint, checkpoint_paths)
+        self.resumed: tuple[int, int | None, Tensor | None] | None = None  # epoch, next batch, orders (restore)
 
     # --- evaluations ----------------------------------------------------------------------
     @torch.no_grad()
@@ -425,9 +391,8 @@ class _Population:
             epoch = self._start()
         else:
             epoch, batch, orders = self.resumed
-            for m in self.live:  # the curve so far, for a reader that has not seen it (a new run)
-                for record in m.history:
-                    self._send(m, record)
+            for m, record in [(m, r) for m in self.live for r in m.history]:  # the curve so far, again
+                self._send(m, record)
             if batch is not None:  # stopped inside epoch `epoch`: finish it
                 self._mini_batch_epoch(epoch, batch, orders)
                 self._end_epoch(epoch)
@@ -464,72 +429,7 @@ class _Population:
         self.stop_requested(epoch)
         self.settle()
         if self.saver.due(epoch, epoch_end=True):
-            self.save(epoch, None, None)
-
-    # --- checkpoints (sweeps.checkpoint) ----------------------------------------------------
-    def save(self, epoch: int, batch: int | None, orders: Tensor | None) -> None:
-        """Checkpoint every live member: ``epoch`` done (``batch`` None), or inside ``epoch``
-        before its batch ``batch`` with the epoch's data ``orders`` ``[K, n]``."""
-        started = time.perf_counter()
-        shared: dict[str, Any] = {"epoch": epoch, "batch": batch, "step": self.step,
-                                  "elapsed": started - self.start, "rng": torch.get_rng_state()}
-        device = self.stack.params.flat.device
-        if device.type == "cuda":
-            shared["cuda_rng"] = torch.cuda.get_rng_state(device)
-        opt = self.stack.optimizer.state
-        for row, m in enumerate(self.live):
-            path = self.saver.paths[m.index]
-            member = {
-                "params": self.stack.params.flat[row].detach().cpu().clone(),
-                "optimizer": {k: v[row].detach().cpu().clone() for k, v in opt.items()},
-                "buffers": {n: b.detach().cpu().clone() for n, b in m.model.named_buffers()},
-                "gen": m.gen.get_state(), "order": None if orders is None else orders[row].cpu().clone(),
-                "v0": None if m.tracker.v0 is None else m.tracker.v0.detach().cpu().clone(),
-                "track_seconds": m.tracker.seconds, "history": m.history,
-                "init_state": {k: v.detach().cpu() for k, v in m.init_state.items()},
-                "init_loss": m.init_loss, "running": m.running, "latest": m.latest, "checked": m.checked,
-                "resumes": m.resumes,
-            }
-            try:
-                checkpoints.save(path, {**shared, "key": path.stem, "member": member})
-            except OSError as err:  # a full or unmounted disk must not fail the trial: train on without
-                log_.warning("checkpoint %s not written (%s: %s); checkpoints off for this task", path, type(err).__name__, err)
-                self.saver.paths = None
-                return
-        self.saver.saved(time.perf_counter() - started)
-
-    def _restore(self, states: Sequence[dict[str, Any]]) -> None:
-        """Continue from checkpoints (one per member, all at one position; see :meth:`save`)."""
-        first = states[0]
-        if any((s["epoch"], s["batch"], s["step"]) != (first["epoch"], first["batch"], first["step"]) for s in states):
-            raise ValueError("checkpoints of one population must be at one position (epoch, batch, step)")
-        flat = self.stack.params.flat
-        with torch.no_grad():
-            flat.copy_(torch.stack([s["member"]["params"] for s in states]).to(flat))
-        self.stack.optimizer.state = {k: torch.stack([s["member"]["optimizer"][k] for s in states]).to(flat)
-                                      for k in first["member"]["optimizer"]}
-        self.stack.optimizer.steps = self.step = first["step"]
-        for m, s in zip(self.live, states):
-            saved = s["member"]
-            with torch.no_grad():
-                for name, buffer in m.model.named_buffers():
-                    buffer.copy_(saved["buffers"][name])
-            m.gen.set_state(saved["gen"])
-            m.tracker.v0 = None if saved["v0"] is None else saved["v0"].to(flat)
-            m.tracker.seconds = saved["track_seconds"]
-            m.history = list(saved["history"])
-            m.init_state = {k: v.to(flat.device) for k, v in saved["init_state"].items()}
-            m.init_loss, m.running, m.latest, m.checked = saved["init_loss"], saved["running"], saved["latest"], saved["checked"]
-            m.resumes = saved["resumes"] + 1
-        torch.set_rng_state(first["rng"])
-        if "cuda_rng" in first and flat.device.type == "cuda":
-            torch.cuda.set_rng_state(first["cuda_rng"], flat.device)
-        self.start = time.perf_counter() - first["elapsed"]
-        orders = None
-        if first["batch"] is not None:
-            orders = torch.stack([s["member"]["order"] for s in states]).to(self.data.y_train.device)
-        self.resumed = (first["epoch"], first["batch"], orders)
-        self.saver.restored(first["epoch"])
+            checkpoints.capture(self, epoch, None, None)
 
     def _train_step(self, x: Tensor, y: Tensor) -> list[float]:
         """One optimizer step of every live member on its batch ``x [K, B, ...]``, ``y [K, B]``;
@@ -570,7 +470,7 @@ class _Population:
                     return
                 orders = orders[keep]
             if self.saver.due(epoch, epoch_end=False):
-                self.save(epoch, i + 1, orders)
+                checkpoints.capture(self, epoch, i + 1, orders)
         for row, ev in enumerate(self.evaluate(range(len(self.live)), x, y)):
             m = self.live[row]
             m.checked = m.latest = ev
@@ -671,7 +571,10 @@ def train_population(
         raise ValueError(f"checkpoint_paths: need one per model (got {len(checkpoint_paths)} for {len(models)})")
     if resume is not None and len(resume) != len(models):
         raise ValueError(f"resume: need one checkpoint per model (got {len(resume)} for {len(models)})")
-    return _Population(models, data, cfgs, seeds, log, on_result, stop, checkpoint_paths, resume).run()
+    population = _Population(models, data, cfgs, seeds, log, on_result, stop, checkpoint_paths)
+    if resume is not None:
+        checkpoints.restore(population, resume)
+    return population.run()
 
 
 def train(

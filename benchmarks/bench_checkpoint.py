@@ -63,8 +63,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     base = load_config(ROOT / "examples" / "report.yaml").with_point(
-        {"train.lr": 0.005, "train.batch_size": 32, "model.width": 256, "seed": 0, "train.max_epochs": args.epochs,
-         "train.stop": {}})
+        {
+            "train.lr": 0.005,
+            "train.batch_size": 32,
+            "model.width": 256,
+            "seed": 0,
+            "train.max_epochs": args.epochs,
+            "train.stop": {},
+        }
+    )
     settings = {
         "off": {"train.checkpoint.every_epochs": 0, "train.checkpoint.every_seconds": 0},
         "default": {},
@@ -80,15 +87,19 @@ def main() -> None:
                     best[name] = (cpu, wall, count)
         size = sum(p.stat().st_size for p in Path(tmp).rglob("*.pt")) / max(1, len(list(Path(tmp).rglob("*.pt"))))
     off = best["off"][0]
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread, "
-          f"torch {torch.__version__}; {args.epochs} epochs, best of {args.repeats}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread, "
+        f"torch {torch.__version__}; {args.epochs} epochs, best of {args.repeats}"
+    )
     print(f"{'setting':<12} {'CPU s':>8} {'vs off':>8} {'checkpoints':>12} {'write wall s':>13}")
     for name, (cpu, wall, count) in best.items():
         print(f"{name:<12} {cpu:8.2f} {cpu / off - 1:+8.1%} {count:12d} {wall:13.3f}")
     cpu, wall, count = best["every epoch"]
     per = max(0.0, (cpu - off) / count) + wall / count
-    print(f"one checkpoint ({size / 2**20:.1f} MiB): {per * 1000:.1f} ms (CPU over 'off' + wall of the write); "
-          f"at the default cadence (one per 60 s of training): {per / 60:.3%} of training time")
+    print(
+        f"one checkpoint ({size / 2**20:.1f} MiB): {per * 1000:.1f} ms (CPU over 'off' + wall of the write); "
+        f"at the default cadence (one per 60 s of training): {per / 60:.3%} of training time"
+    )
 
 
 if __name__ == "__main__":

@@ -176,8 +176,13 @@ def capture(pop: Any, epoch: int, batch: int | None, orders: torch.Tensor | None
     epoch's data ``orders`` ``[K, n]``. A write that fails is logged and ends checkpoints for
     ``pop`` (the trial trains on)."""
     started = time.perf_counter()
-    shared: dict[str, Any] = {"epoch": epoch, "batch": batch, "step": pop.step,
-                              "elapsed": started - pop.start, "rng": torch.get_rng_state()}
+    shared: dict[str, Any] = {
+        "epoch": epoch,
+        "batch": batch,
+        "step": pop.step,
+        "elapsed": started - pop.start,
+        "rng": torch.get_rng_state(),
+    }
     device = pop.stack.params.flat.device
     if device.type == "cuda":
         shared["cuda_rng"] = torch.cuda.get_rng_state(device)
@@ -188,17 +193,24 @@ def capture(pop: Any, epoch: int, batch: int | None, orders: torch.Tensor | None
             "params": pop.stack.params.flat[row].detach().cpu().clone(),
             "optimizer": {k: v[row].detach().cpu().clone() for k, v in opt.items()},
             "buffers": {n: b.detach().cpu().clone() for n, b in m.model.named_buffers()},
-            "gen": m.gen.get_state(), "order": None if orders is None else orders[row].cpu().clone(),
+            "gen": m.gen.get_state(),
+            "order": None if orders is None else orders[row].cpu().clone(),
             "v0": None if m.tracker.v0 is None else m.tracker.v0.detach().cpu().clone(),
-            "track_seconds": m.tracker.seconds, "history": m.history,
+            "track_seconds": m.tracker.seconds,
+            "history": m.history,
             "init_state": {k: v.detach().cpu() for k, v in m.init_state.items()},
-            "init_loss": m.init_loss, "running": m.running, "latest": m.latest, "checked": m.checked,
+            "init_loss": m.init_loss,
+            "running": m.running,
+            "latest": m.latest,
+            "checked": m.checked,
             "resumes": m.resumes,
         }
         try:
             save(path, {**shared, "key": path.stem, "member": member})
         except OSError as err:  # a full or unmounted disk must not fail the trial: train on without
-            log.warning("checkpoint %s not written (%s: %s); checkpoints off for this task", path, type(err).__name__, err)
+            log.warning(
+                "checkpoint %s not written (%s: %s); checkpoints off for this task", path, type(err).__name__, err
+            )
             pop.saver.paths = None
             return
     pop.saver.saved(time.perf_counter() - started)
@@ -212,8 +224,9 @@ def restore(pop: Any, states: Sequence[dict[str, Any]]) -> None:
     flat = pop.stack.params.flat
     with torch.no_grad():
         flat.copy_(torch.stack([s["member"]["params"] for s in states]).to(flat))
-    pop.stack.optimizer.state = {k: torch.stack([s["member"]["optimizer"][k] for s in states]).to(flat)
-                                  for k in first["member"]["optimizer"]}
+    pop.stack.optimizer.state = {
+        k: torch.stack([s["member"]["optimizer"][k] for s in states]).to(flat) for k in first["member"]["optimizer"]
+    }
     pop.stack.optimizer.steps = pop.step = first["step"]
     for m, s in zip(pop.live, states):
         saved = s["member"]
@@ -225,7 +238,12 @@ def restore(pop: Any, states: Sequence[dict[str, Any]]) -> None:
         m.tracker.seconds = saved["track_seconds"]
         m.history = list(saved["history"])
         m.init_state = {k: v.to(flat.device) for k, v in saved["init_state"].items()}
-        m.init_loss, m.running, m.latest, m.checked = saved["init_loss"], saved["running"], saved["latest"], saved["checked"]
+        m.init_loss, m.running, m.latest, m.checked = (
+            saved["init_loss"],
+            saved["running"],
+            saved["latest"],
+            saved["checked"],
+        )
         m.resumes = saved["resumes"] + 1
     torch.set_rng_state(first["rng"])
     if "cuda_rng" in first and flat.device.type == "cuda":
@@ -267,5 +285,19 @@ class _quiet:
         return kind is not None and issubclass(kind, OSError)
 
 
-__all__ = ["DIRECTORY", "ENV", "FORMAT", "Cadence", "Cleaner", "capture", "checkpoint_path", "discard", "discard_sweep", "load", "restore",
-           "save", "sweep_folder", "trial_key"]
+__all__ = [
+    "DIRECTORY",
+    "ENV",
+    "FORMAT",
+    "Cadence",
+    "Cleaner",
+    "capture",
+    "checkpoint_path",
+    "discard",
+    "discard_sweep",
+    "load",
+    "restore",
+    "save",
+    "sweep_folder",
+    "trial_key",
+]

@@ -41,8 +41,17 @@ from .imports import import_object  # noqa: F401  (re-exported)
 
 # Final trial metrics every trial reports (besides the measures); valid objective metrics.
 TRIAL_METRICS = (
-    "train_loss", "train_acc", "test_loss", "test_acc", "gen_gap",
-    "epochs", "steps", "train_seconds", "n_train", "n_test", "num_params",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "gen_gap",
+    "epochs",
+    "steps",
+    "train_seconds",
+    "n_train",
+    "n_test",
+    "num_params",
 )
 _SKIP_SPACE_CHECK = "skip_space_check"
 
@@ -58,7 +67,9 @@ def _metric_name(name: str) -> str:
     from landscape.metrics import METRICS
 
     if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}{_suggest(name, sorted(METRICS))}; known metrics: {', '.join(sorted(METRICS))}")
+        raise ValueError(
+            f"unknown metric {name!r}{_suggest(name, sorted(METRICS))}; known metrics: {', '.join(sorted(METRICS))}"
+        )
     return name
 
 
@@ -66,7 +77,9 @@ def _dataset_name(name: str) -> str:
     from .data import DATASETS
 
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}{_suggest(name, sorted(DATASETS))}; known datasets: {', '.join(sorted(DATASETS))}")
+        raise ValueError(
+            f"unknown dataset {name!r}{_suggest(name, sorted(DATASETS))}; known datasets: {', '.join(sorted(DATASETS))}"
+        )
     return name
 
 
@@ -302,7 +315,9 @@ class ObjectiveConfig(_Section):
         if len(self.directions) == 1 and len(self.metrics) > 1:
             self.directions = self.directions * len(self.metrics)
         if len(self.metrics) != len(self.directions):
-            raise ValueError(f"metric and direction lists differ in length (got {len(self.metrics)} metrics, {len(self.directions)} directions)")
+            raise ValueError(
+                f"metric and direction lists differ in length (got {len(self.metrics)} metrics, {len(self.directions)} directions)"
+            )
         return self
 
     @property
@@ -371,7 +386,9 @@ class SweepConfig(_Section):
         problems = []
         for key, dim in self.search.space.items():
             if not _is_field_path(key):
-                problems.append(f"search.space.{key}: not a config field (keys are dotted paths such as train.lr, model.width, seed)")
+                problems.append(
+                    f"search.space.{key}: not a config field (keys are dotted paths such as train.lr, model.width, seed)"
+                )
                 continue
             candidates = dim.values if dim.values is not None else [dim.low, dim.high]
             for value in candidates:
@@ -500,16 +517,25 @@ def _describe(error: Mapping[str, Any]) -> str:
     if kind == "missing":
         return "required"
     simple = {
-        "greater_than": "must be > {gt}", "greater_than_equal": "must be >= {ge}",
-        "less_than": "must be < {lt}", "less_than_equal": "must be <= {le}",
+        "greater_than": "must be > {gt}",
+        "greater_than_equal": "must be >= {ge}",
+        "less_than": "must be < {lt}",
+        "less_than_equal": "must be <= {le}",
         "literal_error": "must be one of {expected}",
-        "int_type": "must be an integer", "int_parsing": "must be an integer",
-        "int_from_float": "must be an integer", "float_type": "must be a number",
-        "float_parsing": "must be a number", "bool_type": "must be true or false",
-        "bool_parsing": "must be true or false", "string_type": "must be a string",
-        "dict_type": "must be a mapping (key: value)", "list_type": "must be a list",
-        "model_type": "must be a mapping (key: value)", "model_attributes_type": "must be a mapping (key: value)",
-        "too_short": "must have at least {min_length} item(s)", "string_too_short": "must not be empty",
+        "int_type": "must be an integer",
+        "int_parsing": "must be an integer",
+        "int_from_float": "must be an integer",
+        "float_type": "must be a number",
+        "float_parsing": "must be a number",
+        "bool_type": "must be true or false",
+        "bool_parsing": "must be true or false",
+        "string_type": "must be a string",
+        "dict_type": "must be a mapping (key: value)",
+        "list_type": "must be a list",
+        "model_type": "must be a mapping (key: value)",
+        "model_attributes_type": "must be a mapping (key: value)",
+        "too_short": "must have at least {min_length} item(s)",
+        "string_too_short": "must not be empty",
     }
     if kind in simple:
         return simple[kind].format(**ctx)

@@ -79,7 +79,11 @@ def _no_gc() -> Iterator[None]:
 
 
 def _trial_runs(
-    client: MlflowClient, experiment_id: str, parent_run_id: str | None, *, use_sql: bool | None = None,
+    client: MlflowClient,
+    experiment_id: str,
+    parent_run_id: str | None,
+    *,
+    use_sql: bool | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The sweep's active trial runs (children of ``parent_run_id`` when given), as three frames:
     ``runs`` (``sweep``-less id columns ``trial_number``, ``status``, ``run_id``, ``_end``),
@@ -106,8 +110,11 @@ def _trial_runs(
         params.append(run.data.params)
         metrics.append(run.data.metrics)
     runs = pd.DataFrame(rows, columns=["trial_number", "status", "run_id", "_end"])
-    return (_typed_runs(runs), pd.DataFrame(params, index=pd.Index(ids, name="run_id")),
-            pd.DataFrame(metrics, index=pd.Index(ids, name="run_id"), dtype="float64"))
+    return (
+        _typed_runs(runs),
+        pd.DataFrame(params, index=pd.Index(ids, name="run_id")),
+        pd.DataFrame(metrics, index=pd.Index(ids, name="run_id"), dtype="float64"),
+    )
 
 
 def _sql_runs(engine: Any, experiment_id: str, parent_run_id: str | None) -> tuple[pd.DataFrame, ...]:
@@ -116,15 +123,19 @@ def _sql_runs(engine: Any, experiment_id: str, parent_run_id: str | None) -> tup
     entity per tag, param and metric (``search_runs`` builds ~800,000 of each at 10,000 trials;
     see docs/benchmarks.md)."""
     runs, tags, params, metrics = mlflow_adapter.read_trial_tables(
-        engine, experiment_id, parent_run_id, role_tag=ROLE_TAG, parent_tag=PARENT_TAG, tags=(TRIAL_TAG, STATUS_TAG))
+        engine, experiment_id, parent_run_id, role_tag=ROLE_TAG, parent_tag=PARENT_TAG, tags=(TRIAL_TAG, STATUS_TAG)
+    )
     ids = pd.Index(runs["run_uuid"], name="run_id")
     wide_tags = _wide(tags, ids)
-    out = pd.DataFrame({
-        "trial_number": wide_tags.get(TRIAL_TAG, "-1"),
-        "status": wide_tags.get(STATUS_TAG),
-        "run_id": ids,
-        "_end": runs["end_time"].fillna(0).to_numpy(),
-    }, index=ids).reset_index(drop=True)
+    out = pd.DataFrame(
+        {
+            "trial_number": wide_tags.get(TRIAL_TAG, "-1"),
+            "status": wide_tags.get(STATUS_TAG),
+            "run_id": ids,
+            "_end": runs["end_time"].fillna(0).to_numpy(),
+        },
+        index=ids,
+    ).reset_index(drop=True)
     if not metrics.empty:
         metrics["value"] = metrics["value"].astype("float64").where(~metrics["is_nan"].astype(bool), float("nan"))
     return _typed_runs(out), _wide(params, ids), _wide(metrics, ids).astype("float64")
@@ -235,9 +246,14 @@ def results(
             runs = runs.sort_values("_end", kind="stable").drop_duplicates("trial_number", keep="last")
         runs = runs.sort_values("trial_number", kind="stable")
         runs.insert(0, "sweep", name)
-        frame = pd.concat([runs.reset_index(drop=True),
-                           params.reindex(runs["run_id"]).add_prefix("param:").reset_index(drop=True),
-                           metrics.reindex(runs["run_id"]).add_prefix("metric:").reset_index(drop=True)], axis=1)
+        frame = pd.concat(
+            [
+                runs.reset_index(drop=True),
+                params.reindex(runs["run_id"]).add_prefix("param:").reset_index(drop=True),
+                metrics.reindex(runs["run_id"]).add_prefix("metric:").reset_index(drop=True),
+            ],
+            axis=1,
+        )
         frame = frame.drop(columns="_end").dropna(axis=1, how="all").reset_index(drop=True)
 
         columns: dict[str, pd.Series] = {c: frame[c] for c in _ID_COLUMNS}
@@ -278,8 +294,13 @@ def summary_columns(frame: pd.DataFrame) -> list[str]:
     """The columns a person looks at first: trial number, status, objective, varied
     hyperparameters, measures (from ``frame.attrs``, see :func:`results`)."""
     roles = frame.attrs
-    wanted = ["trial_number", "status", *roles.get("objective", []), *roles.get("search_space", []),
-              *roles.get("measures", [])]
+    wanted = [
+        "trial_number",
+        "status",
+        *roles.get("objective", []),
+        *roles.get("search_space", []),
+        *roles.get("measures", []),
+    ]
     return [c for c in dict.fromkeys(wanted) if c in frame.columns]
 
 
@@ -297,8 +318,11 @@ def _live(tracking_uri: str, parent_run_id: str | None, objective: list[str]) ->
     table = read_live_table(metrics)
     if table.empty:
         return None
-    return {"target": live_target(objective), "n_models": table.attrs["n_models"],
-            "measures": table.reset_index().to_dict("records")}
+    return {
+        "target": live_target(objective),
+        "n_models": table.attrs["n_models"],
+        "measures": table.reset_index().to_dict("records"),
+    }
 
 
 def sweep_status(
@@ -320,7 +344,9 @@ def sweep_status(
     try:
         study = optuna.load_study(study_name=name, storage=search.make_storage(conn.storage))
     except KeyError:
-        raise SweepNotFoundError(f"name: no sweep named {name!r} in {redact(conn.storage)}; see `sweeps list`") from None
+        raise SweepNotFoundError(
+            f"name: no sweep named {name!r} in {redact(conn.storage)}; see `sweeps list`"
+        ) from None
     with _no_gc():
         # One read of the trials: the study's storage caches them, so the counts, the finished
         # trials and the best trials below come from that read (load_study does not read them).
@@ -370,14 +396,17 @@ def list_sweeps(*, storage: str | None = None, results_dir: str | Path | None = 
             study = optuna.load_study(study_name=frozen.study_name, storage=store)
             trials = study.get_trials(deepcopy=False)
             config = frozen.user_attrs.get("config", {})
-            rows.append({
-                "name": frozen.study_name,
-                "trials": len(trials),
-                "finished": len(search.finished_trials(study)),
-                "sampler": (config.get("search") or {}).get("sampler", "?"),
-                "objective": ",".join(
-                    f"{m}:{d.name.lower()}" for m, d in zip(frozen.user_attrs.get("objective", []), frozen.directions)
-                ),
-                "started": min((t.datetime_start for t in trials if t.datetime_start is not None), default=None),
-            })
+            rows.append(
+                {
+                    "name": frozen.study_name,
+                    "trials": len(trials),
+                    "finished": len(search.finished_trials(study)),
+                    "sampler": (config.get("search") or {}).get("sampler", "?"),
+                    "objective": ",".join(
+                        f"{m}:{d.name.lower()}"
+                        for m, d in zip(frozen.user_attrs.get("objective", []), frozen.directions)
+                    ),
+                    "started": min((t.datetime_start for t in trials if t.datetime_start is not None), default=None),
+                }
+            )
     return pd.DataFrame(rows, columns=["name", "trials", "finished", "sampler", "objective", "started"])

@@ -74,6 +74,7 @@ from .worker import TrialFn
 if TYPE_CHECKING:
     from .tracking import Tracker
 
+
 class SweepInterrupted(KeyboardInterrupt):
     """The driver was stopped (Ctrl-C / SIGTERM) after recording the running trials as interrupted.
 
@@ -155,8 +156,12 @@ def _connect_ray(address: str | None, quiet: bool) -> bool:
     if address:
         ray.init(address=address, log_to_driver=quiet, logging_level=ray_logging_level())
     else:
-        ray.init(include_dashboard=False, log_to_driver=quiet, object_store_memory=256 * 2**20,
-                 logging_level=ray_logging_level())
+        ray.init(
+            include_dashboard=False,
+            log_to_driver=quiet,
+            object_store_memory=256 * 2**20,
+            logging_level=ray_logging_level(),
+        )
     return True
 
 
@@ -253,20 +258,44 @@ def run_sweep(
         try:
             config = config.with_point({"resources.max_concurrent": max_concurrent})
         except ConfigError as err:
-            raise ConfigError([f"max_concurrent (--max-concurrent, overrides resources.max_concurrent): "
-                               f"{p.split(': ', 1)[-1]}" for p in err.problems]) from None
+            raise ConfigError(
+                [
+                    f"max_concurrent (--max-concurrent, overrides resources.max_concurrent): {p.split(': ', 1)[-1]}"
+                    for p in err.problems
+                ]
+            ) from None
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise ConfigError(f"max_retries (--max-retries): must be an integer >= 0 (got {max_retries!r})")
     conn = resolve(results_dir=results_dir, tracking_uri=tracking_uri, storage=storage, address=address)
     check_reachable(conn)
     with DriverLease(conn.storage, config.name) as lease:
-        return _drive(config, conn, lease, resume=resume, quiet=quiet, max_retries=max_retries, prune=prune,
-                      config_yaml=config_yaml or yaml.safe_dump(resolved, sort_keys=False), trial_fn=trial_fn,
-                      report=report)
+        return _drive(
+            config,
+            conn,
+            lease,
+            resume=resume,
+            quiet=quiet,
+            max_retries=max_retries,
+            prune=prune,
+            config_yaml=config_yaml or yaml.safe_dump(resolved, sort_keys=False),
+            trial_fn=trial_fn,
+            report=report,
+        )
 
 
-def _drive(config: Any, conn: Connections, lease: DriverLease, *, resume: bool, quiet: bool, max_retries: int,
-           prune: bool, config_yaml: str, trial_fn: TrialFn | None, report: bool) -> SweepSummary:
+def _drive(
+    config: Any,
+    conn: Connections,
+    lease: DriverLease,
+    *,
+    resume: bool,
+    quiet: bool,
+    max_retries: int,
+    prune: bool,
+    config_yaml: str,
+    trial_fn: TrialFn | None,
+    report: bool,
+) -> SweepSummary:
     """The body of :func:`run_sweep` while this driver holds the sweep's lease."""
     import ray
 
@@ -278,11 +307,23 @@ def _drive(config: Any, conn: Connections, lease: DriverLease, *, resume: bool, 
     metrics_names = list(config.objective.metrics)
     counts = search.status_counts(study)
     if _is_done(counts, budget):
-        summary = SweepSummary(config.name, budget, counts, best_trials(study), study.user_attrs.get("mlflow_parent_run_id", ""),
-                               False, 0.0, conn, complete=_complete(study), already_finished=True)
+        summary = SweepSummary(
+            config.name,
+            budget,
+            counts,
+            best_trials(study),
+            study.user_attrs.get("mlflow_parent_run_id", ""),
+            False,
+            0.0,
+            conn,
+            complete=_complete(study),
+            already_finished=True,
+        )
         with ProgressView(quiet=True) as view:
-            view.log(f"sweep {config.name}: already finished ({summary.finished}/{budget} trials); nothing to run. "
-                     f"`sweeps report {config.name}` rebuilds its report; raise search.n_trials to extend it")
+            view.log(
+                f"sweep {config.name}: already finished ({summary.finished}/{budget} trials); nothing to run. "
+                f"`sweeps report {config.name}` rebuilds its report; raise search.n_trials to extend it"
+            )
         return summary
     from .tracking import Tracker  # imports MLflow: not needed for a finished sweep
 
@@ -308,13 +349,27 @@ def _drive(config: Any, conn: Connections, lease: DriverLease, *, resume: bool, 
     with ProgressView(quiet=quiet) as view, _StopFlag() as stop:
         view.log(f"sweep {config.name}: {budget} trials; " + ", ".join(f"{k}={v}" for k, v in conn.describe().items()))
         if lease.taken_over is not None:
-            view.log(f"sweep {config.name}: took over the lease of a driver that stopped heart-beating "
-                     f"({lease.taken_over.describe()})")
+            view.log(
+                f"sweep {config.name}: took over the lease of a driver that stopped heart-beating "
+                f"({lease.taken_over.describe()})"
+            )
         try:
             _recover(study, tracker, parent, view)
             started_here = _connect_ray(conn.address, quiet)
-            driver = _build_loop(config, study, tracker, parent, conn, view, stop, lease, budget=budget,
-                                 max_retries=max_retries, prune=prune, trial_fn=trial_fn)
+            driver = _build_loop(
+                config,
+                study,
+                tracker,
+                parent,
+                conn,
+                view,
+                stop,
+                lease,
+                budget=budget,
+                max_retries=max_retries,
+                prune=prune,
+                trial_fn=trial_fn,
+            )
             driver.run()
         finally:
             lost = lease.lost
@@ -339,8 +394,16 @@ def _drive(config: Any, conn: Connections, lease: DriverLease, *, resume: bool, 
     if lost:
         raise LeaseLostError(lease.lost_message())
     summary = SweepSummary(
-        config.name, budget, counts, best, parent, interrupted, time.monotonic() - driver.started, conn,
-        driver.launched, complete=_complete(study),
+        config.name,
+        budget,
+        counts,
+        best,
+        parent,
+        interrupted,
+        time.monotonic() - driver.started,
+        conn,
+        driver.launched,
+        complete=_complete(study),
     )  # driver is set: any failure before the loop propagated from the `finally` above
     if stop.requested:
         raise SweepInterrupted(summary)
@@ -351,9 +414,21 @@ def _drive(config: Any, conn: Connections, lease: DriverLease, *, resume: bool, 
     return summary
 
 
-def _build_loop(config: Any, study: optuna.Study, tracker: Tracker, parent: str, conn: Connections,
-                view: ProgressView, stop: _StopFlag, lease: DriverLease, *, budget: int, max_retries: int,
-                prune: bool, trial_fn: TrialFn | None) -> SweepLoop:
+def _build_loop(
+    config: Any,
+    study: optuna.Study,
+    tracker: Tracker,
+    parent: str,
+    conn: Connections,
+    view: ProgressView,
+    stop: _StopFlag,
+    lease: DriverLease,
+    *,
+    budget: int,
+    max_retries: int,
+    prune: bool,
+    trial_fn: TrialFn | None,
+) -> SweepLoop:
     """The driver's loop (:mod:`sweeps.service.loop`) over this sweep's Ray, MLflow and Optuna parts."""
     from .service.executor import RayExecutor
     from .service.recorder import MlflowRecorder
@@ -365,20 +440,39 @@ def _build_loop(config: Any, study: optuna.Study, tracker: Tracker, parent: str,
         population = 1
     book = StudyBook(study, config, concurrency, on_conflict=lease.ensure)
     recorder = MlflowRecorder(tracker, config.name, parent, before_final=lease.ensure)
-    executor = RayExecutor(trial_fn, conn.tracking_uri, config.resources.cpus_per_trial,
-                           config.resources.gpus_per_trial, max_retries, prune, view.log,
-                           checkpoint_dir=conn.checkpoint_dir and str(conn.checkpoint_dir))
+    executor = RayExecutor(
+        trial_fn,
+        conn.tracking_uri,
+        config.resources.cpus_per_trial,
+        config.resources.gpus_per_trial,
+        max_retries,
+        prune,
+        view.log,
+        checkpoint_dir=conn.checkpoint_dir and str(conn.checkpoint_dir),
+    )
     observers: list[Any] = [checkpoint.Cleaner(conn.checkpoint_dir, config)]  # a recorded trial's checkpoint goes
     if config.measure:
         observers.append(_live_correlation(config, conn, tracker, parent, view, resumed=book.finished > 0))
-    settings = LoopSettings(config.name, budget, concurrency, max_retries, population,
-                            list(config.objective.metrics), prune)
-    return SweepLoop(settings, executor, recorder, book, lease=lease, stop=stop, view=view, observers=observers,
-                     population_size=population_size, is_pruning_epoch=is_pruning_epoch)
+    settings = LoopSettings(
+        config.name, budget, concurrency, max_retries, population, list(config.objective.metrics), prune
+    )
+    return SweepLoop(
+        settings,
+        executor,
+        recorder,
+        book,
+        lease=lease,
+        stop=stop,
+        view=view,
+        observers=observers,
+        population_size=population_size,
+        is_pruning_epoch=is_pruning_epoch,
+    )
 
 
-def _live_correlation(config: Any, conn: Connections, tracker: Tracker, parent: str, view: ProgressView,
-                      resumed: bool) -> LiveCorrelation:
+def _live_correlation(
+    config: Any, conn: Connections, tracker: Tracker, parent: str, view: ProgressView, resumed: bool
+) -> LiveCorrelation:
     """The live tau table on the parent run (:mod:`sweeps.live`); a resumed sweep's series
     starts from the trials it has recorded already."""
     from .queries import results
@@ -388,8 +482,9 @@ def _live_correlation(config: Any, conn: Connections, tracker: Tracker, parent: 
         tracker.client.log_artifacts(parent, str(figures), artifact_path="live")
 
     history = (lambda: results(config.name, conn.tracking_uri)) if resumed else None
-    return LiveCorrelation(live_target(config.objective.metrics), list(config.search.space), write, view.log,
-                           history=history)
+    return LiveCorrelation(
+        live_target(config.objective.metrics), list(config.search.space), write, view.log, history=history
+    )
 
 
 def _is_done(counts: Mapping[str, int], budget: int) -> bool:
@@ -429,8 +524,10 @@ def _recover(study: optuna.Study, tracker: Tracker, parent: str, view: ProgressV
                 continue
             tracker.end(run_id, TrialStatus.INTERRUPTED)
         requeued = search.interrupt(study, trial)
-        view.log(f"trial {trial.number}: left running by a stopped driver; marked interrupted"
-                 + (", point re-enqueued" if requeued else " (it had no point yet)"))
+        view.log(
+            f"trial {trial.number}: left running by a stopped driver; marked interrupted"
+            + (", point re-enqueued" if requeued else " (it had no point yet)")
+        )
     for run_id in tracker.active_children(parent):
         tracker.end(run_id, TrialStatus.INTERRUPTED)
 
@@ -443,6 +540,8 @@ def resume_sweep(name: str, **kwargs: Any) -> SweepSummary:
     """
     from .config import load_config
 
-    conn = resolve(results_dir=kwargs.get("results_dir"), tracking_uri=kwargs.get("tracking_uri"), storage=kwargs.get("storage"))
+    conn = resolve(
+        results_dir=kwargs.get("results_dir"), tracking_uri=kwargs.get("tracking_uri"), storage=kwargs.get("storage")
+    )
     config = load_config(search.stored_config(name, conn.storage))
     return run_sweep(config, resume=True, **kwargs)

@@ -175,7 +175,9 @@ def suggest_point(trial: optuna.Trial, config: Any) -> dict[str, Any]:
         elif getattr(dim, "values", None) is not None:
             point[name] = trial.suggest_categorical(name, list(dim.values))
         elif _is_int_dim(config, name, dim):
-            point[name] = trial.suggest_int(name, int(dim.low), int(dim.high), step=int(dim.step or 1), log=bool(dim.log))
+            point[name] = trial.suggest_int(
+                name, int(dim.low), int(dim.high), step=int(dim.step or 1), log=bool(dim.log)
+            )
         else:
             step = None if dim.log else dim.step
             point[name] = trial.suggest_float(name, float(dim.low), float(dim.high), step=step, log=bool(dim.log))
@@ -247,9 +249,7 @@ def stored_config(name: str, storage: str) -> dict[str, Any]:
     try:
         study = optuna.load_study(study_name=name, storage=make_storage(storage))
     except KeyError:
-        raise StudyConflictError(
-            f"name: no sweep named {name!r} in {redact(storage)}; see `sweeps list`"
-        ) from None
+        raise StudyConflictError(f"name: no sweep named {name!r} in {redact(storage)}; see `sweeps list`") from None
     return dict(study.user_attrs["config"])
 
 
@@ -273,7 +273,8 @@ def status_counts(study: optuna.Study) -> dict[str, int]:
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Trials that count towards the budget: finished with a status other than ``interrupted``."""
     return [
-        t for t in study.get_trials(deepcopy=False)
+        t
+        for t in study.get_trials(deepcopy=False)
         if t.state.is_finished() and t.user_attrs.get("status") != TrialStatus.INTERRUPTED
     ]
 
@@ -291,8 +292,13 @@ def objective_names(study: optuna.Study) -> list[str]:
     return list(study.user_attrs.get("objective") or study.metric_names or [])
 
 
-def tell(study: optuna.Study, trial_number: int, status: str, metrics: Mapping[str, float],
-         objective: Sequence[str] | None = None) -> Told:
+def tell(
+    study: optuna.Study,
+    trial_number: int,
+    status: str,
+    metrics: Mapping[str, float],
+    objective: Sequence[str] | None = None,
+) -> Told:
     """Tell the study how trial ``trial_number`` ended.
 
     A converged/not-converged trial whose objective metric is missing or not finite is told
@@ -310,15 +316,18 @@ def tell(study: optuna.Study, trial_number: int, status: str, metrics: Mapping[s
             values = [float(v) for v in raw]
         else:
             missing = [n for n, v in zip(names, raw) if v is None or not math.isfinite(float(v))]
-            storage.set_trial_user_attr(trial_id, "fail_reason", f"objective metric(s) missing or not finite: {missing}")
+            storage.set_trial_user_attr(
+                trial_id, "fail_reason", f"objective metric(s) missing or not finite: {missing}"
+            )
             state = TrialState.FAIL
     storage.set_trial_user_attr(trial_id, "status", status)
     study.tell(trial_number, values, state=state, skip_if_finished=True)
     return Told(state, values)
 
 
-def start_trial(study: optuna.Study, point: Mapping[str, Any],
-                distributions: Mapping[str, optuna.distributions.BaseDistribution]) -> optuna.Trial:
+def start_trial(
+    study: optuna.Study, point: Mapping[str, Any], distributions: Mapping[str, optuna.distributions.BaseDistribution]
+) -> optuna.Trial:
     """A RUNNING trial at ``point``, written in one storage transaction.
 
     Asking for a grid point the public way (``enqueue_trial``, ``ask``, one ``suggest_*`` per

@@ -139,7 +139,9 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
         return lambda t: cfg.step_gamma ** sum(t >= m for m in marks)
     if cfg.schedule == "cosine":
         return cosine
-    return lambda t: (t + 1) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup)))
+    return lambda t: (
+        (t + 1) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup)))
+    )
 
 
 def _has_random_or_batch_modules(model: nn.Module) -> bool:
@@ -208,8 +210,6 @@ def _cross_entropies(outputs: Tensor, labels: Tensor) -> Tensor:
     return -log_p.gather(0, labels.unsqueeze(0)).squeeze(0)
 
 
-
-
 @dataclass(frozen=True)
 class TrainingRecord:
     """One record of training as it is streamed: an epoch's evaluation or a tracking point.
@@ -255,7 +255,9 @@ class _Member:
 
     def reached(self, loss: float, acc: float) -> bool:
         stop = self.cfg.stop
-        return (stop.train_loss is not None and loss <= stop.train_loss) or (stop.train_acc is not None and acc >= stop.train_acc)
+        return (stop.train_loss is not None and loss <= stop.train_loss) or (
+            stop.train_acc is not None and acc >= stop.train_acc
+        )
 
     def near(self, loss: float, acc: float) -> bool:
         stop = self.cfg.stop
@@ -270,9 +272,17 @@ class _Member:
 class _Population:
     """The training loop of :func:`train_population` over the live members (stack rows)."""
 
-    def __init__(self, models: Sequence[nn.Module], data: Dataset, cfgs: Sequence[TrainConfig],
-                 seeds: Sequence[int], log: LogMemberFn | None, on_result: ResultFn | None,
-                 stop: StopFn | None = None, checkpoint_paths: Sequence[Path] | None = None):
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        data: Dataset,
+        cfgs: Sequence[TrainConfig],
+        seeds: Sequence[int],
+        log: LogMemberFn | None,
+        on_result: ResultFn | None,
+        stop: StopFn | None = None,
+        checkpoint_paths: Sequence[Path] | None = None,
+    ):
         self.start = time.perf_counter()
         self.data, self.log, self.on_result, self.stop = data, log, on_result, stop
         cfg = cfgs[0]
@@ -283,8 +293,15 @@ class _Population:
         self.steps_per_epoch = math.ceil(n / self.batch)
         self.mode_free = not _has_random_or_batch_modules(models[0])
         self.live = [
-            _Member(i, model, c, torch.Generator().manual_seed(seed), _Tracker(c, LOSSES[c.loss], data.x_train, data.y_train, seed),
-                    lr_factor(c, self.steps_per_epoch), {k: v.detach().clone() for k, v in model.state_dict().items()})
+            _Member(
+                i,
+                model,
+                c,
+                torch.Generator().manual_seed(seed),
+                _Tracker(c, LOSSES[c.loss], data.x_train, data.y_train, seed),
+                lr_factor(c, self.steps_per_epoch),
+                {k: v.detach().clone() for k, v in model.state_dict().items()},
+            )
             for i, (model, c, seed) in enumerate(zip(models, cfgs, seeds))
         ]
         self.stack = Stack(models, cfgs)
@@ -321,9 +338,20 @@ class _Population:
         for row, (te_loss, te_acc) in zip(rows, tests):
             m = self.live[row]
             tr_loss, tr_acc = m.checked if m.checked is not None else fresh[row]
-            self.emit(m, {"kind": "epoch", "step": self.step, "epoch": epoch, "train_loss": tr_loss, "train_acc": tr_acc,
-                          "test_loss": te_loss, "test_acc": te_acc, "lr": m.lr(self.step),
-                          "seconds": time.perf_counter() - self.start})
+            self.emit(
+                m,
+                {
+                    "kind": "epoch",
+                    "step": self.step,
+                    "epoch": epoch,
+                    "train_loss": tr_loss,
+                    "train_acc": tr_acc,
+                    "test_loss": te_loss,
+                    "test_acc": te_acc,
+                    "lr": m.lr(self.step),
+                    "seconds": time.perf_counter() - self.start,
+                },
+            )
 
     def emit(self, m: _Member, record: dict[str, Any]) -> None:
         m.history.append(record)
@@ -342,7 +370,10 @@ class _Population:
             if row not in self.pending and m.tracker.due(self.step):
                 self.stack.write_to(row)
                 lr = m.lr(self.step)
-                self.emit(m, {"kind": "track", "step": self.step, "epoch": epoch, "lr": lr, **m.tracker(m.model, self.step, lr)})
+                self.emit(
+                    m,
+                    {"kind": "track", "step": self.step, "epoch": epoch, "lr": lr, **m.tracker(m.model, self.step, lr)},
+                )
 
     # --- leaving the stack ----------------------------------------------------------------
     def leave(self, row: int, status: TrialStatus, reason: str, epoch: int) -> None:
@@ -369,9 +400,16 @@ class _Population:
             self.record([row], epoch)
         last = m.history[-1]
         result = TrainResult(
-            status=status, epochs=epoch, steps=self.step, seconds=time.perf_counter() - self.start,
-            track_seconds=m.tracker.seconds, final={k: last[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
-            history=m.history, init_state=m.init_state, reason=reason, resumes=m.resumes,
+            status=status,
+            epochs=epoch,
+            steps=self.step,
+            seconds=time.perf_counter() - self.start,
+            track_seconds=m.tracker.seconds,
+            final={k: last[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
+            history=m.history,
+            init_state=m.init_state,
+            reason=reason,
+            resumes=m.resumes,
         )
         self.results[m.index] = result
         if self.on_result is not None:
@@ -449,7 +487,9 @@ class _Population:
         for i in range(first, self.steps_per_epoch):
             idx = orders[:, i * b : (i + 1) * b]
             flat_idx = idx.reshape(-1)
-            losses = self._train_step(x.index_select(0, flat_idx).view(*idx.shape, *x.shape[1:]), y.index_select(0, flat_idx).view(idx.shape))
+            losses = self._train_step(
+                x.index_select(0, flat_idx).view(*idx.shape, *x.shape[1:]), y.index_select(0, flat_idx).view(idx.shape)
+            )
             for row, (m, loss) in enumerate(zip(self.live, losses)):
                 m.checked = None
                 if m.diverged(loss):
@@ -458,7 +498,11 @@ class _Population:
                     m.running = 0.9 * m.running + 0.1 * loss
             self.track(epoch)
             if i < self.steps_per_epoch - 1 and (i + 1) % check_every == 0:
-                near = [r for r, m in enumerate(self.live) if r not in self.pending and (m.near(*m.latest) or m.near(m.running, 0.0))]
+                near = [
+                    r
+                    for r, m in enumerate(self.live)
+                    if r not in self.pending and (m.near(*m.latest) or m.near(m.running, 0.0))
+                ]
                 for row, ev in zip(near, self.evaluate(near, x, y)):
                     m = self.live[row]
                     m.checked = m.latest = ev
@@ -489,7 +533,9 @@ class _Population:
             m = self.live[row]
             m.checked = ev
             if m.diverged(ev[0]):
-                self.leave(row, TrialStatus.DIVERGED, f"train loss {ev[0]:.4g} at step {self.step}", epoch - 1)  # this pass only evaluated
+                self.leave(
+                    row, TrialStatus.DIVERGED, f"train loss {ev[0]:.4g} at step {self.step}", epoch - 1
+                )  # this pass only evaluated
             elif m.reached(*ev):
                 self.leave(row, TrialStatus.CONVERGED, f"target met at step {self.step}", epoch - 1)
         keep = self.settle()
@@ -510,7 +556,9 @@ class _Population:
         grad, totals, correct = None, [0.0] * k, [0.0] * k
         for i in range(0, n, chunk):
             part = y[i : i + chunk].expand(k, -1)
-            g, losses, out = self.stack.gradient(self.loss_fn, x[i : i + chunk], part, shared=True, weight=part.shape[1] / n)
+            g, losses, out = self.stack.gradient(
+                self.loss_fn, x[i : i + chunk], part, shared=True, weight=part.shape[1] / n
+            )
             grad = g.clone() if grad is None else grad.add_(g)
             totals = [t + l * part.shape[1] for t, l in zip(totals, losses.tolist())]
             correct = [c + h for c, h in zip(correct, member_hits(out, part).tolist())]
@@ -557,12 +605,16 @@ def train_population(
         is the wall time from the population's start to its exit.
     """
     if not (len(models) == len(cfgs) == len(seeds) >= 1):
-        raise ValueError(f"need as many models, cfgs and seeds, at least one (got {len(models)}, {len(cfgs)}, {len(seeds)})")
+        raise ValueError(
+            f"need as many models, cfgs and seeds, at least one (got {len(models)}, {len(cfgs)}, {len(seeds)})"
+        )
     shared = [c.model_dump(include=set(SHARED_TRAIN_FIELDS)) for c in cfgs]
     for i, s in enumerate(shared[1:], 1):
         diff = sorted(k for k in s if s[k] != shared[0][k])
         if diff:
-            raise ValueError(f"cfgs[{i}].{diff[0]}: differs from cfgs[0] (a population shares {', '.join(SHARED_TRAIN_FIELDS)})")
+            raise ValueError(
+                f"cfgs[{i}].{diff[0]}: differs from cfgs[0] (a population shares {', '.join(SHARED_TRAIN_FIELDS)})"
+            )
     if len(models) > 1:
         reason = module_stack_reason(models[0])
         if reason is not None:

@@ -124,8 +124,14 @@ def run_trial(
     """
     member_log = None if log is None else (lambda _, record: log(record.values, record.step))
     out_dirs = None if out_dir is None else [out_dir]
-    return run_population([config], on_result=lambda _, __: None, log=member_log, out_dirs=out_dirs, device=device,
-                          checkpoint_dir=checkpoint_dir)[0]
+    return run_population(
+        [config],
+        on_result=lambda _, __: None,
+        log=member_log,
+        out_dirs=out_dirs,
+        device=device,
+        checkpoint_dir=checkpoint_dir,
+    )[0]
 
 
 def run_population(
@@ -183,7 +189,9 @@ def run_population(
     keys = [population_key(c) for c in configs]
     for i, key in enumerate(keys[1:], 1):
         if key != keys[0]:
-            raise ValueError(f"configs[{i}]: its shape key differs from configs[0]'s (dataset, model, shared train fields, resources)")
+            raise ValueError(
+                f"configs[{i}]: its shape key differs from configs[0]'s (dataset, model, shared train fields, resources)"
+            )
     if len(configs) > 1 and (reason := stack_check(configs[0])) is not None:
         raise ValueError(f"configs do not stack: {reason}")
     if out_dirs is not None and len(out_dirs) != len(configs):
@@ -206,10 +214,17 @@ def _cpu_threads(cpus: float | None) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def _run(configs: list[SweepConfig], on_result: Callable[[int, TrialResult], None],
-         log: Callable[[int, TrainingRecord], None] | None, out_dirs: Sequence[str | Path] | None, device: str,
-         on_error: Callable[[int, str], None] | None, on_trained: Callable[[int, TrainedMember], None] | None,
-         stop: Callable[[int], str | None] | None, checkpoint_dir: str | Path | None) -> list[TrialResult | None]:
+def _run(
+    configs: list[SweepConfig],
+    on_result: Callable[[int, TrialResult], None],
+    log: Callable[[int, TrainingRecord], None] | None,
+    out_dirs: Sequence[str | Path] | None,
+    device: str,
+    on_error: Callable[[int, str], None] | None,
+    on_trained: Callable[[int, TrainedMember], None] | None,
+    stop: Callable[[int], str | None] | None,
+    checkpoint_dir: str | Path | None,
+) -> list[TrialResult | None]:
     data = load_dataset(configs[0].dataset).to(device)
     models = [build_model(c.model, data.input_shape, data.num_classes, seed=c.seed).to(device) for c in configs]
     results: list[TrialResult | None] = [None] * len(configs)
@@ -238,23 +253,31 @@ def _run(configs: list[SweepConfig], on_result: Callable[[int, TrialResult], Non
         with torch.random.fork_rng(devices=_cuda_indices(device)):
             torch.manual_seed(configs[group[0]].seed)  # dropout masks (only a population of one has dropout)
             train_population(
-                [models[i] for i in group], data, [configs[i].train for i in group], seeds=[configs[i].seed for i in group],
+                [models[i] for i in group],
+                data,
+                [configs[i].train for i in group],
+                seeds=[configs[i].seed for i in group],
                 log=None if log is None else (lambda j, record, group=group: log(group[j], record)),
                 on_result=lambda j, trained, group=group: finished(group[j], trained),
                 stop=None if stop is None else (lambda j, group=group: stop(group[j])),
-                checkpoint_paths=None if paths is None else [paths[i] for i in group], resume=resume,
+                checkpoint_paths=None if paths is None else [paths[i] for i in group],
+                resume=resume,
             )
     return results
 
 
-def _by_position(states: Sequence[dict[str, Any] | None] | None, k: int) -> list[tuple[list[int], list[dict[str, Any]] | None]]:
+def _by_position(
+    states: Sequence[dict[str, Any] | None] | None, k: int
+) -> list[tuple[list[int], list[dict[str, Any]] | None]]:
     """Members grouped by their checkpoint's position (step, epoch, batch), the furthest first,
     those without one last: ``[(member indices, their checkpoints or None)]``."""
     if states is None or all(s is None for s in states):
         return [(list(range(k)), None)]
     groups: dict[Any, list[int]] = {}
     for i, s in enumerate(states):
-        groups.setdefault(None if s is None else (s["step"], s["epoch"], -1 if s["batch"] is None else s["batch"]), []).append(i)
+        groups.setdefault(
+            None if s is None else (s["step"], s["epoch"], -1 if s["batch"] is None else s["batch"]), []
+        ).append(i)
     order = sorted((key for key in groups if key is not None), reverse=True) + ([None] if None in groups else [])
     return [(groups[key], None if key is None else [states[i] for i in groups[key]]) for key in order]
 
@@ -275,7 +298,9 @@ class TrainedMember:
     state: dict[str, torch.Tensor]
 
 
-def measure_trained(member: TrainedMember, *, out_dir: str | Path | None = None, device: str | None = None) -> TrialResult:
+def measure_trained(
+    member: TrainedMember, *, out_dir: str | Path | None = None, device: str | None = None
+) -> TrialResult:
     """The measures and files of a member trained elsewhere: the same :class:`TrialResult` that
     :func:`run_population` gives a member measured in place (the data and model are rebuilt
     from the config; the data is cached per process)."""
@@ -284,7 +309,9 @@ def measure_trained(member: TrainedMember, *, out_dir: str | Path | None = None,
         data = load_dataset(config.dataset).to(device)
         model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
         model.load_state_dict(member.state)
-        trained = dataclasses.replace(member.trained, init_state={k: v.to(device) for k, v in member.trained.init_state.items()})
+        trained = dataclasses.replace(
+            member.trained, init_state={k: v.to(device) for k, v in member.trained.init_state.items()}
+        )
         return _measured(config, data, model.to(device), trained, out_dir)
 
 
@@ -293,15 +320,21 @@ def _has_measures(config: SweepConfig, trained: TrainResult) -> bool:
     return bool(config.measure) and trained.status not in (TrialStatus.DIVERGED, TrialStatus.PRUNED)
 
 
-def _measured(config: SweepConfig, data: Dataset, model: torch.nn.Module, trained: TrainResult, out_dir: str | Path | None) -> TrialResult:
+def _measured(
+    config: SweepConfig, data: Dataset, model: torch.nn.Module, trained: TrainResult, out_dir: str | Path | None
+) -> TrialResult:
     """A trained member's final metrics, landscape measures (not for diverged models) and files."""
     f = trained.final
     metrics: dict[str, float] = {
         **f,
         "gen_gap": (1 - f["test_acc"]) - (1 - f["train_acc"]),
-        "epochs": trained.epochs, "steps": trained.steps,
-        "train_seconds": trained.seconds, "track_seconds": trained.track_seconds,
-        "n_train": data.n_train, "n_test": data.n_test, "num_params": count_parameters(model),
+        "epochs": trained.epochs,
+        "steps": trained.steps,
+        "train_seconds": trained.seconds,
+        "track_seconds": trained.track_seconds,
+        "n_train": data.n_train,
+        "n_test": data.n_test,
+        "num_params": count_parameters(model),
     }
     if trained.resumes:
         metrics["resumes"] = trained.resumes
@@ -309,10 +342,18 @@ def _measured(config: SweepConfig, data: Dataset, model: torch.nn.Module, traine
     if _has_measures(config, trained):
         from landscape.metrics import measure
 
-        metrics.update(measure(
-            model, LOSSES[config.train.loss], measure_batches(data, config), config.measure, seed=config.seed,
-            options=config.measure_options, init_state=trained.init_state, artifacts=results,
-        ))
+        metrics.update(
+            measure(
+                model,
+                LOSSES[config.train.loss],
+                measure_batches(data, config),
+                config.measure,
+                seed=config.seed,
+                options=config.measure_options,
+                init_state=trained.init_state,
+                artifacts=results,
+            )
+        )
     metrics = {k: float(v) for k, v in metrics.items()}
     result = TrialResult(trained.status, metrics, trained.history, {}, config, trained.reason)
     if out_dir is not None:
@@ -351,7 +392,12 @@ def _plot_training(history: list[dict[str, Any]]) -> Any:
         ax = axes[2]
         ax.plot([r["step"] for r in tracks], [r["hessian_top_eig"] for r in tracks], label="lambda_max (subset)")
         if "eos_ratio" in tracks[0]:
-            ax.plot([r["step"] for r in tracks], [r["hessian_top_eig"] / r["eos_ratio"] for r in tracks], "--", label="(2 + 2 momentum) / lr")
+            ax.plot(
+                [r["step"] for r in tracks],
+                [r["hessian_top_eig"] / r["eos_ratio"] for r in tracks],
+                "--",
+                label="(2 + 2 momentum) / lr",
+            )
         ax.set(xlabel="step", ylabel="top Hessian eigenvalue")
         ax.legend()
     fig.tight_layout()
@@ -377,8 +423,14 @@ def _measure_files(name: str, value: Any, out_dir: Path) -> dict[str, Path]:
         surface = surfaces[0]
         files[f"{name}.npz"] = out_dir / f"{name}.npz"
         acc = {} if surface.accuracy is None else {"accuracy": surface.accuracy}
-        np.savez(files[f"{name}.npz"], alphas=surface.alphas, betas=surface.betas, loss=surface.loss,
-                 center_loss=surface.center_loss, **acc)
+        np.savez(
+            files[f"{name}.npz"],
+            alphas=surface.alphas,
+            betas=surface.betas,
+            loss=surface.loss,
+            center_loss=surface.center_loss,
+            **acc,
+        )
         files[f"{name}.png"] = out_dir / f"{name}.png"
         _save_figure(plots.plot_surface_2d(surface, title=name), files[f"{name}.png"])
         return files

@@ -30,9 +30,16 @@ class Crash(Exception):
 
 def config(train, *, model=None, dataset=None, seed=0):
     base = {"batch_size": 32, "max_epochs": 6, "stop": {}, "checkpoint": {"every_epochs": 1, "every_seconds": 0}}
-    return load_config({"name": "ckpt", "seed": seed, "dataset": dataset or TEACHER,
-                        "model": model or {"name": "mlp", "width": 16}, "train": {**base, **train},
-                        "measure": MEASURES})
+    return load_config(
+        {
+            "name": "ckpt",
+            "seed": seed,
+            "dataset": dataset or TEACHER,
+            "model": model or {"name": "mlp", "width": 16},
+            "train": {**base, **train},
+            "measure": MEASURES,
+        }
+    )
 
 
 def train(configs, checkpoint_dir=None, crash=None):
@@ -51,8 +58,14 @@ def train(configs, checkpoint_dir=None, crash=None):
         done[i] = (member.state, member.trained.history, result.metrics, member.trained.resumes)
 
     try:
-        run_population(configs, on_result=lambda i, r: None, on_trained=trained, log=log, device="cpu",
-                       checkpoint_dir=checkpoint_dir)
+        run_population(
+            configs,
+            on_result=lambda i, r: None,
+            on_trained=trained,
+            log=log,
+            device="cpu",
+            checkpoint_dir=checkpoint_dir,
+        )
     except Crash:
         pass
     return done, logged
@@ -75,14 +88,33 @@ def assert_same(resumed, reference):
 
 
 CASES = {
-    "sgd_momentum_tracked": dict(train={"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True,
-                                        "track": {"every_steps": 5, "metrics": ["hessian_top_eig"], "subset": 64}}),
+    "sgd_momentum_tracked": dict(
+        train={
+            "optimizer": "sgd",
+            "lr": 0.1,
+            "momentum": 0.9,
+            "nesterov": True,
+            "track": {"every_steps": 5, "metrics": ["hessian_top_eig"], "subset": 64},
+        }
+    ),
     "adam_schedule_dropout_label_noise": dict(
         train={"optimizer": "adam", "lr": 0.01, "schedule": "warmup_cosine", "warmup_epochs": 2, "weight_decay": 1e-3},
-        model={"name": "mlp", "width": 16, "dropout": 0.2}, dataset={**TEACHER, "label_noise": 0.2}),
-    "full_batch_adamw_step": dict(train={"optimizer": "adamw", "lr": 0.02, "batch_size": "full", "max_epochs": 8,
-                                         "schedule": "step", "weight_decay": 0.01}),
-    "batch_norm": dict(train={"optimizer": "sgd", "lr": 0.05, "momentum": 0.5}, model={"name": "mlp", "width": 16, "batch_norm": True}),
+        model={"name": "mlp", "width": 16, "dropout": 0.2},
+        dataset={**TEACHER, "label_noise": 0.2},
+    ),
+    "full_batch_adamw_step": dict(
+        train={
+            "optimizer": "adamw",
+            "lr": 0.02,
+            "batch_size": "full",
+            "max_epochs": 8,
+            "schedule": "step",
+            "weight_decay": 0.01,
+        }
+    ),
+    "batch_norm": dict(
+        train={"optimizer": "sgd", "lr": 0.05, "momentum": 0.5}, model={"name": "mlp", "width": 16, "batch_norm": True}
+    ),
 }
 
 
@@ -93,7 +125,9 @@ def test_a_trial_interrupted_after_any_epoch_ends_as_the_uninterrupted_one(case,
     epochs = cfg.train.max_epochs
     for stop_after in (1, epochs // 2, epochs - 1):  # the checkpoint of epoch `stop_after` is the latest
         folder = tmp_path / f"e{stop_after}"
-        crashed, _ = train([cfg], folder, crash=lambda i, r, e=stop_after + 1: r.kind == "epoch" and r.values["epoch"] == e)
+        crashed, _ = train(
+            [cfg], folder, crash=lambda i, r, e=stop_after + 1: r.kind == "epoch" and r.values["epoch"] == e
+        )
         assert not crashed
         saved = checkpoint.load(checkpoint.checkpoint_path(folder, cfg))
         assert (saved["epoch"], saved["batch"]) == (stop_after, None)
@@ -106,8 +140,15 @@ def test_a_trial_interrupted_after_any_epoch_ends_as_the_uninterrupted_one(case,
 def test_an_interruption_inside_an_epoch_with_tracking_continues_from_the_step_checkpoint(tmp_path):
     """every_seconds ~ 0: a checkpoint after every step; the crash comes at a tracking record in
     the middle of an epoch (3 steps per epoch, tracking every 2 steps)."""
-    cfg = config({"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "checkpoint": {"every_epochs": 0, "every_seconds": 1e-9},
-                  "track": {"every_steps": 2, "metrics": ["hessian_top_eig"], "subset": 64}})
+    cfg = config(
+        {
+            "optimizer": "sgd",
+            "lr": 0.1,
+            "momentum": 0.9,
+            "checkpoint": {"every_epochs": 0, "every_seconds": 1e-9},
+            "track": {"every_steps": 2, "metrics": ["hessian_top_eig"], "subset": 64},
+        }
+    )
     reference, _ = train([cfg])
     # the crash at the tracking of step s leaves the checkpoint after step s - 1: step 3 ends
     # epoch 1 (then saved after its evaluation); steps 7 and 13 are inside epochs 3 and 5
@@ -123,8 +164,10 @@ def test_an_interruption_inside_an_epoch_with_tracking_continues_from_the_step_c
 def test_population_members_continue_each_from_its_own_checkpoint(tmp_path):
     """Three members with their own lr, momentum and seed; interrupted after epoch 2; then a member
     that finished (recorded) is left out, as the driver re-launches only the unrecorded ones."""
-    cfgs = [config({"optimizer": "sgd", "lr": lr, "momentum": m, "max_epochs": e}, seed=s)
-            for lr, m, e, s in ((0.05, 0.9, 6, 0), (0.1, 0.0, 3, 1), (0.2, 0.5, 6, 2))]
+    cfgs = [
+        config({"optimizer": "sgd", "lr": lr, "momentum": m, "max_epochs": e}, seed=s)
+        for lr, m, e, s in ((0.05, 0.9, 6, 0), (0.1, 0.0, 3, 1), (0.2, 0.5, 6, 2))
+    ]
     reference, _ = train(cfgs)
     crashed, _ = train(cfgs, tmp_path, crash=lambda i, r: r.kind == "epoch" and r.values["epoch"] == 3 and i == 0)
     assert not crashed  # member 1 left at epoch 3, just after member 0's record: its measures never ran

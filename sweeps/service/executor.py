@@ -35,9 +35,17 @@ class RayExecutor:
             checkpoint (:mod:`sweeps.checkpoint`; shared by every node), or ``None``: no checkpoints.
     """
 
-    def __init__(self, trial_fn: TrialFn | None, tracking_uri: str, cpus: float, gpus: float,
-                 max_retries: int, prune: bool, log: Callable[[str], None],
-                 checkpoint_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        trial_fn: TrialFn | None,
+        tracking_uri: str,
+        cpus: float,
+        gpus: float,
+        max_retries: int,
+        prune: bool,
+        log: Callable[[str], None],
+        checkpoint_dir: str | None = None,
+    ) -> None:
         import ray
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -47,7 +55,11 @@ class RayExecutor:
         self.trial_fn, self.tracking_uri, self.cpus, self.log = trial_fn, tracking_uri, cpus, log
         self.device = "cuda" if gpus > 0 else None
         self.task = ray.remote(population_task).options(
-            num_cpus=cpus, num_gpus=gpus, num_returns="streaming", max_retries=0, retry_exceptions=False,
+            num_cpus=cpus,
+            num_gpus=gpus,
+            num_returns="streaming",
+            max_retries=0,
+            retry_exceptions=False,
         )
         self.measure_remote = ray.remote(measure_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=max_retries)
         self.stops: Any = None  # the StopBoard actor's handle
@@ -63,8 +75,16 @@ class RayExecutor:
     def launch(self, trials: Sequence[Launch]) -> Hashable:
         numbers = [t.number for t in trials]
         gen = self.task.remote(
-            self.trial_fn, [t.config for t in trials], numbers, self.queue, self.tracking_uri, self.cpus,
-            self.device, len(trials) > 1, self.stops, self.checkpoint_dir,
+            self.trial_fn,
+            [t.config for t in trials],
+            numbers,
+            self.queue,
+            self.tracking_uri,
+            self.cpus,
+            self.device,
+            len(trials) > 1,
+            self.stops,
+            self.checkpoint_dir,
         )
         self.numbers[gen] = numbers
         return gen
@@ -112,8 +132,9 @@ class RayExecutor:
         try:
             return Finished(ref, number, FinalRecord.from_worker(ray.get(ref)))
         except ray.exceptions.RayError as err:
-            return Finished(ref, number, FinalRecord.settled(TrialStatus.FAILED,
-                                                             f"measures lost: {type(err).__name__}: {err}"))
+            return Finished(
+                ref, number, FinalRecord.settled(TrialStatus.FAILED, f"measures lost: {type(err).__name__}: {err}")
+            )
 
     def curves(self) -> list[tuple[int, list[CurvePoint]]]:
         """The in-training records that reached the metric queue since the last call."""

@@ -133,6 +133,7 @@ def _batch_size(value: Any) -> int | str:
 
 MetricName = Annotated[str, AfterValidator(_metric_name)]
 PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
 class _Section(BaseModel):
@@ -198,6 +199,19 @@ class TrackConfig(_Section):
         return self
 
 
+class CheckpointConfig(_Section):
+    """When a training trial saves its state to continue exactly after a lost worker or driver
+    (see :mod:`sweeps.checkpoint`); both 0: no checkpoints."""
+
+    every_epochs: NonNegativeInt = 0  # epochs between checkpoints (0: by time only)
+    every_seconds: float = Field(60.0, ge=0)  # seconds of training between checkpoints, at most (0: by epochs only)
+
+    @property
+    def enabled(self) -> bool:
+        """True unless both intervals are 0."""
+        return self.every_epochs > 0 or self.every_seconds > 0
+
+
 class TrainConfig(_Section):
     """Optimizer, schedule, loss and stopping rules (see :mod:`sweeps.train`)."""
 
@@ -219,6 +233,7 @@ class TrainConfig(_Section):
     eval_every_epochs: PositiveInt = 1  # test-set evaluation / epoch records
     eval_batch_size: PositiveInt = 4096  # chunk size of full-data evaluations
     track: TrackConfig = Field(default_factory=TrackConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)  # saved state for exact restore
 
     @field_validator("step_milestones")
     @classmethod

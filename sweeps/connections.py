@@ -10,9 +10,12 @@ results dir     ``--results-dir``       ``SWEEPS_RESULTS_DIR``                  
 tracking URI    ``--tracking-uri``      ``SWEEPS_TRACKING_URI``, ``MLFLOW_TRACKING_URI`` ``sqlite:///<dir>/mlflow.db``
 Optuna storage  ``--storage``           ``SWEEPS_STORAGE``                           ``sqlite:///<dir>/optuna.db``
 Ray address     ``--address``           ``RAY_ADDRESS``                              a local Ray started here
+checkpoints     -                       ``SWEEPS_CHECKPOINT_DIR``                    ``<dir>/checkpoints``
 ==============  ======================  ===========================================  ==========================
 
-MLflow artifacts of the embedded default go to ``<dir>/mlartifacts``. A storage value that
+MLflow artifacts of the embedded default go to ``<dir>/mlartifacts``. Trial checkpoints
+(:mod:`sweeps.checkpoint`) are written by the workers: on a cluster the checkpoint folder must be
+one that every node and the driver mount at the same path. A storage value that
 ends in ``.log`` or ``.journal`` (or starts with ``journal://``) is an Optuna
 ``JournalStorage`` file instead of an RDB URL.
 
@@ -66,6 +69,7 @@ class Connections:
             a local Ray sized to this machine.
         artifact_root: artifact location for new MLflow experiments (a ``file://`` URI under the
             results directory for local stores; ``None`` lets an HTTP server decide).
+        checkpoint_dir: the folder of trial checkpoints (absolute; :mod:`sweeps.checkpoint`).
     """
 
     results_dir: Path
@@ -73,6 +77,7 @@ class Connections:
     storage: str
     address: str | None
     artifact_root: str | None
+    checkpoint_dir: Path | None = None
 
     @property
     def is_journal(self) -> bool:
@@ -86,6 +91,7 @@ class Connections:
             "tracking_uri": redact(self.tracking_uri),
             "storage": redact(self.storage),
             "ray": redact(self.address) if self.address else _private_ray(),
+            "checkpoints": str(self.checkpoint_dir),
         }
 
 
@@ -218,7 +224,10 @@ def resolve(
     ray_address = named("address", address, env)
     local_store = urlsplit(tracking).scheme in ("sqlite", "file", "postgresql", "mysql")
     artifact_root = (directory / "mlartifacts").as_uri() if local_store else None
-    return Connections(directory, tracking, study_storage, ray_address, artifact_root)
+    from .checkpoint import DIRECTORY, ENV
+
+    checkpoints = Path(env.get(ENV) or directory / DIRECTORY).expanduser().resolve()
+    return Connections(directory, tracking, study_storage, ray_address, artifact_root, checkpoints)
 
 
 def _check_uri(flag: str, uri: str, schemes: tuple[str, ...]) -> None:

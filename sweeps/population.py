@@ -45,7 +45,7 @@ from landscape._functional import training_mode
 from .config import SweepConfig, TrainConfig
 
 # TrainConfig fields that fix the code path or tensor shapes (the rest are per-member scalars).
-SHARED_TRAIN_FIELDS = ("optimizer", "batch_size", "loss", "eval_batch_size", "track")
+SHARED_TRAIN_FIELDS = ("optimizer", "batch_size", "loss", "eval_batch_size", "track", "checkpoint")
 
 Forward = Callable[[dict[str, Tensor], Tensor, bool], Tensor]
 MemberLoss = Callable[[Tensor, Tensor], Tensor]  # outputs [K, B, C], targets [K, B] -> losses [K]

@@ -14,7 +14,9 @@ Column contract of :func:`results` (one row per finished trial, ordered by trial
   where missing), ``bool``, else ``str``;
 * metrics: bare names (``test_acc``, ``gen_gap``, ``hessian_top_eig``, ``hessian_top_eig_seconds``,
   ...) as ``float64``; counts (``epochs``, ``steps``, ``n_train``, ``n_test``, ``num_params``)
-  as ``Int64``. A metric a trial does not have (a diverged trial's measures) is NaN.
+  as ``Int64``. A metric a trial does not have (a diverged trial's measures) is NaN;
+  ``resumes`` (times a trial continued from its checkpoint, :mod:`sweeps.checkpoint`) is there
+  once a trial of the sweep did, NaN for the others: a point interrupted and continued is one row.
 
 Interrupted attempts (their points were re-run) are left out unless ``include_interrupted``.
 

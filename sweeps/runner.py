@@ -35,6 +35,10 @@ Fault handling:
   finds the RUNNING trials and either tells them from their MLflow run (if that run was fully
   recorded) or marks them interrupted and re-enqueues their points, and ends orphaned MLflow
   runs KILLED. Completed trials are never repeated.
+* Whichever way a trial is run again (a re-launch, the re-run of an interrupted point), it
+  continues from its checkpoint (:mod:`sweeps.checkpoint`: found from the trial's config, in the
+  folder passed to the tasks); the driver removes a trial's checkpoint once the trial is recorded
+  (:class:`~sweeps.checkpoint.Cleaner`) and the sweep's folder once the sweep completes.
 
 Pruning (``prune=True``, off by default) reports the objective metric streamed during
 training to Optuna's ``MedianPruner`` (at the epochs of :func:`is_pruning_epoch`) and stops the
@@ -56,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from . import search
+from . import checkpoint, search
 from .batching import population_size
 from .connections import Connections, check_reachable, redact, resolve, use_wal
 from .lease import DriverLease, LeaseLostError
@@ -400,6 +404,8 @@ def _drive(
     )  # driver is set: any failure before the loop propagated from the `finally` above
     if stop.requested:
         raise SweepInterrupted(summary)
+    if not interrupted:
+        checkpoint.discard_sweep(conn.checkpoint_dir, config.name)
     if report and not interrupted:
         _report(config.name, conn, view)
     return summary
@@ -439,8 +445,9 @@ def _build_loop(
         max_retries,
         prune,
         view.log,
+        checkpoint_dir=conn.checkpoint_dir and str(conn.checkpoint_dir),
     )
-    observers = []
+    observers: list[Any] = [checkpoint.Cleaner(conn.checkpoint_dir, config)]  # a recorded trial's checkpoint goes
     if config.measure:
         observers.append(_live_correlation(config, conn, tracker, parent, view, resumed=book.finished > 0))
     settings = LoopSettings(

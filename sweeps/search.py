@@ -8,8 +8,10 @@ Rules:
 * One study per sweep name, created with the objective's direction(s). The sweep's resolved
   config and a fingerprint of it are kept as study user attrs (``config``, ``fingerprint``), so
   ``sweeps resume NAME`` needs no file. Reusing a name with another config is a
-  :class:`StudyConflictError` (CLI exit code 2). The fingerprint ignores ``resources`` and
-  ``search.n_trials``: a sweep may be resumed on other hardware or extended.
+  :class:`StudyConflictError` (CLI exit code 2). The fingerprint ignores ``resources``,
+  ``search.n_trials`` and ``train.checkpoint``: a sweep may be resumed on other hardware, extended,
+  or checkpointed at another cadence (and a study made before checkpoints existed keeps its
+  fingerprint).
 * Every trial carries a user attr ``status``, one of :class:`sweeps.status.TrialStatus` (that
   module says which Optuna state each is told as and why).
 * The budget counts *finished* trials: for a grid, each point is finished exactly once.
@@ -38,8 +40,9 @@ from .status import TrialStatus, is_finished
 
 SAMPLERS = ("grid", "random", "tpe", "cmaes", "nsga2")
 
-# Fields that may change between runs of the same sweep (hardware, budget extension).
-_FINGERPRINT_EXCLUDES = (("resources",), ("search", "n_trials"))
+# Fields that may change between runs of the same sweep (hardware, budget extension, checkpoint
+# cadence: a trial continued from a checkpoint ends as one never interrupted).
+_FINGERPRINT_EXCLUDES = (("resources",), ("search", "n_trials"), ("train", "checkpoint"))
 
 
 class StudyConflictError(ValueError):

@@ -41,6 +41,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -49,6 +50,7 @@ from torch import Tensor, nn
 
 from landscape._functional import training_mode
 
+from . import checkpoint as checkpoints
 from .config import TrainConfig
 from .data import Dataset
 from .population import SHARED_TRAIN_FIELDS, Stack, module_stack_reason
@@ -92,6 +94,8 @@ class TrainResult:
             eos_ratio).
         init_state: the model's ``state_dict`` before the first step (cloned).
         reason: one line on why training stopped.
+        resumes: times this training continued from a checkpoint (:mod:`sweeps.checkpoint`);
+            ``seconds`` then counts the training time up to each checkpoint plus the last run's.
     """
 
     status: TrialStatus
@@ -103,6 +107,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     init_state: dict[str, Tensor] = field(repr=False)
     reason: str = ""
+    resumes: int = 0
 
 
 @torch.no_grad()
@@ -243,6 +248,7 @@ class _Member:
     running: float = math.nan  # moving average of mini-batch losses
     latest: tuple[float, float] = (math.nan, 0.0)  # the most recent full eval
     checked: tuple[float, float] | None = None  # full eval at the current weights
+    resumes: int = 0  # times continued from a checkpoint
 
     def lr(self, step: int) -> float:
         return self.cfg.lr * self.factor(step)
@@ -275,6 +281,7 @@ class _Population:
         log: LogMemberFn | None,
         on_result: ResultFn | None,
         stop: StopFn | None = None,
+        checkpoint_paths: Sequence[Path] | None = None,
     ):
         self.start = time.perf_counter()
         self.data, self.log, self.on_result, self.stop = data, log, on_result, stop
@@ -302,6 +309,8 @@ class _Population:
         self.results: list[TrainResult | None] = [None] * len(models)
         self.pending: dict[int, tuple[TrialStatus, str, int]] = {}  # row -> how it leaves
         self.step = 0
+        self.saver = checkpoints.Cadence(cfg.checkpoint, checkpoint_paths)
+        self.resumed: tuple[int, int | None, Tensor | None] | None = None  # epoch, next batch, orders (restore)
 
     # --- evaluations ----------------------------------------------------------------------
     @torch.no_grad()
@@ -346,6 +355,9 @@ class _Population:
 
     def emit(self, m: _Member, record: dict[str, Any]) -> None:
         m.history.append(record)
+        self._send(m, record)
+
+    def _send(self, m: _Member, record: dict[str, Any]) -> None:
         if self.log is not None:
             values = {k: float(v) for k, v in record.items() if k not in ("kind", "step")}
             self.log(m.index, TrainingRecord(record["kind"], record["step"], values))
@@ -397,6 +409,7 @@ class _Population:
             history=m.history,
             init_state=m.init_state,
             reason=reason,
+            resumes=m.resumes,
         )
         self.results[m.index] = result
         if self.on_result is not None:
@@ -412,6 +425,23 @@ class _Population:
 
     # --- the loop -------------------------------------------------------------------------
     def run(self) -> list[TrainResult]:
+        if self.resumed is None:
+            epoch = self._start()
+        else:
+            epoch, batch, orders = self.resumed
+            for m, record in [(m, r) for m in self.live for r in m.history]:  # the curve so far, again
+                self._send(m, record)
+            if batch is not None:  # stopped inside epoch `epoch`: finish it
+                self._mini_batch_epoch(epoch, batch, orders)
+                self._end_epoch(epoch)
+        while self.live:
+            epoch += 1
+            (self._full_batch_epoch if self.full else self._mini_batch_epoch)(epoch)
+            self._end_epoch(epoch)
+        return self.results  # type: ignore[return-value]
+
+    def _start(self) -> int:
+        """Epoch 0: the initial evaluation, tracking and checks; returns 0."""
         self.record(range(len(self.live)), 0)
         for m in self.live:
             m.init_loss = m.running = m.history[-1]["train_loss"]
@@ -423,20 +453,21 @@ class _Population:
             elif m.reached(*m.checked):
                 self.leave(row, TrialStatus.CONVERGED, "the target was met at initialization", 0)
         self.settle()
-        epoch = 0
-        while self.live:
-            epoch += 1
-            (self._full_batch_epoch if self.full else self._mini_batch_epoch)(epoch)
-            rows = [r for r, m in enumerate(self.live) if epoch % m.cfg.eval_every_epochs == 0]
-            self.record(rows, epoch)
-            for row, m in enumerate(self.live):
-                if epoch >= m.cfg.max_epochs:
-                    no_target = m.cfg.stop.train_loss is None and m.cfg.stop.train_acc is None
-                    status = TrialStatus.CONVERGED if no_target else TrialStatus.NOT_CONVERGED
-                    self.leave(row, status, f"max_epochs={m.cfg.max_epochs} reached", epoch)
-            self.stop_requested(epoch)
-            self.settle()
-        return self.results  # type: ignore[return-value]
+        return 0
+
+    def _end_epoch(self, epoch: int) -> None:
+        """After an epoch's steps: its records, ``max_epochs``, pruning, leaving, checkpoint."""
+        rows = [r for r, m in enumerate(self.live) if epoch % m.cfg.eval_every_epochs == 0]
+        self.record(rows, epoch)
+        for row, m in enumerate(self.live):
+            if epoch >= m.cfg.max_epochs:
+                no_target = m.cfg.stop.train_loss is None and m.cfg.stop.train_acc is None
+                status = TrialStatus.CONVERGED if no_target else TrialStatus.NOT_CONVERGED
+                self.leave(row, status, f"max_epochs={m.cfg.max_epochs} reached", epoch)
+        self.stop_requested(epoch)
+        self.settle()
+        if self.saver.due(epoch, epoch_end=True):
+            checkpoints.capture(self, epoch, None, None)
 
     def _train_step(self, x: Tensor, y: Tensor) -> list[float]:
         """One optimizer step of every live member on its batch ``x [K, B, ...]``, ``y [K, B]``;
@@ -446,11 +477,14 @@ class _Population:
         self.step += 1
         return losses.tolist()
 
-    def _mini_batch_epoch(self, epoch: int) -> None:
+    def _mini_batch_epoch(self, epoch: int, first: int = 0, orders: Tensor | None = None) -> None:
+        """One epoch of mini-batch steps, from its batch ``first`` with the data ``orders``
+        ``[K, n]`` of a checkpoint (default: the whole epoch, orders drawn here)."""
         x, y, b = self.data.x_train, self.data.y_train, self.batch
-        orders = torch.stack([torch.randperm(len(y), generator=m.gen) for m in self.live]).to(y.device)
+        if orders is None:
+            orders = torch.stack([torch.randperm(len(y), generator=m.gen) for m in self.live]).to(y.device)
         check_every = max(1, self.steps_per_epoch // 4)
-        for i in range(self.steps_per_epoch):
+        for i in range(first, self.steps_per_epoch):
             idx = orders[:, i * b : (i + 1) * b]
             flat_idx = idx.reshape(-1)
             losses = self._train_step(
@@ -479,6 +513,8 @@ class _Population:
                 if not self.live:
                     return
                 orders = orders[keep]
+            if self.saver.due(epoch, epoch_end=False):
+                checkpoints.capture(self, epoch, i + 1, orders)
         for row, ev in enumerate(self.evaluate(range(len(self.live)), x, y)):
             m = self.live[row]
             m.checked = m.latest = ev
@@ -538,6 +574,8 @@ def train_population(
     log: LogMemberFn | None = None,
     on_result: ResultFn | None = None,
     stop: StopFn | None = None,
+    checkpoint_paths: Sequence[Path] | None = None,
+    resume: Sequence[dict[str, Any]] | None = None,
 ) -> list[TrainResult]:
     """Train K models of one shape as one stack, each by its own config; :func:`train` is K = 1.
 
@@ -555,6 +593,12 @@ def train_population(
             :func:`sweeps.population.module_stack_reason`).
         cfgs: one per model, equal in :data:`sweeps.population.SHARED_TRAIN_FIELDS`.
         seeds: mini-batch order (and tracking subset) seed per model.
+        checkpoint_paths: one file per model where it checkpoints (:mod:`sweeps.checkpoint`)
+            as ``cfgs[0].checkpoint`` says; ``None``: no checkpoints.
+        resume: one loaded checkpoint per model (:func:`sweeps.checkpoint.load`), all at one
+            position: training continues from there exactly (the models are built as for a
+            start; their weights and every state are replaced). Each member's ``log`` first
+            receives its records so far again.
 
     Returns:
         The members' :class:`TrainResult`, in the order of ``models``. A member's ``seconds``
@@ -575,7 +619,14 @@ def train_population(
         reason = module_stack_reason(models[0])
         if reason is not None:
             raise ValueError(f"these models do not stack: {reason}")
-    return _Population(models, data, cfgs, seeds, log, on_result, stop).run()
+    if checkpoint_paths is not None and len(checkpoint_paths) != len(models):
+        raise ValueError(f"checkpoint_paths: need one per model (got {len(checkpoint_paths)} for {len(models)})")
+    if resume is not None and len(resume) != len(models):
+        raise ValueError(f"resume: need one checkpoint per model (got {len(resume)} for {len(models)})")
+    population = _Population(models, data, cfgs, seeds, log, on_result, stop, checkpoint_paths)
+    if resume is not None:
+        checkpoints.restore(population, resume)
+    return population.run()
 
 
 def train(

@@ -172,11 +172,13 @@ def _members(
     device: str | None,
     measure_apart: bool = False,
     stop: StopPoll | None = None,
+    checkpoint_dir: str | None = None,
 ) -> Iterator[tuple[int, Any | None, str | None]]:
     """``(index, result, None)`` per member as it finishes, ``(index, None, traceback)`` per failure.
 
     With ``measure_apart`` a member with measures to compute comes as ``(index, TrainedMember,
-    None)``; ``stop`` is the population's :class:`StopPoll`.
+    None)``; ``stop`` is the population's :class:`StopPoll`; ``checkpoint_dir`` where members
+    checkpoint and find their checkpoints (:mod:`sweeps.checkpoint`).
 
     A population trains in a thread (its results arrive by callback); a replacement ``trial_fn``
     runs its single trial here. An exception that escapes the population fails the members that
@@ -204,6 +206,7 @@ def _members(
                 device=device,
                 on_trained=(lambda i, member: done.put((i, member, None))) if measure_apart else None,
                 stop=stop,
+                checkpoint_dir=checkpoint_dir,
             )
         except Exception:
             done.put((None, None, traceback.format_exc()))
@@ -236,20 +239,25 @@ def population_task(
     device: str | None,
     measure_apart: bool = False,
     stop_board: Any = None,
+    checkpoint_dir: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Body of the Ray task (a streaming generator) training the trials ``numbers`` with ``configs``.
 
     Yields one record per member (see the module docstring), in the order they finish, and never
     raises for a trial's own exception: that member's record is ``failed`` with its traceback.
     With ``measure_apart`` a member to measure is yielded as its trained weights (for
-    :func:`measure_task`); ``stop_board`` is the driver's :class:`StopBoard` (pruning).
+    :func:`measure_task`); ``stop_board`` is the driver's :class:`StopBoard` (pruning);
+    ``checkpoint_dir`` the folder (shared by the cluster) where the members checkpoint and a
+    re-run member finds its checkpoint (:mod:`sweeps.checkpoint`; ``None``: no checkpoints).
     """
     streams = [MetricStream(queue, n) for n in numbers]
     out_dirs = [Path(tempfile.mkdtemp(prefix=f"sweeps-trial-{n}-")) for n in numbers]
     started, node = _task_start(tracking_uri, cpus)
     stop = None if stop_board is None else StopPoll(stop_board, numbers)
     try:
-        for index, result, tb in _members(trial_fn, configs, streams, out_dirs, device, measure_apart, stop):
+        for index, result, tb in _members(
+            trial_fn, configs, streams, out_dirs, device, measure_apart, stop, checkpoint_dir
+        ):
             streams[index].flush(wait=True)
             yield _record(index, result, tb, out_dirs[index], started, node)
             shutil.rmtree(out_dirs[index], ignore_errors=True)

@@ -624,3 +624,91 @@ def test_readme_states_every_exit_code():
     stated = readme[readme.index("**Exit codes**") :]
     for code in EXIT_CODES:
         assert f" {code} " in stated.replace("\n", " "), code
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_continues_the_interrupted_trials_from_their_checkpoints(
+    tmp_path, ray_address, capsys, monkeypatch
+):
+    """Two long trials checkpointing after every epoch; the driver is SIGKILLed once a checkpoint
+    is past epoch 3; `sweeps resume` re-runs the interrupted points, each from its checkpoint
+    (``resumes`` 1), and the results are one row per point, with the numbers of an uninterrupted
+    sweep of the same config."""
+    from sweeps import checkpoint
+    from sweeps.runner import run_sweep
+
+    lease = 4.0
+    monkeypatch.setenv("SWEEPS_LEASE_SECONDS", str(lease))
+    name = "cli-ckpt"
+    data = {
+        "name": name,
+        "dataset": {"name": "digits", "train_size": 256},
+        "model": {"name": "mlp", "width": 8, "depth": 1},
+        "train": {
+            "lr": 0.1,
+            "batch_size": 32,
+            "max_epochs": 150,
+            "stop": {},
+            "checkpoint": {"every_epochs": 1, "every_seconds": 0},
+        },
+        "measure": ["hessian_top_eig"],
+        "measure_subset": 128,
+        "search": {"sampler": "grid", "space": {"seed": {"values": [0, 1]}}},
+        "resources": {"population_size": 1},
+    }
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(data))
+    results_dir = tmp_path / "results"
+    common = ["--results-dir", str(results_dir), "--address", ray_address, "--quiet", "--no-report"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sweeps.cli", "run", str(config), "--max-concurrent", "2", *common],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+    folder = results_dir / "checkpoints" / name
+
+    def epochs_saved() -> list[int]:
+        found = []
+        for path in folder.glob("*.pt"):
+            state = checkpoint.load(path)
+            found += [] if state is None else [state["epoch"]]
+        return found
+
+    while proc.poll() is None and not (len(epochs_saved()) == 2 and min(epochs_saved()) >= 3):
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
+    assert len(search.stale_trials(study_of(results_dir, name))) == 2
+
+    holder = current_holder(f"sqlite:///{results_dir / 'optuna.db'}", name)
+    time.sleep(max(0.0, holder.heartbeat + lease + 0.5 - time.time()))
+    resumed = sweeps_main(capsys, "resume", name, *common)
+    assert resumed.returncode == 0, resumed.stderr
+    frame = sweeps.results(name, results_dir=results_dir).set_index("seed")
+    assert sorted(frame.index) == [0, 1] and frame["resumes"].tolist() == [1, 1]  # one row per point, marked
+    every = sweeps.results(name, results_dir=results_dir, include_interrupted=True)
+    assert sorted(every["status"]) == ["converged", "converged", "interrupted", "interrupted"]
+    assert not folder.exists()  # the sweep completed: its checkpoints are gone
+
+    reference = run_sweep(
+        load_config({**data, "name": "cli-ckpt-ref"}),
+        results_dir=tmp_path / "ref",
+        address=ray_address,
+        quiet=True,
+        report=False,
+    )
+    assert reference.counts == {"converged": 2}
+    expected = sweeps.results("cli-ckpt-ref", results_dir=tmp_path / "ref").set_index("seed")
+    numbers = ["train_loss", "train_acc", "test_loss", "test_acc", "epochs", "steps", "hessian_top_eig"]
+    assert frame.loc[[0, 1], numbers].to_numpy().tolist() == expected.loc[[0, 1], numbers].to_numpy().tolist()
+    client = MlflowClient(f"sqlite:///{results_dir / 'mlflow.db'}")
+    ref_client = MlflowClient(f"sqlite:///{tmp_path / 'ref' / 'mlflow.db'}")
+    for seed in (0, 1):  # the finishing run holds the whole curve: epochs 0..150, each once
+        curve = sorted((m.step, m.value) for m in client.get_metric_history(frame.loc[seed, "run_id"], "train_loss"))
+        ref = sorted(
+            (m.step, m.value) for m in ref_client.get_metric_history(expected.loc[seed, "run_id"], "train_loss")
+        )
+        assert curve == ref and len({step for step, _ in curve}) == 151  # (+ the final value, logged at the last step)

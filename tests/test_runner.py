@@ -376,3 +376,95 @@ def test_progress_budget_counts_finished_trials_only():
     console = Console(record=True, width=120)
     console.print(ProgressView._render(snap))
     assert " 6/8 " in console.export_text()
+
+
+class CountsStepsDiesOnce(nn.Module):
+    """MLP that appends a line to ``steps`` at every training forward (one per optimizer step in
+    a population of one, across all attempts and workers) and kills its worker at its
+    ``die_at``-th training forward, once per ``marker`` file."""
+
+    def __init__(self, input_shape, num_classes, steps="", marker="", die_at=0):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(math.prod(input_shape), 8), nn.Tanh(), nn.Linear(8, num_classes)
+        )
+        self.steps, self.marker, self.die_at, self.calls = Path(steps), Path(marker), die_at, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            with open(self.steps, "a") as f:
+                f.write("1\n")
+            if self.die_at and self.calls >= self.die_at and not self.marker.exists():
+                self.marker.write_text("died once")
+                os._exit(1)
+        return self.net(x)
+
+
+def test_a_trial_whose_worker_dies_continues_from_its_checkpoint_and_ends_as_uninterrupted(tmp_path):
+    """4 steps per epoch, 6 epochs, a checkpoint after every epoch: the worker dies at the 14th
+    step of the first trial (inside epoch 4); the retry continues after epoch 3, so across its
+    attempts that trial trains 2 steps more than uninterrupted (not 14), and every number, curve
+    and measure equals the uninterrupted sweep's."""
+    die_at, per_epoch = 14, 4
+
+    def sweep(name, die):
+        model = {
+            "name": "test_runner:CountsStepsDiesOnce",
+            "kwargs": {
+                "steps": str(tmp_path / f"{name}.steps"),
+                "marker": str(tmp_path / f"{name}.died"),
+                "die_at": die_at if die else 0,
+            },
+        }
+        train = {
+            "lr": 0.1,
+            "batch_size": 64,
+            "max_epochs": 6,
+            "stop": {},
+            "checkpoint": {"every_epochs": 1, "every_seconds": 0},
+            "track": {"every_steps": 3, "subset": 64, "metrics": ["hessian_top_eig"]},
+        }
+        config = tiny_config(
+            name,
+            {"seed": {"values": [0, 1]}},
+            model=model,
+            train=train,
+            resources={"cpus_per_trial": 1, "population_size": 1, "max_concurrent": 1},
+        )
+        summary = run_sweep(config, results_dir=tmp_path / name, quiet=True, max_retries=1, report=False)
+        assert summary.finished == 2 and summary.counts == {"converged": 2}, summary.counts
+        steps = len((tmp_path / f"{name}.steps").read_text().splitlines())
+        assert not (summary.connections.checkpoint_dir / name).exists()  # removed once the sweep completed
+        return sweeps.results(name, results_dir=tmp_path / name).set_index("seed"), steps, summary
+
+    reference, reference_steps, _ = sweep("ckpt-reference", die=False)
+    resumed, steps, summary = sweep("ckpt-died", die=True)
+    assert (tmp_path / "ckpt-died.died").exists()
+    assert reference_steps == 2 * 6 * per_epoch
+    assert steps == reference_steps + (die_at - 3 * per_epoch)  # lost: the steps after the epoch-3 checkpoint
+    assert sorted(resumed["resumes"].fillna(0).tolist()) == [0, 1] and "resumes" not in reference
+    assert len(resumed) == 2  # one row per point
+    numbers = [
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "gen_gap",
+        "epochs",
+        "steps",
+        "hessian_top_eig",
+        "track.hessian_top_eig",
+        "track.eos_ratio",
+    ]
+    pd_equal = resumed[numbers].to_numpy().tolist() == reference[numbers].to_numpy().tolist()
+    assert pd_equal, (resumed[numbers], reference[numbers])
+    client = MlflowClient(summary.connections.tracking_uri)
+    ref_client = MlflowClient(f"sqlite:///{tmp_path / 'ckpt-reference' / 'mlflow.db'}")
+    for seed in (0, 1):  # the whole curve, each step once, in the run that finished
+        for key in ("train_loss", "test_acc", "track.hessian_top_eig"):
+            curve = sorted((m.step, m.value) for m in client.get_metric_history(resumed.loc[seed, "run_id"], key))
+            ref_curve = sorted(
+                (m.step, m.value) for m in ref_client.get_metric_history(reference.loc[seed, "run_id"], key)
+            )
+            assert curve == ref_curve, (seed, key)

@@ -133,6 +133,9 @@ def test_resolution_order(tmp_path, monkeypatch):
     assert default.tracking_uri == f"sqlite:///{tmp_path / 'sweeps-results' / 'mlflow.db'}"
     assert default.storage == f"sqlite:///{tmp_path / 'sweeps-results' / 'optuna.db'}"
     assert default.address is None
+    assert default.checkpoint_dir == tmp_path / "sweeps-results" / "checkpoints"
+    shared = connections.resolve(results_dir=tmp_path / "flag", env={"SWEEPS_CHECKPOINT_DIR": str(tmp_path / "nfs")})
+    assert shared.checkpoint_dir == tmp_path / "nfs"  # a folder every node mounts, apart from the results
     with pytest.raises(ValueError, match="--tracking-uri: unsupported URI"):
         connections.resolve(tracking_uri="mlflow.db", env={})
     with pytest.raises(ValueError, match=r"--storage: unsupported URI 'postgres://u:\*\*\*@h/d'"):

@@ -31,6 +31,8 @@ class RayExecutor:
         max_retries: Ray's re-runs of a lost measure task.
         prune: start the :class:`~sweeps.worker.StopBoard` that populations read (pruning).
         log: where to say that the metric queue is unavailable.
+        checkpoint_dir: where the tasks' trials checkpoint and a re-launched trial finds its
+            checkpoint (:mod:`sweeps.checkpoint`; shared by every node), or ``None``: no checkpoints.
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class RayExecutor:
         max_retries: int,
         prune: bool,
         log: Callable[[str], None],
+        checkpoint_dir: str | None = None,
     ) -> None:
         import ray
         from ray.util.queue import Queue
@@ -64,6 +67,10 @@ class RayExecutor:
             self.stops = ray.remote(StopBoard).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote()
         self.numbers: dict[Hashable, list[int]] = {}  # trial numbers of each task, by index
         self.measures: set[Hashable] = set()
+        self.checkpoint_dir = checkpoint_dir
+        # kind -> last step handed out, per trial: a task that continued from a checkpoint sends
+        # the trial's records so far again, and the loop gets each once
+        self.sent: dict[int, dict[str, int]] = {}
 
     def launch(self, trials: Sequence[Launch]) -> Hashable:
         numbers = [t.number for t in trials]
@@ -77,6 +84,7 @@ class RayExecutor:
             self.device,
             len(trials) > 1,
             self.stops,
+            self.checkpoint_dir,
         )
         self.numbers[gen] = numbers
         return gen
@@ -138,7 +146,18 @@ class RayExecutor:
         except ray.exceptions.RayError as err:  # queue restarting after its node died
             self.log(f"metric queue unavailable ({type(err).__name__}); live curves resume when it is back")
             return []
-        return [(number, [CurvePoint(*r) for r in records]) for number, records in batch]
+        curves = []
+        for number, records in batch:
+            sent = self.sent.setdefault(number, {})
+            points = []
+            for record in records:  # in step order per trial
+                point = CurvePoint(*record)
+                if point.step > sent.get(point.kind, -1):
+                    sent[point.kind] = point.step
+                    points.append(point)
+            if points:
+                curves.append((number, points))
+        return curves
 
     def prune(self, handle: Hashable, number: int, reason: str) -> None:
         """Stop trial ``number``: its population drops it after its epoch (the others train on),

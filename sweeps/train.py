@@ -429,8 +429,9 @@ class _Population:
             epoch = self._start()
         else:
             epoch, batch, orders = self.resumed
-            for m, record in [(m, r) for m in self.live for r in m.history]:  # the curve so far, again
-                self._send(m, record)
+            for member in self.live:  # the curve so far, again
+                for record in member.history:
+                    self._send(member, record)
             if batch is not None:  # stopped inside epoch `epoch`: finish it
                 self._mini_batch_epoch(epoch, batch, orders)
                 self._end_epoch(epoch)

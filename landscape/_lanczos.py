@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
 import torch
@@ -33,7 +34,9 @@ from torch import Tensor
 
 from .hvp import CurvatureOperator, HessianOperator
 
-OperatorLike = HessianOperator | CurvatureOperator | Tensor | np.ndarray | LinearOperator | Callable[[Tensor], Tensor]
+OperatorLike: TypeAlias = (
+    HessianOperator | CurvatureOperator | Tensor | np.ndarray | LinearOperator | Callable[[Tensor], Tensor]
+)
 
 
 @dataclass

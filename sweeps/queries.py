@@ -56,7 +56,8 @@ def _connections(tracking_uri: str | None, results_dir: str | Path | None, stora
 
 
 def _all_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Any]:
-    runs, token = [], None
+    runs: list[Any] = []
+    token = None
     while True:
         page = client.search_runs([experiment_id], filter_string=filter_string, max_results=5000, page_token=token)
         runs.extend(page)

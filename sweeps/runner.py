@@ -445,7 +445,7 @@ def _build_loop(
         max_retries,
         prune,
         view.log,
-        checkpoint_dir=conn.checkpoint_dir and str(conn.checkpoint_dir),
+        checkpoint_dir=str(conn.checkpoint_dir) if conn.checkpoint_dir else None,
     )
     observers: list[Any] = [checkpoint.Cleaner(conn.checkpoint_dir, config)]  # a recorded trial's checkpoint goes
     if config.measure:

@@ -326,7 +326,8 @@ def tell(
             )
             state = TrialState.FAIL
     storage.set_trial_user_attr(trial_id, "status", status)
-    study.tell(trial_number, values, state=state, skip_if_finished=True)
+    if not optuna_adapter.finish_grid_trial(study, trial_id, state, values):
+        study.tell(trial_number, values, state=state, skip_if_finished=True)
     return Told(state, values)
 
 

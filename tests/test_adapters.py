@@ -192,3 +192,22 @@ def test_the_token_notice_logger_is_a_ray_module():
     import importlib
 
     assert importlib.util.find_spec(ray_adapter.TOKEN_NOTICE_LOGGER) is not None
+
+
+def test_a_grid_trial_finished_in_one_write_equals_one_told(grid_study):
+    study, space = grid_study
+    told, written = study.ask(), study.ask()
+    for trial in (told, written):
+        trial.suggest_categorical("a", space["a"])
+        trial.suggest_categorical("b", space["b"])
+    study.tell(told, 2.0)
+    _, trial_id = optuna_adapter.trial_storage(study, written.number)
+    assert optuna_adapter.finish_grid_trial(study, trial_id, TrialState.COMPLETE, [1.0])
+    a, b = study.get_trials()
+    assert (a.state, b.state) == (TrialState.COMPLETE, TrialState.COMPLETE)
+    assert b.values == [1.0] and b.datetime_complete is not None
+    assert study.best_trial.number == written.number
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        optuna_adapter.finish_grid_trial(study, trial_id, TrialState.FAIL, None)
+    other = optuna.create_study(storage=study._storage)  # another sampler: left to Study.tell
+    assert not optuna_adapter.finish_grid_trial(other, trial_id, TrialState.COMPLETE, [1.0])

@@ -79,6 +79,23 @@ def create_running_trial(
     return optuna.Trial(study, storage.create_new_trial(study_id, template_trial=template))
 
 
+def finish_grid_trial(study: optuna.Study, trial_id: int, state: TrialState, values: list[float] | None) -> bool:
+    """Finish a trial of a study sampled by :class:`AskTellGridSampler` with one storage write;
+    ``False`` (nothing done) for other samplers and for PRUNED.
+
+    ``Study.tell`` reads the whole trial back (params, values, attrs, intermediate values) for
+    the sampler's ``after_trial`` and its checks; the ask/tell grid sampler's ``after_trial`` does
+    nothing and the driver has checked the values, so for a grid the read is skipped.
+    ``BaseStorage.set_trial_state_values`` raises ``UpdateFinishedTrialError`` for a finished
+    trial, as the status user attr written before it does.
+    """
+    if not isinstance(study.sampler, AskTellGridSampler) or state == TrialState.PRUNED:
+        return False
+    storage, _ = study_storage(study)
+    storage.set_trial_state_values(trial_id, state, values)
+    return True
+
+
 def assigned_point(study: optuna.Study, frozen: FrozenTrial) -> dict[str, Any] | None:
     """The point a trial was given, also when its driver died between ``ask`` and the last
     ``suggest_*`` (the params stored so far are then a part of it).
@@ -101,4 +118,11 @@ def assigned_point(study: optuna.Study, frozen: FrozenTrial) -> dict[str, Any] |
     return point
 
 
-__all__ = ["AskTellGridSampler", "assigned_point", "create_running_trial", "study_storage", "trial_storage"]
+__all__ = [
+    "AskTellGridSampler",
+    "assigned_point",
+    "create_running_trial",
+    "finish_grid_trial",
+    "study_storage",
+    "trial_storage",
+]

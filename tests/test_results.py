@@ -13,6 +13,8 @@ from sweeps.config import load_config
 from sweeps.queries import SweepNotFoundError, _cast, list_sweeps, results, sweep_status
 from sweeps.tracking import Tracker
 
+pytestmark = pytest.mark.lowest  # .ci/lowest runs this module on the lowest versions
+
 
 @pytest.fixture
 def recorded(tmp_path):

@@ -80,8 +80,10 @@ def eigen_table(model: nn.Module, data: tuple, repeats: int, device: torch.devic
     loss_fn = nn.CrossEntropyLoss()
     reference = hessian_eigenvalues(model, loss_fn, data, k=1, tol=1e-9, dtype=torch.float64, max_hvp=400)
     lam = float(reference.values[0])
-    print(f"\nreference lambda_max = {lam:.8g} (float64 Lanczos, tol 1e-9, residual "
-          f"{float(reference.residuals[0]):.1e}, {reference.n_hvp} HVPs)")
+    print(
+        f"\nreference lambda_max = {lam:.8g} (float64 Lanczos, tol 1e-9, residual "
+        f"{float(reference.residuals[0]):.1e}, {reference.n_hvp} HVPs)"
+    )
     op = HessianOperator(model, loss_fn, data)
     calls = {
         "power (PyHessian rule)": lambda: hessian_eigenvalues(model, loss_fn, data, k=1, tol=1e-3, method="power"),
@@ -101,17 +103,23 @@ def eigen_table(model: nn.Module, data: tuple, repeats: int, device: torch.devic
     print(f"\n{'method':<38}{'seconds':>10}{'HVPs':>7}{'rel. error':>12}{'residual/lam':>14}{'time vs power':>15}")
     for label, seconds, r in rows:
         err = abs(float(r.values[0]) - lam) / abs(lam)
-        print(f"{label:<38}{seconds:>10.2f}{r.n_hvp:>7d}{err:>12.1e}{float(r.residuals[0]) / abs(lam):>14.1e}"
-              f"{seconds / base:>14.2f}x")
-    print(f"(HVPs: products with the full-data Hessian; the subsample start adds {SUBSAMPLE_HVPS[-1]} products "
-          f"with the Hessian of {SUBSAMPLE_N} samples, included in its seconds)")
+        print(
+            f"{label:<38}{seconds:>10.2f}{r.n_hvp:>7d}{err:>12.1e}{float(r.residuals[0]) / abs(lam):>14.1e}"
+            f"{seconds / base:>14.2f}x"
+        )
+    print(
+        f"(HVPs: products with the full-data Hessian; the subsample start adds {SUBSAMPLE_HVPS[-1]} products "
+        f"with the Hessian of {SUBSAMPLE_N} samples, included in its seconds)"
+    )
     seed_table(op, lam, seeds=5)
     needed = power_products_to_accuracy(op, lam, 1e-3, max_iter)
     seconds_per_hvp = rows[0][1] / rows[0][2].n_hvp
     shown = f"{needed:d}" if needed else f">{max_iter}"
     estimate = f"{needed * seconds_per_hvp:.2f}" if needed else f">{max_iter * seconds_per_hvp:.0f}"
-    print(f"power iteration needs {shown} HVPs (~{estimate} s at its measured s/HVP) to be within 1e-3 of "
-          f"lambda_max; lanczos (default) took {rows[1][2].n_hvp}")
+    print(
+        f"power iteration needs {shown} HVPs (~{estimate} s at its measured s/HVP) to be within 1e-3 of "
+        f"lambda_max; lanczos (default) took {rows[1][2].n_hvp}"
+    )
 
 
 SUBSAMPLE_N = 500
@@ -136,8 +144,10 @@ def seed_table(op: HessianOperator, reference: float, seeds: int) -> None:
     use seed 0; the time of a call is its set-up plus its HVPs), and the fewest HVPs after which
     a Rayleigh-quotient estimate from the products of that start can be within 1e-3 (see
     :func:`krylov_floor`)."""
-    print(f"\n{'start seed':<12}{'power HVPs':>12}{'power error':>13}{'lanczos HVPs':>14}{'lanczos error':>15}"
-          f"{'HVP ratio':>11}{'floor HVPs':>12}{'floor ratio':>13}")
+    print(
+        f"\n{'start seed':<12}{'power HVPs':>12}{'power error':>13}{'lanczos HVPs':>14}{'lanczos error':>15}"
+        f"{'HVP ratio':>11}{'floor HVPs':>12}{'floor ratio':>13}"
+    )
     ratios, floors = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -147,12 +157,16 @@ def seed_table(op: HessianOperator, reference: float, seeds: int) -> None:
             floor = krylov_floor(op, reference, 1e-3, seed)
             ratios.append(q.n_hvp / p.n_hvp)
             floors.append(floor / p.n_hvp)
-            print(f"{seed:<12d}{p.n_hvp:>12d}{abs(float(p.values[0]) - reference) / reference:>13.1e}{q.n_hvp:>14d}"
-                  f"{abs(float(q.values[0]) - reference) / reference:>15.1e}{ratios[-1]:>11.2f}{floor:>12d}"
-                  f"{floors[-1]:>13.2f}")
-    print(f"over {seeds} start seeds, lanczos/power HVPs: median {statistics.median(ratios):.2f} "
-          f"(min {min(ratios):.2f}, max {max(ratios):.2f}); floor/power: median {statistics.median(floors):.2f} "
-          f"(min {min(floors):.2f})")
+            print(
+                f"{seed:<12d}{p.n_hvp:>12d}{abs(float(p.values[0]) - reference) / reference:>13.1e}{q.n_hvp:>14d}"
+                f"{abs(float(q.values[0]) - reference) / reference:>15.1e}{ratios[-1]:>11.2f}{floor:>12d}"
+                f"{floors[-1]:>13.2f}"
+            )
+    print(
+        f"over {seeds} start seeds, lanczos/power HVPs: median {statistics.median(ratios):.2f} "
+        f"(min {min(ratios):.2f}, max {max(ratios):.2f}); floor/power: median {statistics.median(floors):.2f} "
+        f"(min {min(floors):.2f})"
+    )
 
 
 def krylov_floor(op: HessianOperator, reference: float, accuracy: float, seed: int) -> int:
@@ -183,7 +197,9 @@ def power_products_to_accuracy(op: HessianOperator, reference: float, accuracy: 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        power_iteration(recording, k=1, tol=1e-15, max_iter=max_iter, dim=op.num_params, dtype=op.dtype, device=op.device)
+        power_iteration(
+            recording, k=1, tol=1e-15, max_iter=max_iter, dim=op.num_params, dtype=op.dtype, device=op.device
+        )
     for count, value in enumerate(quotients, start=1):
         if abs(value - reference) <= accuracy * abs(reference):
             return count
@@ -212,27 +228,31 @@ def hvp_table(model: nn.Module, data: tuple, repeats: int, device: torch.device)
     for name, op in ops.items():
         one, _ = timed(lambda op=op: op @ v, repeats, device)
         seq, _ = timed(lambda op=op: [op @ block[:, i : i + 1] for i in range(8)], repeats, device)
-        vm, _ = timed(lambda op=op: op @ block, repeats, device)
+        vm, _ = timed(lambda op=op, block=block: op @ block, repeats, device)
         print(f"{'1 HVP, ' + name:<58}{one * 1e3:>9.1f}{one / grad_s:>11.2f}x")
         print(f"{'8 HVPs sequential, ' + name:<58}{seq * 1e3:>9.1f}{seq / grad_s:>11.2f}x")
-        print(f"{'8 HVPs one vmapped block, ' + name:<58}{vm * 1e3:>9.1f}{vm / grad_s:>11.2f}x"
-              f"   (sequential/vmapped = {seq / vm:.2f})")
+        print(
+            f"{'8 HVPs one vmapped block, ' + name:<58}{vm * 1e3:>9.1f}{vm / grad_s:>11.2f}x"
+            f"   (sequential/vmapped = {seq / vm:.2f})"
+        )
 
 
 def block_rule_table(x: torch.Tensor, y: torch.Tensor, repeats: int, device: torch.device) -> None:
     """A block of 16 HVPs (kept graphs, double backward) as one vmapped product against one
     vector at a time, for MLPs 40-w-w-10 of several widths: the evidence for ``vmap_blocks``'
     default."""
-    print(f"\n{'16 HVPs, double backward, graph kept':<44}{'vmapped ms':>12}{'one at a time ms':>18}"
-          f"{'vmapped/one':>13}")
+    print(
+        f"\n{'16 HVPs, double backward, graph kept':<44}{'vmapped ms':>12}{'one at a time ms':>18}{'vmapped/one':>13}"
+    )
     for width, samples in ((32, 1000), (128, 1000), (128, 4000), (512, 4000)):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(40, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                              nn.Linear(width, 10)).to(device)
+        model = nn.Sequential(
+            nn.Linear(40, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
+        ).to(device)
         data, loss_fn = (x[:samples], y[:samples]), nn.CrossEntropyLoss()
         ops = [HessianOperator(model, loss_fn, data, block_size=16, vmap_blocks=v) for v in (True, False)]
         block = torch.randn(ops[0].num_params, 16, generator=torch.Generator().manual_seed(0)).to(device)
-        vm, one = (timed(lambda op=op: op @ block, repeats, device)[0] for op in ops)
+        vm, one = (timed(lambda op=op, block=block: op @ block, repeats, device)[0] for op in ops)
         label = f"MLP 40-{width}-{width}-10, {samples} samples"
         print(f"{label:<44}{vm * 1e3:>12.1f}{one * 1e3:>18.1f}{vm / one:>12.2f}x")
 
@@ -244,8 +264,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--power-max-iter", type=int, default=60,
-                        help="cap for the run of power iteration to 1e-3 accuracy (row 3)")
+    parser.add_argument(
+        "--power-max-iter", type=int, default=60, help="cap for the run of power iteration to 1e-3 accuracy (row 3)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:

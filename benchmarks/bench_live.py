@@ -46,9 +46,17 @@ def synthetic_sweep(n_trials: int, measures: list[str]) -> pd.DataFrame:
         if number == n_trials:
             break
         gap = 0.1 + 0.05 * np.log10(batch) - 0.02 * np.log10(lr) + 0.02 * rng.standard_normal()
-        row = {"trial_number": number, "status": "not_converged" if number % 23 == 0 else "converged",
-               "train.lr": float(lr), "train.batch_size": batch, "model.width": width, "seed": seed,
-               "gen_gap": gap, "test_acc": 0.9 - gap, "n_test": 1000}
+        row = {
+            "trial_number": number,
+            "status": "not_converged" if number % 23 == 0 else "converged",
+            "train.lr": float(lr),
+            "train.batch_size": batch,
+            "model.width": width,
+            "seed": seed,
+            "gen_gap": gap,
+            "test_acc": 0.9 - gap,
+            "n_test": 1000,
+        }
         row.update({m: float(abs(gap * (i + 1) + rng.standard_normal())) for i, m in enumerate(measures)})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -74,8 +82,12 @@ def feed(live: LiveCorrelation | None, frame: pd.DataFrame, measures: list[str],
     for row in frame.to_dict("records"):
         driver_work(row, measures, rounds)
         if live is not None:
-            live.add(row["trial_number"], row["status"], {k: row[k] for k in SPACE},
-                     {k: row[k] for k in ("gen_gap", "test_acc", "n_test", *measures)})
+            live.add(
+                row["trial_number"],
+                row["status"],
+                {k: row[k] for k in SPACE},
+                {k: row[k] for k in ("gen_gap", "test_acc", "n_test", *measures)},
+            )
             live.poll()
     return time.perf_counter() - started
 
@@ -83,8 +95,12 @@ def feed(live: LiveCorrelation | None, frame: pd.DataFrame, measures: list[str],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=10_000)
-    parser.add_argument("--per-trial-ms", type=float, default=5.0,
-                        help="the driver's own work per trial (5 ms: 10,000 trials in under a minute, 200 trials/s)")
+    parser.add_argument(
+        "--per-trial-ms",
+        type=float,
+        default=5.0,
+        help="the driver's own work per trial (5 ms: 10,000 trials in under a minute, 200 trials/s)",
+    )
     args = parser.parse_args()
     measures = list(load_config(Path(__file__).parent.parent / "examples" / "report.yaml").measure)
     big = synthetic_sweep(args.trials, measures)
@@ -107,12 +123,16 @@ def main() -> None:
     rounds = rounds_for(args.per_trial_ms, big.iloc[0].to_dict(), measures)
     alone = feed(None, big, measures, rounds)
     updates: list[int] = []
-    live = LiveCorrelation("gen_gap", SPACE, lambda metrics, step, _: updates.append(step), print, interval=UPDATE_SECONDS)
+    live = LiveCorrelation(
+        "gen_gap", SPACE, lambda metrics, step, _: updates.append(step), print, interval=UPDATE_SECONDS
+    )
     with_live = feed(live, big, measures, rounds)
     t0 = time.perf_counter()
     live.close()
     final = time.perf_counter() - t0
-    print(f"\nThe driver's loop over {len(big):,} trials (update interval {UPDATE_SECONDS:g} s or 10x the last update)\n")
+    print(
+        f"\nThe driver's loop over {len(big):,} trials (update interval {UPDATE_SECONDS:g} s or 10x the last update)\n"
+    )
     print("| without live (s) | with live (s) | ratio | updates during the loop | final update at the end (s) |")
     print("|---:|---:|---:|---:|---:|")
     print(f"| {alone:.1f} | {with_live:.1f} | {with_live / alone:.2f}x | {len(updates) - 1} | {final:.1f} |")

@@ -85,16 +85,18 @@ def plain_ray(n: int, concurrency: int) -> float:
 def config_for(name: str, n: int, real: bool, epochs: int = 400):
     space = {"train.lr": {"values": [round(0.01 * (i + 1), 4) for i in range(n)]}}
     train = {"batch_size": 64, "max_epochs": epochs, "stop": {"train_loss": 0.0001}} if real else {}
-    return load_config({
-        "name": name,
-        "dataset": {"name": "mnist1d", "train_size": 2000},
-        "model": {"name": "mlp", "width": 128, "depth": 2},
-        "train": train,
-        "measure": ["hessian_top_eig"],
-        "measure_subset": 512,
-        "search": {"sampler": "grid", "space": space},
-        "resources": {"cpus_per_trial": 1, "max_concurrent": 2},
-    })
+    return load_config(
+        {
+            "name": name,
+            "dataset": {"name": "mnist1d", "train_size": 2000},
+            "model": {"name": "mlp", "width": 128, "depth": 2},
+            "train": train,
+            "measure": ["hessian_top_eig"],
+            "measure_subset": 512,
+            "search": {"sampler": "grid", "space": space},
+            "resources": {"cpus_per_trial": 1, "max_concurrent": 2},
+        }
+    )
 
 
 def main() -> None:
@@ -108,33 +110,51 @@ def main() -> None:
     plain_ray(4, 2)  # warm the workers
     with tempfile.TemporaryDirectory() as tmp:
         baseline = plain_ray(args.trials, 2)
-        sweep = run_sweep(config_for("bench-trivial", args.trials, real=False), results_dir=tmp, quiet=True,
-                          trial_fn=trivial_trial, report=False)
+        sweep = run_sweep(
+            config_for("bench-trivial", args.trials, real=False),
+            results_dir=tmp,
+            quiet=True,
+            trial_fn=trivial_trial,
+            report=False,
+        )
         per_trial = sweep.elapsed_s / args.trials
         extra = (sweep.elapsed_s - baseline) / args.trials
         print(f"\nOrchestration overhead, {args.trials} trivial trials, 2 in flight, sqlite stores (shared machine)")
         print(f"{'':34s}{'wall s':>9s}{'s/trial':>10s}{'ratio':>8s}")
         print(f"{'plain Ray tasks (baseline)':34s}{baseline:9.2f}{baseline / args.trials:10.3f}{1.0:8.1f}")
-        print(f"{'run_sweep: Optuna+MLflow+Ray':34s}{sweep.elapsed_s:9.2f}{per_trial:10.3f}{sweep.elapsed_s / baseline:8.1f}")
+        print(
+            f"{'run_sweep: Optuna+MLflow+Ray':34s}{sweep.elapsed_s:9.2f}{per_trial:10.3f}{sweep.elapsed_s / baseline:8.1f}"
+        )
         print(f"overhead beyond the trial's own work: {extra:.3f} s/trial (target < 0.5)")
 
-        baseline_configs = [config_for("bench-real", args.real_trials, real=True, epochs=args.real_epochs).with_point({"train.lr": lr})
-                            for lr in (0.01, 0.02)]
+        baseline_configs = [
+            config_for("bench-real", args.real_trials, real=True, epochs=args.real_epochs).with_point({"train.lr": lr})
+            for lr in (0.01, 0.02)
+        ]
         with multiprocessing.get_context("spawn").Pool(2) as pool:
             direct_share = sum(pool.map(direct_cpu_share, baseline_configs)) / 2
 
-        real = run_sweep(config_for("bench-real", args.real_trials, real=True, epochs=args.real_epochs), results_dir=tmp,
-                         quiet=True, trial_fn=timed_real_trial, report=False)
+        real = run_sweep(
+            config_for("bench-real", args.real_trials, real=True, epochs=args.real_epochs),
+            results_dir=tmp,
+            quiet=True,
+            trial_fn=timed_real_trial,
+            report=False,
+        )
         import sweeps
 
         frame = sweeps.results("bench-real", results_dir=tmp)
         cpu, busy = frame["bench_cpu_s"].sum(), frame["bench_wall_s"].sum()
         capacity = real.elapsed_s * 2
-        print(f"\n{args.real_trials} real trials (MLP 2x128 on 2000 MNIST-1D samples, {args.real_epochs} epochs), 2 concurrent, 1 CPU each")
+        print(
+            f"\n{args.real_trials} real trials (MLP 2x128 on 2000 MNIST-1D samples, {args.real_epochs} epochs), 2 concurrent, 1 CPU each"
+        )
         print(f"sweep wall {real.elapsed_s:.1f} s; trial wall sum {busy:.1f} s; trial CPU sum {cpu:.1f} s")
         print(f"slot occupancy {busy / capacity:6.1%}   CPU utilization {cpu / capacity:6.1%}  (target >= 90 %)")
-        print(f"baseline: 2 trials in 2 plain processes (no Ray, same moment) got {direct_share:6.1%} of a CPU each; "
-              f"utilization / baseline = {cpu / capacity / direct_share:.2f}")
+        print(
+            f"baseline: 2 trials in 2 plain processes (no Ray, same moment) got {direct_share:6.1%} of a CPU each; "
+            f"utilization / baseline = {cpu / capacity / direct_share:.2f}"
+        )
     ray.shutdown()
 
 

@@ -40,9 +40,24 @@ from sweeps.train import evaluate, member_losses, train_population
 
 
 def configs(k: int, width: int, batch: int) -> list:
-    return [load_config({"name": "bench", "seed": i, "model": {"name": "mlp", "width": width, "depth": 2},
-                         "train": {"lr": 0.01 * (1 + 0.1 * i), "momentum": 0.9, "batch_size": batch, "max_epochs": 1, "stop": {}},
-                         "measure": []}) for i in range(k)]
+    return [
+        load_config(
+            {
+                "name": "bench",
+                "seed": i,
+                "model": {"name": "mlp", "width": width, "depth": 2},
+                "train": {
+                    "lr": 0.01 * (1 + 0.1 * i),
+                    "momentum": 0.9,
+                    "batch_size": batch,
+                    "max_epochs": 1,
+                    "stop": {},
+                },
+                "measure": [],
+            }
+        )
+        for i in range(k)
+    ]
 
 
 def plain_loop(cfgs, data, *, evaluations: bool) -> float:
@@ -72,7 +87,9 @@ def stacked_steps(cfgs, data) -> float:
     """CPU seconds for one epoch of steps of the models of ``cfgs`` as one Stack."""
     start = time.process_time()
     x, y, n = data.x_train, data.y_train, data.n_train
-    stack = Stack([build_model(c.model, data.input_shape, data.num_classes, seed=c.seed) for c in cfgs], [c.train for c in cfgs])
+    stack = Stack(
+        [build_model(c.model, data.input_shape, data.num_classes, seed=c.seed) for c in cfgs], [c.train for c in cfgs]
+    )
     loss_fn = functools.partial(member_losses, "cross_entropy")
     lrs = [c.train.lr for c in cfgs]
     orders = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(c.seed)) for c in cfgs])
@@ -99,22 +116,33 @@ def main() -> None:
     torch.set_num_threads(1)
     data = load_dataset(configs(1, 64, 32)[0].dataset)
     ks, widths, batches = ([1, 16], [64], [32]) if args.quick else ([1, 4, 16, 64], [64, 256], [32, 256])
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread; "
-          f"MNIST-1D n={data.n_train}, one epoch per model, CPU seconds, best of {args.repeats}")
-    print("| width | batch | K | steps: plain (s) | steps: stack (s) | speed-up | whole: plain (s) | whole: core (s) "
-          "| speed-up | core models/h |")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread; "
+        f"MNIST-1D n={data.n_train}, one epoch per model, CPU seconds, best of {args.repeats}"
+    )
+    print(
+        "| width | batch | K | steps: plain (s) | steps: stack (s) | speed-up | whole: plain (s) | whole: core (s) "
+        "| speed-up | core models/h |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     core(configs(2, 64, 32), data)  # warm up
-    runs = {"steps: plain": lambda c: plain_loop(c, data, evaluations=False), "steps: stack": lambda c: stacked_steps(c, data),
-            "whole: plain": lambda c: plain_loop(c, data, evaluations=True), "whole: core": lambda c: core(c, data)}
+    runs = {
+        "steps: plain": lambda c: plain_loop(c, data, evaluations=False),
+        "steps: stack": lambda c: stacked_steps(c, data),
+        "whole: plain": lambda c: plain_loop(c, data, evaluations=True),
+        "whole: core": lambda c: core(c, data),
+    }
     for width in widths:
         for batch in batches:
             for k in ks:
                 cfgs = configs(k, width, batch)
                 t = {name: min(run(cfgs) for _ in range(args.repeats)) for name, run in runs.items()}
-                print(f"| {width} | {batch} | {k} | {t['steps: plain']:.3f} | {t['steps: stack']:.3f} | "
-                      f"{t['steps: plain'] / t['steps: stack']:.2f}x | {t['whole: plain']:.3f} | {t['whole: core']:.3f} | "
-                      f"{t['whole: plain'] / t['whole: core']:.2f}x | {3600 * k / t['whole: core']:,.0f} |", flush=True)
+                print(
+                    f"| {width} | {batch} | {k} | {t['steps: plain']:.3f} | {t['steps: stack']:.3f} | "
+                    f"{t['steps: plain'] / t['steps: stack']:.2f}x | {t['whole: plain']:.3f} | {t['whole: core']:.3f} | "
+                    f"{t['whole: plain'] / t['whole: core']:.2f}x | {3600 * k / t['whole: core']:,.0f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,18 @@ from sweeps.config import load_config
 
 def run(config: str, population_size: str, results_dir: Path) -> float:
     """Wall seconds of one ``sweeps run`` (its own local Ray) with the given population size."""
-    command = [sys.executable, "-m", "sweeps.cli", "run", config, "--results-dir", str(results_dir),
-               "--set", f"resources.population_size={population_size}", "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "sweeps.cli",
+        "run",
+        config,
+        "--results-dir",
+        str(results_dir),
+        "--set",
+        f"resources.population_size={population_size}",
+        "--quiet",
+    ]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -53,8 +63,10 @@ def main() -> None:
         dirs = {size: Path(tmp, f"k-{size}") for size in ("1", "auto")}
         seconds = {size: run(args.config, size, path) for size, path in dirs.items()}
         frames = {size: sweeps.results(config.name, results_dir=path) for size, path in dirs.items()}
-        tables = {size: pd.read_csv(path / "reports" / config.name / "correlations.csv", index_col=0)
-                  for size, path in dirs.items()}
+        tables = {
+            size: pd.read_csv(path / "reports" / config.name / "correlations.csv", index_col=0)
+            for size, path in dirs.items()
+        }
 
     print(f"sweep {config.name} ({len(frames['1'])} trials), 2-core machine, one driver and local Ray per run\n")
     print("| population_size | wall (s) | statuses |")
@@ -78,8 +90,10 @@ def main() -> None:
         a, b = one.loc[measure], auto.loc[measure]
         inside = a["tau_ci_low"] <= b["tau"] <= a["tau_ci_high"] and b["tau_ci_low"] <= a["tau"] <= b["tau_ci_high"]
         agree += bool(inside)
-        print(f"| {measure} | {a['tau']:.3f} | [{a['tau_ci_low']:.3f}, {a['tau_ci_high']:.3f}] | {b['tau']:.3f} "
-              f"| [{b['tau_ci_low']:.3f}, {b['tau_ci_high']:.3f}] | {'yes' if inside else 'no'} |")
+        print(
+            f"| {measure} | {a['tau']:.3f} | [{a['tau_ci_low']:.3f}, {a['tau_ci_high']:.3f}] | {b['tau']:.3f} "
+            f"| [{b['tau_ci_low']:.3f}, {b['tau_ci_high']:.3f}] | {'yes' if inside else 'no'} |"
+        )
     print(f"\nsame conclusions: {agree} of {len(one.index.intersection(auto.index))} measures")
 
 

@@ -90,14 +90,16 @@ def grid_for(trials: int) -> dict[str, dict[str, list[Any]]]:
 
 def sweep_config(name: str, trials: int) -> Any:
     """The config of a finished grid sweep of ``trials`` points on MNIST-1D (two measures)."""
-    return load_config({
-        "name": name,
-        "dataset": {"name": "mnist1d"},
-        "model": {"name": "mlp", "depth": 2},
-        "measure": ["hessian_top_eig", "hessian_trace"],
-        "objective": {"metrics": ["test_acc"], "directions": ["maximize"]},
-        "search": {"sampler": "grid", "space": grid_for(trials)},
-    })
+    return load_config(
+        {
+            "name": name,
+            "dataset": {"name": "mnist1d"},
+            "model": {"name": "mlp", "depth": 2},
+            "measure": ["hessian_top_eig", "hessian_trace"],
+            "objective": {"metrics": ["test_acc"], "directions": ["maximize"]},
+            "search": {"sampler": "grid", "space": grid_for(trials)},
+        }
+    )
 
 
 def _outcome(number: int, point: dict[str, Any], measures: list[str]) -> tuple[str, dict[str, float]]:
@@ -110,24 +112,42 @@ def _outcome(number: int, point: dict[str, Any], measures: list[str]) -> tuple[s
         return TrialStatus.FAILED, {}
     lr, width = float(point["train.lr"]), float(point["model.width"])
     steps = 32 * rng.randint(5, 40)
-    base = {"epochs": float(steps // 32), "steps": float(steps), "train_seconds": rng.uniform(2, 9),
-            "track_seconds": rng.uniform(0, 0.5), "n_train": 4000.0, "n_test": 1000.0,
-            "num_params": float(40 * width + width * width + 10 * width + 2 * width + 10)}
+    base = {
+        "epochs": float(steps // 32),
+        "steps": float(steps),
+        "train_seconds": rng.uniform(2, 9),
+        "track_seconds": rng.uniform(0, 0.5),
+        "n_train": 4000.0,
+        "n_test": 1000.0,
+        "num_params": float(40 * width + width * width + 10 * width + 2 * width + 10),
+    }
     if draw < 0.05:
         return TrialStatus.DIVERGED, {**base, "train_loss": math.inf, "test_acc": 0.1, "train_acc": 0.1}
     train_acc = min(1.0, 0.6 + 0.05 * math.log1p(width) + rng.gauss(0, 0.03))
     test_acc = max(0.1, train_acc - 0.1 - 2 * lr + rng.gauss(0, 0.02))
-    metrics = {**base, "train_loss": rng.uniform(0.01, 0.5), "train_acc": train_acc,
-               "test_loss": rng.uniform(0.2, 1.2), "test_acc": test_acc,
-               "gen_gap": (1 - test_acc) - (1 - train_acc)}
+    metrics = {
+        **base,
+        "train_loss": rng.uniform(0.01, 0.5),
+        "train_acc": train_acc,
+        "test_loss": rng.uniform(0.2, 1.2),
+        "test_acc": test_acc,
+        "gen_gap": (1 - test_acc) - (1 - train_acc),
+    }
     for m in measures:
         metrics[m] = (1 / lr) * (1 + rng.random()) * (10 if m == "hessian_trace" else 1)
         metrics[f"{m}_seconds"] = rng.uniform(0.1, 2)
     return (TrialStatus.NOT_CONVERGED if draw < 0.12 else TrialStatus.CONVERGED), metrics
 
 
-def build_sweep(name: str, trials: int, conn: connections.Connections, *, mlflow_db: str | None = None,
-                epochs_logged: int = 3, interrupted_every: int = 500) -> dict[str, Any]:
+def build_sweep(
+    name: str,
+    trials: int,
+    conn: connections.Connections,
+    *,
+    mlflow_db: str | None = None,
+    epochs_logged: int = 3,
+    interrupted_every: int = 500,
+) -> dict[str, Any]:
     """Write a finished grid sweep ``name`` of ``trials`` points into ``conn``'s stores.
 
     The experiment and the parent run are written through ``conn.tracking_uri``; the child
@@ -148,8 +168,9 @@ def build_sweep(name: str, trials: int, conn: connections.Connections, *, mlflow
     config = sweep_config(name, trials)
     resolved = config.model_dump(mode="json")
     tracker = Tracker(conn.tracking_uri, conn.artifact_root)
-    parent = tracker.start_parent(name, flat_config=config.flat(), resolved_config=resolved,
-                                  config_yaml=yaml.safe_dump(resolved, sort_keys=False))
+    parent = tracker.start_parent(
+        name, flat_config=config.flat(), resolved_config=resolved, config_yaml=yaml.safe_dump(resolved, sort_keys=False)
+    )
     study = search.open_study(config, conn.storage)
     # what runner._drive sets on the study when it starts
     study.set_user_attr("budget", search.n_trials(config))
@@ -181,21 +202,37 @@ def build_sweep(name: str, trials: int, conn: connections.Connections, *, mlflow
             status, state, values = TrialStatus.INTERRUPTED, TrialState.FAIL, None
         else:
             status, metrics = _outcome(number, point, measures)
-            history = [({"train_loss": 1.0 / (e + 1), "test_acc": 0.5 + 0.1 * e}, 32 * (e + 1), _now_ms())
-                       for e in range(epochs_logged)]
+            history = [
+                ({"train_loss": 1.0 / (e + 1), "test_acc": 0.5 + 0.1 * e}, 32 * (e + 1), _now_ms())
+                for e in range(epochs_logged)
+            ]
             if history and metrics:
                 children.log_metrics(run_id, history)
-            children.finish_child(run_id, status, metrics, step=int(metrics.get("steps", 0)),
-                                  traceback="Traceback: made up by benchmarks/bench_scale.py\n"
-                                  if status == TrialStatus.FAILED else None)
+            children.finish_child(
+                run_id,
+                status,
+                metrics,
+                step=int(metrics.get("steps", 0)),
+                traceback="Traceback: made up by benchmarks/bench_scale.py\n" if status == TrialStatus.FAILED else None,
+            )
             state = TrialStatus(status).optuna_state
             values = [metrics["test_acc"]] if state == TrialState.COMPLETE else None
-        frozen.append(FrozenTrial(
-            number=number, state=state, value=None, values=values, datetime_start=t0,
-            datetime_complete=t0 + dt.timedelta(seconds=1), params=dict(point), distributions=distributions,
-            user_attrs={**attrs, "status": str(status)}, system_attrs={"fixed_params": dict(point)},
-            intermediate_values={}, trial_id=number,
-        ))
+        frozen.append(
+            FrozenTrial(
+                number=number,
+                state=state,
+                value=None,
+                values=values,
+                datetime_start=t0,
+                datetime_complete=t0 + dt.timedelta(seconds=1),
+                params=dict(point),
+                distributions=distributions,
+                user_attrs={**attrs, "status": str(status)},
+                system_attrs={"fixed_params": dict(point)},
+                intermediate_values={},
+                trial_id=number,
+            )
+        )
     bulk.write()
     add_trials_in_bulk(study, frozen)
     counts = search.status_counts(study)
@@ -234,8 +271,13 @@ class BulkRuns:
         self.files: list[tuple[str, dict[str, bytes]]] = []
         self._location: dict[str, str] = {}
 
-    def create_run(self, experiment_id: str, run_name: str | None = None, tags: dict[str, str] | None = None,
-                   start_time: int | None = None) -> Any:
+    def create_run(
+        self,
+        experiment_id: str,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+        start_time: int | None = None,
+    ) -> Any:
         from types import SimpleNamespace
 
         from mlflow.utils.uri import append_to_uri_path
@@ -244,23 +286,42 @@ class BulkRuns:
             self._location[experiment_id] = self.artifact_client.get_experiment(experiment_id).artifact_location
         run_id = uuid.uuid4().hex
         self.runs[run_id] = {
-            "run_uuid": run_id, "name": run_name, "source_type": "UNKNOWN", "source_name": "",
-            "entry_point_name": "", "user_id": (tags or {}).get("mlflow.user", "unknown"), "status": "RUNNING",
-            "start_time": start_time or _now_ms(), "end_time": None, "deleted_time": None, "source_version": "",
-            "lifecycle_stage": "active", "experiment_id": int(experiment_id),
+            "run_uuid": run_id,
+            "name": run_name,
+            "source_type": "UNKNOWN",
+            "source_name": "",
+            "entry_point_name": "",
+            "user_id": (tags or {}).get("mlflow.user", "unknown"),
+            "status": "RUNNING",
+            "start_time": start_time or _now_ms(),
+            "end_time": None,
+            "deleted_time": None,
+            "source_version": "",
+            "lifecycle_stage": "active",
+            "experiment_id": int(experiment_id),
             "artifact_uri": append_to_uri_path(self._location[experiment_id], run_id, "artifacts"),
         }
         self.tags[run_id] = {**(tags or {}), "mlflow.runName": run_name}
         return SimpleNamespace(info=SimpleNamespace(run_id=run_id, experiment_id=experiment_id))
 
-    def log_batch(self, run_id: str, metrics: Any = (), params: Any = (), tags: Any = (), synchronous: bool = True) -> None:
+    def log_batch(
+        self, run_id: str, metrics: Any = (), params: Any = (), tags: Any = (), synchronous: bool = True
+    ) -> None:
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
         self.params += [{"run_uuid": run_id, "key": p.key, "value": p.value} for p in params]
         for m in metrics:
             is_nan, value = SqlAlchemyStore.sanitize_metric_value(None, m.value)  # uses no state
-            self.metrics.append({"run_uuid": run_id, "key": m.key, "value": value, "timestamp": m.timestamp,
-                                 "step": m.step, "is_nan": is_nan})
+            self.metrics.append(
+                {
+                    "run_uuid": run_id,
+                    "key": m.key,
+                    "value": value,
+                    "timestamp": m.timestamp,
+                    "step": m.step,
+                    "is_nan": is_nan,
+                }
+            )
         self.tags[run_id].update({t.key: t.value for t in tags})
 
     def set_tag(self, run_id: str, key: str, value: Any, synchronous: bool = True) -> None:
@@ -286,12 +347,19 @@ class BulkRuns:
         latest: dict[tuple[str, str], dict[str, Any]] = {}
         for m in self.metrics:
             key = (m["run_uuid"], m["key"])
-            if key not in latest or (m["step"], m["timestamp"], m["value"]) > tuple(latest[key][k] for k in ("step", "timestamp", "value")):
+            if key not in latest or (m["step"], m["timestamp"], m["value"]) > tuple(
+                latest[key][k] for k in ("step", "timestamp", "value")
+            ):
                 latest[key] = m
         tags = [{"run_uuid": r, "key": k, "value": v} for r, kv in self.tags.items() for k, v in kv.items()]
         with self.engine.begin() as db:
-            for model, rows in ((SqlRun, list(self.runs.values())), (SqlTag, tags), (SqlParam, self.params),
-                                (SqlMetric, self.metrics), (SqlLatestMetric, list(latest.values()))):
+            for model, rows in (
+                (SqlRun, list(self.runs.values())),
+                (SqlTag, tags),
+                (SqlParam, self.params),
+                (SqlMetric, self.metrics),
+                (SqlLatestMetric, list(latest.values())),
+            ):
                 for start in range(0, len(rows), 20_000):
                     db.execute(model.__table__.insert(), rows[start : start + 20_000])
         self.engine.dispose()
@@ -317,28 +385,51 @@ def add_trials_in_bulk(study: optuna.Study, trials: list[FrozenTrial]) -> None:
         return
     with engine.begin() as db:
         table = models.TrialModel.__table__
-        base = db.execute(sa_select(sa_func.count()).select_from(table).where(
-            table.c.study_id == study._study_id)).scalar_one()
-        db.execute(table.insert(), [
-            {"number": base + i, "study_id": study._study_id, "state": t.state,
-             "datetime_start": t.datetime_start, "datetime_complete": t.datetime_complete}
-            for i, t in enumerate(trials)])
-        ids = dict(db.execute(sa_select(table.c.number, table.c.trial_id).where(
-            table.c.study_id == study._study_id)).fetchall())
+        base = db.execute(
+            sa_select(sa_func.count()).select_from(table).where(table.c.study_id == study._study_id)
+        ).scalar_one()
+        db.execute(
+            table.insert(),
+            [
+                {
+                    "number": base + i,
+                    "study_id": study._study_id,
+                    "state": t.state,
+                    "datetime_start": t.datetime_start,
+                    "datetime_complete": t.datetime_complete,
+                }
+                for i, t in enumerate(trials)
+            ],
+        )
+        ids = dict(
+            db.execute(
+                sa_select(table.c.number, table.c.trial_id).where(table.c.study_id == study._study_id)
+            ).fetchall()
+        )
         params, values, user, system = [], [], [], []
         for i, t in enumerate(trials):
             trial_id = ids[base + i]
             for name, value in t.params.items():
                 dist = t.distributions[name]
-                params.append({"trial_id": trial_id, "param_name": name, "param_value": dist.to_internal_repr(value),
-                               "distribution_json": distribution_to_json(dist)})
+                params.append(
+                    {
+                        "trial_id": trial_id,
+                        "param_name": name,
+                        "param_value": dist.to_internal_repr(value),
+                        "distribution_json": distribution_to_json(dist),
+                    }
+                )
             for objective, value in enumerate(t.values or []):
                 stored, kind = models.TrialValueModel.value_to_stored_repr(value)
                 values.append({"trial_id": trial_id, "objective": objective, "value": stored, "value_type": kind})
             user += [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in t.user_attrs.items()]
             system += [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in t.system_attrs.items()]
-        for model, rows in ((models.TrialParamModel, params), (models.TrialValueModel, values),
-                            (models.TrialUserAttributeModel, user), (models.TrialSystemAttributeModel, system)):
+        for model, rows in (
+            (models.TrialParamModel, params),
+            (models.TrialValueModel, values),
+            (models.TrialUserAttributeModel, user),
+            (models.TrialSystemAttributeModel, system),
+        ):
             if rows:
                 db.execute(model.__table__.insert(), rows)
 
@@ -357,6 +448,7 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def sqlite_stores(root: Path) -> Iterator[Callable[[str], tuple[connections.Connections, str | None]]]:
     """``stores(label)``: the default file stores of a results directory ``root/label``."""
+
     def stores(label: str) -> tuple[connections.Connections, str | None]:
         return connections.resolve(results_dir=root / label, env={}), None
 
@@ -364,7 +456,9 @@ def sqlite_stores(root: Path) -> Iterator[Callable[[str], tuple[connections.Conn
 
 
 @contextlib.contextmanager
-def postgres_stores(root: Path, admin_url: str) -> Iterator[Callable[[str], tuple[connections.Connections, str | None]]]:
+def postgres_stores(
+    root: Path, admin_url: str
+) -> Iterator[Callable[[str], tuple[connections.Connections, str | None]]]:
     """``stores(label)``: a fresh PostgreSQL database for Optuna and one for MLflow, MLflow behind
     an ``mlflow server`` started here (stopped and the databases dropped on exit)."""
     import sqlalchemy as sa
@@ -386,10 +480,23 @@ def postgres_stores(root: Path, admin_url: str) -> Iterator[Callable[[str], tupl
         port = _free_port()
         log = open(root / f"mlflow-server-{label}.log", "wb")  # noqa: SIM115 (closed with the process)
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", mlflow_url,
-             "--default-artifact-root", (root / f"artifacts-{label}").as_uri(), "--host", "127.0.0.1",
-             "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                mlflow_url,
+                "--default-artifact-root",
+                (root / f"artifacts-{label}").as_uri(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         servers.append(server)
         uri = f"http://127.0.0.1:{port}"
         _wait_for(uri, server, root / f"mlflow-server-{label}.log")
@@ -434,8 +541,9 @@ def _wait_for(uri: str, server: subprocess.Popen, log: Path, timeout: float = 12
 # ---------------------------------------------------------------------------------------------
 
 
-def time_queries(name: str, conn: connections.Connections, *, repeats: int = 1, report: bool = True,
-                 out_dir: Path | None = None) -> dict[str, float]:
+def time_queries(
+    name: str, conn: connections.Connections, *, repeats: int = 1, report: bool = True, out_dir: Path | None = None
+) -> dict[str, float]:
     """Seconds of each read (best of ``repeats``), in this process: ``results``, ``status``, ``list``
     and ``report`` (``report_sweep`` without the upload, ``n_boot=1000`` as the CLI's default)."""
     from sweeps.queries import list_sweeps, results, sweep_status
@@ -443,13 +551,15 @@ def time_queries(name: str, conn: connections.Connections, *, repeats: int = 1, 
 
     calls: dict[str, Callable[[], Any]] = {
         "results": lambda: results(name, conn.tracking_uri, results_dir=conn.results_dir),
-        "status": lambda: sweep_status(name, storage=conn.storage, tracking_uri=conn.tracking_uri,
-                                       results_dir=conn.results_dir),
+        "status": lambda: sweep_status(
+            name, storage=conn.storage, tracking_uri=conn.tracking_uri, results_dir=conn.results_dir
+        ),
         "list": lambda: list_sweeps(storage=conn.storage, results_dir=conn.results_dir),
     }
     if report:
-        calls["report"] = lambda: report_sweep(name, conn.tracking_uri, out_dir or conn.results_dir / "report",
-                                               log=False, results_dir=conn.results_dir)
+        calls["report"] = lambda: report_sweep(
+            name, conn.tracking_uri, out_dir or conn.results_dir / "report", log=False, results_dir=conn.results_dir
+        )
     times = {}
     for key, call in calls.items():
         best = math.inf
@@ -461,13 +571,23 @@ def time_queries(name: str, conn: connections.Connections, *, repeats: int = 1, 
     return times
 
 
-def bench_queries(sizes: list[int], *, postgres: bool = False, pg_url: str | None = None, repeats: int = 1,
-                  keep: Path | None = None, report: bool = True) -> dict[int, dict[str, float]]:
+def bench_queries(
+    sizes: list[int],
+    *,
+    postgres: bool = False,
+    pg_url: str | None = None,
+    repeats: int = 1,
+    keep: Path | None = None,
+    report: bool = True,
+) -> dict[int, dict[str, float]]:
     """Build one sweep per size and time the reads on it; prints a Markdown table."""
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="bench-scale-"))
     root.mkdir(parents=True, exist_ok=True)
-    manager = postgres_stores(root, pg_url or "postgresql+psycopg2://postgres@127.0.0.1:5432/test") if postgres \
+    manager = (
+        postgres_stores(root, pg_url or "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+        if postgres
         else sqlite_stores(root)
+    )
     measured: dict[int, dict[str, float]] = {}
     store = "PostgreSQL + mlflow server" if postgres else "SQLite files"
     try:
@@ -478,16 +598,21 @@ def bench_queries(sizes: list[int], *, postgres: bool = False, pg_url: str | Non
                 if postgres or not marker.exists():  # --keep DIR: a SQLite sweep built there before is reused
                     built = build_sweep(f"scale-{n}", n, conn, mlflow_db=direct)
                     marker.write_text(json.dumps(built))
-                    print(f"built scale-{n}: {built['trials']} trials, {built['runs']} child runs in "
-                          f"{built['seconds']:.0f} s", flush=True)
+                    print(
+                        f"built scale-{n}: {built['trials']} trials, {built['runs']} child runs in "
+                        f"{built['seconds']:.0f} s",
+                        flush=True,
+                    )
                 measured[n] = time_queries(f"scale-{n}", conn, repeats=repeats, report=report)
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
     keys = list(next(iter(measured.values())))
     small, large = min(sizes), max(sizes)
-    print(f"\n{store}; python {platform.python_version()}, optuna {optuna.__version__}, "
-          f"{os.cpu_count()} CPUs; seconds, best of {repeats}")
+    print(
+        f"\n{store}; python {platform.python_version()}, optuna {optuna.__version__}, "
+        f"{os.cpu_count()} CPUs; seconds, best of {repeats}"
+    )
     print("| query | " + " | ".join(f"{n:,} trials (s)" for n in sizes) + f" | ratio {large:,} / {small:,} |")
     print("|---|" + "---:|" * (len(sizes) + 1))
     for key in keys:
@@ -518,8 +643,16 @@ def drive(name: str, trials: int, conn: connections.Connections, address: str, q
     """Run (or continue) the trivial grid sweep ``name`` of ``trials`` points to the end."""
     from sweeps.runner import run_sweep
 
-    return run_sweep(sweep_config(name, trials), results_dir=conn.results_dir, tracking_uri=conn.tracking_uri,
-                     storage=conn.storage, address=address, quiet=quiet, trial_fn=trivial_trial, report=False)
+    return run_sweep(
+        sweep_config(name, trials),
+        results_dir=conn.results_dir,
+        tracking_uri=conn.tracking_uri,
+        storage=conn.storage,
+        address=address,
+        quiet=quiet,
+        trial_fn=trivial_trial,
+        report=False,
+    )
 
 
 def completion_times(name: str, storage: str) -> list[float]:
@@ -544,9 +677,15 @@ def _finished_count(storage: str, name: str) -> int:
     engine = sa.create_engine(storage)
     try:
         with engine.connect() as c:
-            return int(c.execute(sa.text(
-                "select count(*) from trials t join studies s on s.study_id = t.study_id "
-                "where s.study_name = :n and t.state in ('COMPLETE', 'FAIL', 'PRUNED')"), {"n": name}).scalar())
+            return int(
+                c.execute(
+                    sa.text(
+                        "select count(*) from trials t join studies s on s.study_id = t.study_id "
+                        "where s.study_name = :n and t.state in ('COMPLETE', 'FAIL', 'PRUNED')"
+                    ),
+                    {"n": name},
+                ).scalar()
+            )
     except (sa.exc.OperationalError, sa.exc.ProgrammingError):  # no tables yet (SQLite, PostgreSQL)
         return 0
     finally:
@@ -558,18 +697,36 @@ def _finished_count(storage: str, name: str) -> int:
 KILLED_LEASE_S = 5.0
 
 
-def _driver_process(name: str, trials: int, conn: connections.Connections, address: str,
-                    stderr: Any = subprocess.PIPE) -> subprocess.Popen:
+def _driver_process(
+    name: str, trials: int, conn: connections.Connections, address: str, stderr: Any = subprocess.PIPE
+) -> subprocess.Popen:
     """``drive`` in a child process (it can be SIGKILLed), logging each trial's start on ``stderr``
     (a pipe the caller must read as it goes: a full pipe blocks the driver's next log line)."""
-    args = [sys.executable, __file__, "--part", "drive", "--name", name, "--trials", str(trials),
-            "--results-dir", str(conn.results_dir), "--tracking-uri", conn.tracking_uri, "--storage", conn.storage,
-            "--address", address]
+    args = [
+        sys.executable,
+        __file__,
+        "--part",
+        "drive",
+        "--name",
+        name,
+        "--trials",
+        str(trials),
+        "--results-dir",
+        str(conn.results_dir),
+        "--tracking-uri",
+        conn.tracking_uri,
+        "--storage",
+        conn.storage,
+        "--address",
+        address,
+    ]
     env = {**os.environ, "SWEEPS_LEASE_SECONDS": str(KILLED_LEASE_S)}
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=env)
 
 
-def kill_and_resume(name: str, trials: int, kill_at: int, conn: connections.Connections, address: str) -> dict[str, float]:
+def kill_and_resume(
+    name: str, trials: int, kill_at: int, conn: connections.Connections, address: str
+) -> dict[str, float]:
     """Run the trivial grid in a child driver, SIGKILL it once ``kill_at`` trials are recorded,
     wait for its lease to expire (:data:`KILLED_LEASE_S`), start a second driver and time it from
     its start to its first launch (``trial N: started``); then let it finish. Returns ``{"killed_at", "to_first_launch_s", "resumed_total_s"}``."""
@@ -595,12 +752,46 @@ def kill_and_resume(name: str, trials: int, kill_at: int, conn: connections.Conn
     second.wait()
     if second.returncode != 0:
         raise RuntimeError(f"the resumed driver exited {second.returncode}:\n{''.join(tail)}")
-    return {"killed_at": float(done), "to_first_launch_s": to_first, "resumed_total_s": time.monotonic() - start,
-            "resumed_at": resumed_at}
+    return {
+        "killed_at": float(done),
+        "to_first_launch_s": to_first,
+        "resumed_total_s": time.monotonic() - start,
+        "resumed_at": resumed_at,
+    }
 
 
-def bench_driver(trials: int, window: int, kill_at: int | None, *, postgres: bool = False, pg_url: str | None = None,
-                 keep: Path | None = None) -> dict[str, float]:
+@contextlib.contextmanager
+def counting_sql() -> Iterator[dict[str, collections.Counter]]:
+    """Count the SQL statements and commits of every SQLAlchemy engine in this process (Optuna's
+    storage, MLflow's store on a local database, the lease), by the statement's first words."""
+    import sqlalchemy as sa
+
+    counts: dict[str, collections.Counter] = {"statements": collections.Counter(), "commits": collections.Counter()}
+
+    def statement(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+        counts["statements"][" ".join(sql.split()[:3])[:60]] += 1
+
+    def commit(conn: Any) -> None:
+        counts["commits"]["commit"] += 1
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", statement)
+    sa.event.listen(sa.engine.Engine, "commit", commit)
+    try:
+        yield counts
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", statement)
+        sa.event.remove(sa.engine.Engine, "commit", commit)
+
+
+def bench_driver(
+    trials: int,
+    window: int,
+    kill_at: int | None,
+    *,
+    postgres: bool = False,
+    pg_url: str | None = None,
+    keep: Path | None = None,
+) -> dict[str, float]:
     """Driver seconds per trial over the first and the last ``window`` trials of a ``trials``-point
     trivial grid, and (with ``kill_at``) the time to resume it after a SIGKILL at ``kill_at``
     trials; prints a Markdown table."""
@@ -608,8 +799,11 @@ def bench_driver(trials: int, window: int, kill_at: int | None, *, postgres: boo
 
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="bench-driver-"))
     root.mkdir(parents=True, exist_ok=True)
-    manager = postgres_stores(root, pg_url or "postgresql+psycopg2://postgres@127.0.0.1:5432/test") if postgres \
+    manager = (
+        postgres_stores(root, pg_url or "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+        if postgres
         else sqlite_stores(root)
+    )
     store = "PostgreSQL + mlflow server" if postgres else "SQLite files"
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
@@ -621,8 +815,17 @@ def bench_driver(trials: int, window: int, kill_at: int | None, *, postgres: boo
             if kill_at:
                 measured = kill_and_resume(name, trials, kill_at, conn, address)
             else:
-                drive(name, trials, conn, address)
-                measured = {}
+                with counting_sql() as sql:
+                    drive(name, trials, conn, address)
+                measured = {
+                    "statements_per_trial": sum(sql["statements"].values()) / trials,
+                    "commits_per_trial": sum(sql["commits"].values()) / trials,
+                }
+                top = ", ".join(f"{k!r} {v / trials:.1f}" for k, v in sql["statements"].most_common(12))
+                print(
+                    f"SQL per trial (in this process): {measured['statements_per_trial']:.1f} statements, "
+                    f"{measured['commits_per_trial']:.1f} commits; most frequent: {top}"
+                )
             measured["wall_s"] = time.monotonic() - start
             times = completion_times(name, conn.storage)
             assert len(times) == trials, (len(times), trials)
@@ -632,21 +835,32 @@ def bench_driver(trials: int, window: int, kill_at: int | None, *, postgres: boo
         ray.shutdown()
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
-    print(f"\n{store}; {trials:,}-point trivial grid; python {platform.python_version()}, optuna "
-          f"{optuna.__version__}, {os.cpu_count()} CPUs")
+    print(
+        f"\n{store}; {trials:,}-point trivial grid; python {platform.python_version()}, optuna "
+        f"{optuna.__version__}, {os.cpu_count()} CPUs"
+    )
     late_n = int(measured["late_n"])
-    print(f"| trials 1-{window:,} (ms/trial) | trials {trials - late_n + 1:,}-{trials:,} (ms/trial) | ratio | "
-          "wall (s) | resume: to first launch (s) |")
+    print(
+        f"| trials 1-{window:,} (ms/trial) | trials {trials - late_n + 1:,}-{trials:,} (ms/trial) | ratio | "
+        "wall (s) | resume: to first launch (s) |"
+    )
     print("|---:|---:|---:|---:|---:|")
-    print(f"| {measured['early_ms']:.1f} | {measured['late_ms']:.1f} | {measured['ratio']:.2f}x | {measured['wall_s']:.0f} | "
-          + (f"{measured['to_first_launch_s']:.1f} (killed at {measured['killed_at']:,.0f})" if kill_at else "-") + " |")
+    print(
+        f"| {measured['early_ms']:.1f} | {measured['late_ms']:.1f} | {measured['ratio']:.2f}x | {measured['wall_s']:.0f} | "
+        + (f"{measured['to_first_launch_s']:.1f} (killed at {measured['killed_at']:,.0f})" if kill_at else "-")
+        + " |"
+    )
     return measured
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("queries", "driver", "drive"), default="queries",
-                        help="drive: one driver of the trivial grid (the child process of --part driver)")
+    parser.add_argument(
+        "--part",
+        choices=("queries", "driver", "drive"),
+        default="queries",
+        help="drive: one driver of the trivial grid (the child process of --part driver)",
+    )
     parser.add_argument("--trials", type=int, default=10_000, help="the large sweep (default 10,000)")
     parser.add_argument("--small", type=int, default=1_000, help="the small sweep (default 1,000)")
     parser.add_argument("--postgres", action="store_true", help="PostgreSQL + `mlflow server` instead of SQLite")
@@ -655,19 +869,29 @@ def main() -> None:
     parser.add_argument("--no-report", dest="report", action="store_false", help="skip `sweeps report`")
     parser.add_argument("--keep", type=Path, help="keep the stores in this folder (SQLite: reused by the next run)")
     parser.add_argument("--window", type=int, default=1_000, help="driver: trials at the start and at the end compared")
-    parser.add_argument("--kill-at", type=int, default=None, help="driver: SIGKILL the driver after this many trials, then resume")
+    parser.add_argument(
+        "--kill-at", type=int, default=None, help="driver: SIGKILL the driver after this many trials, then resume"
+    )
     for flag in ("--name", "--results-dir", "--tracking-uri", "--storage", "--address"):
         parser.add_argument(flag, help=argparse.SUPPRESS)  # --part drive
     args = parser.parse_args()
     if args.part == "drive":
-        conn = connections.resolve(results_dir=args.results_dir, tracking_uri=args.tracking_uri, storage=args.storage, env={})
+        conn = connections.resolve(
+            results_dir=args.results_dir, tracking_uri=args.tracking_uri, storage=args.storage, env={}
+        )
         drive(args.name, args.trials, conn, args.address, quiet=False)
         return
     if args.part == "driver":
         bench_driver(args.trials, args.window, args.kill_at, postgres=args.postgres, pg_url=args.pg_url, keep=args.keep)
         return
-    bench_queries(sorted({args.small, args.trials}), postgres=args.postgres, pg_url=args.pg_url,
-                  repeats=args.repeats, keep=args.keep, report=args.report)
+    bench_queries(
+        sorted({args.small, args.trials}),
+        postgres=args.postgres,
+        pg_url=args.pg_url,
+        repeats=args.repeats,
+        keep=args.keep,
+        report=args.report,
+    )
 
 
 if __name__ == "__main__":

@@ -104,7 +104,9 @@ def loss_landscapes_plane(model, loss_fn, x, y, steps: int) -> float | None:
     except ImportError:
         return None
     start = time.perf_counter()
-    loss_landscapes.random_plane(model, Loss(loss_fn, x, y), distance=1, steps=steps, normalization="filter", deepcopy_model=True)
+    loss_landscapes.random_plane(
+        model, Loss(loss_fn, x, y), distance=1, steps=steps, normalization="filter", deepcopy_model=True
+    )
     return time.perf_counter() - start
 
 
@@ -126,9 +128,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=41, help="grid points per axis (default 41)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--naive-points-large", type=int, default=48, help="naive-loop subset for the large model")
-    parser.add_argument("--naive-points-small", type=int, default=None, help="naive-loop subset for the small model (default: all)")
+    parser.add_argument(
+        "--naive-points-small", type=int, default=None, help="naive-loop subset for the small model (default: all)"
+    )
     parser.add_argument("--widths", default="64,512", help="MLP widths to run (default 64,512)")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds over all methods; each keeps its fastest (default 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds over all methods; each keeps its fastest (default 3)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -183,23 +189,48 @@ def main() -> None:
         for method, secs, extra in [(m, t, "") for m, t in timings.items()] + [("naive loop", naive_full, note)]:
             rate = flops * points / secs / 1e9
             vs_reference = float("nan") if reference is None else reference / secs
-            rows.append((label, method, secs, 1e3 * secs / points, rate, 100 * rate / peak, naive_full / secs, vs_reference, extra))
-        print(f"{label}: {flops / 1e6:.1f} MFLOP/point, max relative difference naive vs surface_2d {max_rel:.1e}", flush=True)
+            rows.append(
+                (
+                    label,
+                    method,
+                    secs,
+                    1e3 * secs / points,
+                    rate,
+                    100 * rate / peak,
+                    naive_full / secs,
+                    vs_reference,
+                    extra,
+                )
+            )
+        print(
+            f"{label}: {flops / 1e6:.1f} MFLOP/point, max relative difference naive vs surface_2d {max_rel:.1e}",
+            flush=True,
+        )
     peak = max(peak, matmul_peak())
-    print(f"\nmatmul peak (2048^3 float32, best of 5, before/after): {peak:.1f} GFLOP/s; "
-          f"threads {torch.get_num_threads()}; grid {args.steps}x{args.steps} = {points} points, 4000 samples")
-    print(f"{'model':<22}{'method':<17}{'seconds':>9}{'ms/pt':>9}{'GFLOP/s':>9}{'% peak':>8}{'vs naive':>9}{'vs l-l':>8}  note")
+    print(
+        f"\nmatmul peak (2048^3 float32, best of 5, before/after): {peak:.1f} GFLOP/s; "
+        f"threads {torch.get_num_threads()}; grid {args.steps}x{args.steps} = {points} points, 4000 samples"
+    )
+    print(
+        f"{'model':<22}{'method':<17}{'seconds':>9}{'ms/pt':>9}{'GFLOP/s':>9}{'% peak':>8}{'vs naive':>9}{'vs l-l':>8}  note"
+    )
     for label, method, secs, ms, rate, pct, ratio, vs_reference, note in rows:
         pct = 100 * rate / peak
-        print(f"{label:<22}{method:<17}{secs:>9.2f}{ms:>9.2f}{rate:>9.1f}{pct:>8.1f}{ratio:>8.2f}x{vs_reference:>7.2f}x  {note}")
+        print(
+            f"{label:<22}{method:<17}{secs:>9.2f}{ms:>9.2f}{rate:>9.1f}{pct:>8.1f}{ratio:>8.2f}x{vs_reference:>7.2f}x  {note}"
+        )
     if missing_reference:
         print("loss-landscapes is not installed (pip install loss-landscapes): its reference row is skipped")
     print("* naive time extrapolated from the subset of points to the full grid")
-    print(f"surface_2d: the default (micro_batch='auto': on a CPU a plain MLP goes up to {evaluate.MAX_STACK} points per"
-          f" pass in {evaluate.STACK_BYTES // 2**20} MiB, other models one point per pass in pieces of at most"
-          f" {WORKING_SET // 2**20} MiB; plain cross-entropy and accuracy from one shift by the row maxima)")
-    print("'affine trick': the default plan with the first-layer affine trick forced on (default: only for inputs"
-          f" >= {evaluate.AFFINE_MIN_RATIO}x the basis terms)")
+    print(
+        f"surface_2d: the default (micro_batch='auto': on a CPU a plain MLP goes up to {evaluate.MAX_STACK} points per"
+        f" pass in {evaluate.STACK_BYTES // 2**20} MiB, other models one point per pass in pieces of at most"
+        f" {WORKING_SET // 2**20} MiB; plain cross-entropy and accuracy from one shift by the row maxima)"
+    )
+    print(
+        "'affine trick': the default plan with the first-layer affine trick forced on (default: only for inputs"
+        f" >= {evaluate.AFFINE_MIN_RATIO}x the basis terms)"
+    )
     print("'budget chunks': surface_2d(..., micro_batch=None), chunks of points sized by the memory budget (GPU plan)")
     print("'loss-landscapes': loss_landscapes.random_plane, loss only (no accuracy); 'vs l-l': its time / the row's")
     print("'torch CE': the default plan with the loss wrapped in a lambda, so torch's log_softmax computes it")

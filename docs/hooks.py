@@ -69,9 +69,12 @@ def _field_comments(cls: type) -> dict[str, str]:
 
 
 _BOUNDS = {
-    annotated_types.Gt: ("gt", ">"), annotated_types.Ge: ("ge", ">="),
-    annotated_types.Lt: ("lt", "<"), annotated_types.Le: ("le", "<="),
-    annotated_types.MinLen: ("min_length", "length >="), annotated_types.MaxLen: ("max_length", "length <="),
+    annotated_types.Gt: ("gt", ">"),
+    annotated_types.Ge: ("ge", ">="),
+    annotated_types.Lt: ("lt", "<"),
+    annotated_types.Le: ("le", "<="),
+    annotated_types.MinLen: ("min_length", "length >="),
+    annotated_types.MaxLen: ("max_length", "length <="),
 }
 
 
@@ -187,11 +190,14 @@ def _sections(cls: type[BaseModel], prefix: str = "") -> list[str]:
         )
     title = prefix.rstrip(".")
     out = [
-        f"## `{title or 'top level'}` {{#{_anchor(title.replace('<', '').replace('>', ''))}}}", "",
-        _markdown(inspect.getdoc(cls) or ""), "",
+        f"## `{title or 'top level'}` {{#{_anchor(title.replace('<', '').replace('>', ''))}}}",
+        "",
+        _markdown(inspect.getdoc(cls) or ""),
+        "",
         "| key | type | default | constraint | description |",
         "|---|---|---|---|---|",
-        *rows, "",
+        *rows,
+        "",
     ]
     for section, section_prefix in nested:
         out += _sections(section, section_prefix)
@@ -201,15 +207,17 @@ def _sections(cls: type[BaseModel], prefix: str = "") -> list[str]:
 def config_reference() -> str:
     from sweeps.config import SweepConfig
 
-    return "\n".join([
-        "# Config reference",
-        "",
-        "Generated from the pydantic schema, `sweeps.config.SweepConfig`, when the site is built: "
-        "every section and field with its type, default, constraints and description. Unknown keys "
-        "are errors. What the fields do together is explained in the [sweep guide](../guide/sweeps.md).",
-        "",
-        *_sections(SweepConfig),
-    ])
+    return "\n".join(
+        [
+            "# Config reference",
+            "",
+            "Generated from the pydantic schema, `sweeps.config.SweepConfig`, when the site is built: "
+            "every section and field with its type, default, constraints and description. Unknown keys "
+            "are errors. What the fields do together is explained in the [sweep guide](../guide/sweeps.md).",
+            "",
+            *_sections(SweepConfig),
+        ]
+    )
 
 
 # --- CLI reference -------------------------------------------------------------------------------
@@ -260,27 +268,31 @@ def _directives(modules: dict[str, list[str]]) -> list[str]:
 
 
 def landscape_api() -> str:
-    return "\n".join([
-        "# `landscape` API",
-        "",
-        "Generated from the docstrings. Every name below is importable as `landscape.NAME` (the "
-        "package imports it lazily); the headings give the module that defines it.",
-        "",
-        *_directives(_by_module("landscape")),
-    ])
+    return "\n".join(
+        [
+            "# `landscape` API",
+            "",
+            "Generated from the docstrings. Every name below is importable as `landscape.NAME` (the "
+            "package imports it lazily); the headings give the module that defines it.",
+            "",
+            *_directives(_by_module("landscape")),
+        ]
+    )
 
 
 def sweeps_api() -> str:
     modules = _by_module("sweeps")
     modules.setdefault("sweeps.runner", []).append("resume_sweep")
-    return "\n".join([
-        "# `sweeps` API",
-        "",
-        "Generated from the docstrings: the names `import sweeps` gives (`sweeps.NAME`), and "
-        "`sweeps.runner.resume_sweep`.",
-        "",
-        *_directives(modules),
-    ])
+    return "\n".join(
+        [
+            "# `sweeps` API",
+            "",
+            "Generated from the docstrings: the names `import sweeps` gives (`sweeps.NAME`), and "
+            "`sweeps.runner.resume_sweep`.",
+            "",
+            *_directives(modules),
+        ]
+    )
 
 
 GENERATED_PAGES = {
@@ -295,8 +307,12 @@ GENERATED_PAGES = {
 def metrics_table() -> str:
     from landscape import METRICS
 
-    rows = [f"| `{m.name}` | {m.larger_is} | {_cell(m.description)} |" for m in METRICS.values()]
-    return "\n".join(["| name | larger is | what it is |", "|---|---|---|", *rows])
+    rows = [
+        f"| `{m.name}` | {m.larger_is} | {_cell(m.description)} | {_cell(m.unit)} | {_cell(m.reference)} |"
+        for m in METRICS.values()
+    ]
+    header = ["| name | larger is | what it is | unit | reference |", "|---|---|---|---|---|"]
+    return "\n".join([*header, *rows])
 
 
 _LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
@@ -340,14 +356,15 @@ def benchmark_files() -> str:
 
 
 def module_table() -> str:
-    """Each module of the two packages with the first paragraph of its docstring (read from the
-    source, not imported), so the architecture page lists the modules that exist."""
+    """Each module of the two packages, subpackages included, with the first paragraph of its
+    docstring (read from the source, not imported), so the architecture page lists the modules
+    that exist."""
     rows = []
     for package in ("landscape", "sweeps"):
-        for path in sorted((ROOT / package).glob("*.py")):
+        for path in sorted((ROOT / package).rglob("*.py")):
             doc = ast.get_docstring(ast.parse(path.read_text())) or ""
             summary = " ".join(doc.split("\n\n")[0].split())
-            rows.append(f"| `{package}/{path.name}` | {_cell(_markdown(summary))} |")
+            rows.append(f"| `{path.relative_to(ROOT).as_posix()}` | {_cell(_markdown(summary))} |")
     return "\n".join(["| module | what it is |", "|---|---|", *rows])
 
 

@@ -67,7 +67,9 @@ def main() -> None:
     data, loss_fn = (x, y), nn.CrossEntropyLoss()
     model, checkpoints = train(x, y, seed=0, epochs=args.epochs)
     other, _ = train(x, y, seed=1, epochs=args.epochs)
-    print(f"trained in {time.perf_counter() - start:.1f} s: train loss {landscape.ModelLoss(model, loss_fn, data).loss():.4f}")
+    print(
+        f"trained in {time.perf_counter() - start:.1f} s: train loss {landscape.ModelLoss(model, loss_fn, data).loss():.4f}"
+    )
 
     def save(fig, name: str) -> None:
         fig.savefig(out / name, dpi=110)
@@ -84,7 +86,9 @@ def main() -> None:
     save(plots.plot_spectrum(spectrum), "spectrum.png")
 
     pca = landscape.pca_directions(model, checkpoints)
-    path_plane = landscape.surface_2d(model, loss_fn, data, steps=args.steps, directions=pca.directions, span=pca.span())
+    path_plane = landscape.surface_2d(
+        model, loss_fn, data, steps=args.steps, directions=pca.directions, span=pca.span()
+    )
     save(plots.plot_trajectory(pca, path_plane), "trajectory.png")
 
     line = landscape.interpolate(model, other, loss_fn, data)

@@ -1,6 +1,7 @@
 """landscape: the loss landscape of a trained PyTorch model, measured.
 
-Hessian-vector products, eigenvalues, trace and spectral density; sharpness measures; 1D/2D loss
+Hessian-vector products, eigenvalues, trace and spectral density; Gauss-Newton and Fisher
+operators; sharpness measures and the generalization measures of Jiang et al. 2020; 1D/2D loss
 surfaces and their plots. Pure PyTorch (+ numpy, scipy, matplotlib): give it a model, a loss
 function and data, get numbers and figures back. The model is never modified.
 
@@ -35,11 +36,11 @@ _EXPORTS = {
     "register_metric": ".metrics",
     "Metric": ".metrics",
     "MeasureContext": ".metrics",
-    "keskar_sharpness": ".sharpness",
-    "worst_case_sharpness": ".sharpness",
-    "average_sharpness": ".sharpness",
-    "pacbayes_flatness": ".sharpness",
-    "sharpness_flatness": ".sharpness",
+    "keskar_sharpness": ".keskar",
+    "worst_case_sharpness": ".m_sharpness",
+    "average_sharpness": ".m_sharpness",
+    "pacbayes_flatness": ".flatness",
+    "sharpness_flatness": ".flatness",
     "filter_curvature": ".curvature",
     "adaptive_trace": ".curvature",
     "CurvatureResult": ".curvature",
@@ -56,13 +57,28 @@ _EXPORTS = {
     "TrajectoryPCA": ".directions",
     "surface_1d": ".surface",
     "surface_2d": ".surface",
-    "interpolate": ".surface",
+    "interpolate": ".interpolation",
     "Surface1D": ".surface",
     "Surface2D": ".surface",
-    "Interpolation": ".surface",
+    "Interpolation": ".interpolation",
     "loss_at_points": ".evaluate",
     "loss_at_parameters": ".evaluate",
     "plots": ".plots",
+    "CurvatureOperator": ".hvp",
+    "GGNOperator": ".ggn",
+    "EmpiricalFisherOperator": ".ggn",
+    "ggn_eigenvalues": ".ggn",
+    "init_distances": ".norms",
+    "output_margin": ".generalization",
+    "MarginResult": ".generalization",
+    "inverse_margin": ".generalization",
+    "margin_normalized": ".generalization",
+    "path_norm": ".generalization",
+    "path_norm_over_margin": ".generalization",
+    "pacbayes_bounds": ".generalization",
+    "PacBayesBounds": ".generalization",
+    "fisher_rao_norm": ".generalization",
+    "steps_to_loss": ".generalization",
 }
 
 __all__ = sorted(_EXPORTS)

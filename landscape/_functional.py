@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 Batch = tuple[Any, Tensor]
-ParamSelector = Union[None, Sequence[str], Callable[[str, nn.Parameter], bool]]
+ParamSelector = None | Sequence[str] | Callable[[str, nn.Parameter], bool]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -47,9 +47,7 @@ def _is_single_batch(data: Any) -> bool:
     if not (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)):
         return False
     inputs = data[0]
-    return isinstance(inputs, Tensor) or (
-        isinstance(inputs, tuple) and all(isinstance(t, Tensor) for t in inputs)
-    )
+    return isinstance(inputs, Tensor) or (isinstance(inputs, tuple) and all(isinstance(t, Tensor) for t in inputs))
 
 
 def _move(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -82,8 +80,7 @@ class Batches:
             self._cached, self._loader = None, data
         else:
             raise TypeError(
-                "data must be an (inputs, targets) batch or an iterable of such batches, "
-                f"got {type(data).__name__}"
+                f"data must be an (inputs, targets) batch or an iterable of such batches, got {type(data).__name__}"
             )
 
     @staticmethod

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 import torch
@@ -32,9 +31,9 @@ from scipy.linalg import eigh_tridiagonal
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
-from .hvp import HessianOperator
+from .hvp import CurvatureOperator, HessianOperator
 
-OperatorLike = Union[HessianOperator, Tensor, np.ndarray, LinearOperator, Callable[[Tensor], Tensor]]
+OperatorLike = HessianOperator | CurvatureOperator | Tensor | np.ndarray | LinearOperator | Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -75,7 +74,7 @@ def as_operator(
     """
     if isinstance(operator, SymmetricOperator):
         return operator
-    if isinstance(operator, HessianOperator):
+    if isinstance(operator, CurvatureOperator):
         return SymmetricOperator(operator.matmat, operator.num_params, operator.dtype, operator.device)
     if isinstance(operator, np.ndarray):
         operator = torch.from_numpy(operator)
@@ -251,4 +250,3 @@ class Lanczos:
         m = int(self.lengths[run])
         theta, s = ritz(self.alpha[run, :m], self.beta[run, :m])
         return theta, s, np.abs(self.beta[run, m - 1] * s[m - 1, :])
-

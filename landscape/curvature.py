@@ -105,7 +105,14 @@ def adaptive_trace(
     H = as_hessian(model, loss_fn, data, operator=operator, params=params, dtype=dtype)
     scale = H.theta_flat().abs().unsqueeze(1)
     return estimate_trace(
-        lambda V: scale * (H @ (scale * V)), dim=H.num_params, dtype=H.dtype, device=H.device,
-        method=method, rtol=rtol, max_products=max_hvp, sketch_size=sketch_size,
-        block_size=max(2, H.block_size), seed=seed,
+        lambda V: scale * (H @ (scale * V)),
+        dim=H.num_params,
+        dtype=H.dtype,
+        device=H.device,
+        method=method,
+        rtol=rtol,
+        max_products=max_hvp,
+        sketch_size=sketch_size,
+        block_size=max(2, H.block_size),
+        seed=seed,
     )

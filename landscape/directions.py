@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from ._functional import ModelLoss, ParamSelector, _select, model_dtype
 Direction = dict[str, Tensor]
 Normalization = Literal["filter", "layer", "none"]
 OneDMode = Literal["zero", "keep", "filter"]
-ModelOrState = Union[nn.Module, Mapping[str, Tensor]]
+ModelOrState = nn.Module | Mapping[str, Tensor]
 
 NORMALIZATIONS = ("filter", "layer", "none")
 ONE_D_MODES = ("zero", "keep", "filter")
@@ -106,9 +106,7 @@ def normalize_direction(
             raise KeyError(f"direction: parameter {name!r} is not among the weights {list(weights)}")
         w = weights[name].to(d.device, d.dtype)
         if w.shape != d.shape:
-            raise ValueError(
-                f"direction: {name!r} has shape {tuple(d.shape)} but the parameter has {tuple(w.shape)}"
-            )
+            raise ValueError(f"direction: {name!r} has shape {tuple(d.shape)} but the parameter has {tuple(w.shape)}")
         if d.ndim <= 1:
             if one_d == "zero":
                 out[name] = torch.zeros_like(d)
@@ -174,8 +172,11 @@ def random_directions(
 
 
 def draw_directions(
-    weights: Mapping[str, Tensor], count: int, seed: int = 0,
-    normalization: Normalization = "filter", one_d: OneDMode = "zero",
+    weights: Mapping[str, Tensor],
+    count: int,
+    seed: int = 0,
+    normalization: Normalization = "filter",
+    one_d: OneDMode = "zero",
 ) -> list[Direction]:
     """``count`` seeded Gaussian directions around ``weights`` ``{name: tensor}``, normalized as
     asked, on the weights' device and in their dtype (the core of :func:`random_directions`)."""
@@ -216,9 +217,7 @@ def _matching(state: Mapping[str, Tensor], weights: Direction, argument: str) ->
     for n, w in weights.items():
         t = state[n]
         if tuple(t.shape) != tuple(w.shape):
-            raise ValueError(
-                f"{argument}: {n!r} has shape {tuple(t.shape)}, the reference model {tuple(w.shape)}"
-            )
+            raise ValueError(f"{argument}: {n!r} has shape {tuple(t.shape)}, the reference model {tuple(w.shape)}")
         out[n] = t.detach().to(w.device, w.dtype).clone()
     return out
 
@@ -303,11 +302,12 @@ def pca_directions(
     names = list(final)
     flat = lambda d: torch.cat([d[n].reshape(-1) for n in names])  # noqa: E731
     base = flat(final).to(torch.float64)
-    rows = torch.stack([
-        flat(_matching(_state_of(ckpt, f"trajectory[{t}]"), final, f"trajectory[{t}]")).to(torch.float64)
-        - base
-        for t, ckpt in enumerate(trajectory)
-    ])
+    rows = torch.stack(
+        [
+            flat(_matching(_state_of(ckpt, f"trajectory[{t}]"), final, f"trajectory[{t}]")).to(torch.float64) - base
+            for t, ckpt in enumerate(trajectory)
+        ]
+    )
     mat = rows - rows.mean(0, keepdim=True) if center else rows
     _, s, vh = torch.linalg.svd(mat, full_matrices=False)
     total = float((s**2).sum())
@@ -344,8 +344,7 @@ def as_flat(directions: Sequence[Mapping[str, Tensor]], model_loss: ModelLoss) -
         if isinstance(d, Tensor):
             if d.shape != (model_loss.num_params,):
                 raise ValueError(
-                    f"directions[{i}]: a flat direction must have shape [{model_loss.num_params}], "
-                    f"got {tuple(d.shape)}"
+                    f"directions[{i}]: a flat direction must have shape [{model_loss.num_params}], got {tuple(d.shape)}"
                 )
             rows.append(d.to(model_loss.device, model_loss.dtype))
             continue
@@ -354,8 +353,7 @@ def as_flat(directions: Sequence[Mapping[str, Tensor]], model_loss: ModelLoss) -
         if set(d) != names:
             extra, missing = sorted(set(d) - names), sorted(names - set(d))
             raise KeyError(
-                f"directions[{i}]: must name exactly the varied parameters; unknown {extra}, "
-                f"missing {missing}"
+                f"directions[{i}]: must name exactly the varied parameters; unknown {extra}, missing {missing}"
             )
         for n, t in d.items():
             if tuple(t.shape) != tuple(model_loss.theta[n].shape):

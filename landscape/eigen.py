@@ -77,7 +77,9 @@ def _check(k: int, which: str, tol: float, dim: int) -> int:
         raise ValueError(f"k: must be a positive integer (got {k!r})")
     wanted = 2 * k if which == "both" else k
     if wanted > dim:
-        raise ValueError(f"k: asks for {wanted} eigenpairs of a {dim}-dimensional operator; use k <= {dim // (2 if which == 'both' else 1)}")
+        raise ValueError(
+            f"k: asks for {wanted} eigenpairs of a {dim}-dimensional operator; use k <= {dim // (2 if which == 'both' else 1)}"
+        )
     if not tol > 0:
         raise ValueError(f"tol: must be > 0 (got {tol!r})")
     return wanted
@@ -103,8 +105,12 @@ def _threshold(values: np.ndarray, tol: float, scale: float, dtype: torch.dtype)
 
 
 def _result(
-    op: SymmetricOperator, values: np.ndarray | list[float], vectors: Tensor,
-    residuals: np.ndarray | list[float], converged: bool, method: str,
+    op: SymmetricOperator,
+    values: np.ndarray | list[float],
+    vectors: Tensor,
+    residuals: np.ndarray | list[float],
+    converged: bool,
+    method: str,
 ) -> EigenResult:
     """An :class:`EigenResult`: float64 ``values`` and ``residuals``, ``n_hvp`` from ``op``."""
     return EigenResult(
@@ -118,8 +124,12 @@ def _result(
 
 
 def _finish(
-    op: SymmetricOperator, values: np.ndarray, vectors: Tensor, residuals: np.ndarray | None,
-    tol: float, scale: float,
+    op: SymmetricOperator,
+    values: np.ndarray,
+    vectors: Tensor,
+    residuals: np.ndarray | None,
+    tol: float,
+    scale: float,
 ) -> EigenResult:
     """The Lanczos result; true residuals from one block product ``H Y`` when ``residuals`` is
     None; a warning if a pair misses ``tol``."""
@@ -183,7 +193,9 @@ def lanczos(
     check = wanted if exact_residuals else 0
     budget = max_products if max_products is not None else min(op.dim, DEFAULT_MAX_STEPS) + check
     if budget < wanted + check:
-        raise ValueError(f"max_products (max_hvp of hessian_eigenvalues): a budget of {budget} products cannot give {wanted} eigenpairs; use >= {wanted + check}")
+        raise ValueError(
+            f"max_products (max_hvp of hessian_eigenvalues): a budget of {budget} products cannot give {wanted} eigenpairs; use >= {wanted + check}"
+        )
     run = Lanczos(op, _start(op, v0, generator), budget - check, restart_on_breakdown=True, generator=generator)
     at_last_breakdown = None
     for steps in run:

@@ -35,103 +35,21 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 from torch.nn import functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from ._functional import Batch, LossFn, ModelLoss, is_classification
-
-_CPU_BUDGET = 256 * 2**20
-#: Bytes of intermediates one forward pass may produce on a CPU before ``micro_batch="auto"``
-#: cuts the batch into pieces (a few MiB per tensor: they stay near the caches, and glibc
-#: reuses their memory instead of returning it to the OS and faulting it in again).
-WORKING_SET = 16 * 2**20
-#: Bytes of intermediates (the upper bound of :func:`bytes_per_point`, whole batch) that the
-#: points of one stacked pass of a plain MLP may produce on a CPU; at most :data:`MAX_STACK`
-#: points. For MLP 40-64-64-10 on 4,000 samples (4.2 MiB a point) 8 and 16 points a pass were
-#: equally fast, 3 (the :data:`WORKING_SET` share) 1.25x slower, one point 1.4x slower.
-STACK_BYTES = 48 * 2**20
-MAX_STACK = 16
-#: Smallest micro-batch the automatic plan uses (keeps matmuls large).
-MIN_MICRO_BATCH = 512
-
-class _OutputBytes(TorchDispatchMode):
-    """Adds up the bytes of every tensor the operations inside the block produce."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.bytes += sum(t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, Tensor))
-        return out
-
-
-def _forward_bytes(model_loss: ModelLoss) -> tuple[int, int]:
-    """``(bytes, n)``: bytes of every tensor that one forward pass and loss produce on the first
-    batch, and that batch's size. An upper bound on its memory: it sums intermediates that a
-    no-grad pass frees early."""
-    inputs, targets = next(iter(model_loss.batches))
-    counter = _OutputBytes()
-    with torch.no_grad(), model_loss.mode(), counter:
-        model_loss.batch_loss(model_loss.theta, inputs, targets)
-    return counter.bytes, len(targets)
-
-
-def _parameter_set_bytes(model_loss: ModelLoss) -> int:
-    return 2 * model_loss.num_params * (torch.finfo(model_loss.dtype).bits // 8)
-
-
-def bytes_per_point(model_loss: ModelLoss) -> int:
-    """Memory (bytes) one grid point costs: its parameter set plus every intermediate tensor of
-    one forward pass and loss on the first batch (an upper bound)."""
-    return _forward_bytes(model_loss)[0] + _parameter_set_bytes(model_loss)
-
-
-def default_memory_budget(device: torch.device) -> int:
-    """Bytes a chunk of grid points may use: half the free memory of a CUDA device, 256 MiB on
-    other devices."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
-    return _CPU_BUDGET
-
-
-def _check_budget(memory_budget: int | None, device: torch.device) -> int:
-    budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
-    if budget <= 0:
-        raise ValueError(f"memory_budget: must be a positive number of bytes (got {memory_budget!r})")
-    return budget
-
-
-def choose_chunk_size(model_loss: ModelLoss, num_points: int, memory_budget: int | None = None) -> int:
-    """How many grid points to evaluate in one vmapped pass under ``memory_budget`` bytes."""
-    budget = _check_budget(memory_budget, model_loss.device)
-    return int(max(1, min(num_points, budget // max(1, bytes_per_point(model_loss)))))
-
-
-def _cpu_plan(per_sample: float, batch: int, stackable: bool = False) -> tuple[int, int | None]:
-    """``(chunk, micro_batch)`` on a CPU: one point per pass (no vmap) and, when one forward
-    pass would produce more than :data:`WORKING_SET` bytes, pieces of at least
-    :data:`MIN_MICRO_BATCH` samples that stay under it. A ``stackable`` model (plain MLP, see
-    :meth:`_Network.outputs_stacked`) goes uncut, as many points per pass as fit in
-    :data:`STACK_BYTES` (at least one, at most :data:`MAX_STACK`): fewer, larger operations
-    (the small benchmark MLP spent most of a one-point pass in per-operation overhead), and
-    its intermediates live in buffers reused from pass to pass, so a whole batch no longer
-    faults its memory in at every point (40-512-512-10: uncut 1.17x loss-landscapes, pieces
-    of 2,000 samples 1.06x).
-
-    On CPUs a point's forward pass is already a set of matmuls that run near peak; stacking
-    points with vmap made them batched matmuls over larger intermediates, 2x slower for both
-    benchmark MLPs. For the large one (40-512-512-10, 4,000 samples, 33 MiB per pass), pieces
-    of 2,000 samples took 10.5 ms per point against 15 ms uncut, most of the difference page
-    faults (see ``benchmarks/bench_surface.py``).
-    """
-    per_sample = max(per_sample, 1.0)
-    if stackable:  # its intermediates live in reused buffers: no page faults to cut the batch for
-        return int(max(1, min(MAX_STACK, STACK_BYTES // (per_sample * batch)))), None
-    micro = int(max(MIN_MICRO_BATCH, WORKING_SET // per_sample))
-    return 1, (None if micro >= batch else micro)
+from .evaluation_plan import (  # noqa: F401  (MAX_STACK, ...: re-exported, part of this module's documented plan)
+    MAX_STACK,
+    MIN_MICRO_BATCH,
+    STACK_BYTES,
+    WORKING_SET,
+    _check_budget,
+    _cpu_plan,
+    _forward_bytes,
+    _parameter_set_bytes,
+    bytes_per_point,
+    choose_chunk_size,
+    default_memory_budget,
+)
 
 
 def _pieces(inputs: Any, targets: Tensor, size: int | None) -> list[tuple[Any, Tensor]]:
@@ -213,7 +131,9 @@ def sequential_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     layers = list(model.named_children())
     for _, layer in layers:
         hooked = layer._forward_hooks or layer._forward_pre_hooks
-        plain = type(layer) is nn.Linear or not (any(True for _ in layer.parameters()) or any(True for _ in layer.buffers()))
+        plain = type(layer) is nn.Linear or not (
+            any(True for _ in layer.parameters()) or any(True for _ in layer.buffers())
+        )
         if hooked or not plain or model._forward_hooks or model._forward_pre_hooks:
             return None
     return layers
@@ -277,7 +197,9 @@ class _Network:
             basis = torch.stack([F.linear(x, w, b) for w, b in self.first])
         return inputs, targets, basis.reshape(len(self.first), -1)
 
-    def outputs(self, params: dict[str, Tensor], coords: Tensor | None, piece: tuple[Any, Tensor, Tensor | None]) -> Tensor:
+    def outputs(
+        self, params: dict[str, Tensor], coords: Tensor | None, piece: tuple[Any, Tensor, Tensor | None]
+    ) -> Tensor:
         inputs, targets, basis = piece
         if self.layers is None or isinstance(inputs, tuple) and len(inputs) != 1:
             return self.ml.forward(params, inputs)
@@ -365,7 +287,18 @@ _IN_PLACE = {nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_, nn.Sigmoid: torch.sigmo
 # layers that return their input or a view of it (eval-mode dropout, flatten)
 _VIEWS = (nn.Flatten, nn.Dropout, nn.Identity)
 # layers that act on each number on its own (so on stacked points as on one)
-_ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Softplus, nn.Identity, nn.Dropout)
+_ELEMENTWISE = (
+    nn.ReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.LeakyReLU,
+    nn.Softplus,
+    nn.Identity,
+    nn.Dropout,
+)
 
 
 def _scores(loss_fn: LossFn, out: Tensor, targets: Tensor, fuse: bool = True) -> tuple[Tensor, Tensor]:
@@ -389,8 +322,12 @@ def _scores_stacked(loss_fn: LossFn, out: Tensor, targets: Tensor) -> tuple[Tens
 
 
 def _plan(
-    model_loss: ModelLoss, num: int, chunk_size: int | None, memory_budget: int | None,
-    micro_batch: int | str | None, stackable: bool = False,
+    model_loss: ModelLoss,
+    num: int,
+    chunk_size: int | None,
+    memory_budget: int | None,
+    micro_batch: int | str | None,
+    stackable: bool = False,
 ) -> tuple[int, int | None]:
     """``(points per pass, samples per piece or None)`` from the arguments (see
     :func:`loss_at_points`)."""
@@ -441,7 +378,9 @@ def _evaluate(
 
     batched = vmap(point, in_dims=(0, None, None))
 
-    def evaluate(start: int, params: dict[str, Tensor], pieces: list[tuple[Any, Tensor, Tensor | None]]) -> tuple[Tensor, Tensor]:
+    def evaluate(
+        start: int, params: dict[str, Tensor], pieces: list[tuple[Any, Tensor, Tensor | None]]
+    ) -> tuple[Tensor, Tensor]:
         """Sample-weighted ``(loss [G], accuracy [G])`` of a chunk over the pieces of one batch."""
         total_loss = total_acc = 0
         for piece in pieces:
@@ -527,7 +466,8 @@ def loss_at_points(
     memory_budget: int | None = None,
     micro_batch: int | str | None = "auto",
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Data-set loss and accuracy at ``theta + coords @ directions`` for many points.
+    (
+        """Data-set loss and accuracy at ``theta + coords @ directions`` for many points.
 
     One-point passes use the first-layer affine trick when the model allows it (see the
     module docstring).
@@ -535,15 +475,24 @@ def loss_at_points(
     Args:
         model_loss: the functional loss (its snapshot ``theta`` is the origin).
         directions: ``[k, P]`` flat directions (see :func:`landscape.directions.as_flat`).
-        coords: ``[N, k]`` coordinates of the points.""" + _EVALUATOR_ARGS
+        coords: ``[N, k]`` coordinates of the points."""
+        + _EVALUATOR_ARGS
+    )
     D = directions.to(model_loss.device, model_loss.dtype)
     C = torch.as_tensor(np.asarray(coords), dtype=model_loss.dtype).to(model_loss.device)
     if C.ndim != 2 or C.shape[1] != D.shape[0]:
         raise ValueError(f"coords: expected shape [N, {D.shape[0]}], got {tuple(C.shape)}")
     theta = model_loss.theta_flat()
     return _evaluate(
-        model_loss, C.shape[0], lambda start, stop: torch.addmm(theta, C[start:stop], D), C, D,
-        batches=batches, loss_fn=loss_fn, chunk_size=chunk_size, memory_budget=memory_budget,
+        model_loss,
+        C.shape[0],
+        lambda start, stop: torch.addmm(theta, C[start:stop], D),
+        C,
+        D,
+        batches=batches,
+        loss_fn=loss_fn,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
         micro_batch=micro_batch,
     )
 
@@ -558,17 +507,27 @@ def loss_at_parameters(
     memory_budget: int | None = None,
     micro_batch: int | str | None = "auto",
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Data-set loss and accuracy at the flat parameter sets ``points`` (``[N, P]`` rows in
+    (
+        """Data-set loss and accuracy at the flat parameter sets ``points`` (``[N, P]`` rows in
     ``model_loss.names`` order, e.g. random perturbations of ``theta``).
 
     Args:
         model_loss: the functional loss (its constants and mode are used).
-        points: ``[N, P]`` parameter sets.""" + _EVALUATOR_ARGS
+        points: ``[N, P]`` parameter sets."""
+        + _EVALUATOR_ARGS
+    )
     if points.ndim != 2 or points.shape[1] != model_loss.num_params:
         raise ValueError(f"points: expected shape [N, {model_loss.num_params}], got {tuple(points.shape)}")
     W = points.to(model_loss.device, model_loss.dtype)
     return _evaluate(
-        model_loss, W.shape[0], lambda start, stop: W[start:stop], None, None,
-        batches=batches, loss_fn=loss_fn, chunk_size=chunk_size, memory_budget=memory_budget,
+        model_loss,
+        W.shape[0],
+        lambda start, stop: W[start:stop],
+        None,
+        None,
+        batches=batches,
+        loss_fn=loss_fn,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
         micro_batch=micro_batch,
     )

@@ -30,12 +30,102 @@ from torch import Tensor, nn
 from torch.func import grad as func_grad
 from torch.func import jvp, vmap
 
-from ._functional import LossFn, ModelLoss, ParamSelector
+from ._functional import LossFn, ModelLoss, ParamSelector, model_device
 
 Backend = Literal["double_backward", "forward_over_reverse"]
 
 
-class HessianOperator(ModelLoss):
+class CurvatureOperator(ModelLoss):
+    """A symmetric ``[P, P]`` curvature matrix of the data-set loss, seen through products.
+
+    The common interface of :class:`HessianOperator` and the Gauss-Newton / Fisher operators
+    of :mod:`landscape.ggn`: every curvature function (``hessian_eigenvalues``,
+    ``hessian_trace``, ``hessian_spectrum``, ``lanczos``, ``estimate_trace``, ...) accepts any
+    of them. A subclass defines ``_block(rows)``, the ``[K, P] -> [K, P]`` product of ``K`` row
+    vectors over the whole data set; this class adds block splitting, product counting and
+    scipy / dense views. Takes every argument of :class:`~landscape._functional.ModelLoss`
+    plus ``block_size`` (the most vectors per block product, default 16) and ``vmap_blocks``
+    (push a block through one vmapped product; ``False``: one vector at a time).
+
+    Vectors are flat ``[P]`` tensors (or ``[P, K]`` blocks of ``K`` columns) in the order of
+    :attr:`names`, on :attr:`device` in :attr:`dtype`. ``op @ v`` is ``op.matvec(v)`` /
+    ``op.matmat(V)``. :attr:`n_hvp` counts single-vector products over the whole data set.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Any,
+        *,
+        params: ParamSelector = None,
+        dtype: torch.dtype | None = None,
+        train_mode: bool = False,
+        check_deterministic: bool = True,
+        block_size: int = 16,
+        vmap_blocks: bool = True,
+    ):
+        if block_size < 1:
+            raise ValueError(f"block_size: must be >= 1 (got {block_size})")
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            dtype=dtype,
+            train_mode=train_mode,
+            check_deterministic=check_deterministic,
+        )
+        self.block_size, self.vmap_blocks = block_size, bool(vmap_blocks)
+        self.n_hvp = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_params, self.num_params)
+
+    # --- products ----------------------------------------------------------------------------
+    def matvec(self, v: Tensor) -> Tensor:
+        """``A v`` for a flat ``[P]`` vector."""
+        return self.matmat(v.reshape(-1, 1)).reshape(-1)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """``A V`` for a ``[P, K]`` block of column vectors."""
+        if V.ndim != 2 or V.shape[0] != self.num_params:
+            raise ValueError(f"expected a [{self.num_params}, K] block, got shape {tuple(V.shape)}")
+        V = V.to(self.device, self.dtype)
+        step = self.block_size if self.vmap_blocks else 1
+        cols = [self._block(V[:, i : i + step].T) for i in range(0, V.shape[1], step)]
+        self.n_hvp += V.shape[1]
+        return torch.cat(cols, dim=0).T
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        return self.matvec(v) if v.ndim == 1 else self.matmat(v)
+
+    def _block(self, rows: Tensor) -> Tensor:
+        """``[K, P] -> [K, P]``: the data-set products of K row vectors."""
+        raise NotImplementedError
+
+    # --- interop -----------------------------------------------------------------------------
+    def to_scipy(self) -> LinearOperator:
+        """This operator as a float64 ``scipy.sparse.linalg.LinearOperator`` (numpy in and out)."""
+
+        def mm(x: np.ndarray) -> np.ndarray:
+            x = np.asarray(x)
+            one = x.ndim == 1
+            X = torch.as_tensor(x.reshape(self.num_params, -1), device=self.device).to(self.dtype)
+            out = self.matmat(X).to("cpu", torch.float64).numpy()
+            return out.reshape(-1) if one else out
+
+        return LinearOperator(self.shape, matvec=mm, matmat=mm, rmatvec=mm, rmatmat=mm, dtype=np.float64)
+
+    def dense(self) -> Tensor:
+        """The full ``[P, P]`` matrix, column by column (small models only: P products)."""
+        eye = torch.eye(self.num_params, device=self.device, dtype=self.dtype)
+        A = self.matmat(eye)
+        return (A + A.T) / 2
+
+
+class HessianOperator(CurvatureOperator):
     """``v -> H v`` for the data-set loss of ``model`` at its current weights.
 
     Takes every argument of :class:`~landscape._functional.ModelLoss` plus:
@@ -82,44 +172,23 @@ class HessianOperator(ModelLoss):
         graph_memory: int = 2**30,
     ):
         if backend not in ("double_backward", "forward_over_reverse"):
-            raise ValueError(
-                f"backend: must be 'double_backward' or 'forward_over_reverse' (got {backend!r})"
-            )
-        if block_size < 1:
-            raise ValueError(f"block_size: must be >= 1 (got {block_size})")
-        super().__init__(
-            model, loss_fn, data, params=params, dtype=dtype, train_mode=train_mode,
-            check_deterministic=check_deterministic,
-        )
-        self.backend, self.block_size = backend, block_size
+            raise ValueError(f"backend: must be 'double_backward' or 'forward_over_reverse' (got {backend!r})")
         if vmap_blocks is None:
-            vmap_blocks = backend == "forward_over_reverse" or self.device.type != "cpu"
-        self.vmap_blocks = bool(vmap_blocks)
-        self.n_hvp = 0
+            vmap_blocks = backend == "forward_over_reverse" or model_device(model).type != "cpu"
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            dtype=dtype,
+            train_mode=train_mode,
+            check_deterministic=check_deterministic,
+            block_size=block_size,
+            vmap_blocks=vmap_blocks,
+        )
+        self.backend = backend
         self._cache_graph, self._graph_memory = cache_graph, graph_memory
         self._graphs: list[tuple[int, list[Tensor], tuple[Tensor, ...]]] | None = None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.num_params, self.num_params)
-
-    # --- products ----------------------------------------------------------------------------
-    def matvec(self, v: Tensor) -> Tensor:
-        """``H v`` for a flat ``[P]`` vector."""
-        return self.matmat(v.reshape(-1, 1)).reshape(-1)
-
-    def matmat(self, V: Tensor) -> Tensor:
-        """``H V`` for a ``[P, K]`` block of column vectors."""
-        if V.ndim != 2 or V.shape[0] != self.num_params:
-            raise ValueError(f"expected a [{self.num_params}, K] block, got shape {tuple(V.shape)}")
-        V = V.to(self.device, self.dtype)
-        step = self.block_size if self.vmap_blocks else 1
-        cols = [self._block(V[:, i : i + step].T) for i in range(0, V.shape[1], step)]
-        self.n_hvp += V.shape[1]
-        return torch.cat(cols, dim=0).T
-
-    def __matmul__(self, v: Tensor) -> Tensor:
-        return self.matvec(v) if v.ndim == 1 else self.matmat(v)
 
     def _block(self, rows: Tensor) -> Tensor:
         """``[K, P] -> [K, P]``: the data-set HVP of K row vectors."""
@@ -140,9 +209,7 @@ class HessianOperator(ModelLoss):
             loss = self.batch_loss(dict(zip(self.names, leaves)), inputs, targets)
             return leaves, torch.autograd.grad(loss, leaves, create_graph=True)
 
-    def _second_backward(
-        self, leaves: list[Tensor], g: tuple[Tensor, ...], vs: list[Tensor], keep: bool
-    ) -> Tensor:
+    def _second_backward(self, leaves: list[Tensor], g: tuple[Tensor, ...], vs: list[Tensor], keep: bool) -> Tensor:
         """``[K, P]``: the products of one batch's Hessian with K vectors (``vs`` per parameter,
         ``[K, *shape]``) by differentiating its gradient graph; ``keep`` retains the graph."""
         with torch.enable_grad():
@@ -192,47 +259,32 @@ class HessianOperator(ModelLoss):
         """Flat ``[P]`` gradient of the data-set loss at the snapshot weights."""
         return self.weighted_sum(lambda x, y: self.flatten(self._graph(x, y)[1]).detach())
 
-    # --- interop -----------------------------------------------------------------------------
-    def to_scipy(self) -> LinearOperator:
-        """This operator as a float64 ``scipy.sparse.linalg.LinearOperator`` (numpy in and out)."""
-
-        def mm(x: np.ndarray) -> np.ndarray:
-            x = np.asarray(x)
-            one = x.ndim == 1
-            X = torch.as_tensor(x.reshape(self.num_params, -1), device=self.device).to(self.dtype)
-            out = self.matmat(X).to("cpu", torch.float64).numpy()
-            return out.reshape(-1) if one else out
-
-        return LinearOperator(self.shape, matvec=mm, matmat=mm, rmatvec=mm, rmatmat=mm, dtype=np.float64)
-
-    def dense(self) -> Tensor:
-        """The full ``[P, P]`` matrix, column by column (small models only: P HVPs)."""
-        eye = torch.eye(self.num_params, device=self.device, dtype=self.dtype)
-        H = self.matmat(eye)
-        return (H + H.T) / 2
-
 
 def as_hessian(
-    model: nn.Module | HessianOperator | None,
+    model: nn.Module | CurvatureOperator | None,
     loss_fn: LossFn | None = None,
     data: Any = None,
     *,
-    operator: HessianOperator | None = None,
+    operator: CurvatureOperator | None = None,
     params: ParamSelector = None,
     dtype: torch.dtype | None = None,
     train_mode: bool = False,
     backend: Backend | None = None,
-) -> HessianOperator:
+) -> CurvatureOperator:
     """The Hessian a curvature function works on: the operator given as first argument or as
     ``operator=``, else a new :class:`HessianOperator` of ``model`` on ``data``.
+
+    A given operator may be any :class:`CurvatureOperator` (a Gauss-Newton or Fisher operator
+    of :mod:`landscape.ggn` as well as a Hessian): ``hessian_eigenvalues(GGNOperator(...))``
+    gives the eigenvalues of the GGN.
 
     Every curvature function (``hessian_eigenvalues(H, k=3)``, ``hessian_trace(H)``, ...)
     takes either form; with an operator the construction arguments (``params``, ``dtype``,
     ``train_mode``, ``backend``) must stay at their defaults, since the operator fixed them.
     """
-    if isinstance(model, HessianOperator):
+    if isinstance(model, CurvatureOperator):
         if operator is not None and operator is not model:
-            raise ValueError("operator: two different HessianOperators given (first argument and operator=)")
+            raise ValueError("operator: two different operators given (first argument and operator=)")
         if loss_fn is not None or data is not None:
             raise TypeError(
                 "with a HessianOperator as first argument pass the other arguments by keyword "
@@ -240,8 +292,10 @@ def as_hessian(
             )
         operator = model
     if operator is not None:
-        if not isinstance(operator, HessianOperator):
-            raise TypeError(f"operator: expected a landscape.HessianOperator, got {type(operator).__name__}")
+        if not isinstance(operator, CurvatureOperator):
+            raise TypeError(
+                f"operator: expected a landscape.HessianOperator (or another CurvatureOperator), got {type(operator).__name__}"
+            )
         chosen = {"params": params, "dtype": dtype, "train_mode": train_mode or None, "backend": backend}
         clash = [name for name, value in chosen.items() if value is not None]
         if clash:
@@ -252,8 +306,15 @@ def as_hessian(
         return operator
     missing = [n for n, v in (("model", model), ("loss_fn", loss_fn), ("data", data)) if v is None]
     if missing:
-        raise ValueError(f"{', '.join(missing)}: required unless a HessianOperator is given (first argument or operator=)")
+        raise ValueError(
+            f"{', '.join(missing)}: required unless a HessianOperator is given (first argument or operator=)"
+        )
     return HessianOperator(
-        model, loss_fn, data, params=params, dtype=dtype, train_mode=train_mode,
+        model,
+        loss_fn,
+        data,
+        params=params,
+        dtype=dtype,
+        train_mode=train_mode,
         backend=backend or "double_backward",
     )

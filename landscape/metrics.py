@@ -1,8 +1,8 @@
 """One entry point for every landscape measure: ``measure(model, loss_fn, data, metrics=[...])``.
 
 Each measure is implemented once, in the module it belongs to (``eigen``, ``trace``,
-``curvature``, ``sharpness``, ``surface``, ...), and listed here by one line in :data:`METRICS`:
-its name, which way is sharper, and an :class:`Adapter` that calls it on a
+``curvature``, ``sharpness``, ``surface_measures``, ...), and listed here by one line in
+:data:`METRICS`: its name, which way is sharper, and an :class:`Adapter` that calls it on a
 :class:`MeasureContext`. Every :class:`Metric` declares the options it accepts
 (:attr:`Metric.options`, read off the signature of the function that receives them) and the
 keys it reports (:attr:`Metric.keys`), so :func:`check_request` rejects a misspelled option
@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import curvature, eigen, norms, sharpness, spectrum, surface, trace
+from . import curvature, eigen, generalization, ggn, norms, sharpness, spectrum, surface_measures, trace
 from ._functional import LossFn, ModelLoss, ParamSelector
 from .hvp import HessianOperator
 
@@ -60,6 +60,17 @@ class MeasureContext:
     params: ParamSelector = None
     dtype: torch.dtype | None = None
     artifacts: dict[str, Any] = field(default_factory=dict)
+    shared: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def pacbayes_sigma(self, magnitude_aware: bool, **options: Any) -> sharpness.FlatnessResult:
+        """The :func:`landscape.pacbayes_flatness` result for this noise kind and options, searched
+        once per context: ``pacbayes_flatness`` and the PAC-Bayes bounds derived from the same
+        sigma share one bisection."""
+        key = ("pacbayes_sigma", bool(magnitude_aware), repr(sorted(options.items())))
+        if key not in self.shared:
+            adapter = Adapter(sharpness.pacbayes_flatness, {"magnitude_aware": bool(magnitude_aware)})
+            self.shared[key] = adapter(self, **options).result
+        return self.shared[key]
 
     @cached_property
     def hessian(self) -> HessianOperator:
@@ -129,8 +140,13 @@ class Adapter:
     def __call__(self, ctx: MeasureContext, **options: Any) -> Reading:
         accepted = set(keyword_parameters(self.target) or ())
         context = {
-            "model": ctx.model, "loss_fn": ctx.loss_fn, "data": ctx.data, "init_state": ctx.init_state,
-            "params": ctx.params, "dtype": ctx.dtype, "seed": ctx.seed,
+            "model": ctx.model,
+            "loss_fn": ctx.loss_fn,
+            "data": ctx.data,
+            "init_state": ctx.init_state,
+            "params": ctx.params,
+            "dtype": ctx.dtype,
+            "seed": ctx.seed,
         }
         if accepted & {"operator", "model_loss"} and not BUILD_OPTIONS & set(options):
             # the shared operator / loss already holds the parameter selection and dtype
@@ -162,6 +178,8 @@ class Metric:
             ``**options`` and none are declared (then any name passes).
         fixed: settings the metric fixes (an Adapter's ``fixed``); naming one as an option is
             an error that points to the other variant.
+        unit: the unit of the value (e.g. ``"loss/param^2"``, ``"log"``), for tables.
+        reference: where the definition comes from (paper, equation), for tables.
     """
 
     name: str
@@ -172,6 +190,8 @@ class Metric:
     keys: tuple[str, ...] = ()
     options: tuple[str, ...] | None = None
     fixed: Mapping[str, Any] = field(default_factory=dict)
+    unit: str = ""
+    reference: str = ""
 
     def __post_init__(self) -> None:
         if self.larger_is not in ("sharper", "flatter", "neither"):
@@ -179,7 +199,7 @@ class Metric:
         set_ = partial(object.__setattr__, self)
         set_("keys", tuple(self.keys) or (self.name,))
         if isinstance(self.fn, Adapter):
-            set_("fixed", dict(self.fn.fixed))
+            set_("fixed", {**self.fn.fixed, **self.fixed})
             if self.options is None:
                 set_("options", self.fn.options)
         elif self.options is None:
@@ -205,42 +225,100 @@ def _identity(value: Any) -> Any:
     return value
 
 
-_S = sharpness
+def _layer_norm(field_name: str, factor: float = 1.0) -> Adapter:
+    """``factor`` times one field of :func:`landscape.generalization.layer_norms` (the weight
+    norms with batch norm folded, as Jiang et al.'s measures are computed)."""
+    return Adapter(generalization.layer_norms, read=lambda r: factor * getattr(r, field_name), artifact=False)
+
+
+def _value(target: Callable[..., Any], fixed: Mapping[str, Any] | None = None) -> Adapter:
+    """A library function that returns the reported float itself (nothing kept as artifact)."""
+    return Adapter(target, dict(fixed or {}), read=_identity, artifact=False)
+
+
+_PACBAYES_OPTIONS = Adapter(sharpness.pacbayes_flatness, {"magnitude_aware": True}).options
+
+
+def _pacbayes_flatness(magnitude_aware: bool) -> Callable[..., Any]:
+    """``1/sigma'^2`` through :meth:`MeasureContext.pacbayes_sigma` (one search per context)."""
+
+    def pacbayes_flatness(ctx: MeasureContext, **options: Any) -> Any:
+        return ctx.pacbayes_sigma(magnitude_aware, **options)
+
+    return pacbayes_flatness
+
+
+def _pacbayes_bound(magnitude_aware: bool, which: str) -> Callable[..., Any]:
+    """One of :func:`landscape.generalization.pacbayes_bounds` from the context's sigma."""
+
+    def pacbayes_bound(ctx: MeasureContext, **options: Any) -> Reading:
+        flat = ctx.pacbayes_sigma(magnitude_aware, **options)
+        bounds = generalization.pacbayes_bounds(
+            flat, ctx.model, ctx.init_state, params=options.get("params", ctx.params)
+        )
+        return Reading(getattr(bounds, which), bounds)
+
+    return pacbayes_bound
+
+
+_S, _G = sharpness, generalization
+_PLAIN, _MAG = {"magnitude_aware": False}, {"magnitude_aware": True}
+_JIANG = "Jiang et al. 2020"
 _top_eig = Adapter(eigen.hessian_eigenvalues, {"k": 1, "which": "largest"}, _eigenvalue)
 _min_eig = Adapter(eigen.hessian_eigenvalues, {"k": 1, "which": "smallest"}, _eigenvalue)
 
 # The list of measures: one line each. Keep names stable: they are MLflow metric keys.
+# One line per metric: the registry reads as a table.
+# fmt: off
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in [
-        Metric("hessian_top_eig", "sharper", _top_eig, "largest Hessian eigenvalue lambda_max"),
-        Metric("hessian_min_eig", "neither", _min_eig, "smallest Hessian eigenvalue (negative near saddles)"),
-        Metric("hessian_trace", "sharper", Adapter(trace.hessian_trace), "Hessian trace (Hutch++)"),
+        Metric("hessian_top_eig", "sharper", _top_eig, "largest Hessian eigenvalue lambda_max", unit="loss/param^2", reference="Lanczos 1950; Yao et al. 2020 (PyHessian)"),
+        Metric("hessian_min_eig", "neither", _min_eig, "smallest Hessian eigenvalue (negative near saddles)", unit="loss/param^2", reference="Lanczos 1950"),
+        Metric("hessian_trace", "sharper", Adapter(trace.hessian_trace), "Hessian trace (Hutch++)", unit="loss/param^2", reference="Meyer et al. 2021 (Hutch++)"),
         Metric("hessian_spectrum", "sharper", Adapter(spectrum.hessian_spectrum, read=_spectrum_trace),
-               "SLQ spectral density; scalar: its trace", keys=("hessian_spectrum_trace",)),
-        Metric("keskar_sharpness", "sharper", Adapter(_S.keskar_sharpness), "Keskar eps-sharpness (%), box eps(|w|+1), L-BFGS-B"),
-        Metric("sharpness_worst", "sharper", Adapter(_S.worst_case_sharpness, {"adaptive": False}), "worst-case l2 m-sharpness, c=1"),
-        Metric("adaptive_sharpness_worst", "sharper", Adapter(_S.worst_case_sharpness, {"adaptive": True}), "worst-case adaptive m-sharpness, c=|w|"),
-        Metric("sharpness_avg", "sharper", Adapter(_S.average_sharpness, {"adaptive": False}), "average-case Gaussian m-sharpness, c=1"),
-        Metric("adaptive_sharpness_avg", "sharper", Adapter(_S.average_sharpness, {"adaptive": True}), "average-case adaptive m-sharpness, c=|w|"),
-        Metric("pacbayes_flatness", "sharper", Adapter(_S.pacbayes_flatness, {"magnitude_aware": False}), "Jiang 1/sigma'^2, plain Gaussian noise"),
-        Metric("pacbayes_mag_flatness", "sharper", Adapter(_S.pacbayes_flatness, {"magnitude_aware": True}), "Jiang 1/sigma'^2, magnitude-aware noise"),
-        Metric("sharpness_flatness", "sharper", Adapter(_S.sharpness_flatness, {"magnitude_aware": False}), "Jiang 1/alpha'^2, plain box"),
-        Metric("sharpness_mag_flatness", "sharper", Adapter(_S.sharpness_flatness, {"magnitude_aware": True}), "Jiang 1/alpha'^2, magnitude-aware box"),
-        Metric("filter_curvature", "sharper", Adapter(curvature.filter_curvature), "mean d^T H d, filter-normalized Gaussian d"),
-        Metric("adaptive_trace", "sharper", Adapter(curvature.adaptive_trace), "tr(|w| H |w|) (Hutch++)"),
-        Metric("surface_1d_curvature", "sharper", Adapter(surface.curvature_1d), "quadratic-fit curvature of filter-normalized 1D surfaces"),
-        Metric("surface_2d_curvature", "sharper", Adapter(surface.curvature_2d), "largest eigenvalue of the quadratic fit to a filter-normalized 2D surface"),
-        Metric("surface_2d", "sharper", Adapter(surface.curvature_2d, defaults={"steps": 51, "span": 1.0}), "Li et al. 51 x 51 filter-normalized surface on [-1, 1]^2; scalar: top eigenvalue of its quadratic fit"),
-        Metric("flatness_radius", "flatter", Adapter(surface.flatness_radius), "step (filter-normalized) at which the loss rises by delta"),
-        Metric("param_count", "neither", Adapter(norms.param_count, read=_identity, artifact=False), "number of parameters"),
-        Metric("frobenius_norm_sum", "neither", _norm("frobenius_sum"), "sum over layers of ||W||_F"),
-        Metric("frobenius_norm_prod", "neither", _norm("frobenius_prod"), "product over layers of ||W||_F"),
-        Metric("spectral_norm_sum", "neither", _norm("spectral_sum"), "sum over layers of ||W||_2"),
-        Metric("spectral_norm_prod", "neither", _norm("spectral_prod"), "product over layers of ||W||_2"),
-        Metric("dist_from_init", "neither", Adapter(norms.distance_from_init, read=_identity, artifact=False), "||w - w0||_2", needs=("init_state",)),
+               "SLQ spectral density; scalar: its trace", keys=("hessian_spectrum_trace",), unit="loss/param^2", reference="Lin et al. 2016; Ghorbani et al. 2019"),
+        Metric("keskar_sharpness", "sharper", Adapter(_S.keskar_sharpness), "Keskar eps-sharpness (%), box eps(|w|+1), L-BFGS-B", unit="%", reference="Keskar et al. 2017"),
+        Metric("sharpness_worst", "sharper", Adapter(_S.worst_case_sharpness, {"adaptive": False}), "worst-case l2 m-sharpness, c=1", unit="loss", reference="Andriushchenko et al. 2023"),
+        Metric("adaptive_sharpness_worst", "sharper", Adapter(_S.worst_case_sharpness, {"adaptive": True}), "worst-case adaptive m-sharpness, c=|w|", unit="loss", reference="Andriushchenko et al. 2023; Kwon et al. 2021"),
+        Metric("sharpness_avg", "sharper", Adapter(_S.average_sharpness, {"adaptive": False}), "average-case Gaussian m-sharpness, c=1", unit="loss", reference="Andriushchenko et al. 2023"),
+        Metric("adaptive_sharpness_avg", "sharper", Adapter(_S.average_sharpness, {"adaptive": True}), "average-case adaptive m-sharpness, c=|w|", unit="loss", reference="Andriushchenko et al. 2023"),
+        Metric("pacbayes_flatness", "sharper", _pacbayes_flatness(False), "Jiang 1/sigma'^2, plain Gaussian noise", options=_PACBAYES_OPTIONS, fixed=_PLAIN, unit="1/param^2", reference=f"{_JIANG} eq. 53"),
+        Metric("pacbayes_mag_flatness", "sharper", _pacbayes_flatness(True), "Jiang 1/sigma'^2, magnitude-aware noise", options=_PACBAYES_OPTIONS, fixed=_MAG, unit="1", reference=f"{_JIANG} eq. 61"),
+        Metric("pacbayes_init", "sharper", _pacbayes_bound(False, "init"), "PAC-Bayes bound ||w-w0||^2/(4 sigma^2) + log(m/sigma) + 10 (weights only), sigma of pacbayes_flatness", needs=("init_state",), options=_PACBAYES_OPTIONS, fixed=_PLAIN, unit="1", reference=f"{_JIANG} eq. 48"),
+        Metric("pacbayes_orig", "sharper", _pacbayes_bound(False, "orig"), "PAC-Bayes bound ||w||^2/(4 sigma^2) + log(m/sigma) + 10 (weights only), sigma of pacbayes_flatness", options=_PACBAYES_OPTIONS, fixed=_PLAIN, unit="1", reference=f"{_JIANG} eq. 49"),
+        Metric("pacbayes_mag_init", "sharper", _pacbayes_bound(True, "init"), "magnitude-aware PAC-Bayes bound from w - w0, sigma' of pacbayes_mag_flatness", needs=("init_state",), options=_PACBAYES_OPTIONS, fixed=_MAG, unit="1", reference=f"{_JIANG} eq. 56"),
+        Metric("pacbayes_mag_orig", "sharper", _pacbayes_bound(True, "orig"), "magnitude-aware PAC-Bayes bound from w (denominator from w - w0), sigma' of pacbayes_mag_flatness", needs=("init_state",), options=_PACBAYES_OPTIONS, fixed=_MAG, unit="1", reference=f"{_JIANG} eq. 57"),
+        Metric("sharpness_flatness", "sharper", Adapter(_S.sharpness_flatness, {"magnitude_aware": False}), "Jiang 1/alpha'^2, plain box", unit="1/param^2", reference="Jiang et al. 2020"),
+        Metric("sharpness_mag_flatness", "sharper", Adapter(_S.sharpness_flatness, {"magnitude_aware": True}), "Jiang 1/alpha'^2, magnitude-aware box", unit="1", reference="Jiang et al. 2020"),
+        Metric("filter_curvature", "sharper", Adapter(curvature.filter_curvature), "mean d^T H d, filter-normalized Gaussian d", unit="loss", reference="Li et al. 2018"),
+        Metric("adaptive_trace", "sharper", Adapter(curvature.adaptive_trace), "tr(|w| H |w|) (Hutch++)", unit="loss", reference="Kwon et al. 2021"),
+        Metric("surface_1d_curvature", "sharper", Adapter(surface_measures.curvature_1d), "quadratic-fit curvature of filter-normalized 1D surfaces", unit="loss", reference="Li et al. 2018"),
+        Metric("surface_2d_curvature", "sharper", Adapter(surface_measures.curvature_2d), "largest eigenvalue of the quadratic fit to a filter-normalized 2D surface", unit="loss", reference="Li et al. 2018"),
+        Metric("surface_2d", "sharper", Adapter(surface_measures.curvature_2d, defaults={"steps": 51, "span": 1.0}), "Li et al. 51 x 51 filter-normalized surface on [-1, 1]^2; scalar: top eigenvalue of its quadratic fit", unit="loss", reference="Li et al. 2018"),
+        Metric("flatness_radius", "flatter", Adapter(surface_measures.flatness_radius), "step (filter-normalized) at which the loss rises by delta", unit="1 (filter-normalized step)", reference="Li et al. 2018"),
+        Metric("param_count", "neither", Adapter(norms.param_count, read=_identity, artifact=False), "number of parameters", unit="count", reference="Jiang et al. 2020 eq. 20"),
+        Metric("frobenius_norm_sum", "neither", _norm("frobenius_sum"), "sum over layers of ||W||_F", unit="param", reference="Jiang et al. 2020"),
+        Metric("frobenius_norm_prod", "neither", _norm("frobenius_prod"), "product over layers of ||W||_F", unit="param^depth", reference="Jiang et al. 2020"),
+        Metric("spectral_norm_sum", "neither", _norm("spectral_sum"), "sum over layers of ||W||_2", unit="param", reference="Jiang et al. 2020"),
+        Metric("spectral_norm_prod", "neither", _norm("spectral_prod"), "product over layers of ||W||_2", unit="param^depth", reference="Jiang et al. 2020"),
+        Metric("dist_from_init", "neither", Adapter(norms.distance_from_init, read=_identity, artifact=False), "||w - w0||_2", needs=("init_state",), unit="param", reference="Jiang et al. 2020; Nagarajan & Kolter 2019"),
+        Metric("param_norm", "neither", _layer_norm("frobenius_sq_sum"), "sum over layers of ||W||_F^2 (batch norm folded)", unit="param^2", reference=f"{_JIANG} eq. 42"),
+        Metric("fro_over_spec", "neither", _layer_norm("fro_over_spec"), "sum over layers of ||W||_F^2 / ||W||_2^2 (batch norm folded)", unit="1", reference=f"{_JIANG} eq. 33"),
+        Metric("log_prod_of_spec", "neither", _layer_norm("log_spectral_prod", 2.0), "sum over layers of log ||W||_2^2 (batch norm folded)", unit="log", reference=f"{_JIANG} eq. 32"),
+        Metric("log_prod_of_fro", "neither", _layer_norm("log_frobenius_prod", 2.0), "sum over layers of log ||W||_F^2 (batch norm folded)", unit="log", reference=f"{_JIANG} eq. 37"),
+        Metric("fro_dist_from_init", "neither", Adapter(generalization.layer_distances, read=attrgetter("frobenius_sq_sum"), artifact=False), "sum over layers of ||W - W0||_F^2 (batch norm folded)", needs=("init_state",), unit="param^2", reference=f"{_JIANG} eq. 40"),
+        Metric("spec_dist_from_init", "neither", Adapter(generalization.layer_distances, read=attrgetter("spectral_sq_sum"), artifact=False), "sum over layers of ||W - W0||_2^2 (batch norm folded)", needs=("init_state",), unit="param^2", reference=f"{_JIANG} eq. 41"),
+        Metric("inverse_margin", "neither", _value(_G.inverse_margin), "1/gamma^2, gamma = abs(10th-percentile output margin)", unit="1/logit^2", reference=f"{_JIANG} eq. 22"),
+        Metric("log_prod_of_spec_over_margin", "neither", _value(_G.margin_normalized, {"norm": "spectral"}), "sum over layers of log ||W||_2^2 - 2 log gamma", unit="log", reference=f"{_JIANG} eq. 31; Bartlett et al. 2017"),
+        Metric("log_prod_of_fro_over_margin", "neither", _value(_G.margin_normalized, {"norm": "frobenius"}), "sum over layers of log ||W||_F^2 - 2 log gamma", unit="log", reference=f"{_JIANG} eq. 36; Neyshabur et al. 2015"),
+        Metric("path_norm", "neither", _value(_G.path_norm), "batch norm folded, all parameters squared, network on an all-ones input, outputs summed", unit="param^2", reference=f"{_JIANG} eq. 44; Neyshabur et al. 2015"),
+        Metric("path_norm_over_margin", "neither", _value(_G.path_norm_over_margin), "path_norm / gamma^2", unit="param^2/logit^2", reference=f"{_JIANG} eq. 43"),
+        Metric("fisher_rao_norm", "neither", _value(_G.fisher_rao_norm), "mean over samples of <w, grad_w loss_i>^2 (empirical Fisher-Rao norm, squared)", unit="loss^2", reference="Liang et al. 2019"),
+        Metric("ggn_top_eig", "sharper", Adapter(ggn.ggn_eigenvalues, {"k": 1}, _eigenvalue), "largest eigenvalue of the generalized Gauss-Newton matrix (the Fisher for cross-entropy)", unit="loss/param^2", reference="Martens 2020; Schraudolph 2002"),
     ]
 }
+# fmt: on
 
 
 def register_metric(metric: Metric, *, overwrite: bool = False) -> Metric:
@@ -321,9 +399,7 @@ def measure(
     return out
 
 
-def check_request(
-    metrics: Iterable[str], options: Mapping[str, Mapping[str, Any]] | None = None
-) -> list[str]:
+def check_request(metrics: Iterable[str], options: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
     """Check metric names and options as :func:`measure` does, without computing anything
     (e.g. when a sweep config is loaded); return the metric list. Raises the same errors."""
     metrics = _check_metrics(metrics)
@@ -356,7 +432,9 @@ def _check_options(options: Mapping[str, Mapping[str, Any]] | None, metrics: lis
         metric = METRICS[name]
         clash = sorted(set(metric.fixed) & set(opts))
         if clash:
-            raise ValueError(f"options[{name!r}]: {clash} fixed by this metric ({dict(metric.fixed)}); use the other variant")
+            raise ValueError(
+                f"options[{name!r}]: {clash} fixed by this metric ({dict(metric.fixed)}); use the other variant"
+            )
         if metric.options is None:
             continue
         bad = sorted(set(opts) - set(metric.options))

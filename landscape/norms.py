@@ -34,7 +34,12 @@ class NormResult:
         log_frobenius_prod / log_spectral_prod: ``sum_l log ||W_l||`` (the log of the products,
             finite where the product would overflow; Jiang et al. use the log of the product of
             *squared* norms, twice these).
+        frobenius_sq_sum: ``sum_l ||W_l||_F^2``, Jiang et al. 2020 eq. (42) "param_norm".
+        fro_over_spec: ``sum_l ||W_l||_F^2 / ||W_l||_2^2``, eq. (33) (a sum of stable ranks).
         frobenius / spectral: per-layer norms ``{name: float}``.
+
+    Jiang et al.'s log products of *squared* norms, eqs. (32) and (37), are
+    ``2 * log_spectral_prod`` and ``2 * log_frobenius_prod``.
     """
 
     param_count: int
@@ -45,6 +50,8 @@ class NormResult:
     spectral_prod: float
     log_frobenius_prod: float
     log_spectral_prod: float
+    frobenius_sq_sum: float
+    fro_over_spec: float
     frobenius: dict[str, float]
     spectral: dict[str, float]
 
@@ -74,9 +81,7 @@ def weight_norms(model: nn.Module, *, params: ParamSelector = None) -> NormResul
         ValueError: if the selection holds no layer.
     """
     selected = _selected(model, params)
-    layers = {
-        n: t.to(torch.float64).reshape(t.shape[0], -1) for n, t in selected.items() if t.ndim >= 2
-    }
+    layers = {n: t.to(torch.float64).reshape(t.shape[0], -1) for n, t in selected.items() if t.ndim >= 2}
     if not layers:
         raise ValueError(
             "params: the selected parameters contain no layer (tensor with >= 2 dimensions); "
@@ -94,6 +99,8 @@ def weight_norms(model: nn.Module, *, params: ParamSelector = None) -> NormResul
         spectral_prod=math.exp(log_spec) if log_spec < 709 else math.inf,
         log_frobenius_prod=log_fro,
         log_spectral_prod=log_spec,
+        frobenius_sq_sum=sum(v**2 for v in frobenius.values()),
+        fro_over_spec=sum(frobenius[n] ** 2 / spectral[n] ** 2 for n in layers),
         frobenius=frobenius,
         spectral=spectral,
     )
@@ -108,6 +115,17 @@ def distance_from_init(
         init_state: the initial weights, e.g. ``copy.deepcopy(model.state_dict())`` taken
             before training; it must hold every selected parameter under the same name.
     """
+    total = torch.zeros((), dtype=torch.float64)
+    for _, diff in _differences(model, init_state, params):
+        total = total + diff.pow(2).sum().cpu()
+    return float(total.sqrt())
+
+
+def _differences(
+    model: nn.Module, init_state: Mapping[str, Tensor] | None, params: ParamSelector
+) -> list[tuple[str, Tensor]]:
+    """``[(name, w - w0)]`` in float64 for the selected parameters, with the checks of
+    :func:`distance_from_init`."""
     if init_state is None:
         raise ValueError(
             "init_state: distance from initialization needs the initial weights; pass "
@@ -120,14 +138,39 @@ def distance_from_init(
             f"init_state: has no entry for parameters {missing}; pass the model's full "
             "state_dict saved at initialization"
         )
-    total = torch.zeros((), dtype=torch.float64)
+    out = []
     for name, w in selected.items():
         w0 = init_state[name]
         if tuple(w0.shape) != tuple(w.shape):
-            raise ValueError(
-                f"init_state: {name!r} has shape {tuple(w0.shape)} but the parameter has "
-                f"{tuple(w.shape)}"
-            )
-        diff = w.to(torch.float64) - w0.detach().to(w.device, torch.float64)
-        total = total + diff.pow(2).sum().cpu()
-    return float(total.sqrt())
+            raise ValueError(f"init_state: {name!r} has shape {tuple(w0.shape)} but the parameter has {tuple(w.shape)}")
+        out.append((name, w.to(torch.float64) - w0.detach().to(w.device, torch.float64)))
+    return out
+
+
+@dataclass
+class InitDistances:
+    """Layer-wise distances from initialization (Jiang et al. 2020), over the layers
+    (selected parameters with ``ndim >= 2``, reshaped to ``[out, -1]``).
+
+    Attributes:
+        frobenius_sq_sum: ``sum_l ||W_l - W0_l||_F^2``, eq. (40) (squared weight units).
+        spectral_sq_sum: ``sum_l ||W_l - W0_l||_2^2``, eq. (41) (squared weight units).
+    """
+
+    frobenius_sq_sum: float
+    spectral_sq_sum: float
+
+
+def init_distances(
+    model: nn.Module, init_state: Mapping[str, Tensor] | None, *, params: ParamSelector = None
+) -> InitDistances:
+    """Frobenius and spectral distances of every layer from its initial value, squared and summed
+    (Jiang et al. 2020 eqs. 40, 41; biases and normalization scales are not layers). ``init_state``
+    as in :func:`distance_from_init`."""
+    layers = [(n, d.reshape(d.shape[0], -1)) for n, d in _differences(model, init_state, params) if d.ndim >= 2]
+    if not layers:
+        raise ValueError("params: the selected parameters contain no layer (tensor with >= 2 dimensions)")
+    return InitDistances(
+        frobenius_sq_sum=sum(float(torch.linalg.matrix_norm(d, ord="fro")) ** 2 for _, d in layers),
+        spectral_sq_sum=sum(float(torch.linalg.matrix_norm(d, ord=2)) ** 2 for _, d in layers),
+    )

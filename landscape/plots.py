@@ -17,7 +17,8 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, NullLocator
 
-from .surface import Interpolation, Surface1D, Surface2D
+from .interpolation import Interpolation
+from .surface import Surface1D, Surface2D
 
 __all__ = [
     "plot_surface_2d",
@@ -78,9 +79,7 @@ def _direction_labels(ax: Axes, surface: Surface2D) -> None:
     ax.set_ylabel(rf"$\beta$ along {kind}$d_2$")
 
 
-def _contour(
-    ax: Axes, surface: Surface2D, quantity: str, levels: int, filled: bool, log_scale: bool
-) -> Any:
+def _contour(ax: Axes, surface: Surface2D, quantity: str, levels: int, filled: bool, log_scale: bool) -> Any:
     """Draw (filled) contours of ``surface`` on ``ax``; return the mappable for a colorbar."""
     values = _grid_values(surface, quantity)
     lv, norm = _levels(values, levels, log_scale and quantity == "loss")
@@ -89,8 +88,17 @@ def _contour(
     mappable = None
     if filled:
         mappable = ax.contourf(A, B, values, levels=lv, norm=norm, cmap=_CMAP)
-    lines = ax.contour(A, B, values, levels=lv, norm=norm, colors="k" if filled else None,
-                       cmap=None if filled else _CMAP, linewidths=0.5, alpha=0.6 if filled else 1.0)
+    lines = ax.contour(
+        A,
+        B,
+        values,
+        levels=lv,
+        norm=norm,
+        colors="k" if filled else None,
+        cmap=None if filled else _CMAP,
+        linewidths=0.5,
+        alpha=0.6 if filled else 1.0,
+    )
     ax.plot([0.0], [0.0], marker="*", color="tab:red", markersize=12, linestyle="none", label="model")
     ax.set_aspect("auto")
     return mappable if mappable is not None else lines
@@ -156,7 +164,9 @@ def _curves(surfaces: Any) -> list[Surface1D | Interpolation]:
     items = list(surfaces) if isinstance(surfaces, Sequence) else [surfaces]
     bad = [type(s).__name__ for s in items if not isinstance(s, (Surface1D, Interpolation))]
     if not items or bad:
-        raise TypeError(f"surfaces: expected Surface1D/Interpolation objects (or a list of them), got {bad or 'nothing'}")
+        raise TypeError(
+            f"surfaces: expected Surface1D/Interpolation objects (or a list of them), got {bad or 'nothing'}"
+        )
     return items
 
 
@@ -292,8 +302,16 @@ def plot_trajectory(
     if surface is not None:
         mappable = _contour(ax, surface, "loss", levels, True, log_scale)
         _colorbar(fig, ax, mappable, "loss")
-    ax.plot(coords[:, 0], coords[:, 1], "-o", color="white" if surface is not None else "C0",
-            markeredgecolor="k", markersize=4, linewidth=1.5, label="trajectory")
+    ax.plot(
+        coords[:, 0],
+        coords[:, 1],
+        "-o",
+        color="white" if surface is not None else "C0",
+        markeredgecolor="k",
+        markersize=4,
+        linewidth=1.5,
+        label="trajectory",
+    )
     ax.plot(coords[:1, 0], coords[:1, 1], "s", color="tab:orange", markeredgecolor="k", label="start")
     ratio = np.asarray(pca.explained_variance_ratio, dtype=np.float64)
     ax.set_xlabel(f"PC 1 ({100 * ratio[0]:.1f}% of variance)")

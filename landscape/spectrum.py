@@ -73,9 +73,7 @@ class SpectrumResult:
         )
 
 
-def broadened_density(
-    nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma: float
-) -> np.ndarray:
+def broadened_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
     """``(1/runs) sum_rj weights_rj N(grid; nodes_rj, sigma^2)``; NaN nodes (padding) ignored."""
     used = ~np.isnan(nodes)
     centers, masses = nodes[used], weights[used] / nodes.shape[0]
@@ -190,6 +188,12 @@ def hessian_spectrum(
         model, loss_fn, data, operator=operator, params=params, dtype=dtype, train_mode=train_mode, backend=backend
     )
     return spectral_density(
-        hessian, num_runs=num_runs, num_steps=num_steps, sigma=sigma, relative_sigma=relative_sigma,
-        grid_size=grid_size, parallel_runs=parallel_runs, seed=seed,
+        hessian,
+        num_runs=num_runs,
+        num_steps=num_steps,
+        sigma=sigma,
+        relative_sigma=relative_sigma,
+        grid_size=grid_size,
+        parallel_runs=parallel_runs,
+        seed=seed,
     )

@@ -1,5 +1,7 @@
-"""Loss surfaces: 1D and 2D slices of the loss around a model, interpolation between two models,
-and the scalars read off them (quadratic-fit curvature, flatness radius).
+"""Loss surfaces: 1D and 2D slices of the loss around a model, and the scalars read off them
+(quadratic-fit curvature, flatness radius; computed in :mod:`landscape.surface_fit`).
+Interpolation between two models is in :mod:`landscape.interpolation`, the surface scalars as
+measures of a model in :mod:`landscape.surface_measures`.
 
 A surface evaluates the data-set loss (and accuracy, for classifiers) at the points
 
@@ -18,17 +20,16 @@ Index order: ``loss[i]`` is at ``alphas[i] d``; ``loss[i, j]`` is at ``alphas[i]
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ._functional import LossFn, ModelLoss, ParamSelector
+from .directions import Direction, Normalization, OneDMode, as_flat, random_directions
 from .evaluate import (  # noqa: F401 (the evaluator's names, importable from here as before)
     MIN_MICRO_BATCH,
     WORKING_SET,
@@ -37,138 +38,20 @@ from .evaluate import (  # noqa: F401 (the evaluator's names, importable from he
     default_memory_budget,
     loss_at_points,
 )
-from .directions import (
-    Direction,
-    ModelOrState,
-    Normalization,
-    OneDMode,
-    _matching,
-    _state_of,
-    as_flat,
-    direction_to,
-    random_directions,
+from .grid import _pair, centered_grid
+from .surface_fit import (
+    CURVATURE_WINDOW,
+    FLATNESS_DELTA,
+    QuadraticFit,
+    _check_delta,
+    _rays_of_axis,
+    quadratic_fit,
+    ray_crossing,
 )
 
-DirectionLike = Union[Mapping[str, Tensor], Tensor]
-
-#: Default half-width of the quadratic-fit window, in grid coordinates (|alpha|, |beta|).
-CURVATURE_WINDOW = 0.2
-#: Default loss rise (in loss units, e.g. nats) that defines the flatness radius.
-FLATNESS_DELTA = 0.1
-_BOUNDARY_TOL = 1e-9
+DirectionLike = Mapping[str, Tensor] | Tensor
 
 
-# --- grids -------------------------------------------------------------------------------------
-def centered_grid(span: float, steps: int, argument: str = "span") -> np.ndarray:
-    """``steps`` evenly spaced coordinates on ``[-span, span]``; with odd ``steps`` the middle
-    one is exactly 0 (so the middle grid point is the model itself)."""
-    if int(steps) != steps or steps < 2:
-        raise ValueError(f"steps: must be an integer >= 2 (got {steps!r})")
-    if not (isinstance(span, numbers.Real) and math.isfinite(span) and span > 0):
-        raise ValueError(f"{argument}: must be a positive finite number (got {span!r})")
-    half = (int(steps) - 1) / 2
-    return float(span) * (np.arange(int(steps)) - half) / half
-
-
-def _pair(value: Any, argument: str) -> tuple[Any, Any]:
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{argument}: give one value or a pair (alpha, beta), got {value!r}")
-        return value[0], value[1]
-    return value, value
-
-
-# --- scalars read off a surface ----------------------------------------------------------------
-@dataclass
-class QuadraticFit:
-    """Least-squares quadratic ``L(x) ~ value + gradient . x + 1/2 x^T hessian x`` around the
-    center of a surface, ``x`` in grid coordinates.
-
-    Attributes:
-        value: fitted loss at the center.
-        gradient: ``[k]`` fitted slope (loss per unit coordinate).
-        hessian: ``[k, k]`` fitted second derivatives (loss per unit coordinate squared).
-        eigenvalues: ``[k]`` eigenvalues of ``hessian``, ascending.
-        window: half-width of the window the fit used (``|x_i| <= window`` for every i).
-        num_points: grid points inside the window.
-    """
-
-    value: float
-    gradient: np.ndarray
-    hessian: np.ndarray
-    eigenvalues: np.ndarray
-    window: float
-    num_points: int
-
-
-def quadratic_fit(coords: np.ndarray, values: np.ndarray, window: float = CURVATURE_WINDOW) -> QuadraticFit:
-    """Fit a full quadratic in ``k`` variables to the points with ``max_i |coords_i| <= window``.
-
-    Args:
-        coords: ``[N, k]`` grid coordinates; values: ``[N]`` losses there.
-        window: half-width of the (square) window around the origin, in coordinate units.
-    """
-    coords = np.asarray(coords, dtype=np.float64)
-    values = np.asarray(values, dtype=np.float64).reshape(-1)
-    if not (isinstance(window, numbers.Real) and window > 0):
-        raise ValueError(f"window: must be a positive number (got {window!r})")
-    k = coords.shape[1]
-    inside = np.all(np.abs(coords) <= window + _BOUNDARY_TOL, axis=1) & np.isfinite(values)
-    pairs = [(i, j) for i in range(k) for j in range(i, k)]
-    needed = 1 + k + len(pairs)
-    x = coords[inside]
-    # columns: 1, x_i, and x_i x_j (x_i^2 / 2 on the diagonal) so coefficients are Hessian entries
-    design = np.column_stack(
-        [np.ones(len(x)), x] + [x[:, i] * x[:, j] * (0.5 if i == j else 1.0) for i, j in pairs]
-    )
-    if len(x) < needed or np.linalg.matrix_rank(design) < needed:
-        raise ValueError(
-            f"window: {window} holds {len(x)} grid points, too few to determine a quadratic in {k} "
-            f"variables (at least 3 per axis are needed). Increase window or steps."
-        )
-    coef, *_ = np.linalg.lstsq(design, values[inside], rcond=None)
-    hessian = np.zeros((k, k))
-    for (i, j), c in zip(pairs, coef[1 + k :]):
-        hessian[i, j] = hessian[j, i] = c
-    return QuadraticFit(
-        value=float(coef[0]),
-        gradient=coef[1 : 1 + k],
-        hessian=hessian,
-        eigenvalues=np.linalg.eigvalsh(hessian),
-        window=float(window),
-        num_points=int(len(x)),
-    )
-
-
-def ray_crossing(distances: np.ndarray, values: np.ndarray, center: float, delta: float) -> float:
-    """Distance along a ray at which the loss first reaches ``center + delta``.
-
-    ``distances`` (increasing, > 0) and ``values`` are the grid points on the ray; the ray starts
-    at distance 0 with loss ``center``. Linear interpolation between the two points around the
-    crossing; ``inf`` if the loss stays below ``center + delta`` on every point of the ray.
-    """
-    level = center + delta
-    prev_d, prev_v = 0.0, center
-    for d, v in zip(distances, values):
-        if v >= level:
-            return float(prev_d + (level - prev_v) / (v - prev_v) * (d - prev_d))
-        prev_d, prev_v = d, v
-    return math.inf
-
-
-def _check_delta(delta: float) -> None:
-    if not (isinstance(delta, numbers.Real) and delta > 0):
-        raise ValueError(f"delta: must be a positive loss increase (got {delta!r})")
-
-
-def _rays_of_axis(coords: np.ndarray, values: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The two rays (positive and negative side) of one grid axis through the origin."""
-    pos, neg = coords > 0, coords < 0
-    order = np.argsort(np.abs(coords[neg]))
-    return [(coords[pos], values[pos]), (-coords[neg][order], values[neg][order])]
-
-
-# --- results -----------------------------------------------------------------------------------
 @dataclass
 class Surface1D:
     """Loss (and accuracy) along one direction: ``loss[i]`` at ``theta + alphas[i] d``.
@@ -267,59 +150,21 @@ class Surface2D:
         _check_delta(delta)
         i0, j0 = np.flatnonzero(self.alphas == 0), np.flatnonzero(self.betas == 0)
         if len(i0) == 0 or len(j0) == 0:
-            raise ValueError(
-                "flatness_radius: the grid has no axis through the center; use an odd number of steps"
-            )
+            raise ValueError("flatness_radius: the grid has no axis through the center; use an odd number of steps")
         rays = _rays_of_axis(self.alphas, self.loss[:, j0[0]]) + _rays_of_axis(self.betas, self.loss[i0[0], :])
         return np.array([ray_crossing(d, v, self.center_loss, delta) for d, v in rays])
 
 
-@dataclass
-class Interpolation:
-    """Loss (and accuracy) on the line ``theta_a + t (theta_b - theta_a)``.
-
-    Attributes:
-        alphas: ``[steps]`` values of ``t`` (0 is model_a, 1 is model_b).
-        loss, accuracy: ``[steps]`` (accuracy ``None`` for non-classification losses).
-        loss_a, loss_b, accuracy_a, accuracy_b: the end points, evaluated directly.
-        direction: ``theta_b - theta_a`` over the varied parameters.
-    """
-
-    alphas: np.ndarray
-    loss: np.ndarray
-    accuracy: np.ndarray | None
-    loss_a: float
-    loss_b: float
-    accuracy_a: float | None
-    accuracy_b: float | None
-    direction: Direction
-
-    def _segment(self) -> tuple[np.ndarray, np.ndarray]:
-        on = (self.alphas >= -_BOUNDARY_TOL) & (self.alphas <= 1 + _BOUNDARY_TOL)
-        t = np.concatenate([[0.0], self.alphas[on], [1.0]])
-        v = np.concatenate([[self.loss_a], self.loss[on], [self.loss_b]])
-        return t, v
-
-    @property
-    def barrier(self) -> float:
-        """``max_{t in [0, 1]} L(t) - (L(0) + L(1)) / 2`` over the grid points of the segment and
-        the two end points (>= 0; 0 means no barrier that the grid can see)."""
-        _, v = self._segment()
-        return float(v.max() - (self.loss_a + self.loss_b) / 2)
-
-    @property
-    def barrier_linear(self) -> float:
-        """``max_{t in [0, 1]} L(t) - ((1 - t) L(0) + t L(1))``: the height above the chord
-        (the definition of Frankle et al. 2020, differs from :attr:`barrier` when the end
-        losses differ)."""
-        t, v = self._segment()
-        return float(np.max(v - ((1 - t) * self.loss_a + t * self.loss_b)))
-
-
 # --- public entry points -----------------------------------------------------------------------
 def _model_loss(
-    model: nn.Module, loss_fn: LossFn, data: Any, given: Sequence[DirectionLike] | None,
-    params: ParamSelector, dtype: torch.dtype | None, train_mode: bool, prebuilt: ModelLoss | None = None,
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    given: Sequence[DirectionLike] | None,
+    params: ParamSelector,
+    dtype: torch.dtype | None,
+    train_mode: bool,
+    prebuilt: ModelLoss | None = None,
 ) -> ModelLoss:
     """The functional loss over the parameters the surface varies: ``prebuilt`` if given, else
     over those the given directions name (in the model's order), else over ``params``."""
@@ -341,13 +186,23 @@ def _as_dicts(block: Tensor, model_loss: ModelLoss) -> list[Direction]:
 
 
 def _directions(
-    model: nn.Module, model_loss: ModelLoss, given: Sequence[DirectionLike] | None, count: int,
-    normalization: Normalization, seed: int, one_d: OneDMode,
+    model: nn.Module,
+    model_loss: ModelLoss,
+    given: Sequence[DirectionLike] | None,
+    count: int,
+    normalization: Normalization,
+    seed: int,
+    one_d: OneDMode,
 ) -> tuple[Tensor, list[Direction]]:
     if given is None:
         dicts = random_directions(
-            model, count, seed=seed, normalization=normalization, one_d=one_d,
-            params=model_loss.names, dtype=model_loss.dtype,
+            model,
+            count,
+            seed=seed,
+            normalization=normalization,
+            one_d=one_d,
+            params=model_loss.names,
+            dtype=model_loss.dtype,
         )
         return as_flat(dicts, model_loss), dicts
     if len(given) != count:
@@ -411,8 +266,13 @@ def surface_1d(
     )
     center_loss, center_acc = ml.evaluate()
     return Surface1D(
-        alphas=alphas, loss=loss, accuracy=acc, directions=dicts, center_loss=center_loss,
-        center_accuracy=center_acc, normalization=normalization if given is None else None,
+        alphas=alphas,
+        loss=loss,
+        accuracy=acc,
+        directions=dicts,
+        center_loss=center_loss,
+        center_accuracy=center_acc,
+        normalization=normalization if given is None else None,
         seed=seed if given is None else None,
     )
 
@@ -455,155 +315,23 @@ def surface_2d(
     alphas, betas = centered_grid(span_a, steps_a), centered_grid(span_b, steps_b)
     a, b = np.meshgrid(alphas, betas, indexing="ij")
     loss, acc = loss_at_points(
-        ml, block, np.column_stack([a.reshape(-1), b.reshape(-1)]),
-        chunk_size=chunk_size, memory_budget=memory_budget, micro_batch=micro_batch,
+        ml,
+        block,
+        np.column_stack([a.reshape(-1), b.reshape(-1)]),
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        micro_batch=micro_batch,
     )
     shape = (len(alphas), len(betas))
     center_loss, center_acc = ml.evaluate()
     return Surface2D(
-        alphas=alphas, betas=betas, loss=loss.reshape(shape),
-        accuracy=None if acc is None else acc.reshape(shape), directions=dicts,
-        center_loss=center_loss, center_accuracy=center_acc,
+        alphas=alphas,
+        betas=betas,
+        loss=loss.reshape(shape),
+        accuracy=None if acc is None else acc.reshape(shape),
+        directions=dicts,
+        center_loss=center_loss,
+        center_accuracy=center_acc,
         normalization=normalization if directions is None else None,
         seed=seed if directions is None else None,
     )
-
-
-def interpolate(
-    model_a: nn.Module,
-    model_b: ModelOrState,
-    loss_fn: LossFn,
-    data: Any,
-    steps: int = 41,
-    span: tuple[float, float] = (-0.5, 1.5),
-    *,
-    params: ParamSelector = None,
-    dtype: torch.dtype | None = None,
-    train_mode: bool = False,
-    chunk_size: int | None = None,
-    memory_budget: int | None = None,
-    micro_batch: int | str | None = "auto",
-) -> Interpolation:
-    """Loss along the line through two models, ``theta_a + t (theta_b - theta_a)``, ``t`` in
-    ``span`` (default ``[-0.5, 1.5]``, Goodfellow et al. 2015 / Li et al. 2018).
-
-    ``model_b`` is a model of the same architecture or its state dict; only the varied
-    parameters are interpolated: everything else (buffers such as batch-norm statistics,
-    fixed parameters) is taken from ``model_a``. With the default 41 steps the grid has spacing
-    0.05 and holds ``t = 0`` and ``t = 1``. See :class:`Interpolation` for the barrier.
-    """
-    lo, hi = _pair(span, "span")
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ValueError(f"span: must be a pair (start, stop) with start < stop (got {span!r})")
-    if int(steps) != steps or steps < 2:
-        raise ValueError(f"steps: must be an integer >= 2 (got {steps!r})")
-    ml = ModelLoss(model_a, loss_fn, data, params=params, dtype=dtype, train_mode=train_mode)
-    delta = direction_to(model_a, model_b, params=ml.names, dtype=ml.dtype)
-    block = as_flat([delta], ml)
-    alphas = np.linspace(lo, hi, int(steps))
-    loss, acc = loss_at_points(
-        ml, block, alphas[:, None], chunk_size=chunk_size, memory_budget=memory_budget, micro_batch=micro_batch
-    )
-    loss_a, acc_a = ml.evaluate()
-    loss_b, acc_b = ml.evaluate(_matching(_state_of(model_b, "model_b"), ml.theta, "model_b"))
-    return Interpolation(
-        alphas=alphas, loss=loss, accuracy=acc, loss_a=loss_a, loss_b=loss_b,
-        accuracy_a=acc_a, accuracy_b=acc_b, direction=delta,
-    )
-
-
-# --- surface scalars as measures (listed in landscape.metrics) ---------------------------------
-@dataclass
-class SurfaceMeasure:
-    """A scalar read off surfaces, with what it came from.
-
-    Attributes:
-        value: the measure (mean over directions, or the largest eigenvalue for 2D curvature).
-        per_direction: ``[k]`` the value of each direction (eigenvalues, ascending, for 2D).
-        surfaces: the :class:`Surface1D` / :class:`Surface2D` objects used.
-    """
-
-    value: float
-    per_direction: np.ndarray
-    surfaces: list
-
-
-def _surfaces_1d(
-    model: nn.Module, loss_fn: LossFn, data: Any, num_directions: int, steps: int, span: float,
-    normalization: Normalization, seed: int, one_d: OneDMode, params: ParamSelector,
-    dtype: torch.dtype | None, model_loss: ModelLoss | None, chunk_size: int | None,
-    memory_budget: int | None,
-) -> list[Surface1D]:
-    """``num_directions`` 1D surfaces along the seeded directions 0..k-1 (the first two are
-    :func:`surface_2d`'s ``d1, d2``), evaluated in one pass over the data."""
-    if int(num_directions) != num_directions or num_directions < 1:
-        raise ValueError(f"num_directions: must be a positive integer (got {num_directions!r})")
-    ml = _model_loss(model, loss_fn, data, None, params, dtype, False, model_loss)
-    block, dicts = _directions(model, ml, None, int(num_directions), normalization, seed, one_d)
-    alphas = centered_grid(span, steps)
-    k, s = len(dicts), len(alphas)
-    coords = np.zeros((k * s, k))
-    for i in range(k):  # rows i*s .. (i+1)*s - 1 move along direction i only
-        coords[i * s : (i + 1) * s, i] = alphas
-    loss, acc = loss_at_points(ml, block, coords, chunk_size=chunk_size, memory_budget=memory_budget)
-    center_loss, center_acc = ml.evaluate()
-    return [
-        Surface1D(
-            alphas=alphas, loss=loss[i * s : (i + 1) * s],
-            accuracy=None if acc is None else acc[i * s : (i + 1) * s], directions=[dicts[i]],
-            center_loss=center_loss, center_accuracy=center_acc, normalization=normalization, seed=seed,
-        )
-        for i in range(k)
-    ]
-
-
-def curvature_1d(
-    model: nn.Module, loss_fn: LossFn, data: Any, *, num_directions: int = 2, steps: int = 21,
-    span: float = 0.4, window: float = CURVATURE_WINDOW, normalization: Normalization = "filter",
-    seed: int = 0, one_d: OneDMode = "zero", params: ParamSelector = None,
-    dtype: torch.dtype | None = None, model_loss: ModelLoss | None = None,
-    chunk_size: int | None = None, memory_budget: int | None = None,
-) -> SurfaceMeasure:
-    """Mean over ``num_directions`` seeded, filter-normalized directions of the quadratic-fit
-    curvature ``d^2 L / d alpha^2`` over ``|alpha| <= window`` (default 0.2; grid: 21 points on
-    ``[-0.4, 0.4]``). Scale-invariant; loss units per squared relative step."""
-    surfaces = _surfaces_1d(model, loss_fn, data, num_directions, steps, span, normalization, seed, one_d,
-                            params, dtype, model_loss, chunk_size, memory_budget)
-    per = np.array([s.curvature(window) for s in surfaces])
-    return SurfaceMeasure(value=float(per.mean()), per_direction=per, surfaces=surfaces)
-
-
-def flatness_radius(
-    model: nn.Module, loss_fn: LossFn, data: Any, *, delta: float = FLATNESS_DELTA,
-    num_directions: int = 2, steps: int = 41, span: float = 1.0,
-    normalization: Normalization = "filter", seed: int = 0, one_d: OneDMode = "zero",
-    params: ParamSelector = None, dtype: torch.dtype | None = None,
-    model_loss: ModelLoss | None = None, chunk_size: int | None = None,
-    memory_budget: int | None = None,
-) -> SurfaceMeasure:
-    """Mean over ``num_directions`` filter-normalized directions (both signs of each) of the
-    distance at which the loss first rises ``delta`` (default 0.1) above the model's loss, in
-    units of the relative step alpha; ``inf`` when some ray never rises that much within
-    ``span`` (grid: 41 points on ``[-1, 1]``). Larger is flatter."""
-    _check_delta(delta)
-    surfaces = _surfaces_1d(model, loss_fn, data, num_directions, steps, span, normalization, seed, one_d,
-                            params, dtype, model_loss, chunk_size, memory_budget)
-    per = np.array([s.flatness_radius(delta) for s in surfaces])
-    return SurfaceMeasure(value=float(per.mean()), per_direction=per, surfaces=surfaces)
-
-
-def curvature_2d(
-    model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int = 21, span: float = 0.4,
-    window: float = CURVATURE_WINDOW, normalization: Normalization = "filter", seed: int = 0,
-    one_d: OneDMode = "zero", params: ParamSelector = None, dtype: torch.dtype | None = None,
-    model_loss: ModelLoss | None = None, chunk_size: int | None = None,
-    memory_budget: int | None = None,
-) -> SurfaceMeasure:
-    """Largest eigenvalue of the 2 x 2 Hessian fitted to a filter-normalized 2D surface over
-    ``|alpha|, |beta| <= window`` (default 0.2; grid 21 x 21 on ``[-0.4, 0.4]^2``);
-    ``per_direction`` holds both eigenvalues, ascending."""
-    surface = surface_2d(model, loss_fn, data, steps=steps, span=span, normalization=normalization, seed=seed,
-                         one_d=one_d, params=params, dtype=dtype, model_loss=model_loss,
-                         chunk_size=chunk_size, memory_budget=memory_budget)
-    eig = surface.curvature(window).eigenvalues
-    return SurfaceMeasure(value=float(eig[-1]), per_direction=eig, surfaces=[surface])

@@ -193,6 +193,11 @@ def hessian_trace(
         model, loss_fn, data, operator=operator, params=params, dtype=dtype, train_mode=train_mode, backend=backend
     )
     return estimate_trace(
-        hessian, method=method, rtol=rtol, max_products=max_hvp, sketch_size=sketch_size,
-        block_size=block_size, seed=seed,
+        hessian,
+        method=method,
+        rtol=rtol,
+        max_products=max_hvp,
+        sketch_size=sketch_size,
+        block_size=block_size,
+        seed=seed,
     )

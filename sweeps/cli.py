@@ -10,13 +10,16 @@ its options. Subcommands appear in the order they are defined.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, check_name
+from .errors import UsageError
 
 #: How long ``sweeps submit`` waits for a freshly started head's job agent (seconds).
 SUBMIT_AGENT_WAIT_SECONDS = 60
@@ -27,12 +30,12 @@ EXIT_CODES = {
     EXIT_OK: "success (run/resume: the sweep finished and at least one trial produced the objective)",
     EXIT_ERROR: "an unexpected error (a traceback is printed)",
     EXIT_USAGE: "bad input or an unreachable service: invalid config, flag or name, a store that cannot be "
-                "reached, or a sweep held by another live driver; nothing was run or written",
+    "reached, or a sweep held by another live driver; nothing was run or written",
     EXIT_NO_OBJECTIVE: "run/resume: the sweep finished but no trial produced the objective (all failed or diverged)",
     EXIT_LEASE_LOST: "run/resume: another driver took over this sweep while this one was paused; it stopped "
-                     "without writing",
+    "without writing",
     EXIT_INTERRUPTED: "run/resume: interrupted (Ctrl-C / SIGTERM); running trials were recorded interrupted and "
-                      "`sweeps resume NAME` continues",
+    "`sweeps resume NAME` continues",
 }
 
 
@@ -61,7 +64,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``CONFIG`` and repeatable ``--set dotted.key=value`` (shared by config-taking commands)."""
     parser.add_argument("config", metavar="CONFIG.yaml", help="sweep config file")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config field, value parsed as YAML (repeatable), e.g. --set train.lr=0.1",
     )
 
@@ -73,12 +80,27 @@ def _trial_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action="store_true", help="print training progress to stderr")
 
 
-@command("trial", help="run one trial here (no Ray, no MLflow) and print its result as JSON", arguments=_trial_arguments)
+def _check_out_dir(out: str | None) -> None:
+    """Refuse (``UsageError``) an ``--out DIR`` holding a symbolic link that leads out of it: the
+    command writes its files into DIR by fixed names, and a write must not land elsewhere."""
+    if out:
+        from pathlib import Path
+
+        from .connections import check_inside
+
+        folder = Path(out)
+        check_inside(folder, sorted(folder.iterdir()) if folder.is_dir() else [], "--out")
+
+
+@command(
+    "trial", help="run one trial here (no Ray, no MLflow) and print its result as JSON", arguments=_trial_arguments
+)
 def cmd_trial(args: argparse.Namespace) -> int:
     from .config import load_config
     from .trial import run_trial
 
     config = load_config(args.config, args.overrides)
+    _check_out_dir(args.out)
 
     def progress(metrics: dict[str, float], step: int) -> None:
         print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), file=sys.stderr)
@@ -100,14 +122,26 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-log", dest="log", action="store_false", help="do not log to the MLflow parent run")
 
 
-@command("report", help="which flatness measure predicts generalization: table, plots, HTML, MLflow", arguments=_report_arguments)
+@command(
+    "report",
+    help="which flatness measure predicts generalization: table, plots, HTML, MLflow",
+    arguments=_report_arguments,
+)
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import print_table, report_sweep
 
     try:
+        check_name(args.name, "NAME")
+        _check_out_dir(args.out)
         report = report_sweep(
-            args.name, args.tracking_uri, args.out, log=args.log, results_dir=args.results_dir,
-            target=args.target, measures=args.measures, n_boot=args.n_boot,
+            args.name,
+            args.tracking_uri,
+            args.out,
+            log=args.log,
+            results_dir=args.results_dir,
+            target=args.target,
+            measures=args.measures,
+            n_boot=args.n_boot,
         )
     except (LookupError, ValueError) as err:
         print(f"sweeps report: {err}", file=sys.stderr)
@@ -120,25 +154,50 @@ def cmd_report(args: argparse.Namespace) -> int:
 # --- sweep service: run, resume, submit, results, status, list (sweeps.runner / results) -----
 def _store_arguments(parser: argparse.ArgumentParser) -> None:
     """Where a sweep lives (see sweeps.connections for the flag > environment > default rule)."""
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (env SWEEPS_TRACKING_URI / MLFLOW_TRACKING_URI; "
-                        "default sqlite:///<results dir>/mlflow.db)")
-    parser.add_argument("--storage", help="Optuna storage URL or journal file (env SWEEPS_STORAGE; "
-                        "default sqlite:///<results dir>/optuna.db)")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (env SWEEPS_TRACKING_URI / MLFLOW_TRACKING_URI; "
+        "default sqlite:///<results dir>/mlflow.db)",
+    )
+    parser.add_argument(
+        "--storage",
+        help="Optuna storage URL or journal file (env SWEEPS_STORAGE; default sqlite:///<results dir>/optuna.db)",
+    )
     parser.add_argument("--results-dir", help="results directory (env SWEEPS_RESULTS_DIR; default ./sweeps-results)")
 
 
 def _launch_arguments(parser: argparse.ArgumentParser) -> None:
     _store_arguments(parser)
-    parser.add_argument("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:10001 (env RAY_ADDRESS; "
-                        "default: start a local Ray sized to this machine)")
-    parser.add_argument("--max-concurrent", type=int, metavar="K", help="trials in flight (default: resources.max_concurrent, "
-                        "else as many as the cluster fits)")
-    parser.add_argument("--max-retries", type=int, default=2, help="re-runs of a trial whose worker/node died (default 2)")
-    parser.add_argument("--prune", action="store_true", help="stop unpromising trials early (not for grids; see the sweep guide, docs/guide/sweeps.md)")
-    parser.add_argument("--quiet", action="store_true", help="plain log lines instead of the live view (always so "
-                        "when stderr is not a terminal)")
-    parser.add_argument("--no-report", dest="report", action="store_false",
-                        help="skip the analysis report at the end of the sweep (run `sweeps report NAME` later)")
+    parser.add_argument(
+        "--address",
+        help="Ray cluster: auto, HOST:PORT or ray://HOST:10001 (env RAY_ADDRESS; "
+        "default: start a local Ray sized to this machine)",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        metavar="K",
+        help="trials in flight (default: resources.max_concurrent, else as many as the cluster fits)",
+    )
+    parser.add_argument(
+        "--max-retries", type=int, default=2, help="re-runs of a trial whose worker/node died (default 2)"
+    )
+    parser.add_argument(
+        "--prune",
+        action="store_true",
+        help="stop unpromising trials early (not for grids; see the sweep guide, docs/guide/sweeps.md)",
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="plain log lines instead of the live view (always so when stderr is not a terminal)",
+    )
+    parser.add_argument(
+        "--no-report",
+        dest="report",
+        action="store_false",
+        help="skip the analysis report at the end of the sweep (run `sweeps report NAME` later)",
+    )
 
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,7 +212,10 @@ def _store_flags(args: argparse.Namespace) -> str:
 
     from .connections import redact
 
-    given = [(f"--{flag.replace('_', '-')}", getattr(args, flag, None)) for flag in ("results_dir", "storage", "tracking_uri")]
+    given = [
+        (f"--{flag.replace('_', '-')}", getattr(args, flag, None))
+        for flag in ("results_dir", "storage", "tracking_uri")
+    ]
     return "".join(f" {flag} {shlex.quote(redact(str(value)))}" for flag, value in given if value is not None)
 
 
@@ -165,15 +227,24 @@ def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
 
     prog = f"sweeps {args.command}"
     options = dict(
-        address=args.address, tracking_uri=args.tracking_uri, storage=args.storage, results_dir=args.results_dir,
-        max_concurrent=args.max_concurrent, quiet=args.quiet, max_retries=args.max_retries, prune=args.prune,
+        address=args.address,
+        tracking_uri=args.tracking_uri,
+        storage=args.storage,
+        results_dir=args.results_dir,
+        max_concurrent=args.max_concurrent,
+        quiet=args.quiet,
+        max_retries=args.max_retries,
+        prune=args.prune,
         report=args.report,
     )
     try:
         summary = run(**options)
     except SweepInterrupted as stop:
-        print(f"{prog}: interrupted; running trials were marked interrupted. Continue with "
-              f"`sweeps resume {stop.summary.name}{_store_flags(args)}`", file=sys.stderr)
+        print(
+            f"{prog}: interrupted; running trials were marked interrupted. Continue with "
+            f"`sweeps resume {stop.summary.name}{_store_flags(args)}`",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     except LeaseLostError as err:
         print(f"{prog}: {redact(str(err))}", file=sys.stderr)
@@ -186,29 +257,86 @@ def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
         print(f"{prog}: {redact(str(err))}", file=sys.stderr)
         return EXIT_USAGE
     flags = _store_flags(args)
-    print(f"sweep {summary.name}: {summary.finished}/{summary.budget} trials finished "
-          f"({', '.join(f'{k}={v}' for k, v in sorted(summary.counts.items()))}); "
-          f"results: sweeps results {summary.name}{flags}")
+    hint = _mlflow_hint(summary)
+    if hint:
+        print(hint, file=sys.stderr)
+    print(
+        f"sweep {summary.name}: {summary.finished}/{summary.budget} trials finished "
+        f"({', '.join(f'{k}={v}' for k, v in sorted(summary.counts.items()))}); "
+        f"results: sweeps results {summary.name}{flags}"
+    )
     if summary.complete == 0:
-        print(f"{prog}: no trial of sweep {summary.name} produced the objective; see the failures with "
-              f"`sweeps results {summary.name}{flags} --all` and each run's traceback.txt in MLflow", file=sys.stderr)
+        print(
+            f"{prog}: no trial of sweep {summary.name} produced the objective; see the failures with "
+            f"`sweeps results {summary.name}{flags} --all` and each run's traceback.txt in MLflow",
+            file=sys.stderr,
+        )
         return EXIT_NO_OBJECTIVE
     return EXIT_OK
 
 
-@command("run", help="run a sweep (Ray workers, Optuna search, MLflow tracking); continues a sweep of the same config",
-         arguments=_run_arguments)
-def cmd_run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _mlflow_hint(summary: Any) -> str:
+    """Where to look at the sweep in the MLflow UI (its runs table and parent run), or ``""``."""
+    from .tracking import ui_hint
 
-    from .config import load_config
+    try:
+        return ui_hint(summary.connections.tracking_uri, summary.parent_run_id)
+    except Exception:  # a link is a courtesy: the sweep's outcome is printed regardless
+        return ""
+
+
+@command(
+    "run",
+    help="run a sweep (Ray workers, Optuna search, MLflow tracking); continues a sweep of the same config",
+    arguments=_run_arguments,
+)
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config, read_config_text
     from .runner import run_sweep
 
     config = load_config(args.config, args.overrides)
-    text = Path(args.config).read_text()
+    text = read_config_text(args.config)
     if args.overrides:
         text += "".join(f"\n# --set {o}" for o in args.overrides)
     return _sweep(args, lambda **kw: run_sweep(config, name=args.name, config_yaml=text, **kw))
+
+
+def _check_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--name", help="sweep name (default: the config's name)")
+    _store_arguments(parser)
+    parser.add_argument("--address", help="Ray cluster the run would use (env RAY_ADDRESS; default: a local Ray)")
+    parser.add_argument("--max-concurrent", type=int, metavar="K", help="trials in flight (as for `sweeps run`)")
+
+
+@command(
+    "check",
+    help="check a config as `sweeps run` would (fields, stores, paths, dataset, model) and print "
+    "what it would run; runs and writes nothing",
+    arguments=_check_arguments,
+)
+def cmd_check(args: argparse.Namespace) -> int:
+    from .connections import redact
+    from .plan import check_sweep
+
+    try:
+        plan = check_sweep(
+            args.config,
+            args.overrides,
+            name=args.name,
+            results_dir=args.results_dir,
+            tracking_uri=args.tracking_uri,
+            storage=args.storage,
+            address=args.address,
+            max_concurrent=args.max_concurrent,
+        )
+    except ConfigError:
+        raise  # main(): "invalid config", exit 2
+    except (ConnectionError, ValueError, LookupError) as err:  # a store, a taken name, a path
+        print(f"sweeps check: {redact(str(err))}", file=sys.stderr)
+        return EXIT_USAGE
+    print("\n".join(plan.lines()))
+    return EXIT_OK
 
 
 def _resume_arguments(parser: argparse.ArgumentParser) -> None:
@@ -216,11 +344,15 @@ def _resume_arguments(parser: argparse.ArgumentParser) -> None:
     _launch_arguments(parser)
 
 
-@command("resume", help="continue an interrupted sweep: finished trials are kept, interrupted ones re-run",
-         arguments=_resume_arguments)
+@command(
+    "resume",
+    help="continue an interrupted sweep: finished trials are kept, interrupted ones re-run",
+    arguments=_resume_arguments,
+)
 def cmd_resume(args: argparse.Namespace) -> int:
     from .runner import resume_sweep
 
+    check_name(args.name, "NAME")
     return _sweep(args, lambda **kw: resume_sweep(args.name, **kw))
 
 
@@ -228,16 +360,22 @@ def _submit_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--address", required=True, help="Ray Jobs address of the head node, http://HEAD:8265")
     parser.add_argument("--name", help="sweep name (default: the config's name)")
-    parser.add_argument("--working-dir", default=".", help="folder packaged for the job; must contain CONFIG (default .)")
+    parser.add_argument(
+        "--working-dir", default=".", help="folder packaged for the job; must contain CONFIG (default .)"
+    )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI as seen from the cluster (an HTTP server)")
     parser.add_argument("--storage", help="Optuna storage URL as seen from the cluster (e.g. postgresql://...)")
     parser.add_argument("--results-dir", help="results directory on the head node")
     parser.add_argument("--max-concurrent", type=int, metavar="K", help="trials in flight")
 
 
-@command("submit", help="submit `sweeps run` to a Ray cluster as a Ray Job and print how to follow it",
-         arguments=_submit_arguments)
+@command(
+    "submit",
+    help="submit `sweeps run` to a Ray cluster as a Ray Job and print how to follow it",
+    arguments=_submit_arguments,
+)
 def cmd_submit(args: argparse.Namespace) -> int:
+    import os
     import shlex
     from pathlib import Path
 
@@ -247,88 +385,153 @@ def cmd_submit(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)  # fail here, not on the cluster
     root, path = Path(args.working_dir).resolve(), Path(args.config).resolve()
     if not path.is_relative_to(root):
-        print(f"sweeps submit: CONFIG {args.config} is outside --working-dir {root}; move it there or pass "
-              "--working-dir", file=sys.stderr)
+        print(
+            f"sweeps submit: CONFIG {args.config} is outside --working-dir {root}; move it there or pass --working-dir",
+            file=sys.stderr,
+        )
         return 2
-    entrypoint = ["python", "-m", "sweeps.cli", "run", str(path.relative_to(root)), "--quiet", "--address", "auto"]
-    entrypoint += [f"--set={o}" for o in args.overrides]
-    for flag in ("name", "tracking_uri", "storage", "results_dir", "max_concurrent"):
-        value = getattr(args, flag)
-        if value is not None:
-            entrypoint += [f"--{flag.replace('_', '-')}", str(value)]
-    if args.tracking_uri is None:
-        print("sweeps submit: warning: no --tracking-uri; the job records MLflow runs under the head node's "
-              "results directory", file=sys.stderr)
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    runtime_env = {
-        "working_dir": str(root),
-        "excludes": [".git", "**/__pycache__", "sweeps-results", "*.db", "mlartifacts", "mlruns", ".venv"],
-    }
-    import os
+    from .connections import job_locations
 
-    from ray.exceptions import AuthenticationError
+    state: dict[str, Any] = {"headers": None, "mode": ""}  # mode: what the follow-up `ray job` commands need
 
-    def submit(headers: dict[str, str] | None = None) -> str:
-        client = JobSubmissionClient(args.address, headers=headers)
-        deadline, waiting = time.monotonic() + SUBMIT_AGENT_WAIT_SECONDS, False
-        while True:
-            try:
-                return client.submit_job(
-                    entrypoint=shlex.join(entrypoint), runtime_env=runtime_env, metadata={"sweep": args.name or config.name},
-                )
-            except RuntimeError as err:
-                # A head that has just started answers 500 "No available agent to submit job, please
-                # try again later" until its job agent is up (seconds): wait for it, then give up.
-                if "try again later" not in str(err) or time.monotonic() > deadline:
-                    raise
-                if not waiting:
-                    print(f"sweeps submit: the cluster's job agent is not up yet; retrying for up to "
-                          f"{SUBMIT_AGENT_WAIT_SECONDS} s", file=sys.stderr)
-                    waiting = True
-                time.sleep(1.0)
-
-    mode = ""  # what the follow-up `ray job` commands need in front of them
-    try:
+    def call(action: Callable[[JobSubmissionClient], Any]) -> Any:
+        """``action(client)``, waiting for a fresh head's job agent and retrying once with a token."""
         try:
-            job_id = submit()
+            return _with_agent(lambda: action(JobSubmissionClient(args.address, headers=state["headers"])))
         except AuthenticationError:
             # Clusters have token auth on by default (Ray >= 2.59), but the Jobs client sends a token
             # only when this process runs in token mode: retry once with the token at hand, if any.
             token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
             token = os.environ.get("RAY_AUTH_TOKEN") or (token_file.read_text().strip() if token_file.is_file() else "")
-            if not token:
+            if not token or state["headers"]:
                 raise
-            job_id = submit({"Authorization": f"Bearer {token}"})
-            mode = "RAY_AUTH_MODE=token "
+            state["headers"], state["mode"] = {"Authorization": f"Bearer {token}"}, "RAY_AUTH_MODE=token "
+            return _with_agent(lambda: action(JobSubmissionClient(args.address, headers=state["headers"])))
+
+    runtime_env = {
+        "working_dir": str(root),
+        "excludes": [".git", "**/__pycache__", "sweeps-results", "*.db", "mlartifacts", "mlruns", ".venv"],
+    }
+    try:
+        stores = job_locations(
+            tracking_uri=args.tracking_uri,
+            storage=args.storage,
+            results_dir=args.results_dir,
+            env=os.environ,
+            cluster_env=lambda: call(_cluster_environment),
+        )
+        entrypoint = ["python", "-m", "sweeps.cli", "run", str(path.relative_to(root)), "--quiet", "--address", "auto"]
+        entrypoint += [f"--set={o}" for o in args.overrides]
+        options = {**stores, "name": args.name, "max_concurrent": args.max_concurrent}
+        for flag, value in options.items():
+            if value is not None:
+                entrypoint += [f"--{flag.replace('_', '-')}", str(value)]
+        job_id = call(
+            lambda client: client.submit_job(
+                entrypoint=shlex.join(entrypoint), runtime_env=runtime_env, metadata={"sweep": args.name or config.name}
+            )
+        )
+    except UsageError as err:
+        print(f"sweeps submit: {err}", file=sys.stderr)
+        return 2
     except AuthenticationError:
-        print(f"sweeps submit: {redact(args.address)} requires a Ray auth token: set RAY_AUTH_MODE=token and "
-              "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH; `ray get-auth-token` on the head prints it)", file=sys.stderr)
+        print(
+            f"sweeps submit: {redact(args.address)} requires a Ray auth token: set RAY_AUTH_MODE=token and "
+            "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH; `ray get-auth-token` on the head prints it)",
+            file=sys.stderr,
+        )
         return 2
     except (ConnectionError, RuntimeError) as err:
         print(f"sweeps submit: cannot submit to {redact(args.address)}: {redact(str(err))}", file=sys.stderr)
         return 2
+    mode = state["mode"]
     print(job_id)
     print(f"follow it:  {mode}ray job logs --address {redact(args.address)} --follow {job_id}", file=sys.stderr)
     print(f"status:     {mode}ray job status --address {redact(args.address)} {job_id}", file=sys.stderr)
-    print(f"stop it:    {mode}ray job stop --address {redact(args.address)} {job_id}   (then `sweeps resume` continues it)",
-          file=sys.stderr)
+    print(
+        f"stop it:    {mode}ray job stop --address {redact(args.address)} {job_id}   (then `sweeps resume` continues it)",
+        file=sys.stderr,
+    )
     return 0
+
+
+def _with_agent(request: Callable[[], Any]) -> Any:
+    """``request()``; a head that has just started answers 500 "No available agent to submit job,
+    please try again later" until its job agent is up (seconds): retried for up to
+    :data:`SUBMIT_AGENT_WAIT_SECONDS`, then raised."""
+    deadline, waiting = time.monotonic() + SUBMIT_AGENT_WAIT_SECONDS, False
+    while True:
+        try:
+            return request()
+        except RuntimeError as err:
+            if "try again later" not in str(err) or time.monotonic() > deadline:
+                raise
+            if not waiting:
+                print(
+                    f"sweeps submit: the cluster's job agent is not up yet; retrying for up to "
+                    f"{SUBMIT_AGENT_WAIT_SECONDS} s",
+                    file=sys.stderr,
+                )
+                waiting = True
+            time.sleep(1.0)
+
+
+#: The marker of the environment probe's output line (:func:`_cluster_environment`).
+_PROBE = "SWEEPS-CLUSTER-ENVIRONMENT "
+
+
+def _cluster_environment(client: Any) -> dict[str, str | None]:
+    """The store settings of the cluster's own environment, as a job sees them: a tiny probe job
+    (no working directory, a second or two) prints them; the job is deleted afterwards."""
+    import shlex
+
+    from ray.job_submission import JobStatus
+
+    from .connections import ENVIRONMENT
+
+    names = [k for keys in ENVIRONMENT.values() for k in keys]
+    code = f"import json, os; print({_PROBE!r} + json.dumps({{k: os.environ.get(k) for k in {names!r}}}))"
+    job = client.submit_job(entrypoint=shlex.join(["python", "-c", code]), metadata={"sweeps": "environment probe"})
+    deadline = time.monotonic() + SUBMIT_AGENT_WAIT_SECONDS
+    while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if time.monotonic() > deadline:
+            client.stop_job(job)
+            raise RuntimeError(f"the environment probe job {job} did not finish within {SUBMIT_AGENT_WAIT_SECONDS} s")
+        time.sleep(0.3)
+    logs = client.get_job_logs(job)
+    with contextlib.suppress(Exception):  # a leftover finished probe is harmless
+        client.delete_job(job)
+    line = next((ln for ln in logs.splitlines() if ln.startswith(_PROBE)), None)
+    if status != JobStatus.SUCCEEDED or line is None:
+        raise RuntimeError(f"the environment probe job {job} failed ({status}): {logs[-500:]}")
+    return json.loads(line[len(_PROBE) :])
 
 
 def _results_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="NAME", help="sweep name")
     _store_arguments(parser)
-    parser.add_argument("--format", choices=("table", "csv", "parquet"), default="table", help="output format (default table)")
+    parser.add_argument(
+        "--format", choices=("table", "csv", "parquet"), default="table", help="output format (default table)"
+    )
     parser.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout (required for parquet)")
     parser.add_argument("--include-interrupted", action="store_true", help="also list interrupted attempts")
-    parser.add_argument("--all", dest="all_columns", action="store_true",
-                        help="every column (default for the table: trial, status, objective, varied "
-                             "hyperparameters and measures; csv and parquet always have every column)")
+    parser.add_argument(
+        "--all",
+        dest="all_columns",
+        action="store_true",
+        help="every column (default for the table: trial, status, objective, varied "
+        "hyperparameters and measures; csv and parquet always have every column)",
+    )
 
 
-@command("results", help="one row per trial: hyperparameters, metrics, status (table, CSV or Parquet)",
-         arguments=_results_arguments)
+@command(
+    "results",
+    help="one row per trial: hyperparameters, metrics, status (table, CSV or Parquet)",
+    arguments=_results_arguments,
+)
 def cmd_results(args: argparse.Namespace) -> int:
     from .queries import results
 
@@ -336,9 +539,11 @@ def cmd_results(args: argparse.Namespace) -> int:
         print("sweeps results: --format parquet needs --out FILE", file=sys.stderr)
         return 2
     try:
-        frame = results(args.name, args.tracking_uri, results_dir=args.results_dir,
-                        include_interrupted=args.include_interrupted)
-    except LookupError as err:
+        check_name(args.name, "NAME")
+        frame = results(
+            args.name, args.tracking_uri, results_dir=args.results_dir, include_interrupted=args.include_interrupted
+        )
+    except (LookupError, ValueError) as err:
         print(f"sweeps results: {err}", file=sys.stderr)
         return 2
     if args.format == "parquet":
@@ -364,14 +569,20 @@ def _status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
-@command("status", help="trials per status, budget, best trial and live correlation table of a sweep",
-         arguments=_status_arguments)
+@command(
+    "status",
+    help="trials per status, budget, best trial and live correlation table of a sweep",
+    arguments=_status_arguments,
+)
 def cmd_status(args: argparse.Namespace) -> int:
     from .queries import sweep_status
 
     try:
-        info = sweep_status(args.name, storage=args.storage, tracking_uri=args.tracking_uri, results_dir=args.results_dir)
-    except LookupError as err:
+        check_name(args.name, "NAME")
+        info = sweep_status(
+            args.name, storage=args.storage, tracking_uri=args.tracking_uri, results_dir=args.results_dir
+        )
+    except (LookupError, ValueError) as err:
         print(f"sweeps status: {err}", file=sys.stderr)
         return 2
     if args.json:
@@ -386,11 +597,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  best #{best['number']}: values={best['values']} params={best['params']}")
     if info.get("live"):
         live = info["live"]
-        print(f"  live correlation with {live['target']} ({live['n_models']} models; + = sharper, worse generalization):")
+        print(
+            f"  live correlation with {live['target']} ({live['n_models']} models; + = sharper, worse generalization):"
+        )
         width = max(len(str(row["measure"])) for row in live["measures"])
         for row in live["measures"]:
-            print(f"    {row['measure']:<{width}}  n={row['n']:<5.0f} tau={row['tau']:+.3f} "
-                  f"[{row['tau_ci_low']:+.3f}, {row['tau_ci_high']:+.3f}]")
+            print(
+                f"    {row['measure']:<{width}}  n={row['n']:<5.0f} tau={row['tau']:+.3f} "
+                f"[{row['tau_ci_low']:+.3f}, {row['tau_ci_high']:+.3f}]"
+            )
     print(f"  optuna: {info['storage']}\n  mlflow: {info['tracking_uri']} (parent run {info['mlflow_parent_run_id']})")
     return 0
 
@@ -428,17 +643,28 @@ def _exit_codes_text() -> str:
 def build_parser() -> argparse.ArgumentParser:
     epilog = _exit_codes_text()
     parser = argparse.ArgumentParser(
-        prog="sweeps", description="Hyperparameter sweeps that measure the loss landscape of every model.",
-        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="sweeps",
+        description="Hyperparameter sweeps that measure the loss landscape of every model.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in _COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, epilog=epilog,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            cmd.name,
+            help=cmd.help,
+            description=cmd.help,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         cmd.arguments(p)
-        p.add_argument("-v", "--verbose", action="store_true",
-                       help="also show the INFO logs of Optuna, MLflow and Ray (hidden by default)")
-        p.set_defaults(_run=cmd.run)
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="also show the INFO logs of Optuna, MLflow and Ray (hidden by default)",
+        )
+        p.set_defaults(handler=cmd.run)
     return parser
 
 
@@ -453,9 +679,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure(verbose=args.verbose)
     try:
-        return args._run(args)
+        return args.handler(args)
     except ConfigError as err:
-        print(f"sweeps {args.command}: invalid config:\n{err}", file=sys.stderr)
+        sep = "\n" if len(err.problems) > 1 else " "
+        print(f"sweeps {args.command}: invalid config:{sep}{err}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as err:  # a NAME argument or a path refused before anything ran
+        print(f"sweeps {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
 
 

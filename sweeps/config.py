@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -36,15 +37,49 @@ from pydantic import (
 
 # Defined in modules of their own so that data.py and models.py need not import this one;
 # both names stay importable from here.
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 from .imports import import_object  # noqa: F401  (re-exported)
 
 # Final trial metrics every trial reports (besides the measures); valid objective metrics.
 TRIAL_METRICS = (
-    "train_loss", "train_acc", "test_loss", "test_acc", "gen_gap",
-    "epochs", "steps", "train_seconds", "n_train", "n_test", "num_params",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "gen_gap",
+    "epochs",
+    "steps",
+    "train_seconds",
+    "n_train",
+    "n_test",
+    "num_params",
 )
 _SKIP_SPACE_CHECK = "skip_space_check"
+
+#: A sweep name is one safe path component: it names the Optuna study, the MLflow experiment and
+#: the folders ``<results dir>/mlartifacts/<name>`` and ``<results dir>/reports/<name>``.
+NAME_MAX_LENGTH = 100
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+NAME_RULE = (
+    f"letters, digits, '-', '_' and '.', not starting with '.', at most {NAME_MAX_LENGTH} "
+    "characters (it becomes a folder name)"
+)
+
+
+def check_name(name: Any, field: str = "name") -> str:
+    """``name`` if it is a safe sweep name (:data:`NAME_RULE`), else :class:`~sweeps.errors.UsageError`
+    (a ``ValueError``) naming ``field``."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > NAME_MAX_LENGTH:
+        shown = name if not isinstance(name, str) or len(name) <= 120 else name[:117] + "..."
+        raise UsageError(f"{field}: must be {NAME_RULE} (got {shown!r})")
+    return name
+
+
+def _sweep_name(name: str) -> str:
+    try:
+        return check_name(name)
+    except ValueError as err:
+        raise ValueError(str(err).split(": ", 1)[1]) from None
 
 
 # --- reusable field checks -------------------------------------------------------------------
@@ -58,7 +93,9 @@ def _metric_name(name: str) -> str:
     from landscape.metrics import METRICS
 
     if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}{_suggest(name, sorted(METRICS))}; known metrics: {', '.join(sorted(METRICS))}")
+        raise ValueError(
+            f"unknown metric {name!r}{_suggest(name, sorted(METRICS))}; known metrics: {', '.join(sorted(METRICS))}"
+        )
     return name
 
 
@@ -66,7 +103,9 @@ def _dataset_name(name: str) -> str:
     from .data import DATASETS
 
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}{_suggest(name, sorted(DATASETS))}; known datasets: {', '.join(sorted(DATASETS))}")
+        raise ValueError(
+            f"unknown dataset {name!r}{_suggest(name, sorted(DATASETS))}; known datasets: {', '.join(sorted(DATASETS))}"
+        )
     return name
 
 
@@ -94,6 +133,7 @@ def _batch_size(value: Any) -> int | str:
 
 MetricName = Annotated[str, AfterValidator(_metric_name)]
 PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
 class _Section(BaseModel):
@@ -159,6 +199,19 @@ class TrackConfig(_Section):
         return self
 
 
+class CheckpointConfig(_Section):
+    """When a training trial saves its state to continue exactly after a lost worker or driver
+    (see :mod:`sweeps.checkpoint`); both 0: no checkpoints."""
+
+    every_epochs: NonNegativeInt = 0  # epochs between checkpoints (0: by time only)
+    every_seconds: float = Field(60.0, ge=0)  # seconds of training between checkpoints, at most (0: by epochs only)
+
+    @property
+    def enabled(self) -> bool:
+        """True unless both intervals are 0."""
+        return self.every_epochs > 0 or self.every_seconds > 0
+
+
 class TrainConfig(_Section):
     """Optimizer, schedule, loss and stopping rules (see :mod:`sweeps.train`)."""
 
@@ -180,6 +233,7 @@ class TrainConfig(_Section):
     eval_every_epochs: PositiveInt = 1  # test-set evaluation / epoch records
     eval_batch_size: PositiveInt = 4096  # chunk size of full-data evaluations
     track: TrackConfig = Field(default_factory=TrackConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)  # saved state for exact restore
 
     @field_validator("step_milestones")
     @classmethod
@@ -287,7 +341,9 @@ class ObjectiveConfig(_Section):
         if len(self.directions) == 1 and len(self.metrics) > 1:
             self.directions = self.directions * len(self.metrics)
         if len(self.metrics) != len(self.directions):
-            raise ValueError(f"metric and direction lists differ in length (got {len(self.metrics)} metrics, {len(self.directions)} directions)")
+            raise ValueError(
+                f"metric and direction lists differ in length (got {len(self.metrics)} metrics, {len(self.directions)} directions)"
+            )
         return self
 
     @property
@@ -319,7 +375,7 @@ class ResourcesConfig(_Section):
 class SweepConfig(_Section):
     """A whole sweep (or, with a point set, one trial). Every field: the config reference of the documentation site (generated from this schema)."""
 
-    name: str = Field(min_length=1)
+    name: Annotated[str, Field(min_length=1), AfterValidator(_sweep_name)]  # letters, digits, - _ . (not first); <= 100
     description: str = ""
     seed: int = 0  # model initialization and data order
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
@@ -356,7 +412,9 @@ class SweepConfig(_Section):
         problems = []
         for key, dim in self.search.space.items():
             if not _is_field_path(key):
-                problems.append(f"search.space.{key}: not a config field (keys are dotted paths such as train.lr, model.width, seed)")
+                problems.append(
+                    f"search.space.{key}: not a config field (keys are dotted paths such as train.lr, model.width, seed)"
+                )
                 continue
             candidates = dim.values if dim.values is not None else [dim.low, dim.high]
             for value in candidates:
@@ -485,16 +543,25 @@ def _describe(error: Mapping[str, Any]) -> str:
     if kind == "missing":
         return "required"
     simple = {
-        "greater_than": "must be > {gt}", "greater_than_equal": "must be >= {ge}",
-        "less_than": "must be < {lt}", "less_than_equal": "must be <= {le}",
+        "greater_than": "must be > {gt}",
+        "greater_than_equal": "must be >= {ge}",
+        "less_than": "must be < {lt}",
+        "less_than_equal": "must be <= {le}",
         "literal_error": "must be one of {expected}",
-        "int_type": "must be an integer", "int_parsing": "must be an integer",
-        "int_from_float": "must be an integer", "float_type": "must be a number",
-        "float_parsing": "must be a number", "bool_type": "must be true or false",
-        "bool_parsing": "must be true or false", "string_type": "must be a string",
-        "dict_type": "must be a mapping (key: value)", "list_type": "must be a list",
-        "model_type": "must be a mapping (key: value)", "model_attributes_type": "must be a mapping (key: value)",
-        "too_short": "must have at least {min_length} item(s)", "string_too_short": "must not be empty",
+        "int_type": "must be an integer",
+        "int_parsing": "must be an integer",
+        "int_from_float": "must be an integer",
+        "float_type": "must be a number",
+        "float_parsing": "must be a number",
+        "bool_type": "must be true or false",
+        "bool_parsing": "must be true or false",
+        "string_type": "must be a string",
+        "dict_type": "must be a mapping (key: value)",
+        "list_type": "must be a list",
+        "model_type": "must be a mapping (key: value)",
+        "model_attributes_type": "must be a mapping (key: value)",
+        "too_short": "must have at least {min_length} item(s)",
+        "string_too_short": "must not be empty",
     }
     if kind in simple:
         return simple[kind].format(**ctx)
@@ -526,6 +593,56 @@ def _validate(data: Any, context: dict[str, Any] | None = None) -> SweepConfig:
         raise ConfigError(_lines(err)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` keys: YAML's own rules
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicated key {key!r} on lines {seen[key]} and {line} (YAML would keep "
+                        "only the last one): merge them into one",
+                    )
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` parsed as YAML (safe types only); a key given twice in one mapping is an error.
+
+    Raises:
+        yaml.YAMLError: not YAML, or a duplicated key (the message names it and its lines).
+    """
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe types only
+
+
+def read_config_text(path: str | Path) -> str:
+    """The text of the config file ``path``: UTF-8 (a BOM allowed); ``ConfigError`` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: no such file {str(path)!r}")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"config: cannot read {str(path)!r}: {err.strerror or err}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config: {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); save it as UTF-8"
+        ) from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"train.lr=0.1"`` -> ``("train.lr", 0.1)``; the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
@@ -533,9 +650,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"--set: expected dotted.key=value (got {text!r})")
     try:
-        return key, yaml.safe_load(raw) if raw.strip() else ""
+        return key, parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {key}: value is not valid YAML: {err} (got {raw!r})") from None
+        raise ConfigError(f"--set {key}: value is not valid YAML: {_yaml_problem(err)} (got {raw!r})") from None
+    except RecursionError:
+        raise ConfigError(f"--set {key}: value is nested too deeply (got {raw[:80]!r})") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: the problem and where (``line L, column C``)."""
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
 def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> SweepConfig:
@@ -548,12 +674,13 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
         data: Any = copy.deepcopy(dict(source))
     else:
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config: no such file {str(path)!r}")
+        text = read_config_text(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = parse_yaml(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"config: {path} is not valid YAML: {err}") from None
+            raise ConfigError(f"config: {path} is not valid YAML: {_yaml_problem(err)}") from None
+        except RecursionError:
+            raise ConfigError(f"config: {path} is nested too deeply to be a sweep config") from None
         if data is None:
             raise ConfigError(f"config: {path} is empty")
     if not isinstance(data, dict):
@@ -561,4 +688,7 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
-    return _validate(data)
+    try:
+        return _validate(data)
+    except RecursionError:
+        raise ConfigError("config: nested too deeply to be a sweep config") from None

@@ -10,11 +10,19 @@ results dir     ``--results-dir``       ``SWEEPS_RESULTS_DIR``                  
 tracking URI    ``--tracking-uri``      ``SWEEPS_TRACKING_URI``, ``MLFLOW_TRACKING_URI`` ``sqlite:///<dir>/mlflow.db``
 Optuna storage  ``--storage``           ``SWEEPS_STORAGE``                           ``sqlite:///<dir>/optuna.db``
 Ray address     ``--address``           ``RAY_ADDRESS``                              a local Ray started here
+checkpoints     -                       ``SWEEPS_CHECKPOINT_DIR``                    ``<dir>/checkpoints``
 ==============  ======================  ===========================================  ==========================
 
-MLflow artifacts of the embedded default go to ``<dir>/mlartifacts``. A storage value that
+MLflow artifacts of the embedded default go to ``<dir>/mlartifacts``. Trial checkpoints
+(:mod:`sweeps.checkpoint`) are written by the workers: on a cluster the checkpoint folder must be
+one that every node and the driver mount at the same path. A storage value that
 ends in ``.log`` or ``.journal`` (or starts with ``journal://``) is an Optuna
 ``JournalStorage`` file instead of an RDB URL.
+
+Writes stay inside the directories named: a sweep writes ``<dir>/mlflow.db``, ``<dir>/optuna.db``,
+``<dir>/mlartifacts/<name>/`` and ``<dir>/reports/<name>/`` (the name is one safe path
+component, :data:`sweeps.config.NAME_RULE`); :func:`check_inside` refuses an entry among those
+that is a symbolic link leading out of ``<dir>``.
 
 Anything printed or logged goes through :func:`redact` first: passwords in URLs and
 token-like query parameters become ``***``.
@@ -28,7 +36,7 @@ import os
 import re
 import socket
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +69,7 @@ class Connections:
             a local Ray sized to this machine.
         artifact_root: artifact location for new MLflow experiments (a ``file://`` URI under the
             results directory for local stores; ``None`` lets an HTTP server decide).
+        checkpoint_dir: the folder of trial checkpoints (absolute; :mod:`sweeps.checkpoint`).
     """
 
     results_dir: Path
@@ -68,6 +77,7 @@ class Connections:
     storage: str
     address: str | None
     artifact_root: str | None
+    checkpoint_dir: Path | None = None
 
     @property
     def is_journal(self) -> bool:
@@ -80,8 +90,40 @@ class Connections:
             "results_dir": str(self.results_dir),
             "tracking_uri": redact(self.tracking_uri),
             "storage": redact(self.storage),
-            "ray": redact(self.address) if self.address else "local (started by this process)",
+            "ray": redact(self.address) if self.address else _private_ray(),
+            "checkpoints": str(self.checkpoint_dir),
         }
+
+
+def _private_ray() -> str:
+    live = local_cluster()
+    if live is None:
+        return "local (started by this process)"
+    return (
+        f"local (a private Ray started by this process; the Ray cluster at {live} on this machine is left "
+        "alone: --address auto uses it)"
+    )
+
+
+def local_cluster(timeout: float = 1.0) -> str | None:
+    """The address of a live cluster that ``ray start`` left on this machine, else ``None``.
+
+    Read from Ray's ``ray_current_cluster`` file (in ``$RAY_TMPDIR/ray``, else ``$TMPDIR/ray``,
+    else ``/tmp/ray``, as Ray looks it up); a file whose cluster no longer answers is stale and
+    ignored. ``sweeps run`` without ``--address`` never joins such a cluster (see
+    :func:`sweeps.runner.run_sweep`): it starts a private one.
+    """
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    try:
+        address = (Path(base) / "ray" / "ray_current_cluster").read_text().strip()
+    except OSError:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError):
+        return None
+    return address
 
 
 def is_journal_storage(storage: str) -> bool:
@@ -90,6 +132,66 @@ def is_journal_storage(storage: str) -> bool:
 
 def journal_path(storage: str) -> Path:
     return Path(storage.removeprefix("journal://")).expanduser()
+
+
+#: The environment variables that name each location, in order of precedence (after the flag).
+ENVIRONMENT = {
+    "results_dir": ("SWEEPS_RESULTS_DIR",),
+    "tracking_uri": ("SWEEPS_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+    "storage": ("SWEEPS_STORAGE",),
+    "address": ("RAY_ADDRESS",),
+}
+
+
+def named(what: str, value: str | Path | None, env: Mapping[str, str | None]) -> str | None:
+    """The location ``what`` (a key of :data:`ENVIRONMENT`) as the flag ``value`` or, failing it,
+    the environment ``env`` names it; ``None`` when neither does (the default applies)."""
+    if value:
+        return str(value)
+    return next((env[k] for k in ENVIRONMENT[what] if env.get(k)), None)
+
+
+def job_locations(
+    *,
+    tracking_uri: str | None,
+    storage: str | None,
+    results_dir: str | None,
+    env: Mapping[str, str | None],
+    cluster_env: Callable[[], Mapping[str, str | None]],
+) -> dict[str, str]:
+    """The store flags ``sweeps submit`` passes to the job's ``sweeps run``: each location as the
+    flag or, failing it, the submitting shell's ``env`` names it (:func:`named`, the rule of
+    ``sweeps run``). A job runs in a temporary working directory that Ray deletes, so when the
+    tracking URI or the storage is named by neither the submitter nor the cluster's own environment
+    (``cluster_env()``, asked only then), the results directory holding their defaults must be an
+    absolute path (outside that directory); otherwise :class:`~sweeps.errors.UsageError`.
+    """
+    from .errors import UsageError
+
+    passed = {
+        what: v
+        for what, value in (("tracking_uri", tracking_uri), ("storage", storage), ("results_dir", results_dir))
+        if (v := named(what, value, env))
+    }
+
+    def absolute(directory: str | None) -> bool:
+        return directory is not None and Path(directory).expanduser().is_absolute()
+
+    if ("tracking_uri" in passed and "storage" in passed) or absolute(passed.get("results_dir")):
+        return passed  # the job's defaults, if any apply, are under an absolute results directory
+    remote = cluster_env()
+    missing = [w for w in ("tracking_uri", "storage") if w not in passed and not named(w, None, remote)]
+    directory = passed.get("results_dir") or named("results_dir", None, remote)
+    if missing and not absolute(directory):
+        flags = " and ".join(f"--{w.replace('_', '-')}" for w in missing)
+        names = " / ".join(k for w in missing for k in ENVIRONMENT[w])
+        where = f" ({directory!r} is relative: inside it)" if directory else ""
+        raise UsageError(
+            f"{flags}: named neither here nor in the cluster's environment, so the job would record into Ray's "
+            f"temporary working directory{where}, deleted after the job; pass {flags} (or export {names}), or "
+            "--results-dir with an absolute path on the head node"
+        )
+    return passed
 
 
 def resolve(
@@ -108,22 +210,24 @@ def resolve(
     ``ValueError`` naming the flag when a value is malformed.
     """
     env = os.environ if env is None else env
-    directory = Path(results_dir or env.get("SWEEPS_RESULTS_DIR") or DEFAULT_RESULTS_DIR).expanduser().resolve()
+    directory = Path(named("results_dir", results_dir, env) or DEFAULT_RESULTS_DIR).expanduser().resolve()
     if create:
         directory.mkdir(parents=True, exist_ok=True)
 
-    tracking = tracking_uri or env.get("SWEEPS_TRACKING_URI") or env.get("MLFLOW_TRACKING_URI")
-    tracking = tracking or f"sqlite:///{directory / 'mlflow.db'}"
+    tracking = named("tracking_uri", tracking_uri, env) or f"sqlite:///{directory / 'mlflow.db'}"
     _check_uri("--tracking-uri", tracking, ("sqlite", "http", "https", "postgresql", "mysql", "file", "databricks"))
 
-    study_storage = storage or env.get("SWEEPS_STORAGE") or f"sqlite:///{directory / 'optuna.db'}"
+    study_storage = named("storage", storage, env) or f"sqlite:///{directory / 'optuna.db'}"
     if not is_journal_storage(study_storage):
         _check_uri("--storage", study_storage, ("sqlite", "postgresql", "mysql", "oracle", "mssql"))
 
-    ray_address = address or env.get("RAY_ADDRESS") or None
+    ray_address = named("address", address, env)
     local_store = urlsplit(tracking).scheme in ("sqlite", "file", "postgresql", "mysql")
     artifact_root = (directory / "mlartifacts").as_uri() if local_store else None
-    return Connections(directory, tracking, study_storage, ray_address, artifact_root)
+    from .checkpoint import DIRECTORY, ENV
+
+    checkpoints = Path(env.get(ENV) or directory / DIRECTORY).expanduser().resolve()
+    return Connections(directory, tracking, study_storage, ray_address, artifact_root, checkpoints)
 
 
 def _check_uri(flag: str, uri: str, schemes: tuple[str, ...]) -> None:
@@ -135,22 +239,31 @@ def _check_uri(flag: str, uri: str, schemes: tuple[str, ...]) -> None:
         )
 
 
-def check_reachable(conn: Connections, timeout: float = 5.0) -> None:
-    """Fail fast with ``ConnectionError`` (message redacted, naming the flag) if a network store is down.
+def _writable_dir(path: Path) -> bool:
+    """Whether ``path`` can be created or written: its nearest existing ancestor is writable."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate.is_dir() and os.access(candidate, os.W_OK)
+    return False
 
-    Local files (sqlite, journal) need only a writable parent directory; network stores need an
-    open TCP port.
+
+def check_reachable(conn: Connections, timeout: float = 5.0) -> None:
+    """Fail fast with ``ConnectionError`` (message redacted, naming the flag) if a store cannot be used.
+
+    Local files (sqlite, journal) need a writable directory (created on first use); database
+    servers (PostgreSQL, MySQL) must answer and hold the named database (:func:`check_database`);
+    an HTTP tracking server needs an open TCP port. Creates nothing.
     """
     for flag, uri in (("--tracking-uri", conn.tracking_uri), ("--storage", conn.storage)):
         if flag == "--storage" and conn.is_journal:
             parent = journal_path(uri).parent
-            if not os.access(parent, os.W_OK):
+            if not _writable_dir(parent):
                 raise ConnectionError(f"{flag}: directory {parent} is not writable")
             continue
         parts = urlsplit(uri)
         if parts.scheme.startswith("sqlite"):
             path = sqlite_path(uri)
-            if path is not None and not os.access(path.parent, os.W_OK):
+            if path is not None and not _writable_dir(path.parent):
                 raise ConnectionError(f"{flag}: directory of {redact(uri)} is not writable")
             continue
         if not parts.hostname:
@@ -162,6 +275,67 @@ def check_reachable(conn: Connections, timeout: float = 5.0) -> None:
             socket.create_connection((parts.hostname, port), timeout=timeout).close()
         except OSError as err:
             raise ConnectionError(f"{flag}: cannot reach {redact(uri)} ({err}); is the server running?") from None
+        if parts.scheme.split("+")[0] in ("postgresql", "mysql"):
+            check_database(flag, uri, timeout)
+
+
+def check_database(flag: str, uri: str, timeout: float = 5.0) -> None:
+    """Connect to the database server of ``uri`` once; ``ConnectionError`` naming ``flag`` and the
+    fix when the database does not exist or the server refuses the login. Creates nothing."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    url = make_url(uri)
+    args = {"connect_timeout": int(max(1, timeout))} if url.get_backend_name() in ("postgresql", "mysql") else {}
+    engine = sqlalchemy.create_engine(url, connect_args=args, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        engine.connect().close()
+    except sqlalchemy.exc.DBAPIError as err:
+        reason = " ".join(str(err.orig).split())
+        where = f"{url.host or 'localhost'}:{url.port or ''}".rstrip(":")
+        if "does not exist" in reason or "Unknown database" in reason:
+            create = (
+                f"createdb -h {url.host or 'localhost'} -p {url.port or 5432} -U {url.username or 'postgres'} "
+                f"{url.database}"
+                if url.get_backend_name() == "postgresql"
+                else f"CREATE DATABASE {url.database}"
+            )
+            raise ConnectionError(
+                f"{flag}: database {url.database!r} does not exist on {where}; create it "
+                f"(`{create}`) or name an existing one in {redact(uri)}"
+            ) from None
+        raise ConnectionError(f"{flag}: cannot open {redact(uri)}: {redact(reason)}") from None
+    except (ImportError, sqlalchemy.exc.SQLAlchemyError) as err:
+        raise ConnectionError(f"{flag}: cannot open {redact(uri)}: {type(err).__name__}: {redact(str(err))}") from None
+    finally:
+        engine.dispose()
+
+
+def written_paths(results_dir: Path, name: str) -> list[Path]:
+    """What a sweep ``name`` writes under ``results_dir`` with the embedded stores (see the module docstring)."""
+    return [
+        results_dir / "mlflow.db",
+        results_dir / "optuna.db",
+        results_dir / "mlartifacts",
+        results_dir / "mlartifacts" / name,
+        results_dir / "reports",
+        results_dir / "reports" / name,
+    ]
+
+
+def check_inside(directory: Path, paths: list[Path], flag: str) -> None:
+    """:class:`~sweeps.errors.UsageError` (a ``ValueError``) naming ``flag`` if one of ``paths``
+    (inside ``directory``) is a symbolic link whose target lies outside ``directory``: a write
+    through it would land elsewhere."""
+    from .errors import UsageError
+
+    base = Path(directory).resolve()
+    for path in paths:
+        if path.is_symlink() and not path.resolve().is_relative_to(base):
+            raise UsageError(
+                f"{flag}: {path} is a symbolic link to {path.resolve()}, outside {base}; sweeps write "
+                "only inside the directory named: remove the link, or name that directory itself"
+            )
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -1,4 +1,4 @@
-"""The error a config that does not validate raises: :class:`ConfigError`, one line per problem.
+"""The errors of bad input: :class:`ConfigError` (a config that does not validate, one line per problem) and :class:`UsageError`.
 
 A module of its own (it imports nothing from ``sweeps``) so that the config schema and the
 modules that check a config against what they build (:mod:`sweeps.data`, :mod:`sweeps.models`)
@@ -19,4 +19,9 @@ class ConfigError(ValueError):
         super().__init__("\n".join(self.problems))
 
 
-__all__ = ["ConfigError"]
+class UsageError(ValueError):
+    """Bad input that is not a config field: a sweep NAME argument, a path that would lead a write
+    elsewhere. The CLI prints it as one line and exits 2."""
+
+
+__all__ = ["ConfigError", "UsageError"]

@@ -87,11 +87,19 @@ class Holder:
     def describe(self) -> str:
         """``"host pid 123 since 2026-12-01 10:00:00 (heartbeat 2 s ago)"``."""
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
-        return f"{self.host} pid {self.pid} since {since} (heartbeat {max(0.0, time.time() - self.heartbeat):.0f} s ago)"
+        return (
+            f"{self.host} pid {self.pid} since {since} (heartbeat {max(0.0, time.time() - self.heartbeat):.0f} s ago)"
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"host": self.host, "pid": self.pid, "since": self.since, "heartbeat": self.heartbeat,
-                "alive": self.alive(), "description": self.describe()}
+        return {
+            "host": self.host,
+            "pid": self.pid,
+            "since": self.since,
+            "heartbeat": self.heartbeat,
+            "alive": self.alive(),
+            "description": self.describe(),
+        }
 
 
 class LeaseHeldError(RuntimeError):
@@ -267,9 +275,19 @@ class DriverLease:
         """Why this driver stopped, naming the driver that holds the lease now."""
         holder = current_holder(self.storage, self.sweep)
         who = holder.describe() if holder is not None else "nobody (released)"
-        return (f"sweep {self.sweep!r}: this driver lost its lease (no heartbeat for more than {self.seconds:g} s, "
-                f"e.g. the process was paused) and another driver took over: {who}. Stopped without writing.")
+        return (
+            f"sweep {self.sweep!r}: this driver lost its lease (no heartbeat for more than {self.seconds:g} s, "
+            f"e.g. the process was paused) and another driver took over: {who}. Stopped without writing."
+        )
 
 
-__all__ = ["LEASE_SECONDS", "DriverLease", "Holder", "LeaseHeldError", "LeaseLostError", "current_holder",
-           "lease_seconds", "lease_url"]
+__all__ = [
+    "LEASE_SECONDS",
+    "DriverLease",
+    "Holder",
+    "LeaseHeldError",
+    "LeaseLostError",
+    "current_holder",
+    "lease_seconds",
+    "lease_url",
+]

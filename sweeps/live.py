@@ -84,9 +84,17 @@ class LiveCorrelation:
             ``trial_number`` like the rows :meth:`add` gets, so nothing counts twice.
     """
 
-    def __init__(self, target: str, hyperparameters: Sequence[str], write: Callable[[dict[str, float], int, Path], None],
-                 log: Callable[[str], None], *, interval: float = UPDATE_SECONDS,
-                 history: Callable[[], pd.DataFrame] | None = None, n_boot: int = LIVE_BOOTSTRAP) -> None:
+    def __init__(
+        self,
+        target: str,
+        hyperparameters: Sequence[str],
+        write: Callable[[dict[str, float], int, Path], None],
+        log: Callable[[str], None],
+        *,
+        interval: float = UPDATE_SECONDS,
+        history: Callable[[], pd.DataFrame] | None = None,
+        n_boot: int = LIVE_BOOTSTRAP,
+    ) -> None:
         self.target, self.hyperparameters, self.write, self.log = target, list(hyperparameters), write, log
         self.interval, self.history, self.n_boot = interval, history, n_boot
         self.rows: dict[int, dict[str, Any]] = {}
@@ -132,7 +140,9 @@ class LiveCorrelation:
         try:
             if self.history is not None:
                 self._merge_history()
-            rows = list({**{r["trial_number"]: r for r in self._history_rows}, **{r["trial_number"]: r for r in rows}}.values())
+            rows = list(
+                {**{r["trial_number"]: r for r in self._history_rows}, **{r["trial_number"]: r for r in rows}}.values()
+            )
             done = self._update(pd.DataFrame(rows))
             with self._lock:
                 self._done = done
@@ -157,7 +167,12 @@ class LiveCorrelation:
     def _update(self, frame: pd.DataFrame) -> tuple[dict[str, float], int, Path] | None:
         from .analysis import tau_table
 
-        if frame.empty or "status" not in frame or not (frame["status"] == TrialStatus.CONVERGED).any() or self.target not in frame:
+        if (
+            frame.empty
+            or "status" not in frame
+            or not (frame["status"] == TrialStatus.CONVERGED).any()
+            or self.target not in frame
+        ):
             return None
         table = tau_table(frame, self.target, n_boot=self.n_boot)
         step = int(table.attrs["n_models"])
@@ -207,5 +222,13 @@ def read_live_table(metrics: Mapping[str, float]) -> pd.DataFrame:
     return table.sort_index()
 
 
-__all__ = ["LIVE_BOOTSTRAP", "LIVE_COLUMNS", "PREFIX", "UPDATE_SECONDS", "LiveCorrelation", "live_target", "metric_names",
-           "read_live_table"]
+__all__ = [
+    "LIVE_BOOTSTRAP",
+    "LIVE_COLUMNS",
+    "PREFIX",
+    "UPDATE_SECONDS",
+    "LiveCorrelation",
+    "live_target",
+    "metric_names",
+    "read_live_table",
+]

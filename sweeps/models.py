@@ -24,6 +24,7 @@ global RNG state.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -40,8 +41,15 @@ Builder = Callable[["ModelConfig", tuple[int, ...], int], nn.Module]
 MODELS: dict[str, Builder] = {}
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "elu": nn.ELU, "silu": nn.SiLU,
-    "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU, "softplus": nn.Softplus, "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+    "silu": nn.SiLU,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": nn.LeakyReLU,
+    "softplus": nn.Softplus,
+    "identity": nn.Identity,
 }
 
 
@@ -93,7 +101,7 @@ def _need_image(cfg: ModelConfig, input_shape: tuple[int, ...]) -> None:
 def mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     width, depth = _width(cfg, 256), cfg.depth or 2
     layers: list[nn.Module] = [nn.Flatten()]
-    fan_in = int(torch.tensor(input_shape).prod())
+    fan_in = math.prod(input_shape)
     for _ in range(depth):
         layers += [nn.Linear(fan_in, width), _norm(cfg, width, 1), _act(cfg), _dropout(cfg)]
         fan_in = width
@@ -104,7 +112,9 @@ def mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.
 @register_model("cnn1d")
 def cnn1d(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     if len(input_shape) not in (1, 2):
-        raise ConfigError(f"model.name: 'cnn1d' needs inputs [L] or [C, L]; the dataset gives {list(input_shape)} (got 'cnn1d')")
+        raise ConfigError(
+            f"model.name: 'cnn1d' needs inputs [L] or [C, L]; the dataset gives {list(input_shape)} (got 'cnn1d')"
+        )
     width, depth = _width(cfg, 32), cfg.depth or 3
     channels, length = (1, input_shape[0]) if len(input_shape) == 1 else input_shape
     layers: list[nn.Module] = [nn.Unflatten(1, (1, length))] if len(input_shape) == 1 else []
@@ -144,7 +154,11 @@ def nin(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.
     layers: list[nn.Module] = []
     for i in range(depth):
         stride = 2 if i > 0 else 1
-        for conv in (nn.Conv2d(channels, width, 3, stride=stride, padding=1), nn.Conv2d(width, width, 1), nn.Conv2d(width, width, 1)):
+        for conv in (
+            nn.Conv2d(channels, width, 3, stride=stride, padding=1),
+            nn.Conv2d(width, width, 1),
+            nn.Conv2d(width, width, 1),
+        ):
             layers += [conv, _norm(cfg, width, 2), _act(cfg)]
         channels = width
     layers += [_dropout(cfg), nn.Conv2d(channels, num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
@@ -165,7 +179,9 @@ class BasicBlock(nn.Module):
         )
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or channels_in != channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(channels_in, channels, 1, stride=stride, bias=False), _norm(cfg, channels, 2))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(channels_in, channels, 1, stride=stride, bias=False), _norm(cfg, channels, 2)
+            )
         self.act = _act(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +192,11 @@ class BasicBlock(nn.Module):
 def resnet(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     _need_image(cfg, input_shape)
     width, depth = _width(cfg, 16), cfg.depth or 1
-    layers: list[nn.Module] = [nn.Conv2d(input_shape[0], width, 3, padding=1, bias=not cfg.batch_norm), _norm(cfg, width, 2), _act(cfg)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(input_shape[0], width, 3, padding=1, bias=not cfg.batch_norm),
+        _norm(cfg, width, 2),
+        _act(cfg),
+    ]
     channels = width
     for stage in range(3):
         out = width * 2**stage
@@ -202,7 +222,9 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
                 raise TypeError(f"model.name: factory {cfg.name!r} returned {type(model).__name__}, not an nn.Module")
             return model
         if cfg.kwargs:
-            raise ConfigError(f"model.kwargs: only custom factory models take kwargs; {cfg.name!r} does not (got {cfg.kwargs})")
+            raise ConfigError(
+                f"model.kwargs: only custom factory models take kwargs; {cfg.name!r} does not (got {cfg.kwargs})"
+            )
         return MODELS[cfg.name](cfg, input_shape, num_classes)
 
 

@@ -45,7 +45,7 @@ from landscape._functional import training_mode
 from .config import SweepConfig, TrainConfig
 
 # TrainConfig fields that fix the code path or tensor shapes (the rest are per-member scalars).
-SHARED_TRAIN_FIELDS = ("optimizer", "batch_size", "loss", "eval_batch_size", "track")
+SHARED_TRAIN_FIELDS = ("optimizer", "batch_size", "loss", "eval_batch_size", "track", "checkpoint")
 
 Forward = Callable[[dict[str, Tensor], Tensor, bool], Tensor]
 MemberLoss = Callable[[Tensor, Tensor], Tensor]  # outputs [K, B, C], targets [K, B] -> losses [K]
@@ -216,6 +216,7 @@ def make_forward(model: nn.Module, k: int) -> Forward:
     if plan is not None:
         return _mlp_forward(plan)
     if k == 1:
+
         def single(params: dict[str, Tensor], x: Tensor, shared: bool) -> Tensor:
             return functional_call(model, {n: p[0] for n, p in params.items()}, (x if shared else x[0],)).unsqueeze(0)
 
@@ -340,7 +341,6 @@ class StackedOptimizer:
         flat.sub_(step_size * (m / (v.sqrt() / bc2_sqrt).add_(self.eps)))
 
 
-
 # --- the three together -------------------------------------------------------------------
 class Stack:
     """K models of one shape as one (row k = member k): their :class:`StackedParameters`,
@@ -367,7 +367,9 @@ class Stack:
         self.models = [self.models[r] for r in rows]
         self._restacked()
 
-    def gradient(self, loss_fn: MemberLoss, x: Tensor, y: Tensor, *, shared: bool = False, weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    def gradient(
+        self, loss_fn: MemberLoss, x: Tensor, y: Tensor, *, shared: bool = False, weight: float = 1.0
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """``(gradient [K, P] of weight * loss, losses [K], outputs [K, B, C])`` on ``x``
         (``[K, B, ...]``, or ``[B, ...]`` for all with ``shared``) and ``y [K, B]``, in the
         models' current mode. The gradient is a buffer that the next call overwrites."""

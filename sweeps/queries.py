@@ -14,7 +14,9 @@ Column contract of :func:`results` (one row per finished trial, ordered by trial
   where missing), ``bool``, else ``str``;
 * metrics: bare names (``test_acc``, ``gen_gap``, ``hessian_top_eig``, ``hessian_top_eig_seconds``,
   ...) as ``float64``; counts (``epochs``, ``steps``, ``n_train``, ``n_test``, ``num_params``)
-  as ``Int64``. A metric a trial does not have (a diverged trial's measures) is NaN.
+  as ``Int64``. A metric a trial does not have (a diverged trial's measures) is NaN;
+  ``resumes`` (times a trial continued from its checkpoint, :mod:`sweeps.checkpoint`) is there
+  once a trial of the sweep did, NaN for the others: a point interrupted and continued is one row.
 
 Interrupted attempts (their points were re-run) are left out unless ``include_interrupted``.
 
@@ -36,6 +38,7 @@ from typing import Any
 import pandas as pd
 from mlflow import MlflowClient
 
+from .adapters import mlflow_adapter
 from .connections import Connections, redact, resolve
 from .status import FINISHED, TrialStatus
 from .tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, TRIAL_TAG
@@ -76,7 +79,11 @@ def _no_gc() -> Iterator[None]:
 
 
 def _trial_runs(
-    client: MlflowClient, experiment_id: str, parent_run_id: str | None, *, use_sql: bool | None = None,
+    client: MlflowClient,
+    experiment_id: str,
+    parent_run_id: str | None,
+    *,
+    use_sql: bool | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The sweep's active trial runs (children of ``parent_run_id`` when given), as three frames:
     ``runs`` (``sweep``-less id columns ``trial_number``, ``status``, ``run_id``, ``_end``),
@@ -84,19 +91,14 @@ def _trial_runs(
 
     A database tracking store (SQLite, PostgreSQL, MySQL) is read with four SQL queries on
     MLflow's own tables (:func:`_sql_runs`); any other (an ``mlflow server``) with paged
-    ``search_runs``. ``use_sql`` forces one way (tests compare them). The SQL way is the one
-    place ``sweeps`` leaves MLflow's public API: it reaches the client's store through the
-    private ``MlflowClient._tracking_client`` (there is no public accessor), recognizes it by
-    MLflow's ``SqlAlchemyStore`` class and reads the tables through its
-    ``mlflow.store.tracking.dbmodels`` models; none of these is documented as public.
+    ``search_runs``. ``use_sql`` forces one way (tests compare them). The SQL way leaves
+    MLflow's public API: :mod:`sweeps.adapters.mlflow_adapter` holds what it uses.
     """
-    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    engine = mlflow_adapter.sql_engine(client)
     if use_sql is None:
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        use_sql = isinstance(store, SqlAlchemyStore)
+        use_sql = engine is not None
     if use_sql:
-        return _sql_runs(store.engine, experiment_id, parent_run_id)
+        return _sql_runs(engine, experiment_id, parent_run_id)
     filter_string = f"tags.`{ROLE_TAG}` = 'trial'"
     if parent_run_id is not None:
         filter_string += f" and tags.`{PARENT_TAG}` = '{parent_run_id}'"
@@ -108,53 +110,32 @@ def _trial_runs(
         params.append(run.data.params)
         metrics.append(run.data.metrics)
     runs = pd.DataFrame(rows, columns=["trial_number", "status", "run_id", "_end"])
-    return (_typed_runs(runs), pd.DataFrame(params, index=pd.Index(ids, name="run_id")),
-            pd.DataFrame(metrics, index=pd.Index(ids, name="run_id"), dtype="float64"))
+    return (
+        _typed_runs(runs),
+        pd.DataFrame(params, index=pd.Index(ids, name="run_id")),
+        pd.DataFrame(metrics, index=pd.Index(ids, name="run_id"), dtype="float64"),
+    )
 
 
 def _sql_runs(engine: Any, experiment_id: str, parent_run_id: str | None) -> tuple[pd.DataFrame, ...]:
-    """:func:`_trial_runs` on MLflow's SQL tables (``runs``, ``tags``, ``params``,
-    ``latest_metrics``, declared by MLflow's own models): what ``search_runs`` returns for an
-    active run, without building an ORM object and an MLflow entity per tag, param and metric
-    (``search_runs`` builds ~800,000 of each at 10,000 trials; see docs/benchmarks.md)."""
-    import sqlalchemy as sa
-    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
-
-    run, tag = SqlRun.__table__, SqlTag.__table__
-    role = tag.alias("role")
-    chosen = (sa.select(run.c.run_uuid)
-              .join(role, sa.and_(role.c.run_uuid == run.c.run_uuid, role.c.key == ROLE_TAG, role.c.value == "trial"))
-              .where(run.c.experiment_id == int(experiment_id), run.c.lifecycle_stage == "active"))
-    if parent_run_id is not None:
-        parent = tag.alias("parent")
-        chosen = chosen.join(parent, sa.and_(parent.c.run_uuid == run.c.run_uuid, parent.c.key == PARENT_TAG,
-                                             parent.c.value == parent_run_id))
-    chosen = chosen.subquery()
-
-    def read(query: Any) -> pd.DataFrame:
-        with engine.connect() as connection:
-            result = connection.execute(query)
-            columns = list(result.keys())
-            return pd.DataFrame([tuple(row) for row in result.fetchall()], columns=columns)  # plain tuples: fast
-
-    runs = read(sa.select(run.c.run_uuid, run.c.end_time).join(chosen, chosen.c.run_uuid == run.c.run_uuid))
-    tags = read(sa.select(tag.c.run_uuid, tag.c.key, tag.c.value)
-                .join(chosen, chosen.c.run_uuid == tag.c.run_uuid).where(tag.c.key.in_([TRIAL_TAG, STATUS_TAG])))
-    param = SqlParam.__table__
-    params = read(sa.select(param.c.run_uuid, param.c.key, param.c.value)
-                  .join(chosen, chosen.c.run_uuid == param.c.run_uuid))
-    latest = SqlLatestMetric.__table__
-    metrics = read(sa.select(latest.c.run_uuid, latest.c.key, latest.c.value, latest.c.is_nan)
-                   .join(chosen, chosen.c.run_uuid == latest.c.run_uuid))
-
+    """:func:`_trial_runs` on MLflow's SQL tables (:func:`~sweeps.adapters.mlflow_adapter.read_trial_tables`):
+    what ``search_runs`` returns for an active run, without building an ORM object and an MLflow
+    entity per tag, param and metric (``search_runs`` builds ~800,000 of each at 10,000 trials;
+    see docs/benchmarks.md)."""
+    runs, tags, params, metrics = mlflow_adapter.read_trial_tables(
+        engine, experiment_id, parent_run_id, role_tag=ROLE_TAG, parent_tag=PARENT_TAG, tags=(TRIAL_TAG, STATUS_TAG)
+    )
     ids = pd.Index(runs["run_uuid"], name="run_id")
     wide_tags = _wide(tags, ids)
-    out = pd.DataFrame({
-        "trial_number": wide_tags.get(TRIAL_TAG, "-1"),
-        "status": wide_tags.get(STATUS_TAG),
-        "run_id": ids,
-        "_end": runs["end_time"].fillna(0).to_numpy(),
-    }, index=ids).reset_index(drop=True)
+    out = pd.DataFrame(
+        {
+            "trial_number": wide_tags.get(TRIAL_TAG, "-1"),
+            "status": wide_tags.get(STATUS_TAG),
+            "run_id": ids,
+            "_end": runs["end_time"].fillna(0).to_numpy(),
+        },
+        index=ids,
+    ).reset_index(drop=True)
     if not metrics.empty:
         metrics["value"] = metrics["value"].astype("float64").where(~metrics["is_nan"].astype(bool), float("nan"))
     return _typed_runs(out), _wide(params, ids), _wide(metrics, ids).astype("float64")
@@ -265,9 +246,14 @@ def results(
             runs = runs.sort_values("_end", kind="stable").drop_duplicates("trial_number", keep="last")
         runs = runs.sort_values("trial_number", kind="stable")
         runs.insert(0, "sweep", name)
-        frame = pd.concat([runs.reset_index(drop=True),
-                           params.reindex(runs["run_id"]).add_prefix("param:").reset_index(drop=True),
-                           metrics.reindex(runs["run_id"]).add_prefix("metric:").reset_index(drop=True)], axis=1)
+        frame = pd.concat(
+            [
+                runs.reset_index(drop=True),
+                params.reindex(runs["run_id"]).add_prefix("param:").reset_index(drop=True),
+                metrics.reindex(runs["run_id"]).add_prefix("metric:").reset_index(drop=True),
+            ],
+            axis=1,
+        )
         frame = frame.drop(columns="_end").dropna(axis=1, how="all").reset_index(drop=True)
 
         columns: dict[str, pd.Series] = {c: frame[c] for c in _ID_COLUMNS}
@@ -308,8 +294,13 @@ def summary_columns(frame: pd.DataFrame) -> list[str]:
     """The columns a person looks at first: trial number, status, objective, varied
     hyperparameters, measures (from ``frame.attrs``, see :func:`results`)."""
     roles = frame.attrs
-    wanted = ["trial_number", "status", *roles.get("objective", []), *roles.get("search_space", []),
-              *roles.get("measures", [])]
+    wanted = [
+        "trial_number",
+        "status",
+        *roles.get("objective", []),
+        *roles.get("search_space", []),
+        *roles.get("measures", []),
+    ]
     return [c for c in dict.fromkeys(wanted) if c in frame.columns]
 
 
@@ -327,8 +318,11 @@ def _live(tracking_uri: str, parent_run_id: str | None, objective: list[str]) ->
     table = read_live_table(metrics)
     if table.empty:
         return None
-    return {"target": live_target(objective), "n_models": table.attrs["n_models"],
-            "measures": table.reset_index().to_dict("records")}
+    return {
+        "target": live_target(objective),
+        "n_models": table.attrs["n_models"],
+        "measures": table.reset_index().to_dict("records"),
+    }
 
 
 def sweep_status(
@@ -350,7 +344,9 @@ def sweep_status(
     try:
         study = optuna.load_study(study_name=name, storage=search.make_storage(conn.storage))
     except KeyError:
-        raise SweepNotFoundError(f"name: no sweep named {name!r} in {redact(conn.storage)}; see `sweeps list`") from None
+        raise SweepNotFoundError(
+            f"name: no sweep named {name!r} in {redact(conn.storage)}; see `sweeps list`"
+        ) from None
     with _no_gc():
         # One read of the trials: the study's storage caches them, so the counts, the finished
         # trials and the best trials below come from that read (load_study does not read them).
@@ -400,14 +396,17 @@ def list_sweeps(*, storage: str | None = None, results_dir: str | Path | None = 
             study = optuna.load_study(study_name=frozen.study_name, storage=store)
             trials = study.get_trials(deepcopy=False)
             config = frozen.user_attrs.get("config", {})
-            rows.append({
-                "name": frozen.study_name,
-                "trials": len(trials),
-                "finished": len(search.finished_trials(study)),
-                "sampler": (config.get("search") or {}).get("sampler", "?"),
-                "objective": ",".join(
-                    f"{m}:{d.name.lower()}" for m, d in zip(frozen.user_attrs.get("objective", []), frozen.directions)
-                ),
-                "started": min((t.datetime_start for t in trials if t.datetime_start is not None), default=None),
-            })
+            rows.append(
+                {
+                    "name": frozen.study_name,
+                    "trials": len(trials),
+                    "finished": len(search.finished_trials(study)),
+                    "sampler": (config.get("search") or {}).get("sampler", "?"),
+                    "objective": ",".join(
+                        f"{m}:{d.name.lower()}"
+                        for m, d in zip(frozen.user_attrs.get("objective", []), frozen.directions)
+                    ),
+                    "started": min((t.datetime_start for t in trials if t.datetime_start is not None), default=None),
+                }
+            )
     return pd.DataFrame(rows, columns=["name", "trials", "finished", "sampler", "objective", "started"])

@@ -135,13 +135,19 @@ def print_table(table: pd.DataFrame, console: Any = None, title: str | None = No
     psi_cols = [c for c in table.columns if c.startswith("psi[")]
     rich_table = Table(title=title or f"How well each measure predicts {table.attrs.get('target', 'the target')}")
     for name in ["measure", "larger is", "n", "tau [CI]", "spearman", *psi_cols, "Psi [CI]", "CMI", "sign-err max"]:
-        rich_table.add_column(escape(name), justify="left" if name in ("measure", "larger is") else "right", no_wrap=name == "measure")
+        rich_table.add_column(
+            escape(name), justify="left" if name in ("measure", "larger is") else "right", no_wrap=name == "measure"
+        )
     for measure, row in table.iterrows():
         rich_table.add_row(
-            escape(str(measure)), str(row["orientation"]), str(row["n"]),
-            _fmt(row["tau"], (row["tau_ci_low"], row["tau_ci_high"])), _fmt(row["spearman"]),
+            escape(str(measure)),
+            str(row["orientation"]),
+            str(row["n"]),
+            _fmt(row["tau"], (row["tau_ci_low"], row["tau_ci_high"])),
+            _fmt(row["spearman"]),
             *[_fmt(row[c]) for c in psi_cols],
-            _fmt(row["Psi"], (row["Psi_ci_low"], row["Psi_ci_high"])), _fmt(row["cmi"], signed=False),
+            _fmt(row["Psi"], (row["Psi_ci_low"], row["Psi_ci_high"])),
+            _fmt(row["cmi"], signed=False),
             _fmt(row["sign_error_max"], signed=False),
         )
     console.print(rich_table)
@@ -202,8 +208,14 @@ def make_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = correlations(
-        df, target=target, measures=measures, hyperparameters=hyperparameters, n_boot=n_boot, seed=seed,
-        allow_incomplete_grid=allow_incomplete_grid, **correlation_options,
+        df,
+        target=target,
+        measures=measures,
+        hyperparameters=hyperparameters,
+        n_boot=n_boot,
+        seed=seed,
+        allow_incomplete_grid=allow_incomplete_grid,
+        **correlation_options,
     )
     report = Report(table=table, out_dir=out)
     report.files["csv"] = out / "correlations.csv"
@@ -258,10 +270,16 @@ def find_parent_run(name: str, tracking_uri: str | None = None, *, results_dir: 
     client = MlflowClient(tracking_uri=_tracking_uri(tracking_uri, results_dir))
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        raise LookupError(f"name: no sweep named {name!r} (MLflow experiment) in {redact(client.tracking_uri)}; "
-                          "check NAME and --tracking-uri")
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'",
-                              order_by=["attributes.start_time DESC"], max_results=100)
+        raise LookupError(
+            f"name: no sweep named {name!r} (MLflow experiment) in {redact(client.tracking_uri)}; "
+            "check NAME and --tracking-uri"
+        )
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{ROLE_TAG}` = 'parent'",
+        order_by=["attributes.start_time DESC"],
+        max_results=100,
+    )
     parents = [r for r in runs if PARENT_TAG not in r.data.tags]
     if not parents:
         raise LookupError(f"sweep {name!r}: experiment has no parent run (tag {ROLE_TAG}=parent)")
@@ -269,8 +287,12 @@ def find_parent_run(name: str, tracking_uri: str | None = None, *, results_dir: 
 
 
 def log_report(
-    report: Report, run_id: str, tracking_uri: str | None = None, artifact_path: str = "analysis",
-    *, results_dir: str | Path | None = None,
+    report: Report,
+    run_id: str,
+    tracking_uri: str | None = None,
+    artifact_path: str = "analysis",
+    *,
+    results_dir: str | Path | None = None,
 ) -> None:
     """Upload the report folder to MLflow run ``run_id`` under ``artifact_path`` and log summary metrics.
 
@@ -324,7 +346,11 @@ def report_sweep(
     if out_dir is None:
         from .connections import resolve
 
-        out_dir = resolve(tracking_uri=tracking_uri, results_dir=results_dir, create=False).results_dir / "reports" / _safe_name(name)
+        out_dir = (
+            resolve(tracking_uri=tracking_uri, results_dir=results_dir, create=False).results_dir
+            / "reports"
+            / _safe_name(name)
+        )
     out = Path(out_dir)
     report_options.setdefault("title", f"Sweep {name}: which measure predicts generalization?")
     report = make_report(df, out, **report_options)
@@ -335,6 +361,13 @@ def report_sweep(
 
 
 __all__ = [
-    "Report", "find_parent_run", "log_report", "make_report", "print_table", "psi_heatmap", "report_sweep",
-    "scatter_figure", "trend_figure",
+    "Report",
+    "find_parent_run",
+    "log_report",
+    "make_report",
+    "print_table",
+    "psi_heatmap",
+    "report_sweep",
+    "scatter_figure",
+    "trend_figure",
 ]

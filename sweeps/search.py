@@ -8,8 +8,10 @@ Rules:
 * One study per sweep name, created with the objective's direction(s). The sweep's resolved
   config and a fingerprint of it are kept as study user attrs (``config``, ``fingerprint``), so
   ``sweeps resume NAME`` needs no file. Reusing a name with another config is a
-  :class:`StudyConflictError` (CLI exit code 2). The fingerprint ignores ``resources`` and
-  ``search.n_trials``: a sweep may be resumed on other hardware or extended.
+  :class:`StudyConflictError` (CLI exit code 2). The fingerprint ignores ``resources``,
+  ``search.n_trials`` and ``train.checkpoint``: a sweep may be resumed on other hardware, extended,
+  or checkpointed at another cadence (and a study made before checkpoints existed keeps its
+  fingerprint).
 * Every trial carries a user attr ``status``, one of :class:`sweeps.status.TrialStatus` (that
   module says which Optuna state each is told as and why).
 * The budget counts *finished* trials: for a grid, each point is finished exactly once.
@@ -20,13 +22,11 @@ Rules:
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import math
 import os
 import warnings
-import weakref
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -34,13 +34,15 @@ from typing import Any, NamedTuple
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from .adapters import optuna_adapter
 from .connections import is_journal_storage, journal_path, redact, sync_on_checkpoint, use_wal
 from .status import TrialStatus, is_finished
 
 SAMPLERS = ("grid", "random", "tpe", "cmaes", "nsga2")
 
-# Fields that may change between runs of the same sweep (hardware, budget extension).
-_FINGERPRINT_EXCLUDES = (("resources",), ("search", "n_trials"))
+# Fields that may change between runs of the same sweep (hardware, budget extension, checkpoint
+# cadence: a trial continued from a checkpoint ends as one never interrupted).
+_FINGERPRINT_EXCLUDES = (("resources",), ("search", "n_trials"), ("train", "checkpoint"))
 
 
 class StudyConflictError(ValueError):
@@ -132,14 +134,6 @@ def n_trials(config: Any) -> int:
     raise ValueError(f"search.n_trials: required for sampler {config.search.sampler!r} (got None)")
 
 
-class _AskTellGridSampler(optuna.samplers.GridSampler):
-    """GridSampler for ask/tell: its ``after_trial`` calls ``study.stop()``, which raises outside
-    ``study.optimize``; the driver counts the budget itself, so that hook is dropped."""
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
-        return None
-
-
 def build_sampler(config: Any) -> optuna.samplers.BaseSampler:
     """The Optuna sampler named by ``config.search.sampler``, seeded by ``config.search.seed``.
 
@@ -148,7 +142,7 @@ def build_sampler(config: Any) -> optuna.samplers.BaseSampler:
     """
     kind, seed = config.search.sampler, config.search.seed
     if kind == "grid":
-        return _AskTellGridSampler(grid_space(config), seed=seed)
+        return optuna_adapter.AskTellGridSampler(grid_space(config), seed=seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "tpe":  # constant liar: the trials asked for a population are not all the same guess
@@ -181,7 +175,9 @@ def suggest_point(trial: optuna.Trial, config: Any) -> dict[str, Any]:
         elif getattr(dim, "values", None) is not None:
             point[name] = trial.suggest_categorical(name, list(dim.values))
         elif _is_int_dim(config, name, dim):
-            point[name] = trial.suggest_int(name, int(dim.low), int(dim.high), step=int(dim.step or 1), log=bool(dim.log))
+            point[name] = trial.suggest_int(
+                name, int(dim.low), int(dim.high), step=int(dim.step or 1), log=bool(dim.log)
+            )
         else:
             step = None if dim.log else dim.step
             point[name] = trial.suggest_float(name, float(dim.low), float(dim.high), step=step, log=bool(dim.log))
@@ -198,6 +194,15 @@ def validate_search(config: Any) -> None:
         raise ValueError(f"objective.directions: one per metric ({len(metrics)} metrics, got {len(directions)})")
     if len(metrics) > 1 and config.search.sampler == "cmaes":
         raise ValueError("search.sampler: cmaes is single-objective; use nsga2, tpe or random for several metrics")
+
+
+def name_taken(name: str, storage: str, stored: str | None, fingerprint: str) -> str:
+    """The message of a sweep name taken by a study of another config."""
+    return (
+        f"name: a sweep named {name!r} already exists in {redact(storage)} with another config "
+        f"(fingerprint {stored} != {fingerprint}); continue it with `sweeps resume {name}` "
+        "or choose a new name with --name NEW_NAME"
+    )
 
 
 def open_study(config: Any, storage: str, *, resume: bool = False) -> optuna.Study:
@@ -221,11 +226,7 @@ def open_study(config: Any, storage: str, *, resume: bool = False) -> optuna.Stu
         study = optuna.load_study(study_name=name, storage=store, sampler=build_sampler(config))
         stored = study.user_attrs.get("fingerprint")
         if stored != fingerprint:
-            raise StudyConflictError(
-                f"name: a sweep named {name!r} already exists in {redact(storage)} with another config "
-                f"(fingerprint {stored} != {fingerprint}); continue it with `sweeps resume {name}` "
-                "or choose a new name with --name NEW_NAME"
-            )
+            raise StudyConflictError(name_taken(name, storage, stored, fingerprint))
         # n_trials may be extended: keep the latest resolved config for `sweeps resume`.
         study.set_user_attr("config", resolved)
         return study
@@ -253,9 +254,7 @@ def stored_config(name: str, storage: str) -> dict[str, Any]:
     try:
         study = optuna.load_study(study_name=name, storage=make_storage(storage))
     except KeyError:
-        raise StudyConflictError(
-            f"name: no sweep named {name!r} in {redact(storage)}; see `sweeps list`"
-        ) from None
+        raise StudyConflictError(f"name: no sweep named {name!r} in {redact(storage)}; see `sweeps list`") from None
     return dict(study.user_attrs["config"])
 
 
@@ -279,7 +278,8 @@ def status_counts(study: optuna.Study) -> dict[str, int]:
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Trials that count towards the budget: finished with a status other than ``interrupted``."""
     return [
-        t for t in study.get_trials(deepcopy=False)
+        t
+        for t in study.get_trials(deepcopy=False)
         if t.state.is_finished() and t.user_attrs.get("status") != TrialStatus.INTERRUPTED
     ]
 
@@ -297,8 +297,13 @@ def objective_names(study: optuna.Study) -> list[str]:
     return list(study.user_attrs.get("objective") or study.metric_names or [])
 
 
-def tell(study: optuna.Study, trial_number: int, status: str, metrics: Mapping[str, float],
-         objective: Sequence[str] | None = None) -> Told:
+def tell(
+    study: optuna.Study,
+    trial_number: int,
+    status: str,
+    metrics: Mapping[str, float],
+    objective: Sequence[str] | None = None,
+) -> Told:
     """Tell the study how trial ``trial_number`` ended.
 
     A converged/not-converged trial whose objective metric is missing or not finite is told
@@ -307,7 +312,7 @@ def tell(study: optuna.Study, trial_number: int, status: str, metrics: Mapping[s
     it when not given (the driver passes it: a study read per trial costs a query).
     """
     state = TrialStatus(status).optuna_state if is_finished(status) else TrialState.FAIL
-    storage, trial_id = _trial_storage(study, trial_number)
+    storage, trial_id = optuna_adapter.trial_storage(study, trial_number)
     values = None
     if state == TrialState.COMPLETE:
         names = objective_names(study) if objective is None else list(objective)
@@ -316,44 +321,18 @@ def tell(study: optuna.Study, trial_number: int, status: str, metrics: Mapping[s
             values = [float(v) for v in raw]
         else:
             missing = [n for n, v in zip(names, raw) if v is None or not math.isfinite(float(v))]
-            storage.set_trial_user_attr(trial_id, "fail_reason", f"objective metric(s) missing or not finite: {missing}")
+            storage.set_trial_user_attr(
+                trial_id, "fail_reason", f"objective metric(s) missing or not finite: {missing}"
+            )
             state = TrialState.FAIL
     storage.set_trial_user_attr(trial_id, "status", status)
     study.tell(trial_number, values, state=state, skip_if_finished=True)
     return Told(state, values)
 
 
-def _trial_storage(study: optuna.Study, trial_number: int) -> tuple[optuna.storages.BaseStorage, int]:
-    """The study's storage and its id of trial ``trial_number``: to set user attrs on a trial that
-    the caller knows by number only.
-
-    Optuna has no public API for that. User attrs are set through ``optuna.Trial.set_user_attr``
-    on the ``Trial`` that ``study.ask()`` returned, but the driver passes trial numbers, and a
-    RUNNING trial left by a killed driver has no ``Trial`` object at all (``optuna.Trial``'s
-    constructor would run the sampler's ``before_trial`` again); ``Study.tell`` takes a number but
-    no user attrs, and a finished trial can no longer be changed. The storage methods used with
-    the result are public (:class:`optuna.storages.BaseStorage`); reaching the study's storage is
-    not: ``Study._storage`` is the one private Optuna name in ``sweeps``.
-    """
-    storage, study_id = _study_storage(study)
-    return storage, storage.get_trial_id_from_study_id_trial_number(study_id, trial_number)
-
-
-# The id of a study in its storage, per Study object: fixed for the object's life, and a query
-# to look up (the driver needs it at every trial).
-_STUDY_IDS: weakref.WeakKeyDictionary[optuna.Study, int] = weakref.WeakKeyDictionary()
-
-
-def _study_storage(study: optuna.Study) -> tuple[optuna.storages.BaseStorage, int]:
-    """The study's storage and the study's id in it (see :func:`_trial_storage` for why)."""
-    storage = study._storage  # private: no public accessor of a study's storage (Optuna 5.0)
-    if study not in _STUDY_IDS:
-        _STUDY_IDS[study] = storage.get_study_id_from_name(study.study_name)
-    return storage, _STUDY_IDS[study]
-
-
-def start_trial(study: optuna.Study, point: Mapping[str, Any],
-                distributions: Mapping[str, optuna.distributions.BaseDistribution]) -> optuna.Trial:
+def start_trial(
+    study: optuna.Study, point: Mapping[str, Any], distributions: Mapping[str, optuna.distributions.BaseDistribution]
+) -> optuna.Trial:
     """A RUNNING trial at ``point``, written in one storage transaction.
 
     Asking for a grid point the public way (``enqueue_trial``, ``ask``, one ``suggest_*`` per
@@ -363,51 +342,23 @@ def start_trial(study: optuna.Study, point: Mapping[str, Any],
     attr of an enqueued trial, so the grid sampler never scans the study for it (its
     ``before_trial`` returns at once) and :func:`interrupt` re-enqueues it whole.
     """
-    storage, study_id = _study_storage(study)
-    template = FrozenTrial(
-        number=0, state=TrialState.RUNNING, value=None, datetime_start=datetime.datetime.now(), datetime_complete=None,
-        params=dict(point), distributions=dict(distributions), user_attrs={}, system_attrs={"fixed_params": dict(point)},
-        intermediate_values={}, trial_id=0,
-    )
-    return optuna.Trial(study, storage.create_new_trial(study_id, template_trial=template))
+    return optuna_adapter.create_running_trial(study, point, distributions)
 
 
 def interrupt(study: optuna.Study, trial: FrozenTrial | int) -> bool:
     """Mark a RUNNING trial ``interrupted`` (told FAIL) and re-enqueue its point for a later run.
 
-    Returns ``False`` when there was no point to re-enqueue (see :func:`_assigned_point`)."""
+    Returns ``False`` when there was no point to re-enqueue (see :func:`sweeps.adapters.optuna_adapter.assigned_point`)."""
     number = trial if isinstance(trial, int) else trial.number
-    storage, trial_id = _trial_storage(study, number)
+    storage, trial_id = optuna_adapter.trial_storage(study, number)
     frozen = storage.get_trial(trial_id) if isinstance(trial, int) else trial
     storage.set_trial_user_attr(trial_id, "status", TrialStatus.INTERRUPTED.value)
     if frozen.state == TrialState.RUNNING:
         study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
-    point = _assigned_point(study, frozen)
+    point = optuna_adapter.assigned_point(study, frozen)
     if point is not None:
         study.enqueue_trial(point, user_attrs={"retry_of": frozen.number}, skip_if_exists=False)
     return point is not None
-
-
-def _assigned_point(study: optuna.Study, frozen: FrozenTrial) -> dict[str, Any] | None:
-    """The point a trial was given, also when its driver died between ``ask`` and the last
-    ``suggest_*`` (the params stored so far are then a part of it).
-
-    An enqueued point is whole in the ``fixed_params`` system attribute; the grid sampler fixes
-    the point at ``ask`` (``grid_id``, stored after ``search_space``) and gives the rest of it
-    again. ``None`` for a grid trial that had no point yet: nothing to re-run, and a partial point
-    would make the grid sampler raise at the next ``ask``. Other samplers draw missing params afresh.
-    """
-    attrs = frozen.system_attrs
-    point = {**attrs.get("fixed_params", {}), **frozen.params}
-    if not isinstance(study.sampler, optuna.samplers.GridSampler):
-        return point
-    if "grid_id" not in attrs:  # enqueued (whole in fixed_params) or no point yet
-        return point or None
-    for name, values in attrs["search_space"].items():
-        if name not in point:
-            distribution = optuna.distributions.CategoricalDistribution(values)
-            point[name] = study.sampler.sample_independent(study, frozen, name, distribution)
-    return point
 
 
 def stale_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -7,7 +7,9 @@ a write.
 
 Layout:
 
-* experiment = sweep name (artifacts under ``<results dir>/mlartifacts`` for local stores);
+* experiment = sweep name (artifacts under ``<results dir>/mlartifacts/<name>`` for local stores),
+  tagged ``mlflow.experimentKind = custom_model_development`` (:data:`EXPERIMENT_KIND`, a
+  model-training experiment), and linked to in the UI's Model training view (:func:`ui_links`);
 * parent run (tags ``sweeps.sweep``, ``sweeps.role=parent``, ``sweeps.git_commit``,
   ``sweeps.versions.<package>``; artifacts ``config.yaml`` and ``resolved_config.json``; the
   flattened config as params);
@@ -37,6 +39,49 @@ from .status import TrialStatus
 ROLE_TAG, SWEEP_TAG, STATUS_TAG, TRIAL_TAG = "sweeps.role", "sweeps.sweep", "status", "optuna.trial_number"
 PARENT_TAG = "mlflow.parentRunId"
 _BATCH = 100  # MLflow's per-request limit on params (metrics: 1000)
+#: Experiment tag of MLflow 3's UI (``mlflow.experimentKind`` in its bundle): this kind is "Model
+#: training". MLflow 3.17's UI honours it only with its GenAI / Model training switch off; the switch
+#: is on by default and opens every experiment in its GenAI view, whatever the tag, so the links of
+#: :func:`ui_links` also select Model training (:data:`UI_WORKFLOW`).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+#: The UI's URL parameter that selects its Model training view (runs, metrics, artifacts).
+UI_WORKFLOW = "workflowType=machine_learning"
+
+
+def ui_links(base_url: str, experiment_id: str, parent_run_id: str | None = None) -> dict[str, str]:
+    """Links into the MLflow UI at ``base_url``, in its Model training view: ``runs``, the
+    experiment's runs table (``#/experiments/<id>/runs``), and ``parent``, the sweep's parent run
+    page (``#/experiments/<id>/runs/<run id>``)."""
+    base = f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    links = {"runs": f"{base}?{UI_WORKFLOW}"}
+    if parent_run_id:
+        links["parent"] = f"{base}/{parent_run_id}?{UI_WORKFLOW}"
+    return links
+
+
+#: Where ``mlflow ui`` serves by default (the address :func:`ui_hint` gives for a local store).
+MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"
+
+
+def ui_hint(tracking_uri: str, parent_run_id: str | None) -> str:
+    """One line saying where the sweep of ``parent_run_id`` is in the MLflow UI: against a tracking
+    server its runs table and parent run (:func:`ui_links`); for a local store the ``mlflow ui``
+    command to start and the same links on :data:`MLFLOW_UI_DEFAULT`. ``""`` without a parent run."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not parent_run_id:
+        return ""
+    experiment_id = MlflowClient(tracking_uri=tracking_uri).get_run(parent_run_id).info.experiment_id
+    parts = urlsplit(tracking_uri)
+    if parts.scheme in ("http", "https"):
+        netloc = parts.netloc.rpartition("@")[2]  # no credentials in a printed link
+        links = ui_links(urlunsplit((parts.scheme, netloc, parts.path, "", "")), experiment_id, parent_run_id)
+        return f"mlflow: runs {links['runs']} ; parent run {links['parent']}"
+    links = ui_links(MLFLOW_UI_DEFAULT, experiment_id, parent_run_id)
+    return (
+        f"mlflow: `mlflow ui --backend-store-uri {redact(tracking_uri)}`, then runs {links['runs']} ; "
+        f"parent run {links['parent']}"
+    )
 
 
 def _now_ms() -> int:
@@ -47,7 +92,9 @@ def git_commit(cwd: str | Path | None = None) -> str:
     """The current git commit (with ``-dirty``), or ``unknown`` outside a repository."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "-uno"], cwd=cwd, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if sha.returncode != 0:
@@ -94,9 +141,11 @@ class Tracker:
             if not create:
                 return None
             location = f"{self.artifact_root}/{name}" if self.artifact_root else None
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
         if experiment.lifecycle_stage == "deleted":
             self.client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND[0] not in experiment.tags:  # made by an older version
+            self.client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
         return experiment.experiment_id
 
     def start_parent(
@@ -154,7 +203,10 @@ class Tracker:
             self.client.log_batch(run_id, params=items[start : start + _BATCH], synchronous=True)
 
     def log_metrics(
-        self, run_id: str, records: Iterable[tuple[Mapping[str, float], int, int]], tags: Mapping[str, str] | None = None
+        self,
+        run_id: str,
+        records: Iterable[tuple[Mapping[str, float], int, int]],
+        tags: Mapping[str, str] | None = None,
     ) -> None:
         """Log ``(metrics, step, timestamp_ms)`` records in batches (non-numeric values skipped); ``tags``
         go with the last batch."""
@@ -234,4 +286,13 @@ class Tracker:
         return [r.info.run_id for r in runs]
 
 
-__all__ = ["Tracker", "git_commit", "package_versions"]
+__all__ = [
+    "EXPERIMENT_KIND",
+    "MLFLOW_UI_DEFAULT",
+    "UI_WORKFLOW",
+    "Tracker",
+    "git_commit",
+    "package_versions",
+    "ui_hint",
+    "ui_links",
+]

@@ -41,6 +41,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -49,6 +50,7 @@ from torch import Tensor, nn
 
 from landscape._functional import training_mode
 
+from . import checkpoint as checkpoints
 from .config import TrainConfig
 from .data import Dataset
 from .population import SHARED_TRAIN_FIELDS, Stack, module_stack_reason
@@ -92,6 +94,8 @@ class TrainResult:
             eos_ratio).
         init_state: the model's ``state_dict`` before the first step (cloned).
         reason: one line on why training stopped.
+        resumes: times this training continued from a checkpoint (:mod:`sweeps.checkpoint`);
+            ``seconds`` then counts the training time up to each checkpoint plus the last run's.
     """
 
     status: TrialStatus
@@ -103,6 +107,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     init_state: dict[str, Tensor] = field(repr=False)
     reason: str = ""
+    resumes: int = 0
 
 
 @torch.no_grad()
@@ -134,7 +139,9 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
         return lambda t: cfg.step_gamma ** sum(t >= m for m in marks)
     if cfg.schedule == "cosine":
         return cosine
-    return lambda t: (t + 1) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup)))
+    return lambda t: (
+        (t + 1) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup)))
+    )
 
 
 def _has_random_or_batch_modules(model: nn.Module) -> bool:
@@ -203,8 +210,6 @@ def _cross_entropies(outputs: Tensor, labels: Tensor) -> Tensor:
     return -log_p.gather(0, labels.unsqueeze(0)).squeeze(0)
 
 
-
-
 @dataclass(frozen=True)
 class TrainingRecord:
     """One record of training as it is streamed: an epoch's evaluation or a tracking point.
@@ -243,13 +248,16 @@ class _Member:
     running: float = math.nan  # moving average of mini-batch losses
     latest: tuple[float, float] = (math.nan, 0.0)  # the most recent full eval
     checked: tuple[float, float] | None = None  # full eval at the current weights
+    resumes: int = 0  # times continued from a checkpoint
 
     def lr(self, step: int) -> float:
         return self.cfg.lr * self.factor(step)
 
     def reached(self, loss: float, acc: float) -> bool:
         stop = self.cfg.stop
-        return (stop.train_loss is not None and loss <= stop.train_loss) or (stop.train_acc is not None and acc >= stop.train_acc)
+        return (stop.train_loss is not None and loss <= stop.train_loss) or (
+            stop.train_acc is not None and acc >= stop.train_acc
+        )
 
     def near(self, loss: float, acc: float) -> bool:
         stop = self.cfg.stop
@@ -264,9 +272,17 @@ class _Member:
 class _Population:
     """The training loop of :func:`train_population` over the live members (stack rows)."""
 
-    def __init__(self, models: Sequence[nn.Module], data: Dataset, cfgs: Sequence[TrainConfig],
-                 seeds: Sequence[int], log: LogMemberFn | None, on_result: ResultFn | None,
-                 stop: StopFn | None = None):
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        data: Dataset,
+        cfgs: Sequence[TrainConfig],
+        seeds: Sequence[int],
+        log: LogMemberFn | None,
+        on_result: ResultFn | None,
+        stop: StopFn | None = None,
+        checkpoint_paths: Sequence[Path] | None = None,
+    ):
         self.start = time.perf_counter()
         self.data, self.log, self.on_result, self.stop = data, log, on_result, stop
         cfg = cfgs[0]
@@ -277,8 +293,15 @@ class _Population:
         self.steps_per_epoch = math.ceil(n / self.batch)
         self.mode_free = not _has_random_or_batch_modules(models[0])
         self.live = [
-            _Member(i, model, c, torch.Generator().manual_seed(seed), _Tracker(c, LOSSES[c.loss], data.x_train, data.y_train, seed),
-                    lr_factor(c, self.steps_per_epoch), {k: v.detach().clone() for k, v in model.state_dict().items()})
+            _Member(
+                i,
+                model,
+                c,
+                torch.Generator().manual_seed(seed),
+                _Tracker(c, LOSSES[c.loss], data.x_train, data.y_train, seed),
+                lr_factor(c, self.steps_per_epoch),
+                {k: v.detach().clone() for k, v in model.state_dict().items()},
+            )
             for i, (model, c, seed) in enumerate(zip(models, cfgs, seeds))
         ]
         self.stack = Stack(models, cfgs)
@@ -286,6 +309,8 @@ class _Population:
         self.results: list[TrainResult | None] = [None] * len(models)
         self.pending: dict[int, tuple[TrialStatus, str, int]] = {}  # row -> how it leaves
         self.step = 0
+        self.saver = checkpoints.Cadence(cfg.checkpoint, checkpoint_paths)
+        self.resumed: tuple[int, int | None, Tensor | None] | None = None  # epoch, next batch, orders (restore)
 
     # --- evaluations ----------------------------------------------------------------------
     @torch.no_grad()
@@ -313,12 +338,26 @@ class _Population:
         for row, (te_loss, te_acc) in zip(rows, tests):
             m = self.live[row]
             tr_loss, tr_acc = m.checked if m.checked is not None else fresh[row]
-            self.emit(m, {"kind": "epoch", "step": self.step, "epoch": epoch, "train_loss": tr_loss, "train_acc": tr_acc,
-                          "test_loss": te_loss, "test_acc": te_acc, "lr": m.lr(self.step),
-                          "seconds": time.perf_counter() - self.start})
+            self.emit(
+                m,
+                {
+                    "kind": "epoch",
+                    "step": self.step,
+                    "epoch": epoch,
+                    "train_loss": tr_loss,
+                    "train_acc": tr_acc,
+                    "test_loss": te_loss,
+                    "test_acc": te_acc,
+                    "lr": m.lr(self.step),
+                    "seconds": time.perf_counter() - self.start,
+                },
+            )
 
     def emit(self, m: _Member, record: dict[str, Any]) -> None:
         m.history.append(record)
+        self._send(m, record)
+
+    def _send(self, m: _Member, record: dict[str, Any]) -> None:
         if self.log is not None:
             values = {k: float(v) for k, v in record.items() if k not in ("kind", "step")}
             self.log(m.index, TrainingRecord(record["kind"], record["step"], values))
@@ -331,7 +370,10 @@ class _Population:
             if row not in self.pending and m.tracker.due(self.step):
                 self.stack.write_to(row)
                 lr = m.lr(self.step)
-                self.emit(m, {"kind": "track", "step": self.step, "epoch": epoch, "lr": lr, **m.tracker(m.model, self.step, lr)})
+                self.emit(
+                    m,
+                    {"kind": "track", "step": self.step, "epoch": epoch, "lr": lr, **m.tracker(m.model, self.step, lr)},
+                )
 
     # --- leaving the stack ----------------------------------------------------------------
     def leave(self, row: int, status: TrialStatus, reason: str, epoch: int) -> None:
@@ -358,9 +400,16 @@ class _Population:
             self.record([row], epoch)
         last = m.history[-1]
         result = TrainResult(
-            status=status, epochs=epoch, steps=self.step, seconds=time.perf_counter() - self.start,
-            track_seconds=m.tracker.seconds, final={k: last[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
-            history=m.history, init_state=m.init_state, reason=reason,
+            status=status,
+            epochs=epoch,
+            steps=self.step,
+            seconds=time.perf_counter() - self.start,
+            track_seconds=m.tracker.seconds,
+            final={k: last[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
+            history=m.history,
+            init_state=m.init_state,
+            reason=reason,
+            resumes=m.resumes,
         )
         self.results[m.index] = result
         if self.on_result is not None:
@@ -376,8 +425,26 @@ class _Population:
 
     # --- the loop -------------------------------------------------------------------------
     def run(self) -> list[TrainResult]:
+        if self.resumed is None:
+            epoch = self._start()
+        else:
+            epoch, batch, orders = self.resumed
+            for member in self.live:  # the curve so far, again
+                for record in member.history:
+                    self._send(member, record)
+            if batch is not None:  # stopped inside epoch `epoch`: finish it
+                self._mini_batch_epoch(epoch, batch, orders)
+                self._end_epoch(epoch)
+        while self.live:
+            epoch += 1
+            (self._full_batch_epoch if self.full else self._mini_batch_epoch)(epoch)
+            self._end_epoch(epoch)
+        return self.results  # type: ignore[return-value]
+
+    def _start(self) -> int:
+        """Epoch 0: the initial evaluation, tracking and checks; returns 0."""
         self.record(range(len(self.live)), 0)
-        for row, m in enumerate(self.live):
+        for m in self.live:
             m.init_loss = m.running = m.history[-1]["train_loss"]
             m.checked = m.latest = (m.init_loss, m.history[-1]["train_acc"])
         self.track(0)
@@ -387,20 +454,21 @@ class _Population:
             elif m.reached(*m.checked):
                 self.leave(row, TrialStatus.CONVERGED, "the target was met at initialization", 0)
         self.settle()
-        epoch = 0
-        while self.live:
-            epoch += 1
-            (self._full_batch_epoch if self.full else self._mini_batch_epoch)(epoch)
-            rows = [r for r, m in enumerate(self.live) if epoch % m.cfg.eval_every_epochs == 0]
-            self.record(rows, epoch)
-            for row, m in enumerate(self.live):
-                if epoch >= m.cfg.max_epochs:
-                    no_target = m.cfg.stop.train_loss is None and m.cfg.stop.train_acc is None
-                    status = TrialStatus.CONVERGED if no_target else TrialStatus.NOT_CONVERGED
-                    self.leave(row, status, f"max_epochs={m.cfg.max_epochs} reached", epoch)
-            self.stop_requested(epoch)
-            self.settle()
-        return self.results  # type: ignore[return-value]
+        return 0
+
+    def _end_epoch(self, epoch: int) -> None:
+        """After an epoch's steps: its records, ``max_epochs``, pruning, leaving, checkpoint."""
+        rows = [r for r, m in enumerate(self.live) if epoch % m.cfg.eval_every_epochs == 0]
+        self.record(rows, epoch)
+        for row, m in enumerate(self.live):
+            if epoch >= m.cfg.max_epochs:
+                no_target = m.cfg.stop.train_loss is None and m.cfg.stop.train_acc is None
+                status = TrialStatus.CONVERGED if no_target else TrialStatus.NOT_CONVERGED
+                self.leave(row, status, f"max_epochs={m.cfg.max_epochs} reached", epoch)
+        self.stop_requested(epoch)
+        self.settle()
+        if self.saver.due(epoch, epoch_end=True):
+            checkpoints.capture(self, epoch, None, None)
 
     def _train_step(self, x: Tensor, y: Tensor) -> list[float]:
         """One optimizer step of every live member on its batch ``x [K, B, ...]``, ``y [K, B]``;
@@ -410,14 +478,19 @@ class _Population:
         self.step += 1
         return losses.tolist()
 
-    def _mini_batch_epoch(self, epoch: int) -> None:
+    def _mini_batch_epoch(self, epoch: int, first: int = 0, orders: Tensor | None = None) -> None:
+        """One epoch of mini-batch steps, from its batch ``first`` with the data ``orders``
+        ``[K, n]`` of a checkpoint (default: the whole epoch, orders drawn here)."""
         x, y, b = self.data.x_train, self.data.y_train, self.batch
-        orders = torch.stack([torch.randperm(len(y), generator=m.gen) for m in self.live]).to(y.device)
+        if orders is None:
+            orders = torch.stack([torch.randperm(len(y), generator=m.gen) for m in self.live]).to(y.device)
         check_every = max(1, self.steps_per_epoch // 4)
-        for i in range(self.steps_per_epoch):
+        for i in range(first, self.steps_per_epoch):
             idx = orders[:, i * b : (i + 1) * b]
             flat_idx = idx.reshape(-1)
-            losses = self._train_step(x.index_select(0, flat_idx).view(*idx.shape, *x.shape[1:]), y.index_select(0, flat_idx).view(idx.shape))
+            losses = self._train_step(
+                x.index_select(0, flat_idx).view(*idx.shape, *x.shape[1:]), y.index_select(0, flat_idx).view(idx.shape)
+            )
             for row, (m, loss) in enumerate(zip(self.live, losses)):
                 m.checked = None
                 if m.diverged(loss):
@@ -426,7 +499,11 @@ class _Population:
                     m.running = 0.9 * m.running + 0.1 * loss
             self.track(epoch)
             if i < self.steps_per_epoch - 1 and (i + 1) % check_every == 0:
-                near = [r for r, m in enumerate(self.live) if r not in self.pending and (m.near(*m.latest) or m.near(m.running, 0.0))]
+                near = [
+                    r
+                    for r, m in enumerate(self.live)
+                    if r not in self.pending and (m.near(*m.latest) or m.near(m.running, 0.0))
+                ]
                 for row, ev in zip(near, self.evaluate(near, x, y)):
                     m = self.live[row]
                     m.checked = m.latest = ev
@@ -437,6 +514,8 @@ class _Population:
                 if not self.live:
                     return
                 orders = orders[keep]
+            if self.saver.due(epoch, epoch_end=False):
+                checkpoints.capture(self, epoch, i + 1, orders)
         for row, ev in enumerate(self.evaluate(range(len(self.live)), x, y)):
             m = self.live[row]
             m.checked = m.latest = ev
@@ -455,7 +534,9 @@ class _Population:
             m = self.live[row]
             m.checked = ev
             if m.diverged(ev[0]):
-                self.leave(row, TrialStatus.DIVERGED, f"train loss {ev[0]:.4g} at step {self.step}", epoch - 1)  # this pass only evaluated
+                self.leave(
+                    row, TrialStatus.DIVERGED, f"train loss {ev[0]:.4g} at step {self.step}", epoch - 1
+                )  # this pass only evaluated
             elif m.reached(*ev):
                 self.leave(row, TrialStatus.CONVERGED, f"target met at step {self.step}", epoch - 1)
         keep = self.settle()
@@ -476,7 +557,9 @@ class _Population:
         grad, totals, correct = None, [0.0] * k, [0.0] * k
         for i in range(0, n, chunk):
             part = y[i : i + chunk].expand(k, -1)
-            g, losses, out = self.stack.gradient(self.loss_fn, x[i : i + chunk], part, shared=True, weight=part.shape[1] / n)
+            g, losses, out = self.stack.gradient(
+                self.loss_fn, x[i : i + chunk], part, shared=True, weight=part.shape[1] / n
+            )
             grad = g.clone() if grad is None else grad.add_(g)
             totals = [t + l * part.shape[1] for t, l in zip(totals, losses.tolist())]
             correct = [c + h for c, h in zip(correct, member_hits(out, part).tolist())]
@@ -492,6 +575,8 @@ def train_population(
     log: LogMemberFn | None = None,
     on_result: ResultFn | None = None,
     stop: StopFn | None = None,
+    checkpoint_paths: Sequence[Path] | None = None,
+    resume: Sequence[dict[str, Any]] | None = None,
 ) -> list[TrainResult]:
     """Train K models of one shape as one stack, each by its own config; :func:`train` is K = 1.
 
@@ -509,23 +594,40 @@ def train_population(
             :func:`sweeps.population.module_stack_reason`).
         cfgs: one per model, equal in :data:`sweeps.population.SHARED_TRAIN_FIELDS`.
         seeds: mini-batch order (and tracking subset) seed per model.
+        checkpoint_paths: one file per model where it checkpoints (:mod:`sweeps.checkpoint`)
+            as ``cfgs[0].checkpoint`` says; ``None``: no checkpoints.
+        resume: one loaded checkpoint per model (:func:`sweeps.checkpoint.load`), all at one
+            position: training continues from there exactly (the models are built as for a
+            start; their weights and every state are replaced). Each member's ``log`` first
+            receives its records so far again.
 
     Returns:
         The members' :class:`TrainResult`, in the order of ``models``. A member's ``seconds``
         is the wall time from the population's start to its exit.
     """
     if not (len(models) == len(cfgs) == len(seeds) >= 1):
-        raise ValueError(f"need as many models, cfgs and seeds, at least one (got {len(models)}, {len(cfgs)}, {len(seeds)})")
+        raise ValueError(
+            f"need as many models, cfgs and seeds, at least one (got {len(models)}, {len(cfgs)}, {len(seeds)})"
+        )
     shared = [c.model_dump(include=set(SHARED_TRAIN_FIELDS)) for c in cfgs]
     for i, s in enumerate(shared[1:], 1):
         diff = sorted(k for k in s if s[k] != shared[0][k])
         if diff:
-            raise ValueError(f"cfgs[{i}].{diff[0]}: differs from cfgs[0] (a population shares {', '.join(SHARED_TRAIN_FIELDS)})")
+            raise ValueError(
+                f"cfgs[{i}].{diff[0]}: differs from cfgs[0] (a population shares {', '.join(SHARED_TRAIN_FIELDS)})"
+            )
     if len(models) > 1:
         reason = module_stack_reason(models[0])
         if reason is not None:
             raise ValueError(f"these models do not stack: {reason}")
-    return _Population(models, data, cfgs, seeds, log, on_result, stop).run()
+    if checkpoint_paths is not None and len(checkpoint_paths) != len(models):
+        raise ValueError(f"checkpoint_paths: need one per model (got {len(checkpoint_paths)} for {len(models)})")
+    if resume is not None and len(resume) != len(models):
+        raise ValueError(f"resume: need one checkpoint per model (got {len(resume)} for {len(models)})")
+    population = _Population(models, data, cfgs, seeds, log, on_result, stop, checkpoint_paths)
+    if resume is not None:
+        checkpoints.restore(population, resume)
+    return population.run()
 
 
 def train(

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import checkpoint as checkpoints
 from .config import SweepConfig
 from .data import Dataset, load_dataset
 from .models import build_model, count_parameters
@@ -37,7 +38,8 @@ class TrialResult:
             ``diverged`` or ``pruned`` (no measures).
         metrics: final scalars: train_loss, train_acc, test_loss, test_acc, gen_gap (test error
             - train error), epochs, steps, train_seconds (tracking included), track_seconds,
-            n_train, n_test, num_params, and every measure key with its ``<name>_seconds``.
+            n_train, n_test, num_params, and every measure key with its ``<name>_seconds``;
+            ``resumes`` (times training continued from a checkpoint) only when it did.
         history: per-epoch and tracking records in step order, each with ``"step"`` and
             ``"kind"`` (``"epoch"`` or ``"track"``).
         artifacts: files written into ``out_dir``, by name: ``history.json``, ``result.json``,
@@ -101,6 +103,7 @@ def run_trial(
     log: Callable[[dict[str, float], int], None] | None = None,
     out_dir: str | Path | None = None,
     device: str | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> TrialResult:
     """Train the model of ``config`` to convergence and measure its landscape: a population of
     one (:func:`run_population`).
@@ -113,13 +116,22 @@ def run_trial(
         out_dir: if given, history, result, plots and arrays are written there.
         device: torch device; default ``"cuda"`` when available, else ``"cpu"``. On CPU the
             trial uses ``resources.cpus_per_trial`` torch threads (restored afterwards).
+        checkpoint_dir: if given, the trial checkpoints there and continues from its checkpoint
+            (see :func:`run_population`).
 
     Returns:
         :class:`TrialResult`. Divergence is ``status="diverged"``, not an exception.
     """
     member_log = None if log is None else (lambda _, record: log(record.values, record.step))
     out_dirs = None if out_dir is None else [out_dir]
-    return run_population([config], on_result=lambda _, __: None, log=member_log, out_dirs=out_dirs, device=device)[0]
+    return run_population(
+        [config],
+        on_result=lambda _, __: None,
+        log=member_log,
+        out_dirs=out_dirs,
+        device=device,
+        checkpoint_dir=checkpoint_dir,
+    )[0]
 
 
 def run_population(
@@ -132,6 +144,7 @@ def run_population(
     on_error: Callable[[int, str], None] | None = None,
     on_trained: Callable[[int, TrainedMember], None] | None = None,
     stop: Callable[[int], str | None] | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> list[TrialResult | None]:
     """Train the models of ``configs`` as one population and measure each as it finishes.
 
@@ -158,6 +171,11 @@ def run_population(
             ``on_result``.
         stop: ``stop(i)`` after each epoch: a reason to stop member i now (status ``pruned``,
             no measures) or ``None``; see :func:`~sweeps.train.train_population`.
+        checkpoint_dir: if given (and ``train.checkpoint`` not off), each member checkpoints
+            to its file under it (:func:`sweeps.checkpoint.checkpoint_path`) and a member with a
+            checkpoint there continues from it, exactly. Members whose checkpoints are at
+            different positions (none counts as one) train as successive populations, the
+            furthest first. Each member's ``log`` first receives its records so far again.
 
     Returns:
         The members' :class:`TrialResult`, in the order of ``configs`` (``None`` for members
@@ -171,14 +189,16 @@ def run_population(
     keys = [population_key(c) for c in configs]
     for i, key in enumerate(keys[1:], 1):
         if key != keys[0]:
-            raise ValueError(f"configs[{i}]: its shape key differs from configs[0]'s (dataset, model, shared train fields, resources)")
+            raise ValueError(
+                f"configs[{i}]: its shape key differs from configs[0]'s (dataset, model, shared train fields, resources)"
+            )
     if len(configs) > 1 and (reason := stack_check(configs[0])) is not None:
         raise ValueError(f"configs do not stack: {reason}")
     if out_dirs is not None and len(out_dirs) != len(configs):
         raise ValueError(f"out_dirs: need one per config (got {len(out_dirs)} for {len(configs)})")
     device = device or _default_device()
     with _cpu_threads(configs[0].resources.cpus_per_trial if device == "cpu" else None):
-        return _run(configs, on_result, log, out_dirs, device, on_error, on_trained, stop)
+        return _run(configs, on_result, log, out_dirs, device, on_error, on_trained, stop, checkpoint_dir)
 
 
 @contextlib.contextmanager
@@ -194,10 +214,17 @@ def _cpu_threads(cpus: float | None) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def _run(configs: list[SweepConfig], on_result: Callable[[int, TrialResult], None],
-         log: Callable[[int, TrainingRecord], None] | None, out_dirs: Sequence[str | Path] | None, device: str,
-         on_error: Callable[[int, str], None] | None, on_trained: Callable[[int, TrainedMember], None] | None,
-         stop: Callable[[int], str | None] | None) -> list[TrialResult | None]:
+def _run(
+    configs: list[SweepConfig],
+    on_result: Callable[[int, TrialResult], None],
+    log: Callable[[int, TrainingRecord], None] | None,
+    out_dirs: Sequence[str | Path] | None,
+    device: str,
+    on_error: Callable[[int, str], None] | None,
+    on_trained: Callable[[int, TrainedMember], None] | None,
+    stop: Callable[[int], str | None] | None,
+    checkpoint_dir: str | Path | None,
+) -> list[TrialResult | None]:
     data = load_dataset(configs[0].dataset).to(device)
     models = [build_model(c.model, data.input_shape, data.num_classes, seed=c.seed).to(device) for c in configs]
     results: list[TrialResult | None] = [None] * len(configs)
@@ -218,11 +245,41 @@ def _run(configs: list[SweepConfig], on_result: Callable[[int, TrialResult], Non
             return
         on_result(i, results[i])
 
-    with torch.random.fork_rng(devices=_cuda_indices(device)):
-        torch.manual_seed(configs[0].seed)  # dropout masks (only a population of one has dropout)
-        train_population(models, data, [c.train for c in configs], seeds=[c.seed for c in configs], log=log,
-                         on_result=finished, stop=stop)
+    paths = states = None
+    if checkpoint_dir is not None and configs[0].train.checkpoint.enabled:
+        paths = [checkpoints.checkpoint_path(checkpoint_dir, c) for c in configs]
+        states = [checkpoints.load(p, key=p.stem) for p in paths]
+    for group, resume in _by_position(states, len(configs)):
+        with torch.random.fork_rng(devices=_cuda_indices(device)):
+            torch.manual_seed(configs[group[0]].seed)  # dropout masks (only a population of one has dropout)
+            train_population(
+                [models[i] for i in group],
+                data,
+                [configs[i].train for i in group],
+                seeds=[configs[i].seed for i in group],
+                log=None if log is None else (lambda j, record, group=group: log(group[j], record)),
+                on_result=lambda j, trained, group=group: finished(group[j], trained),
+                stop=None if stop is None else (lambda j, group=group: stop(group[j])),
+                checkpoint_paths=None if paths is None else [paths[i] for i in group],
+                resume=resume,
+            )
     return results
+
+
+def _by_position(
+    states: Sequence[dict[str, Any] | None] | None, k: int
+) -> list[tuple[list[int], list[dict[str, Any]] | None]]:
+    """Members grouped by their checkpoint's position (step, epoch, batch), the furthest first,
+    those without one last: ``[(member indices, their checkpoints or None)]``."""
+    if states is None or all(s is None for s in states):
+        return [(list(range(k)), None)]
+    groups: dict[Any, list[int]] = {}
+    for i, s in enumerate(states):
+        groups.setdefault(
+            None if s is None else (s["step"], s["epoch"], -1 if s["batch"] is None else s["batch"]), []
+        ).append(i)
+    order = sorted((key for key in groups if key is not None), reverse=True) + ([None] if None in groups else [])
+    return [(groups[key], None if key is None else [states[i] for i in groups[key]]) for key in order]
 
 
 @dataclass
@@ -241,7 +298,9 @@ class TrainedMember:
     state: dict[str, torch.Tensor]
 
 
-def measure_trained(member: TrainedMember, *, out_dir: str | Path | None = None, device: str | None = None) -> TrialResult:
+def measure_trained(
+    member: TrainedMember, *, out_dir: str | Path | None = None, device: str | None = None
+) -> TrialResult:
     """The measures and files of a member trained elsewhere: the same :class:`TrialResult` that
     :func:`run_population` gives a member measured in place (the data and model are rebuilt
     from the config; the data is cached per process)."""
@@ -250,7 +309,9 @@ def measure_trained(member: TrainedMember, *, out_dir: str | Path | None = None,
         data = load_dataset(config.dataset).to(device)
         model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
         model.load_state_dict(member.state)
-        trained = dataclasses.replace(member.trained, init_state={k: v.to(device) for k, v in member.trained.init_state.items()})
+        trained = dataclasses.replace(
+            member.trained, init_state={k: v.to(device) for k, v in member.trained.init_state.items()}
+        )
         return _measured(config, data, model.to(device), trained, out_dir)
 
 
@@ -259,24 +320,40 @@ def _has_measures(config: SweepConfig, trained: TrainResult) -> bool:
     return bool(config.measure) and trained.status not in (TrialStatus.DIVERGED, TrialStatus.PRUNED)
 
 
-def _measured(config: SweepConfig, data: Dataset, model: torch.nn.Module, trained: TrainResult, out_dir: str | Path | None) -> TrialResult:
+def _measured(
+    config: SweepConfig, data: Dataset, model: torch.nn.Module, trained: TrainResult, out_dir: str | Path | None
+) -> TrialResult:
     """A trained member's final metrics, landscape measures (not for diverged models) and files."""
     f = trained.final
     metrics: dict[str, float] = {
         **f,
         "gen_gap": (1 - f["test_acc"]) - (1 - f["train_acc"]),
-        "epochs": trained.epochs, "steps": trained.steps,
-        "train_seconds": trained.seconds, "track_seconds": trained.track_seconds,
-        "n_train": data.n_train, "n_test": data.n_test, "num_params": count_parameters(model),
+        "epochs": trained.epochs,
+        "steps": trained.steps,
+        "train_seconds": trained.seconds,
+        "track_seconds": trained.track_seconds,
+        "n_train": data.n_train,
+        "n_test": data.n_test,
+        "num_params": count_parameters(model),
     }
+    if trained.resumes:
+        metrics["resumes"] = trained.resumes
     results: dict[str, Any] = {}
     if _has_measures(config, trained):
         from landscape.metrics import measure
 
-        metrics.update(measure(
-            model, LOSSES[config.train.loss], measure_batches(data, config), config.measure, seed=config.seed,
-            options=config.measure_options, init_state=trained.init_state, artifacts=results,
-        ))
+        metrics.update(
+            measure(
+                model,
+                LOSSES[config.train.loss],
+                measure_batches(data, config),
+                config.measure,
+                seed=config.seed,
+                options=config.measure_options,
+                init_state=trained.init_state,
+                artifacts=results,
+            )
+        )
     metrics = {k: float(v) for k, v in metrics.items()}
     result = TrialResult(trained.status, metrics, trained.history, {}, config, trained.reason)
     if out_dir is not None:
@@ -315,7 +392,12 @@ def _plot_training(history: list[dict[str, Any]]) -> Any:
         ax = axes[2]
         ax.plot([r["step"] for r in tracks], [r["hessian_top_eig"] for r in tracks], label="lambda_max (subset)")
         if "eos_ratio" in tracks[0]:
-            ax.plot([r["step"] for r in tracks], [r["hessian_top_eig"] / r["eos_ratio"] for r in tracks], "--", label="(2 + 2 momentum) / lr")
+            ax.plot(
+                [r["step"] for r in tracks],
+                [r["hessian_top_eig"] / r["eos_ratio"] for r in tracks],
+                "--",
+                label="(2 + 2 momentum) / lr",
+            )
         ax.set(xlabel="step", ylabel="top Hessian eigenvalue")
         ax.legend()
     fig.tight_layout()
@@ -341,8 +423,14 @@ def _measure_files(name: str, value: Any, out_dir: Path) -> dict[str, Path]:
         surface = surfaces[0]
         files[f"{name}.npz"] = out_dir / f"{name}.npz"
         acc = {} if surface.accuracy is None else {"accuracy": surface.accuracy}
-        np.savez(files[f"{name}.npz"], alphas=surface.alphas, betas=surface.betas, loss=surface.loss,
-                 center_loss=surface.center_loss, **acc)
+        np.savez(
+            files[f"{name}.npz"],
+            alphas=surface.alphas,
+            betas=surface.betas,
+            loss=surface.loss,
+            center_loss=surface.center_loss,
+            **acc,
+        )
         files[f"{name}.png"] = out_dir / f"{name}.png"
         _save_figure(plots.plot_surface_2d(surface, title=name), files[f"{name}.png"])
         return files

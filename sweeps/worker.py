@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .adapters.ray_adapter import put_nowait_async
 from .status import TrialStatus
 
 TrialFn = Callable[..., Any]
@@ -113,7 +114,7 @@ class MetricStream:
 
         if self.buffer and self.queue is not None:
             try:
-                sent = self.queue.actor.put_nowait.remote((self.trial_number, self.buffer))
+                sent = put_nowait_async(self.queue, (self.trial_number, self.buffer))
                 if wait:
                     ray.get(sent)
             except ray.exceptions.RayError:  # the queue is restarting: live curve points are best effort
@@ -137,8 +138,9 @@ def read_artifacts(artifacts: Mapping[str, Any] | None, out_dir: Path) -> dict[s
     return files
 
 
-def _record(index: int, result: Any | None, tb: str | None, out_dir: Path, started: float,
-            node: Mapping[str, str]) -> dict[str, Any]:
+def _record(
+    index: int, result: Any | None, tb: str | None, out_dir: Path, started: float, node: Mapping[str, str]
+) -> dict[str, Any]:
     """What the driver receives for member ``index``: its result, its failure (``tb``), or its
     trained weights to measure (``"trained"``: a :class:`~sweeps.trial.TrainedMember`)."""
     from .trial import TrainedMember
@@ -151,17 +153,32 @@ def _record(index: int, result: Any | None, tb: str | None, out_dir: Path, start
         status = str(result.status)
         metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
         artifacts = read_artifacts(result.artifacts, out_dir)
-    return {"index": index, "status": status, "metrics": metrics, "artifacts": artifacts, "traceback": tb,
-            "seconds": time.perf_counter() - started, **node}
+    return {
+        "index": index,
+        "status": status,
+        "metrics": metrics,
+        "artifacts": artifacts,
+        "traceback": tb,
+        "seconds": time.perf_counter() - started,
+        **node,
+    }
 
 
-def _members(trial_fn: TrialFn | None, configs: Sequence[Any], streams: Sequence[MetricStream],
-             out_dirs: Sequence[Path], device: str | None, measure_apart: bool = False,
-             stop: StopPoll | None = None) -> Iterator[tuple[int, Any | None, str | None]]:
+def _members(
+    trial_fn: TrialFn | None,
+    configs: Sequence[Any],
+    streams: Sequence[MetricStream],
+    out_dirs: Sequence[Path],
+    device: str | None,
+    measure_apart: bool = False,
+    stop: StopPoll | None = None,
+    checkpoint_dir: str | None = None,
+) -> Iterator[tuple[int, Any | None, str | None]]:
     """``(index, result, None)`` per member as it finishes, ``(index, None, traceback)`` per failure.
 
     With ``measure_apart`` a member with measures to compute comes as ``(index, TrainedMember,
-    None)``; ``stop`` is the population's :class:`StopPoll`.
+    None)``; ``stop`` is the population's :class:`StopPoll`; ``checkpoint_dir`` where members
+    checkpoint and find their checkpoints (:mod:`sweeps.checkpoint`).
 
     A population trains in a thread (its results arrive by callback); a replacement ``trial_fn``
     runs its single trial here. An exception that escapes the population fails the members that
@@ -181,9 +198,15 @@ def _members(trial_fn: TrialFn | None, configs: Sequence[Any], streams: Sequence
     def train() -> None:
         try:
             run_population(
-                configs, on_result=lambda i, r: done.put((i, r, None)), on_error=lambda i, tb: done.put((i, None, tb)),
-                log=lambda i, record: streams[i].record(record), out_dirs=out_dirs, device=device,
-                on_trained=(lambda i, member: done.put((i, member, None))) if measure_apart else None, stop=stop,
+                configs,
+                on_result=lambda i, r: done.put((i, r, None)),
+                on_error=lambda i, tb: done.put((i, None, tb)),
+                log=lambda i, record: streams[i].record(record),
+                out_dirs=out_dirs,
+                device=device,
+                on_trained=(lambda i, member: done.put((i, member, None))) if measure_apart else None,
+                stop=stop,
+                checkpoint_dir=checkpoint_dir,
             )
         except Exception:
             done.put((None, None, traceback.format_exc()))
@@ -216,28 +239,31 @@ def population_task(
     device: str | None,
     measure_apart: bool = False,
     stop_board: Any = None,
+    checkpoint_dir: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Body of the Ray task (a streaming generator) training the trials ``numbers`` with ``configs``.
 
     Yields one record per member (see the module docstring), in the order they finish, and never
     raises for a trial's own exception: that member's record is ``failed`` with its traceback.
     With ``measure_apart`` a member to measure is yielded as its trained weights (for
-    :func:`measure_task`); ``stop_board`` is the driver's :class:`StopBoard` (pruning).
+    :func:`measure_task`); ``stop_board`` is the driver's :class:`StopBoard` (pruning);
+    ``checkpoint_dir`` the folder (shared by the cluster) where the members checkpoint and a
+    re-run member finds its checkpoint (:mod:`sweeps.checkpoint`; ``None``: no checkpoints).
     """
     streams = [MetricStream(queue, n) for n in numbers]
     out_dirs = [Path(tempfile.mkdtemp(prefix=f"sweeps-trial-{n}-")) for n in numbers]
     started, node = _task_start(tracking_uri, cpus)
     stop = None if stop_board is None else StopPoll(stop_board, numbers)
     try:
-        for index, result, tb in _members(trial_fn, configs, streams, out_dirs, device, measure_apart, stop):
+        for index, result, tb in _members(
+            trial_fn, configs, streams, out_dirs, device, measure_apart, stop, checkpoint_dir
+        ):
             streams[index].flush(wait=True)
             yield _record(index, result, tb, out_dirs[index], started, node)
             shutil.rmtree(out_dirs[index], ignore_errors=True)
     finally:
         for out_dir in out_dirs:
             shutil.rmtree(out_dir, ignore_errors=True)
-
-
 
 
 def measure_task(trained: Mapping[str, Any], tracking_uri: str, cpus: float, device: str | None) -> dict[str, Any]:
@@ -272,5 +298,14 @@ def _task_start(tracking_uri: str, cpus: float) -> tuple[float, dict[str, str]]:
     return time.perf_counter(), {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
 
 
-__all__ = ["FLUSH_SECONDS", "MAX_ARTIFACT_BYTES", "STOP_POLL_SECONDS", "MetricStream", "StopBoard", "StopPoll",
-           "measure_task", "population_task", "read_artifacts"]
+__all__ = [
+    "FLUSH_SECONDS",
+    "MAX_ARTIFACT_BYTES",
+    "STOP_POLL_SECONDS",
+    "MetricStream",
+    "StopBoard",
+    "StopPoll",
+    "measure_task",
+    "population_task",
+    "read_artifacts",
+]

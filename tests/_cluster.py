@@ -163,7 +163,9 @@ class Postgres:
         try:
             cls._connect().close()
         except Exception as err:  # psycopg2.OperationalError, or psycopg2 missing
-            message = f"PostgreSQL on {PG_HOST}:{PG_PORT} (user {PG_USER}, database {PG_ADMIN_DB}) is unreachable: {err}"
+            message = (
+                f"PostgreSQL on {PG_HOST}:{PG_PORT} (user {PG_USER}, database {PG_ADMIN_DB}) is unreachable: {err}"
+            )
             if os.environ.get("CI"):
                 pytest.fail(message + " -- CI must provide it (.ci/run starts it)", pytrace=False)
             pytest.skip(message + " (start it, e.g. `pg_ctlcluster 15 main start`)")
@@ -237,10 +239,19 @@ class RayNodes:
             "--metrics-export-port": free_port(),
         }
         argv = [
-            sys.executable, "-m", "ray.scripts.scripts", "start", *role_args,
-            "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            *role_args,
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
             f"--object-store-memory={self.object_store_mb * 2**20}",
-            f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block", f"--resources={json.dumps({name: 1})}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+            "--block",
+            f"--resources={json.dumps({name: 1})}",
             *(f"{flag}={port}" for flag, port in ports.items()),
         ]
         return spawn(name, argv, self.env(), self.root)
@@ -262,12 +273,18 @@ class RayNodes:
                 node.stop()
             raise RuntimeError("\n".join(f"ray start ({n.name}) exited:\n{n.output()}" for n in dead))
 
-    def start_head(self, num_cpus: int = 0) -> Process:
+    def start_head(self, num_cpus: int = 0, name: str = "head") -> Process:
+        """Start the head; its temp dir is ``root/name`` (``name="ray"`` with ``RAY_TMPDIR=root``
+        makes it the machine's default cluster for processes given that environment)."""
         role = [
-            "--head", f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
+            "--head",
+            f"--port={self.port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
         ]
-        head = self._spawn("head", role, num_cpus)
+        head = self._spawn(name, role, num_cpus)
         self._wait_started([head])
         self.head = head
         return head
@@ -275,9 +292,7 @@ class RayNodes:
     def add_workers(self, count: int, num_cpus: int = 1) -> list[Process]:
         """Start ``count`` worker nodes at once; returns when all joined."""
         first = len(self.workers) + 1
-        new = [
-            self._spawn(f"worker{i}", [f"--address={self.address}"], num_cpus) for i in range(first, first + count)
-        ]
+        new = [self._spawn(f"worker{i}", [f"--address={self.address}"], num_cpus) for i in range(first, first + count)]
         self._wait_started(new)
         self.workers.extend(new)
         return new
@@ -330,8 +345,11 @@ class RayNodes:
     def python(self, code: str, timeout: float = 120) -> str:
         """Run ``code`` in a fresh Python connected to nothing yet (it calls ray.init itself)."""
         done = subprocess.run(
-            [sys.executable, "-c", code], env=self.env(RAY_ADDRESS=self.address),
-            capture_output=True, text=True, timeout=timeout,
+            [sys.executable, "-c", code],
+            env=self.env(RAY_ADDRESS=self.address),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if done.returncode != 0:
             raise RuntimeError(f"probe failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
@@ -368,10 +386,21 @@ class MlflowServer:
 
     def spawn(self) -> None:
         argv = [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", self.backend_uri,
-            "--artifacts-destination", str(self.artifacts_dir),
-            "--serve-artifacts", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            self.backend_uri,
+            "--artifacts-destination",
+            str(self.artifacts_dir),
+            "--serve-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
         ]
         self.process = spawn(f"mlflow-{self.port}", argv, clean_env(), self.log_dir)
 

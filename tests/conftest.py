@@ -17,9 +17,7 @@ def make_classifier(activation: str = "tanh", *, seed: int = 0, width: int = 8, 
     """MLP 4 -> width -> width -> 3 (P = 139 for width 8) in ``dtype``."""
     torch.manual_seed(seed)
     act = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
-    return nn.Sequential(
-        nn.Linear(4, width), act(), nn.Linear(width, width), act(), nn.Linear(width, 3)
-    ).to(dtype)
+    return nn.Sequential(nn.Linear(4, width), act(), nn.Linear(width, width), act(), nn.Linear(width, 3)).to(dtype)
 
 
 def make_batches(seed: int = 1, sizes=BATCH_SIZES, dtype=torch.float64) -> list[tuple[Tensor, Tensor]]:

@@ -11,7 +11,6 @@ import pytest
 from scipy import stats
 
 import sweeps
-
 from sweeps.analysis import (
     IncompleteGridError,
     _ordered_pair_table,
@@ -49,7 +48,7 @@ def test_tau_b_equals_scipy_with_ties_and_bootstrap_counts_equal_resampled_data(
     counts = np.stack([np.bincount(i, minlength=30) for i in idx])
     expected = [stats.kendalltau(x[i], y[i], variant="b").statistic for i in idx]
     np.testing.assert_allclose(kendall_tau_b(x, y, counts), expected, atol=1e-12)
-    monkeypatch.setattr("sweeps.analysis.DENSE_PAIRS_MAX", 10)  # the large-sweep path gives the same
+    monkeypatch.setattr("sweeps.analysis.ranks.DENSE_PAIRS_MAX", 10)  # the large-sweep path gives the same
     np.testing.assert_allclose(kendall_tau_b(x, y, counts), expected, atol=1e-12)
 
 
@@ -58,7 +57,9 @@ def test_correlations_tau_and_spearman_match_scipy_on_a_sweep():
     lrs = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
     gaps = {lr: g for lr, g in zip(lrs, rng.permutation(7) / 10)}
     mus = {lr: m for lr, m in zip(lrs, [1, 1, 2, 3, 3, 5, 4])}  # ties in the measure
-    df = grid_frame({"train.lr": lrs}, lambda p, s: gaps[p["train.lr"]], {"hessian_top_eig": lambda p, s: mus[p["train.lr"]]})
+    df = grid_frame(
+        {"train.lr": lrs}, lambda p, s: gaps[p["train.lr"]], {"hessian_top_eig": lambda p, s: mus[p["train.lr"]]}
+    )
     table = correlations(df, n_boot=0)
     mu, g = df["hessian_top_eig"].to_numpy(), df["gen_gap"].to_numpy()
     row = table.loc["hessian_top_eig"]
@@ -104,7 +105,8 @@ def test_cmi_zero_for_independent_measure_and_one_for_the_target_itself():
     values = {"h.a": [1, 2, 3, 4], "h.b": [1, 2, 3]}
     gap = lambda p, s: p["h.a"] + 0.01 * p["h.b"]  # noqa: E731
     df = grid_frame(
-        values, gap,
+        values,
+        gap,
         {
             "same": gap,
             "monotone": lambda p, s: math.exp(3 * gap(p, s)),
@@ -132,7 +134,11 @@ def test_cmi_hand_value_and_random_measure_is_small():
     assert score == pytest.approx(mi / 1.0) and given == ()
 
     rng = np.random.default_rng(3)
-    df = grid_frame({"h.a": list(range(12)), "h.b": list(range(10))}, lambda p, s: rng.normal(), {"noise": lambda p, s: rng.normal()})
+    df = grid_frame(
+        {"h.a": list(range(12)), "h.b": list(range(10))},
+        lambda p, s: rng.normal(),
+        {"noise": lambda p, s: rng.normal()},
+    )
     assert 0 <= correlations(df, measures=["noise"], n_boot=0).loc["noise", "cmi"] < 0.02
 
 
@@ -142,11 +148,16 @@ def test_cmi_hand_value_and_random_measure_is_small():
 def test_robust_sign_error_on_a_crafted_environment():
     # One environment (lr 0.1 vs 1.0), two seeds each -> 4 pairs of runs, n_test = 1000.
     runs = [  # lr, seed, gap, measure
-        (0.1, 0, 0.10, 1.0), (0.1, 1, 0.12, 1.0), (1.0, 0, 0.20, 2.0), (1.0, 1, 0.05, 3.0),
+        (0.1, 0, 0.10, 1.0),
+        (0.1, 1, 0.12, 1.0),
+        (1.0, 0, 0.20, 2.0),
+        (1.0, 1, 0.05, 3.0),
     ]
     df = pd.DataFrame(
-        [{"train.lr": lr, "seed": s, "gen_gap": g, "hessian_top_eig": m, "status": "converged", "n_test": 1000}
-         for lr, s, g, m in runs]
+        [
+            {"train.lr": lr, "seed": s, "gen_gap": g, "hessian_top_eig": m, "status": "converged", "n_test": 1000}
+            for lr, s, g, m in runs
+        ]
     )
     w = lambda dg: max(0.0, 1 - 2 * math.exp(-1000 * dg**2 / 2)) ** 2  # noqa: E731
     # (0.10, 0.20): agree, w = 0.973; (0.12, 0.20): agree, w = 0.843;
@@ -182,7 +193,9 @@ def test_sign_error_max_is_taken_over_environments_per_hyperparameter():
 
 def test_incomplete_grid_raises_naming_the_missing_cells():
     values = {"train.lr": [0.01, 0.1, 1.0], "train.batch_size": [32, 256]}
-    df = grid_frame(values, lambda p, s: p["train.lr"] * p["train.batch_size"], {"hessian_top_eig": lambda p, s: p["train.lr"]})
+    df = grid_frame(
+        values, lambda p, s: p["train.lr"] * p["train.batch_size"], {"hessian_top_eig": lambda p, s: p["train.lr"]}
+    )
     df.loc[(df["train.lr"] == 1.0) & (df["train.batch_size"] == 32), "status"] = "diverged"
     df = df[~((df["train.lr"] == 0.01) & (df["train.batch_size"] == 256))]  # never run
     with pytest.raises(IncompleteGridError) as err:
@@ -226,11 +239,13 @@ def test_flatter_metric_gets_its_sign_flipped(monkeypatch):
     monkeypatch.setitem(METRICS, "toy_flatness", Metric("toy_flatness", "flatter", lambda ctx: 0.0))
     values = {"train.lr": [0.01, 0.1, 1.0], "train.batch_size": [16, 64]}
     gap = lambda p, s: p["train.lr"] + p["train.batch_size"] / 100  # noqa: E731
-    flat = lambda p, s: -gap(p, s) ** 3  # larger = flatter = smaller gap: agrees with the hypothesis  # noqa: E731
+    flat = lambda p, s: -(gap(p, s) ** 3)  # larger = flatter = smaller gap: agrees with the hypothesis  # noqa: E731
     df = grid_frame(values, gap, {"toy_flatness": flat, "as_is": flat})
     table = correlations(df, measures=["toy_flatness", "as_is"], n_boot=0)
     assert table.loc["toy_flatness", "orientation"] == "flatter" and table.loc["toy_flatness", "sign"] == -1
-    assert table.loc["toy_flatness", "tau"] == pytest.approx(1.0) and table.loc["toy_flatness", "Psi"] == pytest.approx(1.0)
+    assert table.loc["toy_flatness", "tau"] == pytest.approx(1.0) and table.loc["toy_flatness", "Psi"] == pytest.approx(
+        1.0
+    )
     assert table.loc["toy_flatness", "sign_error_max"] == 0.0
     assert table.loc["as_is", "orientation"] == "neither" and table.loc["as_is", "tau"] == pytest.approx(-1.0)
     assert "orientation unknown" in table.loc["as_is", "note"]
@@ -243,9 +258,16 @@ def test_flatter_metric_gets_its_sign_flipped(monkeypatch):
 
 
 def test_default_measures_are_registered_metric_columns():
-    df = grid_frame({"train.lr": [0.1, 1.0, 2.0]}, lambda p, s: p["train.lr"],
-                    {"hessian_top_eig": lambda p, s: p["train.lr"], "hessian_top_eig_seconds": lambda p, s: 1.0,
-                     "hessian_spectrum_trace": lambda p, s: p["train.lr"], "wall_time": lambda p, s: 3.0})
+    df = grid_frame(
+        {"train.lr": [0.1, 1.0, 2.0]},
+        lambda p, s: p["train.lr"],
+        {
+            "hessian_top_eig": lambda p, s: p["train.lr"],
+            "hessian_top_eig_seconds": lambda p, s: 1.0,
+            "hessian_spectrum_trace": lambda p, s: p["train.lr"],
+            "wall_time": lambda p, s: 3.0,
+        },
+    )
     table = correlations(df, n_boot=0)
     assert list(table.index) == ["hessian_top_eig", "hessian_spectrum_trace"]
     assert table.loc["hessian_spectrum_trace", "orientation"] == "sharper"
@@ -257,8 +279,11 @@ def test_default_measures_are_registered_metric_columns():
 def test_bootstrap_intervals_contain_the_estimate_and_shrink_with_more_models():
     def table(n_b):
         rng = np.random.default_rng(n_b)
-        df = grid_frame({"h.a": [1, 2, 3, 4, 5], "h.b": list(range(n_b))}, lambda p, s: p["h.a"] + rng.normal(0, 2),
-                        {"hessian_top_eig": lambda p, s: 0})
+        df = grid_frame(
+            {"h.a": [1, 2, 3, 4, 5], "h.b": list(range(n_b))},
+            lambda p, s: p["h.a"] + rng.normal(0, 2),
+            {"hessian_top_eig": lambda p, s: 0},
+        )
         df["hessian_top_eig"] = df["gen_gap"] + rng.normal(0, 1.5, len(df))
         return correlations(df, n_boot=300, seed=0).loc["hessian_top_eig"]
 
@@ -292,9 +317,18 @@ def test_in_training_metrics_are_not_taken_for_hyperparameters():
     """``track.<metric>`` columns (last value tracked during training) vary like a hyperparameter
     but are metrics: the default hyperparameters and the grid check must ignore them."""
     rng = np.random.default_rng(0)
-    rows = [{"train.lr": lr, "model.width": w, "gen_gap": g, "hessian_top_eig": g + 0.01 * rng.random(),
-             "track.hessian_top_eig": rng.random(), "status": "converged", "n_test": 1000}
-            for (lr, w), g in zip(itertools.product([0.1, 0.2], [8, 16]), [0.1, 0.2, 0.3, 0.4])]
+    rows = [
+        {
+            "train.lr": lr,
+            "model.width": w,
+            "gen_gap": g,
+            "hessian_top_eig": g + 0.01 * rng.random(),
+            "track.hessian_top_eig": rng.random(),
+            "status": "converged",
+            "n_test": 1000,
+        }
+        for (lr, w), g in zip(itertools.product([0.1, 0.2], [8, 16]), [0.1, 0.2, 0.3, 0.4])
+    ]
     table = sweeps.correlations(pd.DataFrame(rows), measures=["hessian_top_eig"], n_boot=10)
     assert table.attrs["hyperparameters"] == ["train.lr", "model.width"]
     assert table.attrs["grid_complete"]
@@ -311,19 +345,31 @@ def test_hyperparameter_effects_by_hand():
     def gap(p, s):
         return 0.1 + (p["train.lr"] if p["model.width"] == 64 else -p["train.lr"]) + 0.001 * s
 
-    frame = grid_frame(values, gap, {"hessian_top_eig": lambda p, s: math.log(size.get(p["train.batch_size"], p["train.batch_size"])) - p["train.lr"]},
-                       seeds=(0, 1))
+    frame = grid_frame(
+        values,
+        gap,
+        {
+            "hessian_top_eig": lambda p, s: (
+                math.log(size.get(p["train.batch_size"], p["train.batch_size"])) - p["train.lr"]
+            )
+        },
+        seeds=(0, 1),
+    )
     table = hyperparameter_effects(frame, ["hessian_top_eig", "gen_gap"], values={"train.batch_size": size}, n_boot=200)
     assert table.loc[("train.batch_size", "hessian_top_eig"), "tau"] == 1.0
     assert table.loc[("train.lr", "hessian_top_eig"), "tau"] == -1.0
     assert table.loc[("train.lr", "hessian_top_eig"), ["tau_ci_low", "tau_ci_high"]].tolist() == [-1.0, -1.0]
     assert table.loc[("train.lr", "gen_gap"), "tau"] == pytest.approx(0.0)
-    assert table.loc[("train.lr", "gen_gap"), "n_groups"] == 6 and table.loc[("model.width", "gen_gap"), "n_groups"] == 9
+    assert (
+        table.loc[("train.lr", "gen_gap"), "n_groups"] == 6 and table.loc[("model.width", "gen_gap"), "n_groups"] == 9
+    )
     # one group of width: (lr, batch) fixed, width 64 vs 256 -> gap falls at every lr
     assert table.loc[("model.width", "gen_gap"), "tau"] == -1.0
     one = frame[(frame["model.width"] == 64) & (frame["train.batch_size"] == 32)].groupby("train.lr")["gen_gap"].mean()
     assert stats.kendalltau(one.index, one.to_numpy()).statistic == pytest.approx(1.0)
-    assert table.loc[("train.batch_size", "gen_gap"), "tau"] != table.loc[("train.batch_size", "gen_gap"), "tau"]  # NaN: constant in every group
+    assert (
+        table.loc[("train.batch_size", "gen_gap"), "tau"] != table.loc[("train.batch_size", "gen_gap"), "tau"]
+    )  # NaN: constant in every group
     with pytest.raises(ValueError, match=r"train.batch_size='full' is not a number.*values="):
         hyperparameter_effects(frame, ["hessian_top_eig"])
 

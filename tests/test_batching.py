@@ -15,14 +15,28 @@ pytestmark = pytest.mark.lowest  # .ci/lowest runs this module on the lowest ver
 
 
 def grid_config(population_size="auto"):
-    space = {"model.width": {"values": [8, 16]}, "train.lr": {"values": [0.05, 0.1, 0.2]}, "seed": {"values": [0, 1, 2]}}
-    return load_config({"name": "split", "dataset": {"name": "digits", "train_size": 64}, "model": {"name": "mlp", "width": 8},
-                        "train": {"max_epochs": 1}, "measure": [], "search": {"sampler": "grid", "space": space},
-                        "resources": {"population_size": population_size}})
+    space = {
+        "model.width": {"values": [8, 16]},
+        "train.lr": {"values": [0.05, 0.1, 0.2]},
+        "seed": {"values": [0, 1, 2]},
+    }
+    return load_config(
+        {
+            "name": "split",
+            "dataset": {"name": "digits", "train_size": 64},
+            "model": {"name": "mlp", "width": 8},
+            "train": {"max_epochs": 1},
+            "measure": [],
+            "search": {"sampler": "grid", "space": space},
+            "resources": {"population_size": population_size},
+        }
+    )
 
 
-@pytest.mark.parametrize(("setting", "slots", "sizes"), [("auto", 2, [5, 4, 5, 4]), ("auto", 1, [9, 9]), ("auto", 4, [3, 3, 3, 3, 3, 3]),
-                                                         (4, 2, [4, 4, 1, 4, 4, 1])])
+@pytest.mark.parametrize(
+    ("setting", "slots", "sizes"),
+    [("auto", 2, [5, 4, 5, 4]), ("auto", 1, [9, 9]), ("auto", 4, [3, 3, 3, 3, 3, 3]), (4, 2, [4, 4, 1, 4, 4, 1])],
+)
 def test_auto_populations_split_each_shape_over_the_slots(tmp_path, setting, slots, sizes):
     config = grid_config(setting)
     study = search.open_study(config, f"sqlite:///{tmp_path / 'optuna.db'}", resume=False)
@@ -39,9 +53,16 @@ def test_auto_populations_split_each_shape_over_the_slots(tmp_path, setting, slo
 
 
 def test_a_shape_that_does_not_stack_is_handed_out_one_trial_at_a_time(tmp_path):
-    config = load_config({"name": "bn", "dataset": {"name": "digits", "train_size": 64}, "model": {"name": "mlp", "width": 8, "batch_norm": True},
-                          "train": {"max_epochs": 1}, "measure": [],
-                          "search": {"sampler": "grid", "space": {"train.lr": {"values": [0.05, 0.1, 0.2]}}}})
+    config = load_config(
+        {
+            "name": "bn",
+            "dataset": {"name": "digits", "train_size": 64},
+            "model": {"name": "mlp", "width": 8, "batch_norm": True},
+            "train": {"max_epochs": 1},
+            "measure": [],
+            "search": {"sampler": "grid", "space": {"train.lr": {"values": [0.05, 0.1, 0.2]}}},
+        }
+    )
     study = search.open_study(config, f"sqlite:///{tmp_path / 'optuna.db'}", resume=False)
     queue = PointQueue(study, config, slots=1)
     groups = [queue.take(population_size("auto", left, 1), left - len(queue.pending)) for left in (3, 2, 1)]

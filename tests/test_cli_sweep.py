@@ -32,9 +32,9 @@ from optuna.trial import TrialState
 
 import sweeps
 from sweeps import search
+from sweeps.analysis import tau_table
 from sweeps.cli import main
 from sweeps.config import load_config
-from sweeps.analysis import tau_table
 from sweeps.lease import current_holder
 from sweeps.live import LIVE_BOOTSTRAP, live_target
 
@@ -43,7 +43,11 @@ from sweeps.live import LIVE_BOOTSTRAP, live_target
 # while the long ones train (for a second or more: a signal sent once two trials have finished
 # finds launched trials running).
 SHORT, LONG = 4, 100
-SPACE = {"train.lr": {"values": [0.05, 0.2]}, "model.width": {"values": [8, 16]}, "train.max_epochs": {"values": [SHORT, LONG]}}
+SPACE = {
+    "train.lr": {"values": [0.05, 0.2]},
+    "model.width": {"values": [8, 16]},
+    "train.max_epochs": {"values": [SHORT, LONG]},
+}
 GRID = set(itertools.product([0.05, 0.2], [8, 16], [SHORT, LONG]))
 
 
@@ -85,8 +89,9 @@ def _psycopg2_dsn(url: str) -> str:
     return url.replace("postgresql+psycopg2://", "postgresql://")
 
 
-def wait_for_running_trial(results_dir: Path, name: str, proc: subprocess.Popen, min_finished: int,
-                           storage: str | None = None) -> None:
+def wait_for_running_trial(
+    results_dir: Path, name: str, proc: subprocess.Popen, min_finished: int, storage: str | None = None
+) -> None:
     """Block until >= min_finished trials finished and a launched trial is RUNNING (training: a
     trial of this grid runs for seconds). Launched: it has its MLflow run; a trial asked ahead for
     a population is RUNNING in Optuna before it has one.
@@ -95,8 +100,10 @@ def wait_for_running_trial(results_dir: Path, name: str, proc: subprocess.Popen,
     the driver's schema creation): ``results_dir/optuna.db``, or the PostgreSQL ``storage``."""
     import psycopg2
 
-    query = ("select state, exists(select 1 from trial_user_attributes a where a.trial_id = t.trial_id"
-             " and a.key = 'mlflow_run_id') from trials t")
+    query = (
+        "select state, exists(select 1 from trial_user_attributes a where a.trial_id = t.trial_id"
+        " and a.key = 'mlflow_run_id') from trials t"
+    )
     while proc.poll() is None:
         time.sleep(0.1)
         try:
@@ -138,11 +145,15 @@ def assert_live_series(client: MlflowClient, parent, frame: pd.DataFrame) -> Non
     """The live tau series on the parent run ends at the tau table of every recorded trial (those
     a killed or interrupted driver recorded included: a resumed series continues)."""
     table = tau_table(frame, live_target(["test_acc"]), n_boot=LIVE_BOOTSTRAP)
-    history = sorted(client.get_metric_history(parent.info.run_id, "live.n_models"), key=lambda m: (m.timestamp, m.step))
+    history = sorted(
+        client.get_metric_history(parent.info.run_id, "live.n_models"), key=lambda m: (m.timestamp, m.step)
+    )
     steps = [m.step for m in history]
     assert steps and steps == sorted(steps) and steps[-1] == table.attrs["n_models"], steps
     for column in ("tau", "tau_ci_low", "tau_ci_high"):
-        assert parent.data.metrics[f"live.{column}.hessian_top_eig"] == pytest.approx(table.loc["hessian_top_eig", column], abs=1e-12)
+        assert parent.data.metrics[f"live.{column}.hessian_top_eig"] == pytest.approx(
+            table.loc["hessian_top_eig", column], abs=1e-12
+        )
 
 
 def start_driver(tmp_path, name, ray_address, storage=None, lease_seconds=None, quiet=True):
@@ -153,8 +164,13 @@ def start_driver(tmp_path, name, ray_address, storage=None, lease_seconds=None, 
     common = ["--results-dir", str(results_dir), "--address", ray_address] + (["--quiet"] if quiet else [])
     common += ["--storage", storage] if storage else []
     env = {**os.environ, **({"SWEEPS_LEASE_SECONDS": str(lease_seconds)} if lease_seconds else {})}
-    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(config), "--max-concurrent", "2", *common],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sweeps.cli", "run", str(config), "--max-concurrent", "2", *common],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     return proc, config, results_dir, common
 
 
@@ -195,12 +211,16 @@ def test_sigint_then_resume(tmp_path, ray_address, capsys):
     assert from_csv["run_id"].tolist() == frame["run_id"].tolist()
     assert from_csv["test_acc"].tolist() == pytest.approx(frame["test_acc"].tolist())
     parquet = tmp_path / "r.parquet"
-    out = sweeps_main(capsys, "results", "cli-int", "--results-dir", str(results_dir), "--format", "parquet", "--out", str(parquet))
+    out = sweeps_main(
+        capsys, "results", "cli-int", "--results-dir", str(results_dir), "--format", "parquet", "--out", str(parquet)
+    )
     assert out.returncode == 0, out.stderr
     pd.testing.assert_frame_equal(pd.read_parquet(parquet), frame, check_dtype=False)
     status = sweeps_main(capsys, "status", "cli-int", "--results-dir", str(results_dir), "--json")
     info = json.loads(status.stdout)
-    assert info["finished"] == 8 and info["budget"] == 8 and info["counts"]["interrupted"] == statuses.count("interrupted")
+    assert (
+        info["finished"] == 8 and info["budget"] == 8 and info["counts"]["interrupted"] == statuses.count("interrupted")
+    )
     live = tau_table(frame, "test_acc", n_boot=LIVE_BOOTSTRAP).loc["hessian_top_eig"]
     assert info["live"]["target"] == "test_acc" and info["live"]["measures"][0]["tau"] == pytest.approx(live["tau"])
     shown = sweeps_main(capsys, "status", "cli-int", "--results-dir", str(results_dir)).stdout
@@ -264,8 +284,10 @@ def test_sigkill_then_run_again_continues(tmp_path, ray_address, capsys, monkeyp
 def test_bad_config_exits_2_naming_the_field(tmp_path, capsys):
     config = write_config(tmp_path / "bad.yaml", "bad")
     results_dir = tmp_path / "results"
-    for field, value, expected in (("train.lr", -1, "train.lr: must be > 0"),
-                                   ("search.space.train.lrr", {"values": [1]}, "search.space.train.lrr")):
+    for field, value, expected in (
+        ("train.lr", -1, "train.lr: must be > 0"),
+        ("search.space.train.lrr", {"values": [1]}, "search.space.train.lrr"),
+    ):
         data = yaml.safe_load(config.read_text())
         if field == "train.lr":
             data["train"]["lr"] = value
@@ -325,11 +347,24 @@ def ray_head(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths are length-limited
     gcs, dashboard, client, agent_http, agent_grpc, metrics, env_agent, node, objects = _free_ports(9)
     command = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--num-cpus=2", f"--temp-dir={temp_dir}", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
-        f"--node-manager-port={node}", f"--object-manager-port={objects}", "--disable-usage-stats",
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--head",
+        "--num-cpus=2",
+        f"--temp-dir={temp_dir}",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={env_agent}",
+        f"--node-manager-port={node}",
+        f"--object-manager-port={objects}",
+        "--disable-usage-stats",
     ]
     started = subprocess.run(command, capture_output=True, text=True)
     try:
@@ -358,8 +393,17 @@ def test_submit_runs_the_sweep_as_a_ray_job(tmp_path, ray_head, capsys):
     cwd = os.getcwd()
     os.chdir(project)
     try:
-        done = sweeps_main(capsys, "submit", "sweep.yaml", "--address", ray_head, "--results-dir", str(results_dir),
-                           "--set", "train.batch_size=64")
+        done = sweeps_main(
+            capsys,
+            "submit",
+            "sweep.yaml",
+            "--address",
+            ray_head,
+            "--results-dir",
+            str(results_dir),
+            "--set",
+            "train.batch_size=64",
+        )
     finally:
         os.chdir(cwd)
     assert done.returncode == 0, done.stderr
@@ -383,8 +427,12 @@ def study_storage(request):
     return None if request.param == "sqlite" else request.getfixturevalue("postgres_url")
 
 
-QUIET_BANNED = ("A new study created", "Creating initial MLflow database tables", "Token authentication",
-                "Started a local Ray instance")
+QUIET_BANNED = (
+    "A new study created",
+    "Creating initial MLflow database tables",
+    "Token authentication",
+    "Started a local Ray instance",
+)
 
 
 @pytest.mark.slow
@@ -396,8 +444,12 @@ def test_two_drivers_of_one_sweep_one_runs(tmp_path, ray_address, study_storage,
         wait_for_running_trial(results_dir, "two", first, min_finished=1, storage=study_storage)
         databases = [results_dir / "mlflow.db"] + ([results_dir / "optuna.db"] if study_storage is None else [])
         pause_outside_transactions(first, databases, postgres=study_storage)
-    second = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(config), "--max-concurrent", "2", *common],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(
+        [sys.executable, "-m", "sweeps.cli", "run", str(config), "--max-concurrent", "2", *common],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         second_out = second.communicate(timeout=300)
     finally:
@@ -413,8 +465,9 @@ def test_two_drivers_of_one_sweep_one_runs(tmp_path, ray_address, study_storage,
     assert_complete_and_clean(results_dir, "two", study_storage)
 
 
-def pause_outside_transactions(proc: subprocess.Popen, databases: list[Path], postgres: str | None = None,
-                               tries: int = 50) -> None:
+def pause_outside_transactions(
+    proc: subprocess.Popen, databases: list[Path], postgres: str | None = None, tries: int = 50
+) -> None:
     """SIGSTOP ``proc`` at a moment when it holds no SQLite lock on ``databases`` and no open
     transaction on the PostgreSQL database ``postgres``: a process stopped inside a transaction
     (even an SQLite read) blocks other writers of what it touched (the databases' rule, not the
@@ -423,8 +476,10 @@ def pause_outside_transactions(proc: subprocess.Popen, databases: list[Path], po
 
     def in_transaction() -> bool:
         with closing(psycopg2.connect(_psycopg2_dsn(postgres))) as con, con.cursor() as cursor:
-            cursor.execute("select count(*) from pg_stat_activity where datname = current_database()"
-                           " and pid <> pg_backend_pid() and state <> 'idle'")
+            cursor.execute(
+                "select count(*) from pg_stat_activity where datname = current_database()"
+                " and pid <> pg_backend_pid() and state <> 'idle'"
+            )
             return cursor.fetchone()[0] > 0
 
     for _ in range(tries):
@@ -458,9 +513,13 @@ def test_a_driver_paused_past_its_lease_stops_without_writing(tmp_path, ray_addr
         left = {t.number for t in search.stale_trials(study_of(results_dir, "paused"))}
         assert left
         time.sleep(lease + 1)
-        taker = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(config), *common],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env={**os.environ, "SWEEPS_LEASE_SECONDS": str(lease)})
+        taker = subprocess.Popen(
+            [sys.executable, "-m", "sweeps.cli", "run", str(config), *common],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "SWEEPS_LEASE_SECONDS": str(lease)},
+        )
 
         def waiting() -> None:  # the taker cannot finish while the paused driver's tasks hold the CPUs
             assert time.monotonic() < deadline, "the second driver did not take over in time"
@@ -474,8 +533,11 @@ def test_a_driver_paused_past_its_lease_stops_without_writing(tmp_path, ray_addr
             waiting()  # the taker recovers the paused driver's trials
         # interrupted, or (paused between its MLflow record and its Optuna tell) recovered from
         # MLflow; a trial asked ahead but not launched has no MLflow run
-        recovered = {n: attrs["mlflow_run_id"] for n in left
-                     if (attrs := study.trials[n].user_attrs)["status"] == "interrupted" and "mlflow_run_id" in attrs}
+        recovered = {
+            n: attrs["mlflow_run_id"]
+            for n in left
+            if (attrs := study.trials[n].user_attrs)["status"] == "interrupted" and "mlflow_run_id" in attrs
+        }
         assert recovered
     except BaseException:
         if taker is not None:
@@ -486,7 +548,7 @@ def test_a_driver_paused_past_its_lease_stops_without_writing(tmp_path, ray_addr
     _, err = paused.communicate(timeout=120)
     assert paused.returncode == 4, err
     assert "lost its lease" in err and "Stopped without writing" in err
-    woke = err[err.index("lost its lease"):]
+    woke = err[err.index("lost its lease") :]
     assert not [n for n in recovered if f"trial {n}: " in woke]
     _, taker_err = taker.communicate(timeout=300)
     assert taker.returncode == 0, taker_err
@@ -514,11 +576,14 @@ def test_a_sweep_whose_trials_all_diverge_exits_3_and_its_report_says_why(tmp_pa
     assert "nothing to analyse (diverged=2)" in report.stderr and "Traceback" not in report.stderr
 
 
-@pytest.mark.parametrize(("flags", "expected"), [
-    (["--max-concurrent", "-1"], "--max-concurrent, overrides resources.max_concurrent): must be > 0 (got -1)"),
-    (["--max-concurrent", "0"], "must be > 0 (got 0)"),
-    (["--max-retries", "-1"], "max_retries (--max-retries): must be an integer >= 0 (got -1)"),
-])
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--max-concurrent", "-1"], "--max-concurrent, overrides resources.max_concurrent): must be > 0 (got -1)"),
+        (["--max-concurrent", "0"], "must be > 0 (got 0)"),
+        (["--max-retries", "-1"], "max_retries (--max-retries): must be an integer >= 0 (got -1)"),
+    ],
+)
 def test_bad_flags_exit_2_naming_the_flag_before_anything_runs(tmp_path, capsys, flags, expected):
     config = write_config(tmp_path / "sweep.yaml", "flags")
     results_dir = tmp_path / "results"
@@ -529,8 +594,17 @@ def test_bad_flags_exit_2_naming_the_flag_before_anything_runs(tmp_path, capsys,
 
 def test_an_unknown_metric_option_exits_2_naming_it(tmp_path, capsys):
     config = write_config(tmp_path / "sweep.yaml", "options")
-    done = sweeps_main(capsys, "run", str(config), "--results-dir", str(tmp_path / "results"),
-                       "--set", "measure=[hessian_trace]", "--set", "measure_options={hessian_trace: {rtoll: 0.05}}")
+    done = sweeps_main(
+        capsys,
+        "run",
+        str(config),
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--set",
+        "measure=[hessian_trace]",
+        "--set",
+        "measure_options={hessian_trace: {rtoll: 0.05}}",
+    )
     assert done.returncode == 2, done.stderr
     assert "measure_options.hessian_trace" in done.stderr and "rtoll" in done.stderr and "rtol" in done.stderr
     assert not (tmp_path / "results").exists()
@@ -548,6 +622,94 @@ def test_readme_states_every_exit_code():
     from sweeps.cli import EXIT_CODES
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    stated = readme[readme.index("**Exit codes**"):]
+    stated = readme[readme.index("**Exit codes**") :]
     for code in EXIT_CODES:
         assert f" {code} " in stated.replace("\n", " "), code
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_continues_the_interrupted_trials_from_their_checkpoints(
+    tmp_path, ray_address, capsys, monkeypatch
+):
+    """Two long trials checkpointing after every epoch; the driver is SIGKILLed once a checkpoint
+    is past epoch 3; `sweeps resume` re-runs the interrupted points, each from its checkpoint
+    (``resumes`` 1), and the results are one row per point, with the numbers of an uninterrupted
+    sweep of the same config."""
+    from sweeps import checkpoint
+    from sweeps.runner import run_sweep
+
+    lease = 4.0
+    monkeypatch.setenv("SWEEPS_LEASE_SECONDS", str(lease))
+    name = "cli-ckpt"
+    data = {
+        "name": name,
+        "dataset": {"name": "digits", "train_size": 256},
+        "model": {"name": "mlp", "width": 8, "depth": 1},
+        "train": {
+            "lr": 0.1,
+            "batch_size": 32,
+            "max_epochs": 150,
+            "stop": {},
+            "checkpoint": {"every_epochs": 1, "every_seconds": 0},
+        },
+        "measure": ["hessian_top_eig"],
+        "measure_subset": 128,
+        "search": {"sampler": "grid", "space": {"seed": {"values": [0, 1]}}},
+        "resources": {"population_size": 1},
+    }
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(data))
+    results_dir = tmp_path / "results"
+    common = ["--results-dir", str(results_dir), "--address", ray_address, "--quiet", "--no-report"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sweeps.cli", "run", str(config), "--max-concurrent", "2", *common],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+    folder = results_dir / "checkpoints" / name
+
+    def epochs_saved() -> list[int]:
+        found = []
+        for path in folder.glob("*.pt"):
+            state = checkpoint.load(path)
+            found += [] if state is None else [state["epoch"]]
+        return found
+
+    while proc.poll() is None and not (len(epochs_saved()) == 2 and min(epochs_saved()) >= 3):
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
+    assert len(search.stale_trials(study_of(results_dir, name))) == 2
+
+    holder = current_holder(f"sqlite:///{results_dir / 'optuna.db'}", name)
+    time.sleep(max(0.0, holder.heartbeat + lease + 0.5 - time.time()))
+    resumed = sweeps_main(capsys, "resume", name, *common)
+    assert resumed.returncode == 0, resumed.stderr
+    frame = sweeps.results(name, results_dir=results_dir).set_index("seed")
+    assert sorted(frame.index) == [0, 1] and frame["resumes"].tolist() == [1, 1]  # one row per point, marked
+    every = sweeps.results(name, results_dir=results_dir, include_interrupted=True)
+    assert sorted(every["status"]) == ["converged", "converged", "interrupted", "interrupted"]
+    assert not folder.exists()  # the sweep completed: its checkpoints are gone
+
+    reference = run_sweep(
+        load_config({**data, "name": "cli-ckpt-ref"}),
+        results_dir=tmp_path / "ref",
+        address=ray_address,
+        quiet=True,
+        report=False,
+    )
+    assert reference.counts == {"converged": 2}
+    expected = sweeps.results("cli-ckpt-ref", results_dir=tmp_path / "ref").set_index("seed")
+    numbers = ["train_loss", "train_acc", "test_loss", "test_acc", "epochs", "steps", "hessian_top_eig"]
+    assert frame.loc[[0, 1], numbers].to_numpy().tolist() == expected.loc[[0, 1], numbers].to_numpy().tolist()
+    client = MlflowClient(f"sqlite:///{results_dir / 'mlflow.db'}")
+    ref_client = MlflowClient(f"sqlite:///{tmp_path / 'ref' / 'mlflow.db'}")
+    for seed in (0, 1):  # the finishing run holds the whole curve: epochs 0..150, each once
+        curve = sorted((m.step, m.value) for m in client.get_metric_history(frame.loc[seed, "run_id"], "train_loss"))
+        ref = sorted(
+            (m.step, m.value) for m in ref_client.get_metric_history(expected.loc[seed, "run_id"], "train_loss")
+        )
+        assert curve == ref and len({step for step, _ in curve}) == 151  # (+ the final value, logged at the last step)

@@ -17,7 +17,13 @@ CONFIG = {
     "name": "cli-trial",
     "dataset": {"name": "teacher", "train_size": 100, "options": {"input_dim": 5, "num_classes": 3, "test_size": 200}},
     "model": {"name": "mlp", "width": 8},
-    "train": {"lr": 0.1, "momentum": 0.9, "batch_size": 25, "max_epochs": 5, "track": {"every_steps": 10, "subset": 50}},
+    "train": {
+        "lr": 0.1,
+        "momentum": 0.9,
+        "batch_size": 25,
+        "max_epochs": 5,
+        "track": {"every_steps": 10, "subset": 50},
+    },
     "measure": ["hessian_top_eig", "surface_2d"],
     "measure_options": {"surface_2d": {"steps": 5, "span": 0.4}},
 }
@@ -39,7 +45,9 @@ def test_trial_prints_json_and_writes_files(config_file, tmp_path, capsys):
     result = json.loads(captured.out)
     assert result["status"] in ("converged", "not_converged")
     assert result["config"]["train"]["lr"] == 0.05 and result["config"]["model"]["width"] == 6
-    assert {"train_loss", "test_acc", "gen_gap", "hessian_top_eig", "surface_2d", "surface_2d_seconds"} <= set(result["metrics"])
+    assert {"train_loss", "test_acc", "gen_gap", "hessian_top_eig", "surface_2d", "surface_2d_seconds"} <= set(
+        result["metrics"]
+    )
     for name in ("surface_2d.png", "surface_2d.npz", "history.json", "training.png", "model.pt"):
         assert (out / name).is_file() and result["artifacts"][name] == str(out / name)
 
@@ -95,5 +103,8 @@ def test_console_script_exit_code(tmp_path):
     exe = shutil.which("sweeps")
     cmd = [exe] if exe else [sys.executable, "-m", "sweeps.cli"]
     proc = subprocess.run([*cmd, "trial", str(bad)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "train.optimizer: must be one of 'sgd', 'adam' or 'adamw' (got 'rmsprop')" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "train.optimizer: must be one of 'sgd', 'adam' or 'adamw' (got 'rmsprop')" in proc.stderr
+    )
     assert proc.stdout == ""

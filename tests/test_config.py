@@ -23,13 +23,21 @@ BASE = {
     "dataset": {"name": "mnist1d", "train_size": 4000, "label_noise": 0.0, "seed": 0},
     "model": {"name": "mlp", "depth": 2, "width": 256, "activation": "relu"},
     "train": {
-        "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "batch_size": 128,
-        "schedule": "constant", "loss": "cross_entropy", "max_epochs": 300, "stop": {"train_loss": 0.01},
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "batch_size": 128,
+        "schedule": "constant",
+        "loss": "cross_entropy",
+        "max_epochs": 300,
+        "stop": {"train_loss": 0.01},
         "track": {"every_steps": 50, "metrics": ["hessian_top_eig"]},
     },
     "measure": ["hessian_top_eig", "hessian_trace", "adaptive_sharpness_worst", "pacbayes_mag_flatness"],
     "search": {
-        "sampler": "grid", "n_trials": 24,
+        "sampler": "grid",
+        "n_trials": 24,
         "space": {
             "train.lr": {"values": [0.005, 0.05, 0.2]},
             "train.batch_size": {"values": [32, 128, 512]},
@@ -98,36 +106,78 @@ def _mutate(path: str, value):
 @pytest.mark.parametrize(
     "change, expected",
     [
-        (_mutate("train/optimzer", "sgd"), "train.optimzer: unknown key (did you mean 'optimizer'?); allowed keys: optimizer,"),
+        (
+            _mutate("train/optimzer", "sgd"),
+            "train.optimzer: unknown key (did you mean 'optimizer'?); allowed keys: optimizer,",
+        ),
         (_mutate("colour", 1), "colour: unknown key"),
         (_mutate("train/lr", "fast"), "train.lr: must be a number (got 'fast')"),
         (_mutate("train/lr", -0.1), "train.lr: must be > 0"),
         (_mutate("train/max_epochs", 2.5), "train.max_epochs: must be an integer (got 2.5)"),
         (_mutate("train/momentum", 1.0), "train.momentum: must be < 1"),
         (_mutate("train/batch_size", "fulll"), "train.batch_size: must be a positive integer or 'full' (got 'fulll')"),
-        (_mutate("train/optimizer", "rmsprop"), "train.optimizer: must be one of 'sgd', 'adam' or 'adamw' (got 'rmsprop')"),
+        (
+            _mutate("train/optimizer", "rmsprop"),
+            "train.optimizer: must be one of 'sgd', 'adam' or 'adamw' (got 'rmsprop')",
+        ),
         (_mutate("dataset/label_noise", 1.5), "dataset.label_noise: must be < 1"),
-        (_mutate("measure", ["hessian_trace", "hesian_top_eig"]), "measure.1: unknown metric 'hesian_top_eig' (did you mean 'hessian_top_eig'?)"),
+        (
+            _mutate("measure", ["hessian_trace", "hesian_top_eig"]),
+            "measure.1: unknown metric 'hesian_top_eig' (did you mean 'hessian_top_eig'?)",
+        ),
         (_mutate("train/track/metrics", ["sharpnes"]), "train.track.metrics.0: unknown metric 'sharpnes'"),
         (_mutate("dataset/name", "imagenet"), "dataset.name: unknown dataset 'imagenet'; known datasets:"),
         (_mutate("model/name", "transformer"), "model.name: unknown model 'transformer'; known models:"),
         (_mutate("model/name", "no_such_pkg.mod:build"), "model.name: cannot import module 'no_such_pkg.mod'"),
         (_mutate("model/activation", "swish"), "model.activation: must be one of"),
         (_mutate("search/space/trian.lr", {"values": [1]}), "search.space.trian.lr: not a config field"),
-        (_mutate("search/space/train.lr", {"low": -0.1, "high": 0.2, "log": True}), "search.space.train.lr.low: must be > 0 for log: true (got -0.1)"),
-        (_mutate("search/space/train.lr", {"low": 0.2, "high": 0.1, "values": None}), "search.space.train.lr: low must be < high"),
-        (_mutate("search/space/train.lr", {"values": [0.1], "low": 0.1}), "search.space.train.lr: give either values or low/high"),
-        (_mutate("search/space/train.lr", {"low": 0.01, "high": 0.1}), "search.space.train.lr: the grid sampler needs values"),
-        (_mutate("search/space/train.batch_size", {"values": [32, 0]}), "search.space.train.batch_size: value 0 is invalid: train.batch_size: must be a positive integer"),
-        (_mutate("search/space/model.width", {"values": ["wide"]}), "search.space.model.width: value 'wide' is invalid: model.width: must be an integer"),
+        (
+            _mutate("search/space/train.lr", {"low": -0.1, "high": 0.2, "log": True}),
+            "search.space.train.lr.low: must be > 0 for log: true (got -0.1)",
+        ),
+        (
+            _mutate("search/space/train.lr", {"low": 0.2, "high": 0.1, "values": None}),
+            "search.space.train.lr: low must be < high",
+        ),
+        (
+            _mutate("search/space/train.lr", {"values": [0.1], "low": 0.1}),
+            "search.space.train.lr: give either values or low/high",
+        ),
+        (
+            _mutate("search/space/train.lr", {"low": 0.01, "high": 0.1}),
+            "search.space.train.lr: the grid sampler needs values",
+        ),
+        (
+            _mutate("search/space/train.batch_size", {"values": [32, 0]}),
+            "search.space.train.batch_size: value 0 is invalid: train.batch_size: must be a positive integer",
+        ),
+        (
+            _mutate("search/space/model.width", {"values": ["wide"]}),
+            "search.space.model.width: value 'wide' is invalid: model.width: must be an integer",
+        ),
         (_mutate("search/sampler", "annealing"), "search.sampler: must be one of"),
         (_mutate("objective", {"metric": "tset_acc"}), "objective.metrics.0: 'tset_acc' is not a trial result"),
-        (_mutate("objective", {"metric": ["test_acc", "hessian_trace"], "direction": ["maximize"] * 3}), "objective: metric and direction lists differ in length"),
-        (_mutate("objective", {"metric": "test_acc", "direction": "up"}), "objective.directions.0: must be one of 'maximize' or 'minimize' (got 'up')"),
+        (
+            _mutate("objective", {"metric": ["test_acc", "hessian_trace"], "direction": ["maximize"] * 3}),
+            "objective: metric and direction lists differ in length",
+        ),
+        (
+            _mutate("objective", {"metric": "test_acc", "direction": "up"}),
+            "objective.directions.0: must be one of 'maximize' or 'minimize' (got 'up')",
+        ),
         (_mutate("resources/cpus_per_trial", 0), "resources.cpus_per_trial: must be > 0"),
-        (_mutate("resources/population_size", 0), "resources.population_size: must be a positive integer or 'auto' (got 0)"),
-        (_mutate("resources/population_size", "max"), "resources.population_size: must be a positive integer or 'auto' (got 'max')"),
-        (_mutate("train/stop", {"train_loss": 0.01, "train_acc": 1.0}), "train.stop: give either train_loss or train_acc, not both"),
+        (
+            _mutate("resources/population_size", 0),
+            "resources.population_size: must be a positive integer or 'auto' (got 0)",
+        ),
+        (
+            _mutate("resources/population_size", "max"),
+            "resources.population_size: must be a positive integer or 'auto' (got 'max')",
+        ),
+        (
+            _mutate("train/stop", {"train_loss": 0.01, "train_acc": 1.0}),
+            "train.stop: give either train_loss or train_acc, not both",
+        ),
         (_mutate("name", KeyError), "name: required"),
         (_mutate("train", 5), "train: must be a mapping (key: value) (got 5)"),
     ],
@@ -228,13 +278,14 @@ def test_every_metric_option_is_checked_at_load(name):
 
 # --- the package's import graph ------------------------------------------------------------------
 def _module_name(path: Path) -> str:
-    return "sweeps" if path.stem == "__init__" else f"sweeps.{path.stem}"
+    parts = path.relative_to(SWEEPS.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _sweeps_imports(path: Path) -> set[str]:
     """The ``sweeps`` modules that ``path`` imports anywhere (module level or inside a function),
     except under ``if TYPE_CHECKING:``, which never runs."""
-    package = "sweeps" if path.stem == "__init__" else _module_name(path).rpartition(".")[0]
+    package = _module_name(path) if path.stem == "__init__" else _module_name(path).rpartition(".")[0]
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
@@ -246,13 +297,14 @@ def _sweeps_imports(path: Path) -> set[str]:
             if isinstance(child, ast.Import):
                 found.update(a.name for a in child.names if a.name.split(".")[0] == "sweeps")
             elif isinstance(child, ast.ImportFrom):
-                base = package if child.level else (child.module or "")
+                base = package.rsplit(".", child.level - 1)[0] if child.level else (child.module or "")
                 if child.level and child.module:
                     base = f"{base}.{child.module}"
                 if base == "sweeps":  # `from . import data` / `from sweeps import x`
                     found.update(f"sweeps.{a.name}" for a in child.names)
-                elif base.split(".")[0] == "sweeps":
+                elif base.split(".")[0] == "sweeps":  # a package's submodules count too
                     found.add(base)
+                    found.update(f"{base}.{a.name}" for a in child.names)
             visit(child)
 
     visit(ast.parse(path.read_text(), filename=str(path)))
@@ -260,10 +312,10 @@ def _sweeps_imports(path: Path) -> set[str]:
 
 
 def test_no_import_cycle_in_sweeps():
-    """The import graph of ``sweeps/*.py`` is acyclic. Imports inside functions count: a lazy
+    """The import graph of ``sweeps/**/*.py`` is acyclic. Imports inside functions count: a lazy
     import still ties two modules together (config.py checks names against the dataset and model
     registries, so data.py and models.py must not import config.py except for type checking)."""
-    modules = {_module_name(p): p for p in sorted(SWEEPS.glob("*.py"))}
+    modules = {_module_name(p): p for p in sorted(SWEEPS.rglob("*.py"))}
     graph = {name: sorted(_sweeps_imports(path) & set(modules) - {name}) for name, path in modules.items()}
     assert graph["sweeps.config"], "the walk found no imports: it is broken, not the graph acyclic"
     state: dict[str, str] = {}  # "open" while on the DFS stack, then "done"
@@ -272,7 +324,7 @@ def test_no_import_cycle_in_sweeps():
         state[name] = "open"
         for dep in graph[name]:
             if state.get(dep) == "open":
-                cycle = stack[stack.index(dep):] + [name, dep]
+                cycle = stack[stack.index(dep) :] + [name, dep]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if dep not in state:
                 walk(dep, stack + [name])
@@ -287,7 +339,7 @@ def test_every_sweeps_module_imports_first():
     """Each ``sweeps`` module imports in a fresh interpreter with no other ``sweeps`` module
     loaded before it (one interpreter; every ``sweeps`` module is dropped from ``sys.modules``
     before the next, third-party packages stay loaded to keep this fast)."""
-    names = sorted(_module_name(p) for p in SWEEPS.glob("*.py"))
+    names = sorted(_module_name(p) for p in SWEEPS.rglob("*.py"))
     script = (
         "import importlib, sys\n"
         f"for name in {names!r}:\n"
@@ -298,8 +350,9 @@ def test_every_sweeps_module_imports_first():
         "    except Exception as err:\n"
         "        print(f'{name}: {type(err).__name__}: {err}')\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=SWEEPS.parent, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=SWEEPS.parent, check=False
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == "", done.stdout
 

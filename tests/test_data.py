@@ -112,7 +112,9 @@ def test_teacher_task_any_train_size_large_test_set():
     assert d.x_train.shape == (300, 8) and d.x_test.shape == (10000, 8) and d.num_classes == 4
     share = torch.bincount(d.y_test, minlength=4).double() / d.n_test
     assert share.min() > 0.05  # centered logits keep every class present
-    other_seed = load_dataset(DatasetConfig(name="teacher", train_size=300, seed=5, options={"input_dim": 8, "num_classes": 4}))
+    other_seed = load_dataset(
+        DatasetConfig(name="teacher", train_size=300, seed=5, options={"input_dim": 8, "num_classes": 4})
+    )
     assert torch.equal(other_seed.x_test, d.x_test)  # same task for every trial seed
     with pytest.raises(ConfigError, match=r"dataset.options.depth: unknown option for 'teacher'; allowed: input_dim"):
         load_dataset(DatasetConfig(name="teacher", options={"depth": 3}))

@@ -26,7 +26,6 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 
 
-
 def tested_versions() -> dict[str, str]:
     """``{package: version}`` of constraints.txt, the tested versions (names lower-cased)."""
     pins = {}
@@ -252,7 +251,7 @@ def test_dockerfile_installs_the_package_with_pinned_versions():
     assert args["TORCH_VARIANT"] == "cpu"
     run = text[text.index("RUN python -m pip install") :]
     assert '"torch==${TORCH_VERSION}"' in run
-    assert 'download.pytorch.org/whl/${TORCH_VARIANT}' in run
+    assert "download.pytorch.org/whl/${TORCH_VARIANT}" in run
     assert 'python -m pip install ".[dashboard]"' in run
     assert '"ray[default]==${RAY_VERSION}"' in run
     # The CUDA variant is the same file with two build arguments.
@@ -388,9 +387,7 @@ def test_mlflow_auth_config_holds_no_secret():
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kustomization_renders_offline():
-    rendered = subprocess.run(
-        ["kubectl", "kustomize", str(DEPLOY)], capture_output=True, text=True, check=True
-    ).stdout
+    rendered = subprocess.run(["kubectl", "kustomize", str(DEPLOY)], capture_output=True, text=True, check=True).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
     generated = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
     assert any(n.startswith("postgres-init-") for n in generated)
@@ -453,9 +450,7 @@ def test_compose_secrets_come_from_dotenv(compose):
                 match = ENV_REFERENCE.match(str(value))
                 assert match, f"{service_name}: {name} must come from .env, not a literal"
     assert all(re.fullmatch(r"replace-me[\w-]*", v) for k, v in example.items() if SECRET_NAME.search(k))
-    ignored = subprocess.run(
-        ["git", "check-ignore", "-q", str(DEPLOY / ".env")], cwd=ROOT, capture_output=True
-    )
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(DEPLOY / ".env")], cwd=ROOT, capture_output=True)
     assert ignored.returncode == 0, "deploy/.env must be git-ignored"
 
 

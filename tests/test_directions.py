@@ -7,8 +7,10 @@ import hashlib
 import numpy as np
 import pytest
 import torch
+from conftest import assert_unchanged, snapshot
 from torch import nn
 
+from landscape import ModelLoss
 from landscape.directions import (
     as_flat,
     direction_to,
@@ -17,15 +19,10 @@ from landscape.directions import (
     random_directions,
     stable_seed,
 )
-from landscape import ModelLoss
-
-from conftest import assert_unchanged, snapshot
 
 
 def conv_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5)
-    )
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
 
 
 def test_filter_normalization_matches_each_filter_norm():
@@ -124,7 +121,9 @@ def test_pca_recovers_a_trajectory_in_a_known_plane():
         found = torch.stack([ml.flatten(d).double() for d in pca.directions], 1)
         # orthonormal, and the same plane: projecting the true basis onto it keeps its norm
         torch.testing.assert_close(found.T @ found, torch.eye(2, dtype=torch.float64), atol=1e-6, rtol=0)
-        torch.testing.assert_close(torch.linalg.norm(found.T @ basis, dim=0), torch.ones(2, dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.linalg.norm(found.T @ basis, dim=0), torch.ones(2, dtype=torch.float64), atol=1e-5, rtol=0
+        )
         assert pca.explained_variance_ratio.sum() == pytest.approx(1.0, abs=1e-6)
         assert pca.explained_variance_ratio[0] >= pca.explained_variance_ratio[1]
         # coordinates reproduce the path (up to rotation within the plane), and it ends at 0

@@ -89,7 +89,9 @@ def test_residuals_are_true_residuals_and_meet_tol(classifier_data):
 
 def test_known_spectrum_with_repeated_and_clustered_eigenvalues():
     f64 = {"dtype": torch.float64}
-    eigenvalues = torch.cat([torch.full((3,), 7.0, **f64), torch.tensor([5.0, 4.99], **f64), torch.linspace(-2, 1, 195, **f64)])
+    eigenvalues = torch.cat(
+        [torch.full((3,), 7.0, **f64), torch.tensor([5.0, 4.99], **f64), torch.linspace(-2, 1, 195, **f64)]
+    )
     a = rotated(eigenvalues)
     top = lanczos(a, k=5, tol=1e-10)
     torch.testing.assert_close(top.values, torch.tensor([7.0, 7, 7, 5, 4.99], dtype=torch.float64), rtol=1e-8, atol=0)
@@ -97,7 +99,9 @@ def test_known_spectrum_with_repeated_and_clustered_eigenvalues():
     assert abs(float(smallest.values[0]) + 2) < 1e-8
     # diagonal with exact multiplicities (invariant subspaces: the recurrence must restart)
     diag = torch.diag(torch.tensor([1.0] * 5 + [0.0] * 5, dtype=torch.float64))
-    torch.testing.assert_close(lanczos(diag, k=6, tol=1e-10).values, torch.tensor([1.0] * 5 + [0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        lanczos(diag, k=6, tol=1e-10).values, torch.tensor([1.0] * 5 + [0.0], dtype=torch.float64)
+    )
 
 
 def test_generic_lanczos_accepts_callables_numpy_and_scipy():
@@ -131,8 +135,14 @@ def test_power_iteration_baseline_and_its_stopping_rule():
     assert abs(float(accurate.values[0]) - 1.0) <= 1e-3 * float(accurate.values[0])  # the guarantee
     assert abs(float(early.values[0]) - 1.0) > 10 * abs(float(accurate.values[0]) - 1.0)  # ... yet it is off
     with pytest.raises(ValueError, match="method='lanczos'"):
-        hessian_eigenvalues(None, None, None, which="smallest", method="power", operator=HessianOperator(
-            make_classifier(), nn.CrossEntropyLoss(), make_batches()))
+        hessian_eigenvalues(
+            None,
+            None,
+            None,
+            which="smallest",
+            method="power",
+            operator=HessianOperator(make_classifier(), nn.CrossEntropyLoss(), make_batches()),
+        )
 
 
 def test_warm_start_converges_in_few_products(classifier_data):

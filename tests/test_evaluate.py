@@ -10,9 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from landscape import ModelLoss
+from landscape import ModelLoss, evaluate
 from landscape.directions import as_flat, random_directions
-from landscape import evaluate
 from landscape.evaluate import _Network, first_linear, loss_at_parameters, loss_at_points
 
 F64 = torch.float64
@@ -90,7 +89,9 @@ def test_float32_trick_and_loader_and_three_directions(monkeypatch):
     D = as_flat(random_directions(model, 3, seed=1), ml)
     coords = torch.randn(6, 3, generator=torch.Generator().manual_seed(2)).numpy()
     loss, acc = loss_at_points(ml, D, coords)
-    expected_loss, expected_acc = brute_force(model, loss_fn, batches, ml.names, ml.theta_flat() + torch.as_tensor(coords) @ D)
+    expected_loss, expected_acc = brute_force(
+        model, loss_fn, batches, ml.names, ml.theta_flat() + torch.as_tensor(coords) @ D
+    )
     np.testing.assert_allclose(loss, expected_loss, rtol=2e-6)
     np.testing.assert_allclose(acc, expected_acc, atol=1e-6)
 
@@ -103,13 +104,25 @@ def test_other_models_take_the_plain_path():
     assert first_linear(ml) is None
     D = as_flat(random_directions(model, 1, seed=0), ml)
     loss, _ = loss_at_points(ml, D, np.array([[0.5], [-0.5]]))
-    np.testing.assert_allclose(loss, brute_force(model, nn.CrossEntropyLoss(), batches, ml.names, ml.theta_flat() + torch.tensor([[0.5], [-0.5]], dtype=F64) @ D)[0], rtol=1e-12)
+    np.testing.assert_allclose(
+        loss,
+        brute_force(
+            model,
+            nn.CrossEntropyLoss(),
+            batches,
+            ml.names,
+            ml.theta_flat() + torch.tensor([[0.5], [-0.5]], dtype=F64) @ D,
+        )[0],
+        rtol=1e-12,
+    )
 
 
 def test_loss_at_parameters_with_other_batches_and_loss():
     model, batches = network(), data()
     ml = ModelLoss(model, nn.CrossEntropyLoss(), batches)
-    points = ml.theta_flat() + 0.1 * torch.randn(5, ml.num_params, generator=torch.Generator().manual_seed(0), dtype=F64)
+    points = ml.theta_flat() + 0.1 * torch.randn(
+        5, ml.num_params, generator=torch.Generator().manual_seed(0), dtype=F64
+    )
     subset = [(batches[0][0][:4], batches[0][1][:4])]
     mse_like = lambda out, y: out.pow(2).mean()  # noqa: E731 (any loss_fn is honoured)
     loss, acc = loss_at_parameters(ml, points, batches=subset, loss_fn=mse_like)
@@ -193,4 +206,6 @@ def test_cpu_plan_stacks_points_of_small_plain_mlps_only():
     ml = ModelLoss(model, nn.CrossEntropyLoss(), data())
     assert _Network(ml, None).stackable
     mixing = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.Softmax(-1), nn.Linear(4, 3)).to(F64)
-    assert not _Network(ModelLoss(mixing, nn.CrossEntropyLoss(), data()), None).stackable  # softmax mixes a row: not elementwise
+    assert not _Network(
+        ModelLoss(mixing, nn.CrossEntropyLoss(), data()), None
+    ).stackable  # softmax mixes a row: not elementwise

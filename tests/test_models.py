@@ -13,7 +13,12 @@ from sweeps.models import MODELS, build_model, count_parameters
 
 def tiny_factory(input_shape, num_classes, hidden=5):
     """A custom model for the import-path test (``test_models:tiny_factory``)."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(int(torch.tensor(input_shape).prod()), hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
 
 
 CASES = [  # name, input shape, small config
@@ -60,11 +65,14 @@ def test_seeded_initialization_leaves_global_rng_alone():
 def test_width_multiplier_and_depth_change_size():
     base = count_parameters(build_model(ModelConfig(name="mlp", width=10), (4,), 2))
     assert base == 4 * 10 + 10 + 10 * 10 + 10 + 10 * 2 + 2
-    assert count_parameters(build_model(ModelConfig(name="mlp", width=10, width_multiplier=2), (4,), 2)) == count_parameters(
-        build_model(ModelConfig(name="mlp", width=20), (4,), 2)
-    )
+    assert count_parameters(
+        build_model(ModelConfig(name="mlp", width=10, width_multiplier=2), (4,), 2)
+    ) == count_parameters(build_model(ModelConfig(name="mlp", width=20), (4,), 2))
     assert count_parameters(build_model(ModelConfig(name="mlp", width=10, depth=3), (4,), 2)) == base + 110
-    small, big = (count_parameters(build_model(ModelConfig(name="resnet", width=4, width_multiplier=m), (3, 8, 8), 10)) for m in (1, 2))
+    small, big = (
+        count_parameters(build_model(ModelConfig(name="resnet", width=4, width_multiplier=m), (3, 8, 8), 10))
+        for m in (1, 2)
+    )
     assert 3 < big / small < 4.2  # conv weights grow ~ width^2
 
 
@@ -80,7 +88,9 @@ def test_custom_factory_by_import_path():
 
 
 def test_shape_mismatch_and_stray_kwargs_are_config_errors():
-    with pytest.raises(ConfigError, match=r"model.name: 'resnet' needs image inputs \[C, H, W\]; the dataset gives \[40\]"):
+    with pytest.raises(
+        ConfigError, match=r"model.name: 'resnet' needs image inputs \[C, H, W\]; the dataset gives \[40\]"
+    ):
         build_model(ModelConfig(name="resnet"), (40,), 10)
     with pytest.raises(ConfigError, match=r"model.name: 'cnn1d' needs inputs \[L\] or \[C, L\]"):
         build_model(ModelConfig(name="cnn1d"), (3, 8, 8), 10)

@@ -28,11 +28,11 @@ from typing import Any
 import optuna
 import pytest
 import yaml
+from _cluster import MlflowServer, Postgres, Process, RayNodes, make_ray_root, spawn, stop_all
 from mlflow import MlflowClient
 
 import sweeps
 from sweeps import search
-from _cluster import MlflowServer, Postgres, Process, RayNodes, make_ray_root, spawn, stop_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -141,7 +141,9 @@ TRIAL_TASK = "population_task"  # the Ray task of sweeps.worker that trains one 
 LEASE_SECONDS = 3.0  # the drivers' lease period here: a killed driver's sweep is free again soon
 
 
-def write_config(directory: Path, name: str, lrs: list[float], max_epochs: int, population_size: int | str = "auto") -> Path:
+def write_config(
+    directory: Path, name: str, lrs: list[float], max_epochs: int, population_size: int | str = "auto"
+) -> Path:
     """A grid sweep of tiny trials (digits subset, 1-hidden-layer MLP, top Hessian eigenvalue).
 
     The stop rule is out of reach, so a trial trains exactly ``max_epochs`` (8 steps each).
@@ -173,10 +175,14 @@ class SweepSetup:
 
     def flags(self, tracking_uri: str | None = None) -> list[str]:
         return [
-            "--address", self.ray_cluster.address,
-            "--tracking-uri", tracking_uri or self.mlflow_server.url,
-            "--storage", self.storage,
-            "--results-dir", str(self.results_dir),
+            "--address",
+            self.ray_cluster.address,
+            "--tracking-uri",
+            tracking_uri or self.mlflow_server.url,
+            "--storage",
+            self.storage,
+            "--results-dir",
+            str(self.results_dir),
             "--quiet",
         ]
 
@@ -185,8 +191,12 @@ class SweepSetup:
 
     def cli(self, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "sweeps.cli", *args], env=self.env(), cwd=self.results_dir,
-            capture_output=True, text=True, timeout=timeout,
+            [sys.executable, "-m", "sweeps.cli", *args],
+            env=self.env(),
+            cwd=self.results_dir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     def start_cli(self, args: list[str]) -> Process:
@@ -319,9 +329,15 @@ def stop_driver_mid_sweep(setup: SweepSetup, sig: int, finished: int) -> int:
     write_config(setup.config.parent, setup.name, LRS, KILL_EPOCHS, population_size=1)
     driver = setup.start_cli(setup.run_args())
     try:
-        wait_until(lambda: len(setup.finished_trials()) >= finished and bool(
-            setup.study().get_trials(states=(optuna.trial.TrialState.RUNNING,))
-        ), timeout=300, what=f"{finished} trial(s) finished and one running", driver=driver)
+        wait_until(
+            lambda: (
+                len(setup.finished_trials()) >= finished
+                and bool(setup.study().get_trials(states=(optuna.trial.TrialState.RUNNING,)))
+            ),
+            timeout=300,
+            what=f"{finished} trial(s) finished and one running",
+            driver=driver,
+        )
         driver.kill(sig)
         return driver.popen.wait(120)
     finally:
@@ -349,9 +365,14 @@ def test_ctrl_c_leaves_every_trial_written_and_settled_then_resume_completes(swe
         assert run.info.status == "FINISHED" and run.data.tags["status"] == trial.user_attrs["status"]
         assert run.data.metrics["test_acc"] == pytest.approx(trial.values[0])
     for trial in study.trials:  # the rest: cut by the stop (run KILLED, point re-enqueued) or never started
-        assert trial.number in {t.number for t in finished} or trial.state == optuna.trial.TrialState.WAITING or (
-            trial.user_attrs.get("status") == "interrupted"
-            and client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "KILLED"), trial
+        assert (
+            trial.number in {t.number for t in finished}
+            or trial.state == optuna.trial.TrialState.WAITING
+            or (
+                trial.user_attrs.get("status") == "interrupted"
+                and client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+            )
+        ), trial
 
     result = setup.cli(["resume", setup.name, *setup.flags()])
     assert result.returncode == 0, completed(result)
@@ -399,7 +420,8 @@ def test_killed_worker_node_still_completes_every_trial_once(sweep_setup):
                 first_finish_ms.append(int(time.time() * 1000))
             return False
         started = {
-            t["node_id"] for t in attempts_since(cluster, before)
+            t["node_id"]
+            for t in attempts_since(cluster, before)
             if t["state"] == "RUNNING" and (t.get("start_time_ms") or 0) >= first_finish_ms[0]
         }
         # A worker that also hosts one of the sweep's actors (the driver's metric queue, ...) is the

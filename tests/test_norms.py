@@ -37,10 +37,7 @@ def test_norms_match_torch_linalg():
     layers = {"0.weight": model[0].weight, "4.weight": model[4].weight, "6.weight": model[6].weight}
     fro = {n: float(torch.linalg.norm(w.detach().double())) for n, w in layers.items()}
     # conv filters as the [out, in * kh * kw] matrix
-    spec = {
-        n: float(torch.linalg.svdvals(w.detach().double().reshape(w.shape[0], -1))[0])
-        for n, w in layers.items()
-    }
+    spec = {n: float(torch.linalg.svdvals(w.detach().double().reshape(w.shape[0], -1))[0]) for n, w in layers.items()}
     result = weight_norms(model)
     assert result.n_layers == 3
     assert result.frobenius == pytest.approx(fro, rel=1e-12)
@@ -79,10 +76,7 @@ def test_distance_from_init_is_direct_l2():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     direct = math.sqrt(
-        sum(
-            float((p.detach().double() - init[n].double()).pow(2).sum())
-            for n, p in model.named_parameters()
-        )
+        sum(float((p.detach().double() - init[n].double()).pow(2).sum()) for n, p in model.named_parameters())
     )
     assert distance_from_init(model, init) == pytest.approx(direct, rel=1e-12)
     assert distance_from_init(model, model.state_dict()) == 0.0

@@ -83,8 +83,12 @@ def test_surface_1d_one_line_per_curve(results, tmp_path):
     no_acc = plots.plot_surface_1d(results.s1[0], accuracy=False)
     assert len(no_acc.axes) == 1 and len(no_acc.axes[0].get_lines()) == 1
     regression = landscape.Surface1D(
-        alphas=np.linspace(-1, 1, 5), loss=np.arange(5.0), accuracy=None, directions=[{}],
-        center_loss=2.0, center_accuracy=None,
+        alphas=np.linspace(-1, 1, 5),
+        loss=np.arange(5.0),
+        accuracy=None,
+        directions=[{}],
+        center_loss=2.0,
+        center_accuracy=None,
     )
     assert len(plots.plot_surface_1d([regression, results.s1[0]]).axes[1].get_lines()) == 1
     with pytest.raises(ValueError, match="labels"):
@@ -108,7 +112,7 @@ def test_spectrum_plot_is_log_scaled(results, tmp_path):
     assert ax.get_yscale() == "log"
     assert len(ax.get_lines()) == 2  # density and Ritz values
     saves(fig, tmp_path / "spectrum.png")
-    plain = SimpleNamespace(grid=np.linspace(-1, 1, 50), density=np.exp(-np.linspace(-1, 1, 50) ** 2))
+    plain = SimpleNamespace(grid=np.linspace(-1, 1, 50), density=np.exp(-(np.linspace(-1, 1, 50) ** 2)))
     assert len(plots.plot_spectrum(plain).axes[0].get_lines()) == 1
     with pytest.raises(TypeError, match="spectrum"):
         plots.plot_spectrum(object())

@@ -31,8 +31,17 @@ def _one_thread(single_thread, tmp_path_factory, monkeypatch):
 
 
 def config(train=None, model=None, seed=0, **extra):
-    return load_config({"name": "p", "seed": seed, "dataset": TEACHER, "model": model or {"name": "mlp", "width": 12},
-                        "train": train or {}, "measure": [], **extra})
+    return load_config(
+        {
+            "name": "p",
+            "seed": seed,
+            "dataset": TEACHER,
+            "model": model or {"name": "mlp", "width": 12},
+            "train": train or {},
+            "measure": [],
+            **extra,
+        }
+    )
 
 
 def double(data):
@@ -48,7 +57,9 @@ def reference_sgd_loop(model, data, cfg, seed, steps):
     """Ground truth: the plain torch.optim loop (one model) for ``steps`` steps."""
     params = list(model.parameters())
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
     else:
         cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
         opt = cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -70,15 +81,26 @@ def eight_members(optimizer, model):
     """8 configs of one shape: different lr, momentum / betas, Nesterov, weight decay, schedule, seed."""
     configs = []
     for i in range(8):
-        train_cfg = {"optimizer": optimizer, "lr": (0.05 if optimizer == "sgd" else 0.005) * (1 + 0.3 * i),
-                     "momentum": [0.0, 0.9, 0.5, 0.0][i % 4], "nesterov": i % 4 == 2, "betas": [0.9 - 0.05 * i, 0.999 - 0.01 * i],
-                     "weight_decay": [0.0, 1e-3, 0.0, 5e-2][(i + 1) % 4], "schedule": SCHEDULES[i % 4],
-                     "warmup_epochs": 1, "batch_size": 25, "max_epochs": 5, "stop": {}}  # 5 epochs of 10 steps
+        train_cfg = {
+            "optimizer": optimizer,
+            "lr": (0.05 if optimizer == "sgd" else 0.005) * (1 + 0.3 * i),
+            "momentum": [0.0, 0.9, 0.5, 0.0][i % 4],
+            "nesterov": i % 4 == 2,
+            "betas": [0.9 - 0.05 * i, 0.999 - 0.01 * i],
+            "weight_decay": [0.0, 1e-3, 0.0, 5e-2][(i + 1) % 4],
+            "schedule": SCHEDULES[i % 4],
+            "warmup_epochs": 1,
+            "batch_size": 25,
+            "max_epochs": 5,
+            "stop": {},
+        }  # 5 epochs of 10 steps
         configs.append(config(train_cfg, model, seed=i))
     return configs
 
 
-@pytest.mark.parametrize("model", [{"name": "mlp", "width": 12}, {"name": "cnn1d", "width": 3, "depth": 2}], ids=["mlp", "cnn1d"])
+@pytest.mark.parametrize(
+    "model", [{"name": "mlp", "width": 12}, {"name": "cnn1d", "width": 3, "depth": 2}], ids=["mlp", "cnn1d"]
+)
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 def test_each_member_equals_the_plain_torch_optim_loop_in_float64(optimizer, model):
     configs = eight_members(optimizer, model)
@@ -94,11 +116,19 @@ def test_each_member_equals_the_plain_torch_optim_loop_in_float64(optimizer, mod
         assert not torch.equal(got, flat(build(c)))  # it trained
 
 
-@pytest.mark.parametrize("model", [{"name": "mlp", "width": 12}, {"name": "cnn1d", "width": 3, "depth": 2}], ids=["mlp", "cnn1d"])
+@pytest.mark.parametrize(
+    "model", [{"name": "mlp", "width": 12}, {"name": "cnn1d", "width": 3, "depth": 2}], ids=["mlp", "cnn1d"]
+)
 def test_a_nan_member_leaves_its_neighbours_equal_to_the_plain_torch_optim_loop_in_float64(model):
     lrs = [0.05, 1e20, 0.1]  # the middle member runs into inf/nan (its divergence factor never triggers first)
-    configs = [config({"lr": lr, "momentum": 0.9, "divergence_factor": 1e300, "batch_size": 25, "max_epochs": 5, "stop": {}}, model, seed=i)
-               for i, lr in enumerate(lrs)]
+    configs = [
+        config(
+            {"lr": lr, "momentum": 0.9, "divergence_factor": 1e300, "batch_size": 25, "max_epochs": 5, "stop": {}},
+            model,
+            seed=i,
+        )
+        for i, lr in enumerate(lrs)
+    ]
     data = double(load_dataset(configs[0].dataset))
     build = lambda c: build_model(c.model, data.input_shape, data.num_classes, seed=c.seed).double()  # noqa: E731
     models = [build(c) for c in configs]
@@ -122,15 +152,23 @@ EXITS = {  # member -> (train overrides, status it must get)
 
 @pytest.mark.parametrize("batch_size", [32, "full"])
 def test_each_member_leaves_with_what_it_gets_alone(batch_size):
-    configs = [config({"momentum": 0.9, "max_epochs": 20, "batch_size": batch_size, **over}, seed=i)
-               for i, (over, _) in enumerate(EXITS.values())]
+    configs = [
+        config({"momentum": 0.9, "max_epochs": 20, "batch_size": batch_size, **over}, seed=i)
+        for i, (over, _) in enumerate(EXITS.values())
+    ]
     data = load_dataset(configs[0].dataset)
     build = lambda c: build_model(c.model, data.input_shape, data.num_classes, seed=c.seed)  # noqa: E731
     alone = [train(build(c), data, c.train, seed=c.seed) for c in configs]
     order, logged = [], []
     models = [build(c) for c in configs]
-    together = train_population(models, data, [c.train for c in configs], seeds=[c.seed for c in configs],
-                                log=lambda i, r: logged.append((i, r)), on_result=lambda i, r: order.append((i, r.steps)))
+    together = train_population(
+        models,
+        data,
+        [c.train for c in configs],
+        seeds=[c.seed for c in configs],
+        log=lambda i, r: logged.append((i, r)),
+        on_result=lambda i, r: order.append((i, r.steps)),
+    )
     for name, a, b, (_, status) in zip(EXITS, alone, together, EXITS.values()):
         assert (b.status, b.reason, b.epochs, b.steps) == (a.status, a.reason, a.epochs, a.steps), name
         assert status is None or a.status == status, (name, a.reason)
@@ -141,14 +179,18 @@ def test_each_member_leaves_with_what_it_gets_alone(batch_size):
     assert all(flat(m).isfinite().all() for m in models[1:])
     assert [s for _, s in order] == sorted(s for _, s in order) and len(order) == 4  # ... leaves at once, in step order
     for i, r in enumerate(together):
-        typed = [(rec.kind, rec.step, rec.values.get("train_loss")) for j, rec in logged if j == i]  # typed records, as kept
+        typed = [
+            (rec.kind, rec.step, rec.values.get("train_loss")) for j, rec in logged if j == i
+        ]  # typed records, as kept
         assert typed == [(rec["kind"], rec["step"], rec.get("train_loss")) for rec in r.history]
 
 
 def test_tracked_lambda_max_equals_the_one_tracked_alone():
     track = {"every_steps": 5, "subset": 100, "metrics": ["hessian_top_eig"]}
-    configs = [config({"lr": lr, "momentum": 0.5, "batch_size": 50, "max_epochs": 4, "stop": {}, "track": track}, seed=i)
-               for i, lr in enumerate([0.05, 0.2, 0.5])]
+    configs = [
+        config({"lr": lr, "momentum": 0.5, "batch_size": 50, "max_epochs": 4, "stop": {}, "track": track}, seed=i)
+        for i, lr in enumerate([0.05, 0.2, 0.5])
+    ]
     data = load_dataset(configs[0].dataset)
     build = lambda c: build_model(c.model, data.input_shape, data.num_classes, seed=c.seed)  # noqa: E731
     together = train_population([build(c) for c in configs], data, [c.train for c in configs], seeds=[0, 1, 2])
@@ -205,21 +247,38 @@ def test_what_stacks_and_why_not():
     alone = config({"max_epochs": 1, "stop": {}})
     assert train(frozen, load_dataset(alone.dataset), alone.train).steps == 2  # one model: frozen parameters stay put
     assert torch.equal(frozen[1].bias, bias) and not torch.equal(frozen[1].weight, weight)
-    bn = [load_config({"name": "p", "dataset": TEACHER, "model": {"name": "mlp", "batch_norm": True}, "seed": s}) for s in (0, 1)]
+    bn = [
+        load_config({"name": "p", "dataset": TEACHER, "model": {"name": "mlp", "batch_norm": True}, "seed": s})
+        for s in (0, 1)
+    ]
     data = load_dataset(bn[0].dataset)
     with pytest.raises(ValueError, match="do not stack: .*batch norm"):
-        train_population([build_model(c.model, data.input_shape, 3, seed=c.seed) for c in bn], data, [c.train for c in bn], seeds=[0, 1])
+        train_population(
+            [build_model(c.model, data.input_shape, 3, seed=c.seed) for c in bn],
+            data,
+            [c.train for c in bn],
+            seeds=[0, 1],
+        )
     with pytest.raises(ValueError, match="do not stack: model.batch_norm"):
         run_population(bn, on_result=lambda i, r: None)
 
 
 def test_population_key_is_the_shape_not_the_scalars():
     base = config({"lr": 0.1})
-    same = [config({"lr": 0.3, "momentum": 0.9, "schedule": "cosine", "stop": {"train_acc": 0.9}, "max_epochs": 7}, seed=5),
-            config({"lr": 0.1}, measure=["hessian_top_eig"])]
-    other = [config({"batch_size": 64}), config(model={"name": "mlp", "width": 13}), config({"optimizer": "adam"}),
-             load_config({"name": "p", "dataset": {**TEACHER, "seed": 1}, "model": {"name": "mlp", "width": 12}, "measure": []}),
-             config({"loss": "mse"}), config({"track": {"every_steps": 10}})]
+    same = [
+        config({"lr": 0.3, "momentum": 0.9, "schedule": "cosine", "stop": {"train_acc": 0.9}, "max_epochs": 7}, seed=5),
+        config({"lr": 0.1}, measure=["hessian_top_eig"]),
+    ]
+    other = [
+        config({"batch_size": 64}),
+        config(model={"name": "mlp", "width": 13}),
+        config({"optimizer": "adam"}),
+        load_config(
+            {"name": "p", "dataset": {**TEACHER, "seed": 1}, "model": {"name": "mlp", "width": 12}, "measure": []}
+        ),
+        config({"loss": "mse"}),
+        config({"track": {"every_steps": 10}}),
+    ]
     assert all(population_key(c) == population_key(base) for c in same)
     assert all(population_key(c) != population_key(base) for c in other)
     with pytest.raises(ValueError, match=r"configs\[1\]: its shape key differs"):
@@ -230,11 +289,21 @@ def test_population_key_is_the_shape_not_the_scalars():
 
 
 def test_run_population_measures_writes_and_reports_each_member_as_run_trial_alone(tmp_path):
-    configs = [config({"lr": lr, "momentum": 0.9, "batch_size": 50, "max_epochs": mx, "stop": {"train_loss": 0.3}},
-                      seed=i, measure=["hessian_top_eig"]) for i, (lr, mx) in enumerate([(0.1, 30), (1e4, 30), (0.01, 2)])]
+    configs = [
+        config(
+            {"lr": lr, "momentum": 0.9, "batch_size": 50, "max_epochs": mx, "stop": {"train_loss": 0.3}},
+            seed=i,
+            measure=["hessian_top_eig"],
+        )
+        for i, (lr, mx) in enumerate([(0.1, 30), (1e4, 30), (0.01, 2)])
+    ]
     seen = []
-    results = run_population(configs, on_result=lambda i, r: seen.append((i, r.status, r.artifacts["result.json"].exists())),
-                             out_dirs=[tmp_path / str(i) for i in range(3)], device="cpu")
+    results = run_population(
+        configs,
+        on_result=lambda i, r: seen.append((i, r.status, r.artifacts["result.json"].exists())),
+        out_dirs=[tmp_path / str(i) for i in range(3)],
+        device="cpu",
+    )
     assert sorted(i for i, _, _ in seen) == [0, 1, 2] and all(written for _, _, written in seen)
     assert seen[0][:2] == (1, "diverged")  # the diverged member is reported first
     assert [r.status for r in results] == ["converged", "diverged", "not_converged"]
@@ -248,8 +317,10 @@ def test_run_population_measures_writes_and_reports_each_member_as_run_trial_alo
 
 
 def test_a_stopped_member_leaves_pruned_and_the_others_train_on_as_alone():
-    configs = [config({"lr": lr, "momentum": 0.9, "batch_size": 50, "max_epochs": 6, "stop": {}}, seed=i)
-               for i, lr in enumerate([0.05, 0.1, 0.2])]
+    configs = [
+        config({"lr": lr, "momentum": 0.9, "batch_size": 50, "max_epochs": 6, "stop": {}}, seed=i)
+        for i, lr in enumerate([0.05, 0.1, 0.2])
+    ]
     data = load_dataset(configs[0].dataset)
     build = lambda c: build_model(c.model, data.input_shape, data.num_classes, seed=c.seed)  # noqa: E731
     models, asked = [build(c) for c in configs], []
@@ -270,8 +341,12 @@ def test_a_stopped_member_leaves_pruned_and_the_others_train_on_as_alone():
         assert (together[i].status, together[i].epochs, together[i].steps) == (result.status, 6, result.steps)
         for p, q in zip(models[i].parameters(), alone.parameters()):
             assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
-    results = run_population([c.model_copy(update={"measure": ["hessian_top_eig"]}) for c in configs], on_result=lambda i, r: None,
-                             stop=lambda i: "pruned" if i == 0 else None, device="cpu")
+    results = run_population(
+        [c.model_copy(update={"measure": ["hessian_top_eig"]}) for c in configs],
+        on_result=lambda i, r: None,
+        stop=lambda i: "pruned" if i == 0 else None,
+        device="cpu",
+    )
     assert results[0].status == "pruned" and "hessian_top_eig" not in results[0].metrics  # pruned: no measures
     assert "hessian_top_eig" in results[1].metrics
 
@@ -280,7 +355,10 @@ def test_the_worker_yields_a_member_while_the_rest_of_its_population_trains(tmp_
     """sweeps.worker's population generator (the body of the Ray task) hands a finished member to
     the driver at once: the long member cannot log its third epoch until the short member's
     record has been taken from the generator."""
-    configs = [config({"lr": 0.1, "batch_size": 50, "max_epochs": epochs, "stop": {}}, seed=i) for i, epochs in enumerate([1, 4])]
+    configs = [
+        config({"lr": 0.1, "batch_size": 50, "max_epochs": epochs, "stop": {}}, seed=i)
+        for i, epochs in enumerate([1, 4])
+    ]
     taken, waited = threading.Event(), []
 
     class GatedStream(MetricStream):
@@ -299,11 +377,19 @@ def test_the_worker_yields_a_member_while_the_rest_of_its_population_trains(tmp_
 
 
 def test_members_measured_apart_equal_members_measured_in_place(tmp_path):
-    configs = [config({"lr": lr, "momentum": 0.9, "batch_size": 50, "max_epochs": 3, "stop": {}}, seed=i,
-                      measure=["hessian_top_eig", "dist_from_init"]) for i, (lr) in enumerate([0.1, 1e4, 0.05])]
+    configs = [
+        config(
+            {"lr": lr, "momentum": 0.9, "batch_size": 50, "max_epochs": 3, "stop": {}},
+            seed=i,
+            measure=["hessian_top_eig", "dist_from_init"],
+        )
+        for i, (lr) in enumerate([0.1, 1e4, 0.05])
+    ]
     in_place = run_population(configs, on_result=lambda i, r: None, device="cpu")
     trained, direct = {}, []
-    apart = run_population(configs, on_result=lambda i, r: direct.append(i), on_trained=trained.__setitem__, device="cpu")
+    apart = run_population(
+        configs, on_result=lambda i, r: direct.append(i), on_trained=trained.__setitem__, device="cpu"
+    )
     assert direct == [1] and sorted(trained) == [0, 2]  # the diverged member has nothing to measure
     assert apart[1].status == "diverged" and apart[0] is None and apart[2] is None
     for i, member in trained.items():
@@ -318,10 +404,19 @@ def test_members_measured_apart_equal_members_measured_in_place(tmp_path):
 
 @pytest.mark.parametrize("name", ["cnn", "nin", "resnet"])
 def test_image_models_stack_through_vmap(name):
-    configs = [load_config({"name": "p", "seed": i, "dataset": {"name": "digits", "train_size": 64, "test_size": 32},
-                            "model": {"name": name, "width": 2, "depth": 1},
-                            "train": {"lr": 0.05 * (i + 1), "momentum": 0.9, "batch_size": 16, "max_epochs": 1, "stop": {}},
-                            "measure": []}) for i in range(2)]
+    configs = [
+        load_config(
+            {
+                "name": "p",
+                "seed": i,
+                "dataset": {"name": "digits", "train_size": 64, "test_size": 32},
+                "model": {"name": name, "width": 2, "depth": 1},
+                "train": {"lr": 0.05 * (i + 1), "momentum": 0.9, "batch_size": 16, "max_epochs": 1, "stop": {}},
+                "measure": [],
+            }
+        )
+        for i in range(2)
+    ]
     assert all(stack_check(c) is None for c in configs)
     data = load_dataset(configs[0].dataset)
     build = lambda c: build_model(c.model, data.input_shape, data.num_classes, seed=c.seed)  # noqa: E731

@@ -26,15 +26,23 @@ def synthetic_results(seed: int = 0, *, diverged_cell: bool = True, drop_diverge
     ):
         gap = 0.05 * np.log10(1 / lr) + 0.02 * (opt == "adam") + rng.normal(0, 0.005)
         diverged = diverged_cell and lr == 1.0 and width == 16 and opt == "adam"
-        rows.append({
-            "sweep": "toy", "trial_number": number, "run_id": f"r{number}",
-            "status": "diverged" if diverged else "converged",
-            "train.lr": lr, "model.width": width, "train.optimizer": opt, "seed": s,
-            "gen_gap": np.nan if diverged else gap, "test_acc": np.nan if diverged else 0.95 - gap,
-            "hessian_top_eig": np.nan if diverged else 10 ** (20 * gap) * (1 + rng.normal(0, 0.05)),
-            "hessian_trace": np.nan if diverged else rng.lognormal(3, 1),
-            "n_test": 2000,
-        })
+        rows.append(
+            {
+                "sweep": "toy",
+                "trial_number": number,
+                "run_id": f"r{number}",
+                "status": "diverged" if diverged else "converged",
+                "train.lr": lr,
+                "model.width": width,
+                "train.optimizer": opt,
+                "seed": s,
+                "gen_gap": np.nan if diverged else gap,
+                "test_acc": np.nan if diverged else 0.95 - gap,
+                "hessian_top_eig": np.nan if diverged else 10 ** (20 * gap) * (1 + rng.normal(0, 0.05)),
+                "hessian_trace": np.nan if diverged else rng.lognormal(3, 1),
+                "n_test": 2000,
+            }
+        )
     df = pd.DataFrame(rows)
     return df[df["status"] == "converged"] if drop_diverged else df
 
@@ -44,7 +52,11 @@ def test_make_report_writes_csv_json_pngs_and_self_contained_html(tmp_path):
 
     figures = [k for k in report.files if k not in ("csv", "json", "html")]
     assert set(figures) == {
-        "psi_heatmap", "scatter_hessian_top_eig", "trend_hessian_top_eig", "scatter_hessian_trace", "trend_hessian_trace",
+        "psi_heatmap",
+        "scatter_hessian_top_eig",
+        "trend_hessian_top_eig",
+        "scatter_hessian_trace",
+        "trend_hessian_trace",
     }
     for name in figures:
         assert report.files[name].read_bytes()[:8] == PNG_MAGIC, name
@@ -52,7 +64,9 @@ def test_make_report_writes_csv_json_pngs_and_self_contained_html(tmp_path):
     csv = pd.read_csv(report.files["csv"], index_col="measure")
     assert list(csv.index) == ["hessian_top_eig", "hessian_trace"]
     assert csv.loc["hessian_top_eig", "tau"] == pytest.approx(report.table.loc["hessian_top_eig", "tau"])
-    assert {"psi[train.lr]", "psi[model.width]", "psi[train.optimizer]", "Psi", "cmi", "sign_error_max"} <= set(csv.columns)
+    assert {"psi[train.lr]", "psi[model.width]", "psi[train.optimizer]", "Psi", "cmi", "sign_error_max"} <= set(
+        csv.columns
+    )
     assert report.table.loc["hessian_top_eig", "Psi"] > 0.5  # a complete grid: Psi defined
 
     data = json.loads(report.files["json"].read_text())
@@ -105,7 +119,9 @@ def mlflow_sweep(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     tracker = Tracker(uri, artifact_root=(root / "artifacts").as_uri())
     name = "toy-sweep"
-    parent = tracker.start_parent(name, flat_config={"name": name}, resolved_config={"name": name}, config_yaml="name: toy-sweep\n")
+    parent = tracker.start_parent(
+        name, flat_config={"name": name}, resolved_config={"name": name}, config_yaml="name: toy-sweep\n"
+    )
     for _, row in synthetic_results(drop_diverged=True).iterrows():
         params = {k: row[k] for k in ("train.lr", "model.width", "train.optimizer", "seed")}
         child = tracker.start_child(name, parent, int(row["trial_number"]), params)
@@ -130,8 +146,14 @@ def test_report_sweep_logs_artifacts_and_metrics_on_the_parent_run(mlflow_sweep,
     assert report.table.attrs["n_models"] == 11 and report.table.attrs["excluded"] == {}
 
     artifacts = _artifact_names(uri, parent, "analysis")
-    assert {"correlations.csv", "correlations.json", "report.html", "psi_heatmap.png",
-            "scatter_hessian_top_eig.png", "trend_hessian_trace.png"} <= artifacts
+    assert {
+        "correlations.csv",
+        "correlations.json",
+        "report.html",
+        "psi_heatmap.png",
+        "scatter_hessian_top_eig.png",
+        "trend_hessian_trace.png",
+    } <= artifacts
     metrics = MlflowClient(tracking_uri=uri).get_run(parent).data.metrics
     assert metrics["analysis.tau.hessian_top_eig"] == pytest.approx(report.table.loc["hessian_top_eig", "tau"])
     with pytest.raises(LookupError, match="no sweep named 'missing'"):

@@ -19,19 +19,38 @@ pytestmark = pytest.mark.lowest  # .ci/lowest runs this module on the lowest ver
 @pytest.fixture
 def recorded(tmp_path):
     """A sweep 'res' of 4 trials: 2 converged, 1 diverged, 1 interrupted then re-run, 1 interrupted only."""
-    config = load_config({"name": "res", "dataset": {"name": "digits"}, "measure": ["hessian_top_eig"],
-                          "search": {"sampler": "grid", "space": {"train.lr": {"values": [0.1, 1.0]},
-                                                                  "model.width": {"values": [8, 16]}}}})
+    config = load_config(
+        {
+            "name": "res",
+            "dataset": {"name": "digits"},
+            "measure": ["hessian_top_eig"],
+            "search": {
+                "sampler": "grid",
+                "space": {"train.lr": {"values": [0.1, 1.0]}, "model.width": {"values": [8, 16]}},
+            },
+        }
+    )
     conn = connections.resolve(results_dir=tmp_path, env={})
     tracker = Tracker(conn.tracking_uri, conn.artifact_root)
-    parent = tracker.start_parent("res", flat_config=config.flat(), resolved_config=config.model_dump(mode="json"),
-                                  config_yaml="")
+    parent = tracker.start_parent(
+        "res", flat_config=config.flat(), resolved_config=config.model_dump(mode="json"), config_yaml=""
+    )
     outcomes = [
         (0, {"train.lr": 0.1, "model.width": 8}, "converged", {"test_acc": 0.9, "n_test": 540, "hessian_top_eig": 3.5}),
         (1, {"train.lr": 1.0, "model.width": 8}, "diverged", {"test_acc": 0.1, "n_test": 540}),
         (2, {"train.lr": 0.1, "model.width": 16}, "interrupted", {}),
-        (3, {"train.lr": 1.0, "model.width": 16}, "converged", {"test_acc": 0.8, "n_test": 540, "hessian_top_eig": 9.0}),
-        (4, {"train.lr": 0.1, "model.width": 16}, "not_converged", {"test_acc": 0.7, "n_test": 540, "hessian_top_eig": 1.0}),
+        (
+            3,
+            {"train.lr": 1.0, "model.width": 16},
+            "converged",
+            {"test_acc": 0.8, "n_test": 540, "hessian_top_eig": 9.0},
+        ),
+        (
+            4,
+            {"train.lr": 0.1, "model.width": 16},
+            "not_converged",
+            {"test_acc": 0.7, "n_test": 540, "hessian_top_eig": 1.0},
+        ),
     ]
     for number, point, status, metrics in outcomes:
         run = tracker.start_child("res", parent, number, config.with_point(point).flat())
@@ -73,16 +92,19 @@ def test_unknown_sweep_names_the_fix(tmp_path):
     assert not (tmp_path / "empty").exists()  # reading does not create stores
 
 
-@pytest.mark.parametrize("values, example, dtype, expected", [
-    (["0.1", "1", "1e-3"], 0.05, "float64", [0.1, 1.0, 1e-3]),
-    (["8", "16"], 32, "int64", [8, 16]),
-    (["8", None], 32, "Int64", [8, None]),
-    (["True", "False"], False, "bool", [True, False]),
-    (["128", "full"], 64, "str", ["128", "full"]),
-    (["4", "7"], None, "int64", [4, 7]),  # a key unset in the base config: inferred
-    (["0.5", "2"], None, "float64", [0.5, 2.0]),
-    (["relu", "tanh"], "relu", "str", ["relu", "tanh"]),
-])
+@pytest.mark.parametrize(
+    "values, example, dtype, expected",
+    [
+        (["0.1", "1", "1e-3"], 0.05, "float64", [0.1, 1.0, 1e-3]),
+        (["8", "16"], 32, "int64", [8, 16]),
+        (["8", None], 32, "Int64", [8, None]),
+        (["True", "False"], False, "bool", [True, False]),
+        (["128", "full"], 64, "str", ["128", "full"]),
+        (["4", "7"], None, "int64", [4, 7]),  # a key unset in the base config: inferred
+        (["0.5", "2"], None, "float64", [0.5, 2.0]),
+        (["relu", "tanh"], "relu", "str", ["relu", "tanh"]),
+    ],
+)
 def test_cast_from_schema_type(values, example, dtype, expected):
     cast = _cast(pd.Series(values, dtype=object), example)
     if dtype == "str":  # the default string dtype: "str" from pandas 3 on, "object" before

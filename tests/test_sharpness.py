@@ -62,17 +62,13 @@ def dummy_data(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
 def quadratic() -> tuple[Quadratic, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(12, 12, generator=gen, dtype=F64))
-    eigenvalues = torch.tensor(
-        [5.0, 2.0, 1.5, 1.0, 0.8, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01], dtype=F64
-    )
+    eigenvalues = torch.tensor([5.0, 2.0, 1.5, 1.0, 0.8, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01], dtype=F64)
     A = q @ torch.diag(eigenvalues) @ q.T
     return Quadratic((A + A.T) / 2, torch.zeros(12, dtype=F64)), eigenvalues
 
 
 def make_mlp() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3)
-    ).to(F64)
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3)).to(F64)
 
 
 @pytest.fixture(scope="module")
@@ -91,15 +87,11 @@ def trained() -> tuple[nn.Sequential, tuple[torch.Tensor, torch.Tensor]]:
     return model, (X, y)
 
 
-def dense_hessian(
-    model: nn.Module, X: torch.Tensor, y: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_hessian(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Ground truth ``(H, w)`` over all parameters by torch.func.hessian on the flat vector."""
     ml = ModelLoss(model, nn.CrossEntropyLoss(), (X, y))
     w = ml.theta_flat()
-    H = hessian(
-        lambda v: nn.functional.cross_entropy(functional_call(model, ml.unflatten(v), (X,)), y)
-    )(w)
+    H = hessian(lambda v: nn.functional.cross_entropy(functional_call(model, ml.unflatten(v), (X,)), y))(w)
     return H, w
 
 
@@ -110,9 +102,7 @@ def dense_hessian(
 def test_worst_case_l2_on_quadratic_is_half_rho2_lambda_max(quadratic, m):
     model, eigenvalues = quadratic
     rho = 0.1
-    result = worst_case_sharpness(
-        model, mean_output, dummy_data(), rho=rho, p=2, adaptive=False, m=m, n_examples=None
-    )
+    result = worst_case_sharpness(model, mean_output, dummy_data(), rho=rho, p=2, adaptive=False, m=m, n_examples=None)
     expected = 0.5 * rho**2 * float(eigenvalues.max())
     assert result.value == pytest.approx(expected, rel=1e-2)
     assert result.value <= expected * (1 + 1e-9)  # a maximum over the ball cannot exceed it
@@ -123,18 +113,14 @@ def test_worst_case_linf_on_diagonal_quadratic_is_the_corner():
     a = torch.tensor([3.0, 1.0, 0.5, 0.2], dtype=F64)
     model = Quadratic(torch.diag(a), torch.zeros(4, dtype=F64))
     rho = 0.05
-    result = worst_case_sharpness(
-        model, mean_output, dummy_data(), rho=rho, p="inf", adaptive=False, m=None
-    )
+    result = worst_case_sharpness(model, mean_output, dummy_data(), rho=rho, p="inf", adaptive=False, m=None)
     assert result.value == pytest.approx(0.5 * rho**2 * float(a.sum()), rel=1e-9)
 
 
 def test_average_on_quadratic_is_half_rho2_trace(quadratic):
     model, eigenvalues = quadratic
     rho = 0.1
-    result = average_sharpness(
-        model, mean_output, dummy_data(), rho=rho, adaptive=False, m=None, n_samples=400
-    )
+    result = average_sharpness(model, mean_output, dummy_data(), rho=rho, adaptive=False, m=None, n_samples=400)
     expected = 0.5 * rho**2 * float(eigenvalues.sum())
     assert result.std_err > 0
     assert abs(result.value - expected) <= 3 * result.std_err
@@ -150,9 +136,7 @@ def test_keskar_equals_box_corner_of_diagonal_quadratic():
     # convex loss: the maximum over the box sits at a corner, |y_i| = eps (|w_i| + 1)
     hand = 100 * float(0.5 * (a * (eps * (center.abs() + 1)) ** 2).sum()) / (1 + offset)
     pga = keskar_sharpness(model, mean_output, dummy_data(), eps=eps, method="pga")
-    lbfgsb = keskar_sharpness(
-        model, mean_output, dummy_data(), eps=eps, method="lbfgsb", max_iter=30
-    )
+    lbfgsb = keskar_sharpness(model, mean_output, dummy_data(), eps=eps, method="lbfgsb", max_iter=30)
     default = keskar_sharpness(model, mean_output, dummy_data(), eps=eps)
     assert pga.value == pytest.approx(hand, rel=1e-8)
     assert lbfgsb.value == pytest.approx(hand, rel=1e-6)
@@ -183,9 +167,7 @@ def test_perturbation_scale_is_a_standard_deviation():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(200_000, generator=gen, dtype=F64)
     sigma = 0.5
-    u = perturbation_scale(w, sigma, magnitude_aware=True, eps=0.0) * torch.randn(
-        w.shape, generator=gen, dtype=F64
-    )
+    u = perturbation_scale(w, sigma, magnitude_aware=True, eps=0.0) * torch.randn(w.shape, generator=gen, dtype=F64)
     assert float((u / w.abs()).std()) == pytest.approx(sigma, rel=1e-2)  # sigma^2 would be 0.25
     plain = perturbation_scale(w, sigma, magnitude_aware=False, eps=1e-3) * torch.randn(
         w.shape, generator=gen, dtype=F64
@@ -210,13 +192,9 @@ def test_pacbayes_sigma_matches_gaussian_tail_plain():
     n = 4000
     a = torch.linspace(0.5, 1.5, n, dtype=F64)
     model = OneWeightPerExample(a)
-    result = pacbayes_flatness(
-        model, nn.CrossEntropyLoss(), one_weight_data(n), magnitude_aware=False
-    )
+    result = pacbayes_flatness(model, nn.CrossEntropyLoss(), one_weight_data(n), magnitude_aware=False)
     an = a.numpy()
-    expected = scipy.optimize.brentq(
-        lambda s: 1 - scipy.stats.norm.cdf(an / s).mean() - 0.1, 0.05, 5
-    )
+    expected = scipy.optimize.brentq(lambda s: 1 - scipy.stats.norm.cdf(an / s).mean() - 0.1, 0.05, 5)
     assert result.level == pytest.approx(expected, abs=0.02)
 
 
@@ -224,9 +202,7 @@ def test_sharpness_alpha_is_where_the_adversary_can_flip():
     n = 200
     # magnitude-aware: the box |u_k| <= alpha |a_k| flips every example at alpha = 1 exactly
     model = OneWeightPerExample(torch.linspace(0.5, 1.5, n, dtype=F64))
-    mag = sharpness_flatness(
-        model, nn.CrossEntropyLoss(), one_weight_data(n), eps=0.0, steps=5, restarts=1
-    )
+    mag = sharpness_flatness(model, nn.CrossEntropyLoss(), one_weight_data(n), eps=0.0, steps=5, restarts=1)
     assert mag.level == pytest.approx(1.0, abs=1e-3)
     # plain: |u_k| <= alpha flips the examples with a_k <= alpha: 10% of them at alpha = 0.6
     plain = sharpness_flatness(
@@ -274,10 +250,7 @@ def test_jiang_levels_shrink_on_a_sharper_model(trained):
     # magnitude-aware noise scales with |w|: large cancelling weights make the same function sharper
     mag_sharp = last_layer_shifted(model, 3.0)
     assert torch.equal(mag_sharp(data[0]).argmax(1), model(data[0]).argmax(1))
-    assert (
-        pacbayes_flatness(mag_sharp, loss, data, **fast).level
-        < pacbayes_flatness(model, loss, data, **fast).level
-    )
+    assert pacbayes_flatness(mag_sharp, loss, data, **fast).level < pacbayes_flatness(model, loss, data, **fast).level
     assert (
         sharpness_flatness(mag_sharp, loss, data, steps=8, **fast).level
         < sharpness_flatness(model, loss, data, steps=8, **fast).level
@@ -299,29 +272,15 @@ def test_jiang_reproducible_by_seed(trained):
 # scale invariance (Dinh et al. 2017)
 # ----------------------------------------------------------------------------------------------
 INVARIANT = {
-    "adaptive worst l2": lambda m, d: (
-        worst_case_sharpness(m, nn.CrossEntropyLoss(), d, rho=0.3, m=48, steps=10).value
-    ),
+    "adaptive worst l2": lambda m, d: worst_case_sharpness(m, nn.CrossEntropyLoss(), d, rho=0.3, m=48, steps=10).value,
     "adaptive worst linf": lambda m, d: (
-        worst_case_sharpness(
-            m, nn.CrossEntropyLoss(), d, rho=0.01, p="inf", m=None, steps=10, restarts=2
-        ).value
+        worst_case_sharpness(m, nn.CrossEntropyLoss(), d, rho=0.01, p="inf", m=None, steps=10, restarts=2).value
     ),
-    "adaptive avg": lambda m, d: (
-        average_sharpness(m, nn.CrossEntropyLoss(), d, rho=0.1, m=48, n_samples=16).value
-    ),
-    "filter curvature": lambda m, d: (
-        filter_curvature(m, nn.CrossEntropyLoss(), d, n_directions=4).value
-    ),
-    "adaptive trace": lambda m, d: (
-        adaptive_trace(m, nn.CrossEntropyLoss(), d, sketch_size=8, rtol=0.5).value
-    ),
-    "pacbayes mag": lambda m, d: (
-        pacbayes_flatness(m, nn.CrossEntropyLoss(), d, eps=0.0, n_steps=10).value
-    ),
-    "sharpness mag": lambda m, d: (
-        sharpness_flatness(m, nn.CrossEntropyLoss(), d, eps=0.0, steps=8, n_steps=10).value
-    ),
+    "adaptive avg": lambda m, d: average_sharpness(m, nn.CrossEntropyLoss(), d, rho=0.1, m=48, n_samples=16).value,
+    "filter curvature": lambda m, d: filter_curvature(m, nn.CrossEntropyLoss(), d, n_directions=4).value,
+    "adaptive trace": lambda m, d: adaptive_trace(m, nn.CrossEntropyLoss(), d, sketch_size=8, rtol=0.5).value,
+    "pacbayes mag": lambda m, d: pacbayes_flatness(m, nn.CrossEntropyLoss(), d, eps=0.0, n_steps=10).value,
+    "sharpness mag": lambda m, d: sharpness_flatness(m, nn.CrossEntropyLoss(), d, eps=0.0, steps=8, n_steps=10).value,
 }
 
 
@@ -357,9 +316,7 @@ def test_adaptive_trace_equals_dense(trained):
     exact = float((w**2 * torch.diagonal(H)).sum())
     result = adaptive_trace(model, nn.CrossEntropyLoss(), (X, y), sketch_size=w.numel())
     assert result.value == pytest.approx(exact, rel=1e-8)
-    estimate = adaptive_trace(
-        model, nn.CrossEntropyLoss(), (X, y), method="hutchinson", max_hvp=256, rtol=0.05
-    )
+    estimate = adaptive_trace(model, nn.CrossEntropyLoss(), (X, y), method="hutchinson", max_hvp=256, rtol=0.05)
     assert abs(estimate.value - exact) <= 4 * estimate.std_err
 
 
@@ -371,9 +328,7 @@ def test_filter_curvature_equals_dense_quadratic_forms(trained):
 
     ml = ModelLoss(model, nn.CrossEntropyLoss(), (X, y))
     V = filter_normalized_directions(ml, 3, seed=2)
-    assert result.value == pytest.approx(
-        float(torch.einsum("pk,pq,qk->k", V, H, V).mean()), rel=1e-8
-    )
+    assert result.value == pytest.approx(float(torch.einsum("pk,pq,qk->k", V, H, V).mean()), rel=1e-8)
     biases = ml.unflatten(V.T)["0.bias"]
     assert torch.count_nonzero(biases) == 0
     surface_directions = random_directions(model, 3, seed=2)  # the same directions as surfaces
@@ -391,15 +346,11 @@ def test_filter_curvature_equals_dense_quadratic_forms(trained):
 def test_m_sharpness_batches_and_weights(trained):
     model, (X, y) = trained
     batches = [(X[:40], y[:40]), (X[40:], y[40:])]  # a list of batches is re-batched into m
-    result = average_sharpness(
-        model, nn.CrossEntropyLoss(), batches, m=32, n_examples=80, n_samples=4
-    )
+    result = average_sharpness(model, nn.CrossEntropyLoss(), batches, m=32, n_examples=80, n_samples=4)
     assert result.n_examples == 80 and len(result.per_batch) == 3
     weights = np.array([32, 32, 16]) / 80
     assert result.value == pytest.approx(float(result.per_batch @ weights))
-    whole = average_sharpness(
-        model, nn.CrossEntropyLoss(), batches, m=None, n_examples=None, n_samples=4
-    )
+    whole = average_sharpness(model, nn.CrossEntropyLoss(), batches, m=None, n_examples=None, n_samples=4)
     assert whole.n_examples == 96 and len(whole.per_batch) == 1
 
 
@@ -409,9 +360,7 @@ def test_logit_normalization_removes_logit_scale(trained):
     scaled = last_layer_scaled(model, 3.0)
 
     def run(m: nn.Module, normalize: bool) -> float:
-        return average_sharpness(
-            m, loss, data, m=None, n_samples=8, logit_normalization=normalize
-        ).value
+        return average_sharpness(m, loss, data, m=None, n_samples=8, logit_normalization=normalize).value
 
     assert run(scaled, True) == pytest.approx(run(model, True), rel=1e-6)
     assert abs(run(scaled, False) - run(model, False)) > 0.05 * run(model, False)
@@ -420,9 +369,7 @@ def test_logit_normalization_removes_logit_scale(trained):
 def test_same_seed_same_value_other_seed_differs(trained):
     model, data = trained
     loss = nn.CrossEntropyLoss()
-    values = [
-        average_sharpness(model, loss, data, m=None, n_samples=8, seed=s).value for s in (0, 0, 1)
-    ]
+    values = [average_sharpness(model, loss, data, m=None, n_samples=8, seed=s).value for s in (0, 0, 1)]
     assert values[0] == values[1] != values[2]
 
 
@@ -455,9 +402,7 @@ def test_model_untouched(trained):
 
 def test_dataloader_streaming_equals_one_batch(trained):
     model, (X, y) = trained
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(X, y), batch_size=40, shuffle=False
-    )
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=40, shuffle=False)
     loss = nn.CrossEntropyLoss()
     for fn, kwargs in [(average_sharpness, {"n_samples": 4}), (worst_case_sharpness, {"steps": 4})]:
         streamed = fn(model, loss, loader, m=None, n_examples=None, **kwargs)

@@ -60,7 +60,9 @@ def test_linear_regression_density_mean_is_trace_over_p_within_two_percent():
 def test_known_clustered_spectrum_is_recovered():
     sizes, centers = (100, 200, 100), (-1.0, 2.0, 5.0)
     g = torch.Generator().manual_seed(0)
-    eigenvalues = torch.cat([c + 0.01 * torch.randn(s, generator=g, dtype=torch.float64) for s, c in zip(sizes, centers)])
+    eigenvalues = torch.cat(
+        [c + 0.01 * torch.randn(s, generator=g, dtype=torch.float64) for s, c in zip(sizes, centers)]
+    )
     q, _ = torch.linalg.qr(torch.randn(400, 400, generator=g, dtype=torch.float64))
     a = q @ torch.diag(eigenvalues) @ q.T
     result = spectral_density(a, num_runs=10, num_steps=60)

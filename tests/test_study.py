@@ -77,7 +77,9 @@ def test_the_study_config_is_a_complete_grid_with_the_diagonal_and_full_batch(re
     assert cfg.search.sampler == "grid" and cfg.dataset.name == "mnist1d" and cfg.model.name == "mlp"
     assert cfg.train.optimizer == "sgd" and cfg.train.momentum == 0.0 and cfg.train.stop.train_loss == 0.01
     assert len(cfg.measure) == 14 and "hessian_top_eig" in cfg.train.track.metrics
-    diagonal = [(lr, b) for lr, b in itertools.product(space[LR], space[BATCH]) if b != "full" and np.isclose(lr / b, 0.1 / 32)]
+    diagonal = [
+        (lr, b) for lr, b in itertools.product(space[LR], space[BATCH]) if b != "full" and np.isclose(lr / b, 0.1 / 32)
+    ]
     assert diagonal == [(0.1, 32), (0.2, 64), (0.4, 128), (0.8, 256)]
     # the committed run is that grid, every point exactly once
     points = list(zip(results[LR], results[BATCH].astype(str), results[WIDTH], results["seed"]))
@@ -91,8 +93,13 @@ def test_the_committed_tables_are_what_sweeps_analysis_computes_from_results_csv
     table = correlations(grid, n_boot=ms.N_BOOT)
     committed = pd.read_csv(STUDY / "report" / "correlations.csv", index_col=0)
     numeric = [c for c in committed.columns if pd.api.types.is_numeric_dtype(committed[c])]
-    pd.testing.assert_frame_equal(table.loc[committed.index, numeric].astype(float), committed[numeric].astype(float),
-                                  check_exact=False, atol=1e-12, check_names=False)
+    pd.testing.assert_frame_equal(
+        table.loc[committed.index, numeric].astype(float),
+        committed[numeric].astype(float),
+        check_exact=False,
+        atol=1e-12,
+        check_names=False,
+    )
     for measure, quoted in claims["measures"].items():
         assert quoted["tau"] == pytest.approx(table.loc[measure, "tau"], abs=1e-12)
         assert quoted["Psi"]["Psi"] == pytest.approx(table.loc[measure, "Psi"], abs=1e-12)
@@ -101,12 +108,19 @@ def test_the_committed_tables_are_what_sweeps_analysis_computes_from_results_csv
     columns = ms.SHARPNESS + [m for pair in ms.RAW_VS_ADAPTIVE for m in pair] + ["gen_gap", "test_acc"]
     effects = hyperparameter_effects(results, columns, values=ms.batch_numbers(results), n_boot=ms.N_BOOT)
     committed = pd.read_csv(STUDY / "effects.csv", index_col=[0, 1])
-    pd.testing.assert_frame_equal(effects.astype(float), committed.loc[effects.index].astype(float), check_exact=False,
-                                  atol=1e-12, check_names=False)
+    pd.testing.assert_frame_equal(
+        effects.astype(float),
+        committed.loc[effects.index].astype(float),
+        check_exact=False,
+        atol=1e-12,
+        check_names=False,
+    )
     assert set(claims["effects"]) == {f"{k} -> {c}" for k, c in effects.index}
 
     diag = ms.diagonal(results).drop(columns=[BATCH])
-    models = diag.groupby([LR, WIDTH])[["hessian_top_eig", "keskar_sharpness", "gen_gap", "test_acc"]].mean().reset_index()
+    models = (
+        diag.groupby([LR, WIDTH])[["hessian_top_eig", "keskar_sharpness", "gen_gap", "test_acc"]].mean().reset_index()
+    )
     pd.testing.assert_frame_equal(models, pd.read_csv(STUDY / "diagonal.csv"), check_exact=False, atol=1e-12)
     diag_tau = tau_table(diag, measures=["hessian_top_eig", "keskar_sharpness"], n_boot=ms.N_BOOT)
     for measure, quoted in claims["diagonal"]["tau_vs_gap"].items():
@@ -132,21 +146,33 @@ def test_the_page_quotes_the_committed_numbers(results, claims, page):
         return f"| {label} | {interval(e['tau'], e['ci_low'], e['ci_high'])} | {e['n_groups']} |"
 
     keskar, kaur = section(page, 1), section(page, 2)
-    for label, column in [("lambda_max (`hessian_top_eig`)", "hessian_top_eig"), ("`hessian_trace`", "hessian_trace"),
-                          ("`keskar_sharpness` (their measure)", "keskar_sharpness"),
-                          ("generalization gap", "gen_gap"), ("test accuracy", "test_acc")]:
+    for label, column in [
+        ("lambda_max (`hessian_top_eig`)", "hessian_top_eig"),
+        ("`hessian_trace`", "hessian_trace"),
+        ("`keskar_sharpness` (their measure)", "keskar_sharpness"),
+        ("generalization gap", "gen_gap"),
+        ("test accuracy", "test_acc"),
+    ]:
         assert effect_row(label, f"{BATCH} -> {column}") in keskar, label
-    for label, column in [("lambda_max", "hessian_top_eig"), ("`keskar_sharpness`", "keskar_sharpness"),
-                          ("generalization gap", "gen_gap"), ("test accuracy", "test_acc")]:
+    for label, column in [
+        ("lambda_max", "hessian_top_eig"),
+        ("`keskar_sharpness`", "keskar_sharpness"),
+        ("generalization gap", "gen_gap"),
+        ("test accuracy", "test_acc"),
+    ]:
         assert effect_row(label, f"{LR} -> {column}") in kaur, label
     by_batch = converged.groupby(converged[BATCH].astype(str))[["hessian_top_eig", "gen_gap"]].mean()
-    assert (f"lambda_max {by_batch.loc['32', 'hessian_top_eig']:.2f} at batch 32 and "
-            f"{by_batch.loc['full', 'hessian_top_eig']:.2f} at full batch; the gap {by_batch.loc['32', 'gen_gap']:.3f} "
-            f"and {by_batch.loc['full', 'gen_gap']:.3f}") in keskar
+    assert (
+        f"lambda_max {by_batch.loc['32', 'hessian_top_eig']:.2f} at batch 32 and "
+        f"{by_batch.loc['full', 'hessian_top_eig']:.2f} at full batch; the gap {by_batch.loc['32', 'gen_gap']:.3f} "
+        f"and {by_batch.loc['full', 'gen_gap']:.3f}"
+    ) in keskar
     by_lr = converged.groupby(LR)[["hessian_top_eig", "gen_gap"]].mean()
-    assert (f"Mean lambda_max falls from {by_lr.loc[0.1, 'hessian_top_eig']:.2f} at lr 0.1 to "
-            f"{by_lr.loc[0.8, 'hessian_top_eig']:.2f} at lr 0.8; the gap from {by_lr.loc[0.1, 'gen_gap']:.3f} to "
-            f"{by_lr.loc[0.8, 'gen_gap']:.3f}") in kaur
+    assert (
+        f"Mean lambda_max falls from {by_lr.loc[0.1, 'hessian_top_eig']:.2f} at lr 0.1 to "
+        f"{by_lr.loc[0.8, 'hessian_top_eig']:.2f} at lr 0.8; the gap from {by_lr.loc[0.1, 'gen_gap']:.3f} to "
+        f"{by_lr.loc[0.8, 'gen_gap']:.3f}"
+    ) in kaur
 
     diagonal = section(page, 3)
     models = pd.read_csv(STUDY / "diagonal.csv")
@@ -163,12 +189,16 @@ def test_the_page_quotes_the_committed_numbers(results, claims, page):
     measures = section(page, 4)
     for measure, q in claims["measures"].items():
         psi = q["psi"]
-        row = (f"| `{measure}` | {interval(q['tau'], q['ci_low'], q['ci_high'])} | "
-               f"{interval(q['Psi']['Psi'], q['Psi']['ci_low'], q['Psi']['ci_high'])} | {psi[LR]:+.2f} | "
-               f"{psi[BATCH]:+.2f} | {psi[WIDTH]:+.2f} | {q['sign_error_max']:.2f} | {q['sign_error_mean']:.2f} |")
+        row = (
+            f"| `{measure}` | {interval(q['tau'], q['ci_low'], q['ci_high'])} | "
+            f"{interval(q['Psi']['Psi'], q['Psi']['ci_low'], q['Psi']['ci_high'])} | {psi[LR]:+.2f} | "
+            f"{psi[BATCH]:+.2f} | {psi[WIDTH]:+.2f} | {q['sign_error_max']:.2f} | {q['sign_error_mean']:.2f} |"
+        )
         assert row in measures, row
     best = {m for m, q in claims["measures"].items() if q["sign_error_max"] == 0}
-    assert len(best) == 6 and all(f"`{m}`" in measures.split("Best by Psi")[1].split("Magnitude-aware vs raw")[0] for m in best)
+    assert len(best) == 6 and all(
+        f"`{m}`" in measures.split("Best by Psi")[1].split("Magnitude-aware vs raw")[0] for m in best
+    )
     for pair, (raw, adaptive) in claims["width_raw_vs_adaptive"].items():
         r, a = pair.split(" vs ")
         assert f"| `{r}` | {raw:+.2f} | `{a}` | {adaptive:+.2f} |" in measures, pair
@@ -194,6 +224,8 @@ def test_each_claim_has_a_verdict(page):
 
 def test_every_file_the_page_cites_is_committed(page):
     targets = re.findall(r"\]\(([^)\s#]+)", page)
-    assert {"batch_lr.png", "diagonal.png", "width.png", "eos.png", "results.csv", "effects.csv", "claims.json"} <= set(targets)
+    assert {"batch_lr.png", "diagonal.png", "width.png", "eos.png", "results.csv", "effects.csv", "claims.json"} <= set(
+        targets
+    )
     missing = [t for t in targets if not re.match(r"[a-z]+:", t) and not (STUDY / t).exists()]
     assert not missing, missing

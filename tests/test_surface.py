@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import assert_unchanged, rescaled, snapshot
 from torch import nn
 from torch.func import hessian
 
@@ -23,8 +24,6 @@ from landscape.evaluate import (
     choose_chunk_size,
 )
 from landscape.surface import quadratic_fit, ray_crossing
-
-from conftest import assert_unchanged, rescaled, snapshot
 
 
 class Quadratic(nn.Module):
@@ -146,7 +145,13 @@ def test_chunking_and_batches_do_not_change_values():
     model, (x, y) = classifier(1)
     loss_fn = nn.CrossEntropyLoss()
     ref = surface_2d(model, loss_fn, (x, y), steps=5, chunk_size=1)
-    for kwargs in ({"chunk_size": 4}, {"memory_budget": 1}, {}, {"micro_batch": 10}, {"chunk_size": 3, "micro_batch": 7}):
+    for kwargs in (
+        {"chunk_size": 4},
+        {"memory_budget": 1},
+        {},
+        {"micro_batch": 10},
+        {"chunk_size": 3, "micro_batch": 7},
+    ):
         s = surface_2d(model, loss_fn, (x, y), steps=5, **kwargs)
         np.testing.assert_allclose(s.loss, ref.loss, rtol=1e-5)
     # the chunk size follows the memory budget: the bytes one point needs, measured on a batch
@@ -322,6 +327,10 @@ def test_fast_cross_entropy_equals_torch():
         probs = torch.softmax(torch.randn(300, 10, generator=g, dtype=torch.float64), -1)
         assert float(fast(logits, probs)) == pytest.approx(float(loss_fn(logits, probs)), rel=1e-12)
     # any non-default option keeps the given loss
-    for loss_fn in (nn.CrossEntropyLoss(label_smoothing=0.1), nn.CrossEntropyLoss(weight=torch.ones(10)),
-                    nn.CrossEntropyLoss(reduction="sum"), nn.MSELoss()):
+    for loss_fn in (
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+        nn.CrossEntropyLoss(weight=torch.ones(10)),
+        nn.CrossEntropyLoss(reduction="sum"),
+        nn.MSELoss(),
+    ):
         assert _fast_cross_entropy(loss_fn) is loss_fn

@@ -16,8 +16,12 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def spiked(seed: int = 0, n: int = 200) -> torch.Tensor:
     """Symmetric matrix with 5 dominant eigenvalues over a small indefinite bulk (float64)."""
     g = torch.Generator().manual_seed(seed)
-    eigenvalues = torch.cat([torch.tensor([80.0, 40, 20, 10, 5], dtype=torch.float64),
-                             torch.rand(n - 5, generator=g, dtype=torch.float64) - 0.3])
+    eigenvalues = torch.cat(
+        [
+            torch.tensor([80.0, 40, 20, 10, 5], dtype=torch.float64),
+            torch.rand(n - 5, generator=g, dtype=torch.float64) - 0.3,
+        ]
+    )
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     return q @ torch.diag(eigenvalues) @ q.T
 

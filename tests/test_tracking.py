@@ -21,8 +21,9 @@ def tracker(tmp_path):
 
 
 def make_parent(tracker, name="exp"):
-    return tracker.start_parent(name, flat_config={"train.lr": 0.1, "seed": 0}, resolved_config={"name": name},
-                                config_yaml="name: exp\n")
+    return tracker.start_parent(
+        name, flat_config={"train.lr": 0.1, "seed": 0}, resolved_config={"name": name}, config_yaml="name: exp\n"
+    )
 
 
 def test_parent_once_and_reopened(tracker, tmp_path):
@@ -32,11 +33,14 @@ def test_parent_once_and_reopened(tracker, tmp_path):
     assert run.data.tags["sweeps.role"] == "parent" and run.data.tags["sweeps.sweep"] == "exp"
     assert run.data.tags["sweeps.versions.torch"] and run.data.tags["sweeps.git_commit"]
     assert run.data.params == {"train.lr": "0.1", "seed": "0"}
-    assert {a.path for a in client.list_artifacts(parent)} == {"config.yaml", "resolved_config.json", "flat_config.json"}
+    assert {a.path for a in client.list_artifacts(parent)} == {
+        "config.yaml",
+        "resolved_config.json",
+        "flat_config.json",
+    }
     assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())  # not ./mlruns of the cwd
     tracker.end_parent(parent, "KILLED", {"trials_converged": 3.0, "bad": math.nan})
-    again = tracker.start_parent(
-        "exp", flat_config={}, resolved_config={}, config_yaml="", run_id=parent)
+    again = tracker.start_parent("exp", flat_config={}, resolved_config={}, config_yaml="", run_id=parent)
     assert again == parent and client.get_run(parent).info.status == "RUNNING"
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
@@ -50,9 +54,17 @@ def test_child_lifecycle_metrics_steps_and_artifacts(tracker, tmp_path):
     assert run.data.tags["status"] == "running" and run.info.status == "RUNNING"
     assert tracker.active_children(parent) == [child]
 
-    tracker.log_metrics(child, [({"train_loss": 2.0, "epoch": 0}, 0, 1000), ({"train_loss": 1.0, "note": "x"}, 10, 2000)])
-    tracker.finish_child(child, "failed", {"train_loss": 0.5}, step=10, artifacts={"a/b.txt": b"hi"},
-                         traceback="Traceback ...\nValueError: x")
+    tracker.log_metrics(
+        child, [({"train_loss": 2.0, "epoch": 0}, 0, 1000), ({"train_loss": 1.0, "note": "x"}, 10, 2000)]
+    )
+    tracker.finish_child(
+        child,
+        "failed",
+        {"train_loss": 0.5},
+        step=10,
+        artifacts={"a/b.txt": b"hi"},
+        traceback="Traceback ...\nValueError: x",
+    )
     run = client.get_run(child)
     assert run.info.status == "FAILED" and run.data.tags["status"] == "failed"
     history = [(m.step, m.value) for m in client.get_metric_history(child, "train_loss")]
@@ -78,28 +90,43 @@ def test_many_params_are_batched(tracker):
     assert len(tracker.client.get_run(child).data.params) == 250
 
 
-@pytest.mark.parametrize("secret, shown", [
-    ("postgresql://sweeper:hunter2@db:5432/optuna", "postgresql://sweeper:***@db:5432/optuna"),
-    ("https://user:p%40ss@mlflow.example.org", "https://user:***@mlflow.example.org"),
-    ("http://host:5000/?token=abc123&x=1", "http://host:5000/?token=***&x=1"),
-    ("sqlite:////tmp/a.db", "sqlite:////tmp/a.db"),
-    ("redis://:onlypassword@cache:6379/0", "redis://:***@cache:6379/0"),
-])
+@pytest.mark.parametrize(
+    "secret, shown",
+    [
+        ("postgresql://sweeper:hunter2@db:5432/optuna", "postgresql://sweeper:***@db:5432/optuna"),
+        ("https://user:p%40ss@mlflow.example.org", "https://user:***@mlflow.example.org"),
+        ("http://host:5000/?token=abc123&x=1", "http://host:5000/?token=***&x=1"),
+        ("sqlite:////tmp/a.db", "sqlite:////tmp/a.db"),
+        ("redis://:onlypassword@cache:6379/0", "redis://:***@cache:6379/0"),
+    ],
+)
 def test_redact(secret, shown):
     assert connections.redact(secret) == shown
     assert connections.redact(f"cannot reach {secret} (refused)") == f"cannot reach {shown} (refused)"
 
 
 def test_resolution_order(tmp_path, monkeypatch):
-    env = {"SWEEPS_RESULTS_DIR": str(tmp_path / "env-dir"), "MLFLOW_TRACKING_URI": "http://mlflow:5000",
-           "SWEEPS_STORAGE": "postgresql://u@db/optuna", "RAY_ADDRESS": "ray://head:10001"}
+    env = {
+        "SWEEPS_RESULTS_DIR": str(tmp_path / "env-dir"),
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "SWEEPS_STORAGE": "postgresql://u@db/optuna",
+        "RAY_ADDRESS": "ray://head:10001",
+    }
     from_env = connections.resolve(env=env)
     assert from_env.results_dir == tmp_path / "env-dir"
     assert (from_env.tracking_uri, from_env.storage, from_env.address) == (
-        "http://mlflow:5000", "postgresql://u@db/optuna", "ray://head:10001")
+        "http://mlflow:5000",
+        "postgresql://u@db/optuna",
+        "ray://head:10001",
+    )
     assert from_env.artifact_root is None  # an HTTP server decides where artifacts go
-    flags = connections.resolve(results_dir=tmp_path / "flag", tracking_uri="sqlite:////x/m.db",
-                                storage=str(tmp_path / "s.log"), address="auto", env=env)
+    flags = connections.resolve(
+        results_dir=tmp_path / "flag",
+        tracking_uri="sqlite:////x/m.db",
+        storage=str(tmp_path / "s.log"),
+        address="auto",
+        env=env,
+    )
     assert flags.results_dir == tmp_path / "flag" and flags.tracking_uri == "sqlite:////x/m.db"
     assert flags.is_journal and flags.address == "auto"
     monkeypatch.chdir(tmp_path)
@@ -108,6 +135,9 @@ def test_resolution_order(tmp_path, monkeypatch):
     assert default.tracking_uri == f"sqlite:///{tmp_path / 'sweeps-results' / 'mlflow.db'}"
     assert default.storage == f"sqlite:///{tmp_path / 'sweeps-results' / 'optuna.db'}"
     assert default.address is None
+    assert default.checkpoint_dir == tmp_path / "sweeps-results" / "checkpoints"
+    shared = connections.resolve(results_dir=tmp_path / "flag", env={"SWEEPS_CHECKPOINT_DIR": str(tmp_path / "nfs")})
+    assert shared.checkpoint_dir == tmp_path / "nfs"  # a folder every node mounts, apart from the results
     with pytest.raises(ValueError, match="--tracking-uri: unsupported URI"):
         connections.resolve(tracking_uri="mlflow.db", env={})
     with pytest.raises(ValueError, match=r"--storage: unsupported URI 'postgres://u:\*\*\*@h/d'"):
@@ -135,8 +165,9 @@ def test_recover_settles_a_trial_whose_result_reached_mlflow_only(tracker, tmp_p
     from sweeps.progress import ProgressView
     from sweeps.runner import _recover
 
-    study = optuna.create_study(study_name="exp", storage=f"sqlite:///{tmp_path / 'optuna.db'}",
-                                directions=["maximize"])
+    study = optuna.create_study(
+        study_name="exp", storage=f"sqlite:///{tmp_path / 'optuna.db'}", directions=["maximize"]
+    )
     study.set_user_attr("objective", ["test_acc"])
     parent = make_parent(tracker)
     trial = study.ask()

@@ -21,8 +21,16 @@ TEACHER = {"name": "teacher", "train_size": 200, "options": {"input_dim": 6, "nu
 
 
 def setup(train=None, model=None, dataset=None, seed=0):
-    cfg = load_config({"name": "t", "seed": seed, "dataset": dataset or TEACHER,
-                       "model": model or {"name": "mlp", "width": 32}, "train": train or {}, "measure": []})
+    cfg = load_config(
+        {
+            "name": "t",
+            "seed": seed,
+            "dataset": dataset or TEACHER,
+            "model": model or {"name": "mlp", "width": 32},
+            "train": train or {},
+            "measure": [],
+        }
+    )
     data = load_dataset(cfg.dataset)
     net = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed)
     return cfg, data, net
@@ -58,7 +66,9 @@ def test_schedules():
 
 
 def test_converges_to_target_on_the_full_training_set():
-    cfg, data, net = setup({"lr": 0.1, "momentum": 0.9, "batch_size": 32, "max_epochs": 200, "stop": {"train_loss": 0.05}})
+    cfg, data, net = setup(
+        {"lr": 0.1, "momentum": 0.9, "batch_size": 32, "max_epochs": 200, "stop": {"train_loss": 0.05}}
+    )
     calls = []
     res = train(net, data, cfg.train, seed=0, log=lambda m, s: calls.append((s, m)))
     assert res.status == "converged", res.reason
@@ -103,8 +113,18 @@ def test_max_epochs_without_target_is_not_converged():
 
 @pytest.mark.parametrize("optimizer, schedule", [("adam", "cosine"), ("adamw", "warmup_cosine"), ("sgd", "step")])
 def test_optimizers_and_schedules_follow_the_config(optimizer, schedule):
-    train_cfg = {"optimizer": optimizer, "schedule": schedule, "lr": 0.01, "weight_decay": 1e-3, "max_epochs": 4,
-                 "warmup_epochs": 1, "batch_size": 50, "stop": {"train_loss": 1e-9}, "momentum": 0.5, "nesterov": True}
+    train_cfg = {
+        "optimizer": optimizer,
+        "schedule": schedule,
+        "lr": 0.01,
+        "weight_decay": 1e-3,
+        "max_epochs": 4,
+        "warmup_epochs": 1,
+        "batch_size": 50,
+        "stop": {"train_loss": 1e-9},
+        "momentum": 0.5,
+        "nesterov": True,
+    }
     cfg, data, net = setup(train_cfg)
     res = train(net, data, cfg.train, seed=0)
     f = lr_factor(cfg.train, 4)
@@ -123,9 +143,19 @@ def test_same_seed_same_run_other_seed_other_order():
 
 def test_tracked_top_eigenvalue_matches_dense_hessian_and_eos_ratio():
     dataset = {"name": "teacher", "train_size": 60, "options": {"input_dim": 3, "num_classes": 3, "test_size": 50}}
-    train_cfg = {"lr": 0.3, "momentum": 0.5, "batch_size": "full", "max_epochs": 10, "stop": {},
-                 "track": {"every_steps": 5, "subset": 60, "metrics": ["hessian_top_eig", "hessian_trace"],
-                           "options": {"hessian_trace": {"rtol": 0.02}}}}
+    train_cfg = {
+        "lr": 0.3,
+        "momentum": 0.5,
+        "batch_size": "full",
+        "max_epochs": 10,
+        "stop": {},
+        "track": {
+            "every_steps": 5,
+            "subset": 60,
+            "metrics": ["hessian_top_eig", "hessian_trace"],
+            "options": {"hessian_trace": {"rtol": 0.02}},
+        },
+    }
     cfg, data, net = setup(train_cfg, model={"name": "mlp", "width": 5, "activation": "tanh"}, dataset=dataset)
     res = train(net, data, cfg.train, seed=0)
     tracks = [r for r in res.history if r["kind"] == "track"]
@@ -158,7 +188,9 @@ def test_each_dataset_trains_a_few_steps(label, dataset, model, batch_size, tmp_
     elif dataset == "cifar10":
         tiny_cifar_dir(tmp_path, per_batch=20)
         dataset = {"name": "cifar10", "root": str(tmp_path), "download": False}
-    cfg, data, net = setup({"lr": 0.01, "max_epochs": 2, "batch_size": batch_size, "eval_batch_size": 100}, model, dataset)
+    cfg, data, net = setup(
+        {"lr": 0.01, "max_epochs": 2, "batch_size": batch_size, "eval_batch_size": 100}, model, dataset
+    )
     res = train(net, data, cfg.train, seed=0)
     assert res.status == "not_converged" and res.steps >= 2
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["test_acc"]) for r in res.history)
@@ -170,8 +202,15 @@ def test_edge_of_stability_full_batch_gd_mse():
     2/lr ("progressive sharpening") and then hovers there while the loss keeps falling."""
     lr = 0.2
     cfg, data, net = setup(
-        {"lr": lr, "batch_size": "full", "loss": "mse", "max_epochs": 1200, "stop": {}, "eval_every_epochs": 100,
-         "track": {"every_steps": 50, "subset": 1000, "metrics": ["hessian_top_eig"]}},
+        {
+            "lr": lr,
+            "batch_size": "full",
+            "loss": "mse",
+            "max_epochs": 1200,
+            "stop": {},
+            "eval_every_epochs": 100,
+            "track": {"every_steps": 50, "subset": 1000, "metrics": ["hessian_top_eig"]},
+        },
         model={"name": "mlp", "width": 128, "depth": 2, "activation": "tanh"},
         dataset={"name": "mnist1d", "train_size": 1000},
     )

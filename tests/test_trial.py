@@ -17,14 +17,27 @@ from sweeps.models import build_model
 from sweeps.train import LOSSES, evaluate
 from sweeps.trial import TrialResult, run_trial
 
-MEASURES = ["hessian_top_eig", "hessian_trace", "adaptive_sharpness_worst", "pacbayes_mag_flatness", "surface_2d", "dist_from_init"]
+MEASURES = [
+    "hessian_top_eig",
+    "hessian_trace",
+    "adaptive_sharpness_worst",
+    "pacbayes_mag_flatness",
+    "surface_2d",
+    "dist_from_init",
+]
 
 SMALL = {
     "name": "small",
     "dataset": {"name": "teacher", "train_size": 200, "options": {"input_dim": 6, "num_classes": 3, "test_size": 500}},
     "model": {"name": "mlp", "width": 16},
-    "train": {"lr": 0.1, "momentum": 0.9, "batch_size": 50, "max_epochs": 60, "stop": {"train_loss": 0.05},
-              "track": {"every_steps": 20, "subset": 100}},
+    "train": {
+        "lr": 0.1,
+        "momentum": 0.9,
+        "batch_size": 50,
+        "max_epochs": 60,
+        "stop": {"train_loss": 0.05},
+        "track": {"every_steps": 20, "subset": 100},
+    },
     "measure": ["hessian_top_eig", "param_count"],
     "resources": {"cpus_per_trial": 1},
 }
@@ -44,21 +57,31 @@ def rebuild(config, path) -> torch.nn.Module:
 
 @pytest.mark.slow
 def test_mnist1d_converges_to_ce_001_and_returns_every_measure(tmp_path):
-    config = load_config({
-        "name": "mnist1d-converge",
-        "dataset": {"name": "mnist1d"},
-        "model": {"name": "mlp", "depth": 2, "width": 128},
-        "train": {"lr": 0.1, "momentum": 0.9, "batch_size": 128, "max_epochs": 150, "stop": {"train_loss": 0.01},
-                  "track": {"every_steps": 200, "metrics": ["hessian_top_eig"]}},
-        "measure": MEASURES,
-        "measure_options": {"hessian_trace": {"rtol": 0.05}, "surface_2d": {"steps": 21}},  # keep the test short
-    })
+    config = load_config(
+        {
+            "name": "mnist1d-converge",
+            "dataset": {"name": "mnist1d"},
+            "model": {"name": "mlp", "depth": 2, "width": 128},
+            "train": {
+                "lr": 0.1,
+                "momentum": 0.9,
+                "batch_size": 128,
+                "max_epochs": 150,
+                "stop": {"train_loss": 0.01},
+                "track": {"every_steps": 200, "metrics": ["hessian_top_eig"]},
+            },
+            "measure": MEASURES,
+            "measure_options": {"hessian_trace": {"rtol": 0.05}, "surface_2d": {"steps": 21}},  # keep the test short
+        }
+    )
     start = time.perf_counter()
     result = run_trial(config, out_dir=tmp_path, device="cpu")
     m = result.metrics
-    print(f"\nMNIST-1D trial: {result.status} after {m['epochs']} epochs / {m['steps']} steps; "
-          f"training {m['train_seconds']:.1f} s, whole trial {time.perf_counter() - start:.1f} s; "
-          + ", ".join(f"{k} {m[k + '_seconds']:.1f} s" for k in MEASURES))
+    print(
+        f"\nMNIST-1D trial: {result.status} after {m['epochs']} epochs / {m['steps']} steps; "
+        f"training {m['train_seconds']:.1f} s, whole trial {time.perf_counter() - start:.1f} s; "
+        + ", ".join(f"{k} {m[k + '_seconds']:.1f} s" for k in MEASURES)
+    )
     assert result.status == "converged"
     assert m["train_loss"] <= 0.01 and m["n_train"] == 4000 and m["n_test"] == 1000
     assert m["gen_gap"] == pytest.approx((1 - m["test_acc"]) - (1 - m["train_acc"]))

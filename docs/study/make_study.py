@@ -56,12 +56,18 @@ def batch_numbers(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
 
 
 def interval(row: pd.Series, value: str = "tau") -> dict[str, float]:
-    return {value: float(row[value]), "ci_low": float(row[f"{value}_ci_low"]), "ci_high": float(row[f"{value}_ci_high"])}
+    return {
+        value: float(row[value]),
+        "ci_low": float(row[f"{value}_ci_low"]),
+        "ci_high": float(row[f"{value}_ci_high"]),
+    }
 
 
 def effects_claims(effects: pd.DataFrame) -> dict[str, dict[str, float]]:
-    return {f"{k} -> {c}": {**interval(effects.loc[(k, c)]), "n_groups": int(effects.loc[(k, c), "n_groups"])}
-            for k, c in effects.index}
+    return {
+        f"{k} -> {c}": {**interval(effects.loc[(k, c)]), "n_groups": int(effects.loc[(k, c), "n_groups"])}
+        for k, c in effects.index
+    }
 
 
 def diagonal(frame: pd.DataFrame) -> pd.DataFrame:
@@ -79,21 +85,33 @@ def eos_table(frame: pd.DataFrame, tracking_uri: str) -> tuple[pd.DataFrame, dic
     rows, paths = [], {}
     for _, run in frame[frame[BATCH].astype(str) == "full"].iterrows():
         history = client.get_metric_history(run["run_id"], "track.hessian_top_eig")
-        path = pd.DataFrame({"step": [m.step for m in history], "lambda_max": [m.value for m in history]}).sort_values("step")
+        path = pd.DataFrame({"step": [m.step for m in history], "lambda_max": [m.value for m in history]}).sort_values(
+            "step"
+        )
         paths[int(run["trial_number"])] = path
         threshold = 2.0 / run[LR]
         late = path[path["step"] >= path["step"].max() / 2] if len(path) else path
         ratio = path["lambda_max"] / threshold
-        rows.append({
-            "trial_number": int(run["trial_number"]), LR: run[LR], WIDTH: run[WIDTH], "seed": run["seed"],
-            "status": run["status"], "steps": run["steps"], "two_over_lr": threshold,
-            "init_ratio": ratio.iloc[0], "max_lambda": path["lambda_max"].max(), "max_ratio": ratio.max(),
-            "step_of_max": int(path["step"].iloc[int(ratio.argmax())]),
-            "share_near": float(((ratio >= 0.8) & (ratio <= 1.25)).mean()),  # of the tracked points
-            "first_step_at_90pct": path.loc[path["lambda_max"] >= 0.9 * threshold, "step"].min(),
-            "final_lambda": run.get("hessian_top_eig", math.nan), "late_mean_ratio": late["lambda_max"].mean() / threshold,
-            "n_points": len(path),
-        })
+        rows.append(
+            {
+                "trial_number": int(run["trial_number"]),
+                LR: run[LR],
+                WIDTH: run[WIDTH],
+                "seed": run["seed"],
+                "status": run["status"],
+                "steps": run["steps"],
+                "two_over_lr": threshold,
+                "init_ratio": ratio.iloc[0],
+                "max_lambda": path["lambda_max"].max(),
+                "max_ratio": ratio.max(),
+                "step_of_max": int(path["step"].iloc[int(ratio.argmax())]),
+                "share_near": float(((ratio >= 0.8) & (ratio <= 1.25)).mean()),  # of the tracked points
+                "first_step_at_90pct": path.loc[path["lambda_max"] >= 0.9 * threshold, "step"].min(),
+                "final_lambda": run.get("hessian_top_eig", math.nan),
+                "late_mean_ratio": late["lambda_max"].mean() / threshold,
+                "n_points": len(path),
+            }
+        )
     return pd.DataFrame(rows).sort_values([LR, WIDTH, "seed"]), paths
 
 
@@ -107,8 +125,14 @@ def draw_batch_lr(frame: pd.DataFrame, sizes: dict[str, int]) -> Figure:
         for ax, column in zip(axes[row], ["hessian_top_eig", "gen_gap", "test_acc"]):
             for lr, group in sub.groupby(LR):
                 means = group.groupby("batch")[column].agg(["mean", "min", "max"])
-                ax.errorbar(means.index, means["mean"], yerr=[means["mean"] - means["min"], means["max"] - means["mean"]],
-                            marker="o", capsize=2, label=f"lr {lr:g}")
+                ax.errorbar(
+                    means.index,
+                    means["mean"],
+                    yerr=[means["mean"] - means["min"], means["max"] - means["mean"]],
+                    marker="o",
+                    capsize=2,
+                    label=f"lr {lr:g}",
+                )
             ax.set_xscale("log", base=2)
             ax.set_title(f"width {width}: {column}")
             ax.set_xlabel("batch size (full = 4000)")
@@ -182,40 +206,77 @@ def main() -> None:
     claims: dict = {"n_trials": len(frame), "status": frame["status"].value_counts().to_dict()}
 
     grid, dropped = complete_subgrid(frame)
-    report = make_report(grid, out / "report", n_boot=N_BOOT, allow_incomplete_grid=False, dpi=60,
-                         title="MNIST-1D study: which measure predicts the generalization gap?")
+    report = make_report(
+        grid,
+        out / "report",
+        n_boot=N_BOOT,
+        allow_incomplete_grid=False,
+        dpi=60,
+        title="MNIST-1D study: which measure predicts the generalization gap?",
+    )
     table = report.table
-    claims["subgrid"] = {"dropped": dropped, "n_runs": int(table.attrs["n_runs_used"]), "n_models": int(table.attrs["n_models"])}
-    claims["measures"] = {m: {**interval(table.loc[m]), "Psi": interval(table.loc[m], "Psi"),
-                              "psi": {k: float(table.loc[m, f"psi[{k}]"]) for k in table.attrs["hyperparameters"]},
-                              "sign_error_max": float(table.loc[m, "sign_error_max"]),
-                              "sign_error_mean": float(table.loc[m, "sign_error_mean"]),
-                              "n_environments": int(table.loc[m, "n_environments"])} for m in table.index}
-    claims["width_raw_vs_adaptive"] = {f"{r} vs {a}": [float(table.loc[r, f"psi[{WIDTH}]"]), float(table.loc[a, f"psi[{WIDTH}]"])]
-                                       for r, a in RAW_VS_ADAPTIVE}
+    claims["subgrid"] = {
+        "dropped": dropped,
+        "n_runs": int(table.attrs["n_runs_used"]),
+        "n_models": int(table.attrs["n_models"]),
+    }
+    claims["measures"] = {
+        m: {
+            **interval(table.loc[m]),
+            "Psi": interval(table.loc[m], "Psi"),
+            "psi": {k: float(table.loc[m, f"psi[{k}]"]) for k in table.attrs["hyperparameters"]},
+            "sign_error_max": float(table.loc[m, "sign_error_max"]),
+            "sign_error_mean": float(table.loc[m, "sign_error_mean"]),
+            "n_environments": int(table.loc[m, "n_environments"]),
+        }
+        for m in table.index
+    }
+    claims["width_raw_vs_adaptive"] = {
+        f"{r} vs {a}": [float(table.loc[r, f"psi[{WIDTH}]"]), float(table.loc[a, f"psi[{WIDTH}]"])]
+        for r, a in RAW_VS_ADAPTIVE
+    }
 
-    effects = hyperparameter_effects(frame, SHARPNESS + [m for pair in RAW_VS_ADAPTIVE for m in pair] + ["gen_gap", "test_acc"],
-                                     values=sizes, n_boot=N_BOOT)
+    effects = hyperparameter_effects(
+        frame,
+        SHARPNESS + [m for pair in RAW_VS_ADAPTIVE for m in pair] + ["gen_gap", "test_acc"],
+        values=sizes,
+        n_boot=N_BOOT,
+    )
     effects.to_csv(out / "effects.csv")
     claims["effects"] = effects_claims(effects)
 
     diag = diagonal(frame).drop(columns=[BATCH])  # batch size = 320 lr there: lr alone says where
-    diag_models = diag.groupby([LR, WIDTH])[["hessian_top_eig", "keskar_sharpness", "gen_gap", "test_acc"]].mean().reset_index()
+    diag_models = (
+        diag.groupby([LR, WIDTH])[["hessian_top_eig", "keskar_sharpness", "gen_gap", "test_acc"]].mean().reset_index()
+    )
     diag_models.to_csv(out / "diagonal.csv", index=False)
-    diag_effects = hyperparameter_effects(diag, ["hessian_top_eig", "keskar_sharpness", "gen_gap", "test_acc"],
-                                          n_boot=N_BOOT)
+    diag_effects = hyperparameter_effects(
+        diag, ["hessian_top_eig", "keskar_sharpness", "gen_gap", "test_acc"], n_boot=N_BOOT
+    )
     diag_tau = tau_table(diag, measures=["hessian_top_eig", "keskar_sharpness"], n_boot=N_BOOT)
-    claims["diagonal"] = {"effects": effects_claims(diag_effects),
-                          "tau_vs_gap": {m: interval(diag_tau.loc[m]) | {"n": int(diag_tau.loc[m, "n"])} for m in diag_tau.index}}
+    claims["diagonal"] = {
+        "effects": effects_claims(diag_effects),
+        "tau_vs_gap": {m: interval(diag_tau.loc[m]) | {"n": int(diag_tau.loc[m, "n"])} for m in diag_tau.index},
+    }
 
     eos, paths = eos_table(frame, resolve(results_dir=args.results_dir, create=False).tracking_uri)
     eos.to_csv(out / "eos.csv", index=False)
-    ranges = eos.groupby([LR, WIDTH])[["init_ratio", "max_ratio", "step_of_max", "share_near", "late_mean_ratio"]].agg(
-        ["min", "max"]).round(3).to_dict("index")
-    claims["eos"] = {f"lr={lr:g},width={w}": {f"{a}_{b}": v for (a, b), v in val.items()} for (lr, w), val in ranges.items()}
+    ranges = (
+        eos.groupby([LR, WIDTH])[["init_ratio", "max_ratio", "step_of_max", "share_near", "late_mean_ratio"]]
+        .agg(["min", "max"])
+        .round(3)
+        .to_dict("index")
+    )
+    claims["eos"] = {
+        f"lr={lr:g},width={w}": {f"{a}_{b}": v for (a, b), v in val.items()} for (lr, w), val in ranges.items()
+    }
 
-    for name, fig in {"batch_lr": draw_batch_lr(frame, sizes[BATCH]), "diagonal": draw_diagonal(diag_models),
-                      "width": draw_width(table), "eos": draw_eos(paths, eos)}.items():
+    for name, fig in {
+        "batch_lr": draw_batch_lr(frame, sizes[BATCH]),
+        "diagonal": draw_diagonal(diag_models),
+        "width": draw_width(table),
+        "eos": draw_eos(paths, eos),
+    }.items():
         fig.savefig(out / f"{name}.png", dpi=100)
     (out / "claims.json").write_text(json.dumps(claims, indent=2, default=str))
     print(json.dumps(claims, indent=2, default=str))

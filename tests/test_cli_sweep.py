@@ -235,6 +235,7 @@ def test_sigint_then_resume(tmp_path, ray_address, capsys):
     assert "train.momentum" in wide.stdout.splitlines()[0]
 
 
+@pytest.mark.lowest  # the one real sweep (Ray, Optuna, MLflow) that .ci/lowest runs
 def test_a_finished_sweep_run_again_returns_without_starting_ray(tmp_path, ray_address, capsys, monkeypatch):
     config = write_config(tmp_path / "sweep.yaml", "cli-done", max_epochs=2)
     common = ["--results-dir", str(tmp_path / "results"), "--address", ray_address, "--no-report"]

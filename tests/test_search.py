@@ -16,6 +16,8 @@ from optuna.trial import TrialState
 from sweeps import search
 from sweeps.config import load_config
 
+pytestmark = pytest.mark.lowest  # .ci/lowest runs this module on the lowest versions
+
 
 def make_config(name="s", sampler="grid", space=None, **extra):
     space = space or {"train.lr": {"values": [0.01, 0.1, 1.0]}, "model.width": {"values": [8, 16]}}

@@ -189,9 +189,14 @@ def test_a_queue_put_does_not_wait_and_arrives():
 
 
 def test_the_token_notice_logger_is_a_ray_module():
-    import importlib
+    """The notice and its module came with token authentication (Ray 2.59); older Rays have neither."""
+    import importlib.util
 
-    assert importlib.util.find_spec(ray_adapter.TOKEN_NOTICE_LOGGER) is not None
+    import ray
+    from packaging.version import Version
+
+    found = importlib.util.find_spec(ray_adapter.TOKEN_NOTICE_LOGGER) is not None
+    assert found or Version(ray.__version__) < Version("2.59")
 
 
 def test_a_grid_trial_finished_in_one_write_equals_one_told(grid_study):

@@ -11,8 +11,6 @@ from sweeps import search
 from sweeps.batching import PointQueue, population_size
 from sweeps.config import load_config
 
-pytestmark = pytest.mark.lowest  # .ci/lowest runs this module on the lowest versions
-
 
 def grid_config(population_size="auto"):
     space = {

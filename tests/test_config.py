@@ -13,8 +13,6 @@ import yaml
 
 from sweeps.config import ConfigError, Dim, SweepConfig, load_config
 
-pytestmark = pytest.mark.lowest  # .ci/lowest runs this module on the lowest versions
-
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 

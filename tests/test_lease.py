@@ -12,8 +12,6 @@ import pytest
 
 from sweeps.lease import DriverLease, LeaseHeldError, LeaseLostError, current_holder, lease_seconds
 
-pytestmark = pytest.mark.lowest  # .ci/lowest runs this module on the lowest versions
-
 
 @pytest.fixture(params=["sqlite", "journal", "postgres"])
 def storage(request, tmp_path):

@@ -11,8 +11,6 @@ import pytest
 from sweeps import connections
 from sweeps.tracking import Tracker
 
-pytestmark = pytest.mark.lowest  # .ci/lowest runs this module on the lowest versions
-
 
 @pytest.fixture
 def tracker(tmp_path):

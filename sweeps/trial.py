@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from landscape.generalization import steps_to_loss
+
 from . import checkpoint as checkpoints
 from .config import SweepConfig
 from .data import Dataset, load_dataset
@@ -26,6 +28,10 @@ from .models import build_model, count_parameters
 from .population import population_key, stack_check
 from .status import TrialStatus
 from .train import LOSSES, TrainingRecord, TrainResult, train_population
+
+#: The training loss whose first crossing ``steps_to_loss_<target>`` reports (Jiang et al. 2020's
+#: optimization-based measure: optimizer steps from the initialization to cross-entropy 0.1).
+STEPS_TO_LOSS_TARGET = 0.1
 
 
 @dataclass
@@ -338,6 +344,9 @@ def _measured(
     }
     if trained.resumes:
         metrics["resumes"] = trained.resumes
+    reached = steps_to_loss(trained.history, STEPS_TO_LOSS_TARGET)
+    if math.isfinite(reached):  # a trial that never got there has no value (MLflow would store inf as 1.8e308)
+        metrics[f"steps_to_loss_{STEPS_TO_LOSS_TARGET:g}"] = reached
     results: dict[str, Any] = {}
     if _has_measures(config, trained):
         from landscape.metrics import measure

@@ -145,3 +145,20 @@ def test_not_converged_still_measured():
     result = run_trial(load_config(SMALL, ["train.max_epochs=1"]))
     assert result.status == "not_converged" and math.isfinite(result.metrics["hessian_top_eig"])
     assert result.to_dict()["config"]["train"]["max_epochs"] == 1
+
+
+def test_steps_to_loss_is_the_first_recorded_step_at_the_target():
+    """Jiang et al.'s optimization measure: the step of the first full-train-set evaluation at
+    training loss <= 0.1, read from the trial's own curve; absent when the loss never got there."""
+    from sweeps.config import load_config
+    from sweeps.trial import run_trial
+
+    base = {"name": "s", "dataset": {"name": "digits"}, "model": {"name": "mlp", "depth": 1, "width": 32}}
+    fast = run_trial(
+        load_config({**base, "train": {"lr": 0.5, "batch_size": 64, "max_epochs": 30, "stop": {"train_loss": 0.05}}})
+    )
+    first = next(r["step"] for r in fast.history if "train_loss" in r and r["train_loss"] <= 0.1)
+    assert fast.metrics["steps_to_loss_0.1"] == first > 0
+    slow = run_trial(load_config({**base, "train": {"lr": 0.001, "batch_size": 64, "max_epochs": 2}}))
+    assert min(r["train_loss"] for r in slow.history if "train_loss" in r) > 0.1
+    assert "steps_to_loss_0.1" not in slow.metrics

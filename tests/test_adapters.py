@@ -195,7 +195,10 @@ def test_the_token_notice_logger_is_a_ray_module():
     import ray
     from packaging.version import Version
 
-    found = importlib.util.find_spec(ray_adapter.TOKEN_NOTICE_LOGGER) is not None
+    try:
+        found = importlib.util.find_spec(ray_adapter.TOKEN_NOTICE_LOGGER) is not None
+    except ModuleNotFoundError:  # its package is missing too
+        found = False
     assert found or Version(ray.__version__) < Version("2.59")
 
 
@@ -212,7 +215,7 @@ def test_a_grid_trial_finished_in_one_write_equals_one_told(grid_study):
     assert (a.state, b.state) == (TrialState.COMPLETE, TrialState.COMPLETE)
     assert b.values == [1.0] and b.datetime_complete is not None
     assert study.best_trial.number == written.number
-    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+    with pytest.raises(optuna_adapter.UpdateFinishedTrialError):
         optuna_adapter.finish_grid_trial(study, trial_id, TrialState.FAIL, None)
     other = optuna.create_study(storage=study._storage)  # another sampler: left to Study.tell
     assert not optuna_adapter.finish_grid_trial(other, trial_id, TrialState.COMPLETE, [1.0])

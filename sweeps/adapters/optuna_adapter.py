@@ -21,6 +21,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+#: What a write to a finished trial raises: ``UpdateFinishedTrialError`` (a ``RuntimeError``) in the
+#: Optuna releases that have it, a plain ``RuntimeError`` in the older ones.
+UpdateFinishedTrialError: type[RuntimeError] = getattr(optuna.exceptions, "UpdateFinishedTrialError", RuntimeError)
+
 
 class AskTellGridSampler(optuna.samplers.GridSampler):
     """GridSampler for ask/tell: its ``after_trial`` calls ``study.stop()``, which raises outside
@@ -120,6 +124,7 @@ def assigned_point(study: optuna.Study, frozen: FrozenTrial) -> dict[str, Any] |
 
 __all__ = [
     "AskTellGridSampler",
+    "UpdateFinishedTrialError",
     "assigned_point",
     "create_running_trial",
     "finish_grid_trial",

@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 
 from .. import search
+from ..adapters.optuna_adapter import UpdateFinishedTrialError
 from ..batching import AskedTrial, PointQueue
 from ..status import TrialStatus
 
@@ -116,7 +117,7 @@ class StudyBook:
     def tell(self, number: int, status: TrialStatus, metrics: Mapping[str, float], point: Mapping[str, Any]) -> None:
         try:
             told = search.tell(self.study, number, status, metrics, self.objective)
-        except optuna.exceptions.UpdateFinishedTrialError:
+        except UpdateFinishedTrialError:
             self.on_conflict()  # raises LeaseLostError when that is why
             raise
         self._trials.pop(number, None)

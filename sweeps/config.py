@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import difflib
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -37,8 +36,10 @@ from pydantic import (
 
 # Defined in modules of their own so that data.py and models.py need not import this one;
 # both names stay importable from here.
-from .errors import ConfigError, UsageError
+from .config_text import parse_override, parse_yaml, read_config_text, set_dotted, yaml_problem
+from .errors import ConfigError
 from .imports import import_object  # noqa: F401  (re-exported)
+from .names import NAME_MAX_LENGTH, NAME_RULE, check_name  # noqa: F401  (re-exported)
 
 # Final trial metrics every trial reports (besides the measures); valid objective metrics.
 TRIAL_METRICS = (
@@ -55,24 +56,6 @@ TRIAL_METRICS = (
     "num_params",
 )
 _SKIP_SPACE_CHECK = "skip_space_check"
-
-#: A sweep name is one safe path component: it names the Optuna study, the MLflow experiment and
-#: the folders ``<results dir>/mlartifacts/<name>`` and ``<results dir>/reports/<name>``.
-NAME_MAX_LENGTH = 100
-_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
-NAME_RULE = (
-    f"letters, digits, '-', '_' and '.', not starting with '.', at most {NAME_MAX_LENGTH} "
-    "characters (it becomes a folder name)"
-)
-
-
-def check_name(name: Any, field: str = "name") -> str:
-    """``name`` if it is a safe sweep name (:data:`NAME_RULE`), else :class:`~sweeps.errors.UsageError`
-    (a ``ValueError``) naming ``field``."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > NAME_MAX_LENGTH:
-        shown = name if not isinstance(name, str) or len(name) <= 120 else name[:117] + "..."
-        raise UsageError(f"{field}: must be {NAME_RULE} (got {shown!r})")
-    return name
 
 
 def _sweep_name(name: str) -> str:
@@ -432,7 +415,7 @@ class SweepConfig(_Section):
         for key, value in point.items():
             if not _is_field_path(key):
                 raise ConfigError(f"{key}: not a config field (got {value!r})")
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
         return _validate(data, context={_SKIP_SPACE_CHECK: True})
 
     def flat(self) -> dict[str, bool | int | float | str]:
@@ -513,20 +496,6 @@ def _is_field_path(key: str) -> bool:
     return _walk_schema(key.split(".")) is not None
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {} if child is None else child
-            node[part] = child
-        node = child
-    if not isinstance(node, dict):
-        raise ConfigError(f"{key}: {'.'.join(parts[:-1])} is not a section (got {node!r})")
-    node[parts[-1]] = value
-
-
 # --- turning pydantic errors into one line each -------------------------------------------
 def _fields_at(loc: Sequence[Any]) -> list[str]:
     """Field names of the section that holds ``loc[-1]`` (for 'allowed keys' hints)."""
@@ -593,77 +562,6 @@ def _validate(data: Any, context: dict[str, Any] | None = None) -> SweepConfig:
         raise ConfigError(_lines(err)) from None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` keys: YAML's own rules
-                continue
-            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
-            try:
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None,
-                        None,
-                        f"duplicated key {key!r} on lines {seen[key]} and {line} (YAML would keep "
-                        "only the last one): merge them into one",
-                    )
-                seen[key] = line
-            except TypeError:  # an unhashable key: the base class reports it
-                continue
-        return super().construct_mapping(node, deep=deep)
-
-
-def parse_yaml(text: str) -> Any:
-    """``text`` parsed as YAML (safe types only); a key given twice in one mapping is an error.
-
-    Raises:
-        yaml.YAMLError: not YAML, or a duplicated key (the message names it and its lines).
-    """
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe types only
-
-
-def read_config_text(path: str | Path) -> str:
-    """The text of the config file ``path``: UTF-8 (a BOM allowed); ``ConfigError`` otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config: no such file {str(path)!r}")
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"config: cannot read {str(path)!r}: {err.strerror or err}") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise ConfigError(
-            f"config: {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); save it as UTF-8"
-        ) from None
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.lr=0.1"`` -> ``("train.lr", 0.1)``; the value is parsed as YAML."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"--set: expected dotted.key=value (got {text!r})")
-    try:
-        return key, parse_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {key}: value is not valid YAML: {_yaml_problem(err)} (got {raw!r})") from None
-    except RecursionError:
-        raise ConfigError(f"--set {key}: value is nested too deeply (got {raw[:80]!r})") from None
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """One line: the problem and where (``line L, column C``)."""
-    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
-    mark = getattr(err, "problem_mark", None)
-    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
-
-
 def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> SweepConfig:
     """Read (a YAML path or a dict), apply ``overrides`` ("dotted.key=value"), validate.
 
@@ -678,7 +576,7 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
         try:
             data = parse_yaml(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"config: {path} is not valid YAML: {_yaml_problem(err)}") from None
+            raise ConfigError(f"config: {path} is not valid YAML: {yaml_problem(err)}") from None
         except RecursionError:
             raise ConfigError(f"config: {path} is nested too deeply to be a sweep config") from None
         if data is None:
@@ -687,7 +585,7 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
         raise ConfigError(f"config: must be a mapping of sections (got {type(data).__name__})")
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     try:
         return _validate(data)
     except RecursionError:

@@ -45,36 +45,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-
-from landscape._functional import training_mode
 
 from . import checkpoint as checkpoints
 from .config import TrainConfig
 from .data import Dataset
+from .epochs import EpochSteps
+from .losses import (  # noqa: F401  (importable from here as before)
+    LOSSES,
+    _cross_entropies,
+    evaluate,
+    half_squared_error,
+    half_squared_errors,
+    member_hits,
+    member_losses,
+)
 from .population import SHARED_TRAIN_FIELDS, Stack, module_stack_reason
 from .status import TrialStatus
 
 LogFn = Callable[[dict[str, float], int], None]
-
-
-def half_squared_errors(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Per sample ``1/2 ||f(x_n) - t_n||^2`` ``[N]``; integer class labels become one-hot targets."""
-    if not targets.is_floating_point():
-        targets = F.one_hot(targets, outputs.shape[-1]).to(outputs.dtype)
-    return 0.5 * (outputs - targets).pow(2).reshape(len(outputs), -1).sum(-1)
-
-
-def half_squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
-    """``mean_n 1/2 ||f(x_n) - t_n||^2``; integer class labels become one-hot targets."""
-    return half_squared_errors(outputs, targets).mean()
-
-
-LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "cross_entropy": F.cross_entropy,
-    "mse": half_squared_error,
-}
 
 
 @dataclass
@@ -108,18 +97,6 @@ class TrainResult:
     init_state: dict[str, Tensor] = field(repr=False)
     reason: str = ""
     resumes: int = 0
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: Callable, x: Tensor, y: Tensor, batch_size: int = 4096) -> tuple[float, float]:
-    """``(mean loss, accuracy)`` over ``(x, y)`` in eval mode, in chunks of ``batch_size``."""
-    total_loss, correct = 0.0, 0.0
-    with training_mode(model, False):
-        for i in range(0, len(y), batch_size):
-            out = model(x[i : i + batch_size])
-            total_loss += float(loss_fn(out, y[i : i + batch_size])) * len(out)
-            correct += float((out.argmax(-1) == y[i : i + batch_size]).sum())
-    return total_loss / len(y), correct / len(y)
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -183,33 +160,6 @@ class _Tracker:
         return values
 
 
-def member_losses(loss: str, outputs: Tensor, targets: Tensor) -> Tensor:
-    """Each member's batch-mean loss: ``outputs [K, B, C]``, ``targets [K, B]`` -> ``[K]``
-    (the per-member value of ``LOSSES[loss]``; nothing is reduced across members)."""
-    if loss == "cross_entropy" and outputs[..., 0].numel() < 128:  # few rows: the fused kernel is faster
-        k, b = outputs.shape[:2]
-        return F.cross_entropy(outputs.flatten(0, 1), targets.flatten(0, 1), reduction="none").view(k, b).mean(1)
-    if loss == "cross_entropy":
-        return _cross_entropies(outputs, targets).mean(1)
-    k, b = outputs.shape[:2]
-    return half_squared_errors(outputs.flatten(0, 1), targets.flatten(0, 1)).view(k, b).mean(1)
-
-
-def member_hits(outputs: Tensor, labels: Tensor) -> Tensor:
-    """Correct predictions per member: ``outputs [K, B, C]``, ``labels [K, B]`` -> ``[K]``.
-    ``max(-1).indices`` is the first maximum, as ``argmax``, and several times faster over a
-    strided class axis (the stacked MLP's outputs)."""
-    return (outputs.max(-1).indices == labels).sum(1)
-
-
-def _cross_entropies(outputs: Tensor, labels: Tensor) -> Tensor:
-    """Softmax cross-entropy per sample: ``outputs [..., C]``, ``labels [...]`` -> ``[...]``.
-    The log-softmax runs over a leading class axis: on a CPU that is ~5x faster than
-    ``F.cross_entropy`` over a last axis of 10 classes (forward and backward)."""
-    log_p = outputs.movedim(-1, 0).contiguous().log_softmax(0)
-    return -log_p.gather(0, labels.unsqueeze(0)).squeeze(0)
-
-
 @dataclass(frozen=True)
 class TrainingRecord:
     """One record of training as it is streamed: an epoch's evaluation or a tracking point.
@@ -269,7 +219,7 @@ class _Member:
         return not math.isfinite(loss) or loss > self.cfg.divergence_factor * self.init_loss
 
 
-class _Population:
+class _Population(EpochSteps):
     """The training loop of :func:`train_population` over the live members (stack rows)."""
 
     def __init__(
@@ -469,101 +419,6 @@ class _Population:
         self.settle()
         if self.saver.due(epoch, epoch_end=True):
             checkpoints.capture(self, epoch, None, None)
-
-    def _train_step(self, x: Tensor, y: Tensor) -> list[float]:
-        """One optimizer step of every live member on its batch ``x [K, B, ...]``, ``y [K, B]``;
-        returns the members' mini-batch losses (before the step)."""
-        grad, losses, _ = self.stack.gradient(self.loss_fn, x, y)
-        self.stack.step(grad, [m.lr(self.step) for m in self.live])
-        self.step += 1
-        return losses.tolist()
-
-    def _mini_batch_epoch(self, epoch: int, first: int = 0, orders: Tensor | None = None) -> None:
-        """One epoch of mini-batch steps, from its batch ``first`` with the data ``orders``
-        ``[K, n]`` of a checkpoint (default: the whole epoch, orders drawn here)."""
-        x, y, b = self.data.x_train, self.data.y_train, self.batch
-        if orders is None:
-            orders = torch.stack([torch.randperm(len(y), generator=m.gen) for m in self.live]).to(y.device)
-        check_every = max(1, self.steps_per_epoch // 4)
-        for i in range(first, self.steps_per_epoch):
-            idx = orders[:, i * b : (i + 1) * b]
-            flat_idx = idx.reshape(-1)
-            losses = self._train_step(
-                x.index_select(0, flat_idx).view(*idx.shape, *x.shape[1:]), y.index_select(0, flat_idx).view(idx.shape)
-            )
-            for row, (m, loss) in enumerate(zip(self.live, losses)):
-                m.checked = None
-                if m.diverged(loss):
-                    self.leave(row, TrialStatus.DIVERGED, f"mini-batch loss {loss:.4g} at step {self.step}", epoch)
-                else:
-                    m.running = 0.9 * m.running + 0.1 * loss
-            self.track(epoch)
-            if i < self.steps_per_epoch - 1 and (i + 1) % check_every == 0:
-                near = [
-                    r
-                    for r, m in enumerate(self.live)
-                    if r not in self.pending and (m.near(*m.latest) or m.near(m.running, 0.0))
-                ]
-                for row, ev in zip(near, self.evaluate(near, x, y)):
-                    m = self.live[row]
-                    m.checked = m.latest = ev
-                    if m.reached(*ev):
-                        self.leave(row, TrialStatus.CONVERGED, f"target met at step {self.step}", epoch)
-            keep = self.settle()
-            if keep is not None:
-                if not self.live:
-                    return
-                orders = orders[keep]
-            if self.saver.due(epoch, epoch_end=False):
-                checkpoints.capture(self, epoch, i + 1, orders)
-        for row, ev in enumerate(self.evaluate(range(len(self.live)), x, y)):
-            m = self.live[row]
-            m.checked = m.latest = ev
-            if m.diverged(ev[0]):
-                self.leave(row, TrialStatus.DIVERGED, f"train loss {ev[0]:.4g} after epoch {epoch}", epoch)
-            elif m.reached(*ev):
-                self.leave(row, TrialStatus.CONVERGED, f"target met after epoch {epoch}", epoch)
-        self.settle()
-
-    def _full_batch_epoch(self, epoch: int) -> None:
-        x, y = self.data.x_train, self.data.y_train
-        grad, evals = self._full_batch_gradient(x, y)
-        if not self.mode_free:
-            evals = self.evaluate(range(len(self.live)), x, y)
-        for row, ev in enumerate(evals):
-            m = self.live[row]
-            m.checked = ev
-            if m.diverged(ev[0]):
-                self.leave(
-                    row, TrialStatus.DIVERGED, f"train loss {ev[0]:.4g} at step {self.step}", epoch - 1
-                )  # this pass only evaluated
-            elif m.reached(*ev):
-                self.leave(row, TrialStatus.CONVERGED, f"target met at step {self.step}", epoch - 1)
-        keep = self.settle()
-        if keep is not None:
-            if not self.live:
-                return
-            grad = grad[keep]
-        self.stack.step(grad, [m.lr(self.step) for m in self.live])
-        self.step += 1
-        for m in self.live:
-            m.checked = None
-        self.track(epoch)
-
-    def _full_batch_gradient(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[tuple[float, float]]]:
-        """The full-data gradient ``[K, P]`` (chunks weighted by size) and each member's
-        ``(loss, accuracy)`` at the current weights, in the models' training mode."""
-        n, k, chunk = len(y), len(self.live), self.eval_batch
-        grad, totals, correct = None, [0.0] * k, [0.0] * k
-        for i in range(0, n, chunk):
-            part = y[i : i + chunk].expand(k, -1)
-            g, losses, out = self.stack.gradient(
-                self.loss_fn, x[i : i + chunk], part, shared=True, weight=part.shape[1] / n
-            )
-            grad = g.clone() if grad is None else grad.add_(g)
-            totals = [t + l * part.shape[1] for t, l in zip(totals, losses.tolist())]
-            correct = [c + h for c, h in zip(correct, member_hits(out, part).tolist())]
-        return grad, [(t / n, c / n) for t, c in zip(totals, correct)]
 
 
 def train_population(

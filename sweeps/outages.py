@@ -17,13 +17,14 @@ Limits: :data:`STORE_RETRY_SECONDS` for a driver (``SWEEPS_STORE_RETRY_SECONDS``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 #: Seconds a driver rides out an unreachable store before it stops (``SWEEPS_STORE_RETRY_SECONDS``).
@@ -93,32 +94,57 @@ def _chain(error: BaseException) -> list[BaseException]:
     return seen
 
 
+def unreachable_cause(error: BaseException) -> BaseException | None:
+    """The error in ``error``'s chain (itself, what it was raised from or while handling) that
+    says a store could not be reached, or ``None`` when none does (see :func:`is_unreachable`)."""
+    import sqlalchemy.exc
+
+    if isinstance(error, StoreUnavailableError):  # a retry that gave up already: not to be retried again
+        return None
+    try:
+        import requests.exceptions
+
+        # refused or dropped, timed out, or a server answering "unavailable" past MLflow's own retries
+        http: tuple[type[BaseException], ...] = (
+            requests.exceptions.ConnectionError,
+            requests.exceptions.Timeout,
+            requests.exceptions.RetryError,
+        )
+    except ImportError:  # pragma: no cover - requests comes with MLflow
+        http = ()
+    lost = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, ConnectionError, TimeoutError, *http)
+    for err in _chain(error):
+        if isinstance(err, lost) or (isinstance(err, sqlalchemy.exc.DBAPIError) and err.connection_invalidated):
+            return err
+        if getattr(err, "error_code", None) == "TEMPORARILY_UNAVAILABLE":  # MlflowException
+            return err
+    return None
+
+
 def is_unreachable(error: BaseException) -> bool:
     """Whether ``error`` (or one it was raised from) says a store could not be reached, as
     opposed to a request the store refused: a database connection refused, closed or dropped
     (SQLAlchemy's ``OperationalError``/``InterfaceError``, a connection invalidated; Optuna wraps
-    them in ``StorageInternalError``), an HTTP connection refused or timed out, or MLflow's
-    ``TEMPORARILY_UNAVAILABLE`` (its store's database is down, or a server answers 503)."""
-    import sqlalchemy.exc
+    them in ``StorageInternalError``), an HTTP connection refused or timed out, a server that kept
+    answering 5xx through MLflow's own retries, or MLflow's ``TEMPORARILY_UNAVAILABLE`` (its
+    store's database is down)."""
+    return unreachable_cause(error) is not None
 
-    if isinstance(error, StoreUnavailableError):  # a retry that gave up already: not to be retried again
-        return False
+
+@contextlib.contextmanager
+def short_mlflow_http_retries() -> Iterator[None]:
+    """While a driver runs: MLflow's own HTTP retries cut to about 3 s per request (2 retries,
+    backoff factor 1; its defaults retry for about two minutes), unless the user set them, so
+    that the driver's guard does the long waiting, logs it, and can stop when told to. Restored
+    on exit."""
+    values = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    set_here = [name for name in values if name not in os.environ]
+    os.environ.update({name: values[name] for name in set_here})
     try:
-        import requests.exceptions
-
-        http: tuple[type[BaseException], ...] = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
-    except ImportError:  # pragma: no cover - requests comes with MLflow
-        http = ()
-    for err in _chain(error):
-        if isinstance(err, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, *http)):
-            return True
-        if isinstance(err, (ConnectionError, TimeoutError)):
-            return True
-        if isinstance(err, sqlalchemy.exc.DBAPIError) and err.connection_invalidated:
-            return True
-        if getattr(err, "error_code", None) == "TEMPORARILY_UNAVAILABLE":  # MlflowException
-            return True
-    return False
+        yield
+    finally:
+        for name in set_here:
+            os.environ.pop(name, None)
 
 
 class StoreGuard:
@@ -175,19 +201,25 @@ class StoreGuard:
             now = self.clock()
             if self.down_since is None:
                 if self.gave_up or self.limit <= 0:
-                    raise StoreUnavailableError(self.store, 0.0, self.limit, self.variable, error) from error
+                    raise StoreUnavailableError(
+                        self.store, 0.0, self.limit, self.variable, self._cause(error)
+                    ) from error
                 self.down_since = now
                 self.log(
-                    f"{self.store}: unreachable ({_one_line(error)}); trials go on, results are held and "
+                    f"{self.store}: unreachable ({_one_line(self._cause(error))}); trials go on, results are held and "
                     f"retried for up to {self.limit:g} s"
                 )
             down = now - self.down_since
             if down >= self.limit or self.gave_up or (self.stop is not None and self.stop.requested):
                 self.gave_up = True
-                raise StoreUnavailableError(self.store, down, self.limit, self.variable, error) from error
+                raise StoreUnavailableError(self.store, down, self.limit, self.variable, self._cause(error)) from error
             left = self.limit - down
         wait = min(LONGEST_WAIT_SECONDS, FIRST_WAIT_SECONDS * 2 ** min(tries, 16)) * random.uniform(0.8, 1.2)
         self.sleep(min(wait, left))
+
+    @staticmethod
+    def _cause(error: BaseException) -> BaseException:
+        return unreachable_cause(error) or error
 
     def _back(self) -> None:
         with self._lock:
@@ -219,5 +251,7 @@ __all__ = [
     "is_unreachable",
     "read_retry_seconds",
     "retrying_read",
+    "short_mlflow_http_retries",
+    "unreachable_cause",
     "store_retry_seconds",
 ]

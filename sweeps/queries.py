@@ -228,6 +228,8 @@ def results(
 
     Raises:
         SweepNotFoundError: no such sweep in the store.
+        StoreUnavailableError: a store stayed unreachable past ``SWEEPS_READ_RETRY_SECONDS``
+            (60 s; shorter outages are waited out).
     """
     conn = _connections(tracking_uri, results_dir)
     client = MlflowClient(tracking_uri=conn.tracking_uri)

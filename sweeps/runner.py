@@ -73,7 +73,7 @@ from .batching import population_size
 from .connections import Connections, check_reachable, redact, resolve, use_wal
 from .lease import DriverLease, LeaseLostError
 from .live import LiveCorrelation, live_target
-from .outages import StoreGuard, StoreUnavailableError, store_retry_seconds
+from .outages import StoreGuard, StoreUnavailableError, short_mlflow_http_retries, store_retry_seconds
 from .progress import ProgressView
 from .service.book import StudyBook, best_trials, describe_best, is_pruning_epoch
 from .service.loop import LoopSettings, SweepLoop
@@ -252,6 +252,9 @@ def run_sweep(
         LeaseHeldError: another live driver runs this sweep (nothing was touched).
         LeaseLostError: another driver took this one's lease while it ran (it was paused past
             the lease period); this driver stopped without writing more.
+        StoreUnavailableError: the Optuna storage or the MLflow store stayed unreachable past
+            ``SWEEPS_STORE_RETRY_SECONDS`` (shorter outages are ridden out); the running trials
+            were cancelled (they keep their checkpoints) and :func:`resume_sweep` continues.
     """
     import yaml
 
@@ -355,7 +358,7 @@ def _drive(
         study.set_user_attr("config_yaml", config_yaml)
 
     started_here, driver, down = False, None, None
-    with ProgressView(quiet=quiet) as view, _StopFlag() as stop:
+    with ProgressView(quiet=quiet) as view, _StopFlag() as stop, short_mlflow_http_retries():
         for guard in (study_store, mlflow_store):
             guard.log, guard.stop = view.log, stop
         view.log(f"sweep {config.name}: {budget} trials; " + ", ".join(f"{k}={v}" for k, v in conn.describe().items()))

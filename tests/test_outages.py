@@ -16,7 +16,13 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UN
 
 from sweeps import search
 from sweeps.adapters import optuna_adapter
-from sweeps.outages import StoreGuard, StoreUnavailableError, is_unreachable, retry_seconds
+from sweeps.outages import (
+    StoreGuard,
+    StoreUnavailableError,
+    is_unreachable,
+    retry_seconds,
+    short_mlflow_http_retries,
+)
 from sweeps.service.recorder import MlflowRecorder
 from sweeps.service.records import FinalRecord
 from sweeps.status import TrialStatus
@@ -81,9 +87,10 @@ def _raised_from(error: BaseException, cause: BaseException) -> BaseException:
         optuna.exceptions.StorageInternalError("An exception is raised during the commit"),
         MlflowException("database down", error_code=TEMPORARILY_UNAVAILABLE),
         requests.exceptions.ConnectionError("refused"),
+        requests.exceptions.RetryError("too many 503 error responses"),
         ConnectionRefusedError(111, "Connection refused"),
     ],
-    ids=["operational", "interface", "invalidated", "optuna-commit", "mlflow-503", "http", "socket"],
+    ids=["operational", "interface", "invalidated", "optuna-commit", "mlflow-503", "http", "http-5xx", "socket"],
 )
 def test_store_errors_that_say_unreachable(error):
     if isinstance(error, optuna.exceptions.StorageInternalError):  # Optuna raises it from the SQLAlchemy error
@@ -109,6 +116,34 @@ def test_mlflow_http_failure_is_unreachable_through_its_context():
 )
 def test_errors_that_are_answers_are_not_retried(error):
     assert not is_unreachable(error)
+
+
+def test_the_log_names_the_lost_connection_not_its_wrapper():
+    g, _, lines = guard()
+    wrapped = optuna.exceptions.StorageInternalError("An exception is raised during the commit.")
+    wrapped.__cause__ = refused()
+    calls = []
+
+    def fn():
+        calls.append(1)
+        if len(calls) == 1:
+            raise wrapped
+
+    g.call(fn)
+    assert "(OperationalError: (builtins.ConnectionRefusedError) connection refused)" in lines[0], lines[0]
+
+
+def test_mlflow_http_retries_are_short_while_a_driver_runs(monkeypatch):
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "3")  # the user's setting wins
+    with short_mlflow_http_retries():
+        from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES
+
+        assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 2 and MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get() == 3
+    import os
+
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "3"
 
 
 # --------------------------------------------------------------------------- the guard

@@ -348,3 +348,20 @@ def test_recorder_writes_each_run_and_value_once_when_answers_are_lost(tmp_path)
     assert runs[0].info.status == "FINISHED" and runs[0].data.tags["status"] == "converged"
     assert runs[0].data.params == {"train.lr": "0.1"}
     assert len(client.get_metric_history(started[1], "test_acc")) == 1  # the retry kept its timestamp
+
+
+def test_reads_wait_for_the_store_up_to_their_own_limit(monkeypatch, caplog):
+    from sweeps.outages import retrying_read
+
+    fn = flaky(1)
+
+    @retrying_read
+    def sweep_status() -> int:
+        return fn()
+
+    assert sweep_status() == 2
+    assert "the sweep's stores (read by sweep_status): unreachable" in caplog.text
+    monkeypatch.setenv("SWEEPS_READ_RETRY_SECONDS", "0")
+    fn = flaky(1)
+    with pytest.raises(StoreUnavailableError, match="SWEEPS_READ_RETRY_SECONDS"):
+        sweep_status()

@@ -135,7 +135,8 @@ def test_database_down_past_the_limit_stops_with_exit_5_and_resume_completes(sto
     storage = pg.create("optuna_long")
     config = write_config(tmp_path, name, lrs, seeds)
     flags = ["--tracking-uri", server.url, "--storage", storage]
-    driver = start_driver(["run", str(config), *flags], tmp_path, SWEEPS_STORE_RETRY_SECONDS="4")
+    lease = {"SWEEPS_LEASE_SECONDS": "4"}  # the stopped driver could not give its lease back: it expires
+    driver = start_driver(["run", str(config), *flags], tmp_path, SWEEPS_STORE_RETRY_SECONDS="4", **lease)
     try:
         wait_for(lambda: recorded(driver) >= 1 or not driver.alive, timeout=240, what="a trial recorded")
         pg.stop()
@@ -152,7 +153,8 @@ def test_database_down_past_the_limit_stops_with_exit_5_and_resume_completes(sto
     assert f"sweeps resume {name}" in log and "keep their checkpoints" in log
     assert stopped_after < 60, log  # the limit, then the clean stop: not MLflow's own two minutes of retries
 
-    resumed = start_driver(["resume", name, *flags], tmp_path)
+    time.sleep(5)
+    resumed = start_driver(["resume", name, *flags], tmp_path, **lease)
     assert wait_exit(resumed, timeout=300) == 0, resumed.output()
     assert_every_point_once(name, server.url, len(lrs) * len(seeds), interrupted=True)
     shutil.rmtree(tmp_path / "checkpoints", ignore_errors=True)

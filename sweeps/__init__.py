@@ -19,6 +19,7 @@ _EXPORTS = {
     "run_trial": ".trial",
     "TrialResult": ".trial",
     "run_sweep": ".runner",
+    "StoreUnavailableError": ".outages",
     "results": ".queries",
     "correlations": ".analysis",
     "hyperparameter_effects": ".analysis",

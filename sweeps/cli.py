@@ -18,11 +18,20 @@ from typing import Any
 
 from .config import ConfigError, check_name
 from .errors import UsageError
+from .outages import StoreUnavailableError
 
 #: How long ``sweeps submit`` waits for a freshly started head's job agent (seconds).
 
 #: Exit codes of every subcommand (``run``/``resume`` use all of them).
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_OBJECTIVE, EXIT_LEASE_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_OBJECTIVE, EXIT_LEASE_LOST, EXIT_STORE_DOWN, EXIT_INTERRUPTED = (
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    130,
+)
 EXIT_CODES = {
     EXIT_OK: "success (run/resume: the sweep finished and at least one trial produced the objective)",
     EXIT_ERROR: "an unexpected error (a traceback is printed)",
@@ -31,6 +40,9 @@ EXIT_CODES = {
     EXIT_NO_OBJECTIVE: "run/resume: the sweep finished but no trial produced the objective (all failed or diverged)",
     EXIT_LEASE_LOST: "run/resume: another driver took over this sweep while this one was paused; it stopped "
     "without writing",
+    EXIT_STORE_DOWN: "a store (Optuna storage or MLflow tracking store) stayed unreachable past "
+    "SWEEPS_STORE_RETRY_SECONDS (reads: SWEEPS_READ_RETRY_SECONDS); run/resume cancelled the running trials "
+    "(they keep their checkpoints) and `sweeps resume NAME` continues",
     EXIT_INTERRUPTED: "run/resume: interrupted (Ctrl-C / SIGTERM); running trials were recorded interrupted and "
     "`sweeps resume NAME` continues",
 }
@@ -246,6 +258,13 @@ def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
     except LeaseLostError as err:
         print(f"{prog}: {redact(str(err))}", file=sys.stderr)
         return EXIT_LEASE_LOST
+    except StoreUnavailableError as err:
+        print(
+            f"{prog}: stopped: {redact(str(err))}. Running trials were cancelled and keep their checkpoints; "
+            f"once the store is back, continue with `sweeps resume {err.sweep or 'NAME'}{_store_flags(args)}`",
+            file=sys.stderr,
+        )
+        return EXIT_STORE_DOWN
     except ConfigError as err:  # a flag checked as the config field it overrides
         print(f"{prog}: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -554,6 +573,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:  # a NAME argument or a path refused before anything ran
         print(f"sweeps {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except StoreUnavailableError as err:  # a read (results, status, report, list) waited past its limit
+        from .connections import redact
+
+        print(f"sweeps {args.command}: {redact(str(err))}", file=sys.stderr)
+        return EXIT_STORE_DOWN
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from mlflow import MlflowClient
 
 from .adapters import mlflow_adapter
 from .connections import Connections, redact, resolve
+from .outages import retrying_read
 from .status import FINISHED, TrialStatus
 from .tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, TRIAL_TAG
 
@@ -207,6 +208,7 @@ def _cast(values: pd.Series, example: Any) -> pd.Series:
     return text.astype(str) if present.all() else text.astype("string")
 
 
+@retrying_read
 def results(
     name: str,
     tracking_uri: str | None = None,
@@ -226,6 +228,8 @@ def results(
 
     Raises:
         SweepNotFoundError: no such sweep in the store.
+        StoreUnavailableError: a store stayed unreachable past ``SWEEPS_READ_RETRY_SECONDS``
+            (60 s; shorter outages are waited out).
     """
     conn = _connections(tracking_uri, results_dir)
     client = MlflowClient(tracking_uri=conn.tracking_uri)
@@ -326,6 +330,7 @@ def _live(tracking_uri: str, parent_run_id: str | None, objective: list[str]) ->
     }
 
 
+@retrying_read
 def sweep_status(
     name: str,
     *,
@@ -379,6 +384,7 @@ def sweep_status(
     }
 
 
+@retrying_read
 def list_sweeps(*, storage: str | None = None, results_dir: str | Path | None = None) -> pd.DataFrame:
     """One row per sweep in the Optuna storage: name, trials, finished, best values, start time."""
     import optuna

@@ -37,6 +37,7 @@ from matplotlib.figure import Figure
 
 from .analysis import correlations, format_cells
 from .figures import is_numeric, psi_heatmap, scatter_figure, trend_figure
+from .outages import retrying_read
 from .status import TrialStatus
 
 REFERENCES = (
@@ -317,6 +318,7 @@ def log_report(
         client.log_batch(run_id, metrics=metrics[start : start + 1000], synchronous=True)
 
 
+@retrying_read
 def report_sweep(
     name: str,
     tracking_uri: str | None = None,

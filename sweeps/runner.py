@@ -35,6 +35,14 @@ Fault handling:
   finds the RUNNING trials and either tells them from their MLflow run (if that run was fully
   recorded) or marks them interrupted and re-enqueues their points, and ends orphaned MLflow
   runs KILLED. Completed trials are never repeated.
+* A store unreachable (the Optuna storage's or the MLflow store's database restarting or
+  failing over, an ``mlflow server`` restarted): the trials go on training, the driver holds
+  their results and tries each write again with backoff (:mod:`sweeps.outages`), writing each
+  once when the store is back; the lease is renewed then (or, if another driver took it
+  meanwhile, this one stops without writing). Unreachable past ``SWEEPS_STORE_RETRY_SECONDS``
+  (600 s): the driver cancels its running tasks (they keep their checkpoints) and raises
+  :class:`~sweeps.outages.StoreUnavailableError`; the next ``sweeps resume`` settles the
+  trials left RUNNING as after a killed driver.
 * Whichever way a trial is run again (a re-launch, the re-run of an interrupted point), it
   continues from its checkpoint (:mod:`sweeps.checkpoint`: found from the trial's config, in the
   folder passed to the tasks); the driver removes a trial's checkpoint once the trial is recorded
@@ -65,6 +73,7 @@ from .batching import population_size
 from .connections import Connections, check_reachable, redact, resolve, use_wal
 from .lease import DriverLease, LeaseLostError
 from .live import LiveCorrelation, live_target
+from .outages import StoreGuard, StoreUnavailableError, short_mlflow_http_retries, store_retry_seconds
 from .progress import ProgressView
 from .service.book import StudyBook, best_trials, describe_best, is_pruning_epoch
 from .service.loop import LoopSettings, SweepLoop
@@ -243,6 +252,9 @@ def run_sweep(
         LeaseHeldError: another live driver runs this sweep (nothing was touched).
         LeaseLostError: another driver took this one's lease while it ran (it was paused past
             the lease period); this driver stopped without writing more.
+        StoreUnavailableError: the Optuna storage or the MLflow store stayed unreachable past
+            ``SWEEPS_STORE_RETRY_SECONDS`` (shorter outages are ridden out); the running trials
+            were cancelled (they keep their checkpoints) and :func:`resume_sweep` continues.
     """
     import yaml
 
@@ -296,7 +308,10 @@ def _drive(
     """The body of :func:`run_sweep` while this driver holds the sweep's lease."""
     import ray
 
-    study = search.open_study(config, conn.storage, resume=resume)
+    limit = store_retry_seconds()
+    study_store = StoreGuard(f"Optuna storage {redact(conn.storage)}", limit)
+    mlflow_store = StoreGuard(f"MLflow tracking store {redact(conn.tracking_uri)}", limit)
+    study = search.open_study(config, conn.storage, resume=resume, retry=study_store.call)
     budget = search.n_trials(config)
     if config.search.sampler == "grid":
         budget = min(budget, search.grid_size(config))
@@ -342,8 +357,10 @@ def _drive(
     if "config_yaml" not in study.user_attrs:
         study.set_user_attr("config_yaml", config_yaml)
 
-    started_here, driver = False, None
-    with ProgressView(quiet=quiet) as view, _StopFlag() as stop:
+    started_here, driver, down = False, None, None
+    with ProgressView(quiet=quiet) as view, _StopFlag() as stop, short_mlflow_http_retries():
+        for guard in (study_store, mlflow_store):
+            guard.log, guard.stop = view.log, stop
         view.log(f"sweep {config.name}: {budget} trials; " + ", ".join(f"{k}={v}" for k, v in conn.describe().items()))
         if lease.taken_over is not None:
             view.log(
@@ -361,21 +378,32 @@ def _drive(
                 conn,
                 view,
                 stop,
-                lease,
+                _GuardedLease(lease, study_store),
+                mlflow_store,
                 budget=budget,
                 max_retries=max_retries,
                 prune=prune,
                 trial_fn=trial_fn,
             )
             driver.run()
+        except StoreUnavailableError as err:
+            down, err.sweep = err, config.name
+            study_store.gave_up = mlflow_store.gave_up = True  # stop now: no more waiting on either
+            raise
         finally:
             lost = lease.lost
             if driver is not None:
-                driver.shutdown(record=not lost)
-            if not lost:
+                driver.shutdown(record=not lost and down is None)
+            if down is not None:
+                view.log(
+                    f"sweep {config.name}: stopped, {down}. Running trials were cancelled (they keep their "
+                    f"checkpoints); `sweeps resume {config.name}` continues once the store is back"
+                )
+            elif not lost:
                 counts = search.status_counts(study)
                 interrupted = stop.requested or not _is_done(counts, budget)
-                tracker.end_parent(
+                mlflow_store.call(
+                    tracker.end_parent,
                     parent,
                     "KILLED" if interrupted else "FINISHED",
                     {f"trials_{k}": float(v) for k, v in counts.items()},
@@ -411,6 +439,18 @@ def _drive(
     return summary
 
 
+@dataclass(frozen=True)
+class _GuardedLease:
+    """The lease check, riding out an outage of the database that holds the lease: renewed once
+    it is back (still this driver's) or :class:`LeaseLostError` (another driver took it)."""
+
+    lease: DriverLease
+    store: StoreGuard
+
+    def ensure(self) -> None:
+        self.store.call(self.lease.ensure)
+
+
 def _build_loop(
     config: Any,
     study: optuna.Study,
@@ -419,7 +459,8 @@ def _build_loop(
     conn: Connections,
     view: ProgressView,
     stop: _StopFlag,
-    lease: DriverLease,
+    lease: _GuardedLease,
+    mlflow_store: StoreGuard,
     *,
     budget: int,
     max_retries: int,
@@ -436,7 +477,7 @@ def _build_loop(
         view.log("populations: one trial per task (a replacement trial function runs trials one by one)")
         population = 1
     book = StudyBook(study, config, concurrency, on_conflict=lease.ensure)
-    recorder = MlflowRecorder(tracker, config.name, parent, before_final=lease.ensure)
+    recorder = MlflowRecorder(tracker, config.name, parent, before_final=lease.ensure, retry=mlflow_store.call)
     executor = RayExecutor(
         trial_fn,
         conn.tracking_uri,

@@ -28,7 +28,7 @@ import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import optuna
@@ -205,19 +205,25 @@ def name_taken(name: str, storage: str, stored: str | None, fingerprint: str) ->
     )
 
 
-def open_study(config: Any, storage: str, *, resume: bool = False) -> optuna.Study:
+def open_study(
+    config: Any, storage: str, *, resume: bool = False, retry: Callable[..., Any] | None = None
+) -> optuna.Study:
     """Create the sweep's study, or load it when it exists with the same config fingerprint.
 
     Args:
         config: the sweep's :class:`~sweeps.config.SweepConfig`.
         storage: Optuna storage URL or journal path (see :mod:`sweeps.connections`).
         resume: if True the study must already exist.
+        retry: every storage call made as ``retry(method, *args, **kwargs)`` (a driver's
+            :meth:`sweeps.outages.StoreGuard.call`), or ``None``.
 
     Raises:
         StudyConflictError: the name is taken by a study of another config, or ``resume`` and
             there is no such study.
     """
     store = make_storage(storage)
+    if retry is not None:
+        store = optuna_adapter.retrying_storage(store, retry)
     name = config.name
     exists = name in {s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)}
     resolved = config.model_dump(mode="json")

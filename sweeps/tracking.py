@@ -84,7 +84,7 @@ def ui_hint(tracking_uri: str, parent_run_id: str | None) -> str:
     )
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     return int(time.time() * 1000)
 
 
@@ -192,6 +192,15 @@ class Tracker:
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
+    def child_run(self, parent_run_id: str, trial_number: int) -> str | None:
+        """The id of trial ``trial_number``'s child run of ``parent_run_id``, if it was created."""
+        runs = self.client.search_runs(
+            [self._experiment(parent_run_id)],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_number}'",
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
     def _experiment(self, parent_run_id: str) -> str:
         if parent_run_id not in self._experiment_of:
             self._experiment_of[parent_run_id] = self.client.get_run(parent_run_id).info.experiment_id
@@ -231,6 +240,7 @@ class Tracker:
         metrics: Mapping[str, float],
         *,
         step: int = 0,
+        timestamp_ms: int | None = None,
         artifacts: Mapping[str, bytes] | None = None,
         traceback: str | None = None,
         tags: Mapping[str, str] | None = None,
@@ -243,6 +253,8 @@ class Tracker:
         ``before_final`` is called after the artifacts, right before the status tag: the driver's
         lease check, so that a driver paused while uploading them, whose run another driver has
         meanwhile ended ``interrupted``, raises instead of overwriting that status.
+        ``timestamp_ms`` stamps the final metrics (default now): a write tried again keeps the
+        stamp of its first try, so the store holds each value once.
         """
         files = dict(artifacts or {})
         if traceback:
@@ -256,7 +268,8 @@ class Tracker:
                 self.client.log_artifacts(run_id, tmp)
         if before_final is not None:
             before_final()
-        self.log_metrics(run_id, [(metrics, step, _now_ms())], tags={**(tags or {}), STATUS_TAG: status})
+        stamp = now_ms() if timestamp_ms is None else timestamp_ms
+        self.log_metrics(run_id, [(metrics, step, stamp)], tags={**(tags or {}), STATUS_TAG: status})
         self.client.set_terminated(run_id, status=TrialStatus(status).mlflow_status)
 
     def end(self, run_id: str, status: str) -> None:
@@ -267,7 +280,7 @@ class Tracker:
     def end_parent(self, run_id: str, status: str, summary: Mapping[str, float]) -> None:
         """Log the sweep's summary counts on the parent run and terminate it with MLflow ``status``."""
         finite = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        self.log_metrics(run_id, [(finite, 0, _now_ms())])
+        self.log_metrics(run_id, [(finite, 0, now_ms())])
         self.client.set_terminated(run_id, status=status)
 
     def run_info(self, run_id: str) -> tuple[str, str | None, dict[str, float]]:

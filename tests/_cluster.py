@@ -6,6 +6,8 @@
   with its own temp dir and ports, token auth on. Each is started in a new session, so a node is
   exactly the processes of that session (raylet, GCS, agents, Ray worker processes) and killing a
   node kills those ids: never ``ray stop``, which would hit every Ray process on the machine.
+* :class:`OwnPostgres`: a PostgreSQL server of the test's own (``initdb`` + ``pg_ctl`` on a free
+  port), which a test may stop and start again (a database failover).
 * :class:`MlflowServer`: ``mlflow server`` with a PostgreSQL backend store and proxied artifacts
   in a local directory.
 
@@ -183,6 +185,86 @@ class Postgres:
             for name in self.created:
                 cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         self.created.clear()
+
+
+@dataclass
+class OwnPostgres:
+    """A PostgreSQL server of the test's own, on a free loopback port, stopped and started at will.
+
+    ``initdb``/``pg_ctl`` refuse to run as root: they run as the ``postgres`` user, in a data
+    directory under /tmp it owns (its socket there too). :meth:`require` skips (outside CI) or
+    fails (in CI) when that is not possible here.
+    """
+
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sweeps-pg-", dir="/tmp")))
+    port: int = field(default_factory=free_port)
+
+    @staticmethod
+    def bin_dir() -> Path | None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        return found[-1].parent if found else None
+
+    @classmethod
+    def require(cls) -> None:
+        why = None
+        if cls.bin_dir() is None:
+            why = "PostgreSQL's initdb/pg_ctl are not installed (/usr/lib/postgresql/*/bin)"
+        elif os.geteuid() != 0:
+            why = "starting a PostgreSQL of the test's own needs root (to run initdb as the postgres user)"
+        if why is not None:
+            if os.environ.get("CI"):
+                pytest.fail(why + " -- CI must provide it", pytrace=False)
+            pytest.skip(why)
+
+    def _as_postgres(self, *argv: str, timeout: float = 120) -> None:
+        tool = str(self.bin_dir() / argv[0])
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", tool, *argv[1:]], check=True, capture_output=True, timeout=timeout
+        )
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def init(self) -> OwnPostgres:
+        subprocess.run(["chown", "postgres", str(self.root)], check=True)
+        self._as_postgres("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        self.start()
+        with closing(self.connect("postgres")) as connection, connection.cursor() as cursor:
+            cursor.execute("ALTER SYSTEM SET max_connections = 200")
+        self.stop()
+        return self.start()
+
+    def start(self) -> OwnPostgres:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        self._as_postgres("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start")
+        return self
+
+    def stop(self) -> None:
+        """Stop at once (``-m fast``: clients are disconnected, as in a failover)."""
+        self._as_postgres("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def connect(self, dbname: str):
+        import psycopg2
+
+        connection = psycopg2.connect(
+            host="127.0.0.1", port=self.port, user="postgres", dbname=dbname, connect_timeout=5
+        )
+        connection.autocommit = True
+        return connection
+
+    def create(self, name: str) -> str:
+        """A new database ``name``; its SQLAlchemy URL."""
+        with closing(self.connect("postgres")) as connection, connection.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"
+
+    def destroy(self) -> None:
+        try:
+            self.stop()
+        except subprocess.SubprocessError:
+            pass
+        subprocess.run(["rm", "-rf", str(self.root)], check=False)
 
 
 # --------------------------------------------------------------------------- Ray

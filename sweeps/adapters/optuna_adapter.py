@@ -9,13 +9,17 @@
 * The grid sampler's system attrs (``grid_id``, ``search_space``) and its
   ``sample_independent``, to recover the point of a grid trial whose driver died mid-ask
   (:func:`assigned_point`).
+* A storage whose every call goes through a retry policy (:func:`retrying_storage`): a
+  :class:`~optuna.storages.BaseStorage` that forwards each method to the real one, under
+  Optuna's private ``_CachedStorage`` for a database (what Optuna itself puts over an
+  ``RDBStorage``), which calls a few private ``RDBStorage`` methods (forwarded as well).
 """
 
 from __future__ import annotations
 
 import datetime
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
@@ -122,12 +126,68 @@ def assigned_point(study: optuna.Study, frozen: FrozenTrial) -> dict[str, Any] |
     return point
 
 
+class _RetryingStorage(optuna.storages.BaseStorage):
+    """Every method of ``backend``, called as ``call(method, *args, **kwargs)``."""
+
+    def __init__(self, backend: optuna.storages.BaseStorage, call: Callable[..., Any]) -> None:
+        self._backend, self._call = backend, call
+
+    def __getattr__(self, name: str) -> Any:  # what _CachedStorage uses beyond BaseStorage (_get_trials, ...)
+        value = getattr(self._backend, name)
+        return (lambda *args, **kwargs: self._call(value, *args, **kwargs)) if callable(value) else value
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        tries = 0
+
+        def finish() -> bool:
+            nonlocal tries
+            tries += 1
+            try:
+                return self._backend.set_trial_state_values(trial_id, state, values)
+            except UpdateFinishedTrialError:
+                # a try after a lost connection: the one before may have been written, its answer lost
+                if tries > 1 and self._backend.get_trial(trial_id).state == state:
+                    return True
+                raise
+
+        return self._call(finish)
+
+
+def _forward(name: str) -> Callable[..., Any]:
+    def method(self: _RetryingStorage, *args: Any, **kwargs: Any) -> Any:
+        return self._call(getattr(self._backend, name), *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+for _name in dir(optuna.storages.BaseStorage):
+    if not _name.startswith("_") and _name not in vars(_RetryingStorage):
+        setattr(_RetryingStorage, _name, _forward(_name))
+_RetryingStorage.__abstractmethods__ = frozenset()
+
+
+def retrying_storage(storage: optuna.storages.BaseStorage, call: Callable[..., Any]) -> optuna.storages.BaseStorage:
+    """``storage`` with each of its calls made as ``call(method, *args, **kwargs)`` (a retry
+    policy: :meth:`sweeps.outages.StoreGuard.call`), for a study opened on it. A database
+    storage keeps Optuna's cache of finished trials above the retries, as Optuna gives it when
+    it opens a study on a URL. A retried ``set_trial_state_values`` that finds the trial already
+    in the state it writes (the try before was written, its answer lost) succeeds."""
+    from optuna.storages._cached_storage import _CachedStorage  # private: the cache Optuna puts over an RDBStorage
+
+    retrying = _RetryingStorage(storage, call)  # type: ignore[abstract]  # its methods are set above
+    if isinstance(storage, optuna.storages.RDBStorage):
+        return _CachedStorage(retrying)  # type: ignore[arg-type]
+    return retrying
+
+
 __all__ = [
     "AskTellGridSampler",
     "UpdateFinishedTrialError",
     "assigned_point",
     "create_running_trial",
     "finish_grid_trial",
+    "retrying_storage",
     "study_storage",
     "trial_storage",
 ]

@@ -7,16 +7,23 @@ it finishes. Against a tracking server the writes run in a thread pool
 (SQLite, files) is written in place, in the driver's thread. A failed write raises where the
 loop reads its result (:meth:`MlflowRecorder.started`, :meth:`~MlflowRecorder.written`,
 :meth:`~MlflowRecorder.flush`).
+
+Every write goes through ``retry`` (the driver's :class:`~sweeps.outages.StoreGuard` for the
+tracking store): while the store is unreachable a write is tried again, in its writer thread,
+and written once when the store is back. A retried run creation first looks for the run the
+try before may have created; a final record keeps the timestamp of its first try.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..status import TrialStatus
+from ..tracking import now_ms
 from .records import CurvePoint, FinalRecord
 
 if TYPE_CHECKING:
@@ -79,10 +86,19 @@ class MlflowRecorder:
         sweep: the sweep's name (its experiment).
         parent: the parent run's id.
         before_final: called right before a final status tag is written (the lease check).
+        retry: every write made as ``retry(write, *args)`` (default: called once).
     """
 
-    def __init__(self, tracker: Tracker, sweep: str, parent: str, before_final: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        tracker: Tracker,
+        sweep: str,
+        parent: str,
+        before_final: Callable[[], None],
+        retry: Callable[..., Any] | None = None,
+    ) -> None:
         self.tracker, self.sweep, self.parent, self.before_final = tracker, sweep, parent, before_final
+        self.retry: Callable[..., Any] = retry or (lambda write, *args: write(*args))
         self.writes = _Writes(tracker.tracking_uri)
         self.runs: dict[int, Future] = {}  # child run id of each trial
         self._unnoted: list[int] = []  # created or being created, not yet returned by started()
@@ -93,8 +109,22 @@ class MlflowRecorder:
         return self.runs[number].result()
 
     def start(self, number: int, params: Mapping[str, Any]) -> None:
-        self.runs[number] = self.writes.submit(self.tracker.start_child, self.sweep, self.parent, number, params)
+        self.runs[number] = self.writes.submit(self._start, number, params)
         self._unnoted.append(number)
+
+    def _start(self, number: int, params: Mapping[str, Any]) -> str:
+        tries = 0
+
+        def create() -> str:
+            nonlocal tries
+            tries += 1
+            found = self.tracker.child_run(self.parent, number) if tries > 1 else None
+            if found is None:
+                return self.tracker.start_child(self.sweep, self.parent, number, params)
+            self.tracker.log_params(found, params)  # the try that created it may have stopped before its params
+            return found
+
+        return self.retry(create)
 
     def started(self) -> list[tuple[int, str]]:
         """Trials whose child run was created since the last call, with its id; a failed
@@ -106,21 +136,26 @@ class MlflowRecorder:
     def curve(self, number: int, points: Sequence[CurvePoint]) -> None:
         batch = [(mlflow_names(p.kind, p.values), p.step, p.timestamp_ms) for p in points]
         self._check_curves()
-        self._curves.append(self.writes.submit(lambda: self.tracker.log_metrics(self.run_id(number), batch)))
+        write = self.tracker.log_metrics
+        self._curves.append(self.writes.submit(lambda: self.retry(write, self.run_id(number), batch)))
 
     def finish(self, number: int, record: FinalRecord, step: int) -> None:
-        self._final[self.writes.submit(self._finish, number, record, step)] = (number, record)
+        self._final[self.writes.submit(self._finish, number, record, step, now_ms())] = (number, record)
 
-    def _finish(self, number: int, record: FinalRecord, step: int) -> None:
-        self.tracker.finish_child(
-            self.run_id(number),
-            record.status,
-            record.metrics,
-            step=step,
-            artifacts=record.artifacts,
-            traceback=record.traceback,
-            tags={f"sweeps.{k}": v for k, v in record.node.items()},
-            before_final=self.before_final,
+    def _finish(self, number: int, record: FinalRecord, step: int, timestamp_ms: int) -> None:
+        self.retry(
+            functools.partial(
+                self.tracker.finish_child,
+                self.run_id(number),
+                record.status,
+                record.metrics,
+                step=step,
+                timestamp_ms=timestamp_ms,
+                artifacts=record.artifacts,
+                traceback=record.traceback,
+                tags={f"sweeps.{k}": v for k, v in record.node.items()},
+                before_final=self.before_final,
+            )
         )
 
     def writing(self) -> int:
@@ -156,15 +191,15 @@ class MlflowRecorder:
 
     def fail_unstarted(self, number: int, params: Mapping[str, Any], traceback: str) -> str:
         """Record a trial that could not start (its point does not validate): its run's id."""
-        run_id = self.tracker.start_child(self.sweep, self.parent, number, params)
-        self.tracker.finish_child(run_id, TrialStatus.FAILED, {}, traceback=traceback)
+        run_id: str = self._start(number, params)
+        self.retry(self.tracker.finish_child, run_id, TrialStatus.FAILED, {}, traceback=traceback)
         return run_id
 
     def interrupt(self, number: int) -> None:
         """End trial ``number``'s run ``interrupted``, if it was created."""
         run = self.runs.pop(number, None)
         if run is not None and run.done() and run.exception() is None:
-            self.tracker.end(run.result(), TrialStatus.INTERRUPTED)
+            self.retry(self.tracker.end, run.result(), TrialStatus.INTERRUPTED)
 
     def close(self, cancel: bool) -> None:
         self.writes.close(cancel=cancel)

@@ -28,11 +28,12 @@ EXIT_CODES = {
     EXIT_ERROR: "an unexpected error (a traceback is printed)",
     EXIT_USAGE: "bad input or an unreachable service: invalid config, flag or name, a store that cannot be "
     "reached, or a sweep held by another live driver; nothing was run or written",
-    EXIT_NO_OBJECTIVE: "run/resume: the sweep finished but no trial produced the objective (all failed or diverged)",
+    EXIT_NO_OBJECTIVE: "run/resume: the sweep finished but no trial produced the objective (all failed or diverged); "
+    "measure: some trials could not be measured (each is named on stderr)",
     EXIT_LEASE_LOST: "run/resume: another driver took over this sweep while this one was paused; it stopped "
     "without writing",
     EXIT_INTERRUPTED: "run/resume: interrupted (Ctrl-C / SIGTERM); running trials were recorded interrupted and "
-    "`sweeps resume NAME` continues",
+    "`sweeps resume NAME` continues; measure: interrupted, run it again to continue",
 }
 
 
@@ -428,6 +429,31 @@ def cmd_results(args: argparse.Namespace) -> int:
         else:
             print(text)
     return 0
+
+
+def _measure_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="sweep name")
+    parser.add_argument("--metric", dest="metrics", action="append", required=True, metavar="M", help="measure M")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="measure_options.M.K=V")
+    parser.add_argument("--force", action="store_true", help="measure again trials that have the measure already")
+    _store_arguments(parser)
+    parser.add_argument("--address", help="Ray cluster, as for `sweeps run` (default: a local Ray)")
+    parser.add_argument("--max-concurrent", type=int, metavar="K", help="tasks in flight (default: as Ray fits)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--no-report", dest="report", action="store_false", help="do not rebuild the report")
+
+
+@command(
+    "measure",
+    help="compute measures for the converged trials of a finished sweep from their stored weights; "
+    "values go to the trials' own MLflow runs",
+    arguments=_measure_arguments,
+)
+def cmd_measure(args: argparse.Namespace) -> int:
+    from .remeasure import command as measure_command
+
+    check_name(args.name, "NAME")
+    return measure_command(args)
 
 
 def _status_arguments(parser: argparse.ArgumentParser) -> None:

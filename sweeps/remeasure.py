@@ -206,13 +206,13 @@ def measure_sweep(
     from .connections import check_reachable, resolve
     from .lease import DriverLease
 
-    options = {m: dict(o) for m, o in (options or {}).items()}
-    metrics = check_metrics(metrics, options)
+    chosen = {m: dict(o) for m, o in (options or {}).items()}
+    metrics = check_metrics(metrics, chosen)
     conn = resolve(results_dir=results_dir, tracking_uri=tracking_uri, storage=storage, address=address, create=False)
     check_reachable(conn)
     base = _load_sweep(name, conn.storage)
     with DriverLease(conn.storage, name) as lease:
-        summary = _measure_trials(name, base, metrics, options, force, conn, lease, max_concurrent, log)
+        summary = _measure_trials(name, base, metrics, chosen, force, conn, lease, max_concurrent, log)
         if summary.measured:
             _refresh_live(name, base, conn, summary.parent_run_id, log)
             if report:

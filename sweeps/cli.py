@@ -456,6 +456,19 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return measure_command(args)
 
 
+def _import_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", metavar="MANIFEST.yaml", help="dataset, model and the list of trained models")
+    parser.add_argument("--name", help="sweep name (default: the manifest's name)")
+    _store_arguments(parser)
+
+
+@command("import", help="record models trained elsewhere as a finished sweep", arguments=_import_arguments)
+def cmd_import(args: argparse.Namespace) -> int:
+    from .manifest import command as import_command
+
+    return import_command(args)
+
+
 def _status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="NAME", help="sweep name")
     _store_arguments(parser)

@@ -68,6 +68,8 @@ _EXPORTS = {
     "GGNOperator": ".ggn",
     "EmpiricalFisherOperator": ".ggn",
     "ggn_eigenvalues": ".ggn",
+    "ggn_trace": ".ggn",
+    "fisher_trace": ".ggn",
     "init_distances": ".norms",
     "output_margin": ".generalization",
     "MarginResult": ".generalization",

@@ -69,6 +69,8 @@ _EXPORTS = {
     "EmpiricalFisherOperator": ".ggn",
     "ggn_eigenvalues": ".ggn",
     "ggn_trace": ".ggn",
+    "linear_path": ".connectivity",
+    "LinearPath": ".connectivity",
     "fisher_trace": ".ggn",
     "init_distances": ".norms",
     "output_margin": ".generalization",

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import math
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -38,9 +37,7 @@ from typing import Any
 
 from .errors import ConfigError, UsageError
 from .status import TrialStatus
-
-#: The artifact files of a trial's run that hold its final and initial weights (state dicts).
-MODEL_FILE, INIT_FILE = "model.pt", "init_state.pt"
+from .tracking import INIT_FILE, MODEL_FILE, artifact_bytes
 
 
 @dataclass
@@ -55,6 +52,8 @@ class MeasureSummary:
         failed: trial number -> one line on why it could not be measured.
         parent_run_id: the sweep's MLflow parent run.
         report: the report's HTML file, when it was rebuilt.
+        pairs: the seed pairs' barriers (a DataFrame, :mod:`sweeps.connectivity`) when
+            ``seed_barrier`` was asked for, else ``None``.
     """
 
     name: str
@@ -64,6 +63,7 @@ class MeasureSummary:
     failed: dict[int, str] = field(default_factory=dict)
     parent_run_id: str = ""
     report: Path | None = None
+    pairs: Any = None
 
 
 def parse_measure_options(overrides: Sequence[str], metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -150,6 +150,16 @@ def trial_config(base: Any, point: Mapping[str, Any], metrics: Sequence[str], op
     return config.with_point({"measure": list(metrics), "measure_options": {m: o for m, o in merged.items() if o}})
 
 
+def _parent_run(name: str, storage: str) -> str:
+    import optuna
+
+    from .search import make_storage
+
+    return str(
+        optuna.load_study(study_name=name, storage=make_storage(storage)).user_attrs.get("mlflow_parent_run_id", "")
+    )
+
+
 def _needs_init(metrics: Sequence[str]) -> bool:
     from landscape.metrics import METRICS
 
@@ -204,15 +214,26 @@ def measure_sweep(
         LeaseHeldError: a driver is running the sweep (nothing was written).
     """
     from .connections import check_reachable, resolve
+    from .connectivity import PAIRWISE, check_options, measure_pairs
     from .lease import DriverLease
 
     chosen = {m: dict(o) for m, o in (options or {}).items()}
-    metrics = check_metrics(metrics, chosen)
+    pairwise = PAIRWISE in metrics
+    pair_options = check_options(chosen.pop(PAIRWISE, {}))
+    metrics = [m for m in metrics if m != PAIRWISE]
+    if metrics or not pairwise:
+        metrics = check_metrics(metrics, chosen)
     conn = resolve(results_dir=results_dir, tracking_uri=tracking_uri, storage=storage, address=address, create=False)
     check_reachable(conn)
     base = _load_sweep(name, conn.storage)
     with DriverLease(conn.storage, name) as lease:
-        summary = _measure_trials(name, base, metrics, chosen, force, conn, lease, max_concurrent, log)
+        if metrics:
+            summary = _measure_trials(name, base, metrics, chosen, force, conn, lease, max_concurrent, log)
+        else:
+            summary = MeasureSummary(name, [], parent_run_id=_parent_run(name, conn.storage))
+        if pairwise:
+            lease.ensure()
+            summary.pairs = measure_pairs(name, base, conn, summary.parent_run_id, pair_options, log)
         if summary.measured:
             _refresh_live(name, base, conn, summary.parent_run_id, log)
             if report:
@@ -329,8 +350,8 @@ def _submit(
     number = int(row["trial_number"])
     try:
         config = trial_config(base, points.get(number, {}), metrics, options)
-        model_bytes = _artifact(client, str(row["run_id"]), MODEL_FILE)
-        init_bytes = _artifact(client, str(row["run_id"]), INIT_FILE)
+        model_bytes = artifact_bytes(client, str(row["run_id"]), MODEL_FILE)
+        init_bytes = artifact_bytes(client, str(row["run_id"]), INIT_FILE)
         if model_bytes is None:
             raise FileNotFoundError(f"its run {row['run_id']} has no {MODEL_FILE} artifact")
         if init_bytes is None and _needs_init(metrics):
@@ -340,26 +361,6 @@ def _submit(
         log(f"trial {number}: not measured: {summary.failed[number]}")
         return None
     return task.remote(config, model_bytes, init_bytes)
-
-
-def _artifact(client: Any, run_id: str, file_name: str) -> bytes | None:
-    """The bytes of one artifact file of a run, ``None`` when it has none by that name."""
-    import os
-
-    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as progress_bar
-
-    if file_name not in {a.path for a in client.list_artifacts(run_id)}:
-        return None
-    previous = os.environ.get(progress_bar.name)
-    os.environ[progress_bar.name] = "false"  # no progress bar per file
-    try:
-        with tempfile.TemporaryDirectory(prefix="sweeps-measure-") as tmp:
-            return Path(client.download_artifacts(run_id, file_name, tmp)).read_bytes()
-    finally:
-        if previous is None:
-            os.environ.pop(progress_bar.name, None)
-        else:
-            os.environ[progress_bar.name] = previous
 
 
 def _log_values(client: Any, row: Mapping[str, Any], values: Mapping[str, float], force: bool) -> None:
@@ -462,11 +463,13 @@ def command(args: Any) -> int:
     print(
         f"sweep {args.name}: measured {len(summary.measured)} trial(s), skipped {len(summary.skipped)} (measured "
         f"already), failed {len(summary.failed)}; results: sweeps results {args.name}{flags}"
+        + ("" if summary.pairs is None else f"; {len(summary.pairs)} seed pair(s): sweeps.connectivity.seed_barriers")
     )
     return 3 if summary.failed else 0
 
 
 __all__ = [
+    "artifact_bytes",
     "command",
     "INIT_FILE",
     "MODEL_FILE",

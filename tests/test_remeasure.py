@@ -135,3 +135,34 @@ def test_measure_refuses_bad_input_and_a_sweep_held_by_a_driver(finished, capsys
         assert main(["measure", NAME, "--metric", "param_count", *flags]) == 2
     assert "is being run by another driver" in capsys.readouterr().err
     assert "param_count" not in sweeps.results(NAME, results_dir=root).columns  # nothing written
+
+
+def test_seed_barrier_pairs_trials_that_differ_only_in_their_seed(finished, capsys):
+    from landscape.connectivity import linear_path
+    from sweeps.connectivity import seed_barriers
+
+    root, address = finished
+    flags = ["--results-dir", str(root), "--address", address, "--no-report"]
+    points = ["--set", "measure_options.seed_barrier.points=5"]
+    assert main(["measure", NAME, "--metric", "seed_barrier", *points, *flags]) == 0
+    assert "2 seed pair(s)" in capsys.readouterr().out
+    frame = sweeps.results(NAME, results_dir=root).set_index("trial_number")
+    pairs = seed_barriers(NAME, results_dir=root)
+    assert len(pairs) == 2 and sorted(pairs["train.lr"]) == [0.05, 0.1]
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    for pair in pairs.to_dict("records"):
+        a, b = frame.loc[pair["trial_a"]], frame.loc[pair["trial_b"]]
+        assert a["train.lr"] == b["train.lr"] == pair["train.lr"] and {a["seed"], b["seed"]} == {0, 1}
+        with tempfile.TemporaryDirectory() as tmp:
+            states = [torch.load(client.download_artifacts(r["run_id"], "model.pt", tmp)) for r in (a, b)]
+        config = tiny_config().with_point({"train.lr": float(a["train.lr"]), "seed": int(a["seed"])})
+        data = load_dataset(config.dataset)
+        model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
+        path = linear_path(model, LOSSES["cross_entropy"], measure_batches(data, config), *states, points=5)
+        assert pair["loss_barrier"] == pytest.approx(path.loss_barrier, rel=1e-12)
+        assert pair["error_barrier"] == pytest.approx(path.error_barrier, abs=1e-12)
+    summary = seed_barriers(NAME, results_dir=root, summary=True)
+    assert summary["n_pairs"].tolist() == [1, 1] and set(summary.columns) >= {"connected_fraction", "train.lr"}
+    assert len(child_runs(root)) == 4
+    assert main(["measure", NAME, "--metric", "seed_barrier", "--set", "measure_options.seed_barrier.nope=1"]) == 2
+    assert "measure_options.seed_barrier: unknown option(s) ['nope']" in capsys.readouterr().err

@@ -114,6 +114,8 @@ def sweep_config(data: Mapping[str, Any], entries: list[dict[str, Any]]) -> Any:
         for key, value in (entry.get("hyperparameters") or {}).items():
             if value not in space.setdefault(key, []):
                 space[key].append(value)
+    if "search" in data:
+        raise ConfigError("search: not part of a manifest (its search space is the models' hyperparameters); remove it")
     config = {k: v for k, v in data.items() if k != "models"}
     config["search"] = {
         "sampler": "grid",

@@ -141,4 +141,9 @@ def test_import_names_the_bad_field(trained, tmp_path_factory, capsys):
     (trained / "bad.yaml").write_text(yaml.safe_dump(manifest))
     assert main(["import", str(trained / "bad.yaml"), "--results-dir", str(results_dir)]) == 2
     assert "models[1].hyperparameters: give the keys of models[0]" in capsys.readouterr().err
+    manifest["models"][1] = manifest["models"][0]
+    manifest["search"] = {"sampler": "random"}
+    (trained / "bad.yaml").write_text(yaml.safe_dump(manifest))
+    assert main(["import", str(trained / "bad.yaml"), "--results-dir", str(results_dir)]) == 2
+    assert "search: not part of a manifest" in capsys.readouterr().err
     assert not (results_dir / "mlflow.db").exists()  # nothing written

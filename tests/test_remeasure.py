@@ -94,9 +94,10 @@ def test_measure_adds_values_equal_to_a_direct_computation(finished, capsys):
     assert {"path_norm", "path_norm_seconds", "dist_from_init", "dist_from_init_seconds"} <= set(frame.columns)
     assert {"path_norm", "dist_from_init"} <= set(frame.attrs["measures"])
     for row in frame.to_dict("records"):
-        expected = direct(root, row, ["path_norm", "dist_from_init"])
+        expected = direct(root, row, ["path_norm", "dist_from_init", "param_norm"])
         assert row["path_norm"] == expected["path_norm"]  # deterministic: exactly
         assert row["dist_from_init"] == expected["dist_from_init"]
+        assert row["param_norm"] == expected["param_norm"]  # measured by the trial itself: the stored model
 
     parent = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(_parent(root))
     assert parent.data.metrics["live.n.path_norm"] == 2  # the live correlation brought up to date (2 configs)

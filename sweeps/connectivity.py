@@ -13,7 +13,8 @@ Stored on the sweep's MLflow parent run: ``connectivity/pairs.csv`` (one row per
 ``trial_a``, ``trial_b``, the shared hyperparameters, ``loss_barrier``, ``error_barrier``, the
 end values and ``connected`` = error barrier <= tolerance) and ``connectivity/summary.csv`` (one
 row per configuration: ``n_pairs``, ``loss_barrier_mean``, ``error_barrier_mean``,
-``connected_fraction``), and the metrics ``connectivity.loss_barrier_mean``,
+``connected_fraction``), ``connectivity/flatness.csv`` (whether flatter configurations are more
+connected: :func:`flatness_vs_connectivity`), and the metrics ``connectivity.loss_barrier_mean``,
 ``connectivity.error_barrier_mean``, ``connectivity.connected_fraction`` over all pairs.
 :func:`seed_barriers` reads the pairs back as a DataFrame.
 """
@@ -35,6 +36,7 @@ PAIRWISE = "seed_barrier"
 #: Its options and their defaults: evaluation points on the line, error tolerance of "connected".
 DEFAULTS = {"points": 11, "tolerance": 0.02}
 PAIRS_FILE, SUMMARY_FILE = "connectivity/pairs.csv", "connectivity/summary.csv"
+FLATNESS_FILE = "connectivity/flatness.csv"
 
 
 def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -122,7 +124,8 @@ def measure_pairs(
         + (["loss_a", "loss_b", "error_a", "error_b", "connected"]),
     )
     if parent:
-        _store(client, parent, pairs, summarize(pairs, keys))
+        summary = summarize(pairs, keys)
+        _store(client, parent, pairs, summary, flatness_vs_connectivity(frame, summary, keys))
     return pairs
 
 
@@ -141,12 +144,39 @@ def summarize(pairs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return out.reset_index() if keys else out.reset_index(drop=True)
 
 
-def _store(client: Any, parent: str, pairs: pd.DataFrame, summary: pd.DataFrame) -> None:
+def flatness_vs_connectivity(frame: pd.DataFrame, summary: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Are flatter configurations more connected across seeds? Per measure column of ``frame``
+    (registered measures, :func:`sweeps.analysis.default_measures`): Kendall tau-b over the
+    configurations between the measure's mean over the configuration's converged trials and the
+    configuration's mean ``loss_barrier`` (``tau_loss``) and ``error_barrier`` (``tau_error``),
+    with ``n_configs`` and the measure's ``larger_is``. For a ``sharper`` measure, tau > 0 says
+    sharper configurations have higher barriers (flatter ones are more connected). Empty with
+    fewer than two configurations."""
+    from scipy.stats import kendalltau
+
+    from .analysis import default_measures, measure_orientation
+
+    columns = ["measure", "larger_is", "n_configs", "tau_loss", "tau_error"]
+    if not keys or len(summary) < 2:
+        return pd.DataFrame(columns=columns)
+    runs = frame[frame["status"] == "converged"]
+    measures = [m for m in default_measures(runs) if not m.endswith("_seconds")]
+    joined = summary.set_index(keys).join(runs.groupby(keys, dropna=False)[measures].mean())
+    rows = []
+    for m in measures:
+        usable = joined[joined[m].notna()]
+        taus = [kendalltau(usable[m], usable[c]).statistic for c in ("loss_barrier_mean", "error_barrier_mean")]
+        rows.append([m, measure_orientation(m), len(usable), *(float(t) for t in taus)])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _store(client: Any, parent: str, pairs: pd.DataFrame, summary: pd.DataFrame, flatness: pd.DataFrame) -> None:
     from mlflow.entities import Metric
 
     with tempfile.TemporaryDirectory(prefix="sweeps-connectivity-") as tmp:
         pairs.to_csv(Path(tmp) / Path(PAIRS_FILE).name, index=False)
         summary.to_csv(Path(tmp) / Path(SUMMARY_FILE).name, index=False)
+        flatness.to_csv(Path(tmp) / Path(FLATNESS_FILE).name, index=False)
         client.log_artifacts(parent, tmp, artifact_path=str(Path(PAIRS_FILE).parent))
     if pairs.empty:
         return
@@ -160,10 +190,16 @@ def _store(client: Any, parent: str, pairs: pd.DataFrame, summary: pd.DataFrame)
 
 
 def seed_barriers(
-    name: str, tracking_uri: str | None = None, *, results_dir: str | Path | None = None, summary: bool = False
+    name: str,
+    tracking_uri: str | None = None,
+    *,
+    results_dir: str | Path | None = None,
+    summary: bool = False,
+    flatness: bool = False,
 ) -> pd.DataFrame:
     """The seed pairs' barriers stored by ``sweeps measure NAME --metric seed_barrier`` (one row
-    per pair), or with ``summary`` the per-configuration summary; empty when none were measured."""
+    per pair); with ``summary`` the per-configuration summary, with ``flatness`` the table of
+    :func:`flatness_vs_connectivity`; empty when none were measured."""
     from mlflow import MlflowClient
 
     from .connections import resolve
@@ -172,8 +208,18 @@ def seed_barriers(
 
     uri = resolve(tracking_uri=tracking_uri, results_dir=results_dir, create=False).tracking_uri
     parent = find_parent_run(name, uri)
-    blob = artifact_bytes(MlflowClient(tracking_uri=uri), parent, SUMMARY_FILE if summary else PAIRS_FILE)
+    file_name = FLATNESS_FILE if flatness else SUMMARY_FILE if summary else PAIRS_FILE
+    blob = artifact_bytes(MlflowClient(tracking_uri=uri), parent, file_name)
     return pd.DataFrame() if blob is None else pd.read_csv(io.BytesIO(blob))
 
 
-__all__ = ["DEFAULTS", "PAIRWISE", "check_options", "measure_pairs", "seed_barriers", "seed_groups", "summarize"]
+__all__ = [
+    "DEFAULTS",
+    "PAIRWISE",
+    "check_options",
+    "flatness_vs_connectivity",
+    "measure_pairs",
+    "seed_barriers",
+    "seed_groups",
+    "summarize",
+]

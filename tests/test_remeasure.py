@@ -164,6 +164,40 @@ def test_seed_barrier_pairs_trials_that_differ_only_in_their_seed(finished, caps
         assert pair["error_barrier"] == pytest.approx(path.error_barrier, abs=1e-12)
     summary = seed_barriers(NAME, results_dir=root, summary=True)
     assert summary["n_pairs"].tolist() == [1, 1] and set(summary.columns) >= {"connected_fraction", "train.lr"}
+    flatness = seed_barriers(NAME, results_dir=root, flatness=True).set_index("measure")
+    assert flatness.loc["param_norm", "n_configs"] == 2  # tau is NaN here: both barriers are 0 (a tie)
     assert len(child_runs(root)) == 4
     assert main(["measure", NAME, "--metric", "seed_barrier", "--set", "measure_options.seed_barrier.nope=1"]) == 2
     assert "measure_options.seed_barrier: unknown option(s) ['nope']" in capsys.readouterr().err
+
+
+def test_flatness_vs_connectivity_is_kendall_tau_over_configurations():
+    import pandas as pd
+
+    from sweeps.connectivity import flatness_vs_connectivity, summarize
+
+    frame = pd.DataFrame(
+        {
+            "trial_number": range(6),
+            "status": "converged",
+            "train.lr": [0.1, 0.1, 0.2, 0.2, 0.4, 0.4],
+            "seed": [0, 1] * 3,
+            "hessian_top_eig": [1.0, 3.0, 5.0, 7.0, 9.0, 11.0],  # config means 2, 6, 10
+        }
+    )
+    pairs = pd.DataFrame(
+        {
+            "trial_a": [0, 2, 4],
+            "trial_b": [1, 3, 5],
+            "train.lr": [0.1, 0.2, 0.4],
+            "loss_barrier": [0.1, 0.3, 0.2],
+            "error_barrier": [0.0, 0.01, 0.05],
+            "connected": [True, True, False],
+        }
+    )
+    summary = summarize(pairs, ["train.lr"])
+    assert summary["n_pairs"].tolist() == [1, 1, 1] and summary["connected_fraction"].tolist() == [1.0, 1.0, 0.0]
+    row = flatness_vs_connectivity(frame, summary, ["train.lr"]).set_index("measure").loc["hessian_top_eig"]
+    assert row["n_configs"] == 3 and row["larger_is"] == "sharper"
+    assert row["tau_loss"] == pytest.approx(1 / 3)  # pairs of configs: 2 concordant, 1 discordant
+    assert row["tau_error"] == pytest.approx(1.0)

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from ._functional import LossFn, ParamSelector, model_device
 from .eigen import EigenResult, lanczos
 from .hvp import CurvatureOperator
+from .trace import TraceMethod, TraceResult, estimate_trace
 
 
 def _batched_grad(outputs: Tensor, inputs: list[Tensor], cotangents: Tensor) -> list[Tensor]:
@@ -193,3 +194,54 @@ def ggn_eigenvalues(
     unit squared, with residuals)."""
     G = GGNOperator(model, loss_fn, data, params=params, dtype=dtype, train_mode=train_mode)
     return lanczos(G, k, "largest", tol, max_products=max_hvp, seed=seed)
+
+
+def _operator_trace(
+    operator: CurvatureOperator, method: TraceMethod, rtol: float, max_hvp: int, sketch_size: int | None, seed: int
+) -> TraceResult:
+    return estimate_trace(operator, method=method, rtol=rtol, max_products=max_hvp, sketch_size=sketch_size, seed=seed)
+
+
+def ggn_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    method: TraceMethod = "hutch++",
+    rtol: float = 1e-2,
+    max_hvp: int = 1000,
+    sketch_size: int | None = None,
+    seed: int = 0,
+    params: ParamSelector = None,
+    dtype: torch.dtype | None = None,
+    train_mode: bool = False,
+) -> TraceResult:
+    """``tr(G)`` of the data-set GGN (:class:`GGNOperator`) by Hutch++ or Hutchinson (arguments as
+    :func:`landscape.hessian_trace`: stop at ``std_err <= rtol |value|`` or ``max_hvp`` products,
+    default 1e-2 and 1000; ``sketch_size >= P`` is exact). For cross-entropy, the trace of the true
+    Fisher. Returns a :class:`~landscape.TraceResult` (value +- std_err, loss per parameter unit
+    squared)."""
+    G = GGNOperator(model, loss_fn, data, params=params, dtype=dtype, train_mode=train_mode)
+    return _operator_trace(G, method, rtol, max_hvp, sketch_size, seed)
+
+
+def fisher_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    method: TraceMethod = "hutch++",
+    rtol: float = 1e-2,
+    max_hvp: int = 1000,
+    sketch_size: int | None = None,
+    seed: int = 0,
+    params: ParamSelector = None,
+    dtype: torch.dtype | None = None,
+    train_mode: bool = False,
+) -> TraceResult:
+    """``tr(F) = (1/N) sum_i ||g_i||^2`` of the empirical Fisher (:class:`EmpiricalFisherOperator`,
+    ``g_i`` the per-sample loss gradients at the data labels), estimated as :func:`ggn_trace`
+    (same arguments and defaults). Returns a :class:`~landscape.TraceResult` (value +- std_err,
+    loss squared per parameter unit squared)."""
+    F = EmpiricalFisherOperator(model, loss_fn, data, params=params, dtype=dtype, train_mode=train_mode)
+    return _operator_trace(F, method, rtol, max_hvp, sketch_size, seed)

@@ -316,6 +316,8 @@ METRICS: dict[str, Metric] = {
         Metric("path_norm_over_margin", "neither", _value(_G.path_norm_over_margin), "path_norm / gamma^2", unit="param^2/logit^2", reference=f"{_JIANG} eq. 43"),
         Metric("fisher_rao_norm", "neither", _value(_G.fisher_rao_norm), "mean over samples of <w, grad_w loss_i>^2 (empirical Fisher-Rao norm, squared)", unit="loss^2", reference="Liang et al. 2019"),
         Metric("ggn_top_eig", "sharper", Adapter(ggn.ggn_eigenvalues, {"k": 1}, _eigenvalue), "largest eigenvalue of the generalized Gauss-Newton matrix (the Fisher for cross-entropy)", unit="loss/param^2", reference="Martens 2020; Schraudolph 2002"),
+        Metric("ggn_trace", "sharper", Adapter(ggn.ggn_trace), "trace of the generalized Gauss-Newton matrix (Hutch++; the Fisher's for cross-entropy)", unit="loss/param^2", reference="Martens 2020; Meyer et al. 2021 (Hutch++)"),
+        Metric("fisher_trace", "sharper", Adapter(ggn.fisher_trace), "trace of the empirical Fisher, mean squared per-sample gradient norm (Hutch++)", unit="loss^2/param^2", reference="Kunstner et al. 2019; Jastrzebski et al. 2021"),
     ]
 }
 # fmt: on

@@ -1,6 +1,6 @@
 """The ``sweeps`` command line. Thin: it parses, calls library functions, prints.
 
-Exit codes are :data:`EXIT_CODES` (shown by ``sweeps --help``).
+Exit codes are :data:`~sweeps.exit_codes.EXIT_CODES` (shown by ``sweeps --help``).
 
 Adding a subcommand: write ``def cmd_xxx(args) -> int`` and decorate it with
 ``@command("xxx", help="...", arguments=_xxx_arguments)`` where ``_xxx_arguments(parser)`` adds
@@ -18,34 +18,16 @@ from typing import Any
 
 from .config import ConfigError, check_name
 from .errors import UsageError
-from .outages import StoreUnavailableError
-
-#: How long ``sweeps submit`` waits for a freshly started head's job agent (seconds).
-
-#: Exit codes of every subcommand (``run``/``resume`` use all of them).
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_OBJECTIVE, EXIT_LEASE_LOST, EXIT_STORE_DOWN, EXIT_INTERRUPTED = (
-    0,
-    1,
-    2,
-    3,
-    4,
-    5,
-    130,
+from .exit_codes import (
+    EXIT_INTERRUPTED,
+    EXIT_LEASE_LOST,
+    EXIT_NO_OBJECTIVE,
+    EXIT_OK,
+    EXIT_STORE_DOWN,
+    EXIT_USAGE,
+    exit_codes_text,
 )
-EXIT_CODES = {
-    EXIT_OK: "success (run/resume: the sweep finished and at least one trial produced the objective)",
-    EXIT_ERROR: "an unexpected error (a traceback is printed)",
-    EXIT_USAGE: "bad input or an unreachable service: invalid config, flag or name, a store that cannot be "
-    "reached, or a sweep held by another live driver; nothing was run or written",
-    EXIT_NO_OBJECTIVE: "run/resume: the sweep finished but no trial produced the objective (all failed or diverged)",
-    EXIT_LEASE_LOST: "run/resume: another driver took over this sweep while this one was paused; it stopped "
-    "without writing",
-    EXIT_STORE_DOWN: "a store (Optuna storage or MLflow tracking store) stayed unreachable past "
-    "SWEEPS_STORE_RETRY_SECONDS (reads: SWEEPS_READ_RETRY_SECONDS); run/resume cancelled the running trials "
-    "(they keep their checkpoints) and `sweeps resume NAME` continues",
-    EXIT_INTERRUPTED: "run/resume: interrupted (Ctrl-C / SIGTERM); running trials were recorded interrupted and "
-    "`sweeps resume NAME` continues",
-}
+from .outages import StoreUnavailableError
 
 
 @dataclass(frozen=True)
@@ -229,7 +211,7 @@ def _store_flags(args: argparse.Namespace) -> str:
 
 
 def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
-    """Call run_sweep/resume_sweep with the launch flags; map outcomes to exit codes (:data:`EXIT_CODES`)."""
+    """Call run_sweep/resume_sweep with the launch flags; map outcomes to exit codes (:data:`~sweeps.exit_codes.EXIT_CODES`)."""
     from .connections import redact
     from .lease import LeaseHeldError, LeaseLostError
     from .runner import SweepInterrupted
@@ -449,6 +431,44 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _measure_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="sweep name")
+    parser.add_argument("--metric", dest="metrics", action="append", required=True, metavar="M", help="measure M")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="measure_options.M.K=V")
+    parser.add_argument("--force", action="store_true", help="measure again trials that have the measure already")
+    _store_arguments(parser)
+    parser.add_argument("--address", help="Ray cluster, as for `sweeps run` (default: a local Ray)")
+    parser.add_argument("--max-concurrent", type=int, metavar="K", help="tasks in flight (default: as Ray fits)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--no-report", dest="report", action="store_false", help="do not rebuild the report")
+
+
+@command(
+    "measure",
+    help="compute measures for the converged trials of a finished sweep from their stored weights; "
+    "values go to the trials' own MLflow runs",
+    arguments=_measure_arguments,
+)
+def cmd_measure(args: argparse.Namespace) -> int:
+    from .remeasure import command as measure_command
+
+    check_name(args.name, "NAME")
+    return measure_command(args)
+
+
+def _import_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", metavar="MANIFEST.yaml", help="dataset, model and the list of trained models")
+    parser.add_argument("--name", help="sweep name (default: the manifest's name)")
+    _store_arguments(parser)
+
+
+@command("import", help="record models trained elsewhere as a finished sweep", arguments=_import_arguments)
+def cmd_import(args: argparse.Namespace) -> int:
+    from .manifest import command as import_command
+
+    return import_command(args)
+
+
 def _status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="NAME", help="sweep name")
     _store_arguments(parser)
@@ -517,17 +537,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exit_codes_text() -> str:
-    import textwrap
-
-    return "exit codes:\n" + "\n".join(
-        textwrap.fill(text, 96, initial_indent=f"  {code:<5d}", subsequent_indent=" " * 7)
-        for code, text in EXIT_CODES.items()
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
-    epilog = _exit_codes_text()
+    epilog = exit_codes_text()
     parser = argparse.ArgumentParser(
         prog="sweeps",
         description="Hyperparameter sweeps that measure the loss landscape of every model.",
@@ -555,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``sweeps``; returns the exit code (:data:`EXIT_CODES`)."""
+    """Entry point of ``sweeps``; returns the exit code (:data:`~sweeps.exit_codes.EXIT_CODES`)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

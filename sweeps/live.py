@@ -128,6 +128,12 @@ class LiveCorrelation:
             self._compute(list(self.rows.values()))
             self._write_done()
 
+    def refresh(self) -> None:
+        """One update now from ``history`` alone, no trial added: after measures were added to the
+        recorded trials (``sweeps measure``); logged before it returns."""
+        self.changed = True
+        self.close()
+
     # -- internals ------------------------------------------------------------------------------
     def _start(self) -> None:
         rows = list(self.rows.values())

@@ -286,6 +286,7 @@ def _column_roles(resolved: dict[str, Any], columns: list[str]) -> dict[str, lis
 
     present = set(columns)
     measures = [k for k in result_keys(m for m in resolved.get("measure") or [] if m in METRICS) if k in present]
+    measures += [k for k in result_keys(METRICS) if k in present and k not in measures]  # added by `sweeps measure`
     objective = (resolved.get("objective") or {}).get("metrics") or []
     space = list((resolved.get("search") or {}).get("space") or {})
     return {

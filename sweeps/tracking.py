@@ -84,6 +84,32 @@ def ui_hint(tracking_uri: str, parent_run_id: str | None) -> str:
     )
 
 
+#: The artifact files of a trial's run that hold its final and initial weights (state dicts).
+MODEL_FILE, INIT_FILE = "model.pt", "init_state.pt"
+
+
+def artifact_bytes(client: Any, run_id: str, file_name: str) -> bytes | None:
+    """The bytes of one artifact file of a run (``file_name`` may be in a folder:
+    ``"connectivity/pairs.csv"``), ``None`` when it has none by that name."""
+    import os
+
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as progress_bar
+
+    folder = file_name.rpartition("/")[0]
+    if file_name not in {a.path for a in client.list_artifacts(run_id, folder or None)}:
+        return None
+    previous = os.environ.get(progress_bar.name)
+    os.environ[progress_bar.name] = "false"  # no progress bar per file
+    try:
+        with tempfile.TemporaryDirectory(prefix="sweeps-measure-") as tmp:
+            return Path(client.download_artifacts(run_id, file_name, tmp)).read_bytes()
+    finally:
+        if previous is None:
+            os.environ.pop(progress_bar.name, None)
+        else:
+            os.environ[progress_bar.name] = previous
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -301,6 +327,9 @@ class Tracker:
 
 __all__ = [
     "EXPERIMENT_KIND",
+    "INIT_FILE",
+    "MODEL_FILE",
+    "artifact_bytes",
     "MLFLOW_UI_DEFAULT",
     "UI_WORKFLOW",
     "Tracker",

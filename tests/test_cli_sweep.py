@@ -611,7 +611,7 @@ def test_an_unknown_metric_option_exits_2_naming_it(tmp_path, capsys):
 
 
 def test_exit_codes_are_in_the_help(capsys):
-    from sweeps.cli import EXIT_CODES
+    from sweeps.exit_codes import EXIT_CODES
 
     shown = sweeps_main(capsys, "run", "--help").stdout
     for code in EXIT_CODES:
@@ -619,7 +619,7 @@ def test_exit_codes_are_in_the_help(capsys):
 
 
 def test_readme_states_every_exit_code():
-    from sweeps.cli import EXIT_CODES
+    from sweeps.exit_codes import EXIT_CODES
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     stated = readme[readme.index("**Exit codes**") :]

@@ -179,3 +179,21 @@ def test_empirical_fisher_and_ggn_with_one_output_per_sample():
     p = torch.sigmoid(model(x)).detach()
     G = GGNOperator(model, loss_fn, batches).dense()
     torch.testing.assert_close(G, (j * (p * (1 - p))[:, None]).T @ j / len(t), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["ggn_trace", "fisher_trace"])
+def test_ggn_and_fisher_trace_metrics_match_the_dense_traces(name, single_thread):
+    """Exact with a full sketch (``sketch_size >= P``); within the stated error with a small one."""
+    model = make_classifier("tanh", width=5)
+    batches = make_batches()
+    loss_fn = nn.CrossEntropyLoss()
+    dense = (dense_ggn if name == "ggn_trace" else dense_empirical_fisher)(model, loss_fn, batches)
+    truth = float(torch.trace(dense))
+    P = dense.shape[0]
+    before = snapshot(model)
+    exact = landscape.measure(model, loss_fn, batches, [name], options={name: {"sketch_size": P, "max_hvp": 3 * P}})
+    assert exact[name] == pytest.approx(truth, rel=1e-8) and exact[f"{name}_seconds"] > 0
+    fn = landscape.ggn_trace if name == "ggn_trace" else landscape.fisher_trace
+    rough = fn(model, loss_fn, batches, sketch_size=4, max_hvp=40, method="hutchinson", seed=3)
+    assert abs(rough.value - truth) <= 5 * rough.std_err
+    assert_unchanged(model, before)

@@ -84,6 +84,8 @@ CHEAP_CURVATURE = {
     "surface_2d": {"steps": 5, "span": 0.2},
     "flatness_radius": {"steps": 5},
     "ggn_top_eig": {"tol": 1e-2},
+    "ggn_trace": {"rtol": 0.5, "max_hvp": 16},
+    "fisher_trace": {"rtol": 0.5, "max_hvp": 16},
 }
 
 

@@ -18,8 +18,10 @@ round-off (about 1e-15 relative per step in float64), not bit for bit; one progr
 deterministic, so a run repeated on one machine is bit-identical.
 
 Members that leave the stack: the member axis K is compiled as a dynamic size
-(``torch._dynamo.mark_dynamic``), so a population compiles once however many members leave
-(see ``benchmarks/population.md`` for the measured alternatives).
+(``torch._dynamo.maybe_mark_dynamic``), so a population compiles once however many members
+leave (see ``benchmarks/population.md`` for the measured alternatives). A single member runs as
+two copies of itself (sizes 0 and 1 are always specialized), so its bits are the same whatever
+K it trains in: checkpoints continue bit for bit in a population of another size.
 
 Fallback: anything that fails while compiling or running the compiled step (no C++ compiler, an
 operator inductor does not support) logs one line and the population goes on with the eager
@@ -101,6 +103,13 @@ def _dynamic(tensors: Sequence[Tensor], dim: int) -> None:
     for t in tensors:
         if t.shape[dim] > 1:
             torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
+def _two(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A member axis of 1 doubled (``[1, ...] -> [2, ...]``): one member runs the program of every
+    other K, so its bits do not depend on how many members trained beside it (a checkpointed member
+    may continue alone or in a population of any size)."""
+    return {k: t.expand(2, *t.shape[1:]).contiguous() if t.shape[0] == 1 else t for k, t in tensors.items()}
 
 
 def make_step_fn(forward: Forward, loss: str, kind: str, layout: tuple[list, list, list], eps: float) -> Callable:
@@ -203,10 +212,19 @@ class CompiledStack:
         params, opt = self.stack.params, self.stack.optimizer
         flat = params.flat
         state, cols = self._state(), self._columns(lrs)
+        one = len(flat) == 1
         try:
-            _dynamic([flat, x, y, *state.values(), *cols.values()], 0)
+            if one:
+                state, cols = _two(state), _two(cols)
+                args = _two({"flat": flat, "x": x, "y": y})
+                flat_in, x, y = args["flat"], args["x"], args["y"]
+            else:
+                flat_in = flat
+            _dynamic([flat_in, x, y, *state.values(), *cols.values()], 0)
             _dynamic([x, y], 1)
-            new, state, losses = self._step(flat, state, x, y, cols)
+            new, state, losses = self._step(flat_in, state, x, y, cols)
+            if one:
+                new, losses, state = new[:1], losses[:1], {k: v[:1] for k, v in state.items()}
         except Exception as err:
             self._fail(err)
             return None
@@ -226,14 +244,15 @@ class CompiledStack:
         rows = list(rows)
         flat = flat if len(rows) == len(flat) else flat[rows]
         k = len(rows)
+        flat = _two({"flat": flat})["flat"]  # one member: the program of every K
         totals, correct = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
         try:
             for i in range(0, len(y), chunk):
                 part, xs = y[i : i + chunk], x[i : i + chunk]
                 _dynamic([flat, xs, part], 0)
                 losses, hits = self._eval(flat, xs, part)
-                totals += losses.double().cpu() * len(part)
-                correct += hits.double().cpu()
+                totals += losses[:k].double().cpu() * len(part)
+                correct += hits[:k].double().cpu()
         except Exception as err:
             self._fail(err)
             return None

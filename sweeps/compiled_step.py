@@ -175,8 +175,8 @@ class CompiledStack:
         layout = (list(params.names), list(params.sizes), list(params.shapes))
         forward = make_forward(stack.models[0], 2)  # the stacked forward, valid for every K
         opt = stack.optimizer
-        cuda = params.flat.device.type == "cuda"
-        options: dict[str, Any] = {"mode": "reduce-overhead"} if cuda else {}
+        self.cuda = params.flat.device.type == "cuda"
+        options: dict[str, Any] = {"mode": "reduce-overhead"} if self.cuda else {}
         try:
             self._step = torch.compile(make_step_fn(forward, loss, opt.kind, layout, opt.eps), **options)
             self._eval = torch.compile(make_eval_fn(forward, loss, layout), **options)
@@ -230,7 +230,8 @@ class CompiledStack:
             return None
         with torch.no_grad():
             flat.copy_(new)
-        opt.state.update(state)
+        # CUDA graphs reuse their output memory at the next replay: keep copies
+        opt.state.update({k: v.clone() for k, v in state.items()} if self.cuda else state)
         opt.steps += 1
         return losses
 

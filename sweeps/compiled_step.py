@@ -168,6 +168,9 @@ class CompiledStack:
         loss: ``"cross_entropy"`` or ``"mse"``.
     """
 
+    #: Whether the full-data evaluations run compiled too (else :meth:`evaluate` returns ``None``).
+    evaluations = True
+
     def __init__(self, stack: Stack, loss: str):
         self.stack = stack
         self.failed = False
@@ -239,7 +242,7 @@ class CompiledStack:
     def evaluate(self, rows: Sequence[int], x: Tensor, y: Tensor, chunk: int) -> list[tuple[float, float]] | None:
         """``(mean loss, accuracy)`` of the members ``rows`` over ``(x, y)`` in chunks of
         ``chunk`` samples (as :meth:`sweeps.train._Population.evaluate`), or ``None``."""
-        if self.failed:
+        if self.failed or not self.evaluations:
             return None
         flat = self.stack.params.flat
         rows = list(rows)

@@ -45,10 +45,12 @@ log = logging.getLogger(__name__)
 CompileSetting = bool | Literal["auto"]
 
 #: ``auto`` compiles a population when it may take at least this many mini-batch steps (the
-#: longest member's ``max_epochs`` x steps per epoch). Compiling costs about 2-4 s on one core
-#: (less from inductor's on-disk cache, shared by the tasks of one machine) and saves about
-#: 0.5 ms per step at K = 16, width 64 (benchmarks/population.md): it pays after ~5,000 steps.
-AUTO_MIN_STEPS = 5000
+#: longest member's ``max_epochs`` x steps per epoch). Measured (benchmarks/population.md, width
+#: 64, batch 32, K = 16, one core): compiling both programs costs about 2 s of CPU on an idle
+#: machine with inductor's on-disk cache warm and up to ~17 s cold on a loaded one, and saves
+#: about 0.2-0.3 ms per step against the eager stack, so it pays after roughly 10,000-60,000
+#: steps; 20,000 keeps ``auto`` from compiling short populations.
+AUTO_MIN_STEPS = 20000
 
 
 def should_compile(setting: CompileSetting, expected_steps: int, mode_free: bool, full_batch: bool) -> bool:

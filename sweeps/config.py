@@ -346,6 +346,7 @@ class ResourcesConfig(_Section):
     gpus_per_trial: float = Field(0.0, ge=0)
     max_concurrent: PositiveInt | None = None  # None: as many as the cluster fits
     population_size: int | Literal["auto"] = "auto"  # models trained as one stack per task (1: one per task)
+    compile: bool | Literal["auto"] = "auto"  # one compiled step per population (auto: when it trains long enough)
 
     @field_validator("population_size", mode="before")
     @classmethod
@@ -353,6 +354,13 @@ class ResourcesConfig(_Section):
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
             return v
         raise ValueError(f"must be a positive integer or 'auto' (got {v!r})")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile(cls, v: Any) -> bool | str:
+        if v == "auto" or isinstance(v, bool):
+            return v
+        raise ValueError(f"must be auto, true or false (got {v!r})")
 
 
 class SweepConfig(_Section):

@@ -21,8 +21,11 @@ class EpochSteps:
     def _train_step(self, x: Tensor, y: Tensor) -> list[float]:
         """One optimizer step of every live member on its batch ``x [K, B, ...]``, ``y [K, B]``;
         returns the members' mini-batch losses (before the step)."""
-        grad, losses, _ = self.stack.gradient(self.loss_fn, x, y)
-        self.stack.step(grad, [m.lr(self.step) for m in self.live])
+        lrs = [m.lr(self.step) for m in self.live]
+        losses = None if self.compiled is None else self.compiled.train_step(x, y, lrs)
+        if losses is None:  # eager (or compiling failed)
+            grad, losses, _ = self.stack.gradient(self.loss_fn, x, y)
+            self.stack.step(grad, lrs)
         self.step += 1
         return losses.tolist()
 

@@ -59,7 +59,7 @@ def population_key(config: SweepConfig) -> Hashable:
 
     It is made of the whole ``dataset`` and ``model`` sections, the shared training fields
     (:data:`SHARED_TRAIN_FIELDS`: optimizer kind, batch size, loss, eval_batch_size, track
-    settings) and the per-task resources (``cpus_per_trial``, ``gpus_per_trial``). Device and
+    settings) and the per-task resources (``cpus_per_trial``, ``gpus_per_trial``, ``compile``). Device and
     dtype are the task's (one per task), not a trial's.
     """
     train = config.train.model_dump(mode="json", include=set(SHARED_TRAIN_FIELDS))
@@ -67,7 +67,7 @@ def population_key(config: SweepConfig) -> Hashable:
         "dataset": config.dataset.model_dump(mode="json"),
         "model": config.model.model_dump(mode="json"),
         "train": train,
-        "resources": config.resources.model_dump(mode="json", include={"cpus_per_trial", "gpus_per_trial"}),
+        "resources": config.resources.model_dump(mode="json", include={"cpus_per_trial", "gpus_per_trial", "compile"}),
     }
     return json.dumps(parts, sort_keys=True)
 

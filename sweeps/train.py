@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as checkpoints
+from .compiled_step import CompiledStack, CompileSetting, should_compile
 from .config import TrainConfig
 from .data import Dataset
 from .epochs import EpochSteps
@@ -232,6 +233,7 @@ class _Population(EpochSteps):
         on_result: ResultFn | None,
         stop: StopFn | None = None,
         checkpoint_paths: Sequence[Path] | None = None,
+        compile: CompileSetting = "auto",
     ):
         self.start = time.perf_counter()
         self.data, self.log, self.on_result, self.stop = data, log, on_result, stop
@@ -256,6 +258,9 @@ class _Population(EpochSteps):
         ]
         self.stack = Stack(models, cfgs)
         self.loss_fn = functools.partial(member_losses, cfg.loss)
+        most_steps = max(c.max_epochs for c in cfgs) * self.steps_per_epoch
+        compiling = should_compile(compile, most_steps, self.mode_free, self.full)
+        self.compiled = CompiledStack(self.stack, cfg.loss) if compiling else None
         self.results: list[TrainResult | None] = [None] * len(models)
         self.pending: dict[int, tuple[TrialStatus, str, int]] = {}  # row -> how it leaves
         self.step = 0
@@ -271,6 +276,8 @@ class _Population(EpochSteps):
             return []
         k = len(rows)
         chunk = max(1, self.eval_batch // k)
+        if self.compiled is not None and (done := self.compiled.evaluate(rows, x, y, chunk)) is not None:
+            return done
         totals, correct = [0.0] * k, [0.0] * k
         for i in range(0, len(y), chunk):
             out = self.stack.outputs(rows, x[i : i + chunk])
@@ -432,6 +439,7 @@ def train_population(
     stop: StopFn | None = None,
     checkpoint_paths: Sequence[Path] | None = None,
     resume: Sequence[dict[str, Any]] | None = None,
+    compile: CompileSetting = "auto",
 ) -> list[TrainResult]:
     """Train K models of one shape as one stack, each by its own config; :func:`train` is K = 1.
 
@@ -455,6 +463,11 @@ def train_population(
             position: training continues from there exactly (the models are built as for a
             start; their weights and every state are replaced). Each member's ``log`` first
             receives its records so far again.
+        compile: ``resources.compile``: ``True`` runs each mini-batch step and evaluation as one
+            compiled program (:mod:`sweeps.compiled_step`; falls back to eager with one log
+            line), ``False`` never, ``"auto"`` (default) when the members may take at least
+            :data:`sweeps.compiled_step.AUTO_MIN_STEPS` steps. Never for full batch or for models
+            with dropout / batch norm.
 
     Returns:
         The members' :class:`TrainResult`, in the order of ``models``. A member's ``seconds``
@@ -479,7 +492,7 @@ def train_population(
         raise ValueError(f"checkpoint_paths: need one per model (got {len(checkpoint_paths)} for {len(models)})")
     if resume is not None and len(resume) != len(models):
         raise ValueError(f"resume: need one checkpoint per model (got {len(resume)} for {len(models)})")
-    population = _Population(models, data, cfgs, seeds, log, on_result, stop, checkpoint_paths)
+    population = _Population(models, data, cfgs, seeds, log, on_result, stop, checkpoint_paths, compile)
     if resume is not None:
         checkpoints.restore(population, resume)
     return population.run()

@@ -268,6 +268,7 @@ def _run(
                 stop=None if stop is None else (lambda j, group=group: stop(group[j])),
                 checkpoint_paths=None if paths is None else [paths[i] for i in group],
                 resume=resume,
+                compile=configs[0].resources.compile,
             )
     return results
 

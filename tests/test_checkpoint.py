@@ -161,7 +161,7 @@ def test_an_interruption_inside_an_epoch_with_tracking_continues_from_the_step_c
         assert_same(resumed[0], reference[0])
 
 
-def test_population_members_continue_each_from_its_own_checkpoint(tmp_path):
+def test_population_members_continue_each_from_its_own_checkpoint(tmp_path, compiled):
     """Three members with their own lr, momentum and seed; interrupted after epoch 2; then a member
     that finished (recorded) is left out, as the driver re-launches only the unrecorded ones."""
     cfgs = [
@@ -181,7 +181,7 @@ def test_population_members_continue_each_from_its_own_checkpoint(tmp_path):
     assert_same(rest[0], reference[0]) and assert_same(rest[1], reference[2])
 
 
-def test_members_at_different_positions_train_as_successive_populations(tmp_path):
+def test_members_at_different_positions_train_as_successive_populations(tmp_path, compiled):
     """Re-grouped after `sweeps resume`: one member checkpointed at epoch 4, one at epoch 2, one
     never; each ends as alone."""
     cfgs = [config({"optimizer": "adam", "lr": 0.01}, seed=s) for s in range(3)]

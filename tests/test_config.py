@@ -173,6 +173,10 @@ def _mutate(path: str, value):
             "resources.population_size: must be a positive integer or 'auto' (got 'max')",
         ),
         (
+            _mutate("resources/compile", "always"),
+            "resources.compile: must be auto, true or false (got 'always')",
+        ),
+        (
             _mutate("train/stop", {"train_loss": 0.01, "train_acc": 1.0}),
             "train.stop: give either train_loss or train_acc, not both",
         ),

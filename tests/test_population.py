@@ -98,11 +98,17 @@ def eight_members(optimizer, model):
     return configs
 
 
+MLP, CNN1D = {"name": "mlp", "width": 12}, {"name": "cnn1d", "width": 3, "depth": 2}
+
+
 @pytest.mark.parametrize(
-    "model", [{"name": "mlp", "width": 12}, {"name": "cnn1d", "width": 3, "depth": 2}], ids=["mlp", "cnn1d"]
+    "optimizer, model, compiled",
+    [(o, m, c) for o in ("sgd", "adam", "adamw") for m in (MLP, CNN1D) for c in (False, True) if not (c and m is CNN1D)]
+    + [("sgd", CNN1D, True)],  # compiled: every optimizer on the MLP (batched matmuls), the vmap path with SGD
+    ids=lambda v: v["name"] if isinstance(v, dict) else {False: "eager", True: "compiled"}.get(v, v),
+    indirect=["compiled"],
 )
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
-def test_each_member_equals_the_plain_torch_optim_loop_in_float64(optimizer, model):
+def test_each_member_equals_the_plain_torch_optim_loop_in_float64(optimizer, model, compiled):
     configs = eight_members(optimizer, model)
     data = double(load_dataset(configs[0].dataset))
     build = lambda c: build_model(c.model, data.input_shape, data.num_classes, seed=c.seed).double()  # noqa: E731
@@ -117,9 +123,12 @@ def test_each_member_equals_the_plain_torch_optim_loop_in_float64(optimizer, mod
 
 
 @pytest.mark.parametrize(
-    "model", [{"name": "mlp", "width": 12}, {"name": "cnn1d", "width": 3, "depth": 2}], ids=["mlp", "cnn1d"]
+    "model, compiled",
+    [(MLP, False), (CNN1D, False), (MLP, True)],
+    ids=["mlp", "cnn1d", "mlp-compiled"],
+    indirect=["compiled"],
 )
-def test_a_nan_member_leaves_its_neighbours_equal_to_the_plain_torch_optim_loop_in_float64(model):
+def test_a_nan_member_leaves_its_neighbours_equal_to_the_plain_torch_optim_loop_in_float64(model, compiled):
     lrs = [0.05, 1e20, 0.1]  # the middle member runs into inf/nan (its divergence factor never triggers first)
     configs = [
         config(
@@ -150,8 +159,13 @@ EXITS = {  # member -> (train overrides, status it must get)
 }
 
 
-@pytest.mark.parametrize("batch_size", [32, "full"])
-def test_each_member_leaves_with_what_it_gets_alone(batch_size):
+@pytest.mark.parametrize(
+    "batch_size, compiled",
+    [(32, False), ("full", False), (32, True)],
+    ids=["32", "full", "32-compiled"],
+    indirect=["compiled"],
+)  # full batch never compiles
+def test_each_member_leaves_with_what_it_gets_alone(batch_size, compiled):
     configs = [
         config({"momentum": 0.9, "max_epochs": 20, "batch_size": batch_size, **over}, seed=i)
         for i, (over, _) in enumerate(EXITS.values())
@@ -316,7 +330,7 @@ def test_run_population_measures_writes_and_reports_each_member_as_run_trial_alo
     assert "hessian_top_eig" not in results[1].metrics and "hessian_top_eig" in results[2].metrics
 
 
-def test_a_stopped_member_leaves_pruned_and_the_others_train_on_as_alone():
+def test_a_stopped_member_leaves_pruned_and_the_others_train_on_as_alone(compiled):
     configs = [
         config({"lr": lr, "momentum": 0.9, "batch_size": 50, "max_epochs": 6, "stop": {}}, seed=i)
         for i, lr in enumerate([0.05, 0.1, 0.2])

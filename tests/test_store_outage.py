@@ -44,12 +44,12 @@ def stores(tmp_path_factory):
         pg.destroy()
 
 
-def write_config(directory: Path, name: str, lrs: list[float], seeds: list[int]) -> Path:
+def write_config(directory: Path, name: str, lrs: list[float], seeds: list[int], **train: object) -> Path:
     config = {
         "name": name,
         "dataset": {"name": "digits", "train_size": 512, "test_size": 192},
         "model": {"name": "mlp", "depth": 1, "width": 32},
-        "train": {"lr": 0.1, "batch_size": 64, "max_epochs": EPOCHS, "stop": {"train_loss": 1e-12}},
+        "train": {"lr": 0.1, "batch_size": 64, "max_epochs": EPOCHS, "stop": {"train_loss": 1e-12}, **train},
         "measure": ["hessian_top_eig"],
         "search": {"sampler": "grid", "space": {"train.lr": {"values": lrs}, "seed": {"values": seeds}}},
         "resources": {"cpus_per_trial": 1, "population_size": 1, "max_concurrent": 2},
@@ -133,7 +133,8 @@ def test_database_down_past_the_limit_stops_with_exit_5_and_resume_completes(sto
     name = "outage-long"
     lrs, seeds = LRS[:3], SEEDS[:2]
     storage = pg.create("optuna_long")
-    config = write_config(tmp_path, name, lrs, seeds)
+    every_epoch = {"checkpoint": {"every_epochs": 1, "every_seconds": 0}}  # trials this short would write none
+    config = write_config(tmp_path, name, lrs, seeds, **every_epoch)
     flags = ["--tracking-uri", server.url, "--storage", storage]
     lease = {"SWEEPS_LEASE_SECONDS": "4"}  # the stopped driver could not give its lease back: it expires
     driver = start_driver(["run", str(config), *flags], tmp_path, SWEEPS_STORE_RETRY_SECONDS="4", **lease)
@@ -152,9 +153,17 @@ def test_database_down_past_the_limit_stops_with_exit_5_and_resume_completes(sto
     assert re.search(r"unreachable for \d+ s, past the limit of 4 s \(SWEEPS_STORE_RETRY_SECONDS\)", log), log
     assert f"sweeps resume {name}" in log and "keep their checkpoints" in log
     assert stopped_after < 60, log  # the limit, then the clean stop: not MLflow's own two minutes of retries
+    checkpointed = len(
+        list((tmp_path / "checkpoints" / name).glob("*.pt"))
+    )  # the cancelled trials' (recorded: removed)
+    assert checkpointed >= 1, log
 
     time.sleep(5)
     resumed = start_driver(["resume", name, *flags], tmp_path, **lease)
     assert wait_exit(resumed, timeout=300) == 0, resumed.output()
     assert_every_point_once(name, server.url, len(lrs) * len(seeds), interrupted=True)
+    frame = sweeps.results(name, tracking_uri=server.url)
+    # the cancelled trials continued from their checkpoints (a trial whose record reached MLflow just
+    # before the database went down is recovered from its run instead, not re-run)
+    assert 1 <= (frame["resumes"] >= 1).sum() <= checkpointed
     shutil.rmtree(tmp_path / "checkpoints", ignore_errors=True)

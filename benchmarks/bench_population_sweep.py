@@ -82,6 +82,9 @@ def main() -> None:
     if not same:
         print(pd.concat(statuses, axis=1, keys=list(frames)).loc[lambda d: d.iloc[:, 0] != d.iloc[:, 1]])
 
+    accuracies = [f.set_index(space)["test_acc"].sort_index() for f in frames.values()]
+    print(f"largest test accuracy difference at one grid point: {(accuracies[0] - accuracies[1]).abs().max():.4f}")
+
     one, auto = tables["1"], tables["auto"]
     print("\n| measure | tau (1) | 95% interval (1) | tau (auto) | 95% interval (auto) | each inside the other's |")
     print("|---|---:|---|---:|---|---|")

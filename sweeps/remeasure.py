@@ -260,7 +260,7 @@ def _measure_trials(
     from landscape.metrics import result_keys
 
     from .queries import results
-    from .runner import _concurrency, _connect_ray
+    from .runner import connect_ray, task_slots
     from .search import make_storage
 
     study = optuna.load_study(study_name=name, storage=make_storage(conn.storage))
@@ -282,9 +282,9 @@ def _measure_trials(
     if not todo:
         return summary
     client = MlflowClient(tracking_uri=conn.tracking_uri)
-    started_here = _connect_ray(conn.address, quiet=True)
+    started_here = connect_ray(conn.address, quiet=True)
     try:
-        slots = _concurrency(base, max_concurrent)
+        slots = task_slots(base, max_concurrent)
         task = ray.remote(measure_stored).options(
             num_cpus=base.resources.cpus_per_trial, num_gpus=base.resources.gpus_per_trial
         )

@@ -154,7 +154,7 @@ class _StopFlag:
         self.requested = True
 
 
-def _connect_ray(address: str | None, quiet: bool) -> bool:
+def connect_ray(address: str | None, quiet: bool) -> bool:
     """Connect to Ray (``address``) or start a private local one sized to this machine; True if started here.
 
     Without an address the private instance is started with Ray's ``address="local"``: a cluster
@@ -179,7 +179,9 @@ def _connect_ray(address: str | None, quiet: bool) -> bool:
     return True
 
 
-def _concurrency(config: Any, max_concurrent: int | None) -> int:
+def task_slots(config: Any, max_concurrent: int | None) -> int:
+    """Tasks a sweep (or ``sweeps measure``) runs at once: ``max_concurrent``, else
+    ``resources.max_concurrent``, else as many as the connected cluster's CPUs (and GPUs) fit."""
     import ray
 
     limit = max_concurrent or config.resources.max_concurrent
@@ -369,7 +371,7 @@ def _drive(
             )
         try:
             _recover(study, tracker, parent, view)
-            started_here = _connect_ray(conn.address, quiet)
+            started_here = connect_ray(conn.address, quiet)
             driver = _build_loop(
                 config,
                 study,
@@ -471,7 +473,7 @@ def _build_loop(
     from .service.executor import RayExecutor
     from .service.recorder import MlflowRecorder
 
-    concurrency = _concurrency(config, config.resources.max_concurrent)
+    concurrency = task_slots(config, config.resources.max_concurrent)
     population = config.resources.population_size
     if population != 1 and trial_fn is not None:
         view.log("populations: one trial per task (a replacement trial function runs trials one by one)")

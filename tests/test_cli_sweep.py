@@ -245,7 +245,7 @@ def test_a_finished_sweep_run_again_returns_without_starting_ray(tmp_path, ray_a
     def no_ray(*args, **kwargs):
         raise AssertionError("a finished sweep must not connect to Ray")
 
-    monkeypatch.setattr("sweeps.runner._connect_ray", no_ray)
+    monkeypatch.setattr("sweeps.runner.connect_ray", no_ray)
     again = sweeps_main(capsys, "run", str(config), *common)
     assert again.returncode == 0, again.stderr
     assert "already finished (8/8 trials); nothing to run" in again.stderr

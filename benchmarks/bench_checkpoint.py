@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from sweeps import checkpoint
-from sweeps.config import load_config
-from sweeps.data import load_dataset
-from sweeps.models import build_model
-from sweeps.train import train_population
+from sweeps.spec.config import load_config
+from sweeps.trial import checkpoint
+from sweeps.trial.data import load_dataset
+from sweeps.trial.models import build_model
+from sweeps.trial.train import train_population
 
 ROOT = Path(__file__).resolve().parents[1]
 

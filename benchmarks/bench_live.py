@@ -2,7 +2,7 @@
 
 A synthetic sweep (a grid learning rate x batch size x width x seed, the 14 measures of
 ``examples/report.yaml``, a few non-converged trials) of up to 10,000 trials is fed to
-:class:`sweeps.live.LiveCorrelation` as a driver would. Prints two tables:
+:class:`sweeps.service.live.LiveCorrelation` as a driver would. Prints two tables:
 
 1. **One update** at 1,000 and 10,000 trials: seconds for the tau table (tau-b and its
    200-resample bootstrap interval per measure) and for the 14 figures.
@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sweeps.config import load_config
-from sweeps.live import LIVE_BOOTSTRAP, UPDATE_SECONDS, LiveCorrelation
+from sweeps.service.live import LIVE_BOOTSTRAP, UPDATE_SECONDS, LiveCorrelation
+from sweeps.spec.config import load_config
 
 SPACE = ["train.lr", "train.batch_size", "model.width", "seed"]
 

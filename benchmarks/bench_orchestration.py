@@ -24,8 +24,8 @@ import time
 
 import ray
 
-from sweeps.config import load_config
 from sweeps.runner import run_sweep
+from sweeps.spec.config import load_config
 
 
 @dataclasses.dataclass
@@ -44,7 +44,7 @@ def trivial_trial(config, *, log=None, out_dir=None, device=None):
 
 def timed_real_trial(config, *, log=None, out_dir=None, device=None):
     """The real trial, reporting the CPU seconds and wall seconds its process spent on it."""
-    from sweeps.trial import run_trial
+    from sweeps.trial.run import run_trial
 
     cpu, wall = time.process_time(), time.perf_counter()
     result = run_trial(config, log=log, out_dir=out_dir, device=device)
@@ -57,7 +57,7 @@ def direct_cpu_share(config) -> float:
     """CPU seconds / wall seconds of one real trial run in a plain process (1 torch thread)."""
     import torch
 
-    from sweeps.trial import run_trial
+    from sweeps.trial.run import run_trial
 
     torch.set_num_threads(1)
     cpu, wall = time.process_time(), time.perf_counter()

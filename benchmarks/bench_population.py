@@ -8,12 +8,12 @@ Two comparisons, each against a baseline written here and run in this process:
 
 * steps: one epoch of optimizer steps. Baseline: per model, ``torch.optim.SGD`` on
   ``randperm`` mini-batches, reading each step's loss (the divergence check does). Stack: the
-  K models as one :class:`sweeps.population.Stack`, the step the core runs.
+  K models as one :class:`sweeps.trial.population.Stack`, the step the core runs.
 * whole: ``train_population`` (everything a trial's training does: the evaluations of the
   train and test sets at the start and end of the epoch, the per-member checks, members
   leaving the stack) against the baseline plus the same four evaluations per model (what
   ``train()`` has always done). K = 1 is what ``train()`` runs now.
-* compiled (``resources.compile``, :mod:`sweeps.compiled_step`): the same steps and the same
+* compiled (``resources.compile``, :mod:`sweeps.trial.compiled_step`): the same steps and the same
   ``train_population`` with the compiled step and evaluations, timed once compiled (the
   programs are compiled in a warm-up run of the same shape); ``compile`` is the extra CPU time
   of that first run (inductor's on-disk cache warm from earlier runs: a cold cache costs more).
@@ -36,12 +36,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sweeps.compiled_step import CompiledStack
-from sweeps.config import load_config
-from sweeps.data import load_dataset
-from sweeps.models import build_model
-from sweeps.population import Stack
-from sweeps.train import evaluate, member_losses, train_population
+from sweeps.spec.config import load_config
+from sweeps.trial.compiled_step import CompiledStack
+from sweeps.trial.data import load_dataset
+from sweeps.trial.models import build_model
+from sweeps.trial.population import Stack
+from sweeps.trial.train import evaluate, member_losses, train_population
 
 
 def configs(k: int, width: int, batch: int) -> list:

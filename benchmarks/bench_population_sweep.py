@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 import sweeps
-from sweeps.config import load_config
+from sweeps.spec.config import load_config
 
 
 def run(config: str, population_size: str, results_dir: Path) -> float:

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 import sweeps
-from sweeps import checkpoint
+from sweeps.trial import checkpoint
 
 LEASE_SECONDS = 4.0
 NUMBERS = ["train_loss", "train_acc", "test_loss", "test_acc", "epochs", "steps"]

@@ -16,10 +16,10 @@ fresh PostgreSQL database per size (``--pg-url``, default the CI server on 127.0
 auth) for Optuna and for MLflow, MLflow behind a real ``mlflow server`` started here.
 
 The written sweep is indistinguishable, to the queries, from one the driver recorded: the
-parent run comes from :meth:`sweeps.tracking.Tracker.start_parent`, each child run from
+parent run comes from :meth:`sweeps.service.tracking.Tracker.start_parent`, each child run from
 ``Tracker.start_child`` and ``Tracker.finish_child`` (or ``Tracker.end`` for an interrupted
-attempt), the study from :func:`sweeps.search.open_study` and the study attributes the driver
-sets, and every trial carries what the driver's grid asks and :func:`sweeps.search.tell`
+attempt), the study from :func:`sweeps.service.search.open_study` and the study attributes the driver
+sets, and every trial carries what the driver's grid asks and :func:`sweeps.service.search.tell`
 writes (``fixed_params``, categorical distributions over the grid's values, the
 ``mlflow_run_id`` and ``status`` user attributes, the objective value). Only the training is
 left out: the metrics are made-up, deterministic numbers of the right names and kinds.
@@ -58,10 +58,10 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import func as sa_func
 from sqlalchemy import select as sa_select
 
-from sweeps import connections, search
-from sweeps.config import load_config
-from sweeps.status import TrialStatus
-from sweeps.tracking import Tracker
+from sweeps.service import connections, search
+from sweeps.service.tracking import Tracker
+from sweeps.spec.config import load_config
+from sweeps.spec.status import TrialStatus
 
 # ---------------------------------------------------------------------------------------------
 # The sweep generator (also used by tests/test_scale.py)
@@ -245,7 +245,7 @@ def _now_ms() -> int:
 
 
 class BulkRuns:
-    """Stands in for the ``MlflowClient`` of a :class:`~sweeps.tracking.Tracker`: records the
+    """Stands in for the ``MlflowClient`` of a :class:`~sweeps.service.tracking.Tracker`: records the
     calls the Tracker makes (``create_run``, ``log_batch``, ``set_tag``, ``set_terminated``,
     ``log_artifacts``) and :meth:`write` turns them into the rows MLflow's SQL store would have
     written, in one transaction (MLflow's own store commits 5-13 times per child run: ~30 ms
@@ -546,8 +546,8 @@ def time_queries(
 ) -> dict[str, float]:
     """Seconds of each read (best of ``repeats``), in this process: ``results``, ``status``, ``list``
     and ``report`` (``report_sweep`` without the upload, ``n_boot=1000`` as the CLI's default)."""
-    from sweeps.queries import list_sweeps, results, sweep_status
-    from sweeps.report import report_sweep
+    from sweeps.posthoc.queries import list_sweeps, results, sweep_status
+    from sweeps.posthoc.report import report_sweep
 
     calls: dict[str, Callable[[], Any]] = {
         "results": lambda: results(name, conn.tracking_uri, results_dir=conn.results_dir),
@@ -631,7 +631,7 @@ def trivial_trial(config: Any, *, log: Any = None, out_dir: Any = None, device: 
     With it a sweep's wall time is the driver's (and the cluster's) bookkeeping alone."""
     import zlib
 
-    from sweeps.trial import TrialResult
+    from sweeps.trial.run import TrialResult
 
     flat = config.flat()
     point = {k: flat[k] for k in (*GRID_DIMS, "seed")}

@@ -2,7 +2,7 @@
 
 Generated pages (added in ``on_files``):
 
-* ``reference/config.md``: every section and field of :class:`sweeps.config.SweepConfig` with its
+* ``reference/config.md``: every section and field of :class:`sweeps.spec.config.SweepConfig` with its
   type, default, constraints and description (``Field(description=...)``, else the comment on
   the field's line in the source).
 * ``reference/cli.md``: the usage and options of every subcommand of
@@ -205,13 +205,13 @@ def _sections(cls: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def config_reference() -> str:
-    from sweeps.config import SweepConfig
+    from sweeps.spec.config import SweepConfig
 
     return "\n".join(
         [
             "# Config reference",
             "",
-            "Generated from the pydantic schema, `sweeps.config.SweepConfig`, when the site is built: "
+            "Generated from the pydantic schema, `sweeps.spec.config.SweepConfig`, when the site is built: "
             "every section and field with its type, default, constraints and description. Unknown keys "
             "are errors. What the fields do together is explained in the [sweep guide](../guide/sweeps.md).",
             "",

@@ -16,8 +16,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError, check_name
-from .errors import UsageError
 from .exit_codes import (
     EXIT_INTERRUPTED,
     EXIT_LEASE_LOST,
@@ -27,7 +25,9 @@ from .exit_codes import (
     EXIT_USAGE,
     exit_codes_text,
 )
-from .outages import StoreUnavailableError
+from .service.outages import StoreUnavailableError
+from .spec.config import ConfigError, check_name
+from .spec.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def _check_out_dir(out: str | None) -> None:
     if out:
         from pathlib import Path
 
-        from .connections import check_inside
+        from .service.connections import check_inside
 
         folder = Path(out)
         check_inside(folder, sorted(folder.iterdir()) if folder.is_dir() else [], "--out")
@@ -87,8 +87,8 @@ def _check_out_dir(out: str | None) -> None:
     "trial", help="run one trial here (no Ray, no MLflow) and print its result as JSON", arguments=_trial_arguments
 )
 def cmd_trial(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .trial import run_trial
+    from .spec.config import load_config
+    from .trial.run import run_trial
 
     config = load_config(args.config, args.overrides)
     _check_out_dir(args.out)
@@ -119,7 +119,7 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
     arguments=_report_arguments,
 )
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import print_table, report_sweep
+    from .posthoc.report import print_table, report_sweep
 
     try:
         check_name(args.name, "NAME")
@@ -144,7 +144,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # --- sweep service: run, resume, submit, results, status, list (sweeps.runner / results) -----
 def _store_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where a sweep lives (see sweeps.connections for the flag > environment > default rule)."""
+    """Where a sweep lives (see sweeps.service.connections for the flag > environment > default rule)."""
     parser.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (env SWEEPS_TRACKING_URI / MLFLOW_TRACKING_URI; "
@@ -201,7 +201,7 @@ def _store_flags(args: argparse.Namespace) -> str:
     """The store flags the user gave, to repeat in a suggested follow-up command."""
     import shlex
 
-    from .connections import redact
+    from .service.connections import redact
 
     given = [
         (f"--{flag.replace('_', '-')}", getattr(args, flag, None))
@@ -212,9 +212,9 @@ def _store_flags(args: argparse.Namespace) -> str:
 
 def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
     """Call run_sweep/resume_sweep with the launch flags; map outcomes to exit codes (:data:`~sweeps.exit_codes.EXIT_CODES`)."""
-    from .connections import redact
-    from .lease import LeaseHeldError, LeaseLostError
     from .runner import SweepInterrupted
+    from .service.connections import redact
+    from .service.lease import LeaseHeldError, LeaseLostError
 
     prog = f"sweeps {args.command}"
     options = dict(
@@ -275,7 +275,7 @@ def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
 
 def _mlflow_hint(summary: Any) -> str:
     """Where to look at the sweep in the MLflow UI (its runs table and parent run), or ``""``."""
-    from .tracking import ui_hint
+    from .service.tracking import ui_hint
 
     try:
         return ui_hint(summary.connections.tracking_uri, summary.parent_run_id)
@@ -289,8 +289,8 @@ def _mlflow_hint(summary: Any) -> str:
     arguments=_run_arguments,
 )
 def cmd_run(args: argparse.Namespace) -> int:
-    from .config import load_config, read_config_text
     from .runner import run_sweep
+    from .spec.config import load_config, read_config_text
 
     config = load_config(args.config, args.overrides)
     text = read_config_text(args.config)
@@ -314,8 +314,8 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
     arguments=_check_arguments,
 )
 def cmd_check(args: argparse.Namespace) -> int:
-    from .connections import redact
-    from .plan import check_sweep
+    from .service.connections import redact
+    from .service.plan import check_sweep
 
     try:
         plan = check_sweep(
@@ -373,7 +373,7 @@ def _submit_arguments(parser: argparse.ArgumentParser) -> None:
     arguments=_submit_arguments,
 )
 def cmd_submit(args: argparse.Namespace) -> int:
-    from .submit import submit
+    from .service.submit import submit
 
     return submit(args)
 
@@ -401,7 +401,7 @@ def _results_arguments(parser: argparse.ArgumentParser) -> None:
     arguments=_results_arguments,
 )
 def cmd_results(args: argparse.Namespace) -> int:
-    from .queries import results
+    from .posthoc.queries import results
 
     if args.format == "parquet" and not args.out:
         print("sweeps results: --format parquet needs --out FILE", file=sys.stderr)
@@ -419,7 +419,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     elif args.format == "csv":
         frame.to_csv(args.out or sys.stdout, index=False)
     else:
-        from .queries import summary_columns
+        from .posthoc.queries import summary_columns
 
         shown = frame if args.all_columns else frame[summary_columns(frame)]
         text = shown.to_string(index=False, max_colwidth=24)
@@ -450,7 +450,7 @@ def _measure_arguments(parser: argparse.ArgumentParser) -> None:
     arguments=_measure_arguments,
 )
 def cmd_measure(args: argparse.Namespace) -> int:
-    from .remeasure import command as measure_command
+    from .posthoc.remeasure import command as measure_command
 
     check_name(args.name, "NAME")
     return measure_command(args)
@@ -464,7 +464,7 @@ def _import_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("import", help="record models trained elsewhere as a finished sweep", arguments=_import_arguments)
 def cmd_import(args: argparse.Namespace) -> int:
-    from .manifest import command as import_command
+    from .posthoc.manifest import command as import_command
 
     return import_command(args)
 
@@ -481,7 +481,7 @@ def _status_arguments(parser: argparse.ArgumentParser) -> None:
     arguments=_status_arguments,
 )
 def cmd_status(args: argparse.Namespace) -> int:
-    from .queries import sweep_status
+    from .posthoc.queries import sweep_status
 
     try:
         check_name(args.name, "NAME")
@@ -530,7 +530,7 @@ def _list_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("list", help="the sweeps in an Optuna storage with their progress", arguments=_list_arguments)
 def cmd_list(args: argparse.Namespace) -> int:
-    from .queries import list_sweeps
+    from .posthoc.queries import list_sweeps
 
     frame = list_sweeps(storage=args.storage, results_dir=args.results_dir)
     print(frame.to_string(index=False) if len(frame) else "no sweeps")
@@ -572,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2, message printed)
         return int(exit_.code or 0)
-    from .logs import configure
+    from .service.logs import configure
 
     configure(verbose=args.verbose)
     try:
@@ -585,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sweeps {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
     except StoreUnavailableError as err:  # a read (results, status, report, list) waited past its limit
-        from .connections import redact
+        from .service.connections import redact
 
         print(f"sweeps {args.command}: {redact(str(err))}", file=sys.stderr)
         return EXIT_STORE_DOWN

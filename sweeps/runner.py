@@ -2,13 +2,13 @@
 
 Roles:
 
-* **driver** (this module, one process per sweep, holding the sweep's lease, :mod:`sweeps.lease`):
-  opens the study (:mod:`sweeps.search`) and the MLflow parent run (:mod:`sweeps.tracking`), asks
-  points and groups those of one shape into populations (:mod:`sweeps.batching`), launches one
+* **driver** (this module, one process per sweep, holding the sweep's lease, :mod:`sweeps.service.lease`):
+  opens the study (:mod:`sweeps.service.search`) and the MLflow parent run (:mod:`sweeps.service.tracking`), asks
+  points and groups those of one shape into populations (:mod:`sweeps.service.batching`), launches one
   Ray task per population, streams the trials' metrics into their MLflow child runs, records
   and tells each trial the moment its task reports it, shows progress.
-* **Ray task** (:func:`sweeps.worker.population_task`): trains the population's models as one
-  stack (:mod:`sweeps.population`; a population of one is a single trial) and yields each
+* **Ray task** (:func:`sweeps.service.worker.population_task`): trains the population's models as one
+  stack (:mod:`sweeps.trial.population`; a population of one is a single trial) and yields each
   member's status, final metrics and artifact bytes as the member finishes.
 
 Only the driver writes to MLflow. Workers send their in-training metrics through a Ray queue
@@ -37,16 +37,16 @@ Fault handling:
   runs KILLED. Completed trials are never repeated.
 * A store unreachable (the Optuna storage's or the MLflow store's database restarting or
   failing over, an ``mlflow server`` restarted): the trials go on training, the driver holds
-  their results and tries each write again with backoff (:mod:`sweeps.outages`), writing each
+  their results and tries each write again with backoff (:mod:`sweeps.service.outages`), writing each
   once when the store is back; the lease is renewed then (or, if another driver took it
   meanwhile, this one stops without writing). Unreachable past ``SWEEPS_STORE_RETRY_SECONDS``
   (600 s): the driver cancels its running tasks (they keep their checkpoints) and raises
-  :class:`~sweeps.outages.StoreUnavailableError`; the next ``sweeps resume`` settles the
+  :class:`~sweeps.service.outages.StoreUnavailableError`; the next ``sweeps resume`` settles the
   trials left RUNNING as after a killed driver.
 * Whichever way a trial is run again (a re-launch, the re-run of an interrupted point), it
-  continues from its checkpoint (:mod:`sweeps.checkpoint`: found from the trial's config, in the
+  continues from its checkpoint (:mod:`sweeps.trial.checkpoint`: found from the trial's config, in the
   folder passed to the tasks); the driver removes a trial's checkpoint once the trial is recorded
-  (:class:`~sweeps.checkpoint.Cleaner`) and the sweep's folder once the sweep completes.
+  (:class:`~sweeps.trial.checkpoint.Cleaner`) and the sweep's folder once the sweep completes.
 
 Pruning (``prune=True``, off by default) reports the objective metric streamed during
 training to Optuna's ``MedianPruner`` (at the epochs of :func:`is_pruning_epoch`) and stops the
@@ -68,20 +68,22 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from . import checkpoint, search
-from .batching import population_size
-from .connections import Connections, check_reachable, redact, resolve, use_wal
-from .lease import DriverLease, LeaseLostError
-from .live import LiveCorrelation, live_target
-from .outages import StoreGuard, StoreUnavailableError, short_mlflow_http_retries, store_retry_seconds
-from .progress import ProgressView
+from .service import search
+from .service.batching import population_size
 from .service.book import StudyBook, best_trials, describe_best, is_pruning_epoch
+from .service.cluster import connect_ray, task_slots
+from .service.connections import Connections, check_reachable, redact, resolve, use_wal
+from .service.lease import DriverLease, LeaseLostError
+from .service.live import LiveCorrelation, live_target
 from .service.loop import LoopSettings, SweepLoop
-from .status import TrialStatus, is_finished
-from .worker import TrialFn
+from .service.outages import StoreGuard, StoreUnavailableError, short_mlflow_http_retries, store_retry_seconds
+from .service.progress import ProgressView
+from .service.worker import TrialFn
+from .spec.status import TrialStatus, is_finished
+from .trial import checkpoint
 
 if TYPE_CHECKING:
-    from .tracking import Tracker
+    from .service.tracking import Tracker
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -154,46 +156,6 @@ class _StopFlag:
         self.requested = True
 
 
-def connect_ray(address: str | None, quiet: bool) -> bool:
-    """Connect to Ray (``address``) or start a private local one sized to this machine; True if started here.
-
-    Without an address the private instance is started with Ray's ``address="local"``: a cluster
-    that ``ray start`` left on this machine (live, or a stale ``ray_current_cluster`` file of a
-    killed one) is left alone and never breaks the run (``--address auto`` uses it)."""
-    import ray
-
-    from .logs import ray_logging_level
-
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, log_to_driver=quiet, logging_level=ray_logging_level())
-    else:
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            log_to_driver=quiet,
-            object_store_memory=256 * 2**20,
-            logging_level=ray_logging_level(),
-        )
-    return True
-
-
-def task_slots(config: Any, max_concurrent: int | None) -> int:
-    """Tasks a sweep (or ``sweeps measure``) runs at once: ``max_concurrent``, else
-    ``resources.max_concurrent``, else as many as the connected cluster's CPUs (and GPUs) fit."""
-    import ray
-
-    limit = max_concurrent or config.resources.max_concurrent
-    if limit:
-        return int(limit)
-    resources = ray.cluster_resources()
-    fits = resources.get("CPU", 1) // config.resources.cpus_per_trial
-    if config.resources.gpus_per_trial > 0:
-        fits = min(fits, resources.get("GPU", 0) // config.resources.gpus_per_trial)
-    return max(1, int(fits))
-
-
 def _check_pruning(config: Any) -> None:
     if config.search.sampler == "grid":
         raise ValueError("prune: not allowed with the grid sampler (the analysis needs every grid point measured)")
@@ -226,11 +188,11 @@ def run_sweep(
     """Run (or continue) the sweep ``config`` to its budget.
 
     Args:
-        config: a :class:`~sweeps.config.SweepConfig`, a YAML path or a dict.
+        config: a :class:`~sweeps.spec.config.SweepConfig`, a YAML path or a dict.
         name: sweep name (default ``config.name``): the Optuna study and MLflow experiment.
         address: Ray cluster (``auto``, ``HOST:PORT``, ``ray://HOST:10001``); default: an
             already initialized Ray, else ``$RAY_ADDRESS``, else a local Ray sized to this machine.
-        tracking_uri, storage, results_dir: see :mod:`sweeps.connections`.
+        tracking_uri, storage, results_dir: see :mod:`sweeps.service.connections`.
         max_concurrent: trials in flight (default ``resources.max_concurrent``, else as many as
             the cluster's CPUs/GPUs fit).
         quiet: plain log lines instead of the live view.
@@ -239,8 +201,8 @@ def run_sweep(
             retried: they are recorded as ``failed``).
         prune: stop unpromising trials early (see the module docstring for the rules).
         config_yaml: the YAML text to keep with the sweep (default: the resolved config as YAML).
-        trial_fn: replaces :func:`sweeps.trial.run_trial` (same signature); for benchmarks and tests.
-        report: when the sweep completes, run the analysis (:func:`sweeps.report.report_sweep`):
+        trial_fn: replaces :func:`sweeps.trial.run.run_trial` (same signature); for benchmarks and tests.
+        report: when the sweep completes, run the analysis (:func:`sweeps.posthoc.report.report_sweep`):
             files under ``<results dir>/reports/<name>`` and artifacts on the parent run.
 
     Returns:
@@ -260,13 +222,13 @@ def run_sweep(
     """
     import yaml
 
-    from .config import SweepConfig, load_config
+    from .spec.config import SweepConfig, load_config
 
     if not isinstance(config, SweepConfig):
         if isinstance(config, (str, Path)) and config_yaml is None:
             config_yaml = Path(config).read_text()
         config = load_config(config)
-    from .plan import preflight, with_launch_options
+    from .service.plan import preflight, with_launch_options
 
     if name is not None and name != config.name:
         config = config.with_point({"name": name})
@@ -339,7 +301,7 @@ def _drive(
                 f"`sweeps report {config.name}` rebuilds its report; raise search.n_trials to extend it"
             )
         return summary
-    from .tracking import Tracker  # imports MLflow: not needed for a finished sweep
+    from .service.tracking import Tracker  # imports MLflow: not needed for a finished sweep
 
     # Optuna gives every study a MedianPruner unless told otherwise: pruning must be asked for.
     study.pruner = (
@@ -513,9 +475,9 @@ def _build_loop(
 def _live_correlation(
     config: Any, conn: Connections, tracker: Tracker, parent: str, view: ProgressView, resumed: bool
 ) -> LiveCorrelation:
-    """The live tau table on the parent run (:mod:`sweeps.live`); a resumed sweep's series
+    """The live tau table on the parent run (:mod:`sweeps.service.live`); a resumed sweep's series
     starts from the trials it has recorded already."""
-    from .queries import results
+    from .posthoc.queries import results
 
     def write(metrics: dict[str, float], step: int, figures: Path) -> None:
         tracker.log_metrics(parent, [(metrics, step, int(time.time() * 1000))])
@@ -540,7 +502,7 @@ def _complete(study: optuna.Study) -> int:
 def _report(name: str, conn: Connections, view: ProgressView) -> None:
     """The end-of-sweep analysis; a sweep whose results cannot be analysed (too few converged
     trials, no measures) still succeeds, with the reason logged."""
-    from .report import report_sweep
+    from .posthoc.report import report_sweep
 
     try:
         done = report_sweep(name, tracking_uri=conn.tracking_uri, results_dir=conn.results_dir)
@@ -578,7 +540,7 @@ def resume_sweep(name: str, **kwargs: Any) -> SweepSummary:
     Keyword arguments are those of :func:`run_sweep` (``storage``/``results_dir`` must point to
     where the sweep lives).
     """
-    from .config import load_config
+    from .spec.config import load_config
 
     conn = resolve(
         results_dir=kwargs.get("results_dir"), tracking_uri=kwargs.get("tracking_uri"), storage=kwargs.get("storage")

@@ -124,11 +124,11 @@ def postgres_url():
 @pytest.fixture(params=[False, True], ids=["eager", "compiled"])
 def compiled(request, monkeypatch):
     """Run a population test eagerly and with ``resources.compile`` (the default ``auto`` made to
-    compile every population that can: :data:`sweeps.compiled_step.AUTO_MIN_STEPS` set to 0).
+    compile every population that can: :data:`sweeps.trial.compiled_step.AUTO_MIN_STEPS` set to 0).
     Compiling costs seconds per program, so only the tests of the populations' ground truth ask
     for it, on tiny models."""
     if request.param:
-        from sweeps import compiled_step
+        from sweeps.trial import compiled_step
 
         monkeypatch.setattr(compiled_step, "AUTO_MIN_STEPS", 0)
     return request.param

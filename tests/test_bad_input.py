@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from sweeps.cli import main
-from sweeps.config import NAME_RULE, load_config
+from sweeps.spec.config import NAME_RULE, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +123,7 @@ def test_trial_out_refuses_a_symlink_leading_elsewhere(tmp_path, capsys):
 
 
 def test_a_relative_dataset_root_with_dotdot_is_written_where_it_points(tmp_path, monkeypatch):
-    from sweeps.data import load_dataset
+    from sweeps.trial.data import load_dataset
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "work").mkdir()
@@ -313,7 +313,7 @@ def test_check_prints_the_plan_and_writes_nothing(tmp_path, capsys):
 
 
 def test_check_sees_a_name_taken_by_another_config(tmp_path, capsys):
-    from sweeps import search
+    from sweeps.service import search
 
     results = tmp_path / "results"
     results.mkdir()

@@ -1,4 +1,4 @@
-"""sweeps.batching.PointQueue: every grid point handed out once, grouped by shape, and auto
+"""sweeps.service.batching.PointQueue: every grid point handed out once, grouped by shape, and auto
 populations split each shape over the task slots."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 
-from sweeps import search
-from sweeps.batching import PointQueue, population_size
-from sweeps.config import load_config
+from sweeps.service import search
+from sweeps.service.batching import PointQueue, population_size
+from sweeps.spec.config import load_config
 
 
 def grid_config(population_size="auto"):

@@ -1,4 +1,4 @@
-"""sweeps.checkpoint: a trial interrupted anywhere and continued from its checkpoint ends bit for bit
+"""sweeps.trial.checkpoint: a trial interrupted anywhere and continued from its checkpoint ends bit for bit
 (float32, CPU) as the same trial never interrupted: parameters, history (epochs and tracking),
 final metrics and landscape measures. The interruption is an exception raised from the training
 log (what the worker sees of a kill: the process stops between two records)."""
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sweeps import checkpoint
-from sweeps.config import load_config
-from sweeps.trial import measure_trained, run_population
+from sweeps.spec.config import load_config
+from sweeps.trial import checkpoint
+from sweeps.trial.run import measure_trained, run_population
 
 TEACHER = {"name": "teacher", "train_size": 96, "options": {"input_dim": 6, "num_classes": 3, "test_size": 200}}
 MEASURES = ["hessian_top_eig", "dist_from_init"]

@@ -31,15 +31,15 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 import sweeps
-from sweeps import search
 from sweeps.analysis import tau_table
 from sweeps.cli import main
-from sweeps.config import load_config
-from sweeps.lease import current_holder
-from sweeps.live import LIVE_BOOTSTRAP, live_target
+from sweeps.service import search
+from sweeps.service.lease import current_holder
+from sweeps.service.live import LIVE_BOOTSTRAP, live_target
+from sweeps.spec.config import load_config
 
 # Two shapes (widths), four trials each: with population_size auto and two task slots, each
-# shape is split into two populations of two (sweeps.batching), whose max_epochs 4 members finish
+# shape is split into two populations of two (sweeps.service.batching), whose max_epochs 4 members finish
 # while the long ones train (for a second or more: a signal sent once two trials have finished
 # finds launched trials running).
 SHORT, LONG = 4, 100
@@ -635,8 +635,8 @@ def test_sigkill_then_resume_continues_the_interrupted_trials_from_their_checkpo
     is past epoch 3; `sweeps resume` re-runs the interrupted points, each from its checkpoint
     (``resumes`` 1), and the results are one row per point, with the numbers of an uninterrupted
     sweep of the same config."""
-    from sweeps import checkpoint
     from sweeps.runner import run_sweep
+    from sweeps.trial import checkpoint
 
     lease = 4.0
     monkeypatch.setenv("SWEEPS_LEASE_SECONDS", str(lease))

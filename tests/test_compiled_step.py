@@ -1,4 +1,4 @@
-"""sweeps.compiled_step: the compiled population step against the eager stack (float64, every
+"""sweeps.trial.compiled_step: the compiled population step against the eager stack (float64, every
 optimizer and schedule), the fallback to eager when compiling fails, members leaving without a
 recompile per K, ``auto``, and ``resources.compile`` in the schema. Tiny models, few steps:
 compiling is the cost here (a few seconds per program, less from inductor's on-disk cache)."""
@@ -11,11 +11,11 @@ import pytest
 import torch
 from test_population import config, double, eight_members, flat
 
-from sweeps import compiled_step
-from sweeps.config import load_config
-from sweeps.data import load_dataset
-from sweeps.models import build_model
-from sweeps.train import train_population
+from sweeps.spec.config import load_config
+from sweeps.trial import compiled_step
+from sweeps.trial.data import load_dataset
+from sweeps.trial.models import build_model
+from sweeps.trial.train import train_population
 
 
 @pytest.fixture(autouse=True)
@@ -54,9 +54,9 @@ def test_a_model_that_fails_to_compile_trains_eagerly_with_one_log_line(monkeypa
     data = double(load_dataset(configs[0].dataset))
     eager, r_eager = _train(configs, data, False)
     monkeypatch.setattr(torch, "compile", broken)
-    with caplog.at_level(logging.WARNING, logger="sweeps.compiled_step"):
+    with caplog.at_level(logging.WARNING, logger="sweeps.trial.compiled_step"):
         fallen, r_fallen = _train(configs, data, True)
-    lines = [r for r in caplog.records if r.name == "sweeps.compiled_step"]
+    lines = [r for r in caplog.records if r.name == "sweeps.trial.compiled_step"]
     assert len(lines) == 1 and "eagerly" in lines[0].getMessage() and "no C++ compiler" in lines[0].getMessage()
     assert "second line" not in lines[0].getMessage()
     for a, b, ra, rb in zip(eager, fallen, r_eager, r_fallen):
@@ -78,9 +78,9 @@ def test_a_step_that_fails_at_run_time_falls_back_from_the_same_state(monkeypatc
         return real(self, x, y, lrs)
 
     monkeypatch.setattr(compiled_step.CompiledStack, "train_step", fails_at_the_tenth)
-    with caplog.at_level(logging.WARNING, logger="sweeps.compiled_step"):
+    with caplog.at_level(logging.WARNING, logger="sweeps.trial.compiled_step"):
         fallen, results = _train(configs, data, True)
-    assert len([r for r in caplog.records if r.name == "sweeps.compiled_step"]) == 1
+    assert len([r for r in caplog.records if r.name == "sweeps.trial.compiled_step"]) == 1
     assert all(r.steps == 50 for r in results)
     for a, b in zip(eager, fallen):
         assert float((flat(a) - flat(b)).norm() / flat(a).norm()) < 1e-12

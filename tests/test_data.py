@@ -1,4 +1,4 @@
-"""sweeps.data: every dataset loads with the right shapes; subsampling and label noise are exact
+"""sweeps.trial.data: every dataset loads with the right shapes; subsampling and label noise are exact
 and seeded; the IDX and CIFAR pickle readers work on tiny local files."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from sweeps.config import ConfigError, DatasetConfig
-from sweeps.data import DATASETS, add_label_noise, load_dataset, read_cifar_batch, read_idx, write_idx
+from sweeps.spec.config import ConfigError, DatasetConfig
+from sweeps.trial.data import DATASETS, add_label_noise, load_dataset, read_cifar_batch, read_idx, write_idx
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 

@@ -381,9 +381,9 @@ def test_registry_lines_declare_orientation_unit_reference():
 
 def test_new_metrics_in_a_sweep_trial():
     """Every new metric can be listed in a sweep config's ``measure:`` and comes back from
-    ``sweeps.trial.run_trial``; ``steps_to_loss`` applies to the trial's history."""
-    from sweeps.config import load_config
-    from sweeps.trial import run_trial
+    ``sweeps.trial.run.run_trial``; ``steps_to_loss`` applies to the trial's history."""
+    from sweeps.spec.config import load_config
+    from sweeps.trial.run import run_trial
 
     config = load_config(
         {

@@ -16,9 +16,9 @@ from mlflow import MlflowClient
 
 import sweeps
 from sweeps.cli import main
-from sweeps.config import load_config
-from sweeps.data import load_dataset
-from sweeps.losses import evaluate
+from sweeps.spec.config import load_config
+from sweeps.trial.data import load_dataset
+from sweeps.trial.losses import evaluate
 
 MODELS_PY = '''
 import math

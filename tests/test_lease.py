@@ -1,4 +1,4 @@
-"""The driver lease (sweeps.lease) on the databases sweeps live in: SQLite, a journal file's
+"""The driver lease (sweeps.service.lease) on the databases sweeps live in: SQLite, a journal file's
 side database, and PostgreSQL. Races use separate processes, as two drivers would."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from sweeps.lease import DriverLease, LeaseHeldError, LeaseLostError, current_holder, lease_seconds
+from sweeps.service.lease import DriverLease, LeaseHeldError, LeaseLostError, current_holder, lease_seconds
 
 
 @pytest.fixture(params=["sqlite", "journal", "postgres"])

@@ -1,4 +1,4 @@
-"""sweeps.live: the live tau series equals sweeps.correlations on the same trials at every step,
+"""sweeps.service.live: the live tau series equals sweeps.correlations on the same trials at every step,
 a failing update is logged and not raised, and the table reads back from the parent's metrics."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from sweeps.analysis import correlations, tau_table
-from sweeps.live import LIVE_BOOTSTRAP, LiveCorrelation, live_target, read_live_table
+from sweeps.service.live import LIVE_BOOTSTRAP, LiveCorrelation, live_target, read_live_table
 
 
 def synthetic_trials(n_seeds: int = 2) -> pd.DataFrame:

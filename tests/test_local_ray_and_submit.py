@@ -20,8 +20,8 @@ import yaml
 from _cluster import RayNodes, make_ray_root
 from mlflow import MlflowClient
 
-from sweeps import search
 from sweeps.cli import main
+from sweeps.service import search
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,8 +209,8 @@ def test_submit_takes_the_rest_from_the_clusters_environment_or_an_absolute_resu
 
 
 def test_the_submit_rule_flag_then_shell_then_cluster_then_an_absolute_results_dir():
-    from sweeps.connections import job_locations
-    from sweeps.errors import UsageError
+    from sweeps.service.connections import job_locations
+    from sweeps.spec.errors import UsageError
 
     def not_asked() -> dict:
         raise AssertionError("the cluster's environment was asked although nothing depended on it")

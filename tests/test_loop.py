@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from sweeps.batching import population_size
+from sweeps.service.batching import population_size
 from sweeps.service.book import is_pruning_epoch
 from sweeps.service.loop import LoopSettings, SweepLoop
 from sweeps.service.records import CurvePoint, FinalRecord, Finished, TaskEnded, TaskLost, Trained
-from sweeps.status import TrialStatus
+from sweeps.spec.status import TrialStatus
 
 
 # --------------------------------------------------------------------------- fakes

@@ -25,7 +25,7 @@ from _cluster import MlflowServer, Postgres
 from mlflow import MlflowClient
 
 from sweeps.cli import main
-from sweeps.tracking import EXPERIMENT_KIND
+from sweeps.service.tracking import EXPERIMENT_KIND
 
 NAME = "ui-sweep"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

@@ -1,4 +1,4 @@
-"""sweeps.models: every model builds for its inputs, is seeded, scales with width, trains."""
+"""sweeps.trial.models: every model builds for its inputs, is seeded, scales with width, trains."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sweeps.config import ConfigError, ModelConfig
-from sweeps.models import MODELS, build_model, count_parameters
+from sweeps.spec.config import ConfigError, ModelConfig
+from sweeps.trial.models import MODELS, build_model, count_parameters
 
 
 def tiny_factory(input_shape, num_classes, hidden=5):

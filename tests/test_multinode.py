@@ -32,7 +32,7 @@ from _cluster import MlflowServer, Postgres, Process, RayNodes, make_ray_root, s
 from mlflow import MlflowClient
 
 import sweeps
-from sweeps import search
+from sweeps.service import search
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -137,7 +137,7 @@ def test_harness_mlflow_server_stores_runs_and_artifacts(mlflow_server, tmp_path
 
 # --------------------------------------------------------------------------- sweeps on the cluster
 
-TRIAL_TASK = "population_task"  # the Ray task of sweeps.worker that trains one population
+TRIAL_TASK = "population_task"  # the Ray task of sweeps.service.worker that trains one population
 LEASE_SECONDS = 3.0  # the drivers' lease period here: a killed driver's sweep is free again soon
 
 

@@ -1,4 +1,4 @@
-"""Riding out store outages, piece by piece (sweeps.outages, the retrying Optuna storage, the
+"""Riding out store outages, piece by piece (sweeps.service.outages, the retrying Optuna storage, the
 recorder's retried writes); tests/test_store_outage.py stops real databases and servers."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
-from sweeps import search
 from sweeps.adapters import optuna_adapter
-from sweeps.outages import (
+from sweeps.service import search
+from sweeps.service.outages import (
     StoreGuard,
     StoreUnavailableError,
     is_unreachable,
@@ -25,8 +25,8 @@ from sweeps.outages import (
 )
 from sweeps.service.recorder import MlflowRecorder
 from sweeps.service.records import FinalRecord
-from sweeps.status import TrialStatus
-from sweeps.tracking import Tracker
+from sweeps.service.tracking import Tracker
+from sweeps.spec.status import TrialStatus
 
 
 def refused() -> sqlalchemy.exc.OperationalError:
@@ -351,7 +351,7 @@ def test_recorder_writes_each_run_and_value_once_when_answers_are_lost(tmp_path)
 
 
 def test_reads_wait_for_the_store_up_to_their_own_limit(monkeypatch, caplog):
-    from sweeps.outages import retrying_read
+    from sweeps.service.outages import retrying_read
 
     fn = flaky(1)
 

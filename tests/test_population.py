@@ -1,4 +1,4 @@
-"""sweeps.population and train_population / run_population against ground truth: each member of
+"""sweeps.trial.population and train_population / run_population against ground truth: each member of
 a stack equals the same model trained alone by a plain torch.optim loop (float64), leaves the
 stack with the status it gets alone, and tracks the same lambda_max; a member that turns NaN leaves
 the others equal to that loop, and the worker hands each member to the driver as it leaves."""
@@ -13,13 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from sweeps.config import load_config
-from sweeps.data import load_dataset
-from sweeps.models import build_model
-from sweeps.population import module_stack_reason, population_key, stack_check
-from sweeps.train import LOSSES, lr_factor, train, train_population
-from sweeps.trial import measure_trained, run_population, run_trial
-from sweeps.worker import MetricStream, _members
+from sweeps.service.worker import MetricStream, _members
+from sweeps.spec.config import load_config
+from sweeps.trial.data import load_dataset
+from sweeps.trial.models import build_model
+from sweeps.trial.population import module_stack_reason, population_key, stack_check
+from sweeps.trial.run import measure_trained, run_population, run_trial
+from sweeps.trial.train import LOSSES, lr_factor, train, train_population
 
 TEACHER = {"name": "teacher", "train_size": 250, "options": {"input_dim": 6, "num_classes": 3, "test_size": 100}}
 SCHEDULES = ["constant", "cosine", "step", "warmup_cosine"]
@@ -366,7 +366,7 @@ def test_a_stopped_member_leaves_pruned_and_the_others_train_on_as_alone(compile
 
 
 def test_the_worker_yields_a_member_while_the_rest_of_its_population_trains(tmp_path):
-    """sweeps.worker's population generator (the body of the Ray task) hands a finished member to
+    """sweeps.service.worker's population generator (the body of the Ray task) hands a finished member to
     the driver at once: the long member cannot log its third epoch until the short member's
     record has been taken from the generator."""
     configs = [

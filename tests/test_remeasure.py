@@ -19,13 +19,13 @@ from mlflow import MlflowClient
 import sweeps
 from landscape.metrics import measure
 from sweeps.cli import main
-from sweeps.config import load_config
-from sweeps.data import load_dataset
-from sweeps.lease import DriverLease
-from sweeps.models import build_model
 from sweeps.runner import run_sweep
-from sweeps.train import LOSSES
-from sweeps.trial import measure_batches
+from sweeps.service.lease import DriverLease
+from sweeps.spec.config import load_config
+from sweeps.trial.data import load_dataset
+from sweeps.trial.models import build_model
+from sweeps.trial.run import measure_batches
+from sweeps.trial.train import LOSSES
 
 pytestmark = pytest.mark.slow
 NAME = "remeasure"
@@ -115,7 +115,7 @@ def test_measure_adds_values_equal_to_a_direct_computation(finished, capsys):
 
 
 def _parent(root: Path) -> str:
-    from sweeps.report import find_parent_run
+    from sweeps.posthoc.report import find_parent_run
 
     return find_parent_run(NAME, f"sqlite:///{root / 'mlflow.db'}")
 
@@ -140,7 +140,7 @@ def test_measure_refuses_bad_input_and_a_sweep_held_by_a_driver(finished, capsys
 
 def test_seed_barrier_pairs_trials_that_differ_only_in_their_seed(finished, capsys):
     from landscape.connectivity import linear_path
-    from sweeps.connectivity import seed_barriers
+    from sweeps.posthoc.connectivity import seed_barriers
 
     root, address = finished
     flags = ["--results-dir", str(root), "--address", address, "--no-report"]
@@ -174,7 +174,7 @@ def test_seed_barrier_pairs_trials_that_differ_only_in_their_seed(finished, caps
 def test_flatness_vs_connectivity_is_kendall_tau_over_configurations():
     import pandas as pd
 
-    from sweeps.connectivity import flatness_vs_connectivity, summarize
+    from sweeps.posthoc.connectivity import flatness_vs_connectivity, summarize
 
     frame = pd.DataFrame(
         {

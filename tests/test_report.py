@@ -1,4 +1,4 @@
-"""sweeps.report: files on disk, a self-contained HTML file, rich output, a real MLflow store, the CLI."""
+"""sweeps.posthoc.report: files on disk, a self-contained HTML file, rich output, a real MLflow store, the CLI."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sweeps.report import find_parent_run, make_report, print_table, report_sweep, trend_figure
+from sweeps.posthoc.report import find_parent_run, make_report, print_table, report_sweep, trend_figure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -112,8 +112,8 @@ def test_trend_axes_are_logarithmic_only_where_values_span_decades():
 
 @pytest.fixture(scope="module")
 def mlflow_sweep(tmp_path_factory):
-    """A sweep recorded through sweeps.tracking into sqlite: parent run + one child run per trial."""
-    from sweeps.tracking import Tracker
+    """A sweep recorded through sweeps.service.tracking into sqlite: parent run + one child run per trial."""
+    from sweeps.service.tracking import Tracker
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -8,10 +8,10 @@ import math
 import pandas as pd
 import pytest
 
-from sweeps import connections
-from sweeps.config import load_config
-from sweeps.queries import SweepNotFoundError, _cast, list_sweeps, results, sweep_status
-from sweeps.tracking import Tracker
+from sweeps.posthoc.queries import SweepNotFoundError, _cast, list_sweeps, results, sweep_status
+from sweeps.service import connections
+from sweeps.service.tracking import Tracker
+from sweeps.spec.config import load_config
 
 pytestmark = pytest.mark.lowest  # .ci/lowest runs this module on the lowest versions
 
@@ -74,7 +74,7 @@ def test_one_typed_row_per_finished_trial(recorded):
     assert math.isnan(frame.loc[1, "hessian_top_eig"])  # a diverged trial has no measure
     assert (frame["sweep"] == "res").all()
     # the package-level name is the function, whatever was imported before (no submodule of that name)
-    import sweeps.queries  # noqa: F401
+    import sweeps.posthoc.queries  # noqa: F401
 
     assert sweeps.results is results
     pd.testing.assert_frame_equal(sweeps.results("res", results_dir=recorded), frame)

@@ -23,11 +23,11 @@ from mlflow import MlflowClient
 from torch import nn
 
 import sweeps
-from sweeps import search
 from sweeps.analysis import tau_table
-from sweeps.config import load_config
-from sweeps.live import LIVE_BOOTSTRAP
 from sweeps.runner import run_sweep
+from sweeps.service import search
+from sweeps.service.live import LIVE_BOOTSTRAP
+from sweeps.spec.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -192,7 +192,7 @@ def test_trials_get_their_cpus_as_torch_threads(tmp_path):
     """A trial function sees torch.get_num_threads() == cpus_per_trial (1 here) and the tracking URI."""
 
     def probe(config, *, log=None, out_dir=None, device=None):
-        from sweeps.trial import run_trial
+        from sweeps.trial.run import run_trial
 
         result = run_trial(config, log=log, out_dir=out_dir, device=device)
         result.metrics["torch_threads"] = float(torch.get_num_threads())
@@ -210,7 +210,7 @@ def slow_constant_trial(config, *, log=None, out_dir=None, device=None):
     worker flushes its metrics every 2 s, so the driver sees them before the trial ends)."""
     import time as _time
 
-    from sweeps.trial import TrialResult
+    from sweeps.trial.run import TrialResult
 
     for step in range(10):
         log({"test_acc": config.train.lr}, step)
@@ -287,7 +287,7 @@ def test_pruning_in_a_population_stops_one_member_and_the_others_train_on(tmp_pa
 
 def dies_once_trial(config, *, log=None, out_dir=None, device=None):
     """Kills its own worker process the first time it runs for a given marker file, then trains."""
-    from sweeps.trial import run_trial
+    from sweeps.trial.run import run_trial
 
     marker = Path(config.description)
     if not marker.exists():
@@ -368,7 +368,7 @@ def test_progress_budget_counts_finished_trials_only():
     points: the budget column must still read finished/total (it showed 10/8)."""
     from rich.console import Console
 
-    from sweeps.progress import ProgressView, Snapshot
+    from sweeps.service.progress import ProgressView, Snapshot
 
     counts = {"converged": 5, "diverged": 1, "interrupted": 2, "queued": 2, "running": 1}
     snap = Snapshot("s", 8, counts, [], "-", 1.0, 2, 3.0)

@@ -20,9 +20,10 @@ from mlflow import MlflowClient
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeps import connections, queries, search
-from sweeps.queries import list_sweeps, results, sweep_status
-from sweeps.tracking import Tracker
+from sweeps.posthoc import queries
+from sweeps.posthoc.queries import list_sweeps, results, sweep_status
+from sweeps.service import connections, search
+from sweeps.service.tracking import Tracker
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""sweeps.search: samplers, study creation/resume rules, telling results, re-enqueueing interrupted points.
+"""sweeps.service.search: samplers, study creation/resume rules, telling results, re-enqueueing interrupted points.
 
 Real Optuna studies on real storages (sqlite file, journal file, PostgreSQL); no Ray needed.
 """
@@ -13,8 +13,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweeps import search
-from sweeps.config import load_config
+from sweeps.service import search
+from sweeps.spec.config import load_config
 
 pytestmark = pytest.mark.lowest  # .ci/lowest runs this module on the lowest versions
 
@@ -290,7 +290,7 @@ def test_sqlite_studies_log_ahead_and_commit_without_waiting_for_the_disk(tmp_pa
     ``synchronous=NORMAL`` (connections.use_wal / sync_on_checkpoint); other URLs are left alone."""
     import sqlalchemy as sa
 
-    from sweeps.connections import use_wal
+    from sweeps.service.connections import use_wal
 
     storage = search.make_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     optuna.create_study(study_name="wal", storage=storage)

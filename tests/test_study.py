@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from sweeps.analysis import complete_subgrid, correlations, hyperparameter_effects, tau_table
-from sweeps.config import load_config
+from sweeps.spec.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "docs" / "study"

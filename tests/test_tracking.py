@@ -1,4 +1,4 @@
-"""sweeps.tracking (MLflow parent/child runs) and sweeps.connections (resolution, redaction,
+"""sweeps.service.tracking (MLflow parent/child runs) and sweeps.service.connections (resolution, redaction,
 reachability), on a real sqlite MLflow store; no Ray."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import socket
 
 import pytest
 
-from sweeps import connections
-from sweeps.tracking import Tracker
+from sweeps.service import connections
+from sweeps.service.tracking import Tracker
 
 
 @pytest.fixture
@@ -160,8 +160,8 @@ def test_recover_settles_a_trial_whose_result_reached_mlflow_only(tracker, tmp_p
     driver takes the result from MLflow, and the run ends FINISHED, not KILLED."""
     import optuna
 
-    from sweeps.progress import ProgressView
     from sweeps.runner import _recover
+    from sweeps.service.progress import ProgressView
 
     study = optuna.create_study(
         study_name="exp", storage=f"sqlite:///{tmp_path / 'optuna.db'}", directions=["maximize"]

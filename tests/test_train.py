@@ -1,4 +1,4 @@
-"""sweeps.train: loss convention, schedules, convergence/divergence rules, tracking against dense
+"""sweeps.trial.train: loss convention, schedules, convergence/divergence rules, tracking against dense
 Hessians, and the edge-of-stability phenomenon."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from conftest import dense_hessian_of
 from test_data import tiny_cifar_dir, tiny_idx_dir
 from torch import nn
 
-from sweeps.config import load_config
-from sweeps.data import load_dataset
-from sweeps.models import build_model
-from sweeps.train import evaluate, half_squared_error, lr_factor, train
+from sweeps.spec.config import load_config
+from sweeps.trial.data import load_dataset
+from sweeps.trial.models import build_model
+from sweeps.trial.train import evaluate, half_squared_error, lr_factor, train
 
 TEACHER = {"name": "teacher", "train_size": 200, "options": {"input_dim": 6, "num_classes": 3, "test_size": 500}}
 

@@ -1,4 +1,4 @@
-"""sweeps.trial.run_trial end to end: convergence on MNIST-1D with every measure, divergence as
+"""sweeps.trial.run.run_trial end to end: convergence on MNIST-1D with every measure, divergence as
 a status, live logging, files, determinism."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from sweeps.config import load_config
-from sweeps.data import load_dataset
-from sweeps.models import build_model
-from sweeps.train import LOSSES, evaluate
-from sweeps.trial import TrialResult, run_trial
+from sweeps.spec.config import load_config
+from sweeps.trial.data import load_dataset
+from sweeps.trial.models import build_model
+from sweeps.trial.run import TrialResult, run_trial
+from sweeps.trial.train import LOSSES, evaluate
 
 MEASURES = [
     "hessian_top_eig",
@@ -150,8 +150,8 @@ def test_not_converged_still_measured():
 def test_steps_to_loss_is_the_first_recorded_step_at_the_target():
     """Jiang et al.'s optimization measure: the step of the first full-train-set evaluation at
     training loss <= 0.1, read from the trial's own curve; absent when the loss never got there."""
-    from sweeps.config import load_config
-    from sweeps.trial import run_trial
+    from sweeps.spec.config import load_config
+    from sweeps.trial.run import run_trial
 
     base = {"name": "s", "dataset": {"name": "digits"}, "model": {"name": "mlp", "depth": 1, "width": 32}}
     fast = run_trial(

@@ -32,8 +32,8 @@ from matplotlib.ticker import NullFormatter
 
 import sweeps
 from sweeps.analysis import complete_subgrid, hyperparameter_effects, tau_table
-from sweeps.connections import resolve
-from sweeps.report import make_report
+from sweeps.posthoc.report import make_report
+from sweeps.service.connections import resolve
 
 NAME = "mnist1d-study"
 LR, BATCH, WIDTH = "train.lr", "train.batch_size", "model.width"

@@ -169,7 +169,7 @@ _RetryingStorage.__abstractmethods__ = frozenset()
 
 def retrying_storage(storage: optuna.storages.BaseStorage, call: Callable[..., Any]) -> optuna.storages.BaseStorage:
     """``storage`` with each of its calls made as ``call(method, *args, **kwargs)`` (a retry
-    policy: :meth:`sweeps.outages.StoreGuard.call`), for a study opened on it. A database
+    policy: :meth:`sweeps.service.outages.StoreGuard.call`), for a study opened on it. A database
     storage keeps Optuna's cache of finished trials above the retries, as Optuna gives it when
     it opens a study on a URL. A retried ``set_trial_state_values`` that finds the trial already
     in the state it writes (the try before was written, its answer lost) succeeds."""

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..status import TrialStatus
+from ..spec.status import TrialStatus
 
 #: Columns that describe a trial's outcome, never a measure.
 OUTCOME_COLUMNS = ("test_acc", "train_acc", "gen_gap", "test_loss", "train_loss", "n_test", "n_train")
@@ -29,7 +29,7 @@ def _top_level_config_keys() -> set[str]:
     try:
         from pydantic import BaseModel
 
-        from ..config import SweepConfig
+        from ..spec.config import SweepConfig
     except ImportError:  # pragma: no cover - config module missing
         return set()
     return {

@@ -217,7 +217,7 @@ def tau_table(
     """The Kendall tau part of :func:`correlations` alone (its columns ``n``, ``tau``,
     ``tau_ci_low``, ``tau_ci_high``, equal to those of :func:`correlations` with the same
     arguments), for any set of finished trials: no grid needed, and much cheaper (no psi, CMI
-    or sign-error). The live correlation of a running sweep (:mod:`sweeps.live`) is this table.
+    or sign-error). The live correlation of a running sweep (:mod:`sweeps.service.live`) is this table.
     Arguments as for :func:`correlations`; ``models``: how runs become models (``seed_columns``,
     ``orientation``, ``target_larger_is``, see :func:`prepare`). Raises as :func:`prepare`
     does, e.g. ``ValueError`` while no trial has converged."""

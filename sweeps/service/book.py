@@ -1,7 +1,7 @@
 """The driver's study book on Optuna: which points run next, what each trial is told, the best.
 
-Wraps the sweep's study (:mod:`sweeps.search` holds the storage-level rules) and its
-:class:`~sweeps.batching.PointQueue`; keeps the counts per status and the best trials (the
+Wraps the sweep's study (:mod:`sweeps.service.search` holds the storage-level rules) and its
+:class:`~sweeps.service.batching.PointQueue`; keeps the counts per status and the best trials (the
 Pareto front for several objectives) up to date as trials are told, so recording a trial reads
 no other trial.
 """
@@ -13,10 +13,10 @@ from typing import Any
 
 import optuna
 
-from .. import search
 from ..adapters.optuna_adapter import UpdateFinishedTrialError
-from ..batching import AskedTrial, PointQueue
-from ..status import TrialStatus
+from ..spec.status import TrialStatus
+from . import search
+from .batching import AskedTrial, PointQueue
 
 
 def is_pruning_epoch(epoch: int) -> bool:
@@ -73,7 +73,7 @@ class StudyBook:
     """The sweep's study as the driver's loop uses it.
 
     Args:
-        study: the sweep's study (:func:`sweeps.search.open_study`), its pruner set.
+        study: the sweep's study (:func:`sweeps.service.search.open_study`), its pruner set.
         config: the sweep's config.
         slots: the sweep's task slots (populations of a grid shape split over them).
         on_conflict: called when a trial to tell was finished by someone else (the lease check:

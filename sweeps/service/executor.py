@@ -1,9 +1,9 @@
 """The driver's executor on Ray: population tasks, measure tasks, the metric queue, pruning stops.
 
-One Ray streaming-generator task per population (:func:`sweeps.worker.population_task`),
+One Ray streaming-generator task per population (:func:`sweeps.service.worker.population_task`),
 ``max_retries=0``: the driver's loop decides retries, re-launching only the members not yet
 reported. A trained member's weights stay in Ray's object store: its measure task
-(:func:`sweeps.worker.measure_task`) gets the object reference, the driver never the bytes. A
+(:func:`sweeps.service.worker.measure_task`) gets the object reference, the driver never the bytes. A
 measure task is one member's work from its weights, so Ray may simply re-run it.
 
 The metric queue (a :class:`ray.util.queue.Queue` actor) lives on the driver's node (a worker
@@ -16,23 +16,35 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
-from ..status import TrialStatus
-from ..worker import StopBoard, TrialFn, measure_task, population_task
-from .records import CurvePoint, Event, FinalRecord, Finished, Launch, TaskEnded, TaskLost, Trained
+from ..spec.status import TrialStatus
+from .records import (
+    CurvePoint,
+    Event,
+    FinalRecord,
+    Finished,
+    Launch,
+    MemberFinished,
+    MemberReport,
+    MemberTrained,
+    TaskEnded,
+    TaskLost,
+    Trained,
+)
+from .worker import StopBoard, TrialFn, measure_task, population_task
 
 
 class RayExecutor:
     """Runs a sweep's tasks on the connected Ray cluster.
 
     Args:
-        trial_fn: replaces :func:`sweeps.trial.run_trial` (one trial per task), or ``None``.
+        trial_fn: replaces :func:`sweeps.trial.run.run_trial` (one trial per task), or ``None``.
         tracking_uri: given to each task (``MLFLOW_TRACKING_URI``) for user code that logs.
         cpus, gpus: resources of one task (``resources.cpus_per_trial`` / ``gpus_per_trial``).
         max_retries: Ray's re-runs of a lost measure task.
-        prune: start the :class:`~sweeps.worker.StopBoard` that populations read (pruning).
+        prune: start the :class:`~sweeps.service.worker.StopBoard` that populations read (pruning).
         log: where to say that the metric queue is unavailable.
         checkpoint_dir: where the tasks' trials checkpoint and a re-launched trial finds its
-            checkpoint (:mod:`sweeps.checkpoint`; shared by every node), or ``None``: no checkpoints.
+            checkpoint (:mod:`sweeps.trial.checkpoint`; shared by every node), or ``None``: no checkpoints.
     """
 
     def __init__(
@@ -108,8 +120,9 @@ class RayExecutor:
         import ray
 
         try:
-            ref = next(gen)
-            record = ray.get(ref)
+            report: MemberReport = ray.get(next(gen))
+            # a trained member's weights are the task's next object: pass on its reference, unfetched
+            weights = next(gen) if isinstance(report, MemberTrained) else None
         except StopIteration:
             self.numbers.pop(gen)
             return TaskEnded(gen)
@@ -119,10 +132,11 @@ class RayExecutor:
         except ray.exceptions.RayError as err:  # the worker or its node died
             self.numbers.pop(gen)
             return TaskLost(gen, f"{type(err).__name__}: {err}")
-        number = self.numbers[gen][record["index"]]
-        if "trained" in record:
-            return Trained(gen, number, ref)  # the reference, not the weights
-        return Finished(gen, number, FinalRecord.from_worker(record))
+        number = self.numbers[gen][report.index]
+        if weights is not None:
+            return Trained(gen, number, weights)
+        assert isinstance(report, MemberFinished)
+        return Finished(gen, number, report.record)
 
     def _measured(self, ref: Any) -> Event:
         import ray
@@ -130,7 +144,7 @@ class RayExecutor:
         (number,) = self.numbers.pop(ref)
         self.measures.discard(ref)
         try:
-            return Finished(ref, number, FinalRecord.from_worker(ray.get(ref)))
+            return Finished(ref, number, ray.get(ref).record)
         except ray.exceptions.RayError as err:
             return Finished(
                 ref, number, FinalRecord.settled(TrialStatus.FAILED, f"measures lost: {type(err).__name__}: {err}")

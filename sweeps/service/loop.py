@@ -33,8 +33,8 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..progress import RunningTrial, Snapshot
-from ..status import TrialStatus
+from ..spec.status import TrialStatus
+from .progress import RunningTrial, Snapshot
 from .records import CurvePoint, Event, FinalRecord, Finished, Launch, TaskEnded, TaskLost, Trained
 
 #: Seconds the loop waits for a task's report before it drains curves and refreshes the view.

@@ -8,7 +8,7 @@ it finishes. Against a tracking server the writes run in a thread pool
 loop reads its result (:meth:`MlflowRecorder.started`, :meth:`~MlflowRecorder.written`,
 :meth:`~MlflowRecorder.flush`).
 
-Every write goes through ``retry`` (the driver's :class:`~sweeps.outages.StoreGuard` for the
+Every write goes through ``retry`` (the driver's :class:`~sweeps.service.outages.StoreGuard` for the
 tracking store): while the store is unreachable a write is tried again, in its writer thread,
 and written once when the store is back. A retried run creation first looks for the run the
 try before may have created; a final record keeps the timestamp of its first try.
@@ -22,12 +22,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ..status import TrialStatus
-from ..tracking import now_ms
+from ..spec.status import TrialStatus
 from .records import CurvePoint, FinalRecord
+from .tracking import now_ms
 
 if TYPE_CHECKING:
-    from ..tracking import Tracker
+    from .tracking import Tracker
 
 #: MLflow writes the driver may have in flight at once against a tracking server. Each request
 #: mostly waits for the server (measured here: 60 ms for a ``get_run`` against ``mlflow server``
@@ -82,7 +82,7 @@ class MlflowRecorder:
     """Writes one sweep's child runs under its parent run.
 
     Args:
-        tracker: the sweep's :class:`~sweeps.tracking.Tracker`.
+        tracker: the sweep's :class:`~sweeps.service.tracking.Tracker`.
         sweep: the sweep's name (its experiment).
         parent: the parent run's id.
         before_final: called right before a final status tag is written (the lease check).

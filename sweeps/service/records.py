@@ -11,7 +11,7 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..status import TrialStatus
+from ..spec.status import TrialStatus
 
 #: Tags a final record carries to its MLflow run, when the worker reported them.
 NODE_TAGS = ("node_id", "node_ip")
@@ -43,21 +43,34 @@ class FinalRecord:
         """A record the driver writes itself (task lost or ended, trial pruned)."""
         return cls(TrialStatus(status), dict(metrics or {}), {}, why)
 
-    @classmethod
-    def from_worker(cls, record: Mapping[str, Any]) -> FinalRecord:
-        """The record a population or measure task yields (:func:`sweeps.worker.population_task`)."""
-        return cls(
-            TrialStatus(record["status"]),
-            dict(record["metrics"]),
-            dict(record["artifacts"]),
-            record.get("traceback"),
-            {k: str(record[k]) for k in NODE_TAGS if record.get(k)},
-        )
-
     @property
     def reason(self) -> str:
         """The last line of the traceback (what the log shows), or ``""``."""
         return self.traceback.strip().splitlines()[-1] if self.traceback else ""
+
+
+@dataclass(frozen=True)
+class MemberFinished:
+    """What a population or measure task reports for member ``index`` (its position in the task's
+    trials): its final record, and the seconds from the task's start."""
+
+    index: int
+    record: FinalRecord
+    seconds: float
+
+
+@dataclass(frozen=True)
+class MemberTrained:
+    """Member ``index`` is trained and its measures are still to compute: the task's *next* object
+    holds its weights (a :class:`~sweeps.trial.run.TrainedMember`), which the driver passes by
+    reference to the measure task without fetching them."""
+
+    index: int
+    seconds: float
+
+
+#: What a population task yields (and a measure task returns, as :class:`MemberFinished`).
+MemberReport = MemberFinished | MemberTrained
 
 
 @dataclass(frozen=True)
@@ -116,4 +129,17 @@ class CurvePoint:
     timestamp_ms: int
 
 
-__all__ = ["NODE_TAGS", "CurvePoint", "Event", "FinalRecord", "Finished", "Launch", "TaskEnded", "TaskLost", "Trained"]
+__all__ = [
+    "NODE_TAGS",
+    "CurvePoint",
+    "Event",
+    "FinalRecord",
+    "Finished",
+    "Launch",
+    "MemberFinished",
+    "MemberReport",
+    "MemberTrained",
+    "TaskEnded",
+    "TaskLost",
+    "Trained",
+]

@@ -208,3 +208,30 @@ def test_the_spec_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_every_module_path_of_version_0_1_still_imports():
+    """``sweeps.config`` and the other flat module paths of 0.1 give the moved module itself (same
+    object, so registries and pickles agree), with a DeprecationWarning naming the new path."""
+    script = (
+        "import importlib, sys, warnings\n"
+        "from sweeps._moved import NEW_PATHS\n"
+        "for old, new in NEW_PATHS.items():\n"
+        "    with warnings.catch_warnings(record=True) as caught:\n"
+        "        warnings.simplefilter('always')\n"
+        "        module = importlib.import_module(old)\n"
+        "    assert module is importlib.import_module(new), old\n"
+        "    assert module.__spec__.name == new, (old, module.__spec__.name)\n"
+        "    assert any(new in str(w.message) and w.category is DeprecationWarning for w in caught), old\n"
+        "from sweeps.trial import run_trial, TrialResult\n"
+        "from sweeps.data import register_dataset\n"
+        "from sweeps.trial.data import register_dataset as same\n"
+        "assert register_dataset is same\n"
+        "print(len(NEW_PATHS))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    moved = {_module_name(p) for p in SWEEPS.rglob("*.py")}
+    from sweeps._moved import NEW_PATHS
+
+    assert set(NEW_PATHS.values()) <= moved and int(done.stdout) == len(NEW_PATHS) > 30

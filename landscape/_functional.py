@@ -107,6 +107,7 @@ class Batches:
         if self._cached is not None:
             yield from self._cached
         else:
+            assert self._loader is not None
             for batch in self._loader:
                 yield self._prepare(batch)
 
@@ -146,8 +147,8 @@ def training_mode(model: nn.Module, train: bool) -> Iterator[None]:
 def model_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
-    for t in model.buffers():
-        return t.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -264,6 +265,7 @@ class ModelLoss:
                 count += n
         if count == 0:
             raise ValueError("data yielded no samples")
+        assert total is not None
         result = tuple(t / count for t in total)
         return result if len(result) > 1 else result[0]
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ._functional import LossFn, ParamSelector
 from .directions import filter_normalized_directions
-from .hvp import HessianOperator, as_hessian
+from .hvp import CurvatureOperator, HessianOperator, as_hessian
 from .trace import TraceResult, estimate_trace
 
 
@@ -43,7 +43,7 @@ class CurvatureResult:
     samples: np.ndarray = field(repr=False)
 
 
-def quadratic_forms(H: HessianOperator, V: Tensor) -> CurvatureResult:
+def quadratic_forms(H: CurvatureOperator, V: Tensor) -> CurvatureResult:
     """``v_j^T H v_j`` for the columns of ``V`` ``[P, n]`` (one block product), their mean and
     standard error."""
     samples = (V * (H @ V)).sum(0).to("cpu", torch.float64).numpy()

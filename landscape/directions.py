@@ -332,7 +332,7 @@ def pca_directions(
     )
 
 
-def as_flat(directions: Sequence[Mapping[str, Tensor]], model_loss: ModelLoss) -> Tensor:
+def as_flat(directions: Sequence[Mapping[str, Tensor] | Tensor], model_loss: ModelLoss) -> Tensor:
     """Stack directions into a ``[k, P]`` block in ``model_loss.names`` order.
 
     Every direction must name exactly the parameters ``model_loss`` varies, or be a flat ``[P]``

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -109,15 +109,16 @@ def _fast_cross_entropy(loss_fn: LossFn) -> LossFn:
     of ``logsumexp`` and a quarter of a small MLP's forward pass. Other targets (class
     probabilities, ``ignore_index`` labels, more than 2 dimensions) go to ``loss_fn``.
     """
-    plain = loss_fn is F.cross_entropy or (
+    if loss_fn is F.cross_entropy:
+        return _PlainCrossEntropy(loss_fn, -100)
+    if (
         type(loss_fn) is nn.CrossEntropyLoss
         and loss_fn.weight is None
         and loss_fn.reduction == "mean"
         and loss_fn.label_smoothing == 0.0
-    )
-    if not plain:
-        return loss_fn
-    return _PlainCrossEntropy(loss_fn, -100 if loss_fn is F.cross_entropy else loss_fn.ignore_index)
+    ):
+        return _PlainCrossEntropy(loss_fn, loss_fn.ignore_index)
+    return loss_fn
 
 
 def sequential_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
@@ -170,10 +171,13 @@ class _Network:
     def __init__(self, model_loss: ModelLoss, directions: Tensor | None):
         self.ml, self.split = model_loss, None
         self.layers = sequential_layers(model_loss.model)
-        found = first_linear(model_loss) if directions is not None else None
+        if directions is None:
+            return
+        found = first_linear(model_loss)
         if found is None or found[1].in_features < AFFINE_MIN_RATIO * (len(directions) + 1):
             return
         index, _ = found
+        assert isinstance(model_loss.model, nn.Sequential)
         self.split, self.first_names = index, [f"{index}.weight", f"{index}.bias"]
         self.head = model_loss.model[:index]
         self.first: list[tuple[Tensor, Tensor | None]] = []  # (weight, bias) of theta, d_1 .. d_k
@@ -183,7 +187,9 @@ class _Network:
             # a fixed (not varied) weight or bias: its value at theta, zero along directions
             weight = parts.get(self.first_names[0])
             if weight is None:
-                weight = fixed[self.first_names[0]] if k == 0 else torch.zeros_like(fixed[self.first_names[0]])
+                fixed_weight = fixed[self.first_names[0]]
+                assert fixed_weight is not None
+                weight = fixed_weight if k == 0 else torch.zeros_like(fixed_weight)
             bias = parts.get(self.first_names[1], fixed[self.first_names[1]] if k == 0 else None)
             self.first.append((weight, bias))
 
@@ -206,6 +212,7 @@ class _Network:
         values = {**self.ml.constants, **params}
         x, start, owned = inputs[0] if isinstance(inputs, tuple) else inputs, 0, False
         if basis is not None:
+            assert coords is not None and self.split is not None
             weights = torch.cat([coords.new_ones(1), coords]).unsqueeze(0)  # [1, k+1]
             pre = self._buffer("pre", (1, basis.shape[1]), basis)
             x, start, owned = torch.mm(weights, basis, out=pre).view(len(targets), -1), self.split + 1, True
@@ -243,11 +250,13 @@ class _Network:
         shared inputs with the ``G`` stacked weights, the next ones as batched products."""
         count = next(iter(params.values())).shape[0]
         x, shared = inputs[0] if isinstance(inputs, tuple) else inputs, True
+        assert self.layers is not None
         for name, layer in self.layers:
             if not isinstance(layer, nn.Linear):
                 x = _IN_PLACE[type(layer)](x) if not shared and type(layer) in _IN_PLACE else layer(x)
                 continue
             weight, bias = (self._stacked(params, f"{name}.{p}", count) for p in ("weight", "bias"))
+            assert weight is not None
             width = weight.shape[1]
             if shared:  # [n, in] x [in, G * width], viewed as [G, n, width]
                 out = self._buffer(name, (x.shape[0], count * width), x)
@@ -382,7 +391,8 @@ def _evaluate(
         start: int, params: dict[str, Tensor], pieces: list[tuple[Any, Tensor, Tensor | None]]
     ) -> tuple[Tensor, Tensor]:
         """Sample-weighted ``(loss [G], accuracy [G])`` of a chunk over the pieces of one batch."""
-        total_loss = total_acc = 0
+        total_loss: Tensor | int = 0
+        total_acc: Tensor | int = 0
         for piece in pieces:
             inputs, targets, _ = piece
             if chunk == 1:
@@ -395,7 +405,7 @@ def _evaluate(
                 l, a = batched(params, inputs, targets)
             total_loss, total_acc = total_loss + len(targets) * l, total_acc + len(targets) * a
         n = sum(len(p[1]) for p in pieces)
-        return total_loss / n, total_acc / n
+        return cast(Tensor, total_loss) / n, cast(Tensor, total_acc) / n
 
     def prepared(inputs: Any, targets: Tensor) -> list[tuple[Any, Tensor, Tensor | None]]:
         return [network.prepare(x, y) for x, y in _pieces(inputs, targets, micro)]
@@ -430,9 +440,9 @@ def _evaluate(
                     acc[start : start + chunk] += len(y) * a
     if count == 0:
         raise ValueError("data yielded no samples")
-    loss = (loss / count).to("cpu", torch.float64).numpy()
-    acc = (acc / count).to("cpu", torch.float64).numpy()
-    return loss, (None if np.isnan(acc).all() else acc)
+    mean_loss = (loss / count).to("cpu", torch.float64).numpy()
+    mean_acc = (acc / count).to("cpu", torch.float64).numpy()
+    return mean_loss, (None if np.isnan(mean_acc).all() else mean_acc)
 
 
 _EVALUATOR_ARGS = """

@@ -216,7 +216,9 @@ def pacbayes_flatness(
         gen = _generator(seed)
         std = perturbation_scale(theta, sigma, magnitude_aware=magnitude_aware, eps=eps)
         draws = torch.stack([theta + std * _randn(ml, gen, ml.num_params) for _ in range(n_samples)])
-        return float(loss_at_parameters(ml, draws, batches=_batches(ml, group))[1].mean())
+        accuracy = loss_at_parameters(ml, draws, batches=_batches(ml, group))[1]
+        assert accuracy is not None
+        return float(accuracy.mean())
 
     return _flatness(
         "pacbayes",

@@ -32,7 +32,7 @@ import itertools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -207,7 +207,7 @@ def fold_batch_norm(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn
             if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or not isinstance(layer, _FOLDABLE):
                 continue
             channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-            if norm.running_mean is None or norm.num_features != channels:
+            if norm.running_mean is None or norm.running_var is None or norm.num_features != channels:
                 continue  # refused below
             scale = torch.rsqrt(norm.running_var + norm.eps)
             if norm.weight is not None:
@@ -344,6 +344,14 @@ class PacBayesBounds:
     eps: float
 
 
+class _BoundSettings(TypedDict):
+    sigma: float
+    m: int
+    omega: int
+    magnitude_aware: bool
+    eps: float
+
+
 def _weights(model: nn.Module, params: ParamSelector) -> dict[str, Tensor]:
     return {n: t.to(torch.float64) for n, t in _selected(model, params).items() if t.ndim >= 2}
 
@@ -373,7 +381,13 @@ def pacbayes_bounds(
         diffs = dict(_differences(model, init_state, list(weights)))
         dw = torch.cat([diffs[n].reshape(-1).cpu() for n in weights])
     sigma, m, omega, eps = flatness.level, flatness.n_examples, w.numel(), flatness.eps
-    settings = {"sigma": sigma, "m": m, "omega": omega, "magnitude_aware": flatness.magnitude_aware, "eps": eps}
+    settings: _BoundSettings = {
+        "sigma": sigma,
+        "m": m,
+        "omega": omega,
+        "magnitude_aware": flatness.magnitude_aware,
+        "eps": eps,
+    }
     if sigma <= 0:
         return PacBayesBounds(
             init=None if dw is None else math.inf,

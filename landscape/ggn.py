@@ -32,7 +32,7 @@ batch mean of per-sample losses (every ``torch.nn`` loss with its default reduct
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ def _batched_grad(outputs: Tensor, inputs: list[Tensor], cotangents: Tensor) -> 
     """``[K, *input.shape]`` for each input: the vector-Jacobian products of ``outputs`` with the
     ``K`` cotangents ``[K, *outputs.shape]`` (graphs kept). One vector at a time for ``K = 1``,
     else one batched backward (``is_grads_batched``)."""
+    grads: Sequence[Tensor | None]
     if cotangents.shape[0] == 1:
         grads = torch.autograd.grad(outputs, inputs, cotangents[0], retain_graph=True, allow_unused=True)
         grads = [g.unsqueeze(0) if g is not None else None for g in grads]

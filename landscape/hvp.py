@@ -21,7 +21,7 @@ of each as a multiple of one gradient); both agree to rounding.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -199,7 +199,7 @@ class HessianOperator(CurvatureOperator):
         graphs = self._cached_graphs()
         if graphs is None:
             return self.weighted_sum(lambda x, y: self._second_backward(*self._graph(x, y), vs, keep=False))
-        total = sum(n * self._second_backward(leaves, g, vs, keep=True) for n, leaves, g in graphs)
+        total = cast(Tensor, sum(n * self._second_backward(leaves, g, vs, keep=True) for n, leaves, g in graphs))
         return total / sum(n for n, _, _ in graphs)
 
     def _graph(self, inputs: Any, targets: Tensor) -> tuple[list[Tensor], tuple[Tensor, ...]]:
@@ -304,11 +304,12 @@ def as_hessian(
                 "or pass model, loss_fn, data to build one here"
             )
         return operator
-    missing = [n for n, v in (("model", model), ("loss_fn", loss_fn), ("data", data)) if v is None]
-    if missing:
+    if model is None or loss_fn is None or data is None:
+        missing = [n for n, v in (("model", model), ("loss_fn", loss_fn), ("data", data)) if v is None]
         raise ValueError(
             f"{', '.join(missing)}: required unless a HessianOperator is given (first argument or operator=)"
         )
+    assert not isinstance(model, CurvatureOperator)
     return HessianOperator(
         model,
         loss_fn,

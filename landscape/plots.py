@@ -9,7 +9,7 @@ draw into an existing axes instead (the function then returns ``ax.figure``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -34,7 +34,8 @@ _CMAP = "viridis"
 
 def _axes(ax: Axes | None, figsize: tuple[float, float], projection: str | None = None) -> tuple[Figure, Axes]:
     if ax is not None:
-        return ax.figure, ax
+        # a SubFigure when ax lies in one: the plots use only what it shares with Figure
+        return cast(Figure, ax.figure), ax
     fig = Figure(figsize=figsize, layout="constrained")
     return fig, fig.add_subplot(projection=projection)
 
@@ -64,7 +65,8 @@ def _colorbar(fig: Figure, ax: Axes, mappable: Any, label: str) -> None:
     bar = fig.colorbar(mappable, ax=ax, label=label)
     norm = mappable.norm
     if isinstance(norm, LogNorm):
-        bar.set_ticks(np.geomspace(norm.vmin, norm.vmax, 7))
+        assert norm.vmin is not None and norm.vmax is not None
+        bar.set_ticks(np.geomspace(norm.vmin, norm.vmax, 7).tolist())
         bar.ax.yaxis.set_minor_locator(NullLocator())
     bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
 
@@ -148,7 +150,10 @@ def plot_surface_3d(
     ax: Axes | None = None,
 ) -> Figure:
     """3D surface plot of a 2D surface; with ``log_scale`` the z axis shows ``log10(loss)``."""
+    from mpl_toolkits.mplot3d import Axes3D
+
     fig, ax = _axes(ax, (6, 5), projection="3d")
+    assert isinstance(ax, Axes3D)
     values = _grid_values(surface, quantity)
     log = log_scale and quantity == "loss" and np.nanmin(values) > 0
     z = np.log10(values) if log else values
@@ -205,6 +210,7 @@ def plot_surface_1d(
     if accuracy and with_acc:
         twin = ax.twinx()
         for s, label, color in with_acc:
+            assert s.accuracy is not None
             twin.plot(s.alphas, s.accuracy, color=color, linestyle="--", label=f"{label} accuracy")
         twin.set_ylabel("accuracy")
         twin.set_ylim(-0.02, 1.02)
@@ -231,7 +237,8 @@ def plot_interpolation(
     ax = fig.axes[0] if ax is None else ax
     ax.axvspan(0.0, 1.0, color="0.9", zorder=0)
     ax.plot([0.0, 1.0], [interpolation.loss_a, interpolation.loss_b], "o", color="tab:red", label="end points")
-    handles, names = [], []
+    handles: list[Any] = []
+    names: list[str] = []
     for a in sorted(ax.get_shared_x_axes().get_siblings(ax), key=lambda a: a is not ax):
         more_h, more_n = a.get_legend_handles_labels()
         handles, names = handles + more_h, names + more_n

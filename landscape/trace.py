@@ -114,7 +114,7 @@ def estimate_trace(
         raise ValueError(f"method: must be 'hutch++' or 'hutchinson' (got {method!r})")
     if not rtol > 0:
         raise ValueError(f"rtol: must be > 0 (got {rtol!r})")
-    block = block_size or getattr(operator, "block_size", 16)
+    block = block_size if block_size else getattr(operator, "block_size", 16)
     if block < 2:
         raise ValueError(f"block_size: must be >= 2 so that a standard error exists (got {block})")
     basis, exact_part, sketch = None, 0.0, 0

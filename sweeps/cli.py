@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .exit_codes import (
     EXIT_INTERRUPTED,
@@ -28,6 +28,9 @@ from .exit_codes import (
 from .service.outages import StoreUnavailableError
 from .spec.config import ConfigError, check_name
 from .spec.errors import UsageError
+
+if TYPE_CHECKING:
+    from .runner import SweepSummary
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,7 @@ def _store_flags(args: argparse.Namespace) -> str:
     return "".join(f" {flag} {shlex.quote(redact(str(value)))}" for flag, value in given if value is not None)
 
 
-def _sweep(args: argparse.Namespace, run: Callable[..., object]) -> int:
+def _sweep(args: argparse.Namespace, run: Callable[..., SweepSummary]) -> int:
     """Call run_sweep/resume_sweep with the launch flags; map outcomes to exit codes (:data:`~sweeps.exit_codes.EXIT_CODES`)."""
     from .runner import SweepInterrupted
     from .service.connections import redact

@@ -68,7 +68,8 @@ def scatter_figure(runs: pd.DataFrame, measure: str, y: str, hyperparameters: Se
     """``measure`` (x) against ``y`` (e.g. test accuracy), one panel per hyperparameter, coloured by it."""
     fig, axes = _panel_grid(max(len(hyperparameters), 1))
     log_x = _spans_decades(runs[measure])
-    for ax, k in zip(axes, hyperparameters or [None]):
+    panels: Sequence[str | None] = hyperparameters if hyperparameters else [None]
+    for ax, k in zip(axes, panels):
         if k is None:
             ax.scatter(runs[measure], runs[y], s=18)
         else:

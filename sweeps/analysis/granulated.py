@@ -46,6 +46,7 @@ def granulated_kendall(
         taus = np.array([kendall_tau_b(mu[gr], g[gr]) for gr in groups])
         psi[k] = float(np.nanmean(taus)) if np.isfinite(taus).any() else math.nan
         if n_boot:
+            assert rng is not None, "n_boot > 0 needs an rng"
             within = np.stack(
                 [
                     kendall_tau_b(mu[gr], g[gr], counts=rng.multinomial(len(gr), np.full(len(gr), 1 / len(gr)), n_boot))

@@ -58,7 +58,8 @@ def conditional_mutual_information(
     H(V_g | S) with the same weights (as Jiang et al.), so the score lies in [0, 1]: 1 when mu
     orders every such pair as g does. Returns ``(score, S_argmin)``.
     """
-    best, best_s = math.inf, ()
+    best: float = math.inf
+    best_s: tuple[str, ...] = ()
     for size in range(min(max_conditioning, len(hyperparameters)) + 1):
         for s in itertools.combinations(hyperparameters, size):
             cells = models.groupby(list(s), dropna=False).indices.values() if s else [models.index.to_numpy()]

@@ -5,6 +5,7 @@ Spearman rho, and the percentile bootstrap interval used for every confidence in
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import numpy as np
 from scipy import stats
@@ -19,6 +20,12 @@ def pair_signs(x: np.ndarray) -> np.ndarray:
     return np.sign(x[:, None] - x[None, :]).astype(np.int8)
 
 
+@overload
+def kendall_tau_b(x: np.ndarray, y: np.ndarray, counts: None = None) -> float: ...
+@overload
+def kendall_tau_b(x: np.ndarray, y: np.ndarray, counts: np.ndarray) -> np.ndarray: ...
+@overload
+def kendall_tau_b(x: np.ndarray, y: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray | float: ...
 def kendall_tau_b(x: np.ndarray, y: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray | float:
     """Kendall's tau-b of ``x`` and ``y`` (ties in either variable handled as in Kendall 1945).
 

@@ -205,6 +205,7 @@ class DriverLease:
                 ).rowcount
             if taken != 1:
                 holder = current_holder(self.storage, self.sweep) or previous
+                assert holder is not None
                 raise LeaseHeldError(self.sweep, holder, self.seconds) from None
             self.taken_over = previous
         self._renewed = time.monotonic()

@@ -145,7 +145,7 @@ class LiveCorrelation:
         started = time.monotonic()
         try:
             if self.history is not None:
-                self._merge_history()
+                self._merge_history(self.history)
             rows = list(
                 {**{r["trial_number"]: r for r in self._history_rows}, **{r["trial_number"]: r for r in rows}}.values()
             )
@@ -158,8 +158,8 @@ class LiveCorrelation:
             spent = time.monotonic() - started
             self.next_start = time.monotonic() + max(self.interval, 10 * spent)
 
-    def _merge_history(self) -> None:
-        load, self.history = self.history, None
+    def _merge_history(self, load: Callable[[], pd.DataFrame]) -> None:
+        self.history = None
         try:
             frame = load()
         except Exception as err:  # no earlier trials (a new sweep) or an unreadable store

@@ -12,9 +12,12 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..spec.status import TrialStatus, is_finished
+
+if TYPE_CHECKING:
+    from rich.live import Live
 
 
 @dataclass
@@ -76,7 +79,7 @@ class ProgressView:
         self.stream = stream or sys.stderr
         # A live view only on a terminal: piped into a file or a log it would wrap at 80 columns.
         self.quiet = quiet or not getattr(self.stream, "isatty", lambda: False)()
-        self._live = None
+        self._live: Live | None = None
 
     def __enter__(self) -> ProgressView:
         if not self.quiet:

@@ -324,7 +324,7 @@ def tell(
         names = objective_names(study) if objective is None else list(objective)
         raw = [metrics.get(name) for name in names]
         if all(v is not None and math.isfinite(float(v)) for v in raw):
-            values = [float(v) for v in raw]
+            values = [float(v) for v in raw if v is not None]
         else:
             missing = [n for n, v in zip(names, raw) if v is None or not math.isfinite(float(v))]
             storage.set_trial_user_attr(
@@ -373,7 +373,7 @@ def stale_trials(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
 
-def grid_points_done(study: optuna.Study, names: Sequence[str]) -> list[tuple]:
+def grid_points_done(study: optuna.Study, names: Sequence[str]) -> list[tuple[Any, ...]]:
     """The points of finished trials as tuples in the order of ``names`` (for tests and status)."""
     return [tuple(t.params[n] for n in names) for t in finished_trials(study)]
 

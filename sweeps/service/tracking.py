@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -160,6 +160,10 @@ class Tracker:
         return f"Tracker({redact(self.tracking_uri)!r})"
 
     # experiment and parent ------------------------------------------------------------------
+    @overload
+    def experiment_id(self, name: str, *, create: Literal[True] = True) -> str: ...
+    @overload
+    def experiment_id(self, name: str, *, create: bool) -> str | None: ...
     def experiment_id(self, name: str, *, create: bool = True) -> str | None:
         """Id of the experiment ``name`` (restored if deleted, created if missing and ``create``)."""
         experiment = self.client.get_experiment_by_name(name)

@@ -95,7 +95,7 @@ class DatasetConfig(_Section):
     name: Annotated[str, _known("dataset")] = "mnist1d"
     train_size: PositiveInt | None = None  # None: all training samples (teacher: 4000)
     test_size: PositiveInt | None = None  # None: the whole test set
-    label_noise: float = Field(0.0, ge=0.0, lt=1.0)
+    label_noise: float = Field(default=0.0, ge=0.0, lt=1.0)
     seed: int = 0  # subsampling and label noise
     root: str | None = None  # files / download folder; default $SWEEPS_CACHE/<name>
     download: bool = True  # torchvision datasets: download when the files are missing
@@ -111,9 +111,9 @@ class ModelConfig(_Section):
     name: Annotated[str, _known("model")] = "mlp"
     depth: PositiveInt | None = None  # None: the model's default
     width: PositiveInt | None = None  # None: the model's default
-    width_multiplier: float = Field(1.0, gt=0)
+    width_multiplier: float = Field(default=1.0, gt=0)
     activation: Activation = "relu"
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     batch_norm: bool = False
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to a custom factory
 
@@ -121,8 +121,8 @@ class ModelConfig(_Section):
 class StopConfig(_Section):
     """Convergence target on the full training set; at most one of the two."""
 
-    train_loss: float | None = Field(None, gt=0)
-    train_acc: float | None = Field(None, gt=0, le=1)
+    train_loss: float | None = Field(default=None, gt=0)
+    train_acc: float | None = Field(default=None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _one_target(self) -> StopConfig:
@@ -152,7 +152,9 @@ class CheckpointConfig(_Section):
     (see :mod:`sweeps.trial.checkpoint`); both 0: no checkpoints."""
 
     every_epochs: NonNegativeInt = 0  # epochs between checkpoints (0: by time only)
-    every_seconds: float = Field(60.0, ge=0)  # seconds of training between checkpoints, at most (0: by epochs only)
+    every_seconds: float = Field(
+        default=60.0, ge=0
+    )  # seconds of training between checkpoints, at most (0: by epochs only)
 
     @property
     def enabled(self) -> bool:
@@ -164,20 +166,20 @@ class TrainConfig(_Section):
     """Optimizer, schedule, loss and stopping rules (see :mod:`sweeps.trial.train`)."""
 
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)  # sgd only
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)  # sgd only
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
     batch_size: Annotated[int | str, BeforeValidator(_batch_size)] = 128
     schedule: Literal["constant", "cosine", "step", "warmup_cosine"] = "constant"
-    warmup_epochs: float = Field(5.0, ge=0)  # warmup_cosine
+    warmup_epochs: float = Field(default=5.0, ge=0)  # warmup_cosine
     step_milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75])  # step: fractions of max_epochs
-    step_gamma: float = Field(0.1, gt=0, le=1)
+    step_gamma: float = Field(default=0.1, gt=0, le=1)
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
     max_epochs: PositiveInt = 300
     stop: StopConfig = Field(default_factory=lambda: StopConfig(train_loss=0.01))
-    divergence_factor: float = Field(10.0, gt=1)  # diverged if loss > factor * initial loss
+    divergence_factor: float = Field(default=10.0, gt=1)  # diverged if loss > factor * initial loss
     eval_every_epochs: PositiveInt = 1  # test-set evaluation / epoch records
     eval_batch_size: PositiveInt = 4096  # chunk size of full-data evaluations
     track: TrackConfig = Field(default_factory=TrackConfig)
@@ -197,7 +199,7 @@ class Dim(_Section):
     low: float | None = None
     high: float | None = None
     log: bool = False
-    step: float | None = Field(None, gt=0)
+    step: float | None = Field(default=None, gt=0)
     values: list[Any] | None = None
 
     @model_validator(mode="after")
@@ -231,6 +233,7 @@ class Dim(_Section):
             return list(self.values)
         if self.step is None:
             raise ValueError("a range needs step: to be enumerated on a grid")
+        assert self.low is not None and self.high is not None
         n = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
         points = [self.low + i * self.step for i in range(n)]
         whole = all(float(x).is_integer() for x in (self.low, self.step))
@@ -266,7 +269,7 @@ class ObjectiveConfig(_Section):
     """What the search optimizes. ``{metric, direction}`` or lists of both (multi-objective)."""
 
     metrics: list[str] = Field(default_factory=lambda: ["test_acc"], min_length=1)
-    directions: list[Direction] = Field(default_factory=lambda: ["maximize"], min_length=1)
+    directions: list[Direction] = Field(default_factory=lambda: list[Direction](["maximize"]), min_length=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -307,8 +310,8 @@ class ObjectiveConfig(_Section):
 class ResourcesConfig(_Section):
     """Per-trial resources for Ray."""
 
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
+    cpus_per_trial: float = Field(default=1.0, gt=0)
+    gpus_per_trial: float = Field(default=0.0, ge=0)
     max_concurrent: PositiveInt | None = None  # None: as many as the cluster fits
     population_size: int | Literal["auto"] = "auto"  # models trained as one stack per task (1: one per task)
     compile: bool | Literal["auto"] = "auto"  # one compiled step per population (auto: when it trains long enough)
@@ -415,7 +418,9 @@ def _measure_option_problems(options: dict[str, dict[str, Any]], measures: list[
     """Keywords the measure functions do not accept, checked as :func:`landscape.measure` will
     (through the installed catalog; none installed: not checked)."""
     catalog = installed()
-    for name, opts in options.items() if catalog is not None else ():
+    if catalog is None:
+        return []
+    for name, opts in options.items():
         try:
             catalog.check_options(measures, name, opts)
         except (KeyError, TypeError, ValueError) as err:

@@ -257,6 +257,7 @@ def _idx_dataset(name: str, root: Path, download: bool) -> Raw:
     if files is None:
         _missing(name, root, download)
         files = _find_idx(root, folder)
+        assert files is not None
     arr = {k: read_idx(p) for k, p in files.items()}
     x_tr = arr["train_x"].astype(np.float32)[:, None] / 255.0
     x_te = arr["test_x"].astype(np.float32)[:, None] / 255.0
@@ -342,9 +343,10 @@ def load_dataset(cfg: DatasetConfig) -> Dataset:
     _check_options(cfg.name, cfg.options)
     root = Path(cfg.root).expanduser() if cfg.root else cache_dir() / cfg.name
     options = tuple(sorted(cfg.options.items()))
-    x, y, x_te, y_te, num_classes = _raw(cfg.name, str(root), cfg.download, cfg.train_size, options)
-    x, y = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y, dtype=np.int64))
-    x_te, y_te = torch.from_numpy(np.ascontiguousarray(x_te)), torch.from_numpy(np.asarray(y_te, dtype=np.int64))
+    x_np, y_np, x_te_np, y_te_np, num_classes = _raw(cfg.name, str(root), cfg.download, cfg.train_size, options)
+    x, y = torch.from_numpy(np.ascontiguousarray(x_np)), torch.from_numpy(np.asarray(y_np, dtype=np.int64))
+    x_te = torch.from_numpy(np.ascontiguousarray(x_te_np))
+    y_te = torch.from_numpy(np.asarray(y_te_np, dtype=np.int64))
     gen = torch.Generator().manual_seed(cfg.seed)
     keep = subsample(len(y), cfg.train_size, gen, "dataset.train_size")
     if keep is not None:

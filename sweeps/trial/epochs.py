@@ -7,6 +7,8 @@ settling) stays there.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
@@ -14,11 +16,54 @@ from ..spec.status import TrialStatus
 from . import checkpoint as checkpoints
 from .losses import member_hits
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Protocol
+
+    from .compiled_step import CompiledStack
+    from .data import Dataset
+    from .population import MemberLoss, Stack
+    from .train import _Member
+
+    class _PopulationState(Protocol):
+        """What the epoch loops use of :class:`sweeps.trial.train._Population` (their ``self``)."""
+
+        step: int
+
+        @property
+        def live(self) -> list[_Member]: ...
+        @property
+        def stack(self) -> Stack: ...
+        @property
+        def compiled(self) -> CompiledStack | None: ...
+        @property
+        def loss_fn(self) -> MemberLoss: ...
+        @property
+        def data(self) -> Dataset: ...
+        @property
+        def batch(self) -> int: ...
+        @property
+        def steps_per_epoch(self) -> int: ...
+        @property
+        def eval_batch(self) -> int: ...
+        @property
+        def mode_free(self) -> bool: ...
+        @property
+        def pending(self) -> dict[int, tuple[TrialStatus, str, int]]: ...
+        @property
+        def saver(self) -> checkpoints.Cadence: ...
+        def evaluate(self, rows: Sequence[int], x: Tensor, y: Tensor) -> list[tuple[float, float]]: ...
+        def track(self, epoch: int) -> None: ...
+        def leave(self, row: int, status: TrialStatus, reason: str, epoch: int) -> None: ...
+        def settle(self) -> list[int] | None: ...
+        def _train_step(self, x: Tensor, y: Tensor) -> list[float]: ...
+        def _full_batch_gradient(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[tuple[float, float]]]: ...
+
 
 class EpochSteps:
     """The epoch loops of :class:`sweeps.trial.train._Population` (see the module docstring)."""
 
-    def _train_step(self, x: Tensor, y: Tensor) -> list[float]:
+    def _train_step(self: _PopulationState, x: Tensor, y: Tensor) -> list[float]:
         """One optimizer step of every live member on its batch ``x [K, B, ...]``, ``y [K, B]``;
         returns the members' mini-batch losses (before the step)."""
         lrs = [m.lr(self.step) for m in self.live]
@@ -29,7 +74,7 @@ class EpochSteps:
         self.step += 1
         return losses.tolist()
 
-    def _mini_batch_epoch(self, epoch: int, first: int = 0, orders: Tensor | None = None) -> None:
+    def _mini_batch_epoch(self: _PopulationState, epoch: int, first: int = 0, orders: Tensor | None = None) -> None:
         """One epoch of mini-batch steps, from its batch ``first`` with the data ``orders``
         ``[K, n]`` of a checkpoint (default: the whole epoch, orders drawn here)."""
         x, y, b = self.data.x_train, self.data.y_train, self.batch
@@ -76,7 +121,7 @@ class EpochSteps:
                 self.leave(row, TrialStatus.CONVERGED, f"target met after epoch {epoch}", epoch)
         self.settle()
 
-    def _full_batch_epoch(self, epoch: int) -> None:
+    def _full_batch_epoch(self: _PopulationState, epoch: int) -> None:
         x, y = self.data.x_train, self.data.y_train
         grad, evals = self._full_batch_gradient(x, y)
         if not self.mode_free:
@@ -101,7 +146,7 @@ class EpochSteps:
             m.checked = None
         self.track(epoch)
 
-    def _full_batch_gradient(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[tuple[float, float]]]:
+    def _full_batch_gradient(self: _PopulationState, x: Tensor, y: Tensor) -> tuple[Tensor, list[tuple[float, float]]]:
         """The full-data gradient ``[K, P]`` (chunks weighted by size) and each member's
         ``(loss, accuracy)`` at the current weights, in the models' training mode."""
         n, k, chunk = len(y), len(self.live), self.eval_batch
@@ -114,4 +159,5 @@ class EpochSteps:
             grad = g.clone() if grad is None else grad.add_(g)
             totals = [t + l * part.shape[1] for t, l in zip(totals, losses.tolist())]
             correct = [c + h for c, h in zip(correct, member_hits(out, part).tolist())]
+        assert grad is not None
         return grad, [(t / n, c / n) for t, c in zip(totals, correct)]

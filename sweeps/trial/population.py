@@ -373,6 +373,7 @@ class Stack:
         """``(gradient [K, P] of weight * loss, losses [K], outputs [K, B, C])`` on ``x``
         (``[K, B, ...]``, or ``[B, ...]`` for all with ``shared``) and ``y [K, B]``, in the
         models' current mode. The gradient is a buffer that the next call overwrites."""
+        assert self.forward is not None
         out = self.forward(self.leaves, x, shared)
         losses = loss_fn(out, y)
         grads = torch.autograd.grad((losses * weight).sum(), list(self.leaves.values()))
@@ -388,7 +389,11 @@ class Stack:
         batch ``x [B, ...]``, in eval mode."""
         rows = list(rows)
         whole = len(rows) == len(self)
-        forward = self.forward if whole else make_forward(self.models[rows[0]], len(rows))
+        if whole:
+            assert self.forward is not None
+            forward = self.forward
+        else:
+            forward = make_forward(self.models[rows[0]], len(rows))
         views = self.params.views(self.params.flat if whole else self.params.flat[rows])
         with evaluation(self.models[rows[0]], forward):
             return forward(views, x, True)

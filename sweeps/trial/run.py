@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -130,7 +130,7 @@ def run_trial(
     """
     member_log = None if log is None else (lambda _, record: log(record.values, record.step))
     out_dirs = None if out_dir is None else [out_dir]
-    return run_population(
+    result = run_population(
         [config],
         on_result=lambda _, __: None,
         log=member_log,
@@ -138,6 +138,8 @@ def run_trial(
         device=device,
         checkpoint_dir=checkpoint_dir,
     )[0]
+    assert result is not None
+    return result
 
 
 def run_population(
@@ -243,13 +245,14 @@ def _run(
                 init = {k: v.detach().cpu() for k, v in trained.init_state.items()}
                 on_trained(i, TrainedMember(configs[i], dataclasses.replace(trained, init_state=init), state))
                 return
-            results[i] = _measured(configs[i], data, models[i], trained, out_dir)
+            result = _measured(configs[i], data, models[i], trained, out_dir)
+            results[i] = result
         except Exception:
             if on_error is None:
                 raise
             on_error(i, traceback.format_exc())
             return
-        on_result(i, results[i])
+        on_result(i, result)
 
     paths = states = None
     if checkpoint_dir is not None and configs[0].train.checkpoint.enabled:
@@ -263,14 +266,27 @@ def _run(
                 data,
                 [configs[i].train for i in group],
                 seeds=[configs[i].seed for i in group],
-                log=None if log is None else (lambda j, record, group=group: log(group[j], record)),
-                on_result=lambda j, trained, group=group: finished(group[j], trained),
-                stop=None if stop is None else (lambda j, group=group: stop(group[j])),
+                log=None if log is None else _by_member(group, log),
+                on_result=_by_member(group, finished),
+                stop=None if stop is None else _by_member(group, stop),
                 checkpoint_paths=None if paths is None else [paths[i] for i in group],
                 resume=resume,
                 compile=configs[0].resources.compile,
             )
     return results
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _by_member(group: list[int], f: Callable[Concatenate[int, _P], _R]) -> Callable[Concatenate[int, _P], _R]:
+    """``f`` with the group's member index ``j`` replaced by the population index ``group[j]``."""
+
+    def call(j: int, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return f(group[j], *args, **kwargs)
+
+    return call
 
 
 def _by_position(
@@ -286,7 +302,10 @@ def _by_position(
             None if s is None else (s["step"], s["epoch"], -1 if s["batch"] is None else s["batch"]), []
         ).append(i)
     order = sorted((key for key in groups if key is not None), reverse=True) + ([None] if None in groups else [])
-    return [(groups[key], None if key is None else [states[i] for i in groups[key]]) for key in order]
+    return [
+        (groups[key], None if key is None else [c for i in groups[key] if (c := states[i]) is not None])
+        for key in order
+    ]
 
 
 @dataclass
@@ -432,7 +451,7 @@ def _measure_files(name: str, value: Any, out_dir: Path) -> dict[str, Path]:
     if surfaces:
         surface = surfaces[0]
         files[f"{name}.npz"] = out_dir / f"{name}.npz"
-        acc = {} if surface.accuracy is None else {"accuracy": surface.accuracy}
+        acc: dict[str, Any] = {} if surface.accuracy is None else {"accuracy": surface.accuracy}
         np.savez(
             files[f"{name}.npz"],
             alphas=surface.alphas,
@@ -445,7 +464,7 @@ def _measure_files(name: str, value: Any, out_dir: Path) -> dict[str, Path]:
         _save_figure(plots.plot_surface_2d(surface, title=name), files[f"{name}.png"])
         return files
     if dataclasses.is_dataclass(value):
-        arrays = _arrays(value)
+        arrays: dict[str, Any] = _arrays(value)
         if arrays:
             files[f"{name}.npz"] = out_dir / f"{name}.npz"
             np.savez(files[f"{name}.npz"], **arrays)

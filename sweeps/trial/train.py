@@ -406,6 +406,7 @@ class _Population(EpochSteps):
             m.checked = m.latest = (m.init_loss, m.history[-1]["train_acc"])
         self.track(0)
         for row, m in enumerate(self.live):
+            assert m.checked is not None
             if not math.isfinite(m.init_loss):
                 self.leave(row, TrialStatus.DIVERGED, "the initial loss is not finite", 0)
             elif m.reached(*m.checked):

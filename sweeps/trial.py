@@ -323,8 +323,9 @@ def measure_trained(
 
 
 def _has_measures(config: SweepConfig, trained: TrainResult) -> bool:
-    """Landscape measures are computed for trained models (not diverged or pruned ones)."""
-    return bool(config.measure) and trained.status not in (TrialStatus.DIVERGED, TrialStatus.PRUNED)
+    """Landscape measures are computed for trained models (not diverged or pruned ones):
+    :attr:`TrialStatus.measured`, the rule ``sweeps measure`` follows too."""
+    return bool(config.measure) and TrialStatus(trained.status).measured
 
 
 def _measured(

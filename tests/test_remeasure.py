@@ -11,6 +11,8 @@ import io
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import ray
 import torch
@@ -171,10 +173,64 @@ def test_seed_barrier_pairs_trials_that_differ_only_in_their_seed(finished, caps
     assert "measure_options.seed_barrier: unknown option(s) ['nope']" in capsys.readouterr().err
 
 
-def test_flatness_vs_connectivity_is_kendall_tau_over_configurations():
-    import pandas as pd
+def test_the_report_says_whether_flatter_configurations_are_more_connected(finished, capsys):
+    import html
 
-    from sweeps.connectivity import flatness_vs_connectivity, summarize
+    from sweeps.connectivity import connectivity_lines, flatness_vs_connectivity, seed_barriers
+
+    root, address = finished
+    flags = ["--results-dir", str(root), "--address", address]
+    points = ["--set", "measure_options.seed_barrier.points=5"]
+    assert main(["measure", NAME, "--metric", "hessian_top_eig", "--metric", "seed_barrier", *points, *flags]) == 0
+    capsys.readouterr()
+    frame = sweeps.results(NAME, results_dir=root)
+    table = flatness_vs_connectivity(frame, seed_barriers(NAME, results_dir=root, summary=True), ["train.lr"])
+    stored = seed_barriers(NAME, results_dir=root, flatness=True)
+    pd.testing.assert_frame_equal(table, stored, check_dtype=False)  # the stored table, as the report computes it
+    lines = connectivity_lines(table)  # the one oriented measure measured: hessian_top_eig
+    assert len(lines) == 1 and lines[0].startswith("hessian_top_eig (2 configurations;")
+    page = (root / "reports" / NAME / "report.html").read_text()
+    assert "Are flatter configurations more connected across seeds?" in page
+    assert html.escape(lines[0]) in page
+
+
+def test_measure_measures_exactly_the_trials_the_sweep_measured(finished, tmp_path, capsys):
+    """converged and not_converged trials are measured by the sweep, diverged ones are not;
+    `sweeps measure` measures the same set (sweeps.status.MEASURED)."""
+    from sweeps.status import MEASURED
+
+    _, address = finished
+    root = tmp_path / "statuses"
+    config = tiny_config().with_point(
+        {
+            "name": "statuses",
+            # a loss target of 5.0 is met after the first epoch (at lr 1e6 by a net whose ReLUs all died), 1e-9
+            # never: at lr 0.1 the trial ends not_converged, at lr 1e6 its exploding loss is seen (diverged)
+            "search": {
+                "sampler": "grid",
+                "space": {"train.lr": {"values": [0.1, 1e6]}, "train.stop.train_loss": {"values": [5.0, 1e-9]}},
+            },
+        }
+    )
+    summary = run_sweep(config, results_dir=root, quiet=True, max_concurrent=2, report=False, address=address)
+    assert summary.counts == {"converged": 2, "not_converged": 1, "diverged": 1}
+    flags = ["--results-dir", str(root), "--address", address, "--no-report"]
+    assert main(["measure", "statuses", "--metric", "path_norm", *flags]) == 0
+    assert "measured 3 trial(s), skipped 0" in capsys.readouterr().out
+    frame = sweeps.results("statuses", results_dir=root).set_index("trial_number")
+    by_sweep = set(frame.index[frame["param_norm"].notna()])  # what the sweep measured after training
+    by_measure = set(frame.index[frame["path_norm"].notna()])
+    assert by_measure == by_sweep == set(frame.index[frame["status"].isin(MEASURED)])
+    assert sorted(frame.loc[sorted(by_measure), "status"]) == ["converged", "converged", "not_converged"]
+    for number in by_measure:  # the stored weights of a not_converged trial too, measured as a trial measures
+        row = frame.loc[number]
+        point = {"train.lr": row["train.lr"], "seed": row["seed"], "run_id": row["run_id"]}
+        assert row["path_norm"] == direct(root, point, ["path_norm"])["path_norm"]
+
+
+def test_flatness_vs_connectivity_is_kendall_tau_over_configurations():
+    from sweeps.analysis import tau_with_interval
+    from sweeps.connectivity import connectivity_lines, flatness_vs_connectivity, summarize
 
     frame = pd.DataFrame(
         {
@@ -201,3 +257,24 @@ def test_flatness_vs_connectivity_is_kendall_tau_over_configurations():
     assert row["n_configs"] == 3 and row["larger_is"] == "sharper"
     assert row["tau_loss"] == pytest.approx(1 / 3)  # pairs of configs: 2 concordant, 1 discordant
     assert row["tau_error"] == pytest.approx(1.0)
+    for barrier in ("loss", "error"):  # the interval: sweeps.analysis's bootstrap over the 3 configurations
+        means, barriers = np.array([2.0, 6.0, 10.0]), summary[f"{barrier}_barrier_mean"].to_numpy()
+        expected = tau_with_interval(means, barriers, n_boot=1000, seed=0, confidence=0.95)
+        assert [row[f"tau_{barrier}"], row[f"tau_{barrier}_ci_low"], row[f"tau_{barrier}_ci_high"]] == [
+            expected["tau"],
+            expected["tau_ci_low"],
+            expected["tau_ci_high"],
+        ]
+    assert row["tau_error_ci_low"] > 0  # every resample with two distinct configurations orders them the same
+    assert row["tau_loss_ci_low"] < 0 < row["tau_loss_ci_high"]
+
+    # the sentences: oriented so that + means "sharper => higher barrier", verdict from the interval
+    flat = frame.rename(columns={"hessian_top_eig": "flatness_radius"})  # the same numbers read as "flatter"
+    (sharp,) = connectivity_lines(flatness_vs_connectivity(frame, summary, ["train.lr"]))
+    (flatter,) = connectivity_lines(flatness_vs_connectivity(flat, summary, ["train.lr"]))
+    lo, hi = row["tau_loss_ci_low"], row["tau_loss_ci_high"]
+    assert sharp.startswith("hessian_top_eig (3 configurations;")
+    assert f"loss barrier +0.33 [{lo:+.2f}, {hi:+.2f}]: inconclusive (the interval holds 0)" in sharp
+    assert "error barrier +1.00 [" in sharp and sharp.endswith("]: flatter configurations more connected")
+    assert f"loss barrier -0.33 [{-hi:+.2f}, {-lo:+.2f}]: inconclusive" in flatter
+    assert flatter.endswith("]: flatter configurations less connected")

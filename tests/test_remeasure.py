@@ -67,8 +67,9 @@ def child_runs(root: Path) -> list:
     return [r for r in runs if r.data.tags.get("sweeps.role") == "trial"]
 
 
-def direct(root: Path, row, metrics: list[str]) -> dict[str, float]:
-    """The measures computed here by hand on the trial's stored weights (its run's artifacts)."""
+def direct(root: Path, row, metrics: list[str], **measure_options) -> dict[str, float]:
+    """The measures computed here by hand on the trial's stored weights (its run's artifacts);
+    ``measure_options``: ``options``/``artifacts`` of :func:`landscape.measure`."""
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     config = tiny_config().with_point({"train.lr": float(row["train.lr"]), "seed": int(row["seed"])})
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +80,33 @@ def direct(root: Path, row, metrics: list[str]) -> dict[str, float]:
     model.load_state_dict(state)
     batches = measure_batches(data, config)
     assert sum(len(y) for _, y in batches) == 96  # the trial's measure_subset
-    return measure(model, LOSSES["cross_entropy"], batches, metrics, seed=config.seed, init_state=init)
+    return measure(
+        model, LOSSES["cross_entropy"], batches, metrics, seed=config.seed, init_state=init, **measure_options
+    )
+
+
+def exact_hessian_trace(root: Path, row) -> float:
+    """tr(H) of the trial's stored model on its measure batches, from the full Hessian (brute force)."""
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    config = tiny_config().with_point({"train.lr": float(row["train.lr"]), "seed": int(row["seed"])})
+    with tempfile.TemporaryDirectory() as tmp:
+        state = torch.load(client.download_artifacts(row["run_id"], "model.pt", tmp))
+    data = load_dataset(config.dataset)
+    model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
+    model.load_state_dict(state)
+    batches = measure_batches(data, config)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    model = model.double()
+
+    def loss(w):
+        parts = torch.split(w, [s.numel() for s in shapes])
+        params = {n: p.reshape(s) for n, p, s in zip(names, parts, shapes)}
+        return LOSSES["cross_entropy"](torch.func.functional_call(model, params, (x.double(),)), y)
+
+    return float(torch.diagonal(torch.func.hessian(loss)(flat)).sum())
 
 
 def test_measure_adds_values_equal_to_a_direct_computation(finished, capsys):
@@ -278,3 +305,26 @@ def test_flatness_vs_connectivity_is_kendall_tau_over_configurations():
     assert "error barrier +1.00 [" in sharp and sharp.endswith("]: flatter configurations more connected")
     assert f"loss barrier -0.33 [{-hi:+.2f}, {-lo:+.2f}]: inconclusive" in flatter
     assert flatter.endswith("]: flatter configurations less connected")
+
+
+def test_a_stochastic_measure_is_within_its_stated_error_of_the_exact_value(finished, capsys):
+    """Hutchinson's trace through `sweeps measure`: the stored value is the trial's seeded estimate
+    (equal to a direct call with the same options), which reports a standard error; the exact trace
+    (full Hessian, float64) is within 4 of those standard errors, and the relative standard error
+    met the requested rtol."""
+    root, address = finished
+    flags = ["--results-dir", str(root), "--address", address, "--no-report"]
+    options = {"method": "hutchinson", "rtol": 0.1, "max_hvp": 4000}
+    sets = [f"--set=measure_options.hessian_trace.{k}={v}" for k, v in options.items()]
+    assert main(["measure", NAME, "--metric", "hessian_trace", *sets, *flags]) == 0
+    assert "measured 4 trial(s)" in capsys.readouterr().out
+    for row in sweeps.results(NAME, results_dir=root).to_dict("records"):
+        artifacts: dict = {}
+        expected = direct(root, row, ["hessian_trace"], options={"hessian_trace": options}, artifacts=artifacts)
+        assert row["hessian_trace"] == expected["hessian_trace"]  # seeded: the same probes
+        result = artifacts["hessian_trace"]
+        assert result.method == "hutchinson" and result.converged and result.n_probes >= 2
+        assert result.std_err <= 0.1 * abs(result.value)
+        exact = exact_hessian_trace(root, row)
+        assert abs(row["hessian_trace"] - exact) <= 4 * result.std_err, (row["hessian_trace"], exact, result.std_err)
+        assert result.std_err > 0  # an estimate, not the exact value by construction

@@ -98,8 +98,6 @@ MEASURE_OPTIONS = {"ggn_trace": {"rtol": 0.05}, "fisher_trace": {"rtol": 0.05}}
 #: "magnitude-aware worst-case sharpness" (1 / alpha'^2 here; which of their magnitude-aware
 #: sharpness variants the note means is not stated). Every other row is blank.
 JIANG_PUBLISHED = {"sharpness_mag_flatness": {"tau": 0.48, "Psi": 0.52}}
-#: The measure of the connectivity headline: best by Psi and sign-error in section 4.
-CONNECTIVITY_HEADLINE = ["hessian_top_eig", "adaptive_sharpness_avg", "pacbayes_mag_flatness"]
 
 
 def batch_numbers(frame: pd.DataFrame) -> dict[str, dict[str, int]]:

@@ -21,7 +21,6 @@ import pytest
 
 from sweeps.analysis import complete_subgrid, correlations, hyperparameter_effects, tau_table
 from sweeps.config import load_config
-from sweeps.connectivity import connectivity_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "docs" / "study"
@@ -129,43 +128,6 @@ def test_the_committed_tables_are_what_sweeps_analysis_computes_from_results_csv
         assert quoted["ci_low"] == pytest.approx(diag_tau.loc[measure, "tau_ci_low"], abs=1e-12)
 
 
-def test_the_jiang_table_is_sweeps_analysis_on_every_measure(ms, results, claims):
-    grid, _ = complete_subgrid(results)
-    jiang = ms.jiang_table(grid)
-    committed = pd.read_csv(STUDY / "jiang.csv", index_col=0)
-    assert list(committed.index) == list(jiang.index) == ms.STUDY_MEASURES + ms.JIANG_MEASURES + [ms.STEPS]
-    numeric = [c for c in committed.columns if pd.api.types.is_numeric_dtype(committed[c]) and c != "added"]
-    pd.testing.assert_frame_equal(
-        jiang[numeric].astype(float), committed[numeric].astype(float), check_exact=False, atol=1e-12
-    )
-    # the study's measures come first: their numbers are the report's, to the last digit
-    report = pd.read_csv(STUDY / "report" / "correlations.csv", index_col=0)
-    for column in ("tau", "tau_ci_low", "tau_ci_high", "Psi", "Psi_ci_low", "Psi_ci_high", "sign_error_max"):
-        assert jiang.loc[ms.STUDY_MEASURES, column].tolist() == pytest.approx(
-            report.loc[ms.STUDY_MEASURES, column].tolist(), abs=1e-12
-        )
-    for measure, quoted in claims["jiang"].items():
-        assert quoted["tau"] == pytest.approx(jiang.loc[measure, "tau"], abs=1e-12)
-        assert quoted["Psi"]["Psi"] == pytest.approx(jiang.loc[measure, "Psi"], abs=1e-12)
-        assert quoted["sign_error_max"] == jiang.loc[measure, "sign_error_max"]
-    # Jiang et al.'s numbers: only those REFERENCES.md states, nowhere else
-    published = {m: (q["jiang_tau"], q["jiang_Psi"]) for m, q in claims["jiang"].items() if q["jiang_tau"] is not None}
-    assert published == {"sharpness_mag_flatness": (0.48, 0.52)}
-
-
-def test_the_connectivity_table_is_sweeps_connectivity_on_the_committed_barriers(ms, results, claims):
-    pairs, configs = pd.read_csv(STUDY / "seed_pairs.csv"), pd.read_csv(STUDY / "seed_configs.csv")
-    converged = results[results["status"] == "converged"]
-    # every pair of seeds of every converged configuration, once
-    assert len(pairs) == claims["connectivity"]["n_pairs"] == 3 * converged.groupby([LR, BATCH, WIDTH]).ngroups
-    assert configs["n_pairs"].sum() == len(pairs) and len(configs) == claims["connectivity"]["n_configs"]
-    table = ms.connectivity_table(results, configs)
-    committed = pd.read_csv(STUDY / "connectivity.csv")
-    pd.testing.assert_frame_equal(table, committed, check_dtype=False, check_exact=False, atol=1e-12)
-    assert claims["connectivity"]["lines"] == connectivity_lines(table)
-    assert claims["connectivity"]["loss_barrier_mean"] == pytest.approx(pairs["loss_barrier"].mean(), abs=1e-12)
-
-
 def test_the_page_quotes_the_committed_numbers(results, claims, page):
     converged = results[results["status"] == "converged"]
     text = flat(page)
@@ -253,9 +215,9 @@ def test_the_page_quotes_the_committed_numbers(results, claims, page):
 
 def test_each_claim_has_a_verdict(page):
     headings = re.findall(r"^## (\d)\. (.*)$", page, flags=re.MULTILINE)
-    assert [n for n, _ in headings] == ["1", "2", "3", "4", "5", "6", "7"]
+    assert [n for n, _ in headings] == ["1", "2", "3", "4", "5"]
     for number, heading in headings:
-        if number not in ("4", "6"):  # 4: two claims, each with its verdict in bold in the text; 6: a table
+        if number != "4":  # two claims, each with its verdict in bold in the text
             assert re.search(r": (reproduced|not reproduced|inconclusive)(, with caveats)?$", heading), heading
     assert flat(section(page, 4)).count("reproduced") >= 2
 
@@ -265,6 +227,5 @@ def test_every_file_the_page_cites_is_committed(page):
     assert {"batch_lr.png", "diagonal.png", "width.png", "eos.png", "results.csv", "effects.csv", "claims.json"} <= set(
         targets
     )
-    assert {"jiang.csv", "connectivity.csv", "seed_pairs.csv", "seed_configs.csv"} <= set(targets)
     missing = [t for t in targets if not re.match(r"[a-z]+:", t) and not (STUDY / t).exists()]
     assert not missing, missing

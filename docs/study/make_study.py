@@ -157,6 +157,43 @@ def connectivity_table(frame: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFra
     return flatness_vs_connectivity(frame, summary, [LR, BATCH, WIDTH], n_boot=N_BOOT)
 
 
+def signed(value: float | None, low: float | None = None, high: float | None = None) -> str:
+    """``+0.12`` or ``+0.12 [-0.05, +0.30]`` (the page's format); blank for ``None`` (no published
+    value), ``-`` for NaN (undefined, e.g. psi of a measure tied within every group)."""
+    if value is None:
+        return ""
+    if math.isnan(value):
+        return "-"
+    return f"{value:+.2f}" + ("" if low is None or high is None else f" [{low:+.2f}, {high:+.2f}]")
+
+
+def page_tables(claims: dict) -> str:
+    """The markdown tables of the page's sections 6 (Jiang et al. side by side) and 7 (flatness vs
+    connectivity, taus turned so that + means sharper => higher barrier), from ``claims``."""
+    lines = [
+        "| measure | Kendall tau [95%] | Psi [95%] | sign-error max | Jiang et al. tau | Jiang et al. Psi |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for m, q in claims["jiang"].items():
+        lines.append(
+            f"| `{m}` | {signed(q['tau'], q['ci_low'], q['ci_high'])} | "
+            f"{signed(q['Psi']['Psi'], q['Psi']['ci_low'], q['Psi']['ci_high'])} | {q['sign_error_max']:.2f} | "
+            f"{signed(q['jiang_tau'])} | {signed(q['jiang_Psi'])} |"
+        )
+    if "connectivity" in claims:
+        lines += ["", "| measure | loss barrier tau [95%] | error barrier tau [95%] |", "|---|---|---|"]
+        for m, q in claims["connectivity"]["measures"].items():
+            if q["larger_is"] not in ("sharper", "flatter"):
+                continue
+            sign = 1 if q["larger_is"] == "sharper" else -1
+            cells = []
+            for b in ("loss", "error"):
+                low, high = sorted([sign * q[f"tau_{b}_ci_low"], sign * q[f"tau_{b}_ci_high"]])
+                cells.append(signed(sign * q[f"tau_{b}"], low, high))
+            lines.append(f"| `{m}` | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def eos_table(frame: pd.DataFrame, tracking_uri: str) -> tuple[pd.DataFrame, dict[int, pd.DataFrame]]:
     """One row per full-batch run: 2/lr, the largest and the last tracked lambda_max."""
     from mlflow import MlflowClient
@@ -401,6 +438,8 @@ def main() -> None:
         fig.savefig(out / f"{name}.png", dpi=100)
     (out / "claims.json").write_text(json.dumps(claims, indent=2, default=str))
     print(json.dumps(claims, indent=2, default=str))
+    print("\nThe tables of the page's sections 6 and 7:\n")
+    print(page_tables(claims))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ Writes into ``--out``:
     claims.json          every number the page quotes, with its interval
     batch_lr.png, diagonal.png, width.png, eos.png
 
+and prints claims.json and the markdown tables of the page's sections 6 and 7 (page_tables).
+
 Every statistic comes from sweeps.analysis; this script only selects rows and draws.
 """
 

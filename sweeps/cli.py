@@ -448,8 +448,8 @@ def _measure_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command(
     "measure",
-    help="compute measures for the converged trials of a finished sweep from their stored weights; "
-    "values go to the trials' own MLflow runs",
+    help="compute measures for the trials a sweep measures (converged and not_converged, not diverged or "
+    "pruned) from their stored weights; values go to the trials' own MLflow runs",
     arguments=_measure_arguments,
 )
 def cmd_measure(args: argparse.Namespace) -> int:

@@ -11,6 +11,8 @@ import io
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import ray
 import torch
@@ -65,8 +67,9 @@ def child_runs(root: Path) -> list:
     return [r for r in runs if r.data.tags.get("sweeps.role") == "trial"]
 
 
-def direct(root: Path, row, metrics: list[str]) -> dict[str, float]:
-    """The measures computed here by hand on the trial's stored weights (its run's artifacts)."""
+def direct(root: Path, row, metrics: list[str], **measure_options) -> dict[str, float]:
+    """The measures computed here by hand on the trial's stored weights (its run's artifacts);
+    ``measure_options``: ``options``/``artifacts`` of :func:`landscape.measure`."""
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     config = tiny_config().with_point({"train.lr": float(row["train.lr"]), "seed": int(row["seed"])})
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,7 +80,33 @@ def direct(root: Path, row, metrics: list[str]) -> dict[str, float]:
     model.load_state_dict(state)
     batches = measure_batches(data, config)
     assert sum(len(y) for _, y in batches) == 96  # the trial's measure_subset
-    return measure(model, LOSSES["cross_entropy"], batches, metrics, seed=config.seed, init_state=init)
+    return measure(
+        model, LOSSES["cross_entropy"], batches, metrics, seed=config.seed, init_state=init, **measure_options
+    )
+
+
+def exact_hessian_trace(root: Path, row) -> float:
+    """tr(H) of the trial's stored model on its measure batches, from the full Hessian (brute force)."""
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    config = tiny_config().with_point({"train.lr": float(row["train.lr"]), "seed": int(row["seed"])})
+    with tempfile.TemporaryDirectory() as tmp:
+        state = torch.load(client.download_artifacts(row["run_id"], "model.pt", tmp))
+    data = load_dataset(config.dataset)
+    model = build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
+    model.load_state_dict(state)
+    batches = measure_batches(data, config)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    model = model.double()
+
+    def loss(w):
+        parts = torch.split(w, [s.numel() for s in shapes])
+        params = {n: p.reshape(s) for n, p, s in zip(names, parts, shapes)}
+        return LOSSES["cross_entropy"](torch.func.functional_call(model, params, (x.double(),)), y)
+
+    return float(torch.diagonal(torch.func.hessian(loss)(flat)).sum())
 
 
 def test_measure_adds_values_equal_to_a_direct_computation(finished, capsys):
@@ -171,10 +200,64 @@ def test_seed_barrier_pairs_trials_that_differ_only_in_their_seed(finished, caps
     assert "measure_options.seed_barrier: unknown option(s) ['nope']" in capsys.readouterr().err
 
 
-def test_flatness_vs_connectivity_is_kendall_tau_over_configurations():
-    import pandas as pd
+def test_the_report_says_whether_flatter_configurations_are_more_connected(finished, capsys):
+    import html
 
-    from sweeps.posthoc.connectivity import flatness_vs_connectivity, summarize
+    from sweeps.posthoc.connectivity import connectivity_lines, flatness_vs_connectivity, seed_barriers
+
+    root, address = finished
+    flags = ["--results-dir", str(root), "--address", address]
+    points = ["--set", "measure_options.seed_barrier.points=5"]
+    assert main(["measure", NAME, "--metric", "hessian_top_eig", "--metric", "seed_barrier", *points, *flags]) == 0
+    capsys.readouterr()
+    frame = sweeps.results(NAME, results_dir=root)
+    table = flatness_vs_connectivity(frame, seed_barriers(NAME, results_dir=root, summary=True), ["train.lr"])
+    stored = seed_barriers(NAME, results_dir=root, flatness=True)
+    pd.testing.assert_frame_equal(table, stored, check_dtype=False)  # the stored table, as the report computes it
+    lines = connectivity_lines(table)  # the one oriented measure measured: hessian_top_eig
+    assert len(lines) == 1 and lines[0].startswith("hessian_top_eig (2 configurations;")
+    page = (root / "reports" / NAME / "report.html").read_text()
+    assert "Are flatter configurations more connected across seeds?" in page
+    assert html.escape(lines[0]) in page
+
+
+def test_measure_measures_exactly_the_trials_the_sweep_measured(finished, tmp_path, capsys):
+    """converged and not_converged trials are measured by the sweep, diverged ones are not;
+    `sweeps measure` measures the same set (sweeps.spec.status.MEASURED)."""
+    from sweeps.spec.status import MEASURED
+
+    _, address = finished
+    root = tmp_path / "statuses"
+    config = tiny_config().with_point(
+        {
+            "name": "statuses",
+            # a loss target of 5.0 is met after the first epoch (at lr 1e6 by a net whose ReLUs all died), 1e-9
+            # never: at lr 0.1 the trial ends not_converged, at lr 1e6 its exploding loss is seen (diverged)
+            "search": {
+                "sampler": "grid",
+                "space": {"train.lr": {"values": [0.1, 1e6]}, "train.stop.train_loss": {"values": [5.0, 1e-9]}},
+            },
+        }
+    )
+    summary = run_sweep(config, results_dir=root, quiet=True, max_concurrent=2, report=False, address=address)
+    assert summary.counts == {"converged": 2, "not_converged": 1, "diverged": 1}
+    flags = ["--results-dir", str(root), "--address", address, "--no-report"]
+    assert main(["measure", "statuses", "--metric", "path_norm", *flags]) == 0
+    assert "measured 3 trial(s), skipped 0" in capsys.readouterr().out
+    frame = sweeps.results("statuses", results_dir=root).set_index("trial_number")
+    by_sweep = set(frame.index[frame["param_norm"].notna()])  # what the sweep measured after training
+    by_measure = set(frame.index[frame["path_norm"].notna()])
+    assert by_measure == by_sweep == set(frame.index[frame["status"].isin(MEASURED)])
+    assert sorted(frame.loc[sorted(by_measure), "status"]) == ["converged", "converged", "not_converged"]
+    for number in by_measure:  # the stored weights of a not_converged trial too, measured as a trial measures
+        row = frame.loc[number]
+        point = {"train.lr": row["train.lr"], "seed": row["seed"], "run_id": row["run_id"]}
+        assert row["path_norm"] == direct(root, point, ["path_norm"])["path_norm"]
+
+
+def test_flatness_vs_connectivity_is_kendall_tau_over_configurations():
+    from sweeps.analysis import tau_with_interval
+    from sweeps.posthoc.connectivity import connectivity_lines, flatness_vs_connectivity, summarize
 
     frame = pd.DataFrame(
         {
@@ -201,3 +284,47 @@ def test_flatness_vs_connectivity_is_kendall_tau_over_configurations():
     assert row["n_configs"] == 3 and row["larger_is"] == "sharper"
     assert row["tau_loss"] == pytest.approx(1 / 3)  # pairs of configs: 2 concordant, 1 discordant
     assert row["tau_error"] == pytest.approx(1.0)
+    for barrier in ("loss", "error"):  # the interval: sweeps.analysis's bootstrap over the 3 configurations
+        means, barriers = np.array([2.0, 6.0, 10.0]), summary[f"{barrier}_barrier_mean"].to_numpy()
+        expected = tau_with_interval(means, barriers, n_boot=1000, seed=0, confidence=0.95)
+        assert [row[f"tau_{barrier}"], row[f"tau_{barrier}_ci_low"], row[f"tau_{barrier}_ci_high"]] == [
+            expected["tau"],
+            expected["tau_ci_low"],
+            expected["tau_ci_high"],
+        ]
+    assert row["tau_error_ci_low"] > 0  # every resample with two distinct configurations orders them the same
+    assert row["tau_loss_ci_low"] < 0 < row["tau_loss_ci_high"]
+
+    # the sentences: oriented so that + means "sharper => higher barrier", verdict from the interval
+    flat = frame.rename(columns={"hessian_top_eig": "flatness_radius"})  # the same numbers read as "flatter"
+    (sharp,) = connectivity_lines(flatness_vs_connectivity(frame, summary, ["train.lr"]))
+    (flatter,) = connectivity_lines(flatness_vs_connectivity(flat, summary, ["train.lr"]))
+    lo, hi = row["tau_loss_ci_low"], row["tau_loss_ci_high"]
+    assert sharp.startswith("hessian_top_eig (3 configurations;")
+    assert f"loss barrier +0.33 [{lo:+.2f}, {hi:+.2f}]: inconclusive (the interval holds 0)" in sharp
+    assert "error barrier +1.00 [" in sharp and sharp.endswith("]: flatter configurations more connected")
+    assert f"loss barrier -0.33 [{-hi:+.2f}, {-lo:+.2f}]: inconclusive" in flatter
+    assert flatter.endswith("]: flatter configurations less connected")
+
+
+def test_a_stochastic_measure_is_within_its_stated_error_of_the_exact_value(finished, capsys):
+    """Hutchinson's trace through `sweeps measure`: the stored value is the trial's seeded estimate
+    (equal to a direct call with the same options), which reports a standard error; the exact trace
+    (full Hessian, float64) is within 4 of those standard errors, and the relative standard error
+    met the requested rtol."""
+    root, address = finished
+    flags = ["--results-dir", str(root), "--address", address, "--no-report"]
+    options = {"method": "hutchinson", "rtol": 0.1, "max_hvp": 4000}
+    sets = [f"--set=measure_options.hessian_trace.{k}={v}" for k, v in options.items()]
+    assert main(["measure", NAME, "--metric", "hessian_trace", *sets, *flags]) == 0
+    assert "measured 4 trial(s)" in capsys.readouterr().out
+    for row in sweeps.results(NAME, results_dir=root).to_dict("records"):
+        artifacts: dict = {}
+        expected = direct(root, row, ["hessian_trace"], options={"hessian_trace": options}, artifacts=artifacts)
+        assert row["hessian_trace"] == expected["hessian_trace"]  # seeded: the same probes
+        result = artifacts["hessian_trace"]
+        assert result.method == "hutchinson" and result.converged and result.n_probes >= 2
+        assert result.std_err <= 0.1 * abs(result.value)
+        exact = exact_hessian_trace(root, row)
+        assert abs(row["hessian_trace"] - exact) <= 4 * result.std_err, (row["hessian_trace"], exact, result.std_err)
+        assert result.std_err > 0  # an estimate, not the exact value by construction

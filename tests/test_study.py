@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 from sweeps.analysis import complete_subgrid, correlations, hyperparameter_effects, tau_table
+from sweeps.posthoc.connectivity import connectivity_lines
 from sweeps.spec.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_the_study_config_is_a_complete_grid_with_the_diagonal_and_full_batch(re
 def test_the_committed_tables_are_what_sweeps_analysis_computes_from_results_csv(ms, results, claims):
     grid, dropped = complete_subgrid(results)
     assert dropped == claims["subgrid"]["dropped"] and len(grid) == claims["subgrid"]["n_runs"]
-    table = correlations(grid, n_boot=ms.N_BOOT)
+    table = correlations(grid, measures=ms.STUDY_MEASURES, n_boot=ms.N_BOOT)
     committed = pd.read_csv(STUDY / "report" / "correlations.csv", index_col=0)
     numeric = [c for c in committed.columns if pd.api.types.is_numeric_dtype(committed[c])]
     pd.testing.assert_frame_equal(
@@ -126,6 +127,54 @@ def test_the_committed_tables_are_what_sweeps_analysis_computes_from_results_csv
     for measure, quoted in claims["diagonal"]["tau_vs_gap"].items():
         assert quoted["tau"] == pytest.approx(diag_tau.loc[measure, "tau"], abs=1e-12)
         assert quoted["ci_low"] == pytest.approx(diag_tau.loc[measure, "tau_ci_low"], abs=1e-12)
+
+
+#: The Jiang et al. table and the connectivity files come from make_study.py run on a study measured
+#: with `sweeps measure` (the docstring of make_study.py): until docs/study is regenerated so, the
+#: checks of those files and of the page's sections on them are reported skipped, by name.
+REGENERATED = pytest.mark.skipif(
+    not (STUDY / "jiang.csv").exists(),
+    reason="docs/study not yet regenerated with the Jiang measures and seed_barrier (make_study.py docstring)",
+)
+
+
+@REGENERATED
+def test_the_jiang_table_is_sweeps_analysis_on_every_measure(ms, results, claims):
+    grid, _ = complete_subgrid(results)
+    jiang = ms.jiang_table(grid)
+    committed = pd.read_csv(STUDY / "jiang.csv", index_col=0)
+    assert list(committed.index) == list(jiang.index) == ms.STUDY_MEASURES + ms.JIANG_MEASURES + [ms.STEPS]
+    numeric = [c for c in committed.columns if pd.api.types.is_numeric_dtype(committed[c]) and c != "added"]
+    pd.testing.assert_frame_equal(
+        jiang[numeric].astype(float), committed[numeric].astype(float), check_exact=False, atol=1e-12
+    )
+    # the study's measures come first: their numbers are the report's, to the last digit
+    report = pd.read_csv(STUDY / "report" / "correlations.csv", index_col=0)
+    for column in ("tau", "tau_ci_low", "tau_ci_high", "Psi", "Psi_ci_low", "Psi_ci_high", "sign_error_max"):
+        assert jiang.loc[ms.STUDY_MEASURES, column].tolist() == pytest.approx(
+            report.loc[ms.STUDY_MEASURES, column].tolist(), abs=1e-12, nan_ok=True
+        )
+    for measure, quoted in claims["jiang"].items():
+        assert quoted["tau"] == pytest.approx(jiang.loc[measure, "tau"], abs=1e-12)
+        assert quoted["Psi"]["Psi"] == pytest.approx(jiang.loc[measure, "Psi"], abs=1e-12, nan_ok=True)
+        assert quoted["sign_error_max"] == pytest.approx(jiang.loc[measure, "sign_error_max"], nan_ok=True)
+    # Jiang et al.'s numbers: only those REFERENCES.md states, nowhere else
+    published = {m: (q["jiang_tau"], q["jiang_Psi"]) for m, q in claims["jiang"].items() if q["jiang_tau"] is not None}
+    assert published == {"sharpness_mag_flatness": (0.48, 0.52)}
+
+
+@REGENERATED
+def test_the_connectivity_table_is_sweeps_connectivity_on_the_committed_barriers(ms, results, claims):
+    pairs, configs = pd.read_csv(STUDY / "seed_pairs.csv"), pd.read_csv(STUDY / "seed_configs.csv")
+    converged = results[results["status"] == "converged"]
+    # every pair of seeds of every converged configuration, once
+    assert len(pairs) == claims["connectivity"]["n_pairs"] == 3 * converged.groupby([LR, BATCH, WIDTH]).ngroups
+    assert configs["n_pairs"].sum() == len(pairs) and len(configs) == claims["connectivity"]["n_configs"]
+    table = ms.connectivity_table(results, configs)
+    committed = pd.read_csv(STUDY / "connectivity.csv")
+    pd.testing.assert_frame_equal(table, committed, check_dtype=False, check_exact=False, atol=1e-12)
+    assert claims["connectivity"]["lines"] == connectivity_lines(table)
+    assert claims["connectivity"]["loss_barrier_mean"] == pytest.approx(pairs["loss_barrier"].mean(), abs=1e-12)
 
 
 def test_the_page_quotes_the_committed_numbers(results, claims, page):
@@ -213,11 +262,39 @@ def test_the_page_quotes_the_committed_numbers(results, claims, page):
     assert f"{eos['late_mean_ratio'].min():.2f}-{eos['late_mean_ratio'].max():.2f})" in cohen
 
 
+@REGENERATED
+def test_the_page_quotes_the_jiang_and_connectivity_numbers(ms, claims, page):
+    jiang = section(page, 6)
+    for measure, q in claims["jiang"].items():
+        row = (
+            f"| `{measure}` | {ms.signed(q['tau'], q['ci_low'], q['ci_high'])} | "
+            f"{ms.signed(q['Psi']['Psi'], q['Psi']['ci_low'], q['Psi']['ci_high'])} | {q['sign_error_max']:.2f} | "
+            f"{ms.signed(q['jiang_tau'])} | {ms.signed(q['jiang_Psi'])} |"
+        )
+        assert flat(row) in jiang, row
+    assert "Table 1" in jiang and "CIFAR-10" in jiang and "10,000" in jiang
+
+    connected = section(page, 7)
+    c = claims["connectivity"]
+    assert f"{c['n_pairs']} seed pairs" in connected and f"{c['n_configs']} configurations" in connected
+    for measure, q in c["measures"].items():
+        if q["larger_is"] not in ("sharper", "flatter"):
+            continue
+        sign = 1 if q["larger_is"] == "sharper" else -1
+        cells = []
+        for b in ("loss", "error"):
+            low, high = sorted([sign * q[f"tau_{b}_ci_low"], sign * q[f"tau_{b}_ci_high"]])
+            cells.append(interval(sign * q[f"tau_{b}"], low, high))
+        row = f"| `{measure}` | {cells[0]} | {cells[1]} |"
+        assert row in connected, row
+
+
 def test_each_claim_has_a_verdict(page):
     headings = re.findall(r"^## (\d)\. (.*)$", page, flags=re.MULTILINE)
-    assert [n for n, _ in headings] == ["1", "2", "3", "4", "5"]
+    sections = ["1", "2", "3", "4", "5"] + (["6", "7"] if (STUDY / "jiang.csv").exists() else [])
+    assert [n for n, _ in headings] == sections
     for number, heading in headings:
-        if number != "4":  # two claims, each with its verdict in bold in the text
+        if number not in ("4", "6"):  # 4: two claims, each with its verdict in bold in the text; 6: a table
             assert re.search(r": (reproduced|not reproduced|inconclusive)(, with caveats)?$", heading), heading
     assert flat(section(page, 4)).count("reproduced") >= 2
 
@@ -227,5 +304,7 @@ def test_every_file_the_page_cites_is_committed(page):
     assert {"batch_lr.png", "diagonal.png", "width.png", "eos.png", "results.csv", "effects.csv", "claims.json"} <= set(
         targets
     )
+    if (STUDY / "jiang.csv").exists():
+        assert {"jiang.csv", "connectivity.csv", "seed_pairs.csv", "seed_configs.csv"} <= set(targets)
     missing = [t for t in targets if not re.match(r"[a-z]+:", t) and not (STUDY / t).exists()]
     assert not missing, missing

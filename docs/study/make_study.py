@@ -2,6 +2,8 @@
 
 Usage:
     sweeps run examples/study.yaml --results-dir RESULTS     # 949 s (16 minutes) measured on 2 CPU cores
+    sweeps measure mnist1d-study --results-dir RESULTS $(python docs/study/make_study.py --measure-flags)
+    sweeps measure mnist1d-study --results-dir RESULTS --metric seed_barrier
     python docs/study/make_study.py --results-dir RESULTS [--out docs/study]
 
 Writes into ``--out``:
@@ -12,8 +14,16 @@ Writes into ``--out``:
     effects.csv          granulated tau of each hyperparameter vs each measure, gen_gap, test_acc
     diagonal.csv         the lr / batch size = const models (seed means) and their statistics
     eos.csv              the full-batch runs: tracked lambda_max against 2 / lr
+    jiang.csv            every measure (the study's and JIANG_MEASURES, added by ``sweeps measure``) on the
+                         complete sub-grid: tau, Psi, sign-error next to Jiang et al.'s published value
+    seed_pairs.csv       the seed pairs' barriers (``sweeps measure --metric seed_barrier``)
+    seed_configs.csv     their summary per configuration
+    connectivity.csv     flatness vs connectivity: tau between each measure's and the barrier's
+                         configuration means, with intervals (sweeps.posthoc.connectivity.flatness_vs_connectivity)
     claims.json          every number the page quotes, with its interval
     batch_lr.png, diagonal.png, width.png, eos.png
+
+and prints claims.json and the markdown tables of the page's sections 6 and 7 (page_tables).
 
 Every statistic comes from sweeps.analysis; this script only selects rows and draws.
 """
@@ -31,9 +41,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 import sweeps
-from sweeps.analysis import complete_subgrid, hyperparameter_effects, tau_table
+from sweeps.analysis import complete_subgrid, correlations, hyperparameter_effects, tau_table
+from sweeps.posthoc.connectivity import connectivity_lines, flatness_vs_connectivity, seed_barriers
 from sweeps.posthoc.report import make_report
 from sweeps.service.connections import resolve
+from sweeps.spec.config import load_config
 
 NAME = "mnist1d-study"
 LR, BATCH, WIDTH = "train.lr", "train.batch_size", "model.width"
@@ -48,6 +60,46 @@ RAW_VS_ADAPTIVE = [
 ]
 SHARPNESS = ["hessian_top_eig", "keskar_sharpness", "hessian_trace"]
 N_BOOT = 2000
+#: The measures examples/study.yaml computes after training: the report and section 4's table.
+#: Explicit (not "every measure column"): the measures added later must not change these numbers
+#: (the Psi bootstrap draws from one generator, measure after measure, in this order).
+STUDY_MEASURES = sorted(load_config(Path(__file__).resolve().parents[2] / "examples" / "study.yaml").measure)
+#: Jiang et al. 2020's measures (and a few more norms and curvatures) from the registry, added to
+#: the finished sweep with `sweeps measure` (MEASURE_FLAGS), in the order of Jiang et al.'s
+#: equations; STEPS is logged by every trial (optimizer steps to cross-entropy 0.1).
+JIANG_MEASURES = [
+    "param_count",  # eq. 20
+    "inverse_margin",  # 22
+    "log_prod_of_spec_over_margin",  # 31
+    "log_prod_of_spec",  # 32
+    "fro_over_spec",  # 33
+    "log_prod_of_fro_over_margin",  # 36
+    "log_prod_of_fro",  # 37
+    "fro_dist_from_init",  # 40
+    "spec_dist_from_init",  # 41
+    "param_norm",  # 42
+    "path_norm_over_margin",  # 43
+    "path_norm",  # 44
+    "fisher_rao_norm",
+    "pacbayes_init",  # 48
+    "pacbayes_orig",  # 49
+    "sharpness_flatness",  # 1 / alpha'^2, plain
+    "pacbayes_mag_init",  # 56
+    "pacbayes_mag_orig",  # 57
+    "sharpness_mag_flatness",  # 1 / alpha'^2, magnitude-aware
+    "frobenius_norm_sum",
+    "spectral_norm_sum",
+    "ggn_trace",
+    "fisher_trace",
+]
+STEPS = "steps_to_loss_0.1"
+#: Options of the added measures (the study's own traces use rtol 0.05 too).
+MEASURE_OPTIONS = {"ggn_trace": {"rtol": 0.05}, "fisher_trace": {"rtol": 0.05}}
+#: Jiang et al. 2020's published values, only those /work/shared/REFERENCES.md states ("Jiang et al.
+#: Table 1, CIFAR-10", marked "check" there: recalled, not read from the paper): their
+#: "magnitude-aware worst-case sharpness" (1 / alpha'^2 here; which of their magnitude-aware
+#: sharpness variants the note means is not stated). Every other row is blank.
+JIANG_PUBLISHED = {"sharpness_mag_flatness": {"tau": 0.48, "Psi": 0.52}}
 
 
 def batch_numbers(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
@@ -75,6 +127,73 @@ def diagonal(frame: pd.DataFrame) -> pd.DataFrame:
     ratio = (frame[LR] / pd.to_numeric(frame[BATCH], errors="coerce")).to_numpy(float)
     converged = (frame["status"] == "converged").to_numpy()
     return frame[converged & np.isclose(ratio, DIAGONAL_RATIO)]
+
+
+def measure_flags() -> list[str]:
+    """The `sweeps measure` flags that add JIANG_MEASURES with MEASURE_OPTIONS."""
+    flags = [f for m in JIANG_MEASURES for f in ("--metric", m)]
+    return flags + [f"--set=measure_options.{m}.{k}={v}" for m, o in MEASURE_OPTIONS.items() for k, v in o.items()]
+
+
+def jiang_table(grid: pd.DataFrame) -> pd.DataFrame:
+    """tau, Psi and sign-error of every measure on the complete sub-grid (the study's measures
+    first, in the report's order, so their numbers are the report's), with Jiang et al.'s
+    published values where JIANG_PUBLISHED has them."""
+    from landscape.metrics import METRICS
+
+    present = [m for m in JIANG_MEASURES + [STEPS] if m in grid.columns]
+    table = correlations(grid, measures=STUDY_MEASURES + present, n_boot=N_BOOT, allow_incomplete_grid=False)
+    out = table[
+        ["orientation", "n", "tau", "tau_ci_low", "tau_ci_high", "Psi", "Psi_ci_low", "Psi_ci_high"]
+        + ["sign_error_max", "sign_error_mean", "n_environments"]
+    ].copy()
+    out.insert(0, "reference", [METRICS[m].reference if m in METRICS else "Jiang et al. 2020" for m in out.index])
+    out["added"] = [m not in STUDY_MEASURES for m in out.index]
+    out["jiang_tau"] = [JIANG_PUBLISHED.get(m, {}).get("tau", math.nan) for m in out.index]
+    out["jiang_Psi"] = [JIANG_PUBLISHED.get(m, {}).get("Psi", math.nan) for m in out.index]
+    return out
+
+
+def connectivity_table(frame: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """sweeps.posthoc.connectivity.flatness_vs_connectivity over the converged configurations, N_BOOT resamples."""
+    return flatness_vs_connectivity(frame, summary, [LR, BATCH, WIDTH], n_boot=N_BOOT)
+
+
+def signed(value: float | None, low: float | None = None, high: float | None = None) -> str:
+    """``+0.12`` or ``+0.12 [-0.05, +0.30]`` (the page's format); blank for ``None`` (no published
+    value), ``-`` for NaN (undefined, e.g. psi of a measure tied within every group)."""
+    if value is None:
+        return ""
+    if math.isnan(value):
+        return "-"
+    return f"{value:+.2f}" + ("" if low is None or high is None else f" [{low:+.2f}, {high:+.2f}]")
+
+
+def page_tables(claims: dict) -> str:
+    """The markdown tables of the page's sections 6 (Jiang et al. side by side) and 7 (flatness vs
+    connectivity, taus turned so that + means sharper => higher barrier), from ``claims``."""
+    lines = [
+        "| measure | Kendall tau [95%] | Psi [95%] | sign-error max | Jiang et al. tau | Jiang et al. Psi |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for m, q in claims["jiang"].items():
+        lines.append(
+            f"| `{m}` | {signed(q['tau'], q['ci_low'], q['ci_high'])} | "
+            f"{signed(q['Psi']['Psi'], q['Psi']['ci_low'], q['Psi']['ci_high'])} | {q['sign_error_max']:.2f} | "
+            f"{signed(q['jiang_tau'])} | {signed(q['jiang_Psi'])} |"
+        )
+    if "connectivity" in claims:
+        lines += ["", "| measure | loss barrier tau [95%] | error barrier tau [95%] |", "|---|---|---|"]
+        for m, q in claims["connectivity"]["measures"].items():
+            if q["larger_is"] not in ("sharper", "flatter"):
+                continue
+            sign = 1 if q["larger_is"] == "sharper" else -1
+            cells = []
+            for b in ("loss", "error"):
+                low, high = sorted([sign * q[f"tau_{b}_ci_low"], sign * q[f"tau_{b}_ci_high"]])
+                cells.append(signed(sign * q[f"tau_{b}"], low, high))
+            lines.append(f"| `{m}` | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
 
 
 def eos_table(frame: pd.DataFrame, tracking_uri: str) -> tuple[pd.DataFrame, dict[int, pd.DataFrame]]:
@@ -195,9 +314,15 @@ def draw_eos(paths: dict[int, pd.DataFrame], eos: pd.DataFrame) -> Figure:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results-dir", required=True, help="where `sweeps run examples/study.yaml` wrote")
+    parser.add_argument("--results-dir", help="where `sweeps run examples/study.yaml` wrote")
     parser.add_argument("--out", default=str(Path(__file__).parent), help="output folder (default: docs/study)")
+    parser.add_argument("--measure-flags", action="store_true", help="print the `sweeps measure` flags and exit")
     args = parser.parse_args()
+    if args.measure_flags:
+        print(" ".join(measure_flags()))
+        return
+    if not args.results_dir:
+        parser.error("--results-dir is required")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     frame = sweeps.results(NAME, results_dir=args.results_dir)
@@ -209,6 +334,7 @@ def main() -> None:
     report = make_report(
         grid,
         out / "report",
+        measures=STUDY_MEASURES,
         n_boot=N_BOOT,
         allow_incomplete_grid=False,
         dpi=60,
@@ -235,6 +361,40 @@ def main() -> None:
         f"{r} vs {a}": [float(table.loc[r, f"psi[{WIDTH}]"]), float(table.loc[a, f"psi[{WIDTH}]"])]
         for r, a in RAW_VS_ADAPTIVE
     }
+
+    jiang = jiang_table(grid)
+    jiang.to_csv(out / "jiang.csv")
+    claims["jiang"] = {
+        m: {
+            **interval(row),
+            "Psi": interval(row, "Psi"),
+            "sign_error_max": float(row["sign_error_max"]),
+            "n_environments": int(row["n_environments"]),
+            "added": bool(row["added"]),
+            "jiang_tau": None if math.isnan(row["jiang_tau"]) else float(row["jiang_tau"]),
+            "jiang_Psi": None if math.isnan(row["jiang_Psi"]) else float(row["jiang_Psi"]),
+        }
+        for m, row in jiang.iterrows()
+    }
+
+    pairs = seed_barriers(NAME, results_dir=args.results_dir)
+    if not pairs.empty:
+        configs = seed_barriers(NAME, results_dir=args.results_dir, summary=True)
+        pairs.to_csv(out / "seed_pairs.csv", index=False)
+        configs.to_csv(out / "seed_configs.csv", index=False)
+        flat = connectivity_table(frame, configs)
+        flat.to_csv(out / "connectivity.csv", index=False)
+        claims["connectivity"] = {
+            "n_pairs": len(pairs),
+            "n_configs": len(configs),
+            "loss_barrier_mean": float(pairs["loss_barrier"].mean()),
+            "error_barrier_mean": float(pairs["error_barrier"].mean()),
+            "connected_fraction": float(pairs["connected"].mean()),
+            "measures": {
+                row["measure"]: {k: v for k, v in row.items() if k != "measure"} for row in flat.to_dict("records")
+            },
+            "lines": connectivity_lines(flat),
+        }
 
     effects = hyperparameter_effects(
         frame,
@@ -280,6 +440,8 @@ def main() -> None:
         fig.savefig(out / f"{name}.png", dpi=100)
     (out / "claims.json").write_text(json.dumps(claims, indent=2, default=str))
     print(json.dumps(claims, indent=2, default=str))
+    print("\nThe tables of the page's sections 6 and 7:\n")
+    print(page_tables(claims))
 
 
 if __name__ == "__main__":

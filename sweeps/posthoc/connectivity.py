@@ -144,30 +144,86 @@ def summarize(pairs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return out.reset_index() if keys else out.reset_index(drop=True)
 
 
-def flatness_vs_connectivity(frame: pd.DataFrame, summary: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+def flatness_vs_connectivity(
+    frame: pd.DataFrame,
+    summary: pd.DataFrame,
+    keys: list[str],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
     """Are flatter configurations more connected across seeds? Per measure column of ``frame``
     (registered measures, :func:`sweeps.analysis.default_measures`): Kendall tau-b over the
     configurations between the measure's mean over the configuration's converged trials and the
     configuration's mean ``loss_barrier`` (``tau_loss``) and ``error_barrier`` (``tau_error``),
-    with ``n_configs`` and the measure's ``larger_is``. For a ``sharper`` measure, tau > 0 says
-    sharper configurations have higher barriers (flatter ones are more connected). Empty with
-    fewer than two configurations."""
-    from scipy.stats import kendalltau
+    each with its percentile bootstrap interval over configurations (``*_ci_low``,
+    ``*_ci_high``: :func:`sweeps.analysis.tau_with_interval`, ``n_boot`` resamples from
+    ``seed``), with ``n_configs`` and the measure's ``larger_is``. The taus are of the raw
+    measure: for a ``sharper`` measure tau > 0 says sharper configurations have higher barriers
+    (flatter ones are more connected), for a ``flatter`` one tau < 0 says so
+    (:func:`connectivity_lines` words it). Empty with fewer than two configurations."""
+    from ..analysis import default_measures, measure_orientation, tau_with_interval
 
-    from ..analysis import default_measures, measure_orientation
-
-    columns = ["measure", "larger_is", "n_configs", "tau_loss", "tau_error"]
+    barriers = {"loss": "loss_barrier_mean", "error": "error_barrier_mean"}
+    columns = ["measure", "larger_is", "n_configs"] + [
+        f"tau_{b}{suffix}" for b in barriers for suffix in ("", "_ci_low", "_ci_high")
+    ]
     if not keys or len(summary) < 2:
         return pd.DataFrame(columns=columns)
     runs = frame[frame["status"] == "converged"]
     measures = [m for m in default_measures(runs) if not m.endswith("_seconds")]
-    joined = summary.set_index(keys).join(runs.groupby(keys, dropna=False)[measures].mean())
+    # the keys as text on both sides: a summary read back from its CSV has "32" where the results have 32
+    means = runs.assign(**{k: runs[k].astype(str) for k in keys}).groupby(keys, dropna=False)[measures].mean()
+    joined = summary.assign(**{k: summary[k].astype(str) for k in keys}).set_index(keys).join(means)
     rows = []
     for m in measures:
         usable = joined[joined[m].notna()]
-        taus = [kendalltau(usable[m], usable[c]).statistic for c in ("loss_barrier_mean", "error_barrier_mean")]
-        rows.append([m, measure_orientation(m), len(usable), *(float(t) for t in taus)])
+        row: dict[str, Any] = {"measure": m, "larger_is": measure_orientation(m), "n_configs": len(usable)}
+        for b, column in barriers.items():
+            mu, g = usable[m].to_numpy(float), usable[column].to_numpy(float)
+            tau = tau_with_interval(mu, g, n_boot=n_boot, seed=seed, confidence=confidence)
+            row |= {f"tau_{b}{suffix}": float(tau[f"tau{suffix}"]) for suffix in ("", "_ci_low", "_ci_high")}
+        rows.append(row)
     return pd.DataFrame(rows, columns=columns)
+
+
+def connectivity_lines(flatness: pd.DataFrame) -> list[str]:
+    """One sentence per oriented measure (``sharper`` or ``flatter``) of a
+    :func:`flatness_vs_connectivity` table: are flatter configurations more connected across
+    seeds? Its taus are turned so that tau > 0 means "sharper configuration, higher barrier"; the
+    verdict is read from the bootstrap interval: above 0 "more connected", below 0 "less
+    connected", holding 0 "inconclusive", undefined (ties, too few configurations) "undefined"."""
+    import math
+
+    lines = []
+    for row in flatness.to_dict("records"):
+        if row["larger_is"] not in ("sharper", "flatter"):
+            continue
+        sign = 1.0 if row["larger_is"] == "sharper" else -1.0
+        parts = []
+        for b in ("loss", "error"):
+            tau, low, high = (sign * float(row[f"tau_{b}{s}"]) for s in ("", "_ci_low", "_ci_high"))
+            low, high = min(low, high), max(low, high)
+            if not math.isfinite(tau):
+                parts.append(f"{b} barrier: tau undefined (ties): undefined")
+                continue
+            if not (math.isfinite(low) and math.isfinite(high)):
+                parts.append(f"{b} barrier {tau:+.2f} (no interval): inconclusive")
+                continue
+            verdict = (
+                "flatter configurations more connected"
+                if low > 0
+                else "flatter configurations less connected"
+                if high < 0
+                else "inconclusive (the interval holds 0)"
+            )
+            parts.append(f"{b} barrier {tau:+.2f} [{low:+.2f}, {high:+.2f}]: {verdict}")
+        lines.append(
+            f"{row['measure']} ({int(row['n_configs'])} configurations; Kendall tau between the configuration means, "
+            f"turned so that + means sharper => higher barrier): " + "; ".join(parts)
+        )
+    return lines
 
 
 def _store(client: Any, parent: str, pairs: pd.DataFrame, summary: pd.DataFrame, flatness: pd.DataFrame) -> None:
@@ -187,6 +243,22 @@ def _store(client: Any, parent: str, pairs: pd.DataFrame, summary: pd.DataFrame,
         "connected_fraction": float(pairs["connected"].mean()),
     }
     client.log_batch(parent, metrics=[Metric(f"connectivity.{k}", v, now, len(pairs)) for k, v in values.items()])
+
+
+def flatness_table(
+    name: str, frame: pd.DataFrame, tracking_uri: str | None = None, *, results_dir: str | Path | None = None
+) -> pd.DataFrame | None:
+    """:func:`flatness_vs_connectivity` of sweep ``name``'s stored seed-pair summary against the
+    results ``frame`` as they are now (measures added after the pairs count too); ``None`` when
+    the sweep has no seed_barrier results (or no parent run)."""
+    try:
+        summary = seed_barriers(name, tracking_uri, results_dir=results_dir, summary=True)
+    except LookupError:
+        return None
+    if summary.empty:
+        return None
+    keys, _ = seed_groups(frame)
+    return flatness_vs_connectivity(frame, summary, keys)
 
 
 def seed_barriers(
@@ -217,6 +289,8 @@ __all__ = [
     "DEFAULTS",
     "PAIRWISE",
     "check_options",
+    "connectivity_lines",
+    "flatness_table",
     "flatness_vs_connectivity",
     "measure_pairs",
     "seed_barriers",

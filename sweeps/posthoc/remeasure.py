@@ -1,6 +1,8 @@
 """``sweeps measure``: landscape measures added to the finished trials of a sweep, from their stored weights.
 
-For every ``converged`` trial of the sweep :func:`measure_sweep` reads the trial's final weights
+For every trial of the sweep that the sweep itself measured or would have measured (status
+``converged`` or ``not_converged``, :data:`sweeps.spec.status.MEASURED`; not ``diverged``, ``pruned``,
+``failed``, nor unfinished ones) :func:`measure_sweep` reads the trial's final weights
 (``model.pt``) and initialization (``init_state.pt``) from its MLflow run's artifacts, rebuilds
 its data and model from the trial's config (the sweep's stored config with the trial's point
 set), and computes the named registry measures in a Ray task (:func:`measure_stored`) on the
@@ -37,7 +39,7 @@ from typing import Any
 
 from ..service.tracking import INIT_FILE, MODEL_FILE, artifact_bytes
 from ..spec.errors import ConfigError, UsageError
-from ..spec.status import TrialStatus
+from ..spec.status import MEASURED
 
 
 @dataclass
@@ -194,7 +196,8 @@ def measure_sweep(
     report: bool = True,
     log: Callable[[str], None] = print,
 ) -> MeasureSummary:
-    """Compute ``metrics`` for every converged trial of sweep ``name`` (see the module docstring).
+    """Compute ``metrics`` for every trial of sweep ``name`` that the sweep measures (``converged``
+    and ``not_converged``, :data:`sweeps.spec.status.MEASURED`; see the module docstring).
 
     Args:
         name: the sweep (Optuna study and MLflow experiment).
@@ -236,8 +239,8 @@ def measure_sweep(
             summary.pairs = measure_pairs(name, base, conn, summary.parent_run_id, pair_options, log)
         if summary.measured:
             _refresh_live(name, base, conn, summary.parent_run_id, log)
-            if report:
-                summary.report = _report(name, conn, log)
+        if report and (summary.measured or summary.pairs is not None):  # the report states the barriers too
+            summary.report = _report(name, conn, log)
     return summary
 
 
@@ -269,14 +272,14 @@ def _measure_trials(
     frame = results(name, conn.tracking_uri)
     keys = list(result_keys(metrics))
     todo = []
-    for row in frame[frame["status"] == TrialStatus.CONVERGED].to_dict("records"):
+    for row in frame[frame["status"].isin(MEASURED)].to_dict("records"):
         number = int(row["trial_number"])
         if not force and all(k in row and row[k] is not None and not _isnan(row[k]) for k in keys):
             summary.skipped.append(number)
         else:
             todo.append(row)
     log(
-        f"sweep {name}: {len(todo)} converged trial(s) to measure with {', '.join(metrics)}"
+        f"sweep {name}: {len(todo)} trial(s) to measure with {', '.join(metrics)}"
         + (f"; {len(summary.skipped)} have them already (--force measures them again)" if summary.skipped else "")
     )
     if not todo:

@@ -10,7 +10,10 @@
     points coloured by that hyperparameter,
   - ``trend_<measure>.png``: each measure against each hyperparameter (median over the other
     hyperparameters and seeds, every run as a faint dot; log axes where values span decades),
-  - ``report.html``: all of the above in one file, images embedded as base64.
+  - ``report.html``: all of the above in one file, images embedded as base64; with a
+    ``connectivity`` table (a sweep measured with ``sweeps measure --metric seed_barrier``) also
+    whether flatter configurations are more connected across seeds
+    (:func:`sweeps.posthoc.connectivity.connectivity_lines`).
 
 * :func:`print_table` prints the table with rich.
 * :func:`log_report` puts the folder on an MLflow run (artifact path ``analysis/``) plus summary
@@ -56,11 +59,14 @@ class Report:
         out_dir: the folder holding every file.
         files: ``{name: path}`` of every file written (``"csv"``, ``"json"``, ``"html"``, and
             one entry per figure, keyed by its file stem, e.g. ``"psi_heatmap"``).
+        connectivity: the sentences on flatness vs connectivity across seeds
+            (:func:`sweeps.posthoc.connectivity.connectivity_lines`); empty without seed_barrier results.
     """
 
     table: pd.DataFrame
     out_dir: Path
     files: dict[str, Path] = field(default_factory=dict)
+    connectivity: list[str] = field(default_factory=list)
 
     @property
     def html(self) -> Path:
@@ -159,7 +165,9 @@ def print_table(table: pd.DataFrame, console: Any = None, title: str | None = No
         console.print(f"note: {note}", markup=False)
 
 
-def _html_document(title: str, table: pd.DataFrame, images: Mapping[str, Path]) -> str:
+def _html_document(
+    title: str, table: pd.DataFrame, images: Mapping[str, Path], connectivity: pd.DataFrame | None = None
+) -> str:
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
@@ -173,6 +181,17 @@ def _html_document(title: str, table: pd.DataFrame, images: Mapping[str, Path]) 
         parts.append(f"<p{cls}>{html.escape(line)}</p>")
     parts.append(f"<p>References: {html.escape(REFERENCES)}.</p>")
     parts.append(table.to_html(float_format=lambda v: f"{v:.3f}", na_rep="-", escape=True))
+    if connectivity is not None and not connectivity.empty:
+        from .connectivity import connectivity_lines
+
+        parts.append("<h2>Are flatter configurations more connected across seeds?</h2>")
+        parts.append(
+            "<p>Seed pairs of each configuration joined by a straight line (sweeps measure --metric "
+            "seed_barrier); Kendall tau over the configurations between a measure's mean and the mean barrier, "
+            "95% bootstrap interval over configurations.</p>"
+        )
+        parts.extend(f"<p>{html.escape(line)}</p>" for line in connectivity_lines(connectivity))
+        parts.append(connectivity.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
     for name, path in images.items():
         data = base64.b64encode(path.read_bytes()).decode("ascii")
         parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
@@ -197,6 +216,7 @@ def make_report(
     title: str | None = None,
     allow_incomplete_grid: bool = True,
     dpi: int = 110,
+    connectivity: pd.DataFrame | None = None,
     **correlation_options: Any,
 ) -> Report:
     """Compute :func:`~sweeps.analysis.correlations` on ``df`` and write the report into ``out_dir``.
@@ -204,7 +224,9 @@ def make_report(
     ``allow_incomplete_grid`` defaults to True here (a diverged cell must not cost the whole
     report): psi/Psi/CMI are then NaN and the report says so in red. Other keyword arguments go
     to :func:`~sweeps.analysis.correlations` (``seed_columns``, ``orientation``, ...). Figures are
-    PNG at ``dpi``. Returns a :class:`Report` with the table and the paths of all files.
+    PNG at ``dpi``. ``connectivity``: a :func:`sweeps.posthoc.connectivity.flatness_vs_connectivity`
+    table (``seed_barriers(NAME, flatness=True)``), stated in the HTML when given and not empty.
+    Returns a :class:`Report` with the table and the paths of all files.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,6 +241,10 @@ def make_report(
         **correlation_options,
     )
     report = Report(table=table, out_dir=out)
+    if connectivity is not None and not connectivity.empty:
+        from .connectivity import connectivity_lines
+
+        report.connectivity = connectivity_lines(connectivity)
     report.files["csv"] = out / "correlations.csv"
     table.to_csv(report.files["csv"])
     report.files["json"] = out / "correlations.json"
@@ -245,7 +271,7 @@ def make_report(
     images = {name: report.files[name] for name in figures}
     title = title or f"Sweep analysis: which measure predicts {target}?"
     report.files["html"] = out / "report.html"
-    report.files["html"].write_text(_html_document(title, table, images), encoding="utf-8")
+    report.files["html"].write_text(_html_document(title, table, images, connectivity), encoding="utf-8")
     return report
 
 
@@ -355,6 +381,10 @@ def report_sweep(
         )
     out = Path(out_dir)
     report_options.setdefault("title", f"Sweep {name}: which measure predicts generalization?")
+    if "connectivity" not in report_options:
+        from .connectivity import flatness_table
+
+        report_options["connectivity"] = flatness_table(name, df, tracking_uri, results_dir=results_dir)
     report = make_report(df, out, **report_options)
     if log:
         parent = find_parent_run(name, tracking_uri, results_dir=results_dir)

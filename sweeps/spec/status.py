@@ -47,6 +47,13 @@ class TrialStatus(StrEnum):
         return self in _FINISHED
 
     @property
+    def measured(self) -> bool:
+        """True if a trial that ends in this status gets its landscape measures: the sweep
+        measures it after training, and ``sweeps measure`` measures it later (``converged`` and
+        ``not_converged``; a diverged or pruned model has no minimum to measure)."""
+        return self in MEASURED
+
+    @property
     def optuna_state(self) -> TrialState:
         """The state the trial is told (finished and interrupted) or has (running, queued) in Optuna."""
         return _OPTUNA_STATE[self]
@@ -71,6 +78,10 @@ _OPTUNA_STATE = {
     TrialStatus.QUEUED: TrialState.WAITING,
 }
 
+#: Statuses whose trials are measured (:attr:`TrialStatus.measured`): by the sweep after
+#: training and by ``sweeps measure`` later, the one rule both follow.
+MEASURED = frozenset({TrialStatus.CONVERGED, TrialStatus.NOT_CONVERGED})
+
 #: Finished statuses in table order (results, counts, reports).
 FINISHED = tuple(s for s in TrialStatus if s.finished)
 
@@ -80,4 +91,4 @@ def is_finished(status: str | None) -> bool:
     return status in _FINISHED
 
 
-__all__ = ["FINISHED", "TrialStatus", "is_finished"]
+__all__ = ["FINISHED", "MEASURED", "TrialStatus", "is_finished"]

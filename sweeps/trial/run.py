@@ -162,11 +162,11 @@ def run_population(
     ``out_dirs[i]`` and ``on_result(i, result)`` is called, before the others go on.
 
     Args:
-        configs: trials with one :func:`~sweeps.trial.population.population_key`; more than one
-            needs a stackable model (:func:`~sweeps.trial.population.stack_check`).
+        configs: trials with one :func:`~sweeps.trial.run.population.population_key`; more than one
+            needs a stackable model (:func:`~sweeps.trial.run.population.stack_check`).
         on_result: called once per member, in the order they finish.
         log: ``log(i, record)``: member i's epoch and tracking records
-            (:class:`~sweeps.trial.train.TrainingRecord`: kind, step, values).
+            (:class:`~sweeps.trial.run.train.TrainingRecord`: kind, step, values).
         out_dirs: one folder per member for its files, or ``None``.
         device: as for :func:`run_trial`; threads from ``configs[0].resources.cpus_per_trial``.
         on_error: if given, a member whose measures or files raise is reported as
@@ -178,9 +178,9 @@ def run_population(
             for it. Members without measures (diverged, pruned, ``measure`` empty) still go to
             ``on_result``.
         stop: ``stop(i)`` after each epoch: a reason to stop member i now (status ``pruned``,
-            no measures) or ``None``; see :func:`~sweeps.trial.train.train_population`.
+            no measures) or ``None``; see :func:`~sweeps.trial.run.train.train_population`.
         checkpoint_dir: if given (and ``train.checkpoint`` not off), each member checkpoints
-            to its file under it (:func:`sweeps.trial.checkpoint.checkpoint_path`) and a member with a
+            to its file under it (:func:`sweeps.trial.run.checkpoint.checkpoint_path`) and a member with a
             checkpoint there continues from it, exactly. Members whose checkpoints are at
             different positions (none counts as one) train as successive populations, the
             furthest first. Each member's ``log`` first receives its records so far again.
@@ -342,8 +342,9 @@ def measure_trained(
 
 
 def _has_measures(config: SweepConfig, trained: TrainResult) -> bool:
-    """Landscape measures are computed for trained models (not diverged or pruned ones)."""
-    return bool(config.measure) and trained.status not in (TrialStatus.DIVERGED, TrialStatus.PRUNED)
+    """Landscape measures are computed for trained models (not diverged or pruned ones):
+    :attr:`TrialStatus.measured`, the rule ``sweeps measure`` follows too."""
+    return bool(config.measure) and TrialStatus(trained.status).measured
 
 
 def _measured(

@@ -484,7 +484,11 @@ class MlflowServer:
             "--workers",
             "1",
         ]
-        self.process = spawn(f"mlflow-{self.port}", argv, clean_env(), self.log_dir)
+        # No job runner: MLflow 3 otherwise starts a dozen huey consumer processes beside the server
+        # (GenAI jobs the sweeps never submit) that poll all along, CPU and memory a loaded 2-core
+        # test machine does not have. The tracking and artifact APIs are the same without them.
+        env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        self.process = spawn(f"mlflow-{self.port}", argv, env, self.log_dir)
 
     def wait_healthy(self, timeout: float = 180) -> None:
         try:

@@ -233,6 +233,10 @@ def sweep_setup(request, postgres, ray_cluster, mlflow_server, tmp_path) -> Swee
 LRS = [0.01, 0.02, 0.03, 0.05, 0.07, 0.1]  # 6 grid points = 6 trials, 2 at a time; none diverges
 MAX_EPOCHS = 10  # under 1 s warm (a fresh worker adds seconds of imports)
 KILL_EPOCHS = 2500  # ~7 s warm on an idle machine: a kill lands mid-trial despite the state API lag
+# Trials of the driver-stop tests: they wait on the study, not the state API (no lag), so a trial
+# need only outlast the 0.5 s poll: ~2 s warm keeps two rounds (>= 4 s) between the wait's condition
+# and the sweep's end. The resume trains what is left at this length too: the tests' main cost.
+DRIVER_STOP_EPOCHS = 800
 
 
 def completed(result: subprocess.CompletedProcess) -> str:
@@ -324,9 +328,9 @@ def wait_until(predicate, timeout: float, what: str, driver: Process) -> None:
 
 
 def stop_driver_mid_sweep(setup: SweepSetup, sig: int, finished: int) -> int:
-    """Run the sweep with trials of ~7 s, one per task, and send ``sig`` to the driver once
+    """Run the sweep with trials of ~2 s, one per task, and send ``sig`` to the driver once
     ``finished`` trials are recorded and another is running; returns its exit code."""
-    write_config(setup.config.parent, setup.name, LRS, KILL_EPOCHS, population_size=1)
+    write_config(setup.config.parent, setup.name, LRS, DRIVER_STOP_EPOCHS, population_size=1)
     driver = setup.start_cli(setup.run_args())
     try:
         wait_until(

@@ -35,9 +35,10 @@ LAYERS = {
 ENTRY_POINTS = {"sweeps", "sweeps.cli", "sweeps.runner", "sweeps.exit_codes", "sweeps._moved"}
 
 
-def imported_roots(path: Path, *, relative_as: str | None = None) -> set[str]:
-    """Top-level names of the modules ``path`` imports (relative imports as ``relative_as``)."""
-    found: set[str] = set()
+def import_statements(path: Path) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement of ``path``, module level or inside a function, except those under
+    ``if TYPE_CHECKING:``, which never run."""
+    found: list[ast.Import | ast.ImportFrom] = []
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
@@ -45,16 +46,24 @@ def imported_roots(path: Path, *, relative_as: str | None = None) -> set[str]:
                 for stmt in child.orelse:
                     visit(ast.Module(body=[stmt], type_ignores=[]))
                 continue
-            if isinstance(child, ast.Import):
-                found.update(a.name.split(".")[0] for a in child.names)
-            elif isinstance(child, ast.ImportFrom):
-                if child.level and relative_as:
-                    found.add(relative_as)
-                elif not child.level and child.module:
-                    found.add(child.module.split(".")[0])
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                found.append(child)
             visit(child)
 
     visit(ast.parse(path.read_text(), filename=str(path)))
+    return found
+
+
+def imported_roots(path: Path, *, relative_as: str | None = None) -> set[str]:
+    """Top-level names of the modules ``path`` imports (relative imports as ``relative_as``)."""
+    found: set[str] = set()
+    for node in import_statements(path):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif node.level and relative_as:
+            found.add(relative_as)
+        elif not node.level and node.module:
+            found.add(node.module.split(".")[0])
     return found
 
 
@@ -89,37 +98,27 @@ def _module_name(path: Path) -> str:
 
 
 def _sweeps_imports(path: Path) -> set[str]:
-    """The ``sweeps`` modules that ``path`` imports anywhere (module level or inside a function),
-    except under ``if TYPE_CHECKING:``, which never runs."""
+    """The ``sweeps`` modules that ``path`` imports (:func:`import_statements`), by full name."""
     package = _module_name(path) if path.stem == "__init__" else _module_name(path).rpartition(".")[0]
     found: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
-                for stmt in child.orelse:
-                    visit(ast.Module(body=[stmt], type_ignores=[]))
-                continue
-            if isinstance(child, ast.Import):
-                found.update(a.name for a in child.names if a.name.split(".")[0] == "sweeps")
-            elif isinstance(child, ast.ImportFrom):
-                base = package.rsplit(".", child.level - 1)[0] if child.level else (child.module or "")
-                if child.level and child.module:
-                    base = f"{base}.{child.module}"
-                if base == "sweeps":  # `from . import data` / `from sweeps import x`
-                    found.update(f"sweeps.{a.name}" for a in child.names)
-                elif base.split(".")[0] == "sweeps":  # a package's submodules count too
-                    found.add(base)
-                    found.update(f"{base}.{a.name}" for a in child.names)
-            visit(child)
-
-    visit(ast.parse(path.read_text(), filename=str(path)))
+    for node in import_statements(path):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "sweeps")
+            continue
+        base = package.rsplit(".", node.level - 1)[0] if node.level else (node.module or "")
+        if node.level and node.module:
+            base = f"{base}.{node.module}"
+        if base == "sweeps":  # `from . import data` / `from sweeps import x`
+            found.update(f"sweeps.{a.name}" for a in node.names)
+        elif base.split(".")[0] == "sweeps":  # a package's submodules count too
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
     return found
 
 
 def test_no_import_cycle_in_sweeps():
     """The import graph of ``sweeps/**/*.py`` is acyclic. Imports inside functions count: a lazy
-    import still ties two modules together ."""
+    import still ties two modules together."""
     modules = {_module_name(p): p for p in sorted(SWEEPS.rglob("*.py"))}
     graph = {name: sorted(_sweeps_imports(path) & set(modules) - {name}) for name, path in modules.items()}
     assert graph["sweeps.spec.config"], "the walk found no imports: it is broken, not the graph acyclic"

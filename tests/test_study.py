@@ -277,15 +277,8 @@ def test_the_page_quotes_the_jiang_and_connectivity_numbers(ms, claims, page):
     connected = section(page, 7)
     c = claims["connectivity"]
     assert f"{c['n_pairs']} seed pairs" in connected and f"{c['n_configs']} configurations" in connected
-    for measure, q in c["measures"].items():
-        if q["larger_is"] not in ("sharper", "flatter"):
-            continue
-        sign = 1 if q["larger_is"] == "sharper" else -1
-        cells = []
-        for b in ("loss", "error"):
-            low, high = sorted([sign * q[f"tau_{b}_ci_low"], sign * q[f"tau_{b}_ci_high"]])
-            cells.append(interval(sign * q[f"tau_{b}"], low, high))
-        row = f"| `{measure}` | {cells[0]} | {cells[1]} |"
+    _, barriers = ms.page_tables(claims).split("\n\n")  # the table make_study.py prints for section 7
+    for row in barriers.splitlines()[2:]:
         assert row in connected, row
 
 

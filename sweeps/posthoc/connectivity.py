@@ -276,7 +276,7 @@ def seed_barriers(
 
     from ..service.connections import resolve
     from ..service.tracking import artifact_bytes
-    from .report import find_parent_run
+    from .queries import find_parent_run
 
     uri = resolve(tracking_uri=tracking_uri, results_dir=results_dir, create=False).tracking_uri
     parent = find_parent_run(name, uri)

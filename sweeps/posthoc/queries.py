@@ -56,6 +56,32 @@ def _connections(tracking_uri: str | None, results_dir: str | Path | None, stora
     return resolve(tracking_uri=tracking_uri, results_dir=results_dir, storage=storage, create=False)
 
 
+def find_parent_run(name: str, tracking_uri: str | None = None, *, results_dir: str | Path | None = None) -> str:
+    """Run id of sweep ``name``'s parent run (newest one if the sweep was restarted).
+
+    The parent run lives in the experiment named ``name``, has tag ``sweeps.role=parent`` and no
+    ``mlflow.parentRunId`` tag (see :mod:`sweeps.service.tracking`). ``tracking_uri=None`` resolves as
+    for ``sweeps run``.
+    """
+    client = MlflowClient(tracking_uri=_connections(tracking_uri, results_dir).tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        raise LookupError(
+            f"name: no sweep named {name!r} (MLflow experiment) in {redact(client.tracking_uri)}; "
+            "check NAME and --tracking-uri"
+        )
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{ROLE_TAG}` = 'parent'",
+        order_by=["attributes.start_time DESC"],
+        max_results=100,
+    )
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+    if not parents:
+        raise LookupError(f"sweep {name!r}: experiment has no parent run (tag {ROLE_TAG}=parent)")
+    return parents[0].info.run_id
+
+
 def _all_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Any]:
     runs: list[Any] = []
     token = None

@@ -42,6 +42,7 @@ from ..analysis import correlations, format_cells
 from ..analysis.figures import is_numeric, psi_heatmap, scatter_figure, trend_figure
 from ..service.outages import retrying_read
 from ..spec.status import TrialStatus
+from .queries import find_parent_run
 
 REFERENCES = (
     "Kendall (1938, 1945) tau-b; Jiang et al. (2020) 'Fantastic generalization measures and where to find them' "
@@ -280,37 +281,6 @@ def _tracking_uri(tracking_uri: str | None, results_dir: str | Path | None = Non
     from ..service.connections import resolve
 
     return resolve(tracking_uri=tracking_uri, results_dir=results_dir, create=False).tracking_uri
-
-
-def find_parent_run(name: str, tracking_uri: str | None = None, *, results_dir: str | Path | None = None) -> str:
-    """Run id of sweep ``name``'s parent run (newest one if the sweep was restarted).
-
-    The parent run lives in the experiment named ``name``, has tag ``sweeps.role=parent`` and no
-    ``mlflow.parentRunId`` tag (see :mod:`sweeps.service.tracking`). ``tracking_uri=None`` resolves as
-    for ``sweeps run``.
-    """
-    from mlflow import MlflowClient
-
-    from ..service.connections import redact
-    from ..service.tracking import PARENT_TAG, ROLE_TAG
-
-    client = MlflowClient(tracking_uri=_tracking_uri(tracking_uri, results_dir))
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        raise LookupError(
-            f"name: no sweep named {name!r} (MLflow experiment) in {redact(client.tracking_uri)}; "
-            "check NAME and --tracking-uri"
-        )
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`{ROLE_TAG}` = 'parent'",
-        order_by=["attributes.start_time DESC"],
-        max_results=100,
-    )
-    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
-    if not parents:
-        raise LookupError(f"sweep {name!r}: experiment has no parent run (tag {ROLE_TAG}=parent)")
-    return parents[0].info.run_id
 
 
 def log_report(

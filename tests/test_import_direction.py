@@ -222,7 +222,7 @@ def test_every_module_path_of_version_0_1_still_imports():
         "    assert module is importlib.import_module(new), old\n"
         "    assert module.__spec__.name == new, (old, module.__spec__.name)\n"
         "    assert any(new in str(w.message) and w.category is DeprecationWarning for w in caught), old\n"
-        "from sweeps.trial import run_trial, TrialResult\n"
+        "from sweeps.trial import run_trial, run_population, measure_batches, TrialResult, TrainedMember\n"
         "from sweeps.data import register_dataset\n"
         "from sweeps.trial.data import register_dataset as same\n"
         "assert register_dataset is same\n"

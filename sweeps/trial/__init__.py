@@ -10,6 +10,10 @@ from __future__ import annotations
 from landscape._exports import lazy_exports
 
 # ``sweeps.trial`` was the module of one trial (now :mod:`.run`); its public names stay here.
-_EXPORTS = {"run_trial": ".run", "TrialResult": ".run"}
+_EXPORTS = dict.fromkeys(
+    ("TrialResult", "TrainedMember", "measure_batches", "measure_trained", "run_population", "run_trial")
+    + ("write_artifacts",),
+    ".run",
+)
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -35,6 +35,13 @@ LAYERS = {
 ENTRY_POINTS = {"sweeps", "sweeps.cli", "sweeps.runner", "sweeps.exit_codes", "sweeps._moved"}
 
 
+def python_prints(script: str) -> str:
+    """What ``script`` prints, run in a fresh interpreter from the repository root (it must succeed)."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
 def import_statements(path: Path) -> list[ast.Import | ast.ImportFrom]:
     """Every import statement of ``path``, module level or inside a function, except those under
     ``if TYPE_CHECKING:``, which never run."""
@@ -154,11 +161,8 @@ def test_every_sweeps_module_imports_first():
         "    except Exception as err:\n"
         "        print(f'{name}: {type(err).__name__}: {err}')\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=SWEEPS.parent, check=False
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout == "", done.stdout
+    printed = python_prints(script)
+    assert printed == "", printed
 
 
 def _layer(module: str) -> str | None:
@@ -204,9 +208,7 @@ def test_the_spec_imports_no_torch():
         "SweepConfig.model_validate({'name': 'x'})\n"
         "print(sorted(m for m in ('torch', 'ray', 'optuna', 'mlflow', 'pandas') if m in sys.modules))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "[]"
+    assert python_prints(script).strip() == "[]"
 
 
 def test_every_module_path_of_version_0_1_still_imports():
@@ -228,9 +230,8 @@ def test_every_module_path_of_version_0_1_still_imports():
         "assert register_dataset is same\n"
         "print(len(NEW_PATHS))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
+    printed = python_prints(script)
     moved = {_module_name(p) for p in SWEEPS.rglob("*.py")}
     from sweeps._moved import NEW_PATHS
 
-    assert set(NEW_PATHS.values()) <= moved and int(done.stdout) == len(NEW_PATHS) > 30
+    assert set(NEW_PATHS.values()) <= moved and int(printed) == len(NEW_PATHS) > 30

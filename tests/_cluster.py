@@ -29,6 +29,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,35 +358,47 @@ class RayNodes:
                 node.stop()
             raise RuntimeError("\n".join(f"ray start ({n.name}) exited:\n{n.output()}" for n in dead))
 
-    def _start(self, specs: list[tuple[str, list[str], int]]) -> list[Process]:
-        """Spawn the nodes ``(name, role args, CPUs)`` at once; returns when all started.
+    def _start(self, specs: Callable[[], list[tuple[str, list[str], int]]]) -> list[Process]:
+        """Spawn the nodes ``specs()`` gives, ``(name, role args, CPUs)``, at once; returns when all
+        started.
 
-        Tried once more when a node gave up with Ray's "timed out during startup": a raylet has a
-        fixed 30 s to register with the GCS, which an overloaded test machine can exceed. Any
-        other failure, or a second time-out, is raised.
+        Tried once more, with the specs (and so the ports) made again, when a node gave up with
+        Ray's "timed out during startup" (a raylet has a fixed 30 s to register with the GCS,
+        which an overloaded test machine can exceed) or found a port it was given taken (a free
+        port is only free until another process binds it). Any other failure, or a second one,
+        is raised.
         """
-        nodes = [self._spawn(*spec) for spec in specs]
+        nodes = [self._spawn(*spec) for spec in specs()]
         try:
             self._wait_started(nodes)
         except RuntimeError as err:
-            if "timed out during startup" not in str(err):
+            if not any(why in str(err) for why in ("timed out during startup", "address already in use")):
                 raise
-            nodes = [self._spawn(*spec) for spec in specs]
+            nodes = [self._spawn(*spec) for spec in specs()]
             self._wait_started(nodes)
         return nodes
 
     def start_head(self, num_cpus: int = 0, name: str = "head") -> Process:
         """Start the head; its temp dir is ``root/name`` (``name="ray"`` with ``RAY_TMPDIR=root``
         makes it the machine's default cluster for processes given that environment)."""
-        role = [
-            "--head",
-            f"--port={self.port}",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={free_port()}",
-        ]
-        (head,) = self._start([(name, role, num_cpus)])
+        tries = 0
+
+        def spec() -> list[tuple[str, list[str], int]]:
+            nonlocal tries
+            tries += 1
+            if tries > 1:  # a start tried again gets ports of its own (see _start)
+                self.port, self.dashboard_port = free_port(), free_port()
+            role = [
+                "--head",
+                f"--port={self.port}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={free_port()}",
+            ]
+            return [(name, role, num_cpus)]
+
+        (head,) = self._start(spec)
         self.head = head
         return head
 
@@ -393,7 +406,7 @@ class RayNodes:
         """Start ``count`` worker nodes at once; returns when all joined."""
         first = len(self.workers) + 1
         new = self._start(
-            [(f"worker{i}", [f"--address={self.address}"], num_cpus) for i in range(first, first + count)]
+            lambda: [(f"worker{i}", [f"--address={self.address}"], num_cpus) for i in range(first, first + count)]
         )
         self.workers.extend(new)
         return new

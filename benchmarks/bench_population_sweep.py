@@ -13,7 +13,7 @@ process starting its own local Ray, one after the other. Prints a table:
   the numbers differ in their last digits and, through the convergence checks, in the epochs
   at which models stop: the conclusions are compared, not the bits.
 
-Run: ``python benchmarks/bench_population_sweep.py [--config examples/report.yaml]``.
+Run: ``python benchmarks/bench_population_sweep.py [--config examples/report.yaml] [--set KEY=VALUE ...]``.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ import sweeps
 from sweeps.spec.config import load_config
 
 
-def run(config: str, population_size: str, results_dir: Path) -> float:
-    """Wall seconds of one ``sweeps run`` (its own local Ray) with the given population size."""
+def run(config: str, population_size: str, results_dir: Path, overrides: list[str] = ()) -> float:
+    """Wall seconds of one ``sweeps run`` (its own local Ray) with the given population size and
+    ``overrides`` (``KEY=VALUE``, as ``--set``)."""
     command = [
         sys.executable,
         "-m",
@@ -43,6 +44,7 @@ def run(config: str, population_size: str, results_dir: Path) -> float:
         str(results_dir),
         "--set",
         f"resources.population_size={population_size}",
+        *[arg for override in overrides for arg in ("--set", override)],
         "--quiet",
     ]
     started = time.perf_counter()
@@ -56,12 +58,20 @@ def run(config: str, population_size: str, results_dir: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="examples/report.yaml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for both runs, as sweeps run --set (e.g. resources.compile=false)",
+    )
     args = parser.parse_args()
     config = load_config(args.config)
     space = list(config.search.space)
     with tempfile.TemporaryDirectory(prefix="bench-population-sweep-") as tmp:
         dirs = {size: Path(tmp, f"k-{size}") for size in ("1", "auto")}
-        seconds = {size: run(args.config, size, path) for size, path in dirs.items()}
+        seconds = {size: run(args.config, size, path, args.overrides) for size, path in dirs.items()}
         frames = {size: sweeps.results(config.name, results_dir=path) for size, path in dirs.items()}
         tables = {
             size: pd.read_csv(path / "reports" / config.name / "correlations.csv", index_col=0)

@@ -256,7 +256,7 @@ def test_pruning_in_a_population_stops_one_member_and_the_others_train_on(tmp_pa
     """Two populations of 4 (random lr): the first completes (the pruner's start-up trials); in
     the second the pruner stops members below the median while their task trains the rest."""
     space = {"train.lr": {"low": 1e-4, "high": 0.5, "log": True}}
-    EPOCHS = 3000  # long enough (seconds) for the driver's stop to reach the task: it polls once a second  # noqa: N806
+    EPOCHS = 1000  # long enough (seconds) for the driver's stop to reach the task: it polls once a second  # noqa: N806
     config = tiny_config(
         "prune-population",
         space,

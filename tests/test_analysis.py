@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -50,6 +51,21 @@ def test_tau_b_equals_scipy_with_ties_and_bootstrap_counts_equal_resampled_data(
     np.testing.assert_allclose(kendall_tau_b(x, y, counts), expected, atol=1e-12)
     monkeypatch.setattr("sweeps.analysis.ranks.DENSE_PAIRS_MAX", 10)  # the large-sweep path gives the same
     np.testing.assert_allclose(kendall_tau_b(x, y, counts), expected, atol=1e-12)
+
+
+def test_equal_infinities_are_ties_in_tau_b():
+    """A measure infinite for several models (1/alpha'^2 at alpha' = 0) ranks them tied and above
+    every finite value: tau-b equals scipy's on the same data with the infinities replaced by one
+    large finite number."""
+    x = np.array([np.inf, 3.0, np.inf, 1.0, 2.0, np.inf, 0.5])
+    y = np.array([0.9, 0.4, 0.7, 0.1, 0.3, 0.8, 0.2])
+    finite = np.where(np.isinf(x), 1e300, x)
+    expected = stats.kendalltau(finite, y, variant="b").statistic
+    with warnings.catch_warnings():  # inf - inf is NaN, and NaN cast to int8 is undefined: not used
+        warnings.simplefilter("error", RuntimeWarning)
+        assert kendall_tau_b(x, y) == pytest.approx(expected, abs=1e-12)
+        counts = np.ones((1, len(x)), dtype=int)
+        np.testing.assert_allclose(kendall_tau_b(x, y, counts), [expected], atol=1e-12)
 
 
 def test_correlations_tau_and_spearman_match_scipy_on_a_sweep():
@@ -314,8 +330,9 @@ def test_bad_input_names_the_argument():
 
 
 def test_in_training_metrics_are_not_taken_for_hyperparameters():
-    """``track.<metric>`` columns (last value tracked during training) vary like a hyperparameter
-    but are metrics: the default hyperparameters and the grid check must ignore them."""
+    """``track.<metric>`` columns (last value tracked during training) and ``steps_to_loss_0.1``
+    vary like a hyperparameter but are metrics: the default hyperparameters and the grid check
+    must ignore them."""
     rng = np.random.default_rng(0)
     rows = [
         {
@@ -324,6 +341,7 @@ def test_in_training_metrics_are_not_taken_for_hyperparameters():
             "gen_gap": g,
             "hessian_top_eig": g + 0.01 * rng.random(),
             "track.hessian_top_eig": rng.random(),
+            "steps_to_loss_0.1": rng.integers(100, 1000),  # a metric whose name holds a decimal point
             "status": "converged",
             "n_test": 1000,
         }

@@ -6,6 +6,10 @@ compiling is the cost here (a few seconds per program, less from inductor's on-d
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +123,40 @@ def test_resources_compile_in_the_schema():
         with pytest.raises(ValueError, match=r"resources\.compile") as err:
             load_config({**base, "resources": {"compile": bad}})
         assert "auto, true or false" in str(err.value)
+
+
+_TRAIN_AND_HASH = """
+import hashlib, sys, torch
+sys.path.insert(0, {tests!r})
+from test_population import config, flat
+from sweeps.trial.data import load_dataset
+from sweeps.trial.models import build_model
+from sweeps.trial.train import train_population
+torch.set_num_threads(1)
+configs = [config({{"lr": 0.05 * (1 + i), "momentum": 0.9, "batch_size": 25, "max_epochs": 6, "stop": {{}}}}, seed=i)
+           for i in range(4)]
+data = load_dataset(configs[0].dataset)  # float32, as a sweep trains
+models = [build_model(c.model, data.input_shape, data.num_classes, seed=c.seed) for c in configs]
+results = train_population(models, data, [c.train for c in configs], seeds=[c.seed for c in configs], compile=True)
+digest = hashlib.sha256()
+for model, result in zip(models, results):
+    digest.update(flat(model).numpy().tobytes())
+    digest.update(repr(sorted(result.final.items())).encode())
+print(digest.hexdigest())
+"""
+
+
+def test_a_compiled_population_trained_twice_in_fresh_processes_is_bit_identical(tmp_path):
+    """What makes two runs of a sweep with ``compile`` on give the same results: float32 training
+    of one population in a fresh process, compiled cold into an empty inductor cache, then again
+    in another process that loads the program from that cache (as the later tasks of a sweep
+    do): parameters and final metrics are equal to the bit."""
+    code = _TRAIN_AND_HASH.format(tests=str(Path(__file__).parent))
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "SWEEPS_CACHE": str(tmp_path / "c")}
+    digests = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "eagerly" not in done.stderr, done.stderr[-3000:]  # it did compile
+        digests.append(done.stdout.strip().splitlines()[-1])
+    assert len(digests[0]) == 64 and digests[0] == digests[1]

@@ -21,7 +21,7 @@ CONVERGED = TrialStatus.CONVERGED
 
 def default_seed_columns(df: pd.DataFrame) -> list[str]:
     """``"seed"`` and every column named ``"*.seed"`` or ``"*_seed"`` among the dotted config keys."""
-    return [c for c in df.columns if c == "seed" or c.endswith(".seed") or ("." in c and c.endswith("_seed"))]
+    return [c for c in df.columns if c == "seed" or (is_dotted_key(c) and (c.endswith(".seed") or c.endswith("_seed")))]
 
 
 def _top_level_config_keys() -> set[str]:
@@ -44,12 +44,23 @@ def _top_level_config_keys() -> set[str]:
 METRIC_PREFIXES = ("track.", "metric.")
 
 
+def is_dotted_key(column: str) -> bool:
+    """Whether ``column`` reads as a dotted config key: two or more identifiers joined by dots
+    (``"train.lr"``, ``"search.space.train.lr"``). A metric whose name holds a number with a
+    decimal point (``"steps_to_loss_0.1"``) is not one."""
+    parts = column.split(".")
+    return len(parts) > 1 and all(part.isidentifier() for part in parts)
+
+
 def config_columns(df: pd.DataFrame) -> list[str]:
-    """Config keys of a results DataFrame: dotted keys (``"train.lr"``, ``"model.width"``), ``"seed"``
-    and the other scalar top-level config fields; never dotted metrics (:data:`METRIC_PREFIXES`)."""
+    """Config keys of a results DataFrame: dotted keys (:func:`is_dotted_key`: ``"train.lr"``,
+    ``"model.width"``), ``"seed"`` and the other scalar top-level config fields; never dotted
+    metrics (:data:`METRIC_PREFIXES`, ``"steps_to_loss_0.1"``)."""
     top = _top_level_config_keys() | {"seed"}
     return [
-        c for c in df.columns if isinstance(c, str) and not c.startswith(METRIC_PREFIXES) and ("." in c or c in top)
+        c
+        for c in df.columns
+        if isinstance(c, str) and not c.startswith(METRIC_PREFIXES) and (is_dotted_key(c) or c in top)
     ]
 
 

@@ -15,9 +15,12 @@ DENSE_PAIRS_MAX = 2000
 
 
 def pair_signs(x: np.ndarray) -> np.ndarray:
-    """``S[i, j] = sign(x[i] - x[j])`` as int8, shape ``(n, n)``."""
+    """``S[i, j] = sign(x[i] - x[j])`` as int8, shape ``(n, n)``; equal infinities are tied (0),
+    where their difference would be NaN (a measure that is infinite for several models, e.g.
+    ``1/alpha'^2`` at ``alpha' = 0``, or a mean that overflowed)."""
     x = np.asarray(x, dtype=float)
-    return np.sign(x[:, None] - x[None, :]).astype(np.int8)
+    above, below = x[:, None] > x[None, :], x[:, None] < x[None, :]
+    return above.astype(np.int8) - below.astype(np.int8)
 
 
 @overload

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -31,7 +32,7 @@ import sweeps
 from sweeps.spec.config import load_config
 
 
-def run(config: str, population_size: str, results_dir: Path, overrides: list[str] = ()) -> float:
+def run(config: str, population_size: str, results_dir: Path, overrides: Sequence[str] = ()) -> float:
     """Wall seconds of one ``sweeps run`` (its own local Ray) with the given population size and
     ``overrides`` (``KEY=VALUE``, as ``--set``)."""
     command = [
